@@ -1,0 +1,424 @@
+//! Authentication for every service: credentials are verified by the device-registry over
+//! `{prefix}.rpc.auth.verify`, cached briefly, and the cache is cleared at once when
+//! `{prefix}.invalidate.keys` or `{prefix}.invalidate.devices` is broadcast.
+
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use actix_web::{FromRequest, HttpRequest, dev::Payload, http::header, web};
+use fieldline_proto::{
+    InvalidateKind, Subjects,
+    v1::{
+        DeviceLookupRequest, DeviceLookupResponse, PrincipalKind, Scope, VerifyRequest,
+        VerifyResponse, verify_response,
+    },
+};
+use futures::StreamExt;
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::{cache::InvalidatingCache, error::ApiError, time::now_us};
+
+/// Who is calling: an API key of a project, or one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub kind: CredentialKind,
+    pub project: String,
+    /// `key_…` for an API key, the device id for a device token.
+    pub id: String,
+    pub scope: Option<ScopeLevel>,
+    pub platform_admin: bool,
+    /// Epoch microseconds, 0 when it never expires.
+    pub expires_at_us: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    ApiKey,
+    Device,
+}
+
+/// Scopes are ordered: `read` < `write` < `admin`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeLevel {
+    Read,
+    Write,
+    Admin,
+}
+
+impl ScopeLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeLevel::Read => "read",
+            ScopeLevel::Write => "write",
+            ScopeLevel::Admin => "admin",
+        }
+    }
+
+    pub fn to_proto(self) -> Scope {
+        match self {
+            ScopeLevel::Read => Scope::Read,
+            ScopeLevel::Write => Scope::Write,
+            ScopeLevel::Admin => Scope::Admin,
+        }
+    }
+
+    fn from_proto(scope: Scope) -> Option<Self> {
+        match scope {
+            Scope::Read => Some(ScopeLevel::Read),
+            Scope::Write => Some(ScopeLevel::Write),
+            Scope::Admin => Some(ScopeLevel::Admin),
+            Scope::Unspecified => None,
+        }
+    }
+}
+
+impl Principal {
+    fn from_proto(principal: fieldline_proto::v1::Principal) -> Option<Self> {
+        let kind = match principal.kind() {
+            PrincipalKind::ApiKey => CredentialKind::ApiKey,
+            PrincipalKind::Device => CredentialKind::Device,
+            PrincipalKind::Unspecified => return None,
+        };
+        Some(Self {
+            kind,
+            scope: ScopeLevel::from_proto(principal.scope()),
+            project: principal.project,
+            id: principal.id,
+            platform_admin: principal.platform_admin,
+            expires_at_us: principal.expires_at_us,
+        })
+    }
+
+    fn is_expired(&self, now_us: i64) -> bool {
+        self.expires_at_us != 0 && self.expires_at_us <= now_us
+    }
+}
+
+/// Why a credential was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing credentials: send Authorization: Bearer <key> or X-API-Key")]
+    Missing,
+    #[error("invalid credentials")]
+    Invalid,
+    #[error("credentials expired")]
+    Expired,
+    #[error("credentials revoked")]
+    Revoked,
+    #[error("authentication service unavailable")]
+    Unavailable,
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::Unavailable => ApiError::unavailable(error.to_string()),
+            other => ApiError::unauthorized(other.to_string()),
+        }
+    }
+}
+
+/// What the registry says of a device, cached like credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device_type: String,
+    pub group: String,
+}
+
+/// The verifying side of auth, shared by every service in a process.
+#[derive(Clone)]
+pub struct AuthClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    nats: async_nats::Client,
+    subjects: Subjects,
+    timeout: Duration,
+    /// Keyed by SHA-256 of the secret, so no secret is held in memory after the request.
+    credentials: InvalidatingCache<[u8; 32], Principal>,
+    devices: InvalidatingCache<(String, String), Option<DeviceInfo>>,
+}
+
+/// SHA-256 of a secret: how API keys and device tokens are stored and cached.
+pub fn hash_secret(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+impl AuthClient {
+    pub fn new(
+        nats: async_nats::Client,
+        subjects: Subjects,
+        cache_ttl: Duration,
+        timeout: Duration,
+    ) -> Self {
+        let credentials = InvalidatingCache::new(100_000, cache_ttl);
+        let devices = InvalidatingCache::new(100_000, cache_ttl);
+        Self {
+            inner: Arc::new(Inner {
+                nats,
+                subjects,
+                timeout,
+                credentials,
+                devices,
+            }),
+        }
+    }
+
+    /// Subscribes to invalidations; returns once the subscriptions are registered with the
+    /// server, so a revocation published after this call is seen.
+    pub async fn listen_for_invalidations(
+        &self,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let inner = &self.inner;
+        let keys = inner
+            .nats
+            .subscribe(inner.subjects.invalidate(InvalidateKind::Keys))
+            .await?;
+        let devices = inner
+            .nats
+            .subscribe(inner.subjects.invalidate(InvalidateKind::Devices))
+            .await?;
+        inner.nats.flush().await?;
+        let client = self.clone();
+        let mut merged = futures::stream::select(keys, devices);
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    message = merged.next() => match message {
+                        Some(_) => client.invalidate_all(),
+                        None => break,
+                    },
+                }
+            }
+        }))
+    }
+
+    /// Drops every cached credential and device.
+    pub fn invalidate_all(&self) {
+        self.inner.credentials.invalidate_all();
+        self.inner.devices.invalidate_all();
+    }
+
+    /// Verifies an API key or device token.
+    pub async fn verify(&self, secret: &str) -> Result<Principal, AuthError> {
+        let inner = &self.inner;
+        let digest = hash_secret(secret);
+        let principal = inner
+            .credentials
+            .get_or_load(digest, self.ask_registry(secret))
+            .await?;
+        // Expiry is checked at use, so a cached key stops working on time.
+        if principal.is_expired(now_us()) {
+            inner.credentials.invalidate(&digest).await;
+            return Err(AuthError::Expired);
+        }
+        Ok(principal)
+    }
+
+    async fn ask_registry(&self, secret: &str) -> Result<Principal, AuthError> {
+        let request = VerifyRequest {
+            secret: secret.to_owned(),
+        }
+        .encode_to_vec();
+        let reply = self
+            .request(self.inner.subjects.rpc_auth_verify(), request)
+            .await?;
+        let response =
+            VerifyResponse::decode(reply.as_ref()).map_err(|_| AuthError::Unavailable)?;
+        match response.result {
+            Some(verify_response::Result::Principal(principal)) => {
+                let principal = Principal::from_proto(principal).ok_or(AuthError::Unavailable)?;
+                if principal.is_expired(now_us()) {
+                    return Err(AuthError::Expired);
+                }
+                Ok(principal)
+            }
+            Some(verify_response::Result::Error(error)) => Err(match error.reason.as_str() {
+                "expired" => AuthError::Expired,
+                "revoked" => AuthError::Revoked,
+                "internal" => AuthError::Unavailable,
+                _ => AuthError::Invalid,
+            }),
+            None => Err(AuthError::Unavailable),
+        }
+    }
+
+    /// Does `device_id` exist in `project`? `None` when it does not.
+    pub async fn lookup_device(
+        &self,
+        project: &str,
+        device_id: &str,
+    ) -> Result<Option<DeviceInfo>, AuthError> {
+        let key = (project.to_owned(), device_id.to_owned());
+        let request = DeviceLookupRequest {
+            project: project.to_owned(),
+            device_id: device_id.to_owned(),
+        };
+        let lookup = async {
+            let reply = self
+                .request(
+                    self.inner.subjects.rpc_auth_device(),
+                    request.encode_to_vec(),
+                )
+                .await?;
+            let response =
+                DeviceLookupResponse::decode(reply.as_ref()).map_err(|_| AuthError::Unavailable)?;
+            Ok(response.found.then_some(DeviceInfo {
+                device_type: response.device_type,
+                group: response.group,
+            }))
+        };
+        self.inner.devices.get_or_load(key, lookup).await
+    }
+
+    /// The device, if it exists in `project`; otherwise 404, whether it is absent or another
+    /// project's (never reveal another project's ids). 503 when the registry cannot be asked.
+    pub async fn require_device(
+        &self,
+        project: &str,
+        raw_id: &str,
+    ) -> Result<crate::ids::DeviceId, ApiError> {
+        let device_id = crate::ids::DeviceId::parse(raw_id)?;
+        match self.lookup_device(project, device_id.as_str()).await? {
+            Some(_) => Ok(device_id),
+            None => Err(ApiError::not_found(
+                "device_not_found",
+                format!("device {device_id} not found"),
+            )),
+        }
+    }
+
+    async fn request(&self, subject: String, payload: Vec<u8>) -> Result<bytes::Bytes, AuthError> {
+        let request = self.inner.nats.request(subject, payload.into());
+        match tokio::time::timeout(self.inner.timeout, request).await {
+            Ok(Ok(message)) => Ok(message.payload),
+            Ok(Err(error)) => {
+                tracing::warn!(error = %error, "auth rpc failed");
+                Err(AuthError::Unavailable)
+            }
+            Err(_) => {
+                tracing::warn!("auth rpc timed out");
+                Err(AuthError::Unavailable)
+            }
+        }
+    }
+}
+
+/// The secret of a request: `Authorization: Bearer <secret>` or `X-API-Key: <secret>`.
+pub fn credential_from(req: &HttpRequest) -> Option<String> {
+    let headers = req.headers();
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let (scheme, token) = value.split_once(' ')?;
+        if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
+            return Some(token.trim().to_owned());
+        }
+        return None;
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+async fn authenticate(req: &HttpRequest) -> Result<Principal, ApiError> {
+    let client = req
+        .app_data::<web::Data<AuthClient>>()
+        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("AuthClient missing from app data")))?
+        .clone();
+    let secret = credential_from(req).ok_or(AuthError::Missing)?;
+    Ok(client.verify(&secret).await?)
+}
+
+/// An API key, checked on extraction. Handlers call [`ApiKey::require`] for the scope a route
+/// needs.
+#[derive(Debug, Clone)]
+pub struct ApiKey(pub Principal);
+
+impl ApiKey {
+    /// 403 unless the key holds `scope` (or more).
+    pub fn require(&self, scope: ScopeLevel) -> Result<&Principal, ApiError> {
+        match self.0.scope {
+            Some(held) if held >= scope => Ok(&self.0),
+            _ => Err(ApiError::forbidden(format!(
+                "this route needs the {} scope",
+                scope.as_str()
+            ))),
+        }
+    }
+
+    /// 403 unless the key is the platform admin's.
+    pub fn require_platform_admin(&self) -> Result<&Principal, ApiError> {
+        if self.0.platform_admin {
+            Ok(&self.0)
+        } else {
+            Err(ApiError::forbidden(
+                "this route needs the platform admin key",
+            ))
+        }
+    }
+
+    pub fn project(&self) -> &str {
+        &self.0.project
+    }
+}
+
+impl FromRequest for ApiKey {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            let principal = authenticate(&req).await?;
+            if principal.kind != CredentialKind::ApiKey {
+                return Err(ApiError::forbidden(
+                    "device tokens may only be used on ingest routes",
+                ));
+            }
+            Ok(ApiKey(principal))
+        })
+    }
+}
+
+/// A device token, checked on extraction: the calling device and its project.
+#[derive(Debug, Clone)]
+pub struct DeviceToken(pub Principal);
+
+impl DeviceToken {
+    pub fn project(&self) -> &str {
+        &self.0.project
+    }
+
+    pub fn device_id(&self) -> &str {
+        &self.0.id
+    }
+}
+
+impl FromRequest for DeviceToken {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            let principal = authenticate(&req).await?;
+            if principal.kind != CredentialKind::Device {
+                return Err(ApiError::forbidden(
+                    "ingest routes take a device token (fld_…)",
+                ));
+            }
+            Ok(DeviceToken(principal))
+        })
+    }
+}

@@ -1,0 +1,98 @@
+//! A read-through cache that broadcast invalidation can trust.
+
+use std::{
+    future::Future,
+    hash::Hash,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+/// A moka cache whose `invalidate_all` wins over loads in flight: a value loaded across an
+/// invalidation (a key revoked while its verification was on the wire) is returned to its
+/// caller but not kept, even if the invalidation lands during the insert itself.
+pub struct InvalidatingCache<K, V> {
+    cache: moka::future::Cache<K, V>,
+    generation: Arc<AtomicU64>,
+}
+
+impl<K, V> Clone for InvalidatingCache<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            cache: self.cache.clone(),
+            generation: self.generation.clone(),
+        }
+    }
+}
+
+impl<K, V> InvalidatingCache<K, V>
+where
+    K: Hash + Eq + Send + Sync + Clone + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    pub fn new(capacity: u64, ttl: Duration) -> Self {
+        Self {
+            cache: moka::future::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+            generation: Arc::default(),
+        }
+    }
+
+    /// The cached value, or `load`'s, kept unless an invalidation crossed the load. Errors
+    /// are not cached.
+    pub async fn get_or_load<E, F>(&self, key: K, load: F) -> Result<V, E>
+    where
+        F: Future<Output = Result<V, E>>,
+    {
+        if let Some(value) = self.cache.get(&key).await {
+            return Ok(value);
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let value = load.await?;
+        if self.generation.load(Ordering::SeqCst) == generation {
+            self.cache.insert(key.clone(), value.clone()).await;
+            if self.generation.load(Ordering::SeqCst) != generation {
+                self.cache.invalidate(&key).await;
+            }
+        }
+        Ok(value)
+    }
+
+    pub async fn invalidate(&self, key: &K) {
+        self.cache.invalidate(key).await;
+    }
+
+    pub fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.cache.invalidate_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_load_crossed_by_an_invalidation_is_not_kept() {
+        let cache: InvalidatingCache<u8, u8> = InvalidatingCache::new(10, Duration::from_secs(60));
+        let crossed = cache.get_or_load(1, async {
+            cache.invalidate_all();
+            Ok::<_, ()>(7)
+        });
+        assert_eq!(crossed.await, Ok(7));
+        assert_eq!(
+            cache.get_or_load(1, async { Ok::<_, ()>(8) }).await,
+            Ok(8),
+            "stale value kept"
+        );
+        assert_eq!(
+            cache.get_or_load(1, async { Ok::<_, ()>(9) }).await,
+            Ok(8),
+            "fresh value not kept"
+        );
+    }
+}

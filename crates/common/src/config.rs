@@ -1,0 +1,414 @@
+//! Layered configuration: defaults, then an optional TOML file (`FIELDLINE_CONFIG`), then
+//! `FIELDLINE_*` environment variables. Validated once at start with a message naming the field.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use fieldline_proto::{StreamLimits, Subjects};
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (production).
+    Json,
+    /// Human-readable lines (local development).
+    Text,
+}
+
+/// Every setting of every service. Each field is settable as `FIELDLINE_<FIELD>` (upper case).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the one HTTP listener of this process (`127.0.0.1:0` picks a free port).
+    pub http_addr: String,
+    /// HTTP worker threads; 0 means one per core.
+    pub http_workers: usize,
+    /// PostgreSQL connection URL; every service keeps its own schema in this database.
+    pub database_url: SecretString,
+    /// Maximum connections in each process's Postgres pool.
+    pub database_pool_size: usize,
+    /// NATS server URL (JetStream must be enabled).
+    pub nats_url: String,
+    /// MQTT broker URL, `mqtt://host:port`.
+    pub mqtt_url: String,
+    /// MQTT client id of ingest-mqtt; defaults to `{bus_prefix}-ingest-mqtt-{hostname}`, stable
+    /// across restarts so the broker keeps the persistent session.
+    pub mqtt_client_id: Option<String>,
+    /// First level of every MQTT topic: `{root}/{project}/{device}/telemetry`.
+    pub mqtt_topic_root: String,
+    /// Shared-subscription group that all ingest-mqtt instances join.
+    pub mqtt_share_group: String,
+    /// Largest MQTT packet accepted or sent, in bytes.
+    pub mqtt_max_packet_bytes: usize,
+    /// Prefix of every NATS subject and stream (`fl` gives `fl.telemetry.…` and `FL_TELEMETRY`).
+    pub bus_prefix: String,
+    /// `json` or `text`.
+    pub log_format: LogFormat,
+    /// Log filter in `RUST_LOG` syntax.
+    pub log_level: String,
+    /// Secret of the platform admin key created on first start; generated and printed once
+    /// when unset.
+    pub bootstrap_admin_key: Option<SecretString>,
+    /// How long a verified credential stays cached; revocation clears caches at once over
+    /// the bus, so this only bounds staleness if an invalidation message is lost.
+    #[serde(with = "humantime_serde")]
+    pub auth_cache_ttl: Duration,
+    /// Timeout of a request to another service over the bus (auth RPC).
+    #[serde(with = "humantime_serde")]
+    pub rpc_timeout: Duration,
+    /// Largest ingest request body, in bytes (after decompression); larger answers 413.
+    pub ingest_max_body_bytes: usize,
+    /// Most readings in one ingest request or MQTT message; more answers 413.
+    pub ingest_max_readings: usize,
+    /// How long ingest waits for JetStream to acknowledge before answering 503.
+    #[serde(with = "humantime_serde")]
+    pub ingest_publish_timeout: Duration,
+    /// Messages older than this are dropped from every stream.
+    #[serde(with = "humantime_serde")]
+    pub stream_max_age: Duration,
+    /// Size bound of each stream, in bytes.
+    pub stream_max_bytes: i64,
+    /// Window in which a repeated `Nats-Msg-Id` (Idempotency-Key) is dropped.
+    #[serde(with = "humantime_serde")]
+    pub stream_duplicate_window: Duration,
+    /// Most telemetry messages the query-api writer stores in one transaction (it takes
+    /// what is waiting, up to this, without delaying a lone message).
+    pub writer_batch_size: usize,
+    /// Gaps between webhook delivery attempts after the first (immediate) one; each gets
+    /// ±20 % jitter. Five gaps mean six attempts in all.
+    pub webhook_retry_schedule: String,
+    /// Timeout of one webhook POST.
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+    /// Consecutive failed deliveries (retries exhausted) after which a webhook is disabled.
+    pub webhook_disable_after: u32,
+    /// Allow webhook URLs that resolve to private, loopback or link-local addresses (local
+    /// development and tests only).
+    pub webhook_allow_private: bool,
+    /// Webhook requests in flight at once per dispatcher process.
+    pub webhook_concurrency: usize,
+    /// Requests in flight at once to one webhook, so a slow receiver never takes every slot.
+    pub webhook_endpoint_concurrency: usize,
+    /// Requests per second to one webhook.
+    pub webhook_rate_per_second: u32,
+    /// Longest `Retry-After` honoured; a longer one is cut to this.
+    #[serde(with = "humantime_serde")]
+    pub webhook_retry_after_max: Duration,
+    /// How often an idle dispatcher looks for due retries (new events wake it at once).
+    #[serde(with = "humantime_serde")]
+    pub webhook_poll_interval: Duration,
+    /// How long in-flight work may take to finish after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:8080".into(),
+            http_workers: 0,
+            database_url: SecretString::from("postgres://postgres@127.0.0.1:5432/fieldline"),
+            database_pool_size: 16,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            mqtt_url: "mqtt://127.0.0.1:1883".into(),
+            mqtt_client_id: None,
+            mqtt_topic_root: "fl".into(),
+            mqtt_share_group: "fieldline-ingest".into(),
+            mqtt_max_packet_bytes: 256 * 1024,
+            bus_prefix: "fl".into(),
+            log_format: LogFormat::Json,
+            log_level: "info".into(),
+            bootstrap_admin_key: None,
+            auth_cache_ttl: Duration::from_secs(30),
+            rpc_timeout: Duration::from_secs(2),
+            ingest_max_body_bytes: 1024 * 1024,
+            ingest_max_readings: 10_000,
+            ingest_publish_timeout: Duration::from_secs(5),
+            stream_max_age: Duration::from_secs(7 * 24 * 3600),
+            stream_max_bytes: 1 << 30,
+            stream_duplicate_window: Duration::from_secs(120),
+            writer_batch_size: 1000,
+            webhook_retry_schedule: "5s,30s,2m,10m,30m".into(),
+            webhook_timeout: Duration::from_secs(10),
+            webhook_disable_after: 5,
+            webhook_allow_private: false,
+            webhook_concurrency: 256,
+            webhook_endpoint_concurrency: 8,
+            webhook_rate_per_second: 50,
+            webhook_retry_after_max: Duration::from_secs(3600),
+            webhook_poll_interval: Duration::from_millis(250),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A configuration that cannot start a service.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration could not be read: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration field `{field}` is invalid: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Defaults, then the TOML file named by `FIELDLINE_CONFIG` (if any), then `FIELDLINE_*`.
+    pub fn load() -> Result<Self, ConfigError> {
+        let file = std::env::var("FIELDLINE_CONFIG").ok();
+        Self::figment(file.as_deref().map(Path::new))
+    }
+
+    fn figment(file: Option<&Path>) -> Result<Self, ConfigError> {
+        // Missing fields take `Config::default()` (`#[serde(default)]`), so no secret default
+        // ever has to be serialized.
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("FIELDLINE_").ignore(&["config"]))
+            .extract()
+            .map_err(Box::new)?;
+        let config = config.without_empty_options();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// An empty variable (`FIELDLINE_BOOTSTRAP_ADMIN_KEY=` as compose passes an unset one)
+    /// means unset.
+    fn without_empty_options(mut self) -> Self {
+        use secrecy::ExposeSecret;
+        if self
+            .bootstrap_admin_key
+            .as_ref()
+            .is_some_and(|key| key.expose_secret().is_empty())
+        {
+            self.bootstrap_admin_key = None;
+        }
+        if self.mqtt_client_id.as_deref().is_some_and(str::is_empty) {
+            self.mqtt_client_id = None;
+        }
+        self
+    }
+
+    /// Checks what serde cannot: addresses, URLs, names that end up in subjects and topics.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| Err(ConfigError::Invalid { field, message });
+        if self.http_addr.parse::<SocketAddr>().is_err() {
+            return invalid(
+                "http_addr",
+                format!("{:?} is not host:port", self.http_addr),
+            );
+        }
+        if let Err(error) = Subjects::new(&self.bus_prefix) {
+            return invalid("bus_prefix", error.to_string());
+        }
+        if !valid_topic_level(&self.mqtt_topic_root) {
+            return invalid("mqtt_topic_root", "use 1 to 64 of [A-Za-z0-9_-]".into());
+        }
+        if !valid_topic_level(&self.mqtt_share_group) {
+            return invalid("mqtt_share_group", "use 1 to 64 of [A-Za-z0-9_-]".into());
+        }
+        if mqtt_host_port(&self.mqtt_url).is_none() {
+            return invalid(
+                "mqtt_url",
+                format!("{:?} is not mqtt://host:port", self.mqtt_url),
+            );
+        }
+        if !self.nats_url.starts_with("nats://") && !self.nats_url.starts_with("tls://") {
+            return invalid(
+                "nats_url",
+                format!("{:?} is not nats://host:port", self.nats_url),
+            );
+        }
+        if self.database_pool_size == 0 {
+            return invalid("database_pool_size", "must be at least 1".into());
+        }
+        if self.ingest_max_readings == 0 || self.ingest_max_body_bytes < 1024 {
+            return invalid(
+                "ingest_max_readings",
+                "limits must allow one reading".into(),
+            );
+        }
+        if let Err(message) = parse_schedule(&self.webhook_retry_schedule) {
+            return invalid("webhook_retry_schedule", message);
+        }
+        if self.webhook_concurrency == 0
+            || self.webhook_endpoint_concurrency == 0
+            || self.webhook_rate_per_second == 0
+        {
+            return invalid(
+                "webhook_concurrency",
+                "webhook concurrency and rate must be at least 1".into(),
+            );
+        }
+        if self.webhook_timeout.is_zero() {
+            return invalid("webhook_timeout", "must be more than 0".into());
+        }
+        if self.writer_batch_size == 0 {
+            return invalid("writer_batch_size", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The subject builder for `bus_prefix` (validated at load).
+    pub fn subjects(&self) -> Subjects {
+        Subjects::new(&self.bus_prefix).unwrap_or_else(|_| unreachable_prefix())
+    }
+
+    /// The webhook retry gaps (validated at load).
+    pub fn webhook_retry_gaps(&self) -> Vec<Duration> {
+        parse_schedule(&self.webhook_retry_schedule).unwrap_or_default()
+    }
+
+    pub fn stream_limits(&self) -> StreamLimits {
+        StreamLimits {
+            max_age: self.stream_max_age,
+            max_bytes: self.stream_max_bytes,
+            duplicate_window: self.stream_duplicate_window,
+        }
+    }
+
+    /// The MQTT client id of ingest-mqtt: `mqtt_client_id`, or
+    /// `{bus_prefix}-ingest-mqtt-{hostname}` (stable across restarts, distinct per pod or
+    /// container; two instances on one host need `FIELDLINE_MQTT_CLIENT_ID` each).
+    pub fn ingest_mqtt_client_id(&self) -> String {
+        self.mqtt_client_id.clone().unwrap_or_else(|| {
+            let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "local".to_owned());
+            format!("{}-ingest-mqtt-{hostname}", self.bus_prefix)
+        })
+    }
+
+    /// Host and port of `mqtt_url`.
+    pub fn mqtt_host_port(&self) -> (String, u16) {
+        mqtt_host_port(&self.mqtt_url).unwrap_or_else(|| ("127.0.0.1".into(), 1883))
+    }
+}
+
+#[cold]
+fn unreachable_prefix() -> Subjects {
+    // `validate` refuses a bad prefix before any service starts; fall back to the default
+    // rather than panic if a caller skipped it.
+    Subjects::new("fl").unwrap_or_else(|_| std::process::abort())
+}
+
+/// `5s,30s,2m`: comma-separated durations, at most 20; empty means no retries.
+fn parse_schedule(schedule: &str) -> Result<Vec<Duration>, String> {
+    let gaps: Vec<Duration> = schedule
+        .split(',')
+        .map(str::trim)
+        .filter(|gap| !gap.is_empty())
+        .map(|gap| {
+            humantime_serde::re::humantime::parse_duration(gap).map_err(|e| format!("{gap:?}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if gaps.len() > 20 {
+        return Err("at most 20 retries".into());
+    }
+    Ok(gaps)
+}
+
+fn valid_topic_level(level: &str) -> bool {
+    !level.is_empty()
+        && level.len() <= 64
+        && level
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn mqtt_host_port(url: &str) -> Option<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse().ok()?),
+        None => (rest, 1883),
+    };
+    (!host.is_empty()).then(|| (host.to_owned(), port))
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail API
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    #[test]
+    fn environment_overrides_file_and_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "fieldline.toml",
+                "bus_prefix = \"fromfile\"\nhttp_workers = 3\n",
+            )?;
+            jail.set_env("FIELDLINE_BUS_PREFIX", "fromenv");
+            jail.set_env("FIELDLINE_AUTH_CACHE_TTL", "5s");
+            jail.set_env("FIELDLINE_WEBHOOK_RETRY_SCHEDULE", "1s, 2s,500ms");
+            let config = Config::figment(Some(Path::new("fieldline.toml"))).unwrap();
+            assert_eq!(config.bus_prefix, "fromenv");
+            assert_eq!(config.http_workers, 3);
+            assert_eq!(config.auth_cache_ttl, Duration::from_secs(5));
+            assert_eq!(
+                config.webhook_retry_gaps(),
+                [
+                    Duration::from_secs(1),
+                    Duration::from_secs(2),
+                    Duration::from_millis(500)
+                ]
+            );
+            assert_eq!(
+                config.database_url.expose_secret(),
+                "postgres://postgres@127.0.0.1:5432/fieldline"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FIELDLINE_BUS_PREFIX", "has.dot");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("bus_prefix"), "{error}");
+            jail.set_env("FIELDLINE_BUS_PREFIX", "ok");
+            jail.set_env("FIELDLINE_MQTT_URL", "http://x");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("mqtt_url"), "{error}");
+            jail.set_env("FIELDLINE_MQTT_URL", "mqtt://broker:1884");
+            jail.set_env("FIELDLINE_WEBHOOK_RETRY_SCHEDULE", "5s,soon");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("webhook_retry_schedule"), "{error}");
+            jail.set_env("FIELDLINE_WEBHOOK_RETRY_SCHEDULE", "5s");
+            jail.set_env("FIELDLINE_BOOTSTRAP_ADMIN_KEY", "");
+            let config = Config::figment(None).unwrap();
+            assert!(config.bootstrap_admin_key.is_none());
+            assert_eq!(config.mqtt_host_port(), ("broker".to_owned(), 1884));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let config = Config {
+            bootstrap_admin_key: Some(SecretString::from("flk_topsecret")),
+            ..Config::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("topsecret"), "{shown}");
+        assert!(!shown.contains("postgres@"), "{shown}");
+    }
+}

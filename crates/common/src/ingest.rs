@@ -1,0 +1,557 @@
+//! What both ingest edges (HTTP and MQTT) share: parsing a device message into readings, and
+//! publishing the batch to JetStream, answering only once JetStream has it.
+
+use std::time::Duration;
+
+use async_nats::{HeaderMap, jetstream};
+use fieldline_proto::{
+    Subjects,
+    v1::{Heartbeat, Reading, TelemetryBatch, reading},
+};
+use prost::Message;
+use serde_json::{Map, Value};
+
+use crate::{
+    bus,
+    error::ApiError,
+    service::Context,
+    time::{MAX_TIME_US, MIN_TIME_US, parse_reading_time},
+};
+
+/// Longest text value stored.
+pub const MAX_TEXT_LEN: usize = 4096;
+/// Longest Idempotency-Key / msg_id.
+pub const MAX_MESSAGE_ID_LEN: usize = 128;
+
+/// A message that cannot become readings; the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("body is not valid JSON: {0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{count} readings exceed the limit of {limit} per message")]
+    TooMany { count: usize, limit: usize },
+}
+
+impl From<ParseError> for ApiError {
+    fn from(error: ParseError) -> Self {
+        match error {
+            ParseError::Malformed(_) => ApiError::bad_request("malformed_json", error.to_string()),
+            ParseError::Invalid(_) => ApiError::bad_request("invalid_field", error.to_string()),
+            ParseError::TooMany { .. } => ApiError::payload_too_large(error.to_string()),
+        }
+    }
+}
+
+/// The readings of one message, and the `msg_id` it carried (MQTT's idempotency key).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Parsed {
+    pub readings: Vec<Reading>,
+    pub message_id: Option<String>,
+}
+
+fn valid_metric(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+fn invalid(message: String) -> ParseError {
+    ParseError::Invalid(message)
+}
+
+/// `prefix` plus `key`, the way a client would write the path: `[2].values.temp`.
+fn field_path(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+fn reading_value(path: &str, value: &Value) -> Result<reading::Value, ParseError> {
+    match value {
+        Value::Number(number) => number
+            .as_f64()
+            .filter(|number| number.is_finite())
+            .map(reading::Value::Number)
+            .ok_or_else(|| invalid(format!("{path}: number out of range"))),
+        Value::Bool(flag) => Ok(reading::Value::Boolean(*flag)),
+        // Postgres text cannot hold NUL: refuse it here, not in the writer.
+        Value::String(text) if text.contains('\0') => Err(invalid(format!(
+            "{path}: text must not contain NUL characters"
+        ))),
+        Value::String(text) if text.len() <= MAX_TEXT_LEN => Ok(reading::Value::Text(text.clone())),
+        Value::String(_) => Err(invalid(format!(
+            "{path}: text longer than {MAX_TEXT_LEN} bytes"
+        ))),
+        _ => Err(invalid(format!(
+            "{path}: must be a number, boolean or string"
+        ))),
+    }
+}
+
+/// One JSON message: flat `{"ts"?, "temp": 1}` or `{"ts"?, "values": {...}}`.
+fn parse_message(
+    prefix: &str,
+    message: &Map<String, Value>,
+    received_at_us: i64,
+    out: &mut Parsed,
+    limit: usize,
+) -> Result<(), ParseError> {
+    let ts_us = match message.get("ts") {
+        None | Some(Value::Null) => received_at_us,
+        Some(value) => parse_reading_time(value).ok_or_else(|| {
+            invalid(format!(
+                "{}: must be RFC 3339 or epoch milliseconds between 1970 and 9999",
+                field_path(prefix, "ts")
+            ))
+        })?,
+    };
+    if let Some(message_id) = message.get("msg_id") {
+        match message_id {
+            Value::String(id) if !id.is_empty() && id.len() <= MAX_MESSAGE_ID_LEN => {
+                out.message_id = Some(id.clone());
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "{}: must be a string of 1 to {MAX_MESSAGE_ID_LEN} bytes",
+                    field_path(prefix, "msg_id")
+                )));
+            }
+        }
+    }
+    let (values, values_prefix) = match message.get("values") {
+        Some(Value::Object(values)) => {
+            if let Some(extra) = message
+                .keys()
+                .find(|key| !matches!(key.as_str(), "ts" | "values" | "msg_id"))
+            {
+                return Err(invalid(format!(
+                    "{}: unexpected beside \"values\"",
+                    field_path(prefix, extra)
+                )));
+            }
+            (values, field_path(prefix, "values"))
+        }
+        Some(_) => {
+            return Err(invalid(format!(
+                "{}: must be an object",
+                field_path(prefix, "values")
+            )));
+        }
+        None => (message, prefix.to_owned()),
+    };
+    let before = out.readings.len();
+    for (metric, value) in values {
+        if values_prefix == prefix && matches!(metric.as_str(), "ts" | "msg_id") {
+            continue;
+        }
+        let path = field_path(&values_prefix, metric);
+        if !valid_metric(metric) {
+            return Err(invalid(format!(
+                "{path}: metric names are 1 to 128 of [A-Za-z0-9_.-]"
+            )));
+        }
+        let value = reading_value(&path, value)?;
+        out.readings.push(Reading {
+            metric: metric.clone(),
+            ts_us,
+            value: Some(value),
+        });
+        if out.readings.len() > limit {
+            return Err(ParseError::TooMany {
+                count: out.readings.len(),
+                limit,
+            });
+        }
+    }
+    if out.readings.len() == before {
+        let at = if prefix.is_empty() { "body" } else { prefix };
+        return Err(invalid(format!("{at}: no readings in the message")));
+    }
+    Ok(())
+}
+
+/// Parses a device message (one JSON object or an array of them) into readings.
+pub fn parse_json_message(
+    body: &[u8],
+    received_at_us: i64,
+    limit: usize,
+) -> Result<Parsed, ParseError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|error| ParseError::Malformed(error.to_string()))?;
+    let mut parsed = Parsed::default();
+    match value {
+        Value::Object(message) => parse_message("", &message, received_at_us, &mut parsed, limit)?,
+        Value::Array(messages) if !messages.is_empty() => {
+            for (index, message) in messages.iter().enumerate() {
+                let prefix = format!("[{index}]");
+                let Value::Object(message) = message else {
+                    return Err(invalid(format!("{prefix}: must be an object")));
+                };
+                parse_message(&prefix, message, received_at_us, &mut parsed, limit)?;
+            }
+        }
+        Value::Array(_) => return Err(invalid("body: empty array".into())),
+        _ => {
+            return Err(invalid(
+                "body: must be an object or an array of objects".into(),
+            ));
+        }
+    }
+    Ok(parsed)
+}
+
+/// Parses SenML JSON (RFC 8428): base name and base time apply to the records that follow;
+/// times are seconds (absolute, or relative to now when small, as the RFC says).
+pub fn parse_senml(body: &[u8], received_at_us: i64, limit: usize) -> Result<Parsed, ParseError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|error| ParseError::Malformed(error.to_string()))?;
+    let Value::Array(records) = value else {
+        return Err(invalid("body: SenML is an array of records".into()));
+    };
+    let mut parsed = Parsed::default();
+    let mut base_name = String::new();
+    let mut base_time = 0.0_f64;
+    for (index, record) in records.iter().enumerate() {
+        let path = |key: &str| format!("[{index}].{key}");
+        let Value::Object(record) = record else {
+            return Err(invalid(format!("[{index}]: must be an object")));
+        };
+        if let Some(bn) = record.get("bn") {
+            base_name = bn
+                .as_str()
+                .ok_or_else(|| invalid(format!("{}: must be a string", path("bn"))))?
+                .to_owned();
+        }
+        if let Some(bt) = record.get("bt") {
+            base_time = bt
+                .as_f64()
+                .ok_or_else(|| invalid(format!("{}: must be a number", path("bt"))))?;
+        }
+        let name = match record.get("n") {
+            Some(Value::String(name)) => format!("{base_name}{name}"),
+            Some(_) => return Err(invalid(format!("{}: must be a string", path("n")))),
+            None => base_name.clone(),
+        };
+        let value = match (record.get("v"), record.get("vb"), record.get("vs")) {
+            (Some(v), None, None) if v.is_number() => reading_value(&path("v"), v)?,
+            (None, Some(Value::Bool(flag)), None) => reading::Value::Boolean(*flag),
+            (None, None, Some(v)) if v.is_string() => reading_value(&path("vs"), v)?,
+            (None, None, None) if record.contains_key("bn") || record.contains_key("bt") => {
+                continue;
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "[{index}]: exactly one of v (number), vb (boolean), vs (string)"
+                )));
+            }
+        };
+        if !valid_metric(&name) {
+            return Err(invalid(format!(
+                "{}: metric names are 1 to 128 of [A-Za-z0-9_.-]",
+                path("n")
+            )));
+        }
+        let relative = match record.get("t") {
+            None => 0.0,
+            Some(t) => t
+                .as_f64()
+                .ok_or_else(|| invalid(format!("{}: must be a number", path("t"))))?,
+        };
+        let seconds = base_time + relative;
+        // RFC 8428 §4.5.3: values below 2**28 are relative to now.
+        let micros = if seconds.abs() < 268_435_456.0 {
+            received_at_us as f64 + seconds * 1e6
+        } else {
+            seconds * 1e6
+        };
+        if !micros.is_finite() || !(MIN_TIME_US as f64..=MAX_TIME_US as f64).contains(&micros) {
+            return Err(invalid(format!(
+                "{}: time must be between 1970 and 9999",
+                path("t")
+            )));
+        }
+        let ts_us = micros as i64;
+        parsed.readings.push(Reading {
+            metric: name,
+            ts_us,
+            value: Some(value),
+        });
+        if parsed.readings.len() > limit {
+            return Err(ParseError::TooMany {
+                count: parsed.readings.len(),
+                limit,
+            });
+        }
+    }
+    if parsed.readings.is_empty() {
+        return Err(invalid("body: no readings in the message".into()));
+    }
+    Ok(parsed)
+}
+
+/// Why a publish was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the message is {size} bytes encoded, more than the bus takes ({max})")]
+    TooLarge { size: usize, max: usize },
+    #[error("NATS is not connected")]
+    Disconnected,
+    #[error("JetStream did not acknowledge in time")]
+    Timeout,
+    #[error("JetStream refused the message: {0}")]
+    Refused(String),
+}
+
+impl From<PublishError> for ApiError {
+    fn from(error: PublishError) -> Self {
+        if let PublishError::TooLarge { .. } = error {
+            return ApiError::payload_too_large(format!(
+                "{error}; send fewer readings per request"
+            ));
+        }
+        tracing::warn!(error = %error, "publish to jetstream failed");
+        ApiError::unavailable(format!("message not accepted: {error}; retry"))
+    }
+}
+
+/// Publishes `payload` to `subject` and waits for JetStream's acknowledgement. With a
+/// `message_id`, JetStream drops repeats inside the duplicate window; returns whether this
+/// one was such a duplicate.
+pub async fn publish_durable(
+    jetstream: &jetstream::Context,
+    nats: &async_nats::Client,
+    subject: String,
+    payload: Vec<u8>,
+    message_id: Option<&str>,
+    timeout: Duration,
+) -> Result<bool, PublishError> {
+    if !bus::is_connected(nats) {
+        return Err(PublishError::Disconnected);
+    }
+    // Headers and subject count against max_payload too; keep a margin for them.
+    let max = nats.server_info().max_payload;
+    if max > 0 && payload.len() + 512 > max {
+        return Err(PublishError::TooLarge {
+            size: payload.len(),
+            max,
+        });
+    }
+    let mut headers = HeaderMap::new();
+    if let Some(id) = message_id {
+        headers.insert("Nats-Msg-Id", id);
+    }
+    let acked = async {
+        let ack_future = jetstream
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(|error| PublishError::Refused(error.to_string()))?;
+        ack_future
+            .await
+            .map_err(|error| PublishError::Refused(error.to_string()))
+    };
+    match tokio::time::timeout(timeout, acked).await {
+        Ok(Ok(ack)) => Ok(ack.duplicate),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(PublishError::Timeout),
+    }
+}
+
+/// The Nats-Msg-Id of a client's idempotency key: scoped to the device, so two devices'
+/// keys never collide.
+pub fn scoped_message_id(project: &str, device_id: &str, key: &str) -> String {
+    format!("{project}/{device_id}/{key}")
+}
+
+/// Publishes what devices send, for both ingest edges.
+#[derive(Clone)]
+pub struct Publisher {
+    jetstream: jetstream::Context,
+    nats: async_nats::Client,
+    subjects: Subjects,
+    timeout: Duration,
+}
+
+impl Publisher {
+    pub fn new(context: &Context) -> Self {
+        Self {
+            jetstream: context.jetstream.clone(),
+            nats: context.nats.clone(),
+            subjects: context.subjects.clone(),
+            timeout: context.config.ingest_publish_timeout,
+        }
+    }
+
+    /// Builds the batch and publishes it to `{prefix}.telemetry.{project}.{device}`; returns
+    /// whether JetStream dropped it as a duplicate of an earlier message id.
+    pub async fn readings(
+        &self,
+        project: &str,
+        device_id: &str,
+        parsed: Parsed,
+        received_at_us: i64,
+        source: &str,
+    ) -> Result<bool, PublishError> {
+        let message_id = parsed
+            .message_id
+            .map(|key| scoped_message_id(project, device_id, &key));
+        let batch = TelemetryBatch {
+            project: project.to_owned(),
+            device_id: device_id.to_owned(),
+            readings: parsed.readings,
+            received_at_us,
+            source: source.to_owned(),
+            message_id: message_id.clone().unwrap_or_default(),
+        };
+        let subject = self.subjects.telemetry(project, device_id);
+        publish_durable(
+            &self.jetstream,
+            &self.nats,
+            subject,
+            batch.encode_to_vec(),
+            message_id.as_deref(),
+            self.timeout,
+        )
+        .await
+    }
+
+    /// Publishes a heartbeat to `{prefix}.heartbeat.{project}.{device}`.
+    pub async fn heartbeat(
+        &self,
+        project: &str,
+        device_id: &str,
+        received_at_us: i64,
+        source: &str,
+    ) -> Result<(), PublishError> {
+        let heartbeat = Heartbeat {
+            project: project.to_owned(),
+            device_id: device_id.to_owned(),
+            received_at_us,
+            source: source.to_owned(),
+        };
+        let subject = self.subjects.heartbeat(project, device_id);
+        publish_durable(
+            &self.jetstream,
+            &self.nats,
+            subject,
+            heartbeat.encode_to_vec(),
+            None,
+            self.timeout,
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_700_000_000_000_000;
+
+    fn parse(body: &str) -> Result<Parsed, ParseError> {
+        parse_json_message(body.as_bytes(), NOW, 100)
+    }
+
+    fn value(reading: &Reading) -> reading::Value {
+        reading.value.clone().unwrap()
+    }
+
+    #[test]
+    fn flat_and_values_forms_give_the_same_readings() {
+        let flat = parse(r#"{"ts": 1000, "temp": 23.5, "door": true, "fw": "1.2"}"#).unwrap();
+        let nested = parse(r#"{"ts": "1970-01-01T00:00:01Z", "values": {"temp": 23.5, "door": true, "fw": "1.2"}}"#).unwrap();
+        assert_eq!(flat, nested);
+        assert_eq!(flat.readings.len(), 3);
+        assert!(
+            flat.readings
+                .iter()
+                .all(|reading| reading.ts_us == 1_000_000)
+        );
+        let temp = flat.readings.iter().find(|r| r.metric == "temp").unwrap();
+        assert_eq!(value(temp), reading::Value::Number(23.5));
+    }
+
+    #[test]
+    fn missing_ts_is_arrival_time_and_arrays_keep_each_ts() {
+        let parsed = parse(r#"[{"a": 1}, {"ts": 5, "a": 2}]"#).unwrap();
+        assert_eq!(parsed.readings[0].ts_us, NOW);
+        assert_eq!(parsed.readings[1].ts_us, 5_000);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"{"temp": null}"#, "temp:"),
+            (r#"{"temp": {"x": 1}}"#, "temp:"),
+            (r#"[{"a": 1}, {"b": [1]}]"#, "[1].b:"),
+            (r#"{"values": {"x y": 1}}"#, "values.x y:"),
+            (r#"{"values": 3}"#, "values:"),
+            (r#"{"ts": "yesterday", "a": 1}"#, "ts:"),
+            (r#"{"ts": 1}"#, "body: no readings"),
+            (r#"[]"#, "body: empty array"),
+            (r#"[1]"#, "[0]:"),
+            (r#""text""#, "body:"),
+            (r#"{"values": {"a": 1}, "b": 2}"#, "b:"),
+        ];
+        for (body, expected) in cases {
+            match parse(body) {
+                Err(ParseError::Invalid(message)) => {
+                    assert!(message.starts_with(expected), "{body}: {message}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        assert!(matches!(parse("{not json"), Err(ParseError::Malformed(_))));
+    }
+
+    #[test]
+    fn too_many_readings_is_its_own_error() {
+        let body = format!("[{}]", vec![r#"{"a": 1, "b": 2}"#; 60].join(","));
+        assert!(matches!(
+            parse(&body),
+            Err(ParseError::TooMany { limit: 100, .. })
+        ));
+    }
+
+    #[test]
+    fn nul_in_text_is_refused() {
+        match parse(r#"{"fw": "a\u0000b"}"#) {
+            Err(ParseError::Invalid(message)) => assert!(message.starts_with("fw:"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn msg_id_is_taken_not_stored() {
+        let parsed = parse(r#"{"msg_id": "abc", "t": 1}"#).unwrap();
+        assert_eq!(parsed.message_id.as_deref(), Some("abc"));
+        assert_eq!(parsed.readings.len(), 1);
+    }
+
+    #[test]
+    fn senml_records_resolve_base_name_and_time() {
+        let body = r#"[{"bn": "dev1.", "bt": 1700000000, "n": "temp", "v": 21.5},
+                       {"n": "door", "vb": true, "t": 2}, {"n": "fw", "vs": "1.0", "t": -1000000000}]"#;
+        let parsed = parse_senml(body.as_bytes(), NOW, 100).unwrap();
+        assert_eq!(parsed.readings.len(), 3);
+        assert_eq!(parsed.readings[0].metric, "dev1.temp");
+        assert_eq!(parsed.readings[0].ts_us, 1_700_000_000_000_000);
+        assert_eq!(parsed.readings[1].ts_us, 1_700_000_002_000_000);
+        assert!(parse_senml(br#"[{"n": "x"}]"#, NOW, 100).is_err());
+        for bad in [
+            r#"[{"n": "x", "v": 1, "bt": 1e300}]"#,
+            r#"[{"n": "x", "v": 1, "t": "soon"}]"#,
+            r#"[{"n": "x", "v": 1, "bt": 1e12}]"#,
+        ] {
+            assert!(parse_senml(bad.as_bytes(), NOW, 100).is_err(), "{bad}");
+        }
+        let relative = parse_senml(br#"[{"n": "x", "v": 1, "t": -10}]"#, NOW, 100).unwrap();
+        assert_eq!(relative.readings[0].ts_us, NOW - 10_000_000);
+    }
+}

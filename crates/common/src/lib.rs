@@ -1,0 +1,21 @@
+//! What every Fieldline service shares: configuration, logs and metrics, the HTTP envelope
+//! and error table, extractors, authentication against the registry, Postgres, NATS, and the
+//! service runtime (one HTTP listener, health, graceful shutdown).
+
+pub mod auth;
+pub mod bus;
+pub mod cache;
+pub mod config;
+pub mod db;
+pub mod envelope;
+pub mod error;
+pub mod extract;
+pub mod ids;
+pub mod ingest;
+pub mod service;
+pub mod telemetry;
+pub mod time;
+
+pub use config::Config;
+pub use error::{ApiError, ErrorKind};
+pub use service::{Context, Service};

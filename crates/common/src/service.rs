@@ -1,0 +1,311 @@
+//! What a running service is made of, and the one HTTP listener every service of a process
+//! shares (with `/health/live`, `/health/ready` and `/metrics`).
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use actix_web::{
+    App, HttpRequest, HttpResponse, HttpServer,
+    body::MessageBody,
+    dev::{ServerHandle, ServiceRequest, ServiceResponse},
+    middleware, web,
+};
+use anyhow::Context as _;
+use async_nats::jetstream;
+use deadpool_postgres::Pool;
+use fieldline_proto::Subjects;
+use futures::future::BoxFuture;
+use tokio::sync::OnceCell;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    auth::AuthClient,
+    bus,
+    config::Config,
+    db,
+    error::{ApiError, ErrorKind},
+    extract::{self, BodyLimit},
+    telemetry,
+};
+
+/// Everything a service needs from its process: config, connections, shutdown. Cheap to clone.
+#[derive(Clone)]
+pub struct Context {
+    pub config: Arc<Config>,
+    pub subjects: Subjects,
+    pub nats: async_nats::Client,
+    pub jetstream: jetstream::Context,
+    pub auth: AuthClient,
+    /// Cancelled on SIGTERM / Ctrl-C; every loop watches it.
+    pub shutdown: CancellationToken,
+    /// Background loops; the process waits for them on shutdown.
+    pub tasks: TaskTracker,
+    db: Arc<OnceCell<Pool>>,
+}
+
+impl Context {
+    /// Connects to NATS, makes sure the streams exist and starts listening for cache
+    /// invalidations. Postgres is connected on first use ([`Context::db`]), since the ingest
+    /// services never touch it.
+    pub async fn connect(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let subjects = config.subjects();
+        let auth_slot: Arc<std::sync::OnceLock<AuthClient>> = Arc::default();
+        let on_reconnect = {
+            let auth_slot = auth_slot.clone();
+            move || {
+                if let Some(auth) = auth_slot.get() {
+                    auth.invalidate_all();
+                }
+            }
+        };
+        let nats = bus::connect(&config, "fieldline", on_reconnect).await?;
+        let jetstream = jetstream::new(nats.clone());
+        bus::ensure_streams(&jetstream, &subjects, config.stream_limits()).await?;
+        let auth = AuthClient::new(
+            nats.clone(),
+            subjects.clone(),
+            config.auth_cache_ttl,
+            config.rpc_timeout,
+        );
+        let _ = auth_slot.set(auth.clone());
+        let tasks = TaskTracker::new();
+        let listener = auth.listen_for_invalidations(shutdown.clone()).await?;
+        tasks.spawn(async move {
+            let _ = listener.await;
+        });
+        Ok(Self {
+            config: Arc::new(config),
+            subjects,
+            nats,
+            jetstream,
+            auth,
+            shutdown,
+            tasks,
+            db: Arc::default(),
+        })
+    }
+
+    /// The process's Postgres pool, connected on first call.
+    pub async fn db(&self) -> anyhow::Result<Pool> {
+        self.db
+            .get_or_try_init(|| db::connect(&self.config))
+            .await
+            .cloned()
+    }
+
+    fn db_if_connected(&self) -> Option<Pool> {
+        self.db.get().cloned()
+    }
+}
+
+/// Adds a service's routes to the shared App.
+pub type Routes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+
+/// A readiness check beyond NATS and Postgres (ingest-mqtt: is the broker connected).
+pub type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// A started service: its routes (if it has any) and its own readiness check.
+pub struct Service {
+    pub name: &'static str,
+    pub routes: Option<Routes>,
+    pub ready: Option<ReadyCheck>,
+}
+
+/// The HTTP listener of a process, running.
+pub struct HttpListener {
+    pub addr: SocketAddr,
+    handle: ServerHandle,
+    join: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl HttpListener {
+    /// Stops accepting, lets in-flight requests finish (up to the shutdown timeout).
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+        let _ = self.join.await;
+    }
+}
+
+#[derive(Clone)]
+struct Readiness {
+    context: Context,
+    checks: Vec<(&'static str, ReadyCheck)>,
+}
+
+/// Binds `config.http_addr` (port 0 allowed: read the real one from `addr`) and serves the
+/// routes of `services` plus health and metrics.
+pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<HttpListener> {
+    let listener = TcpListener::bind(&context.config.http_addr)
+        .with_context(|| format!("binding {} (FIELDLINE_HTTP_ADDR)", context.config.http_addr))?;
+    let addr = listener.local_addr()?;
+    let routes: Vec<Routes> = services.iter().filter_map(|s| s.routes.clone()).collect();
+    let readiness = Readiness {
+        context: context.clone(),
+        checks: services
+            .iter()
+            .filter_map(|s| s.ready.clone().map(|check| (s.name, check)))
+            .collect(),
+    };
+    let auth = web::Data::new(context.auth.clone());
+    let metrics = web::Data::new(telemetry::metrics_handle());
+    let readiness = web::Data::new(readiness);
+    let body_limit = BodyLimit(context.config.ingest_max_body_bytes);
+    let workers = match context.config.http_workers {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
+        n => n,
+    };
+    let server = HttpServer::new(move || {
+        let mut app = App::new()
+            .app_data(auth.clone())
+            .app_data(metrics.clone())
+            .app_data(readiness.clone())
+            .app_data(body_limit)
+            .app_data(web::PathConfig::default().error_handler(extract::path_error_handler))
+            .wrap(middleware::ErrorHandlers::new().handler(
+                actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
+                method_not_allowed,
+            ))
+            .wrap_fn(record_http_metrics)
+            .route("/health/live", web::get().to(live))
+            .route("/health/ready", web::get().to(ready))
+            .route("/metrics", web::get().to(render_metrics));
+        for configure in &routes {
+            let configure = configure.clone();
+            app = app.configure(move |cfg| configure(cfg));
+        }
+        app.default_service(web::to(not_found))
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(context.config.shutdown_timeout.as_secs().max(1))
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    let join = tokio::spawn(server);
+    tracing::info!(%addr, "http listening");
+    Ok(HttpListener { addr, handle, join })
+}
+
+async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok", "data": {"live": true}}))
+}
+
+async fn ready(readiness: web::Data<Readiness>) -> HttpResponse {
+    let mut failures = Vec::new();
+    if !bus::is_connected(&readiness.context.nats) {
+        failures.push("nats: not connected".to_owned());
+    }
+    if let Some(pool) = readiness.context.db_if_connected() {
+        let check = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), check).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => failures.push(format!("postgres: {error}")),
+            Err(_) => failures.push("postgres: timed out".to_owned()),
+        }
+    }
+    for (name, check) in &readiness.checks {
+        if let Err(error) = check().await {
+            failures.push(format!("{name}: {error}"));
+        }
+    }
+    if failures.is_empty() {
+        HttpResponse::Ok().json(serde_json::json!({"status": "ok", "data": {"ready": true}}))
+    } else {
+        let error = ApiError::new(ErrorKind::Unavailable, "not_ready", failures.join("; "));
+        actix_web::ResponseError::error_response(&error)
+    }
+}
+
+async fn render_metrics(
+    handle: web::Data<metrics_exporter_prometheus::PrometheusHandle>,
+) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(handle.render())
+}
+
+/// actix answers a known path with an unknown method with an empty 405; give it the envelope.
+fn method_not_allowed<B: MessageBody + 'static>(
+    response: ServiceResponse<B>,
+) -> actix_web::Result<middleware::ErrorHandlerResponse<B>> {
+    let (request, _) = response.into_parts();
+    let error = ApiError::new(
+        ErrorKind::MethodNotAllowed,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", request.method(), request.path()),
+    );
+    let response = actix_web::ResponseError::error_response(&error);
+    Ok(middleware::ErrorHandlerResponse::Response(
+        ServiceResponse::new(request, response).map_into_right_body(),
+    ))
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found(
+        "route_not_found",
+        format!("no route for {} {}", req.method(), req.path()),
+    ))
+}
+
+fn record_http_metrics<S, B>(
+    req: ServiceRequest,
+    service: &S,
+) -> impl std::future::Future<Output = Result<ServiceResponse<B>, actix_web::Error>> + use<S, B>
+where
+    S: actix_web::dev::Service<
+            ServiceRequest,
+            Response = ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    B: MessageBody,
+{
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = service.call(req);
+    async move {
+        let response = response.await?;
+        let status = response.status().as_u16().to_string();
+        let labels = [("method", method), ("route", route), ("status", status)];
+        metrics::counter!("fieldline_http_requests_total", &labels).increment(1);
+        metrics::histogram!("fieldline_http_request_duration_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        Ok(response)
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,143 @@
+//! Times as the API speaks them: RFC 3339 out; RFC 3339, epoch milliseconds or relative to now
+//! (`-24h`, `-15m`, `now`) in.
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+
+/// Now, in epoch microseconds (the unit on the bus and in Postgres).
+pub fn now_us() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+pub fn from_us(us: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(us).single().unwrap_or_default()
+}
+
+/// RFC 3339 in UTC with a `Z`, microsecond precision where needed.
+pub fn format_rfc3339(time: &DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Earliest and latest times the platform stores (years 1970 to 9999 keep every
+/// representation exact and Postgres happy).
+pub const MIN_TIME_US: i64 = 0;
+pub const MAX_TIME_US: i64 = 253_402_300_799_000_000;
+
+/// Parses a time given in a query parameter. The error says what forms are accepted.
+pub fn parse_time_param(value: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    let value = value.trim();
+    let parsed = if value.eq_ignore_ascii_case("now") {
+        Some(now)
+    } else if let Some(relative) = value.strip_prefix('-') {
+        parse_span(relative).and_then(|span| now.checked_sub_signed(span))
+    } else if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        value
+            .parse::<i64>()
+            .ok()
+            .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+    } else {
+        DateTime::parse_from_rfc3339(value)
+            .ok()
+            .map(|time| time.with_timezone(&Utc))
+    };
+    parsed
+        .filter(|time| (MIN_TIME_US..=MAX_TIME_US).contains(&time.timestamp_micros()))
+        .ok_or_else(|| {
+            format!(
+                "{value:?} is not a time: use RFC 3339, epoch milliseconds, now, or -15m/-24h/-7d"
+            )
+        })
+}
+
+/// A device timestamp in a message: RFC 3339 string or epoch milliseconds (a number). Returns
+/// epoch microseconds.
+pub fn parse_reading_time(value: &serde_json::Value) -> Option<i64> {
+    let micros = match value {
+        serde_json::Value::String(text) => DateTime::parse_from_rfc3339(text)
+            .ok()?
+            .with_timezone(&Utc)
+            .timestamp_micros(),
+        serde_json::Value::Number(number) => {
+            let millis = number.as_f64()?;
+            if !millis.is_finite() {
+                return None;
+            }
+            (millis * 1000.0).round() as i64
+        }
+        _ => return None,
+    };
+    (MIN_TIME_US..=MAX_TIME_US)
+        .contains(&micros)
+        .then_some(micros)
+}
+
+/// `15m`, `24h`, `30s`, `7d`, `500ms`.
+fn parse_span(span: &str) -> Option<chrono::Duration> {
+    let digits_end = span.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = span.split_at(digits_end);
+    let number: i64 = number.parse().ok()?;
+    match unit {
+        "ms" => chrono::Duration::try_milliseconds(number),
+        "s" => chrono::Duration::try_seconds(number),
+        "m" => chrono::Duration::try_minutes(number),
+        "h" => chrono::Duration::try_hours(number),
+        "d" => chrono::Duration::try_days(number),
+        "w" => chrono::Duration::try_weeks(number),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_three_forms() {
+        let now = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+        assert_eq!(parse_time_param("now", now).unwrap(), now);
+        assert_eq!(
+            parse_time_param("-15m", now).unwrap(),
+            Utc.with_ymd_and_hms(2026, 1, 2, 2, 49, 5).unwrap()
+        );
+        assert_eq!(
+            parse_time_param("1000", now).unwrap(),
+            Utc.timestamp_millis_opt(1000).unwrap()
+        );
+        assert_eq!(
+            parse_time_param("2026-01-02T04:04:05+01:00", now).unwrap(),
+            now
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "-15x",
+            "-",
+            "2026-13-01T00:00:00Z",
+            "99999999999999999999",
+        ] {
+            assert!(parse_time_param(bad, now).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn reading_times_in_ms_or_rfc3339() {
+        assert_eq!(
+            parse_reading_time(&serde_json::json!(1500)),
+            Some(1_500_000)
+        );
+        assert_eq!(
+            parse_reading_time(&serde_json::json!("1970-01-01T00:00:01.5Z")),
+            Some(1_500_000)
+        );
+        assert_eq!(parse_reading_time(&serde_json::json!(true)), None);
+        assert_eq!(parse_reading_time(&serde_json::json!(-5)), None);
+    }
+
+    #[test]
+    fn formats_utc_with_z() {
+        assert_eq!(
+            format_rfc3339(&from_us(1_500_000)),
+            "1970-01-01T00:00:01.500Z"
+        );
+        assert_eq!(format_rfc3339(&from_us(2_000_000)), "1970-01-01T00:00:02Z");
+    }
+}

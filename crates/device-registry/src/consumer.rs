@@ -1,0 +1,155 @@
+//! The registry's bus loops: the auth RPC (`{prefix}.rpc.auth.verify`) and the device lookup
+//! RPC (`{prefix}.rpc.auth.device`), answered by every registry instance in one queue group.
+
+use fieldline_common::{Context, auth::hash_secret, time::now_us};
+use fieldline_proto::v1::{
+    AuthError, DeviceLookupRequest, DeviceLookupResponse, Principal, PrincipalKind, VerifyRequest,
+    VerifyResponse, verify_response,
+};
+use futures::StreamExt;
+use prost::Message;
+
+use crate::{
+    domain::DEVICE_TOKEN_PREFIX,
+    repo::{Credential, Repo},
+};
+
+const QUEUE_GROUP: &str = "device-registry";
+/// Requests answered at once per instance; more wait in the subscription's buffer.
+const CONCURRENCY: usize = 64;
+
+/// Subscribes both RPCs; returns once the server has the subscriptions, so a caller that
+/// starts after this never sees "no responders" from a registry that is up.
+pub async fn start_rpc(context: &Context, repo: Repo) -> anyhow::Result<()> {
+    let verify_subscription = context
+        .nats
+        .queue_subscribe(context.subjects.rpc_auth_verify(), QUEUE_GROUP.into())
+        .await?;
+    let lookup = context
+        .nats
+        .queue_subscribe(context.subjects.rpc_auth_device(), QUEUE_GROUP.into())
+        .await?;
+    context.nats.flush().await?;
+
+    let nats = context.nats.clone();
+    let verify_repo = repo.clone();
+    let shutdown = context.shutdown.clone();
+    context.tasks.spawn(async move {
+        verify_subscription
+            .take_until(shutdown.cancelled_owned())
+            .for_each_concurrent(CONCURRENCY, |message| {
+                let nats = nats.clone();
+                let repo = verify_repo.clone();
+                async move {
+                    let Some(reply) = message.reply else { return };
+                    let response = match VerifyRequest::decode(message.payload.as_ref()) {
+                        Ok(request) => verify(&repo, &request.secret).await,
+                        Err(_) => error_response("unknown"),
+                    };
+                    if let Err(error) = nats.publish(reply, response.encode_to_vec().into()).await {
+                        tracing::warn!(error = %error, "could not answer auth rpc");
+                    }
+                }
+            })
+            .await;
+    });
+
+    let nats = context.nats.clone();
+    let shutdown = context.shutdown.clone();
+    context.tasks.spawn(async move {
+        lookup
+            .take_until(shutdown.cancelled_owned())
+            .for_each_concurrent(CONCURRENCY, |message| {
+                let nats = nats.clone();
+                let repo = repo.clone();
+                async move {
+                    let Some(reply) = message.reply else { return };
+                    let Ok(request) = DeviceLookupRequest::decode(message.payload.as_ref()) else {
+                        return;
+                    };
+                    let response = match repo
+                        .device_summary(&request.project, &request.device_id)
+                        .await
+                    {
+                        Ok(Some((device_type, group))) => DeviceLookupResponse {
+                            found: true,
+                            device_type,
+                            group: group.unwrap_or_default(),
+                        },
+                        Ok(None) => DeviceLookupResponse::default(),
+                        // No answer: the caller times out and answers 503, rather than
+                        // wrongly treating the device as unknown.
+                        Err(_) => return,
+                    };
+                    if let Err(error) = nats.publish(reply, response.encode_to_vec().into()).await {
+                        tracing::warn!(error = %error, "could not answer device lookup rpc");
+                    }
+                }
+            })
+            .await;
+    });
+    Ok(())
+}
+
+fn error_response(reason: &str) -> VerifyResponse {
+    VerifyResponse {
+        result: Some(verify_response::Result::Error(AuthError {
+            reason: reason.to_owned(),
+        })),
+    }
+}
+
+/// The decision of the auth RPC. The secret itself is never logged.
+async fn verify(repo: &Repo, secret: &str) -> VerifyResponse {
+    let is_device_token = secret.starts_with(DEVICE_TOKEN_PREFIX);
+    let credential = match repo
+        .find_credential(&hash_secret(secret), is_device_token)
+        .await
+    {
+        Ok(Some(credential)) => credential,
+        Ok(None) => return error_response("unknown"),
+        Err(_) => return error_response("internal"),
+    };
+    let principal = match credential {
+        Credential::Device { id, project } => Principal {
+            kind: PrincipalKind::Device.into(),
+            project,
+            id,
+            ..Default::default()
+        },
+        Credential::ApiKey {
+            id,
+            project,
+            scope,
+            platform_admin,
+            expires_at,
+            revoked,
+        } => {
+            if revoked {
+                tracing::info!(key_id = %id, project = %project, "revoked key refused");
+                return error_response("revoked");
+            }
+            let expires_at_us = expires_at.map(|time| time.timestamp_micros()).unwrap_or(0);
+            if expires_at_us != 0 && expires_at_us <= now_us() {
+                return error_response("expired");
+            }
+            tracing::debug!(key_id = %id, project = %project, "key used");
+            let touch_repo = repo.clone();
+            let touch_id = id.clone();
+            tokio::spawn(async move {
+                let _ = touch_repo.touch_key(&touch_id).await;
+            });
+            Principal {
+                kind: PrincipalKind::ApiKey.into(),
+                project,
+                id,
+                scope: scope.to_proto().into(),
+                platform_admin,
+                expires_at_us,
+            }
+        }
+    };
+    VerifyResponse {
+        result: Some(verify_response::Result::Principal(principal)),
+    }
+}

@@ -1,0 +1,324 @@
+//! Registry types that parse and validate at the edge: past here, they are valid.
+
+use chrono::{DateTime, Utc};
+use fieldline_common::{
+    ApiError,
+    auth::ScopeLevel,
+    ids::{DeviceId, random_id},
+    time::format_rfc3339,
+};
+use serde::{Deserialize, Serialize};
+
+/// Prefix and length of generated secrets: 40 alphanumerics are ~238 bits.
+pub const API_KEY_PREFIX: &str = "flk_";
+pub const DEVICE_TOKEN_PREFIX: &str = "fld_";
+const SECRET_LEN: usize = 40;
+/// How much of a secret a listing shows.
+const SECRET_SHOWN: usize = 8;
+
+pub fn new_api_key_secret() -> String {
+    random_id(API_KEY_PREFIX, SECRET_LEN)
+}
+
+pub fn new_device_token() -> String {
+    random_id(DEVICE_TOKEN_PREFIX, SECRET_LEN)
+}
+
+pub fn secret_prefix(secret: &str) -> String {
+    secret.chars().take(SECRET_SHOWN).collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceType {
+    Sensor,
+    Actuator,
+    Gateway,
+}
+
+impl DeviceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceType::Sensor => "sensor",
+            DeviceType::Actuator => "actuator",
+            DeviceType::Gateway => "gateway",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Self, ApiError> {
+        match value {
+            "sensor" => Ok(DeviceType::Sensor),
+            "actuator" => Ok(DeviceType::Actuator),
+            "gateway" => Ok(DeviceType::Gateway),
+            other => Err(ApiError::bad_request(
+                "invalid_device_type",
+                format!("type: {other:?} is not one of sensor, actuator, gateway"),
+            )),
+        }
+    }
+}
+
+/// `POST /api/v1/devices`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceIn {
+    pub id: String,
+    pub name: Option<String>,
+    #[serde(rename = "type")]
+    pub device_type: Option<DeviceType>,
+    pub group: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub heartbeat_interval_s: Option<i32>,
+}
+
+/// A device ready to insert.
+#[derive(Debug)]
+pub struct NewDevice {
+    pub id: DeviceId,
+    pub name: Option<String>,
+    pub device_type: DeviceType,
+    pub group: Option<String>,
+    pub tags: Vec<String>,
+    pub metadata: serde_json::Value,
+    pub heartbeat_interval_s: Option<i32>,
+}
+
+fn check_label(field: &str, value: &str) -> Result<(), ApiError> {
+    let valid = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_field",
+            format!("{field}: {value:?} must be 1 to 64 of [A-Za-z0-9_.-]"),
+        ))
+    }
+}
+
+impl DeviceIn {
+    pub fn parse(self) -> Result<NewDevice, ApiError> {
+        let id = DeviceId::parse(&self.id).map_err(|error| {
+            ApiError::bad_request("invalid_field", format!("id: {}", error.message))
+        })?;
+        if let Some(name) = &self.name
+            && name.chars().count() > 200
+        {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                "name: at most 200 characters",
+            ));
+        }
+        if let Some(group) = &self.group {
+            check_label("group", group)?;
+        }
+        if self.tags.len() > 32 {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                "tags: at most 32 tags",
+            ));
+        }
+        for (index, tag) in self.tags.iter().enumerate() {
+            check_label(&format!("tags[{index}]"), tag)?;
+        }
+        let metadata = serde_json::Value::Object(self.metadata.unwrap_or_default());
+        if metadata.to_string().len() > 16 * 1024 {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                "metadata: at most 16 KiB of JSON",
+            ));
+        }
+        if let Some(interval) = self.heartbeat_interval_s
+            && !(1..=86_400).contains(&interval)
+        {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                "heartbeat_interval_s: between 1 and 86400",
+            ));
+        }
+        Ok(NewDevice {
+            id,
+            name: self.name,
+            device_type: self.device_type.unwrap_or(DeviceType::Sensor),
+            group: self.group,
+            tags: self.tags,
+            metadata,
+            heartbeat_interval_s: self.heartbeat_interval_s,
+        })
+    }
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct DeviceOut {
+    pub id: String,
+    pub project: String,
+    pub name: Option<String>,
+    #[serde(rename = "type")]
+    pub device_type: String,
+    pub group: Option<String>,
+    pub tags: Vec<String>,
+    pub metadata: serde_json::Value,
+    pub heartbeat_interval_s: Option<i32>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// `POST /api/v1/devices` answers the device and, once, its token.
+#[derive(Debug, Serialize)]
+pub struct DeviceCreated {
+    #[serde(flatten)]
+    pub device: DeviceOut,
+    pub token: String,
+}
+
+/// `POST /api/v1/keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyIn {
+    pub name: String,
+    pub scopes: Vec<ScopeLevel>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug)]
+pub struct NewKey {
+    pub name: String,
+    pub scope: ScopeLevel,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl KeyIn {
+    pub fn parse(self, now: DateTime<Utc>) -> Result<NewKey, ApiError> {
+        let name = self.name.trim();
+        if name.is_empty() || name.chars().count() > 200 {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                "name: 1 to 200 characters",
+            ));
+        }
+        let scope = self.scopes.iter().copied().max().ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_field",
+                "scopes: at least one of read, write, admin",
+            )
+        })?;
+        if let Some(expires_at) = self.expires_at
+            && expires_at <= now
+        {
+            return Err(ApiError::unprocessable(
+                "invalid_expiry",
+                "expires_at: must be in the future",
+            ));
+        }
+        Ok(NewKey {
+            name: name.to_owned(),
+            scope,
+            expires_at: self.expires_at,
+        })
+    }
+}
+
+/// Scopes are cumulative: a `write` key can also read.
+pub fn scopes_of(scope: ScopeLevel) -> Vec<&'static str> {
+    [ScopeLevel::Read, ScopeLevel::Write, ScopeLevel::Admin]
+        .into_iter()
+        .filter(|held| *held <= scope)
+        .map(ScopeLevel::as_str)
+        .collect()
+}
+
+/// A key as listings show it: never its secret.
+#[derive(Debug, Serialize)]
+pub struct KeyOut {
+    pub id: String,
+    pub name: String,
+    pub prefix: String,
+    pub scopes: Vec<&'static str>,
+    pub platform_admin: bool,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub revoked_at: Option<String>,
+    pub last_used_at: Option<String>,
+}
+
+/// `POST /api/v1/keys` answers the key and, once, its secret.
+#[derive(Debug, Serialize)]
+pub struct KeyCreated {
+    #[serde(flatten)]
+    pub key: KeyOut,
+    pub secret: String,
+}
+
+pub fn rfc3339_opt(time: Option<DateTime<Utc>>) -> Option<String> {
+    time.as_ref().map(format_rfc3339)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(json: serde_json::Value) -> Result<NewDevice, ApiError> {
+        serde_json::from_value::<DeviceIn>(json).unwrap().parse()
+    }
+
+    #[test]
+    fn device_fields_are_checked_and_named() {
+        assert!(device(serde_json::json!({"id": "esp32-1"})).is_ok());
+        let error = device(serde_json::json!({"id": "a.b"})).unwrap_err();
+        assert!(error.message.starts_with("id:"), "{}", error.message);
+        let error = device(serde_json::json!({"id": "a", "tags": ["ok", "not ok"]})).unwrap_err();
+        assert!(error.message.starts_with("tags[1]:"), "{}", error.message);
+        let error = device(serde_json::json!({"id": "a", "heartbeat_interval_s": 0})).unwrap_err();
+        assert!(
+            error.message.starts_with("heartbeat_interval_s:"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn scopes_are_cumulative() {
+        assert_eq!(scopes_of(ScopeLevel::Write), vec!["read", "write"]);
+        let key = KeyIn {
+            name: "k".into(),
+            scopes: vec![ScopeLevel::Read, ScopeLevel::Admin],
+            expires_at: None,
+        };
+        assert_eq!(key.parse(Utc::now()).unwrap().scope, ScopeLevel::Admin);
+        let key = KeyIn {
+            name: "k".into(),
+            scopes: vec![],
+            expires_at: None,
+        };
+        assert!(key.parse(Utc::now()).is_err());
+    }
+}
+
+/// `POST /api/v1/projects`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectIn {
+    pub slug: String,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProjectOut {
+    pub slug: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+/// A new project answers its first admin key, shown once.
+#[derive(Debug, Serialize)]
+pub struct ProjectCreated {
+    #[serde(flatten)]
+    pub project: ProjectOut,
+    pub admin_key: KeyCreated,
+}

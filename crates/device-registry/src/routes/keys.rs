@@ -1,0 +1,108 @@
+//! `/api/v1/keys`: create, list, revoke (admin scope).
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use fieldline_common::{
+    ApiError,
+    auth::{ApiKey, ScopeLevel, hash_secret},
+    envelope::{self, decode_cursor},
+    extract::{Json, Query},
+    ids::random_id,
+};
+use fieldline_proto::InvalidateKind;
+use serde::Deserialize;
+
+use crate::{
+    State,
+    domain::{KeyCreated, KeyIn, new_api_key_secret, secret_prefix},
+};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/keys")
+            .route(web::post().to(create))
+            .route(web::get().to(list)),
+    )
+    .service(web::resource("/api/v1/keys/{id}").route(web::delete().to(revoke)));
+}
+
+async fn create(
+    state: web::Data<State>,
+    key: ApiKey,
+    Json(body): Json<KeyIn>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Admin)?;
+    let new_key = body.parse(Utc::now())?;
+    let secret = new_api_key_secret();
+    let key_id = random_id("key_", 20);
+    let created = state
+        .repo
+        .create_key(
+            &principal.project,
+            &key_id,
+            &new_key,
+            &hash_secret(&secret),
+            &secret_prefix(&secret),
+        )
+        .await?;
+    tracing::info!(key_id = %key_id, project = %principal.project, by = %principal.id, "api key created");
+    Ok(envelope::created(&KeyCreated {
+        key: created,
+        secret,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+async fn list(
+    state: web::Data<State>,
+    key: ApiKey,
+    Query(params): Query<ListParams>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Admin)?;
+    let limit = crate::routes::devices::parse_limit(params.limit.as_deref())?;
+    let after = params
+        .cursor
+        .as_deref()
+        .map(decode_cursor::<(DateTime<Utc>, String)>)
+        .transpose()?;
+    let rows = state
+        .repo
+        .list_keys(&principal.project, after, limit as i64 + 1)
+        .await?;
+    let rows: Vec<_> = rows
+        .into_iter()
+        .map(|(key, created_at)| {
+            let position = (created_at, key.id.clone());
+            (key, position)
+        })
+        .collect();
+    Ok(envelope::keyset_page(rows, limit))
+}
+
+async fn revoke(
+    state: web::Data<State>,
+    key: ApiKey,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Admin)?;
+    let key_id = path.into_inner();
+    if !state.repo.revoke_key(&principal.project, &key_id).await? {
+        return Err(ApiError::not_found(
+            "key_not_found",
+            format!("key {key_id} not found"),
+        ));
+    }
+    // Every service drops its cached credentials now; the revocation is already durable, so
+    // a lost broadcast only delays it to the cache TTL.
+    state
+        .broadcast_invalidation(InvalidateKind::Keys, &principal.project, &key_id)
+        .await;
+    tracing::info!(key_id = %key_id, project = %principal.project, by = %principal.id, "api key revoked");
+    Ok(envelope::no_content())
+}

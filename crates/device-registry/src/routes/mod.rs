@@ -1,0 +1,3 @@
+pub mod devices;
+pub mod keys;
+pub mod projects;

@@ -1,0 +1,159 @@
+//! `fieldline serve --services all|<list>`: runs any set of the platform's services in one
+//! process on one HTTP listener. Even in one process they talk over NATS only.
+
+use std::{str::FromStr, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use fieldline_common::{Config, Context, Service, service};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "fieldline", version, about = "Fieldline IoT data platform")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run services. Configuration comes from FIELDLINE_* variables (and FIELDLINE_CONFIG, a
+    /// TOML file).
+    Serve {
+        /// `all`, or a comma list of: device-registry, ingest-http, ingest-mqtt, query-api,
+        /// webhook-dispatcher.
+        #[arg(long, default_value = "all")]
+        services: ServiceSet,
+    },
+}
+
+/// One role of the platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServiceKind {
+    DeviceRegistry,
+    IngestHttp,
+    IngestMqtt,
+    QueryApi,
+    WebhookDispatcher,
+}
+
+impl ServiceKind {
+    /// Every service this binary can run, in start order (the registry first: the others
+    /// verify credentials through it).
+    const ALL: [ServiceKind; 5] = [
+        ServiceKind::DeviceRegistry,
+        ServiceKind::QueryApi,
+        ServiceKind::WebhookDispatcher,
+        ServiceKind::IngestHttp,
+        ServiceKind::IngestMqtt,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ServiceKind::DeviceRegistry => "device-registry",
+            ServiceKind::IngestHttp => "ingest-http",
+            ServiceKind::IngestMqtt => "ingest-mqtt",
+            ServiceKind::QueryApi => "query-api",
+            ServiceKind::WebhookDispatcher => "webhook-dispatcher",
+        }
+    }
+
+    async fn start(self, context: &Context) -> anyhow::Result<Service> {
+        match self {
+            ServiceKind::DeviceRegistry => device_registry::start(context).await,
+            ServiceKind::IngestHttp => ingest_http::start(context).await,
+            ServiceKind::IngestMqtt => ingest_mqtt::start(context).await,
+            ServiceKind::QueryApi => query_api::start(context).await,
+            ServiceKind::WebhookDispatcher => webhook_dispatcher::start(context).await,
+        }
+    }
+}
+
+impl FromStr for ServiceKind {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.name() == name)
+            .ok_or_else(|| {
+                let known: Vec<_> = Self::ALL.iter().map(|kind| kind.name()).collect();
+                format!("unknown service {name:?}; known: all, {}", known.join(", "))
+            })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ServiceSet(Vec<ServiceKind>);
+
+impl FromStr for ServiceSet {
+    type Err = String;
+
+    fn from_str(list: &str) -> Result<Self, String> {
+        if list.trim() == "all" {
+            return Ok(ServiceSet(ServiceKind::ALL.to_vec()));
+        }
+        let mut kinds = Vec::new();
+        for name in list
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+        {
+            let kind: ServiceKind = name.parse()?;
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        if kinds.is_empty() {
+            return Err("no service named".into());
+        }
+        // Start in the canonical order whatever order they were listed in.
+        kinds.sort_by_key(|kind| ServiceKind::ALL.iter().position(|known| known == kind));
+        Ok(ServiceSet(kinds))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { services } => serve(services).await,
+    }
+}
+
+async fn serve(services: ServiceSet) -> anyhow::Result<()> {
+    let config = Config::load()?;
+    fieldline_common::telemetry::init_tracing(&config);
+    let names: Vec<_> = services.0.iter().map(|kind| kind.name()).collect();
+    tracing::info!(services = ?names, bus_prefix = %config.bus_prefix, "starting");
+    let shutdown_timeout = config.shutdown_timeout;
+
+    let shutdown = CancellationToken::new();
+    let context = Context::connect(config, shutdown.clone()).await?;
+    let mut started = Vec::new();
+    for kind in &services.0 {
+        let service = kind
+            .start(&context)
+            .await
+            .with_context(|| format!("starting {}", kind.name()))?;
+        started.push(service);
+    }
+    let listener = service::serve_http(&context, &started)?;
+    tracing::info!(addr = %listener.addr, services = ?names, "fieldline ready");
+
+    service::shutdown_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    listener.stop().await;
+    context.tasks.close();
+    if tokio::time::timeout(shutdown_timeout, context.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?shutdown_timeout, "background work did not finish in time");
+    }
+    // Publishes still buffered in the client reach the server before we exit.
+    let _ = tokio::time::timeout(Duration::from_secs(2), context.nats.flush()).await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! ingest-http: devices POST readings with their device token (the fallback when MQTT is
+//! blocked or down). A 202 means the batch is in JetStream.
+
+mod routes;
+
+use std::sync::Arc;
+
+use actix_web::web;
+use fieldline_common::{Context, Service, ingest::Publisher};
+
+/// Shared by the handlers.
+pub(crate) struct State {
+    pub context: Context,
+    pub publisher: Publisher,
+}
+
+pub async fn start(context: &Context) -> anyhow::Result<Service> {
+    let state = web::Data::new(State {
+        context: context.clone(),
+        publisher: Publisher::new(context),
+    });
+    let routes = Arc::new(move |cfg: &mut web::ServiceConfig| {
+        cfg.app_data(state.clone());
+        routes::configure(cfg);
+    });
+    Ok(Service {
+        name: "ingest-http",
+        routes: Some(routes),
+        ready: None,
+    })
+}

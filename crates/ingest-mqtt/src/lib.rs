@@ -1,0 +1,319 @@
+//! ingest-mqtt: reads device messages from the broker (a shared subscription, QoS 1, manual
+//! acks) and publishes them to JetStream. The broker gets its PUBACK only after JetStream
+//! acknowledged the batch, so a PUBACK means the readings are durable.
+
+mod topic;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use fieldline_common::{
+    Context, Service,
+    auth::AuthError,
+    ingest::{self, ParseError, Publisher},
+    service::ReadyCheck,
+    time::now_us,
+};
+use futures::{FutureExt, StreamExt, stream::FuturesOrdered};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::topic::Uplink;
+
+/// Messages being published to JetStream at once; acks still go back in arrival order.
+const IN_FLIGHT: usize = 256;
+
+/// Starts the MQTT loop. Returns at once: the broker may be down at start, and the loop
+/// connects (and reconnects) by itself; readiness reports whether it is connected.
+pub async fn start(context: &Context) -> anyhow::Result<Service> {
+    let config = &context.config;
+    let (host, port) = config.mqtt_host_port();
+    let client_id = config.ingest_mqtt_client_id();
+    let mut options = MqttOptions::new(client_id.clone(), host, port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        // A persistent session: while we are away the broker keeps our subscription and the
+        // messages we have not acknowledged, and sends them again when we return.
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(config.mqtt_max_packet_bytes, config.mqtt_max_packet_bytes)
+        .set_inflight(IN_FLIGHT as u16);
+    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let connected = Arc::new(AtomicBool::new(false));
+    let (incoming_tx, incoming_rx) = mpsc::channel(IN_FLIGHT * 2);
+
+    let filters: Vec<String> = Uplink::ALL
+        .iter()
+        .map(|uplink| {
+            topic::shared_filter(&config.mqtt_share_group, &config.mqtt_topic_root, *uplink)
+        })
+        .collect();
+    tracing::info!(client_id = %client_id, filters = ?filters, "mqtt ingest starting");
+    context.tasks.spawn(poll_broker(
+        eventloop,
+        client.clone(),
+        filters,
+        connected.clone(),
+        incoming_tx,
+        context.shutdown.clone(),
+    ));
+    context
+        .tasks
+        .spawn(process(context.clone(), client, incoming_rx));
+
+    let ready: ReadyCheck = Arc::new(move || {
+        let connected = connected.load(Ordering::Relaxed);
+        async move {
+            if connected {
+                Ok(())
+            } else {
+                Err("not connected to the broker".to_owned())
+            }
+        }
+        .boxed()
+    });
+    Ok(Service {
+        name: "ingest-mqtt",
+        routes: None,
+        ready: Some(ready),
+    })
+}
+
+/// A message as it arrived, with its arrival time (the default timestamp of its readings).
+struct Arrival {
+    publish: Publish,
+    received_at_us: i64,
+}
+
+/// Drives the connection: subscribes on every (re)connect, hands publishes to `process`.
+async fn poll_broker(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    filters: Vec<String>,
+    connected: Arc<AtomicBool>,
+    incoming: mpsc::Sender<Arrival>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(session_present = ack.session_present, "mqtt connected");
+                backoff = Duration::from_millis(200);
+                let client = client.clone();
+                let filters = filters.clone();
+                // Not awaited here: the request goes through the event loop this task polls.
+                tokio::spawn(async move {
+                    for filter in filters {
+                        if let Err(error) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                            tracing::warn!(error = %error, "mqtt subscribe failed");
+                        }
+                    }
+                });
+            }
+            // Ready once subscribed: from here on, nothing published is missed.
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                connected.store(true, Ordering::Relaxed);
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let arrival = Arrival {
+                    publish,
+                    received_at_us: now_us(),
+                };
+                if incoming.send(arrival).await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                if connected.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %error, "mqtt connection lost; reconnecting");
+                } else {
+                    tracing::debug!(error = %error, "mqtt connect failed; retrying");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    // Unacknowledged messages stay with the broker (persistent session) for the next start.
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    connected.store(false, Ordering::Relaxed);
+}
+
+/// What became of a message.
+enum Outcome {
+    /// In JetStream: acknowledge it.
+    Published,
+    /// Dropped for good (unknown device, malformed): acknowledge it so it is not resent.
+    Dropped(&'static str),
+    /// Shutting down before it was durable: leave it unacknowledged for the broker to resend.
+    Abandoned,
+}
+
+async fn process(context: Context, client: AsyncClient, mut incoming: mpsc::Receiver<Arrival>) {
+    let publisher = Publisher::new(&context);
+    let mut pending = FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            arrival = incoming.recv(), if pending.len() < IN_FLIGHT => match arrival {
+                Some(arrival) => {
+                    let context = context.clone();
+                    let publisher = publisher.clone();
+                    pending.push_back(async move {
+                        let outcome = handle(&context, &publisher, &arrival).await;
+                        (arrival.publish, outcome)
+                    });
+                }
+                None => break,
+            },
+            Some((publish, outcome)) = pending.next(), if !pending.is_empty() => {
+                let ack = match outcome {
+                    Outcome::Published => {
+                        metrics::counter!("fieldline_mqtt_messages_total", "outcome" => "published").increment(1);
+                        true
+                    }
+                    Outcome::Dropped(reason) => {
+                        metrics::counter!("fieldline_mqtt_messages_total", "outcome" => "dropped").increment(1);
+                        metrics::counter!("fieldline_mqtt_dropped_total", "reason" => reason).increment(1);
+                        true
+                    }
+                    Outcome::Abandoned => false,
+                };
+                if ack
+                    && let Err(error) = client.ack(&publish).await {
+                        tracing::warn!(error = %error, "mqtt ack failed; the broker will resend");
+                    }
+            }
+        }
+    }
+}
+
+fn drop_message(topic: &str, reason: &'static str, detail: &str) -> Outcome {
+    tracing::warn!(topic = %topic, reason, detail, "mqtt message dropped");
+    Outcome::Dropped(reason)
+}
+
+/// Retries `attempt` with backoff until it succeeds or the service shuts down.
+async fn retry<T, E: std::fmt::Display, F, Fut>(
+    shutdown: &CancellationToken,
+    what: &str,
+    mut attempt: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(error) => {
+                tracing::warn!(error = %error, "{what} failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn handle(context: &Context, publisher: &Publisher, arrival: &Arrival) -> Outcome {
+    let publish = &arrival.publish;
+    let config = &context.config;
+    let Some((project, device_id, uplink)) = topic::parse(&config.mqtt_topic_root, &publish.topic)
+    else {
+        return drop_message(
+            &publish.topic,
+            "invalid_topic",
+            "not {root}/{project}/{device}/{telemetry|heartbeat}",
+        );
+    };
+    // Is this a device of that project? The registry answers (cached); while it cannot, the
+    // message waits rather than being dropped as unknown.
+    let lookup = retry(&context.shutdown, "device lookup", || async {
+        match context
+            .auth
+            .lookup_device(project.as_str(), device_id.as_str())
+            .await
+        {
+            Err(AuthError::Unavailable) => Err(AuthError::Unavailable),
+            other => Ok(other.ok().flatten()),
+        }
+    })
+    .await;
+    match lookup {
+        None => return Outcome::Abandoned,
+        Some(None) => {
+            return drop_message(
+                &publish.topic,
+                "unknown_device",
+                "no such device in that project",
+            );
+        }
+        Some(Some(_)) => {}
+    }
+
+    let published = match uplink {
+        Uplink::Telemetry => {
+            let parsed = match ingest::parse_json_message(
+                &publish.payload,
+                arrival.received_at_us,
+                config.ingest_max_readings,
+            ) {
+                Ok(parsed) => parsed,
+                Err(error @ ParseError::TooMany { .. }) => {
+                    return drop_message(&publish.topic, "too_many_readings", &error.to_string());
+                }
+                Err(error) => return drop_message(&publish.topic, "malformed", &error.to_string()),
+            };
+            let readings = parsed.readings.len() as u64;
+            let published = retry(&context.shutdown, "publish to jetstream", || {
+                publisher.readings(
+                    project.as_str(),
+                    device_id.as_str(),
+                    parsed.clone(),
+                    arrival.received_at_us,
+                    "mqtt",
+                )
+            })
+            .await;
+            if published.is_some() {
+                metrics::counter!("fieldline_ingest_readings_total", "source" => "mqtt")
+                    .increment(readings);
+            }
+            published.is_some()
+        }
+        Uplink::Heartbeat => retry(&context.shutdown, "publish heartbeat", || {
+            publisher.heartbeat(
+                project.as_str(),
+                device_id.as_str(),
+                arrival.received_at_us,
+                "mqtt",
+            )
+        })
+        .await
+        .is_some(),
+    };
+    if published {
+        Outcome::Published
+    } else {
+        Outcome::Abandoned
+    }
+}

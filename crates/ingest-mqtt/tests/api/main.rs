@@ -1,0 +1,100 @@
+//! ingest-mqtt against the real Mosquitto, NATS and PostgreSQL, with the real registry.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod ingest;
+mod outages;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use fieldline_testkit::{TestApp, TestEnv};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+pub async fn spawn_mqtt(
+    env: TestEnv,
+    tweak: impl FnOnce(fieldline_common::Config) -> fieldline_common::Config,
+) -> TestApp {
+    TestApp::spawn_with(env, tweak, |context| async move {
+        Ok(vec![
+            device_registry::start(&context).await?,
+            ingest_mqtt::start(&context).await?,
+        ])
+    })
+    .await
+}
+
+/// Waits until ingest-mqtt reports ready (connected and subscribed).
+pub async fn wait_ready(app: &TestApp) {
+    fieldline_testkit::eventually("ingest-mqtt ready", Duration::from_secs(15), || async {
+        let response = app
+            .http
+            .get(format!("{}/health/ready", app.base_url))
+            .send()
+            .await
+            .ok()?;
+        response.status().is_success().then_some(())
+    })
+    .await;
+    // The subscription is sent right after the CONNACK; give the broker a moment to apply it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// A device on the broker: publishes and counts the PUBACKs it gets back.
+pub struct Device {
+    pub client: AsyncClient,
+    pub pubacks: Arc<AtomicUsize>,
+}
+
+impl Device {
+    pub async fn connect(port: u16, id: &str) -> Self {
+        let mut options = MqttOptions::new(
+            format!("dev-{id}-{}", fieldline_testkit::unique_suffix()),
+            "127.0.0.1",
+            port,
+        );
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        let pubacks = Arc::new(AtomicUsize::new(0));
+        let counter = pubacks.clone();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Self { client, pubacks }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: &str) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+
+    pub fn pubacks(&self) -> usize {
+        self.pubacks.load(Ordering::SeqCst)
+    }
+}
+
+pub fn mqtt_port(app: &TestApp) -> u16 {
+    app.context.config.mqtt_host_port().1
+}
+
+pub fn topic(app: &TestApp, device: &str, kind: &str) -> String {
+    format!(
+        "{}/default/{device}/{kind}",
+        app.context.config.mqtt_topic_root
+    )
+}

@@ -1,0 +1,100 @@
+use std::time::Duration;
+
+use fieldline_testkit::{
+    TestEnv, eventually,
+    servers::{PrivateMosquitto, PrivateNats},
+};
+
+use crate::{Device, mqtt_port, spawn_mqtt, topic, wait_ready};
+
+/// ingest-mqtt acknowledges a message to the broker only once JetStream has it. While NATS
+/// is down nothing is acknowledged, so when ingest-mqtt stops in that state the broker keeps
+/// the message in the persistent session and hands it to the next instance.
+#[tokio::test]
+async fn a_message_not_yet_in_jetstream_is_not_acked_to_the_broker() {
+    let mut nats = PrivateNats::start().await;
+    let url = nats.url();
+    let env = TestEnv::new().await;
+    let client_id = format!("{}-ingest", env.id);
+    let tweak = |url: String, client_id: String| {
+        move |config| fieldline_common::Config {
+            nats_url: url,
+            mqtt_client_id: Some(client_id),
+            ..config
+        }
+    };
+    let app = spawn_mqtt(env, tweak(url.clone(), client_id.clone())).await;
+    app.create_device("d1").await;
+    wait_ready(&app).await;
+    let device = Device::connect(mqtt_port(&app), "d1").await;
+    device
+        .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 1, "a": 1}"#)
+        .await;
+    eventually("first message", Duration::from_secs(10), || async {
+        (app.telemetry_batches().await.len() == 1).then_some(())
+    })
+    .await;
+
+    nats.kill();
+    device
+        .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 2, "a": 2}"#)
+        .await;
+    // The broker has it (the device got its PUBACK) and ingest-mqtt is retrying it.
+    eventually(
+        "broker puback to the device",
+        Duration::from_secs(10),
+        || async { (device.pubacks() == 2).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let env = app.stop().await;
+
+    nats.restart().await;
+    let app = spawn_mqtt(env, tweak(url, client_id)).await;
+    let messages = eventually(
+        "the unacked message redelivered",
+        Duration::from_secs(30),
+        || async {
+            let messages = app.telemetry_batches().await;
+            (messages.len() == 2).then_some(messages)
+        },
+    )
+    .await;
+    assert_eq!(messages[1].1.readings[0].ts_us, 2_000);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn reconnects_when_the_broker_restarts() {
+    let mut broker = PrivateMosquitto::start().await;
+    let url = broker.url();
+    let app = spawn_mqtt(TestEnv::new().await, |config| fieldline_common::Config {
+        mqtt_url: url,
+        ..config
+    })
+    .await;
+    app.create_device("d1").await;
+    wait_ready(&app).await;
+    let device = Device::connect(broker.port, "d1").await;
+    device
+        .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 1, "a": 1}"#)
+        .await;
+    eventually("first message", Duration::from_secs(10), || async {
+        (app.telemetry_batches().await.len() == 1).then_some(())
+    })
+    .await;
+
+    broker.restart().await;
+    wait_ready(&app).await;
+    let device = Device::connect(mqtt_port(&app), "d1-again").await;
+    device
+        .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 2, "a": 2}"#)
+        .await;
+    eventually(
+        "message after the restart",
+        Duration::from_secs(20),
+        || async { (app.telemetry_batches().await.len() == 2).then_some(()) },
+    )
+    .await;
+    app.shutdown().await;
+}

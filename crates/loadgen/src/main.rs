@@ -1,0 +1,462 @@
+//! `loadgen bench`: starts the real platform (one process per service), drives the standard
+//! scenarios against it, measures the machine's raw limits in the same run, and writes a
+//! report (Markdown and JSON) with every figure beside its limit.
+
+mod platform;
+mod raw;
+mod receiver;
+mod scenarios;
+mod stats;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use rumqttc::QoS;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::platform::{Platform, Servers};
+
+#[derive(Parser)]
+#[command(
+    name = "loadgen",
+    about = "Fieldline device simulator and benchmark driver"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the standard scenarios and write the report.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// A few seconds per scenario: proves the harness works, figures are not comparable.
+    #[arg(long)]
+    quick: bool,
+    /// The `fieldline` binary to run; by default the one built beside this loadgen (same
+    /// target directory and profile: build both with `--release` for real figures).
+    #[arg(long)]
+    fieldline: Option<String>,
+    /// Where `report.md` and `report.json` go.
+    #[arg(long, default_value = "bench")]
+    out: PathBuf,
+    /// Comma list of scenarios (default: all): http-batched, http-single, mqtt-qos1,
+    /// webhooks-throughput, webhooks-latency.
+    #[arg(long)]
+    scenarios: Option<String>,
+    /// Events per second of the webhook latency scenario (default 1000; 200 with --quick).
+    #[arg(long)]
+    webhook_rate: Option<u64>,
+    /// Messages per second each simulated MQTT device sends (default 20; 10 with --quick).
+    #[arg(long)]
+    mqtt_rate: Option<u64>,
+    #[arg(
+        long,
+        env = "FIELDLINE_BENCH_PG_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    pg_url: String,
+    #[arg(
+        long,
+        env = "FIELDLINE_BENCH_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    #[arg(long, env = "FIELDLINE_BENCH_MQTT_HOST", default_value = "127.0.0.1")]
+    mqtt_host: String,
+    #[arg(long, env = "FIELDLINE_BENCH_MQTT_PORT", default_value_t = 1883)]
+    mqtt_port: u16,
+}
+
+/// One figure of the report, beside the raw limit it is judged against.
+#[derive(Debug, Clone, Serialize)]
+struct Figure {
+    scenario: &'static str,
+    figure: &'static str,
+    value: f64,
+    unit: &'static str,
+    limit: Option<&'static str>,
+    limit_value: Option<f64>,
+    ratio: Option<f64>,
+}
+
+fn figure(
+    scenario: &'static str,
+    figure: &'static str,
+    value: f64,
+    unit: &'static str,
+    limit: Option<(&'static str, f64)>,
+) -> Figure {
+    Figure {
+        scenario,
+        figure,
+        value,
+        unit,
+        limit: limit.map(|(name, _)| name),
+        limit_value: limit.map(|(_, value)| value),
+        ratio: limit.map(|(_, limit)| if limit > 0.0 { value / limit } else { 0.0 }),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Command::Bench(args) = Cli::parse().command;
+    bench(args).await
+}
+
+fn machine() -> Value {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0)
+        .unwrap_or(0.0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))?
+                .split(':')
+                .nth(1)
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    json!({"cores": cores, "memory_gib": memory_gib, "cpu": cpu})
+}
+
+fn sibling_fieldline() -> anyhow::Result<String> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name("fieldline");
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found: build it (`cargo build --bin fieldline`) or pass --fieldline",
+        path.display()
+    );
+    Ok(path.display().to_string())
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let fieldline = match &args.fieldline {
+        Some(path) => path.clone(),
+        None => sibling_fieldline()?,
+    };
+    let servers = Servers {
+        pg_url: args.pg_url.clone(),
+        nats_url: args.nats_url.clone(),
+        mqtt_host: args.mqtt_host.clone(),
+        mqtt_port: args.mqtt_port,
+    };
+    let wanted = |name: &str| {
+        args.scenarios
+            .as_deref()
+            .is_none_or(|list| list.split(',').any(|s| s.trim() == name))
+    };
+    let (seconds, mqtt_devices, webhook_rate, raw_messages) = if args.quick {
+        (2, 50, 200, 5_000)
+    } else {
+        (20, 1000, 1000, 100_000)
+    };
+    let mqtt_rate = args.mqtt_rate.unwrap_or(if args.quick { 10 } else { 20 });
+    let webhook_rate = args.webhook_rate.unwrap_or(webhook_rate);
+    let duration = Duration::from_secs(seconds);
+    let started_at = chrono::Utc::now();
+
+    eprintln!("starting the platform ({fieldline}), one process per service");
+    let platform = Platform::start(
+        &fieldline,
+        servers.clone(),
+        &[
+            // The bench measures the engine; the per-webhook rate limit is a policy.
+            ("FIELDLINE_WEBHOOK_RATE_PER_SECOND", "1000000"),
+            ("FIELDLINE_WEBHOOK_ALLOW_PRIVATE", "true"),
+        ],
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_memory = platform.memory();
+
+    let mut figures = Vec::new();
+    let mut details = serde_json::Map::new();
+    let outcome = async {
+        eprintln!("raw limits: JetStream publish with acks, Mosquitto QoS 0 and 1, HTTP POST");
+        let raw_jetstream = raw::jetstream(&servers, &platform.id, raw_messages)
+            .await
+            .context("raw jetstream")?;
+        let raw_mqtt_qos0 = raw::mosquitto(&servers, &platform.id, QoS::AtMostOnce, raw_messages)
+            .await
+            .context("raw mosquitto qos0")?;
+        let raw_mqtt_qos1 = raw::mosquitto(&servers, &platform.id, QoS::AtLeastOnce, raw_messages)
+            .await
+            .context("raw mosquitto qos1")?;
+        let raw_http = raw::http_posts(raw_messages / 2)
+            .await
+            .context("raw http")?;
+        figures.push(figure(
+            "raw",
+            "JetStream publish, acked",
+            raw_jetstream,
+            "msg/s",
+            None,
+        ));
+        figures.push(figure(
+            "raw",
+            "Mosquitto QoS 0 pub→sub",
+            raw_mqtt_qos0,
+            "msg/s",
+            None,
+        ));
+        figures.push(figure(
+            "raw",
+            "Mosquitto QoS 1 pub→sub",
+            raw_mqtt_qos1,
+            "msg/s",
+            None,
+        ));
+        figures.push(figure(
+            "raw",
+            "HTTP POST to a local receiver",
+            raw_http,
+            "req/s",
+            None,
+        ));
+
+        // Webhooks first: their fan-out consumers read the whole telemetry stream, and the
+        // ingest scenarios below leave millions of messages in it.
+        if wanted("webhooks-throughput") {
+            let events = if args.quick { 500 } else { 20_000 };
+            let result = scenarios::webhooks(
+                &platform,
+                "webhooks-throughput",
+                10,
+                32,
+                None,
+                duration,
+                events,
+            )
+            .await?;
+            figures.push(figure(
+                "webhooks-throughput",
+                "deliveries to a receiver answering at once",
+                result.deliveries_per_second,
+                "deliveries/s",
+                Some(("HTTP POST to a local receiver", raw_http)),
+            ));
+            details.insert("webhooks-throughput".into(), serde_json::to_value(&result)?);
+        }
+        if wanted("webhooks-latency") {
+            let result = scenarios::webhooks(
+                &platform,
+                "webhooks-latency",
+                1,
+                8,
+                Some(webhook_rate),
+                duration,
+                u64::MAX,
+            )
+            .await?;
+            figures.push(figure(
+                "webhooks-latency",
+                "send→delivery p50",
+                result.latency.p50_ms,
+                "ms",
+                None,
+            ));
+            figures.push(figure(
+                "webhooks-latency",
+                "send→delivery p99",
+                result.latency.p99_ms,
+                "ms",
+                None,
+            ));
+            details.insert("webhooks-latency".into(), serde_json::to_value(&result)?);
+        }
+        if wanted("http-batched") {
+            let result =
+                scenarios::http_ingest(&platform, "http-batched", 8, 100, duration).await?;
+            let copy_rows = result.accepted.clamp(10_000, 5_000_000);
+            let raw_copy = raw::postgres_copy(&servers, &platform.database, copy_rows)
+                .await
+                .context("raw copy")?;
+            figures.push(figure(
+                "raw",
+                "PostgreSQL binary COPY",
+                raw_copy,
+                "rows/s",
+                None,
+            ));
+            figures.push(figure(
+                "http-batched",
+                "readings durable in Postgres (100/request)",
+                result.durable_per_second,
+                "readings/s",
+                Some(("PostgreSQL binary COPY", raw_copy)),
+            ));
+            figures.push(figure(
+                "http-batched",
+                "request latency p99",
+                result.latency.p99_ms,
+                "ms",
+                None,
+            ));
+            details.insert("http-batched".into(), serde_json::to_value(&result)?);
+        }
+        if wanted("http-single") {
+            let result = scenarios::http_ingest(&platform, "http-single", 32, 1, duration).await?;
+            figures.push(figure(
+                "http-single",
+                "requests accepted (1 reading each)",
+                result.accepted_per_second,
+                "req/s",
+                Some(("JetStream publish, acked", raw_jetstream)),
+            ));
+            figures.push(figure(
+                "http-single",
+                "request latency p50",
+                result.latency.p50_ms,
+                "ms",
+                None,
+            ));
+            figures.push(figure(
+                "http-single",
+                "request latency p99",
+                result.latency.p99_ms,
+                "ms",
+                None,
+            ));
+            figures.push(figure(
+                "http-single",
+                "request latency p99.9",
+                result.latency.p999_ms,
+                "ms",
+                None,
+            ));
+            details.insert("http-single".into(), serde_json::to_value(&result)?);
+        }
+        if wanted("mqtt-qos1") {
+            let result =
+                scenarios::mqtt_ingest(&platform, mqtt_devices, mqtt_rate, duration).await?;
+            figures.push(figure(
+                "mqtt-qos1",
+                "messages durable in Postgres",
+                result.durable_per_second,
+                "msg/s",
+                Some(("Mosquitto QoS 1 pub→sub", raw_mqtt_qos1)),
+            ));
+            figures.push(figure(
+                "mqtt-qos1",
+                "messages offered (broker PUBACKs)",
+                result.accepted_per_second,
+                "msg/s",
+                None,
+            ));
+            // Lost = the broker acknowledged them to the device but dropped them before
+            // ingest-mqtt took them (Mosquitto's per-session queue limit). Reported, never hidden.
+            figures.push(figure(
+                "mqtt-qos1",
+                "messages lost at the broker",
+                result.accepted.saturating_sub(result.stored) as f64,
+                "msg",
+                None,
+            ));
+            details.insert("mqtt-qos1".into(), serde_json::to_value(&result)?);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let peak_memory = platform.memory();
+    platform.stop().await?;
+    outcome?;
+
+    let memory: Vec<Value> = idle_memory
+        .iter()
+        .map(|(service, (idle, _))| json!({"service": service, "idle_rss_mib": idle, "peak_rss_mib": peak_memory.get(service).map(|(_, peak)| *peak)}))
+        .collect();
+    let report = json!({
+        "date": started_at.to_rfc3339(),
+        "mode": if args.quick { "quick" } else { "full" },
+        "seconds_per_scenario": seconds,
+        "fieldline": fieldline,
+        "machine": machine(),
+        "figures": figures,
+        "memory": memory,
+        "details": details,
+    });
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        args.out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(args.out.join("report.md"), markdown(&report, &figures))?;
+    eprintln!("report: {}", args.out.join("report.md").display());
+
+    // The harness check of `make test`: every figure was produced.
+    let missing: Vec<_> = figures
+        .iter()
+        .filter(|f| f.unit != "msg" && !(f.value.is_finite() && f.value > 0.0))
+        .map(|f| f.figure)
+        .collect();
+    anyhow::ensure!(
+        !missing.is_empty() || !figures.is_empty(),
+        "no figures produced"
+    );
+    anyhow::ensure!(missing.is_empty(), "figures not produced: {missing:?}");
+    Ok(())
+}
+
+fn markdown(report: &Value, figures: &[Figure]) -> String {
+    let machine = &report["machine"];
+    let mut out = format!(
+        "# Fieldline benchmark\n\n{} run of {}, {} s per scenario, on {} cores / {} GiB ({}); servers on the same machine.\n\n",
+        report["mode"].as_str().unwrap_or_default(),
+        report["date"].as_str().unwrap_or_default(),
+        report["seconds_per_scenario"],
+        machine["cores"],
+        machine["memory_gib"],
+        machine["cpu"].as_str().unwrap_or_default(),
+    );
+    out.push_str("| scenario | figure | value | raw limit | limit | ratio |\n| --- | --- | ---: | --- | ---: | ---: |\n");
+    for f in figures {
+        let limit_value = f
+            .limit_value
+            .map(|v| format!("{v:.0} {}", f.unit))
+            .unwrap_or_default();
+        let ratio = f.ratio.map(|r| format!("{r:.2}")).unwrap_or_default();
+        let precision = if f.unit == "ms" { 2 } else { 0 };
+        out.push_str(&format!(
+            "| {} | {} | {:.*} {} | {} | {} | {} |\n",
+            f.scenario,
+            f.figure,
+            precision,
+            f.value,
+            f.unit,
+            f.limit.unwrap_or(""),
+            limit_value,
+            ratio
+        ));
+    }
+    out.push_str("\n| service | idle RSS (MiB) | peak RSS (MiB) |\n| --- | ---: | ---: |\n");
+    for m in report["memory"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "| {} | {:.1} | {:.1} |\n",
+            m["service"].as_str().unwrap_or_default(),
+            m["idle_rss_mib"].as_f64().unwrap_or(0.0),
+            m["peak_rss_mib"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    out
+}

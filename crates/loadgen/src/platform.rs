@@ -1,0 +1,273 @@
+//! The platform under test: the real `fieldline` binary, one process per service, on its own
+//! database, bus prefix and topic root, so a bench never touches anyone's data.
+
+use std::{
+    collections::BTreeMap,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+pub const SERVICES: [&str; 5] = [
+    "device-registry",
+    "query-api",
+    "webhook-dispatcher",
+    "ingest-http",
+    "ingest-mqtt",
+];
+
+/// Where the servers are.
+#[derive(Debug, Clone)]
+pub struct Servers {
+    /// Without a database name: `postgres://postgres@127.0.0.1:5432`.
+    pub pg_url: String,
+    pub nats_url: String,
+    pub mqtt_host: String,
+    pub mqtt_port: u16,
+}
+
+pub struct Platform {
+    pub id: String,
+    pub database: String,
+    pub admin_key: String,
+    pub servers: Servers,
+    pub http: reqwest::Client,
+    ports: BTreeMap<&'static str, u16>,
+    children: Vec<(&'static str, Child)>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub async fn pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+impl Platform {
+    /// Creates the database and starts every service as its own process.
+    pub async fn start(
+        binary: &str,
+        servers: Servers,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let suffix: String = (0..8)
+            .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+            .collect();
+        let id = format!("b{suffix}");
+        let database = format!("fl_bench_{suffix}");
+        pg(&format!("{}/postgres", servers.pg_url))
+            .await?
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await?;
+        let admin_key = format!("flk_bench_admin_{suffix}_0000");
+        let mut platform = Self {
+            id,
+            database,
+            admin_key,
+            servers,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            ports: BTreeMap::new(),
+            children: Vec::new(),
+        };
+        for service in SERVICES {
+            let port = free_port()?;
+            let child = platform.spawn(binary, service, port, extra_env)?;
+            platform.ports.insert(service, port);
+            platform.children.push((service, child));
+            // The registry first: the others ask it about keys as soon as they serve.
+            if service == "device-registry" {
+                platform.wait_ready(service).await?;
+            }
+        }
+        for service in SERVICES {
+            platform.wait_ready(service).await?;
+        }
+        Ok(platform)
+    }
+
+    fn spawn(
+        &self,
+        binary: &str,
+        service: &str,
+        port: u16,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Child> {
+        let mut command = Command::new(binary);
+        command
+            .args(["serve", "--services", service])
+            .env("FIELDLINE_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "FIELDLINE_DATABASE_URL",
+                format!("{}/{}", self.servers.pg_url, self.database),
+            )
+            .env("FIELDLINE_NATS_URL", &self.servers.nats_url)
+            .env(
+                "FIELDLINE_MQTT_URL",
+                format!(
+                    "mqtt://{}:{}",
+                    self.servers.mqtt_host, self.servers.mqtt_port
+                ),
+            )
+            .env("FIELDLINE_BUS_PREFIX", &self.id)
+            .env("FIELDLINE_MQTT_TOPIC_ROOT", &self.id)
+            .env("FIELDLINE_BOOTSTRAP_ADMIN_KEY", &self.admin_key)
+            .env("FIELDLINE_LOG_LEVEL", "warn")
+            .env("FIELDLINE_LOG_FORMAT", "text")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        command
+            .spawn()
+            .with_context(|| format!("starting {binary} (build it with `cargo build --release`)"))
+    }
+
+    async fn wait_ready(&self, service: &str) -> anyhow::Result<()> {
+        let url = format!("{}/health/ready", self.url(service));
+        for _ in 0..600 {
+            if let Ok(response) = self.http.get(&url).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("{service} did not become ready")
+    }
+
+    pub fn url(&self, service: &str) -> String {
+        format!("http://127.0.0.1:{}", self.ports[service])
+    }
+
+    /// Resident and peak memory of each service process, in MiB (from /proc).
+    pub fn memory(&self) -> BTreeMap<String, (f64, f64)> {
+        self.children
+            .iter()
+            .filter_map(|(service, child)| {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+                let field = |name: &str| {
+                    status
+                        .lines()
+                        .find(|line| line.starts_with(name))
+                        .and_then(|line| line.split_whitespace().nth(1)?.parse::<f64>().ok())
+                        .map(|kib| kib / 1024.0)
+                        .unwrap_or(0.0)
+                };
+                Some(((*service).to_owned(), (field("VmRSS:"), field("VmHWM:"))))
+            })
+            .collect()
+    }
+
+    pub async fn post(&self, service: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.url(service)))
+            .bearer_auth(&self.admin_key)
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("POST {path}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// Registers devices `{prefix}{0..count}`; returns their tokens.
+    pub async fn create_devices(&self, prefix: &str, count: usize) -> anyhow::Result<Vec<String>> {
+        let mut tokens = Vec::with_capacity(count);
+        for index in 0..count {
+            let body = self
+                .post(
+                    "device-registry",
+                    "/api/v1/devices",
+                    &json!({"id": format!("{prefix}{index}")}),
+                )
+                .await?;
+            tokens.push(
+                body["data"]["token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        Ok(tokens)
+    }
+
+    /// Waits until the query-api writer has stored everything published so far.
+    pub async fn wait_durable(&self, timeout: Duration) -> anyhow::Result<()> {
+        let nats = async_nats::connect(&self.servers.nats_url).await?;
+        let jetstream = async_nats::jetstream::new(nats);
+        let subjects = fieldline_proto::Subjects::new(&self.id)?;
+        let mut consumer = jetstream
+            .get_stream(subjects.stream_name(fieldline_proto::Stream::Telemetry))
+            .await?
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                fieldline_proto::consumers::QUERY_WRITER,
+            )
+            .await
+            .map_err(|error| anyhow::anyhow!("query-writer consumer: {error}"))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let info = consumer.info().await?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the writer did not catch up within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops every process (SIGTERM), drops the database and the streams.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        for (_, child) in &self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        for (_, child) in &mut self.children {
+            let _ = child.wait();
+        }
+        self.children.clear();
+        let nats = async_nats::connect(&self.servers.nats_url).await?;
+        let jetstream = async_nats::jetstream::new(nats);
+        let subjects = fieldline_proto::Subjects::new(&self.id)?;
+        for stream in fieldline_proto::Stream::ALL {
+            let _ = jetstream.delete_stream(subjects.stream_name(stream)).await;
+        }
+        pg(&format!("{}/postgres", self.servers.pg_url))
+            .await?
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.database
+            ))
+            .await?;
+        Ok(())
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

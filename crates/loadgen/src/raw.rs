@@ -1,0 +1,210 @@
+//! The machine's raw limits, measured in the same run as the product: what PostgreSQL `COPY`,
+//! Mosquitto and JetStream do with nothing of ours in between.
+
+use std::{
+    pin::pin,
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, TimeZone, Utc};
+use futures::StreamExt;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type};
+
+use crate::{
+    platform::{Servers, pg},
+    receiver::Receiver,
+};
+
+/// Binary `COPY` of `rows` readings (the writer's row shape) into a scratch table with the
+/// readings table's primary key; rows per second.
+pub async fn postgres_copy(servers: &Servers, database: &str, rows: u64) -> anyhow::Result<f64> {
+    let client = pg(&format!("{}/{database}", servers.pg_url)).await?;
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS public.raw_copy;
+             CREATE TABLE public.raw_copy (LIKE telemetry.readings INCLUDING ALL);",
+        )
+        .await?;
+    let started = Instant::now();
+    let sink = client
+        .copy_in("COPY public.raw_copy (project, device_id, ts, metric, value_num, value_bool, value_text) FROM STDIN BINARY")
+        .await?;
+    let types = [
+        Type::TEXT,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::FLOAT8,
+        Type::BOOL,
+        Type::TEXT,
+    ];
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, &types));
+    let base: DateTime<Utc> = Utc
+        .timestamp_opt(1_735_689_600, 0)
+        .single()
+        .unwrap_or_default();
+    let project = "default".to_owned();
+    let metric = "temperature".to_owned();
+    let none_bool: Option<bool> = None;
+    let none_text: Option<String> = None;
+    for index in 0..rows {
+        let device = format!("raw-{}", index % 8);
+        let ts = base + chrono::Duration::milliseconds((index / 8) as i64);
+        let value = Some((index % 400) as f64 / 10.0);
+        writer
+            .as_mut()
+            .write(&[
+                &project, &device, &ts, &metric, &value, &none_bool, &none_text,
+            ])
+            .await?;
+    }
+    writer.finish().await?;
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    client.batch_execute("DROP TABLE public.raw_copy").await?;
+    Ok(rate)
+}
+
+/// Mosquitto publish-to-subscribe: one publisher, one subscriber, `messages` at `qos`;
+/// messages per second received.
+pub async fn mosquitto(
+    servers: &Servers,
+    id: &str,
+    qos: QoS,
+    messages: u64,
+) -> anyhow::Result<f64> {
+    let topic = format!("{id}/raw/{qos:?}");
+    let mut options = MqttOptions::new(
+        format!("{id}-raw-sub"),
+        servers.mqtt_host.clone(),
+        servers.mqtt_port,
+    );
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_inflight(100);
+    let (subscriber, mut sub_loop) = AsyncClient::new(options, 1000);
+    subscriber.subscribe(&topic, qos).await?;
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = sub_loop.poll().await? {
+            break;
+        }
+    }
+    let mut options = MqttOptions::new(
+        format!("{id}-raw-pub"),
+        servers.mqtt_host.clone(),
+        servers.mqtt_port,
+    );
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_inflight(100);
+    let (publisher, mut pub_loop) = AsyncClient::new(options, 1000);
+    tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
+    let started = Instant::now();
+    let payload = br#"{"ts": 1735689600000, "temperature": 21.5}"#.to_vec();
+    // At most WINDOW messages between publisher and subscriber: beyond its per-session queue
+    // (1000 by default) the broker drops, and a drop is not a rate.
+    const WINDOW: u64 = 500;
+    let received_counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = received_counter.clone();
+    let sender = tokio::spawn(async move {
+        for sent in 0..messages {
+            while sent - seen.load(std::sync::atomic::Ordering::Relaxed) >= WINDOW {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            if publisher
+                .publish(&topic, qos, false, payload.clone())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut received = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while received < messages && Instant::now() < deadline {
+        if let Ok(Ok(Event::Incoming(Packet::Publish(_)))) =
+            tokio::time::timeout(Duration::from_secs(5), sub_loop.poll()).await
+        {
+            received += 1;
+            received_counter.store(received, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    sender.abort();
+    anyhow::ensure!(
+        received == messages,
+        "raw mosquitto: {received} of {messages} received"
+    );
+    Ok(received as f64 / started.elapsed().as_secs_f64())
+}
+
+/// JetStream publish with acks, pipelined (as ingest does): messages per second acked.
+pub async fn jetstream(servers: &Servers, id: &str, messages: u64) -> anyhow::Result<f64> {
+    let nats = async_nats::connect(&servers.nats_url).await?;
+    let jetstream = async_nats::jetstream::new(nats);
+    let name = format!("{}_RAW", id.to_ascii_uppercase());
+    let subject = format!("{id}.raw");
+    jetstream
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            max_bytes: 512 << 20,
+            ..Default::default()
+        })
+        .await?;
+    // A typical telemetry batch of one reading, encoded.
+    let payload = bytes::Bytes::from(vec![7u8; 60]);
+    let started = Instant::now();
+    let acks = futures::stream::iter(0..messages)
+        .map(|_| {
+            let jetstream = jetstream.clone();
+            let subject = subject.clone();
+            let payload = payload.clone();
+            async move {
+                jetstream
+                    .publish(subject, payload)
+                    .await?
+                    .await
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from)
+            }
+        })
+        .buffer_unordered(256);
+    let results: Vec<anyhow::Result<()>> = acks.collect().await;
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    jetstream.delete_stream(&name).await?;
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    Ok(rate)
+}
+
+/// HTTP POSTs of an event-sized body to a local receiver that answers at once, 64 at a time:
+/// what one process can deliver with nothing else in the way.
+pub async fn http_posts(requests: u64) -> anyhow::Result<f64> {
+    let receiver = Receiver::start().await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let url = receiver.url("/raw");
+    let body = r#"{"id":"evt_x","event":"device.data","timestamp":"2026-01-01T00:00:00Z","project":"default","device_id":"d","payload":{"readings":[{"metric":"t","ts":"2026-01-01T00:00:00Z","value":1.0}]}}"#;
+    let started = Instant::now();
+    let posts = futures::stream::iter(0..requests)
+        .map(|_| {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                http.post(url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .buffer_unordered(64);
+    let results: Vec<_> = posts.collect().await;
+    let rate = requests as f64 / started.elapsed().as_secs_f64();
+    receiver.stop().await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    Ok(rate)
+}

@@ -1,0 +1,372 @@
+//! The product scenarios: ingest over HTTP (batched and single), over MQTT QoS 1, and
+//! webhook delivery, each measured end to end on the platform under test.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+
+use crate::{
+    platform::Platform,
+    receiver::Receiver,
+    stats::{Latency, Progress, histogram, summarize},
+};
+
+/// Timestamps of generated readings start here (2025-01-01) and never repeat per device.
+const BASE_MS: u64 = 1_735_689_600_000;
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IngestResult {
+    pub accepted: u64,
+    /// Readings in Postgres at the end (equal to `accepted` unless something was lost).
+    pub stored: u64,
+    pub seconds_to_accept: f64,
+    pub seconds_to_durable: f64,
+    pub accepted_per_second: f64,
+    pub durable_per_second: f64,
+    pub latency: Latency,
+}
+
+/// HTTP ingest: `clients` devices each POSTing `per_request` readings in a loop for
+/// `duration`; then waits until the writer has stored all of it.
+pub async fn http_ingest(
+    platform: &Platform,
+    name: &str,
+    clients: usize,
+    per_request: usize,
+    duration: Duration,
+) -> anyhow::Result<IngestResult> {
+    let tokens = platform
+        .create_devices(&format!("{name}-"), clients)
+        .await?;
+    let url = format!("{}/api/v1/ingest", platform.url("ingest-http"));
+    let progress = Progress::start(name, "readings accepted");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for token in tokens {
+        let http = platform.http.clone();
+        let url = url.clone();
+        let counter = progress.counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = histogram();
+            let mut sequence = 0u64;
+            while started.elapsed() < duration {
+                let messages: Vec<Value> = (0..per_request)
+                    .map(|_| {
+                        sequence += 1;
+                        json!({"ts": BASE_MS + sequence, "temperature": (sequence % 400) as f64 / 10.0})
+                    })
+                    .collect();
+                let body = if per_request == 1 { messages[0].clone() } else { Value::Array(messages) };
+                let sent = Instant::now();
+                let response = http.post(&url).bearer_auth(&token).json(&body).send().await;
+                match response {
+                    Ok(response) if response.status().as_u16() == 202 => {
+                        let _ = latencies.record(sent.elapsed().as_micros() as u64);
+                        counter.fetch_add(per_request as u64, Ordering::Relaxed);
+                    }
+                    Ok(response) => anyhow::bail!("ingest answered {}", response.status()),
+                    Err(error) => anyhow::bail!("ingest failed: {error}"),
+                }
+            }
+            Ok(latencies)
+        }));
+    }
+    let mut latencies = histogram();
+    for task in tasks {
+        latencies.add(task.await??)?;
+    }
+    let accepted_after = started.elapsed();
+    let accepted = progress.counter.load(Ordering::Relaxed);
+    drop(progress);
+    platform.wait_durable(Duration::from_secs(600)).await?;
+    let durable_after = started.elapsed();
+    Ok(IngestResult {
+        accepted,
+        stored: accepted,
+        seconds_to_accept: accepted_after.as_secs_f64(),
+        seconds_to_durable: durable_after.as_secs_f64(),
+        accepted_per_second: accepted as f64 / accepted_after.as_secs_f64(),
+        durable_per_second: accepted as f64 / durable_after.as_secs_f64(),
+        latency: summarize(&latencies),
+    })
+}
+
+/// MQTT QoS 1 ingest from `devices` connections, each keeping its in-flight window full for
+/// `duration`; then waits until everything is stored.
+pub async fn mqtt_ingest(
+    platform: &Platform,
+    devices: usize,
+    per_device_rate: u64,
+    duration: Duration,
+) -> anyhow::Result<IngestResult> {
+    platform.create_devices("mqtt-", devices).await?;
+    let progress = Progress::start("mqtt-qos1", "messages acked by the broker");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for index in 0..devices {
+        let (host, port) = (
+            platform.servers.mqtt_host.clone(),
+            platform.servers.mqtt_port,
+        );
+        let topic = format!("{}/default/mqtt-{index}/telemetry", platform.id);
+        let client_id = format!("{}-dev-{index}", platform.id);
+        let counter = progress.counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut options = MqttOptions::new(client_id, host, port);
+            options
+                .set_keep_alive(Duration::from_secs(30))
+                .set_inflight(20);
+            let (client, mut eventloop) = AsyncClient::new(options, 64);
+            let publisher = tokio::spawn(async move {
+                let mut sequence = 0u64;
+                let mut ticker = tokio::time::interval(Duration::from_micros(
+                    1_000_000 / per_device_rate.max(1),
+                ));
+                while started.elapsed() < duration {
+                    ticker.tick().await;
+                    sequence += 1;
+                    let payload = format!(
+                        "{{\"ts\": {}, \"temperature\": {}}}",
+                        BASE_MS + sequence,
+                        sequence % 400
+                    );
+                    if client
+                        .publish(&topic, QoS::AtLeastOnce, false, payload.into_bytes())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                let _ = client.disconnect().await;
+            });
+            let mut acked = 0u64;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acked += 1;
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(_) if publisher.is_finished() => break,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            acked
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        accepted += task.await?;
+    }
+    let accepted_after = started.elapsed();
+    drop(progress);
+    // The broker acked on receipt; wait until ingest-mqtt published all to JetStream and the
+    // writer stored it (or nothing moves any more: the broker dropped what it could not queue).
+    let (stored, stored_after) = wait_rows(platform, "mqtt-", accepted, started).await?;
+    let durable_after = stored_after;
+    Ok(IngestResult {
+        stored,
+        accepted,
+        seconds_to_accept: accepted_after.as_secs_f64(),
+        seconds_to_durable: durable_after.as_secs_f64(),
+        accepted_per_second: accepted as f64 / accepted_after.as_secs_f64(),
+        durable_per_second: stored as f64 / durable_after.as_secs_f64(),
+        latency: summarize(&histogram()),
+    })
+}
+
+/// Waits until `expected` readings of devices `{prefix}*` are in Postgres, or until the count
+/// has not moved for 5 s; returns the count and when it last grew (since `started`).
+async fn wait_rows(
+    platform: &Platform,
+    prefix: &str,
+    expected: u64,
+    started: Instant,
+) -> anyhow::Result<(u64, Duration)> {
+    let client = crate::platform::pg(&format!(
+        "{}/{}",
+        platform.servers.pg_url, platform.database
+    ))
+    .await?;
+    let mut last = (0u64, started.elapsed());
+    loop {
+        let stored: i64 = client
+            .query_one(
+                "SELECT count(*) FROM telemetry.readings WHERE project = 'default' AND device_id LIKE $1 || '%'",
+                &[&prefix],
+            )
+            .await?
+            .get(0);
+        let stored = stored as u64;
+        if stored > last.0 {
+            last = (stored, started.elapsed());
+        }
+        if stored >= expected || started.elapsed() - last.1 > Duration::from_secs(5) {
+            return Ok(last);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WebhookResult {
+    pub events: u64,
+    pub webhooks: usize,
+    pub deliveries: u64,
+    pub deliveries_per_second: f64,
+    /// Send (the device's POST) to delivery at the receiver.
+    pub latency: Latency,
+    pub rate_per_second: Option<u64>,
+}
+
+/// Webhook delivery. With `rate`, one event per request at that rate for `duration`
+/// (latency); without, `max_events` events as fast as `clients` can send them, and the
+/// deliveries per second until the last one lands (throughput). Each event goes to
+/// `webhooks` webhooks.
+pub async fn webhooks(
+    platform: &Platform,
+    name: &str,
+    webhooks: usize,
+    clients: usize,
+    rate: Option<u64>,
+    duration: Duration,
+    max_events: u64,
+) -> anyhow::Result<WebhookResult> {
+    let receiver = Receiver::start().await?;
+    for index in 0..webhooks {
+        platform
+            .post("webhook-dispatcher", "/api/v1/webhooks", &json!({"url": receiver.url(&format!("/{name}/{index}")), "events": ["device.data"]}))
+            .await
+            .context("registering a webhook")?;
+    }
+    let tokens = Arc::new(
+        platform
+            .create_devices(&format!("{name}-"), clients.max(1))
+            .await?,
+    );
+    // Let every dispatcher's webhook cache see the new webhooks.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let url = format!("{}/api/v1/ingest", platform.url("ingest-http"));
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let errors = Arc::new(Mutex::new(None::<String>));
+    let progress = Progress::start(name, "deliveries");
+    let counter = receiver.counter();
+    let watcher = {
+        let counter = counter.clone();
+        let progress_counter = progress.counter.clone();
+        tokio::spawn(async move {
+            loop {
+                progress_counter.store(counter.load(Ordering::Relaxed), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let send_one = {
+        let http = platform.http.clone();
+        let sent = sent.clone();
+        let errors = errors.clone();
+        move |token: String, sequence: u64| {
+            let http = http.clone();
+            let url = url.clone();
+            let sent = sent.clone();
+            let errors = errors.clone();
+            async move {
+                // The value is the send time: the receiver computes the latency from it.
+                let body = json!({"ts": BASE_MS + sequence, "sent_us": now_us() as f64});
+                match http.post(&url).bearer_auth(&token).json(&body).send().await {
+                    Ok(response) if response.status().as_u16() == 202 => {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(response) => {
+                        *errors.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(format!("ingest answered {}", response.status()))
+                    }
+                    Err(error) => {
+                        *errors.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string())
+                    }
+                }
+            }
+        }
+    };
+    match rate {
+        Some(rate) => {
+            let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut sequence = 0u64;
+            let mut in_flight = tokio::task::JoinSet::new();
+            while started.elapsed() < duration {
+                ticker.tick().await;
+                sequence += 1;
+                let token = tokens[(sequence as usize) % tokens.len()].clone();
+                in_flight.spawn(send_one(token, sequence));
+                while in_flight.try_join_next().is_some() {}
+            }
+            while in_flight.join_next().await.is_some() {}
+        }
+        None => {
+            let mut tasks = Vec::new();
+            for (index, token) in tokens.iter().enumerate() {
+                let send_one = send_one.clone();
+                let token = token.clone();
+                let per_client = max_events / clients.max(1) as u64;
+                tasks.push(tokio::spawn(async move {
+                    let mut sequence = (index as u64) << 32;
+                    for _ in 0..per_client {
+                        sequence += 1;
+                        send_one(token.clone(), sequence).await;
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await?;
+            }
+        }
+    }
+    if let Some(error) = errors.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        anyhow::bail!("{name}: {error}");
+    }
+    let events = sent.load(Ordering::Relaxed);
+    let expected = events * webhooks as u64;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while counter.load(Ordering::Relaxed) < expected {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{name}: {} of {expected} deliveries",
+            counter.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = receiver
+        .last_delivery_since(started)
+        .unwrap_or_else(|| started.elapsed());
+    watcher.abort();
+    drop(progress);
+    let result = WebhookResult {
+        events,
+        webhooks,
+        deliveries: counter.load(Ordering::Relaxed),
+        deliveries_per_second: expected as f64 / elapsed.as_secs_f64(),
+        latency: receiver.latency(),
+        rate_per_second: rate,
+    };
+    receiver.stop().await;
+    Ok(result)
+}

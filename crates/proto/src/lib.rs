@@ -1,0 +1,241 @@
+//! The bus contract of Fieldline.
+//!
+//! This crate owns the protobuf types carried on NATS ([`v1`]), the subject builders
+//! ([`Subjects`]) and the JetStream stream definitions ([`Stream`]). No other crate spells a
+//! subject: they all ask a [`Subjects`] built from the configured prefix, which is how parallel
+//! test runs (and several deployments on one NATS) stay apart.
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream;
+
+/// Generated from `proto/fieldline/v1/*.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/fieldline.v1.rs"));
+}
+
+/// The JetStream streams of the platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// `{prefix}.telemetry.>` and `{prefix}.heartbeat.>`.
+    Telemetry,
+    /// `{prefix}.events.>`: device.status, device.alert, config.update.
+    Events,
+    /// `{prefix}.commands.>`: commands and config pushed toward devices.
+    Commands,
+}
+
+impl Stream {
+    /// Every stream, in the order services create them.
+    pub const ALL: [Stream; 3] = [Stream::Telemetry, Stream::Events, Stream::Commands];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Stream::Telemetry => "TELEMETRY",
+            Stream::Events => "EVENTS",
+            Stream::Commands => "COMMANDS",
+        }
+    }
+}
+
+/// Bounds applied to every stream (config, so tests can keep them small).
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    pub max_age: Duration,
+    pub max_bytes: i64,
+    pub duplicate_window: Duration,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 1 << 30,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Durable consumer names: one per consuming service, shared by all its instances (that is
+/// how a service scales out). Spelled here so tools (loadgen) name the same consumer.
+pub mod consumers {
+    /// query-api's writer, on the telemetry stream.
+    pub const QUERY_WRITER: &str = "query-writer";
+    /// webhook-dispatcher's fan-out of telemetry (device.data).
+    pub const WEBHOOK_DATA: &str = "webhook-data";
+    /// webhook-dispatcher's fan-out of device events.
+    pub const WEBHOOK_EVENTS: &str = "webhook-events";
+}
+
+/// Kinds of cache invalidation broadcast on `{prefix}.invalidate.{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidateKind {
+    Keys,
+    Devices,
+    Webhooks,
+}
+
+impl InvalidateKind {
+    fn token(self) -> &'static str {
+        match self {
+            InvalidateKind::Keys => "keys",
+            InvalidateKind::Devices => "devices",
+            InvalidateKind::Webhooks => "webhooks",
+        }
+    }
+}
+
+/// An invalid bus prefix.
+#[derive(Debug, PartialEq, Eq)]
+pub struct InvalidPrefix(pub String);
+
+impl std::fmt::Display for InvalidPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "bus prefix {:?} is invalid: use 1 to 32 characters of [a-z0-9_]",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidPrefix {}
+
+/// Builds every subject and stream name from one prefix (default `fl`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    /// The prefix is one subject token: lowercase letters, digits and `_`.
+    pub fn new(prefix: &str) -> Result<Self, InvalidPrefix> {
+        let valid = !prefix.is_empty()
+            && prefix.len() <= 32
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if valid {
+            Ok(Self {
+                prefix: prefix.to_owned(),
+            })
+        } else {
+            Err(InvalidPrefix(prefix.to_owned()))
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `{prefix}.telemetry.{project}.{device}`
+    pub fn telemetry(&self, project: &str, device_id: &str) -> String {
+        format!("{}.telemetry.{project}.{device_id}", self.prefix)
+    }
+
+    /// Every telemetry subject: the filter of the telemetry consumers.
+    pub fn telemetry_all(&self) -> String {
+        format!("{}.telemetry.>", self.prefix)
+    }
+
+    /// `{prefix}.heartbeat.{project}.{device}`
+    pub fn heartbeat(&self, project: &str, device_id: &str) -> String {
+        format!("{}.heartbeat.{project}.{device_id}", self.prefix)
+    }
+
+    pub fn heartbeat_all(&self) -> String {
+        format!("{}.heartbeat.>", self.prefix)
+    }
+
+    /// `{prefix}.events.{project}.{type}.{device}`, type one of `alert`, `status`, `config`.
+    pub fn event(&self, project: &str, event_type: &str, device_id: &str) -> String {
+        format!("{}.events.{project}.{event_type}.{device_id}", self.prefix)
+    }
+
+    pub fn events_all(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+
+    /// `{prefix}.commands.{project}.{device}`
+    pub fn commands(&self, project: &str, device_id: &str) -> String {
+        format!("{}.commands.{project}.{device_id}", self.prefix)
+    }
+
+    pub fn commands_all(&self) -> String {
+        format!("{}.commands.>", self.prefix)
+    }
+
+    /// Request/reply: API key or device token to principal.
+    pub fn rpc_auth_verify(&self) -> String {
+        format!("{}.rpc.auth.verify", self.prefix)
+    }
+
+    /// Request/reply: does this device exist in this project.
+    pub fn rpc_auth_device(&self) -> String {
+        format!("{}.rpc.auth.device", self.prefix)
+    }
+
+    /// Broadcast cache invalidation.
+    pub fn invalidate(&self, kind: InvalidateKind) -> String {
+        format!("{}.invalidate.{}", self.prefix, kind.token())
+    }
+
+    /// `FL_TELEMETRY` for the prefix `fl`.
+    pub fn stream_name(&self, stream: Stream) -> String {
+        format!("{}_{}", self.prefix.to_ascii_uppercase(), stream.suffix())
+    }
+
+    /// The full definition of a stream: file storage, bounded by age and bytes, with a
+    /// duplicate window on `Nats-Msg-Id`.
+    pub fn stream_config(&self, stream: Stream, limits: StreamLimits) -> stream::Config {
+        let subjects = match stream {
+            Stream::Telemetry => vec![self.telemetry_all(), self.heartbeat_all()],
+            Stream::Events => vec![self.events_all()],
+            Stream::Commands => vec![self.commands_all()],
+        };
+        stream::Config {
+            name: self.stream_name(stream),
+            subjects,
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            max_age: limits.max_age,
+            max_bytes: limits.max_bytes,
+            duplicate_window: limits.duplicate_window,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_follow_the_contract() {
+        let subjects = Subjects::new("fl").unwrap();
+        assert_eq!(
+            subjects.telemetry("default", "esp32-1"),
+            "fl.telemetry.default.esp32-1"
+        );
+        assert_eq!(subjects.event("p", "status", "d"), "fl.events.p.status.d");
+        assert_eq!(subjects.rpc_auth_verify(), "fl.rpc.auth.verify");
+        assert_eq!(
+            subjects.invalidate(InvalidateKind::Keys),
+            "fl.invalidate.keys"
+        );
+        assert_eq!(subjects.stream_name(Stream::Telemetry), "FL_TELEMETRY");
+        assert_eq!(
+            Subjects::new("t_1").unwrap().stream_name(Stream::Events),
+            "T_1_EVENTS"
+        );
+    }
+
+    #[test]
+    fn prefixes_that_would_break_subjects_are_refused() {
+        for bad in ["", "a.b", "a-b", "A", "x>", "a b", &"x".repeat(33)] {
+            assert!(Subjects::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,7 @@
+pub mod readings;
+
+use actix_web::web;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    readings::configure(cfg);
+}

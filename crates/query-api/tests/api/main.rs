@@ -1,0 +1,63 @@
+//! query-api against the real PostgreSQL and NATS: batches are published to JetStream the way
+//! the ingest services publish them, and read back over HTTP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod readings;
+mod writer;
+
+use fieldline_proto::v1::{Reading, TelemetryBatch, reading};
+use fieldline_testkit::{TestApp, TestEnv};
+use prost::Message;
+
+pub async fn spawn_query() -> TestApp {
+    TestApp::spawn(TestEnv::new().await, |context| async move {
+        Ok(vec![
+            device_registry::start(&context).await?,
+            query_api::start(&context).await?,
+        ])
+    })
+    .await
+}
+
+pub fn number(metric: &str, ts_us: i64, value: f64) -> Reading {
+    Reading {
+        metric: metric.into(),
+        ts_us,
+        value: Some(reading::Value::Number(value)),
+    }
+}
+
+/// Publishes a batch to the test's telemetry subject and waits for JetStream's ack.
+pub async fn publish(app: &TestApp, project: &str, device_id: &str, readings: Vec<Reading>) {
+    let batch = TelemetryBatch {
+        project: project.into(),
+        device_id: device_id.into(),
+        readings,
+        received_at_us: 0,
+        source: "test".into(),
+        message_id: String::new(),
+    };
+    let subject = app.context.subjects.telemetry(project, device_id);
+    app.context
+        .jetstream
+        .publish(subject, batch.encode_to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Rows stored for a device.
+pub async fn stored(app: &TestApp, device_id: &str) -> i64 {
+    app.env
+        .pg()
+        .await
+        .query_one(
+            "SELECT count(*) FROM telemetry.readings WHERE device_id = $1",
+            &[&device_id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

@@ -1,0 +1,421 @@
+//! The test harness of every crate: each test gets its own database, bus prefix and MQTT topic
+//! root on the real servers, its services on a random port, and typed HTTP helpers.
+//!
+//! Servers default to this machine's (`127.0.0.1`); `FIELDLINE_TEST_PG_URL`,
+//! `FIELDLINE_TEST_NATS_URL` and `FIELDLINE_TEST_MQTT_URL` point elsewhere.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod receiver;
+pub mod servers;
+
+use std::{future::Future, time::Duration};
+
+use fieldline_common::{
+    Config, Context, Service,
+    config::LogFormat,
+    service::{HttpListener, serve_http},
+};
+use fieldline_proto::Stream;
+use rand::{Rng, distr::Alphanumeric};
+use reqwest::{Method, StatusCode};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// A lowercase random suffix, unique per test.
+pub fn unique_suffix() -> String {
+    rand::rng()
+        .sample_iter(Alphanumeric)
+        .take(10)
+        .map(|c| char::from(c).to_ascii_lowercase())
+        .collect()
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("FIELDLINE_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub fn nats_url() -> String {
+    std::env::var("FIELDLINE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+pub fn mqtt_url() -> String {
+    std::env::var("FIELDLINE_TEST_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into())
+}
+
+async fn pg_admin() -> tokio_postgres::Client {
+    let url = format!("{}/postgres", pg_admin_url());
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|error| {
+            panic!("PostgreSQL at {url} is required for tests ({error}); run `make test`")
+        });
+    tokio::spawn(connection);
+    client
+}
+
+/// One test's isolated slice of the real servers.
+#[derive(Clone, Debug)]
+pub struct TestEnv {
+    /// Also the bus prefix and the MQTT topic root.
+    pub id: String,
+    pub database: String,
+    pub database_url: String,
+    pub admin_key: String,
+}
+
+impl TestEnv {
+    /// Creates an empty database `fl_test_<id>`.
+    pub async fn new() -> Self {
+        let id = format!("t{}", unique_suffix());
+        let database = format!("fl_test_{id}");
+        pg_admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+        Self {
+            database_url: format!("{}/{database}", pg_admin_url()),
+            database,
+            admin_key: format!("flk_test_admin_{}", unique_suffix()),
+            id,
+        }
+    }
+
+    /// The configuration a service of this test runs with; `FIELDLINE_*` variables name the
+    /// same fields for the binary.
+    pub fn config(&self) -> Config {
+        Config {
+            http_addr: "127.0.0.1:0".into(),
+            http_workers: 1,
+            database_url: SecretString::from(self.database_url.clone()),
+            database_pool_size: 4,
+            nats_url: nats_url(),
+            mqtt_url: mqtt_url(),
+            mqtt_topic_root: self.id.clone(),
+            bus_prefix: self.id.clone(),
+            log_format: LogFormat::Text,
+            log_level: std::env::var("FIELDLINE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            bootstrap_admin_key: Some(SecretString::from(self.admin_key.clone())),
+            stream_max_bytes: 64 << 20,
+            ..Config::default()
+        }
+    }
+
+    /// The same settings as environment variables, for starting the `fieldline` binary.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        vec![
+            ("FIELDLINE_DATABASE_URL".into(), self.database_url.clone()),
+            ("FIELDLINE_NATS_URL".into(), nats_url()),
+            ("FIELDLINE_MQTT_URL".into(), mqtt_url()),
+            ("FIELDLINE_BUS_PREFIX".into(), self.id.clone()),
+            ("FIELDLINE_MQTT_TOPIC_ROOT".into(), self.id.clone()),
+            (
+                "FIELDLINE_BOOTSTRAP_ADMIN_KEY".into(),
+                self.admin_key.clone(),
+            ),
+            (
+                "FIELDLINE_STREAM_MAX_BYTES".into(),
+                (64u64 << 20).to_string(),
+            ),
+            ("FIELDLINE_HTTP_WORKERS".into(), "1".into()),
+            // Test receivers listen on loopback.
+            ("FIELDLINE_WEBHOOK_ALLOW_PRIVATE".into(), "true".into()),
+            ("FIELDLINE_WEBHOOK_POLL_INTERVAL".into(), "100ms".into()),
+            ("FIELDLINE_LOG_FORMAT".into(), "text".into()),
+            (
+                "FIELDLINE_LOG_LEVEL".into(),
+                std::env::var("FIELDLINE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
+        ]
+    }
+
+    /// A plain NATS client on the same server, for asserting what is on the bus.
+    pub async fn nats(&self) -> async_nats::Client {
+        async_nats::connect(nats_url()).await.unwrap()
+    }
+
+    /// A direct connection to the test's database, for asserting what is stored.
+    pub async fn pg(&self) -> tokio_postgres::Client {
+        let (client, connection) =
+            tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Ends ingest-mqtt's persistent session on the shared broker (a clean-session connect
+    /// with its client id), so finished tests leave no session behind.
+    async fn end_mqtt_sessions(&self) {
+        let config = self.config();
+        let (host, port) = config.mqtt_host_port();
+        for client_id in [
+            config.ingest_mqtt_client_id(),
+            format!("{}-ingest", self.id),
+        ] {
+            let mut options = rumqttc::MqttOptions::new(client_id, host.clone(), port);
+            options.set_clean_session(true);
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 4);
+            let connected = tokio::time::timeout(Duration::from_secs(2), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return true,
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .await;
+            if connected == Ok(true) {
+                let _ = client.disconnect().await;
+                let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+            }
+        }
+    }
+
+    /// Drops the database and the test's streams and MQTT sessions.
+    pub async fn cleanup(&self) {
+        self.end_mqtt_sessions().await;
+        let jetstream = async_nats::jetstream::new(self.nats().await);
+        let subjects = fieldline_proto::Subjects::new(&self.id).unwrap();
+        for stream in Stream::ALL {
+            let _ = jetstream.delete_stream(subjects.stream_name(stream)).await;
+        }
+        let _ = pg_admin()
+            .await
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.database
+            ))
+            .await;
+    }
+}
+
+/// Services of one test, started in this process on a random port.
+pub struct TestApp {
+    pub env: TestEnv,
+    pub context: Context,
+    pub base_url: String,
+    pub http: reqwest::Client,
+    listener: Option<HttpListener>,
+}
+
+impl TestApp {
+    /// Starts the services that `start` builds, sharing one listener, as `fieldline serve`
+    /// does.
+    pub async fn spawn<F, Fut>(env: TestEnv, start: F) -> Self
+    where
+        F: FnOnce(Context) -> Fut,
+        Fut: Future<Output = anyhow::Result<Vec<Service>>>,
+    {
+        Self::spawn_with(env, |config| config, start).await
+    }
+
+    /// Like [`TestApp::spawn`] with a config tweak.
+    pub async fn spawn_with<F, Fut>(
+        env: TestEnv,
+        tweak: impl FnOnce(Config) -> Config,
+        start: F,
+    ) -> Self
+    where
+        F: FnOnce(Context) -> Fut,
+        Fut: Future<Output = anyhow::Result<Vec<Service>>>,
+    {
+        let config = tweak(env.config());
+        fieldline_common::telemetry::init_tracing(&config);
+        let context = Context::connect(config, CancellationToken::new())
+            .await
+            .unwrap();
+        let services = start(context.clone()).await.unwrap();
+        let listener = serve_http(&context, &services).unwrap();
+        Self {
+            base_url: format!("http://{}", listener.addr),
+            env,
+            context,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            listener: Some(listener),
+        }
+    }
+
+    pub fn admin_key(&self) -> &str {
+        &self.env.admin_key
+    }
+
+    /// Sends a request with an optional bearer credential and JSON body; returns the status
+    /// and the parsed body (`Value::Null` when empty or not JSON).
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        credential: Option<&str>,
+        body: Option<&Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base_url));
+        if let Some(credential) = credential {
+            request = request.bearer_auth(credential);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        read(response).await
+    }
+
+    pub async fn get(&self, path: &str, credential: &str) -> (StatusCode, Value) {
+        self.request(Method::GET, path, Some(credential), None)
+            .await
+    }
+
+    pub async fn post(&self, path: &str, credential: &str, body: &Value) -> (StatusCode, Value) {
+        self.request(Method::POST, path, Some(credential), Some(body))
+            .await
+    }
+
+    /// POSTs raw bytes with a content type (malformed JSON, other media types).
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        credential: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .bearer_auth(credential)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        read(response).await
+    }
+
+    pub async fn delete(&self, path: &str, credential: &str) -> (StatusCode, Value) {
+        self.request(Method::DELETE, path, Some(credential), None)
+            .await
+    }
+
+    /// Creates a device with the admin key; returns its token.
+    pub async fn create_device(&self, id: &str) -> String {
+        let (status, body) = self
+            .post("/api/v1/devices", self.admin_key(), &json!({"id": id}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["data"]["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates an API key with the given scopes; returns (id, secret).
+    pub async fn create_key(&self, scopes: &[&str]) -> (String, String) {
+        let (status, body) = self
+            .post(
+                "/api/v1/keys",
+                self.admin_key(),
+                &json!({"name": "test", "scopes": scopes}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        (
+            body["data"]["id"].as_str().unwrap().to_owned(),
+            body["data"]["secret"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Every telemetry batch now in the test's telemetry stream, with its subject.
+    pub async fn telemetry_batches(&self) -> Vec<(String, fieldline_proto::v1::TelemetryBatch)> {
+        let filter = self.context.subjects.telemetry_all();
+        self.stream_messages(Stream::Telemetry, filter.trim_end_matches('>'))
+            .await
+    }
+
+    /// Every heartbeat now in the test's telemetry stream, with its subject.
+    pub async fn heartbeats(&self) -> Vec<(String, fieldline_proto::v1::Heartbeat)> {
+        let filter = self.context.subjects.heartbeat_all();
+        self.stream_messages(Stream::Telemetry, filter.trim_end_matches('>'))
+            .await
+    }
+
+    /// Every message now in one of the test's streams whose subject starts with
+    /// `subject_prefix`, decoded as `T`, with its subject.
+    pub async fn stream_messages<T: prost::Message + Default>(
+        &self,
+        stream: Stream,
+        subject_prefix: &str,
+    ) -> Vec<(String, T)> {
+        let name = self.context.subjects.stream_name(stream);
+        let mut handle = self.context.jetstream.get_stream(name).await.unwrap();
+        let state = handle.info().await.unwrap().state.clone();
+        let mut messages = Vec::new();
+        if state.messages == 0 {
+            return messages;
+        }
+        for sequence in state.first_sequence..=state.last_sequence {
+            if let Ok(message) = handle.get_raw_message(sequence).await {
+                if !message.subject.starts_with(subject_prefix) {
+                    continue;
+                }
+                let decoded = T::decode(message.payload.as_ref()).unwrap();
+                messages.push((message.subject.to_string(), decoded));
+            }
+        }
+        messages
+    }
+
+    /// Stops the services and drops the test's database and streams.
+    pub async fn shutdown(self) {
+        let env = self.stop().await;
+        env.cleanup().await;
+    }
+
+    /// Stops the services, keeping the database and streams (to start them again).
+    pub async fn stop(mut self) -> TestEnv {
+        self.context.shutdown.cancel();
+        if let Some(listener) = self.listener.take() {
+            listener.stop().await;
+        }
+        self.context.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.context.tasks.wait()).await;
+        self.env.clone()
+    }
+}
+
+/// Status and JSON body of a response.
+pub async fn read(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts the error envelope: status, `error.code` and `error.reason`.
+pub fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, reason: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["status"], "error", "{body}");
+    assert_eq!(body["error"]["code"], expected.as_u16(), "{body}");
+    assert_eq!(body["error"]["reason"], reason, "{body}");
+}

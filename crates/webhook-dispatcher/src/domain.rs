@@ -1,0 +1,297 @@
+//! Webhook types that parse and validate at the edge.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use fieldline_common::{ApiError, ids::DeviceId, time::format_rfc3339};
+use serde::{Deserialize, Serialize};
+
+/// Events a webhook can subscribe to.
+pub const EVENT_TYPES: [&str; 4] = [
+    "device.data",
+    "device.alert",
+    "device.status",
+    "config.update",
+];
+/// The event `POST …/test` sends.
+pub const TEST_EVENT: &str = "webhook.test";
+const MAX_HEADERS: usize = 20;
+const MAX_DEVICE_IDS: usize = 1000;
+/// Headers a webhook cannot set: ours, or the transport's.
+const RESERVED_HEADERS: [&str; 9] = [
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "x-webhook-signature",
+];
+
+/// `POST /api/v1/webhooks` (and each element of the device-scoped array).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookIn {
+    pub name: Option<String>,
+    pub url: String,
+    pub events: Option<Vec<String>>,
+    pub device_ids: Option<Vec<String>>,
+    pub group: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub secret: Option<String>,
+    pub enabled: Option<bool>,
+}
+
+/// A webhook ready to store (its URL is checked separately, it needs DNS).
+#[derive(Debug, Clone)]
+pub struct NewWebhook {
+    pub name: Option<String>,
+    pub url: String,
+    pub events: Vec<String>,
+    pub device_ids: Vec<String>,
+    pub group: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub metadata: serde_json::Value,
+    pub secret: Option<String>,
+    pub enabled: bool,
+}
+
+fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request("invalid_field", format!("{field}: {message}"))
+}
+
+pub fn parse_events(events: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
+    let Some(events) = events else {
+        return Ok(EVENT_TYPES
+            .iter()
+            .map(|event| (*event).to_owned())
+            .collect());
+    };
+    if events.is_empty() {
+        return Err(invalid("events", "at least one event"));
+    }
+    let mut unique = Vec::new();
+    for (index, event) in events.into_iter().enumerate() {
+        if !EVENT_TYPES.contains(&event.as_str()) {
+            return Err(invalid(
+                &format!("events[{index}]"),
+                format!("{event:?} is not one of {}", EVENT_TYPES.join(", ")),
+            ));
+        }
+        if !unique.contains(&event) {
+            unique.push(event);
+        }
+    }
+    Ok(unique)
+}
+
+fn parse_headers(headers: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, ApiError> {
+    if headers.len() > MAX_HEADERS {
+        return Err(invalid("headers", format!("at most {MAX_HEADERS}")));
+    }
+    for (name, value) in &headers {
+        let field = format!("headers.{name}");
+        if actix_web::http::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(invalid(&field, "not a valid header name"));
+        }
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str())
+            || name.to_ascii_lowercase().starts_with("webhook-")
+        {
+            return Err(invalid(&field, "is set by Fieldline"));
+        }
+        if actix_web::http::header::HeaderValue::from_str(value).is_err() || value.len() > 4096 {
+            return Err(invalid(&field, "not a valid header value"));
+        }
+    }
+    Ok(headers)
+}
+
+pub fn parse_secret(secret: Option<String>) -> Result<Option<String>, ApiError> {
+    match secret {
+        Some(secret) if secret.len() < 16 || secret.len() > 256 => {
+            Err(invalid("secret", "16 to 256 characters"))
+        }
+        Some(secret) if secret.chars().any(char::is_control) => {
+            Err(invalid("secret", "no control characters"))
+        }
+        other => Ok(other),
+    }
+}
+
+pub fn parse_group(group: Option<String>) -> Result<Option<String>, ApiError> {
+    if let Some(group) = &group
+        && (group.is_empty()
+            || group.len() > 64
+            || !group
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')))
+    {
+        return Err(invalid("group", "1 to 64 of [A-Za-z0-9_.-]"));
+    }
+    Ok(group)
+}
+
+impl WebhookIn {
+    pub fn parse(self) -> Result<NewWebhook, ApiError> {
+        if let Some(name) = &self.name
+            && name.chars().count() > 200
+        {
+            return Err(invalid("name", "at most 200 characters"));
+        }
+        let device_ids = self.device_ids.unwrap_or_default();
+        if device_ids.len() > MAX_DEVICE_IDS {
+            return Err(invalid("device_ids", format!("at most {MAX_DEVICE_IDS}")));
+        }
+        for (index, id) in device_ids.iter().enumerate() {
+            DeviceId::parse(id)
+                .map_err(|error| invalid(&format!("device_ids[{index}]"), error.message))?;
+        }
+        let metadata = serde_json::Value::Object(self.metadata.unwrap_or_default());
+        if metadata.to_string().len() > 16 * 1024 {
+            return Err(invalid("metadata", "at most 16 KiB of JSON"));
+        }
+        Ok(NewWebhook {
+            name: self.name,
+            url: self.url,
+            events: parse_events(self.events)?,
+            device_ids,
+            group: parse_group(self.group)?,
+            headers: parse_headers(self.headers.unwrap_or_default())?,
+            metadata,
+            secret: parse_secret(self.secret)?,
+            enabled: self.enabled.unwrap_or(true),
+        })
+    }
+}
+
+/// A webhook as the API shows it (no secret, but on create).
+#[derive(Debug, Clone, Serialize)]
+pub struct WebhookOut {
+    pub id: String,
+    pub project: String,
+    pub name: Option<String>,
+    pub url: String,
+    pub events: Vec<String>,
+    pub device_ids: Vec<String>,
+    pub group: Option<String>,
+    pub headers: serde_json::Value,
+    pub metadata: serde_json::Value,
+    pub enabled: bool,
+    pub disabled_reason: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl WebhookOut {
+    /// The JSON merge patch base: the fields PATCH may change.
+    pub fn as_patchable(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name, "url": self.url, "events": self.events,
+            "device_ids": self.device_ids, "group": self.group, "headers": self.headers,
+            "metadata": self.metadata, "enabled": self.enabled,
+        })
+    }
+}
+
+/// `POST /api/v1/webhooks` answers the webhook and its secret, once.
+#[derive(Debug, Serialize)]
+pub struct WebhookCreated {
+    #[serde(flatten)]
+    pub webhook: WebhookOut,
+    pub secret: String,
+}
+
+/// The body every delivery POSTs.
+#[derive(Debug, Serialize)]
+pub struct EventBody<'a> {
+    pub id: &'a str,
+    pub event: &'a str,
+    pub timestamp: String,
+    pub project: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<&'a str>,
+    pub payload: &'a serde_json::Value,
+}
+
+impl EventBody<'_> {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+pub fn rfc3339(time: DateTime<Utc>) -> String {
+    format_rfc3339(&time)
+}
+
+/// What a delivery attempt came to.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptOut {
+    pub attempted_at: String,
+    pub status_code: Option<i32>,
+    pub latency_ms: i32,
+    pub error: Option<String>,
+    pub response: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryOut {
+    pub id: String,
+    pub webhook_id: String,
+    pub event_id: String,
+    pub event: String,
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: Option<String>,
+    pub last_status_code: Option<i32>,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub completed_at: Option<String>,
+    pub attempt_log: Vec<AttemptOut>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: serde_json::Value) -> Result<NewWebhook, ApiError> {
+        serde_json::from_value::<WebhookIn>(json).unwrap().parse()
+    }
+
+    #[test]
+    fn defaults_and_errors_name_the_field() {
+        let webhook = parse(serde_json::json!({"url": "https://example.com/hook"})).unwrap();
+        assert_eq!(webhook.events.len(), 4);
+        assert!(webhook.enabled);
+        for (body, field) in [
+            (
+                serde_json::json!({"url": "x", "events": ["device.data", "nope"]}),
+                "events[1]",
+            ),
+            (serde_json::json!({"url": "x", "events": []}), "events"),
+            (
+                serde_json::json!({"url": "x", "device_ids": ["ok", "n o"]}),
+                "device_ids[1]",
+            ),
+            (
+                serde_json::json!({"url": "x", "headers": {"webhook-id": "x"}}),
+                "headers.webhook-id",
+            ),
+            (
+                serde_json::json!({"url": "x", "headers": {"Bad Name": "x"}}),
+                "headers.Bad Name",
+            ),
+            (serde_json::json!({"url": "x", "secret": "short"}), "secret"),
+            (serde_json::json!({"url": "x", "group": "a b"}), "group"),
+        ] {
+            let error = parse(body.clone()).unwrap_err();
+            assert!(
+                error.message.starts_with(&format!("{field}:")),
+                "{body}: {}",
+                error.message
+            );
+        }
+    }
+}

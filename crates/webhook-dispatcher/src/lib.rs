@@ -1,0 +1,81 @@
+//! webhook-dispatcher: third parties register webhooks and receive signed events
+//! (`device.data`, `device.alert`, `device.status`, `config.update`) with durable retries,
+//! auto-disable, delivery logs and replay.
+
+mod dispatcher;
+mod domain;
+mod fanout;
+mod repo;
+mod routes;
+pub mod signing;
+mod ssrf;
+
+use std::sync::Arc;
+
+use actix_web::web;
+use fieldline_common::{Context, Service};
+
+pub use crate::fanout::{DATA_CONSUMER, EVENTS_CONSUMER};
+use crate::{dispatcher::Dispatcher, fanout::Targets, repo::Repo};
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+pub(crate) struct State {
+    pub repo: Repo,
+    pub context: Context,
+    pub dispatcher: Arc<Dispatcher>,
+}
+
+impl State {
+    /// A webhook of `project` changed: drop cached webhook sets here and, over the bus, in
+    /// every other dispatcher.
+    pub async fn changed(&self, project: &str, webhook_id: &str) {
+        self.dispatcher.broadcast_change(project, webhook_id).await;
+    }
+}
+
+/// Migrates the `webhooks` schema, starts fan-out and the delivery loop, returns the routes.
+pub async fn start(context: &Context) -> anyhow::Result<Service> {
+    let pool = context.db().await?;
+    fieldline_common::db::migrate(&pool, "webhooks", embedded::migrations::runner()).await?;
+    let repo = Repo::new(pool);
+    let targets = Targets::new(repo.clone(), context.config.auth_cache_ttl);
+    let dispatcher = Dispatcher::new(context, repo.clone(), targets.clone())?;
+    targets.listen(context).await?;
+    fanout::start(context, repo.clone(), targets.clone(), dispatcher.clone()).await?;
+    context.tasks.spawn(dispatcher.clone().run());
+    context.tasks.spawn(dispatcher.clone().record());
+    context
+        .tasks
+        .spawn(report_queue_depth(context.clone(), repo.clone()));
+
+    let state = web::Data::new(State {
+        repo,
+        context: context.clone(),
+        dispatcher,
+    });
+    let routes = Arc::new(move |cfg: &mut web::ServiceConfig| {
+        cfg.app_data(state.clone());
+        routes::configure(cfg);
+    });
+    Ok(Service {
+        name: "webhook-dispatcher",
+        routes: Some(routes),
+        ready: None,
+    })
+}
+
+/// `fieldline_webhook_queue_depth`: deliveries waiting, every 5 s.
+async fn report_queue_depth(context: Context, repo: Repo) {
+    loop {
+        if let Ok(depth) = repo.pending_count().await {
+            metrics::gauge!("fieldline_webhook_queue_depth").set(depth as f64);
+        }
+        tokio::select! {
+            _ = context.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! EdgeSense-compatible aliases: `POST /api/webhooks/register`, `GET /api/webhooks`,
+//! `DELETE /api/webhooks/{id}`. Same keys, scopes and project isolation as `/api/v1`.
+
+use actix_web::{HttpResponse, web};
+use fieldline_common::{
+    ApiError,
+    auth::{ApiKey, ScopeLevel},
+    envelope,
+    extract::Json,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{
+    State,
+    domain::WebhookIn,
+    repo::WebhookFilter,
+    routes::webhooks::{create_webhook, delete_webhook},
+};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/api/webhooks/register").route(web::post().to(register)))
+        .service(web::resource("/api/webhooks").route(web::get().to(list)))
+        .service(web::resource("/api/webhooks/{id}").route(web::delete().to(delete)));
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterIn {
+    url: String,
+    events: Option<Vec<String>>,
+    secret: Option<String>,
+}
+
+/// Answers EdgeSense's shape: `{"webhookId": "...", "status": "registered"}`.
+async fn register(
+    state: web::Data<State>,
+    key: ApiKey,
+    Json(body): Json<RegisterIn>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Admin)?;
+    let webhook = WebhookIn {
+        name: None,
+        url: body.url,
+        events: body.events,
+        device_ids: None,
+        group: None,
+        headers: None,
+        metadata: None,
+        secret: body.secret,
+        enabled: None,
+    }
+    .parse()?;
+    let created = create_webhook(&state, &principal.project, webhook).await?;
+    Ok(HttpResponse::Created()
+        .json(json!({"webhookId": created.webhook.id, "status": "registered"})))
+}
+
+async fn list(state: web::Data<State>, key: ApiKey) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Read)?;
+    let rows = state
+        .repo
+        .list_webhooks(&principal.project, &WebhookFilter::default(), None, 1000)
+        .await?;
+    let webhooks: Vec<_> = rows
+        .into_iter()
+        .map(|(webhook, _)| json!({"webhookId": webhook.id, "url": webhook.url, "events": webhook.events, "enabled": webhook.enabled}))
+        .collect();
+    Ok(envelope::ok(&webhooks))
+}
+
+async fn delete(
+    state: web::Data<State>,
+    key: ApiKey,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Admin)?;
+    delete_webhook(&state, &principal.project, &path).await?;
+    Ok(HttpResponse::Ok().json(json!({"webhookId": path.as_str(), "status": "deleted"})))
+}

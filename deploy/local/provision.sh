@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Make sure PostgreSQL, NATS (JetStream) and Mosquitto run on this machine as plain
+# local processes (no systemd, no docker), then make sure the Fieldline database exists.
+# Used by `make run` and `make test`. Idempotent: when all three ports answer it is a
+# quick no-op. Debian/Ubuntu only (apt-get, pg_ctlcluster, start-stop-daemon).
+#
+# Env: FIELDLINE_PG_DB  database to create (default: fieldline)
+set -euo pipefail
+
+PG_DB="${FIELDLINE_PG_DB:-fieldline}"
+# The name goes into SQL below; allow only plain identifiers.
+[[ $PG_DB =~ ^[A-Za-z_][A-Za-z0-9_]{0,62}$ ]] || { echo "provision: bad FIELDLINE_PG_DB '$PG_DB'" >&2; exit 1; }
+PG_LOG_DIR=/var/log/postgresql
+NATS_STORE=/var/lib/nats-server
+NATS_LOG=/var/log/nats-server.log
+MQTT_CONF=/etc/mosquitto/mosquitto.conf
+MQTT_LOG=/var/log/mosquitto/mosquitto.log
+WAIT_SECS=30
+
+say() { printf 'provision: %s\n' "$*"; }
+die() { printf 'provision: ERROR: %s\n' "$*" >&2; exit 1; }
+
+# Root runs commands directly; otherwise use sudo if there is one. Without either we
+# can still succeed as long as nothing needs installing or starting.
+SUDO=()
+if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then SUDO=(sudo); fi
+can_admin() { [[ $(id -u) -eq 0 || ${#SUDO[@]} -gt 0 ]]; }
+
+# A TCP connect through bash's /dev/tcp; `timeout` guards against a filtered port hanging.
+port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+pkg_installed() {
+    [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]
+}
+
+# apt-get update runs at most once per invocation, and only when something is missing.
+APT_UPDATED=0
+apt_install() {
+    can_admin || die "need to install $* but not root and no sudo; install it by hand: apt-get install $*"
+    command -v apt-get >/dev/null 2>&1 || die "need to install $* but apt-get is not available"
+    if [[ $APT_UPDATED -eq 0 ]]; then
+        say "apt-get update"
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+            || die "apt-get update failed"
+        APT_UPDATED=1
+    fi
+    say "installing $*"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null \
+        || die "apt-get install $* failed"
+}
+
+ensure_pkg() { pkg_installed "$1" || apt_install "$1"; }
+
+# Client tools: check for the commands rather than the meta package, since e.g.
+# postgresql-client-15 alone already provides psql.
+ensure_cmd() { # ensure_cmd <package> <command>...
+    local pkg=$1 c; shift
+    for c in "$@"; do command -v "$c" >/dev/null 2>&1 || { apt_install "$pkg"; return; }; done
+}
+
+wait_for() { # wait_for <name> <log> <check command...>
+    local name=$1 log=$2 i; shift 2
+    for ((i = 0; i < WAIT_SECS * 2; i++)); do
+        "$@" && return 0
+        sleep 0.5
+    done
+    die "$name did not come up within ${WAIT_SECS}s; see $log"
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+pg_ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
+
+pg_version() { # newest configured cluster version, else newest installed server
+    local v
+    v=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1 || true)
+    [[ -n $v ]] || v=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n1 || true)
+    [[ -n $v ]] || die "no PostgreSQL server version found under /usr/lib/postgresql"
+    printf '%s' "$v"
+}
+
+# A cluster we made (or one a fresh package install made) uses Debian's default
+# scram auth on TCP; the tools and tests connect as postgres over 127.0.0.1 with no
+# password, so switch the loopback lines to trust, matching how this machine is set up.
+pg_trust_loopback() {
+    local ver=$1 hba=/etc/postgresql/$1/main/pg_hba.conf
+    "${SUDO[@]}" sed -i -E \
+        's#^(host[[:space:]]+all[[:space:]]+all[[:space:]]+(127\.0\.0\.1/32|::1/128)[[:space:]]+).*#\1trust#' "$hba"
+    "${SUDO[@]}" pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
+}
+
+ensure_postgres() {
+    if pg_ready; then say "postgres already up on 127.0.0.1:5432"; return; fi
+    local fresh=0 ver
+    if ! pkg_installed postgresql; then apt_install postgresql; fresh=1; fi
+    ensure_cmd postgresql-client psql pg_isready createdb
+    can_admin || die "postgres is down and not root/no sudo to start it"
+    ver=$(pg_version)
+    if [[ ! -d /etc/postgresql/$ver/main ]]; then
+        say "creating PostgreSQL $ver cluster 'main'"
+        "${SUDO[@]}" pg_createcluster "$ver" main --start >/dev/null \
+            || die "pg_createcluster $ver main failed"
+        fresh=1
+    else
+        say "starting PostgreSQL $ver/main"
+        "${SUDO[@]}" pg_ctlcluster --skip-systemctl-redirect "$ver" main start \
+            || die "postgres failed to start; see $PG_LOG_DIR/postgresql-$ver-main.log"
+    fi
+    wait_for postgres "$PG_LOG_DIR/postgresql-$ver-main.log" pg_ready
+    if [[ $fresh -eq 1 ]]; then pg_trust_loopback "$ver"; fi
+}
+
+# ---------------------------------------------------------------- NATS
+ensure_nats() {
+    if port_open 4222; then say "nats already up on 127.0.0.1:4222"; return; fi
+    ensure_pkg nats-server
+    can_admin || die "nats-server is down and not root/no sudo to start it"
+    say "starting nats-server (JetStream, store $NATS_STORE)"
+    "${SUDO[@]}" mkdir -p "$NATS_STORE" "$(dirname "$NATS_LOG")"
+    # Keep these arguments exactly as they are: a server already running on this
+    # machine was started with them, and --oknodo then treats it as "already running".
+    "${SUDO[@]}" start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+        -a 127.0.0.1 -p 4222 -js -sd "$NATS_STORE" -l "$NATS_LOG" \
+        || die "nats-server failed to start; see $NATS_LOG"
+    wait_for nats-server "$NATS_LOG" port_open 4222
+}
+
+# Prefer the monitoring endpoint when someone enabled it (-m 8222); otherwise read the
+# INFO line every NATS server sends on connect, which carries "jetstream":true. If
+# neither can be read, skip: the Rust services report a missing JetStream clearly.
+JS_NOTE="ok (jetstream not checked)"
+nats_jetstream() {
+    local info=""
+    if command -v curl >/dev/null 2>&1 && port_open 8222; then
+        info=$(curl -fsS --max-time 3 http://127.0.0.1:8222/jsz 2>/dev/null || true)
+        if [[ -n $info ]]; then
+            [[ $info == *'"disabled": true'* || $info == *'"disabled":true'* ]] && return 1
+            JS_NOTE="ok (jetstream)"; return 0
+        fi
+    fi
+    info=$(timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/4222; IFS= read -r l <&3; printf "%s" "$l"' 2>/dev/null || true)
+    [[ -z $info ]] && return 0
+    [[ $info == *'"jetstream":true'* ]] || return 1
+    JS_NOTE="ok (jetstream)"
+}
+
+# ---------------------------------------------------------------- Mosquitto
+ensure_mosquitto() {
+    if port_open 1883; then say "mosquitto already up on 127.0.0.1:1883"; return; fi
+    ensure_pkg mosquitto
+    can_admin || die "mosquitto is down and not root/no sudo to start it"
+    say "starting mosquitto ($MQTT_CONF)"
+    "${SUDO[@]}" mosquitto -d -c "$MQTT_CONF" || die "mosquitto failed to start; see $MQTT_LOG"
+    wait_for mosquitto "$MQTT_LOG" port_open 1883
+}
+
+# ---------------------------------------------------------------- main
+ensure_cmd postgresql-client psql pg_isready createdb
+ensure_cmd mosquitto-clients mosquitto_pub mosquitto_sub
+ensure_postgres
+ensure_nats
+ensure_mosquitto
+
+nats_jetstream || die "nats-server on 127.0.0.1:4222 runs without JetStream; restart it with -js (log: $NATS_LOG)"
+
+# Connect over TCP as postgres: local auth is trust for 127.0.0.1 on this machine.
+if [[ $(psql -h 127.0.0.1 -U postgres -d postgres -tAc "select 1 from pg_database where datname='$PG_DB'") != 1 ]]; then
+    say "creating database $PG_DB"
+    createdb -h 127.0.0.1 -U postgres -O postgres "$PG_DB"
+fi
+
+printf '%-9s %-15s %s\n' postgres 127.0.0.1:5432 "ok (database $PG_DB)" \
+    nats 127.0.0.1:4222 "$JS_NOTE" mosquitto 127.0.0.1:1883 ok

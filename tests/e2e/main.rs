@@ -1,0 +1,62 @@
+//! End-to-end: the real `fieldline` binary on the real servers, once as one process and once
+//! as one process per service. The same scenarios run against both.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod platform;
+mod scenarios;
+
+use platform::Platform;
+
+#[tokio::test]
+async fn one_process_devices_to_history_over_http_and_mqtt() {
+    let platform = Platform::one_process().await;
+    scenarios::devices_to_history(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn split_devices_to_history_over_http_and_mqtt() {
+    let platform = Platform::split().await;
+    scenarios::devices_to_history(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn one_process_keys_scopes_idempotency_and_bad_input() {
+    let platform = Platform::one_process().await;
+    scenarios::idempotency(&platform).await;
+    scenarios::scopes_and_revocation(&platform).await;
+    scenarios::bad_input_stores_nothing(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn split_keys_scopes_idempotency_and_bad_input() {
+    let platform = Platform::split().await;
+    scenarios::idempotency(&platform).await;
+    scenarios::scopes_and_revocation(&platform).await;
+    scenarios::bad_input_stores_nothing(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn one_process_webhooks_receive_signed_events_from_http_and_mqtt() {
+    let platform = Platform::one_process().await;
+    scenarios::webhooks_receive_signed_events(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn split_webhooks_receive_signed_events_from_http_and_mqtt() {
+    let platform = Platform::split().await;
+    scenarios::webhooks_receive_signed_events(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn split_a_dispatcher_killed_mid_retry_still_delivers() {
+    let mut platform = Platform::split_with(&[("FIELDLINE_WEBHOOK_RETRY_SCHEDULE", "3s")]).await;
+    scenarios::dispatcher_killed_mid_retry(&mut platform).await;
+    platform.stop().await;
+}

@@ -1,0 +1,420 @@
+use std::time::Duration;
+
+use fieldline_testkit::{
+    assert_error, eventually,
+    receiver::{Receiver, Reply},
+};
+use reqwest::{Method, StatusCode};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::{Value, json};
+
+use crate::platform::Platform;
+
+async fn create_device(platform: &Platform, id: &str) -> String {
+    let (status, body) = platform
+        .post(
+            "/api/v1/devices",
+            platform.admin_key(),
+            &json!({"id": id, "type": "sensor"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["data"]["token"].as_str().unwrap().to_owned()
+}
+
+async fn create_key(platform: &Platform, scopes: &[&str]) -> (String, String) {
+    let (status, body) = platform
+        .post(
+            "/api/v1/keys",
+            platform.admin_key(),
+            &json!({"name": "e2e", "scopes": scopes}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    (
+        body["data"]["id"].as_str().unwrap().to_owned(),
+        body["data"]["secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Every reading of a device, in order, as (metric, ts, value).
+async fn history(platform: &Platform, device: &str, key: &str) -> Vec<(String, String, Value)> {
+    let (status, body) = platform
+        .get(
+            &format!("/api/v1/devices/{device}/readings?limit=1000"),
+            key,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["metric"].as_str().unwrap().to_owned(),
+                r["ts"].as_str().unwrap().to_owned(),
+                r["value"].clone(),
+            )
+        })
+        .collect()
+}
+
+async fn wait_for_history(
+    platform: &Platform,
+    device: &str,
+    count: usize,
+) -> Vec<(String, String, Value)> {
+    eventually(
+        &format!("{count} readings of {device}"),
+        Duration::from_secs(30),
+        || async {
+            let readings = history(platform, device, platform.admin_key()).await;
+            (readings.len() >= count).then_some(readings)
+        },
+    )
+    .await
+}
+
+/// Registers a device, sends readings over HTTP and MQTT, reads exactly those back in order.
+pub async fn devices_to_history(platform: &Platform) {
+    let token = create_device(platform, "greenhouse-1").await;
+    let (status, body) = platform
+        .post(
+            "/api/v1/ingest",
+            &token,
+            &json!([
+                {"ts": "2026-03-01T10:00:00Z", "temperature": 21.5, "door_open": false},
+                {"ts": "2026-03-01T10:00:01Z", "values": {"temperature": 21.75, "fw": "1.2.0"}}
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["data"]["accepted"], 4);
+
+    let client = mqtt_client(platform);
+    let topic = format!("{}/default/greenhouse-1/telemetry", platform.topic_root());
+    client
+        .publish(
+            &topic,
+            QoS::AtLeastOnce,
+            false,
+            br#"{"ts": 1772359202000, "temperature": 22.0, "door_open": true}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+
+    let readings = wait_for_history(platform, "greenhouse-1", 6).await;
+    let expected = vec![
+        ("door_open", "2026-03-01T10:00:00Z", json!(false)),
+        ("temperature", "2026-03-01T10:00:00Z", json!(21.5)),
+        ("fw", "2026-03-01T10:00:01Z", json!("1.2.0")),
+        ("temperature", "2026-03-01T10:00:01Z", json!(21.75)),
+        ("door_open", "2026-03-01T10:00:02Z", json!(true)),
+        ("temperature", "2026-03-01T10:00:02Z", json!(22.0)),
+    ];
+    let expected: Vec<(String, String, Value)> = expected
+        .into_iter()
+        .map(|(m, t, v)| (m.to_owned(), t.to_owned(), v))
+        .collect();
+    assert_eq!(readings, expected);
+
+    let (status, body) = platform
+        .get(
+            "/api/v1/devices/greenhouse-1/readings/latest",
+            platform.admin_key(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["data"][2],
+        json!({"metric": "temperature", "ts": "2026-03-01T10:00:02Z", "value": 22.0})
+    );
+
+    // Every service exposes Prometheus metrics; ingest-mqtt counted the message it published.
+    let metrics = platform
+        .http
+        .get(format!("{}/metrics", platform.service_url("ingest-mqtt")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("fieldline_mqtt_messages_total{outcome=\"published\"}")),
+        "{metrics}"
+    );
+}
+
+/// The same Idempotency-Key twice stores once.
+pub async fn idempotency(platform: &Platform) {
+    let token = create_device(platform, "idem-1").await;
+    // No `ts`: each request would get its own arrival time, so only the key can dedupe them.
+    let mut duplicates = Vec::new();
+    for _ in 0..2 {
+        let response = platform
+            .http
+            .post(platform.url("/api/v1/ingest"))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", "retry-me")
+            .json(&json!({"temperature": 1.0}))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = fieldline_testkit::read(response).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        duplicates.push(body["data"]["duplicate"].as_bool().unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(duplicates, [false, true]);
+    // A later, different message proves the writer got past the duplicate.
+    let (status, _) = platform
+        .post("/api/v1/ingest", &token, &json!({"temperature": 2.0}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let readings = wait_for_history(platform, "idem-1", 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let values: Vec<Value> = history(platform, "idem-1", platform.admin_key())
+        .await
+        .into_iter()
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_eq!(values, vec![json!(1.0), json!(2.0)], "{readings:?}");
+}
+
+/// A read key cannot create devices; a revoked key gets 401 from every service.
+pub async fn scopes_and_revocation(platform: &Platform) {
+    let token = create_device(platform, "scoped-1").await;
+    let (status, _) = platform
+        .post("/api/v1/ingest", &token, &json!({"ts": 1000, "a": 1}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (key_id, reader) = create_key(platform, &["read"]).await;
+
+    let (status, body) = platform
+        .post("/api/v1/devices", &reader, &json!({"id": "not-allowed"}))
+        .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+
+    // Used (and cached) by each service before the revocation.
+    assert_eq!(
+        platform.get("/api/v1/devices", &reader).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        platform
+            .get("/api/v1/devices/scoped-1/readings", &reader)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (status, _) = platform
+        .post("/api/v1/ingest", &reader, &json!({"a": 1}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let (status, _) = platform
+        .request(
+            Method::DELETE,
+            &format!("/api/v1/keys/{key_id}"),
+            platform.admin_key(),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let revoked_at = std::time::Instant::now();
+    for (method, path) in [
+        (Method::GET, "/api/v1/devices"),
+        (Method::GET, "/api/v1/devices/scoped-1/readings"),
+        (Method::GET, "/api/v1/devices/scoped-1/readings/latest"),
+        (Method::POST, "/api/v1/ingest"),
+    ] {
+        let body = (method == Method::POST).then(|| json!({"a": 1}));
+        eventually(
+            &format!("401 from {path}"),
+            Duration::from_secs(1),
+            || async {
+                let (status, body) = platform
+                    .request(method.clone(), path, &reader, body.as_ref())
+                    .await;
+                (status == StatusCode::UNAUTHORIZED && body["error"]["reason"] == "unauthorized")
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    assert!(revoked_at.elapsed() < Duration::from_secs(2));
+}
+
+/// Malformed JSON, a wrong type and an oversized body are refused in the envelope, and
+/// nothing of them is stored.
+pub async fn bad_input_stores_nothing(platform: &Platform) {
+    let token = create_device(platform, "bad-1").await;
+    let raw = |body: Vec<u8>| {
+        platform
+            .http
+            .post(platform.url("/api/v1/ingest"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let (status, body) =
+        fieldline_testkit::read(raw(b"{\"temperature\": 2".to_vec()).await.unwrap()).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "malformed_json");
+    let (status, body) = platform
+        .post("/api/v1/ingest", &token, &json!({"temperature": [1, 2]}))
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_field");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("temperature"),
+        "{body}"
+    );
+    let oversized = format!("{{\"note\": \"{}\"}}", "x".repeat(3 << 20));
+    let (status, body) = fieldline_testkit::read(raw(oversized.into_bytes()).await.unwrap()).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+
+    // A good message afterwards is the only thing stored.
+    let (status, _) = platform
+        .post("/api/v1/ingest", &token, &json!({"ts": 5000, "ok": 1}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let readings = wait_for_history(platform, "bad-1", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        history(platform, "bad-1", platform.admin_key()).await,
+        readings
+    );
+    assert_eq!(readings.len(), 1, "{readings:?}");
+}
+
+fn body_signature(secret: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A third party registers a webhook and gets every reading, from HTTP and MQTT, signed.
+pub async fn webhooks_receive_signed_events(platform: &Platform) {
+    let receiver = Receiver::start().await;
+    let token = create_device(platform, "hooked-1").await;
+    let (status, created) = platform
+        .post(
+            "/api/v1/webhooks",
+            platform.admin_key(),
+            &json!({"url": receiver.url("/hook"), "events": ["device.data"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let secret = created["data"]["secret"].as_str().unwrap().to_owned();
+
+    let (status, _) = platform
+        .post(
+            "/api/v1/ingest",
+            &token,
+            &json!({"ts": 1000, "temperature": 20.5}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let mqtt = mqtt_client(platform);
+    mqtt.publish(
+        format!("{}/default/hooked-1/telemetry", platform.topic_root()),
+        QoS::AtLeastOnce,
+        false,
+        br#"{"ts": 2000, "temperature": 21.5}"#.to_vec(),
+    )
+    .await
+    .unwrap();
+
+    let requests = eventually("two deliveries", Duration::from_secs(20), || async {
+        let requests = receiver.received("/hook");
+        (requests.len() >= 2).then_some(requests)
+    })
+    .await;
+    let mut values = Vec::new();
+    for request in &requests {
+        assert_eq!(
+            request.header("X-Webhook-Signature").unwrap(),
+            body_signature(&secret, &request.body)
+        );
+        let body = request.json();
+        assert_eq!(body["event"], "device.data");
+        assert_eq!(body["device_id"], "hooked-1");
+        values.push(body["payload"]["readings"][0]["value"].as_f64().unwrap());
+    }
+    values.sort_by(f64::total_cmp);
+    assert_eq!(values, vec![20.5, 21.5]);
+}
+
+/// A retry is durable: the dispatcher is killed with SIGKILL after a failed attempt, and the
+/// one started after it delivers.
+pub async fn dispatcher_killed_mid_retry(platform: &mut Platform) {
+    let receiver = Receiver::start().await;
+    receiver.script("/hook", vec![Reply::Status(503)]);
+    let token = create_device(platform, "durable-1").await;
+    let (status, created) = platform
+        .post(
+            "/api/v1/webhooks",
+            platform.admin_key(),
+            &json!({"url": receiver.url("/hook")}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let (status, _) = platform
+        .post("/api/v1/ingest", &token, &json!({"ts": 1000, "a": 1}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    eventually(
+        "the first, failing attempt",
+        Duration::from_secs(10),
+        || async { (receiver.received("/hook").len() == 1).then_some(()) },
+    )
+    .await;
+    platform.kill("webhook-dispatcher");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    platform.restart("webhook-dispatcher").await;
+    let requests = eventually(
+        "the retry after the restart",
+        Duration::from_secs(20),
+        || async {
+            let requests = receiver.received("/hook");
+            (requests.len() >= 2).then_some(requests)
+        },
+    )
+    .await;
+    assert_eq!(
+        requests[0].header("webhook-id"),
+        requests[1].header("webhook-id")
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        receiver.received("/hook").len(),
+        2,
+        "delivered more than once"
+    );
+}
+
+fn mqtt_client(platform: &Platform) -> AsyncClient {
+    let (host, port) = platform.mqtt_host_port();
+    let mut options = MqttOptions::new(
+        format!("e2e-{}", fieldline_testkit::unique_suffix()),
+        host,
+        port,
+    );
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    client
+}
