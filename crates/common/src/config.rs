@@ -80,6 +80,23 @@ pub struct Config {
     /// Most telemetry messages the query-api writer stores in one transaction (it takes
     /// what is waiting, up to this, without delaying a lone message).
     pub writer_batch_size: usize,
+    /// Longest a query-api statement may run (a page, an aggregate, one chunk of an export)
+    /// before Postgres cancels it; the client gets 503 `query_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub query_statement_timeout: Duration,
+    /// Raw readings older than this are dropped (whole daily partitions once every project's
+    /// retention has passed); a project's row in `telemetry.retention` overrides it. Unset
+    /// keeps raw readings forever.
+    #[serde(with = "humantime_serde")]
+    pub readings_retention: Option<Duration>,
+    /// Hourly and daily rollups older than this are deleted; `telemetry.retention` overrides
+    /// it per project. Unset keeps rollups forever.
+    #[serde(with = "humantime_serde")]
+    pub rollups_retention: Option<Duration>,
+    /// How often query-api creates the coming days' partitions and applies retention (also
+    /// once at start; one instance at a time does it, under an advisory lock).
+    #[serde(with = "humantime_serde")]
+    pub partition_maintenance_interval: Duration,
     /// Gaps between webhook delivery attempts after the first (immediate) one; each gets
     /// ±20 % jitter. Five gaps mean six attempts in all.
     pub webhook_retry_schedule: String,
@@ -134,6 +151,10 @@ impl Default for Config {
             stream_max_bytes: 1 << 30,
             stream_duplicate_window: Duration::from_secs(120),
             writer_batch_size: 1000,
+            query_statement_timeout: Duration::from_secs(10),
+            readings_retention: None,
+            rollups_retention: None,
+            partition_maintenance_interval: Duration::from_secs(3600),
             webhook_retry_schedule: "5s,30s,2m,10m,30m".into(),
             webhook_timeout: Duration::from_secs(10),
             webhook_disable_after: 5,
@@ -253,6 +274,15 @@ impl Config {
         }
         if self.webhook_timeout.is_zero() {
             return invalid("webhook_timeout", "must be more than 0".into());
+        }
+        if self.query_statement_timeout.is_zero() {
+            return invalid("query_statement_timeout", "must be more than 0".into());
+        }
+        if self.partition_maintenance_interval.is_zero() {
+            return invalid(
+                "partition_maintenance_interval",
+                "must be more than 0".into(),
+            );
         }
         if self.writer_batch_size == 0 {
             return invalid("writer_batch_size", "must be at least 1".into());

@@ -1,17 +1,24 @@
 //! query-api: the writer (a durable JetStream consumer that stores readings, acking only
 //! after commit) and the history routes.
 
+mod aggregate;
+pub mod bulk;
 mod domain;
+mod export;
+mod maintenance;
 mod repo;
 mod routes;
 mod writer;
 
 pub use writer::CONSUMER as WRITER_CONSUMER;
 
-use std::sync::Arc;
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use actix_web::web;
-use fieldline_common::{Context, Service};
+use anyhow::Context as _;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use fieldline_common::{Config, Context, Service};
+use secrecy::ExposeSecret;
 
 use crate::repo::Repo;
 
@@ -28,7 +35,8 @@ pub(crate) struct State {
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let pool = context.db().await?;
     fieldline_common::db::migrate(&pool, "telemetry", embedded::migrations::runner()).await?;
-    let repo = Repo::new(pool);
+    let repo = Repo::new(pool, query_pool(&context.config)?);
+    maintenance::start(context, repo.clone());
     writer::start(context, repo.clone()).await?;
 
     let state = web::Data::new(State {
@@ -44,4 +52,30 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
         routes: Some(routes),
         ready: None,
     })
+}
+
+/// The pool of the read routes: its own connections, each with `statement_timeout`, so the
+/// writer (on the process's shared pool) is never cancelled and a heavy read cannot run on.
+fn query_pool(config: &Config) -> anyhow::Result<Pool> {
+    let mut pg_config = tokio_postgres::Config::from_str(config.database_url.expose_secret())
+        .context("FIELDLINE_DATABASE_URL is not a valid PostgreSQL URL")?;
+    pg_config.options(format!(
+        "-c statement_timeout={}",
+        config.query_statement_timeout.as_millis().max(1)
+    ));
+    let manager = Manager::from_config(
+        pg_config,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.database_pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .context("building the query pool")
 }

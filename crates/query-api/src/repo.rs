@@ -1,64 +1,66 @@
 //! query-api's SQL, and nothing else does SQL.
+//!
+//! Two pools: the process's shared pool for the writer and maintenance, and a pool of its own
+//! for reads, whose connections carry `statement_timeout` so one heavy query cannot hold a
+//! connection (or the database) for long.
 
-use std::collections::HashMap;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
+};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::Pool;
 use fieldline_common::{
     ApiError,
-    time::{format_rfc3339, from_us},
+    time::{MAX_TIME_US, MIN_TIME_US, format_rfc3339, from_us},
 };
 use fieldline_proto::v1::{TelemetryBatch, reading};
-use tokio_postgres::Row;
+use serde::Serialize;
+use tokio_postgres::{Row, error::SqlState};
 
-use crate::domain::{Order, Position, ReadingOut, ReadingsQuery};
+use crate::{
+    aggregate::{Partial, Segment, Source},
+    domain::{Interval, Order, Position, ReadingOut, ReadingsQuery},
+};
+
+/// Series ids cached by the writer; past this many the cache starts again (ids never change,
+/// so a miss only costs one lookup).
+const SERIES_CACHE_MAX: usize = 1_000_000;
+
+/// (project, device id, metric).
+pub type SeriesKey = (String, String, String);
 
 #[derive(Clone)]
 pub struct Repo {
+    /// Writer and maintenance.
     pool: Pool,
+    /// Reads, with `statement_timeout`.
+    query_pool: Pool,
+    series: Arc<Mutex<HashMap<SeriesKey, i32>>>,
+    partitions: Arc<Mutex<HashSet<NaiveDate>>>,
+    /// Raw readings before this (epoch µs) have been dropped by retention; the writer does
+    /// not bring them back.
+    expired_before_us: Arc<AtomicI64>,
 }
 
-/// Readings as columns, for one `UNNEST` insert.
-#[derive(Default)]
-struct Columns {
-    project: Vec<String>,
-    device_id: Vec<String>,
-    ts: Vec<DateTime<Utc>>,
-    metric: Vec<String>,
-    value_num: Vec<Option<f64>>,
-    value_bool: Vec<Option<bool>>,
-    value_text: Vec<Option<String>>,
-}
-
-impl Columns {
-    fn push(
-        &mut self,
-        project: &str,
-        device_id: &str,
-        ts_us: i64,
-        metric: &str,
-        value: &reading::Value,
-    ) {
-        self.project.push(project.to_owned());
-        self.device_id.push(device_id.to_owned());
-        self.ts.push(from_us(ts_us));
-        self.metric.push(metric.to_owned());
-        let (num, flag, text) = match value {
-            reading::Value::Number(number) => (Some(*number), None, None),
-            reading::Value::Boolean(flag) => (None, Some(*flag), None),
-            reading::Value::Text(text) => (None, None, Some(text.clone())),
-        };
-        self.value_num.push(num);
-        self.value_bool.push(flag);
-        self.value_text.push(text);
+/// A query error: a statement cancelled by `statement_timeout` is 503 `query_timeout`, the
+/// rest as the common table says.
+pub fn read_error(error: tokio_postgres::Error) -> ApiError {
+    if error.code() == Some(&SqlState::QUERY_CANCELED) {
+        let mut api_error = ApiError::unavailable(
+            "the query took longer than the statement timeout: narrow the range or use a longer interval",
+        );
+        api_error.reason = "query_timeout".into();
+        return api_error;
     }
-
-    fn len(&self) -> usize {
-        self.ts.len()
-    }
+    ApiError::from(error)
 }
 
-fn json_value(row: &Row, first_value_column: usize) -> serde_json::Value {
+pub fn json_value(row: &Row, first_value_column: usize) -> serde_json::Value {
     if let Some(number) = row.get::<_, Option<f64>>(first_value_column) {
         return serde_json::json!(number);
     }
@@ -70,118 +72,413 @@ fn json_value(row: &Row, first_value_column: usize) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// Day (UTC) of a time in epoch µs: the partition it belongs to.
+pub fn day_of(ts_us: i64) -> NaiveDate {
+    from_us(ts_us).date_naive()
+}
+
+/// Creates the daily partition of `day` if it does not exist (idempotent, safe concurrently).
+pub async fn ensure_partition(
+    client: &tokio_postgres::Client,
+    day: NaiveDate,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute("SELECT telemetry.ensure_readings_partition($1)", &[&day])
+        .await?;
+    Ok(())
+}
+
+/// The series ids of `keys`, in order, creating the series that do not exist yet.
+pub async fn upsert_series(
+    client: &tokio_postgres::Client,
+    keys: &[SeriesKey],
+) -> Result<Vec<i32>, tokio_postgres::Error> {
+    let projects: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let devices: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    let metrics: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+    client
+        .execute(
+            "INSERT INTO telemetry.series (project, device_id, metric)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) ORDER BY 1, 2, 3
+             ON CONFLICT DO NOTHING",
+            &[&projects, &devices, &metrics],
+        )
+        .await?;
+    let rows = client
+        .query(
+            "SELECT s.series_id FROM UNNEST($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(project, device_id, metric, n)
+             JOIN telemetry.series s USING (project, device_id, metric)
+             ORDER BY k.n",
+            &[&projects, &devices, &metrics],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// Readings as columns, for the one `UNNEST` statement that stores a batch.
+#[derive(Default)]
+struct Columns {
+    series_id: Vec<i32>,
+    ts: Vec<DateTime<Utc>>,
+    value_num: Vec<Option<f64>>,
+    value_bool: Vec<Option<bool>>,
+    value_text: Vec<Option<String>>,
+}
+
+/// Rollup upkeep for one table: the new rows' partial aggregates, merged into what is there.
+fn rollup_upsert(name: &str, table: &str, width: &str) -> String {
+    format!(
+        "{name} AS (
+            INSERT INTO telemetry.{table} AS r
+            SELECT series_id, date_bin('{width}', ts, timestamptz '1970-01-01 00:00:00+00'),
+                   count(*), count(value_num), sum(value_num), min(value_num), max(value_num),
+                   min(ts) FILTER (WHERE value_num IS NOT NULL),
+                   (min(ARRAY[telemetry.epoch_us(ts), value_num]) FILTER (WHERE value_num IS NOT NULL))[2],
+                   max(ts) FILTER (WHERE value_num IS NOT NULL),
+                   (max(ARRAY[telemetry.epoch_us(ts), value_num]) FILTER (WHERE value_num IS NOT NULL))[2]
+            FROM inserted GROUP BY 1, 2 ORDER BY 1, 2
+            ON CONFLICT (series_id, bucket) DO UPDATE SET
+                count = r.count + excluded.count,
+                num_count = r.num_count + excluded.num_count,
+                sum = CASE WHEN r.sum IS NULL THEN excluded.sum
+                           WHEN excluded.sum IS NULL THEN r.sum
+                           ELSE r.sum + excluded.sum END,
+                min = LEAST(r.min, excluded.min),
+                max = GREATEST(r.max, excluded.max),
+                first_num = CASE WHEN r.first_ts IS NULL OR excluded.first_ts < r.first_ts
+                                 THEN excluded.first_num ELSE r.first_num END,
+                first_ts = LEAST(r.first_ts, excluded.first_ts),
+                last_num = CASE WHEN r.last_ts IS NULL OR excluded.last_ts > r.last_ts
+                                THEN excluded.last_num ELSE r.last_num END,
+                last_ts = GREATEST(r.last_ts, excluded.last_ts)
+        )"
+    )
+}
+
+/// One statement, one round trip, one transaction: insert what is new (the natural key makes
+/// a redelivery insert nothing), and move the series statistics, latest values and both
+/// rollups forward by exactly the rows inserted (`RETURNING`), so redelivery never counts
+/// twice. Inputs are sorted so concurrent writers lock rows in the same order.
+static STORE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH input AS (
+            SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::float8[], $4::bool[], $5::text[])
+                AS t(series_id, ts, value_num, value_bool, value_text)
+            ORDER BY series_id, ts
+        ), inserted AS (
+            INSERT INTO telemetry.readings (series_id, ts, value_num, value_bool, value_text)
+            SELECT * FROM input
+            ON CONFLICT DO NOTHING
+            RETURNING series_id, ts, value_num, value_bool, value_text
+        ), newest AS (
+            SELECT DISTINCT ON (series_id) series_id, ts, value_num, value_bool, value_text
+            FROM inserted ORDER BY series_id, ts DESC
+        ), per_series AS (
+            SELECT series_id, count(*) AS n, min(ts) AS first_ts, max(ts) AS last_ts
+            FROM inserted GROUP BY series_id
+        ), series_update AS (
+            UPDATE telemetry.series s
+               SET count = s.count + p.n,
+                   first_ts = LEAST(s.first_ts, p.first_ts),
+                   last_ts = GREATEST(s.last_ts, p.last_ts),
+                   last_num = CASE WHEN s.last_ts IS NULL OR n.ts > s.last_ts THEN n.value_num ELSE s.last_num END,
+                   last_bool = CASE WHEN s.last_ts IS NULL OR n.ts > s.last_ts THEN n.value_bool ELSE s.last_bool END,
+                   last_text = CASE WHEN s.last_ts IS NULL OR n.ts > s.last_ts THEN n.value_text ELSE s.last_text END
+              FROM per_series p JOIN newest n USING (series_id)
+             WHERE s.series_id = p.series_id
+        ), {}, {}
+        SELECT count(*) FROM inserted",
+        rollup_upsert("hourly", "rollup_1h", "1 hour"),
+        rollup_upsert("daily", "rollup_1d", "1 day"),
+    )
+});
+
+/// A series of a device: its id and metric name.
+#[derive(Debug, Clone)]
+pub struct DeviceSeries {
+    pub series_id: i32,
+    pub metric: String,
+}
+
+/// `/devices/{id}/metrics`: one metric of a device.
+#[derive(Debug, Serialize)]
+pub struct MetricOut {
+    pub metric: String,
+    pub first_ts: String,
+    pub last_ts: String,
+    pub count: i64,
+}
+
 impl Repo {
-    pub fn new(pool: Pool) -> Self {
-        Self { pool }
+    pub fn new(pool: Pool, query_pool: Pool) -> Self {
+        Self {
+            pool,
+            query_pool,
+            series: Arc::default(),
+            partitions: Arc::default(),
+            expired_before_us: Arc::new(AtomicI64::new(MIN_TIME_US)),
+        }
     }
 
-    /// Stores the readings of `batches` in one transaction and moves each metric's latest
-    /// value forward. Idempotent: a batch stored twice changes nothing the second time.
-    /// Returns the number of readings given.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn query_pool(&self) -> &Pool {
+        &self.query_pool
+    }
+
+    pub fn set_expired_before(&self, ts_us: i64) {
+        self.expired_before_us.store(ts_us, Ordering::Relaxed);
+    }
+
+    /// Forgets which partitions exist (after retention dropped some, or an insert found one
+    /// missing).
+    pub fn forget_partitions(&self) {
+        self.partitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
+    }
+
+    async fn series_ids(&self, keys: &[SeriesKey]) -> Result<Vec<i32>, ApiError> {
+        let mut ids = vec![0; keys.len()];
+        let mut missing = Vec::new();
+        {
+            let cache = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            for (index, key) in keys.iter().enumerate() {
+                match cache.get(key) {
+                    Some(id) => ids[index] = *id,
+                    None => missing.push(index),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(ids);
+        }
+        let missing_keys: Vec<SeriesKey> = missing.iter().map(|i| keys[*i].clone()).collect();
+        let client = self.pool.get().await?;
+        let found = upsert_series(&client, &missing_keys).await?;
+        if found.len() != missing_keys.len() {
+            return Err(ApiError::internal(anyhow::anyhow!(
+                "series lookup returned {} ids for {} keys",
+                found.len(),
+                missing_keys.len()
+            )));
+        }
+        let mut cache = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() + found.len() > SERIES_CACHE_MAX {
+            cache.clear();
+        }
+        for (index, id) in missing.into_iter().zip(found) {
+            ids[index] = id;
+            cache.insert(keys[index].clone(), id);
+        }
+        Ok(ids)
+    }
+
+    async fn ensure_partitions(&self, days: HashSet<NaiveDate>) -> Result<(), ApiError> {
+        let unknown: Vec<NaiveDate> = {
+            let known = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            days.into_iter()
+                .filter(|day| !known.contains(day))
+                .collect()
+        };
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let client = self.pool.get().await?;
+        for day in &unknown {
+            ensure_partition(&client, *day).await?;
+        }
+        self.partitions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(unknown);
+        Ok(())
+    }
+
+    /// Stores the readings of `batches` in one statement and moves each series' statistics,
+    /// latest value and rollups forward. Idempotent: a batch stored twice changes nothing the
+    /// second time. Returns the number of readings given (readings older than retention are
+    /// skipped and counted as dropped).
     pub async fn store(&self, batches: &[TelemetryBatch]) -> Result<usize, ApiError> {
-        let mut rows = Columns::default();
-        // Newest reading per (project, device, metric) in this set; ties keep the first, as
-        // the readings table does.
-        let mut newest: HashMap<(&str, &str, &str), (i64, &reading::Value)> = HashMap::new();
+        let expired_before = self.expired_before_us.load(Ordering::Relaxed);
+        let mut keys: Vec<SeriesKey> = Vec::new();
+        let mut key_index: HashMap<(&str, &str, &str), usize> = HashMap::new();
+        let mut rows: Vec<(usize, i64, &reading::Value)> = Vec::new();
+        let mut expired = 0u64;
         for batch in batches {
             for reading in &batch.readings {
                 let Some(value) = &reading.value else {
                     continue;
                 };
-                rows.push(
-                    &batch.project,
-                    &batch.device_id,
-                    reading.ts_us,
-                    &reading.metric,
-                    value,
-                );
+                if reading.ts_us < expired_before {
+                    expired += 1;
+                    continue;
+                }
                 let key = (
                     batch.project.as_str(),
                     batch.device_id.as_str(),
                     reading.metric.as_str(),
                 );
-                match newest.get(&key) {
-                    Some((ts_us, _)) if *ts_us >= reading.ts_us => {}
-                    _ => {
-                        newest.insert(key, (reading.ts_us, value));
-                    }
-                }
+                let index = *key_index.entry(key).or_insert_with(|| {
+                    keys.push((key.0.to_owned(), key.1.to_owned(), key.2.to_owned()));
+                    keys.len() - 1
+                });
+                rows.push((index, reading.ts_us, value));
             }
         }
-        if rows.len() == 0 {
+        if expired > 0 {
+            metrics::counter!("fieldline_writer_dropped_total", "reason" => "expired")
+                .increment(expired);
+        }
+        if rows.is_empty() {
             return Ok(0);
         }
-        let mut latest = Columns::default();
-        for ((project, device_id, metric), (ts_us, value)) in newest {
-            latest.push(project, device_id, ts_us, metric, value);
+        let ids = self.series_ids(&keys).await?;
+        let days: HashSet<NaiveDate> = rows.iter().map(|(_, ts, _)| day_of(*ts)).collect();
+        let mut columns = Columns::default();
+        for (index, ts_us, value) in &rows {
+            columns.series_id.push(ids[*index]);
+            columns.ts.push(from_us(*ts_us));
+            let (num, flag, text) = match value {
+                reading::Value::Number(number) => (Some(*number), None, None),
+                reading::Value::Boolean(flag) => (None, Some(*flag), None),
+                reading::Value::Text(text) => (None, None, Some(text.clone())),
+            };
+            columns.value_num.push(num);
+            columns.value_bool.push(flag);
+            columns.value_text.push(text);
         }
-
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO telemetry.readings (project, device_id, ts, metric, value_num, value_bool, value_text)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[],
-                                  $5::float8[], $6::bool[], $7::text[])
-             ON CONFLICT DO NOTHING",
-            &[&rows.project, &rows.device_id, &rows.ts, &rows.metric, &rows.value_num, &rows.value_bool, &rows.value_text],
-        )
-        .await?;
-        tx.execute(
-            "INSERT INTO telemetry.latest AS l (project, device_id, metric, ts, value_num, value_bool, value_text)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[],
-                                  $5::float8[], $6::bool[], $7::text[])
-             ON CONFLICT (project, device_id, metric) DO UPDATE
-               SET ts = excluded.ts, value_num = excluded.value_num,
-                   value_bool = excluded.value_bool, value_text = excluded.value_text
-               WHERE excluded.ts > l.ts",
-            &[&latest.project, &latest.device_id, &latest.metric, &latest.ts, &latest.value_num, &latest.value_bool, &latest.value_text],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(rows.len())
+        for attempt in 0..2 {
+            self.ensure_partitions(days.clone()).await?;
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(&STORE_SQL).await?;
+            let result = client
+                .query_one(
+                    &statement,
+                    &[
+                        &columns.series_id,
+                        &columns.ts,
+                        &columns.value_num,
+                        &columns.value_bool,
+                        &columns.value_text,
+                    ],
+                )
+                .await;
+            match result {
+                Ok(_) => return Ok(rows.len()),
+                // "no partition of relation found for row": retention (of another instance)
+                // dropped a partition this process thought it had.
+                Err(error) if attempt == 0 && error.code() == Some(&SqlState::CHECK_VIOLATION) => {
+                    tracing::info!(error = %error, "a partition was missing; creating it");
+                    self.forget_partitions();
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(ApiError::internal(anyhow::anyhow!(
+            "storing readings: partitions kept disappearing"
+        )))
     }
 
-    /// A page of history; returns one row more than `query.limit` when there is a next page.
+    /// The series of a device (all, or those of `metrics`), ordered by metric name (bytes).
+    pub async fn device_series(
+        &self,
+        project: &str,
+        device_id: &str,
+        metrics: Option<&[String]>,
+    ) -> Result<Vec<DeviceSeries>, ApiError> {
+        let client = self.query_pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT series_id, metric FROM telemetry.series
+                 WHERE project = $1 AND device_id = $2 AND ($3::text[] IS NULL OR metric = ANY($3))",
+            )
+            .await
+            .map_err(read_error)?;
+        let metrics: Option<Vec<String>> = metrics.map(<[String]>::to_vec);
+        let rows = client
+            .query(&statement, &[&project, &device_id, &metrics])
+            .await
+            .map_err(read_error)?;
+        let mut series: Vec<DeviceSeries> = rows
+            .iter()
+            .map(|row| DeviceSeries {
+                series_id: row.get(0),
+                metric: row.get(1),
+            })
+            .collect();
+        series.sort_by(|a, b| a.metric.cmp(&b.metric));
+        Ok(series)
+    }
+
+    /// A page of history ordered by time then metric; returns one row more than
+    /// `query.limit` when there is a next page. Each series is read from its own index range
+    /// (at most `limit + 1` rows each), and the pieces merged: a page costs the same on the
+    /// first day of history and on the millionth.
     pub async fn readings(
         &self,
         project: &str,
         device_id: &str,
         query: &ReadingsQuery,
     ) -> Result<Vec<(ReadingOut, Position)>, ApiError> {
-        let client = self.pool.get().await?;
+        let client = self.query_pool.get().await?;
+        let mut start = query.start.unwrap_or_else(|| from_us(MIN_TIME_US));
+        let mut end = query.end.unwrap_or_else(|| from_us(MAX_TIME_US));
         let (after_ts, after_metric) = match &query.after {
             Some(position) => (Some(from_us(position.ts_us)), Some(position.metric.clone())),
             None => (None, None),
         };
-        let (keyset, order) = match query.order {
-            Order::Asc => ("(ts, metric) > ($6, $7)", "ts ASC, metric ASC"),
-            Order::Desc => ("(ts, metric) < ($6, $7)", "ts DESC, metric DESC"),
+        // The cursor narrows the index range itself; the filter only settles equal times.
+        if let Some(after) = after_ts {
+            match query.order {
+                Order::Asc => start = start.max(after),
+                Order::Desc => end = end.min(after + chrono::Duration::microseconds(1)),
+            }
+        }
+        let (keyset, inner_order, outer_order) = match query.order {
+            Order::Asc => (
+                "(r.ts > $5 OR (r.ts = $5 AND s.metric COLLATE \"C\" > $6))",
+                "r.ts ASC",
+                "r.ts ASC, s.metric COLLATE \"C\" ASC",
+            ),
+            Order::Desc => (
+                "(r.ts < $5 OR (r.ts = $5 AND s.metric COLLATE \"C\" < $6))",
+                "r.ts DESC",
+                "r.ts DESC, s.metric COLLATE \"C\" DESC",
+            ),
         };
         let sql = format!(
-            "SELECT metric, ts, value_num, value_bool, value_text FROM telemetry.readings
-             WHERE project = $1 AND device_id = $2
-               AND ($3::timestamptz IS NULL OR ts >= $3)
-               AND ($4::timestamptz IS NULL OR ts < $4)
-               AND ($5::text[] IS NULL OR metric = ANY($5))
-               AND ($6::timestamptz IS NULL OR {keyset})
-             ORDER BY {order} LIMIT $8"
+            "SELECT s.metric, r.ts, r.value_num, r.value_bool, r.value_text
+             FROM telemetry.series s
+             CROSS JOIN LATERAL (
+                 SELECT r.ts, r.value_num, r.value_bool, r.value_text FROM telemetry.readings r
+                 WHERE r.series_id = s.series_id AND r.ts >= $3 AND r.ts < $4
+                   AND ($5::timestamptz IS NULL OR {keyset})
+                 ORDER BY {inner_order} LIMIT $7) r
+             WHERE s.project = $1 AND s.device_id = $2 AND ($8::text[] IS NULL OR s.metric = ANY($8))
+             ORDER BY {outer_order} LIMIT $7"
         );
         let limit = query.limit as i64 + 1;
+        let statement = client.prepare_cached(&sql).await.map_err(read_error)?;
         let rows = client
             .query(
-                &sql,
+                &statement,
                 &[
                     &project,
                     &device_id,
-                    &query.start,
-                    &query.end,
-                    &query.metrics,
+                    &start,
+                    &end,
                     &after_ts,
                     &after_metric,
                     &limit,
+                    &query.metrics,
                 ],
             )
-            .await?;
+            .await
+            .map_err(read_error)?;
         Ok(rows
             .iter()
             .map(|row| {
@@ -203,23 +500,29 @@ impl Repo {
             .collect())
     }
 
-    /// The newest value of each metric (or of the given ones).
+    /// The newest value of each metric (or of the given ones): one index range over the
+    /// series dictionary, whatever the history's size.
     pub async fn latest(
         &self,
         project: &str,
         device_id: &str,
         metrics: Option<&[String]>,
     ) -> Result<Vec<ReadingOut>, ApiError> {
-        let client = self.pool.get().await?;
+        let client = self.query_pool.get().await?;
         let metrics: Option<Vec<String>> = metrics.map(<[String]>::to_vec);
-        let rows = client
-            .query(
-                "SELECT metric, ts, value_num, value_bool, value_text FROM telemetry.latest
-                 WHERE project = $1 AND device_id = $2 AND ($3::text[] IS NULL OR metric = ANY($3))
-                 ORDER BY metric",
-                &[&project, &device_id, &metrics],
+        let statement = client
+            .prepare_cached(
+                "SELECT metric, last_ts, last_num, last_bool, last_text FROM telemetry.series
+                 WHERE project = $1 AND device_id = $2 AND last_ts IS NOT NULL
+                   AND ($3::text[] IS NULL OR metric = ANY($3))
+                 ORDER BY metric COLLATE \"C\"",
             )
-            .await?;
+            .await
+            .map_err(read_error)?;
+        let rows = client
+            .query(&statement, &[&project, &device_id, &metrics])
+            .await
+            .map_err(read_error)?;
         Ok(rows
             .iter()
             .map(|row| ReadingOut {
@@ -227,6 +530,164 @@ impl Repo {
                 ts: format_rfc3339(&row.get(1)),
                 value: json_value(row, 2),
             })
+            .collect())
+    }
+
+    /// Metric names of a device with first and last time and count, from the dictionary.
+    pub async fn metrics(
+        &self,
+        project: &str,
+        device_id: &str,
+    ) -> Result<Vec<MetricOut>, ApiError> {
+        let client = self.query_pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT metric, first_ts, last_ts, count FROM telemetry.series
+                 WHERE project = $1 AND device_id = $2 AND count > 0
+                 ORDER BY metric COLLATE \"C\"",
+            )
+            .await
+            .map_err(read_error)?;
+        let rows = client
+            .query(&statement, &[&project, &device_id])
+            .await
+            .map_err(read_error)?;
+        Ok(rows
+            .iter()
+            .map(|row| MetricOut {
+                metric: row.get(0),
+                first_ts: format_rfc3339(&row.get(1)),
+                last_ts: format_rfc3339(&row.get(2)),
+                count: row.get(3),
+            })
+            .collect())
+    }
+
+    /// Partial aggregates of `series` over one segment, per series and bucket of `interval`.
+    pub async fn partials(
+        &self,
+        series: &[i32],
+        segment: Segment,
+        interval: Interval,
+    ) -> Result<Vec<(i32, i64, Partial)>, ApiError> {
+        let sql = match segment.source {
+            Source::Raw => {
+                "SELECT series_id, date_bin(make_interval(secs => $4), ts, timestamptz '1970-01-01 00:00:00+00'),
+                        count(*), count(value_num), sum(value_num), min(value_num), max(value_num),
+                        min(ts) FILTER (WHERE value_num IS NOT NULL),
+                        (min(ARRAY[telemetry.epoch_us(ts), value_num]) FILTER (WHERE value_num IS NOT NULL))[2],
+                        max(ts) FILTER (WHERE value_num IS NOT NULL),
+                        (max(ARRAY[telemetry.epoch_us(ts), value_num]) FILTER (WHERE value_num IS NOT NULL))[2]
+                 FROM telemetry.readings
+                 WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3
+                 GROUP BY 1, 2"
+                    .to_owned()
+            }
+            Source::Rollup1h | Source::Rollup1d => format!(
+                "SELECT series_id, date_bin(make_interval(secs => $4), bucket, timestamptz '1970-01-01 00:00:00+00'),
+                        sum(count)::int8, sum(num_count)::int8, sum(sum), min(min), max(max),
+                        min(first_ts),
+                        (min(ARRAY[telemetry.epoch_us(first_ts), first_num]) FILTER (WHERE first_ts IS NOT NULL))[2],
+                        max(last_ts),
+                        (max(ARRAY[telemetry.epoch_us(last_ts), last_num]) FILTER (WHERE last_ts IS NOT NULL))[2]
+                 FROM telemetry.{}
+                 WHERE series_id = ANY($1) AND bucket >= $2 AND bucket < $3
+                 GROUP BY 1, 2",
+                segment.source.name()
+            ),
+        };
+        let client = self.query_pool.get().await?;
+        let statement = client.prepare_cached(&sql).await.map_err(read_error)?;
+        let seconds = interval.seconds as f64;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &series,
+                    &from_us(segment.start_us),
+                    &from_us(segment.end_us),
+                    &seconds,
+                ],
+            )
+            .await
+            .map_err(read_error)?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let bucket: DateTime<Utc> = row.get(1);
+                let point = |ts: usize, value: usize| {
+                    row.get::<_, Option<DateTime<Utc>>>(ts)
+                        .zip(row.get::<_, Option<f64>>(value))
+                        .map(|(ts, value)| (ts.timestamp_micros(), value))
+                };
+                (
+                    row.get(0),
+                    bucket.timestamp_micros(),
+                    Partial {
+                        count: row.get(2),
+                        num_count: row.get(3),
+                        sum: row.get(4),
+                        min: row.get(5),
+                        max: row.get(6),
+                        first: point(7, 8),
+                        last: point(9, 10),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Up to `limit` raw readings of one series in `[start, end)`, in time order.
+    pub async fn series_readings(
+        &self,
+        series_id: i32,
+        start_us: i64,
+        end_us: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, serde_json::Value)>, ApiError> {
+        let client = self.query_pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT ts, value_num, value_bool, value_text FROM telemetry.readings
+                 WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
+            )
+            .await
+            .map_err(read_error)?;
+        let rows = client
+            .query(
+                &statement,
+                &[&series_id, &from_us(start_us), &from_us(end_us), &limit],
+            )
+            .await
+            .map_err(read_error)?;
+        Ok(rows
+            .iter()
+            .map(|row| (format_rfc3339(&row.get(0)), json_value(row, 1)))
+            .collect())
+    }
+
+    /// Series ids of several devices' metrics: `(device, metric) -> id` for those that exist.
+    pub async fn series_of_devices(
+        &self,
+        project: &str,
+        devices: &[String],
+        metrics: &[String],
+    ) -> Result<HashMap<(String, String), i32>, ApiError> {
+        let client = self.query_pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT device_id, metric, series_id FROM telemetry.series
+                 WHERE project = $1 AND device_id = ANY($2) AND metric = ANY($3)",
+            )
+            .await
+            .map_err(read_error)?;
+        let rows = client
+            .query(&statement, &[&project, &devices, &metrics])
+            .await
+            .map_err(read_error)?;
+        Ok(rows
+            .iter()
+            .map(|row| ((row.get(0), row.get(1)), row.get(2)))
             .collect())
     }
 }

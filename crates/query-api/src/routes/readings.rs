@@ -1,44 +1,102 @@
-//! `GET /api/v1/devices/{id}/readings` and `/readings/latest`.
+//! One device's history: `GET /api/v1/devices/{id}/readings` (a page, or an export with
+//! `format=csv|ndjson` / `Accept: text/csv`), `/readings/latest`, `/readings/aggregate` and
+//! `/metrics`.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, http::header, web};
 use chrono::Utc;
 use fieldline_common::{
     ApiError,
     auth::{ApiKey, ScopeLevel},
     envelope::{self},
     extract::Query,
+    time::{MAX_TIME_US, MIN_TIME_US, format_rfc3339, from_us},
 };
+use serde_json::json;
 
 use crate::{
-    State,
-    domain::{LatestParams, ReadingsParams, parse_metrics},
+    State, aggregate,
+    domain::{AggregateParams, LatestParams, ReadingsParams, parse_metrics},
+    export::{self, Export},
 };
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/api/v1/devices/{id}/readings").route(web::get().to(readings)))
+        .service(web::resource("/api/v1/devices/{id}/readings/latest").route(web::get().to(latest)))
         .service(
-            web::resource("/api/v1/devices/{id}/readings/latest").route(web::get().to(latest)),
-        );
+            web::resource("/api/v1/devices/{id}/readings/aggregate")
+                .route(web::get().to(aggregate)),
+        )
+        .service(web::resource("/api/v1/devices/{id}/metrics").route(web::get().to(metrics)));
 }
 
 async fn readings(
     state: web::Data<State>,
+    request: HttpRequest,
     key: ApiKey,
     path: web::Path<String>,
     Query(params): Query<ReadingsParams>,
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Read)?;
+    let accept = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok());
+    let format = params.export_format(accept)?;
+    if format.is_some() {
+        for (name, given) in [
+            ("cursor", params.cursor.is_some()),
+            ("limit", params.limit.is_some()),
+        ] {
+            if given {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("{name}: an export streams every row in range; leave {name} out"),
+                ));
+            }
+        }
+    }
     let query = params.parse(Utc::now())?;
     let device_id = state
         .context
         .auth
         .require_device(&principal.project, &path)
         .await?;
-    let rows = state
+    let Some(format) = format else {
+        let rows = state
+            .repo
+            .readings(&principal.project, device_id.as_str(), &query)
+            .await?;
+        return Ok(envelope::keyset_page(rows, query.limit));
+    };
+    let series = state
         .repo
-        .readings(&principal.project, device_id.as_str(), &query)
+        .device_series(
+            &principal.project,
+            device_id.as_str(),
+            query.metrics.as_deref(),
+        )
         .await?;
-    Ok(envelope::keyset_page(rows, query.limit))
+    let body = export::start(
+        state.repo.query_pool().clone(),
+        Export {
+            series,
+            start_us: query.start.map_or(MIN_TIME_US, |t| t.timestamp_micros()),
+            end_us: query.end.map_or(MAX_TIME_US, |t| t.timestamp_micros()),
+            order: query.order,
+            format,
+        },
+    );
+    let extension = match format {
+        crate::domain::ExportFormat::Csv => "csv",
+        crate::domain::ExportFormat::Ndjson => "ndjson",
+    };
+    Ok(HttpResponse::Ok()
+        .content_type(format.content_type())
+        .insert_header((
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{device_id}-readings.{extension}\""),
+        ))
+        .streaming(body))
 }
 
 async fn latest(
@@ -60,3 +118,78 @@ async fn latest(
         .await?;
     Ok(envelope::ok(&latest))
 }
+
+async fn aggregate(
+    state: web::Data<State>,
+    key: ApiKey,
+    path: web::Path<String>,
+    Query(params): Query<AggregateParams>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Read)?;
+    let (metrics, spec) = params.parse(Utc::now())?;
+    let device_id = state
+        .context
+        .auth
+        .require_device(&principal.project, &path)
+        .await?;
+    let series = state
+        .repo
+        .device_series(&principal.project, device_id.as_str(), Some(&metrics))
+        .await?;
+    let ids: Vec<i32> = series.iter().map(|s| s.series_id).collect();
+    let (buckets, sources) = aggregate::fetch(&state.repo, &ids, &spec).await?;
+    let empty = aggregate::Buckets::new();
+    let mut out = Vec::with_capacity(metrics.len());
+    for metric in &metrics {
+        let of_metric = series
+            .iter()
+            .find(|s| &s.metric == metric)
+            .and_then(|s| buckets.get(&s.series_id))
+            .unwrap_or(&empty);
+        aggregate::check_numeric(metric, of_metric, &spec)?;
+        let (rendered, _) = aggregate::render(of_metric, &spec, usize::MAX);
+        out.push(json!({"metric": metric, "buckets": rendered}));
+    }
+    Ok(envelope::ok(&json!({
+        "device_id": device_id.as_str(),
+        "start": format_rfc3339(&from_us(spec.start_us)),
+        "end": format_rfc3339(&from_us(spec.end_us)),
+        "interval": spec.interval.label(),
+        "fn": spec.fns.iter().map(|f| f.name()).collect::<Vec<_>>(),
+        "fill": fill_name(spec.fill),
+        "sources": sources.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        "series": out,
+    })))
+}
+
+pub fn fill_name(fill: crate::domain::Fill) -> &'static str {
+    match fill {
+        crate::domain::Fill::None => "none",
+        crate::domain::Fill::Null => "null",
+        crate::domain::Fill::Previous => "previous",
+    }
+}
+
+async fn metrics(
+    state: web::Data<State>,
+    key: ApiKey,
+    path: web::Path<String>,
+    Query(_): Query<NoParams>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Read)?;
+    let device_id = state
+        .context
+        .auth
+        .require_device(&principal.project, &path)
+        .await?;
+    let metrics = state
+        .repo
+        .metrics(&principal.project, device_id.as_str())
+        .await?;
+    Ok(envelope::ok(&metrics))
+}
+
+/// An endpoint without parameters refuses unknown ones.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}

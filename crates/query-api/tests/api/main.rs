@@ -54,7 +54,8 @@ pub async fn stored(app: &TestApp, device_id: &str) -> i64 {
         .pg()
         .await
         .query_one(
-            "SELECT count(*) FROM telemetry.readings WHERE device_id = $1",
+            "SELECT count(*) FROM telemetry.readings r JOIN telemetry.series s USING (series_id)
+             WHERE s.device_id = $1",
             &[&device_id],
         )
         .await

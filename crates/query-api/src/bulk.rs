@@ -1,0 +1,69 @@
+//! Bulk loading of numeric readings straight into the product's tables, for benchmarks and
+//! tests that need millions of rows fast: the writer's series mapping and partitions, then
+//! binary `COPY`, then the statistics and rollups the writer would have maintained. In
+//! production readings come in through the bus and the writer.
+
+use std::pin::pin;
+
+use anyhow::Context as _;
+use chrono::Days;
+use fieldline_common::time::from_us;
+use tokio_postgres::{Client, binary_copy::BinaryCopyInWriter, types::Type};
+
+use crate::repo::{SeriesKey, day_of, ensure_partition, upsert_series};
+
+/// Loads `readings` — (index into `series`, epoch µs, value) with every time inside
+/// `[start_us, end_us)` — into a database migrated by query-api. Returns the rows copied.
+/// The (series, time) pairs must be new: `COPY` has no `ON CONFLICT`.
+pub async fn load_numbers(
+    client: &Client,
+    series: &[SeriesKey],
+    (start_us, end_us): (i64, i64),
+    readings: impl IntoIterator<Item = (usize, i64, f64)>,
+) -> anyhow::Result<u64> {
+    let ids = upsert_series(client, series)
+        .await
+        .context("mapping series")?;
+    anyhow::ensure!(ids.len() == series.len(), "series mapping incomplete");
+    let mut day = day_of(start_us);
+    let last_day = day_of(end_us.saturating_sub(1));
+    while day <= last_day {
+        ensure_partition(client, day).await?;
+        day = day
+            .checked_add_days(Days::new(1))
+            .context("date overflow")?;
+    }
+    let sink = client
+        .copy_in("COPY telemetry.readings (series_id, ts, value_num) FROM STDIN BINARY")
+        .await?;
+    let mut writer = pin!(BinaryCopyInWriter::new(
+        sink,
+        &[Type::INT4, Type::TIMESTAMPTZ, Type::FLOAT8]
+    ));
+    let mut copied = 0u64;
+    for (index, ts_us, value) in readings {
+        anyhow::ensure!(
+            (start_us..end_us).contains(&ts_us),
+            "reading at {ts_us} outside the declared range"
+        );
+        let ts = from_us(ts_us);
+        writer.as_mut().write(&[&ids[index], &ts, &value]).await?;
+        copied += 1;
+    }
+    writer.finish().await?;
+    client
+        .execute("SELECT telemetry.rebuild_series_stats($1)", &[&ids])
+        .await
+        .context("series statistics")?;
+    client
+        .execute(
+            "SELECT telemetry.rebuild_rollups($1, $2, $3)",
+            &[&ids, &from_us(start_us), &from_us(end_us)],
+        )
+        .await
+        .context("rollups")?;
+    client
+        .batch_execute("ANALYZE telemetry.readings; ANALYZE telemetry.series; ANALYZE telemetry.rollup_1h; ANALYZE telemetry.rollup_1d")
+        .await?;
+    Ok(copied)
+}
