@@ -3,21 +3,73 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod aggregate;
+mod export;
+mod query;
 mod readings;
+mod retention;
 mod writer;
 
+use fieldline_common::Config;
 use fieldline_proto::v1::{Reading, TelemetryBatch, reading};
 use fieldline_testkit::{TestApp, TestEnv};
 use prost::Message;
 
 pub async fn spawn_query() -> TestApp {
-    TestApp::spawn(TestEnv::new().await, |context| async move {
+    spawn_query_with(|config| config).await
+}
+
+pub async fn spawn_query_with(tweak: impl FnOnce(Config) -> Config) -> TestApp {
+    TestApp::spawn_with(TestEnv::new().await, tweak, |context| async move {
         Ok(vec![
             device_registry::start(&context).await?,
             query_api::start(&context).await?,
         ])
     })
     .await
+}
+
+/// Creates project `slug`; returns its admin key.
+pub async fn create_project(app: &TestApp, slug: &str) -> String {
+    let (status, body) = app
+        .post(
+            "/api/v1/projects",
+            app.admin_key(),
+            &serde_json::json!({"slug": slug}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+    body["data"]["admin_key"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+pub fn boolean(metric: &str, ts_us: i64, value: bool) -> Reading {
+    Reading {
+        metric: metric.into(),
+        ts_us,
+        value: Some(reading::Value::Boolean(value)),
+    }
+}
+
+pub fn text(metric: &str, ts_us: i64, value: &str) -> Reading {
+    Reading {
+        metric: metric.into(),
+        ts_us,
+        value: Some(reading::Value::Text(value.into())),
+    }
+}
+
+/// Rows stored in the whole test database.
+pub async fn stored_total(app: &TestApp) -> i64 {
+    app.env
+        .pg()
+        .await
+        .query_one("SELECT count(*) FROM telemetry.readings", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 pub fn number(metric: &str, ts_us: i64, value: f64) -> Reading {

@@ -229,3 +229,103 @@ async fn malformed_parameters_get_400_naming_them() {
     let _: Value = body;
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn latest_and_metrics_after_backfill_and_out_of_order_readings() {
+    let app = spawn_query().await;
+    app.create_device("d1").await;
+    // Live readings first, then a backfill of older history (a gateway uploading its buffer),
+    // then one straggler between them, and a redelivery.
+    let live = vec![
+        number("temp", T0 + 100_000_000, 10.0),
+        number("hum", T0 + 50_000_000, 40.0),
+    ];
+    publish(&app, "default", "d1", live.clone()).await;
+    let backfill: Vec<Reading> = (0..50)
+        .map(|i| number("temp", T0 - 3_600_000_000 + i * 1_000_000, i as f64))
+        .collect();
+    publish(&app, "default", "d1", backfill).await;
+    publish(
+        &app,
+        "default",
+        "d1",
+        vec![number("temp", T0 + 99_000_000, 9.0)],
+    )
+    .await;
+    publish(&app, "default", "d1", live).await;
+    eventually("readings stored", Duration::from_secs(10), || async {
+        (stored(&app, "d1").await == 53).then_some(())
+    })
+    .await;
+
+    let (status, body) = app
+        .get("/api/v1/devices/d1/readings/latest", app.admin_key())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["data"],
+        json!([
+            {"metric": "hum", "ts": "2026-01-01T00:00:50Z", "value": 40.0},
+            {"metric": "temp", "ts": "2026-01-01T00:01:40Z", "value": 10.0},
+        ])
+    );
+    let (status, body) = app.get("/api/v1/devices/d1/metrics", app.admin_key()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["data"],
+        json!([
+            {"metric": "hum", "first_ts": "2026-01-01T00:00:50Z", "last_ts": "2026-01-01T00:00:50Z", "count": 1},
+            {"metric": "temp", "first_ts": "2025-12-31T23:00:00Z", "last_ts": "2026-01-01T00:01:40Z", "count": 52},
+        ])
+    );
+    // Both answer from the dictionary: one index lookup whatever the history's size.
+    let plan: String = app
+        .env
+        .pg()
+        .await
+        .query(
+            "EXPLAIN SELECT metric, last_ts FROM telemetry.series WHERE project = 'default' AND device_id = 'd1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!plan.contains("readings"), "{plan}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_route_answers_404_for_another_projects_device() {
+    let app = spawn_query().await;
+    app.create_device("mine").await;
+    publish(&app, "default", "mine", vec![number("temp", T0, 1.0)]).await;
+    eventually("readings stored", Duration::from_secs(10), || async {
+        (stored(&app, "mine").await == 1).then_some(())
+    })
+    .await;
+    let (status, body) = app
+        .post(
+            "/api/v1/projects",
+            app.admin_key(),
+            &json!({"slug": "other"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let other_admin = body["data"]["admin_key"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for path in [
+        "/api/v1/devices/mine/readings?format=csv",
+        "/api/v1/devices/mine/readings/aggregate?metric=temp&interval=1h",
+        "/api/v1/devices/mine/metrics",
+    ] {
+        let (status, body) = app.get(path, &other_admin).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "device_not_found");
+        assert_eq!(body["error"]["message"], "device mine not found");
+    }
+    app.shutdown().await;
+}

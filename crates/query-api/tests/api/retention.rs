@@ -1,0 +1,172 @@
+//! Retention: old partitions are dropped, the rollups stay and still answer, equal to the
+//! aggregate computed from raw rows before they went.
+
+use std::time::Duration;
+
+use fieldline_testkit::{TestApp, eventually};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::{number, publish, spawn_query_with, stored};
+
+const HOUR: i64 = 3_600_000_000;
+const DAY: i64 = 24 * HOUR;
+
+fn rfc3339(ts_us: i64) -> String {
+    fieldline_common::time::format_rfc3339(&fieldline_common::time::from_us(ts_us))
+}
+
+async fn partitions(app: &TestApp) -> Vec<String> {
+    app.env
+        .pg()
+        .await
+        .query(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'telemetry.readings'::regclass ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+async fn aggregate(app: &TestApp, query: &str) -> Value {
+    let (status, body) = app
+        .get(
+            &format!("/api/v1/devices/d1/readings/aggregate?{query}"),
+            app.admin_key(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["data"].clone()
+}
+
+#[tokio::test]
+async fn retention_drops_old_partitions_and_keeps_rollups() {
+    let app = spawn_query_with(|mut config| {
+        config.partition_maintenance_interval = Duration::from_millis(100);
+        config
+    })
+    .await;
+    app.create_device("d1").await;
+    // Partitions are created ahead: today and the coming week exist before any reading.
+    let today = chrono::Utc::now().date_naive();
+    let ahead = format!(
+        "readings_{}",
+        (today + chrono::Days::new(7)).format("%Y%m%d")
+    );
+    eventually("partitions ahead", Duration::from_secs(10), || async {
+        partitions(&app).await.contains(&ahead).then_some(())
+    })
+    .await;
+
+    // Readings 6 to 4 days ago (whole days), every 10 minutes.
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let first_day = (now_us / DAY - 6) * DAY;
+    let readings: Vec<_> = (0..(2 * DAY / (10 * 60_000_000)))
+        .map(|i| {
+            number(
+                "temp",
+                first_day + i * 10 * 60_000_000,
+                ((i * 13) % 40) as f64 / 2.0,
+            )
+        })
+        .collect();
+    let count = readings.len() as i64;
+    publish(&app, "default", "d1", readings).await;
+    eventually("readings stored", Duration::from_secs(10), || async {
+        (stored(&app, "d1").await == count).then_some(())
+    })
+    .await;
+    let range = format!(
+        "metric=temp&start={}&end={}&fn=avg,min,max,sum,count,first,last",
+        rfc3339(first_day),
+        rfc3339(first_day + 2 * DAY)
+    );
+    let raw_hourly = aggregate(&app, &format!("{range}&interval=1h&source=raw")).await;
+    let raw_daily = aggregate(&app, &format!("{range}&interval=1d&source=raw")).await;
+    assert_eq!(
+        raw_hourly["series"][0]["buckets"].as_array().unwrap().len(),
+        48
+    );
+    let before = partitions(&app).await;
+    let old_partition = format!(
+        "readings_{}",
+        fieldline_common::time::from_us(first_day).format("%Y%m%d")
+    );
+    assert!(before.contains(&old_partition), "{before:?}");
+
+    // This project keeps raw readings 2 days, rollups forever.
+    app.env
+        .pg()
+        .await
+        .execute(
+            "INSERT INTO telemetry.retention (project, readings) VALUES ('default', interval '2 days')",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually(
+        "old partitions dropped",
+        Duration::from_secs(10),
+        || async { (!partitions(&app).await.contains(&old_partition)).then_some(()) },
+    )
+    .await;
+    assert_eq!(stored(&app, "d1").await, 0);
+    let (_, body) = app
+        .get("/api/v1/devices/d1/readings", app.admin_key())
+        .await;
+    assert_eq!(body["data"], json!([]));
+    // The dictionary forgot the rows too, but not the latest value.
+    let (_, body) = app.get("/api/v1/devices/d1/metrics", app.admin_key()).await;
+    assert_eq!(body["data"], json!([]));
+    let (_, body) = app
+        .get("/api/v1/devices/d1/readings/latest", app.admin_key())
+        .await;
+    assert_eq!(body["data"][0]["metric"], "temp");
+
+    // Rollups answer, equal to what raw rows gave before they went.
+    let hourly = aggregate(&app, &format!("{range}&interval=1h")).await;
+    assert_eq!(hourly["sources"], json!(["rollup_1h"]));
+    assert_eq!(hourly["series"], raw_hourly["series"]);
+    let daily = aggregate(&app, &format!("{range}&interval=1d")).await;
+    assert_eq!(daily["sources"], json!(["rollup_1d"]));
+    assert_eq!(daily["series"], raw_daily["series"]);
+
+    // A reading older than retention is not stored again (it would only be dropped again).
+    publish(
+        &app,
+        "default",
+        "d1",
+        vec![number("temp", first_day + 1, 1.0)],
+    )
+    .await;
+    publish(&app, "default", "d1", vec![number("fresh", now_us, 1.0)]).await;
+    eventually("fresh reading stored", Duration::from_secs(10), || async {
+        (stored(&app, "d1").await == 1).then_some(())
+    })
+    .await;
+
+    // Rollups have their own retention.
+    app.env
+        .pg()
+        .await
+        .execute(
+            "UPDATE telemetry.retention SET rollups = interval '1 day' WHERE project = 'default'",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually("old rollups deleted", Duration::from_secs(10), || async {
+        let data = aggregate(&app, &format!("{range}&interval=1h")).await;
+        data["series"][0]["buckets"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    app.shutdown().await;
+}
