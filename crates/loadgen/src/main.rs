@@ -3,6 +3,7 @@
 //! report (Markdown and JSON) with every figure beside its limit.
 
 mod platform;
+mod queries;
 mod raw;
 mod receiver;
 mod scenarios;
@@ -47,7 +48,7 @@ struct BenchArgs {
     #[arg(long, default_value = "bench")]
     out: PathBuf,
     /// Comma list of scenarios (default: all): http-batched, http-single, mqtt-qos1,
-    /// webhooks-throughput, webhooks-latency.
+    /// webhooks-throughput, webhooks-latency, queries.
     #[arg(long)]
     scenarios: Option<String>,
     /// Events per second of the webhook latency scenario (default 1000; 200 with --quick).
@@ -374,6 +375,67 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 None,
             ));
             details.insert("mqtt-qos1".into(), serde_json::to_value(&result)?);
+        }
+        if wanted("queries") {
+            let seed = if args.quick {
+                queries::Seed::quick()
+            } else {
+                queries::Seed::full()
+            };
+            let result = queries::run(&platform, seed, 32, duration).await?;
+            for (labels, result) in [
+                (
+                    [
+                        "1,000-row page p50",
+                        "1,000-row page p99",
+                        "1,000-row page p99.9",
+                        "1,000-row pages per second",
+                    ],
+                    &result.page,
+                ),
+                (
+                    [
+                        "latest values p50",
+                        "latest values p99",
+                        "latest values p99.9",
+                        "latest values per second",
+                    ],
+                    &result.latest,
+                ),
+                (
+                    [
+                        "24h aggregate, 5-min buckets p50",
+                        "24h aggregate, 5-min buckets p99",
+                        "24h aggregate, 5-min buckets p99.9",
+                        "24h aggregates per second",
+                    ],
+                    &result.aggregate,
+                ),
+            ] {
+                let latency = &result.latency;
+                for (label, value) in
+                    labels
+                        .iter()
+                        .zip([latency.p50_ms, latency.p99_ms, latency.p999_ms])
+                {
+                    figures.push(figure("queries", label, value, "ms", None));
+                }
+                figures.push(figure(
+                    "queries",
+                    labels[3],
+                    result.requests_per_second,
+                    "req/s",
+                    None,
+                ));
+            }
+            figures.push(figure(
+                "queries",
+                "readings seeded (binary COPY, series stats and rollups)",
+                result.seeded_readings as f64 / result.seed_seconds,
+                "readings/s",
+                None,
+            ));
+            details.insert("queries".into(), serde_json::to_value(&result)?);
         }
         anyhow::Ok(())
     }

@@ -16,8 +16,8 @@ use crate::{
     receiver::Receiver,
 };
 
-/// Binary `COPY` of `rows` readings (the writer's row shape) into a scratch table with the
-/// readings table's primary key; rows per second.
+/// Binary `COPY` of `rows` readings (the writer's row shape: series id, time, value) into a
+/// scratch table with the readings table's columns and primary key; rows per second.
 pub async fn postgres_copy(servers: &Servers, database: &str, rows: u64) -> anyhow::Result<f64> {
     let client = pg(&format!("{}/{database}", servers.pg_url)).await?;
     client
@@ -28,13 +28,11 @@ pub async fn postgres_copy(servers: &Servers, database: &str, rows: u64) -> anyh
         .await?;
     let started = Instant::now();
     let sink = client
-        .copy_in("COPY public.raw_copy (project, device_id, ts, metric, value_num, value_bool, value_text) FROM STDIN BINARY")
+        .copy_in("COPY public.raw_copy (series_id, ts, value_num, value_bool, value_text) FROM STDIN BINARY")
         .await?;
     let types = [
-        Type::TEXT,
-        Type::TEXT,
+        Type::INT4,
         Type::TIMESTAMPTZ,
-        Type::TEXT,
         Type::FLOAT8,
         Type::BOOL,
         Type::TEXT,
@@ -44,19 +42,15 @@ pub async fn postgres_copy(servers: &Servers, database: &str, rows: u64) -> anyh
         .timestamp_opt(1_735_689_600, 0)
         .single()
         .unwrap_or_default();
-    let project = "default".to_owned();
-    let metric = "temperature".to_owned();
     let none_bool: Option<bool> = None;
     let none_text: Option<String> = None;
     for index in 0..rows {
-        let device = format!("raw-{}", index % 8);
+        let series_id = (index % 8) as i32;
         let ts = base + chrono::Duration::milliseconds((index / 8) as i64);
         let value = Some((index % 400) as f64 / 10.0);
         writer
             .as_mut()
-            .write(&[
-                &project, &device, &ts, &metric, &value, &none_bool, &none_text,
-            ])
+            .write(&[&series_id, &ts, &value, &none_bool, &none_text])
             .await?;
     }
     writer.finish().await?;

@@ -209,7 +209,7 @@ async fn wait_rows(
     loop {
         let stored: i64 = client
             .query_one(
-                "SELECT count(*) FROM telemetry.readings WHERE project = 'default' AND device_id LIKE $1 || '%'",
+                "SELECT COALESCE(sum(count), 0)::int8 FROM telemetry.series WHERE project = 'default' AND device_id LIKE $1 || '%'",
                 &[&prefix],
             )
             .await?
