@@ -60,3 +60,17 @@ async fn split_a_dispatcher_killed_mid_retry_still_delivers() {
     scenarios::dispatcher_killed_mid_retry(&mut platform).await;
     platform.stop().await;
 }
+
+#[tokio::test]
+async fn one_process_history_for_dashboards_aggregate_and_csv() {
+    let platform = Platform::one_process().await;
+    scenarios::history_for_dashboards(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn split_history_for_dashboards_aggregate_and_csv() {
+    let platform = Platform::split().await;
+    scenarios::history_for_dashboards(&platform).await;
+    platform.stop().await;
+}

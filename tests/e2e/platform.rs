@@ -184,8 +184,9 @@ impl Platform {
             || (path.starts_with("/api/v1/devices/") && path.ends_with("/webhooks"))
         {
             "webhook-dispatcher"
-        } else if path.starts_with("/api/v1/devices/")
-            && (path.contains("/readings") || path.ends_with("/metrics"))
+        } else if (path.starts_with("/api/v1/devices/")
+            && (path.contains("/readings") || path.ends_with("/metrics")))
+            || path == "/api/v1/query"
         {
             "query-api"
         } else {

@@ -418,3 +418,99 @@ fn mqtt_client(platform: &Platform) -> AsyncClient {
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     client
 }
+
+/// Readings ingested over HTTP come back as a dashboard asks for them: 15-minute aggregates,
+/// an hourly multi-device query (from rollups) and a CSV export.
+pub async fn history_for_dashboards(platform: &Platform) {
+    let token = create_device(platform, "dash-1").await;
+    // An hour of readings, one a minute: temperature i / 2, and a door flag.
+    let messages: Vec<Value> = (0..60)
+        .map(|i| {
+            json!({"ts": format!("2026-03-02T10:{i:02}:00Z"), "temperature": i as f64 / 2.0, "door_open": i % 2 == 0})
+        })
+        .collect();
+    let (status, body) = platform
+        .post("/api/v1/ingest", &token, &Value::Array(messages))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    wait_for_history(platform, "dash-1", 120).await;
+
+    let (status, body) = platform
+        .get(
+            "/api/v1/devices/dash-1/readings/aggregate?metric=temperature,door_open&start=2026-03-02T10:00:00Z&end=2026-03-02T11:00:00Z&interval=15m&fn=count",
+            platform.admin_key(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for series in body["data"]["series"].as_array().unwrap() {
+        let counts: Vec<i64> = series["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["count"].as_i64().unwrap())
+            .collect();
+        assert_eq!(counts, [15, 15, 15, 15], "{series}");
+    }
+    let (status, body) = platform
+        .get(
+            "/api/v1/devices/dash-1/readings/aggregate?metric=temperature&start=2026-03-02T10:00:00Z&end=2026-03-02T11:00:00Z&interval=15m&fn=avg,min,max,first,last",
+            platform.admin_key(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let expected: Vec<Value> = (0..4)
+        .map(|q| {
+            let values: Vec<f64> = (q * 15..q * 15 + 15).map(|i| i as f64 / 2.0).collect();
+            json!({
+                "ts": format!("2026-03-02T10:{:02}:00Z", q * 15),
+                "avg": values.iter().sum::<f64>() / 15.0,
+                "min": values[0],
+                "max": values[14],
+                "first": values[0],
+                "last": values[14],
+            })
+        })
+        .collect();
+    assert_eq!(body["data"]["series"][0]["buckets"], json!(expected));
+
+    // Hourly, across devices: answered from the hourly rollup.
+    let (status, body) = platform
+        .post(
+            "/api/v1/query",
+            platform.admin_key(),
+            &json!({"devices": ["dash-1"], "metrics": ["temperature"], "start": "2026-03-02T10:00:00Z", "end": "2026-03-02T11:00:00Z", "interval": "1h", "fn": "count,sum"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["sources"], json!(["rollup_1h"]));
+    assert_eq!(
+        body["data"]["series"][0]["buckets"],
+        json!([{"ts": "2026-03-02T10:00:00Z", "count": 60, "sum": 885.0}])
+    );
+
+    // CSV export of the whole range.
+    let response = platform
+        .http
+        .get(platform.url(
+            "/api/v1/devices/dash-1/readings?metric=temperature&start=2026-03-02T10:00:00Z&end=2026-03-02T11:00:00Z",
+        ))
+        .bearer_auth(platform.admin_key())
+        .header("accept", "text/csv")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/csv; charset=utf-8"
+    );
+    let csv = response.text().await.unwrap();
+    let mut expected = String::from("ts,metric,value\n");
+    for i in 0..60 {
+        expected.push_str(&format!(
+            "2026-03-02T10:{i:02}:00Z,temperature,{:?}\n",
+            i as f64 / 2.0
+        ));
+    }
+    assert_eq!(csv, expected);
+}

@@ -93,7 +93,8 @@ END
 $$;
 
 -- Recomputes the rollups of `ids` for the UTC days of [from_ts, to_ts) from raw readings
--- (bulk loads and this migration; the writer maintains them incrementally).
+-- (bulk loads and this migration; the writer maintains them incrementally). `IN (SELECT
+-- unnest(ids))` rather than `= ANY(ids)`: a hash join, not a scan of the array per row.
 CREATE FUNCTION telemetry.rebuild_rollups(ids integer[], from_ts timestamptz, to_ts timestamptz)
     RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
@@ -103,7 +104,7 @@ DECLARE
     width interval;
 BEGIN
     FOR table_name, width IN VALUES ('rollup_1h', interval '1 hour'), ('rollup_1d', interval '1 day') LOOP
-        EXECUTE format('DELETE FROM telemetry.%I WHERE series_id = ANY($1) AND bucket >= $2 AND bucket < $3', table_name)
+        EXECUTE format('DELETE FROM telemetry.%I WHERE series_id IN (SELECT unnest($1)) AND bucket >= $2 AND bucket < $3', table_name)
             USING ids, lo, hi;
         EXECUTE format(
             'INSERT INTO telemetry.%I
@@ -114,7 +115,7 @@ BEGIN
                     max(ts) FILTER (WHERE value_num IS NOT NULL),
                     (max(ARRAY[telemetry.epoch_us(ts), value_num]) FILTER (WHERE value_num IS NOT NULL))[2]
              FROM telemetry.readings
-             WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3
+             WHERE series_id IN (SELECT unnest($1)) AND ts >= $2 AND ts < $3
              GROUP BY 1, 2', table_name)
             USING ids, lo, hi, width;
     END LOOP;
@@ -128,7 +129,7 @@ CREATE FUNCTION telemetry.rebuild_series_stats(ids integer[]) RETURNS void
        SET count = agg.n, first_ts = agg.first_ts, last_ts = agg.last_ts,
            last_num = newest.value_num, last_bool = newest.value_bool, last_text = newest.value_text
       FROM (SELECT series_id, count(*) AS n, min(ts) AS first_ts, max(ts) AS last_ts
-              FROM telemetry.readings WHERE series_id = ANY(ids) GROUP BY series_id) agg
+              FROM telemetry.readings WHERE series_id IN (SELECT unnest(ids)) GROUP BY series_id) agg
       JOIN LATERAL (SELECT value_num, value_bool, value_text FROM telemetry.readings r
                      WHERE r.series_id = agg.series_id ORDER BY ts DESC LIMIT 1) newest ON true
      WHERE s.series_id = agg.series_id;

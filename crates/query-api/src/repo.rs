@@ -125,6 +125,22 @@ struct Columns {
     value_text: Vec<Option<String>>,
 }
 
+/// How a rollup row takes in another partial aggregate of the same bucket (`excluded`).
+pub const ROLLUP_MERGE: &str = "ON CONFLICT (series_id, bucket) DO UPDATE SET
+    count = r.count + excluded.count,
+    num_count = r.num_count + excluded.num_count,
+    sum = CASE WHEN r.sum IS NULL THEN excluded.sum
+               WHEN excluded.sum IS NULL THEN r.sum
+               ELSE r.sum + excluded.sum END,
+    min = LEAST(r.min, excluded.min),
+    max = GREATEST(r.max, excluded.max),
+    first_num = CASE WHEN r.first_ts IS NULL OR excluded.first_ts < r.first_ts
+                     THEN excluded.first_num ELSE r.first_num END,
+    first_ts = LEAST(r.first_ts, excluded.first_ts),
+    last_num = CASE WHEN r.last_ts IS NULL OR excluded.last_ts > r.last_ts
+                    THEN excluded.last_num ELSE r.last_num END,
+    last_ts = GREATEST(r.last_ts, excluded.last_ts)";
+
 /// Rollup upkeep for one table: the new rows' partial aggregates, merged into what is there.
 fn rollup_upsert(name: &str, table: &str, width: &str) -> String {
     format!(
@@ -137,20 +153,7 @@ fn rollup_upsert(name: &str, table: &str, width: &str) -> String {
                    max(ts) FILTER (WHERE value_num IS NOT NULL),
                    (max(ARRAY[telemetry.epoch_us(ts), value_num]) FILTER (WHERE value_num IS NOT NULL))[2]
             FROM inserted GROUP BY 1, 2 ORDER BY 1, 2
-            ON CONFLICT (series_id, bucket) DO UPDATE SET
-                count = r.count + excluded.count,
-                num_count = r.num_count + excluded.num_count,
-                sum = CASE WHEN r.sum IS NULL THEN excluded.sum
-                           WHEN excluded.sum IS NULL THEN r.sum
-                           ELSE r.sum + excluded.sum END,
-                min = LEAST(r.min, excluded.min),
-                max = GREATEST(r.max, excluded.max),
-                first_num = CASE WHEN r.first_ts IS NULL OR excluded.first_ts < r.first_ts
-                                 THEN excluded.first_num ELSE r.first_num END,
-                first_ts = LEAST(r.first_ts, excluded.first_ts),
-                last_num = CASE WHEN r.last_ts IS NULL OR excluded.last_ts > r.last_ts
-                                THEN excluded.last_num ELSE r.last_num END,
-                last_ts = GREATEST(r.last_ts, excluded.last_ts)
+            {ROLLUP_MERGE}
         )"
     )
 }
