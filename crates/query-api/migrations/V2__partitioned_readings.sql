@@ -3,6 +3,8 @@
 -- and hourly and daily rollups. docs/decisions/2026-11-22-readings-partitions.md says why.
 
 ALTER TABLE telemetry.readings RENAME TO readings_v1;
+ALTER TABLE telemetry.readings_v1 RENAME CONSTRAINT readings_pkey TO readings_v1_pkey;
+ALTER TABLE telemetry.readings_v1 RENAME CONSTRAINT readings_check TO readings_v1_check;
 ALTER TABLE telemetry.latest RENAME TO latest_v1;
 
 -- The dictionary: one row per (project, device, metric), and the one-lookup answer to "latest"
@@ -24,14 +26,16 @@ CREATE TABLE telemetry.series (
 
 -- Narrow rows: 4-byte series id, time, one value. The primary key is the natural key (a
 -- redelivered batch inserts nothing) and, in this order, the index every read uses: one
--- series, a time range, in time order.
+-- series, a time range, in time order. It carries the numeric value (INCLUDE), so numeric
+-- aggregates are index-only scans: a series' rows are spread over as many heap pages as
+-- readings (they arrive interleaved with every other series), but sit together in the index.
 CREATE TABLE telemetry.readings (
     series_id   integer NOT NULL,
     ts          timestamptz NOT NULL,
     value_num   double precision,
     value_bool  boolean,
     value_text  text,
-    PRIMARY KEY (series_id, ts),
+    PRIMARY KEY (series_id, ts) INCLUDE (value_num),
     CHECK (num_nonnulls(value_num, value_bool, value_text) = 1)
 ) PARTITION BY RANGE (ts);
 

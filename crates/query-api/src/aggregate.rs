@@ -240,10 +240,14 @@ pub async fn fetch(
     if series_ids.is_empty() {
         return Ok((by_series, sources));
     }
+    let edges = spec
+        .fns
+        .iter()
+        .any(|f| matches!(f, AggFn::First | AggFn::Last));
     let fetched = futures::future::try_join_all(
         segments
             .iter()
-            .map(|segment| repo.partials(series_ids, *segment, spec.interval)),
+            .map(|segment| repo.partials(series_ids, *segment, spec.interval, edges)),
     )
     .await?;
     for (series_id, bucket, partial) in fetched.into_iter().flatten() {

@@ -159,11 +159,12 @@ pub async fn load_numbers(
                 .context(table)?;
         }
     }
-    client
-        .batch_execute(
-            "ANALYZE telemetry.readings; ANALYZE telemetry.series;
-             ANALYZE telemetry.rollup_1h; ANALYZE telemetry.rollup_1d",
-        )
-        .await?;
+    // VACUUM sets the visibility map, so aggregates are index-only at once (autovacuum would
+    // get there on its own after inserts, later).
+    for table in ["readings", "series", "rollup_1h", "rollup_1d"] {
+        client
+            .batch_execute(&format!("VACUUM (ANALYZE) telemetry.{table}"))
+            .await?;
+    }
     Ok(copied)
 }

@@ -441,28 +441,38 @@ impl Repo {
                 Order::Desc => end = end.min(after + chrono::Duration::microseconds(1)),
             }
         }
-        let (keyset, inner_order, outer_order) = match query.order {
+        let (keyset, inner_order, keys_order, page_order) = match query.order {
             Order::Asc => (
                 "(r.ts > $5 OR (r.ts = $5 AND s.metric COLLATE \"C\" > $6))",
                 "r.ts ASC",
-                "r.ts ASC, s.metric COLLATE \"C\" ASC",
+                "k.ts ASC, s.metric COLLATE \"C\" ASC",
+                "keys.ts ASC, keys.metric COLLATE \"C\" ASC",
             ),
             Order::Desc => (
                 "(r.ts < $5 OR (r.ts = $5 AND s.metric COLLATE \"C\" < $6))",
                 "r.ts DESC",
-                "r.ts DESC, s.metric COLLATE \"C\" DESC",
+                "k.ts DESC, s.metric COLLATE \"C\" DESC",
+                "keys.ts DESC, keys.metric COLLATE \"C\" DESC",
             ),
         };
+        // Two phases: the page's keys from the index alone (index-only scans, each series'
+        // next rows), then the values of just those rows.
         let sql = format!(
-            "SELECT s.metric, r.ts, r.value_num, r.value_bool, r.value_text
-             FROM telemetry.series s
-             CROSS JOIN LATERAL (
-                 SELECT r.ts, r.value_num, r.value_bool, r.value_text FROM telemetry.readings r
-                 WHERE r.series_id = s.series_id AND r.ts >= $3 AND r.ts < $4
-                   AND ($5::timestamptz IS NULL OR {keyset})
-                 ORDER BY {inner_order} LIMIT $7) r
-             WHERE s.project = $1 AND s.device_id = $2 AND ($8::text[] IS NULL OR s.metric = ANY($8))
-             ORDER BY {outer_order} LIMIT $7"
+            "WITH keys AS (
+                 SELECT s.series_id, s.metric, k.ts
+                 FROM telemetry.series s
+                 CROSS JOIN LATERAL (
+                     SELECT r.ts FROM telemetry.readings r
+                     WHERE r.series_id = s.series_id AND r.ts >= $3 AND r.ts < $4
+                       AND ($5::timestamptz IS NULL OR {keyset})
+                     ORDER BY {inner_order} LIMIT $7) k
+                 WHERE s.project = $1 AND s.device_id = $2
+                   AND ($8::text[] IS NULL OR s.metric = ANY($8))
+                 ORDER BY {keys_order} LIMIT $7
+             )
+             SELECT keys.metric, keys.ts, r.value_num, r.value_bool, r.value_text
+             FROM keys JOIN telemetry.readings r ON r.series_id = keys.series_id AND r.ts = keys.ts
+             ORDER BY {page_order}"
         );
         let limit = query.limit as i64 + 1;
         let statement = client.prepare_cached(&sql).await.map_err(read_error)?;
@@ -567,25 +577,32 @@ impl Repo {
     }
 
     /// Partial aggregates of `series` over one segment, per series and bucket of `interval`.
+    /// `edges`: whether `first`/`last` are wanted (over raw rows they cost more than the
+    /// rest of the aggregate together).
     pub async fn partials(
         &self,
         series: &[i32],
         segment: Segment,
         interval: Interval,
+        edges: bool,
     ) -> Result<Vec<(i32, i64, Partial)>, ApiError> {
+        let raw_edges = if edges {
+            "min(ts) FILTER (WHERE value_num IS NOT NULL),
+             (min(ARRAY[telemetry.epoch_us(ts), value_num]) FILTER (WHERE value_num IS NOT NULL))[2],
+             max(ts) FILTER (WHERE value_num IS NOT NULL),
+             (max(ARRAY[telemetry.epoch_us(ts), value_num]) FILTER (WHERE value_num IS NOT NULL))[2]"
+        } else {
+            "NULL::timestamptz, NULL::float8, NULL::timestamptz, NULL::float8"
+        };
         let sql = match segment.source {
-            Source::Raw => {
+            Source::Raw => format!(
                 "SELECT series_id, date_bin(make_interval(secs => $4), ts, timestamptz '1970-01-01 00:00:00+00'),
                         count(*), count(value_num), sum(value_num), min(value_num), max(value_num),
-                        min(ts) FILTER (WHERE value_num IS NOT NULL),
-                        (min(ARRAY[telemetry.epoch_us(ts), value_num]) FILTER (WHERE value_num IS NOT NULL))[2],
-                        max(ts) FILTER (WHERE value_num IS NOT NULL),
-                        (max(ARRAY[telemetry.epoch_us(ts), value_num]) FILTER (WHERE value_num IS NOT NULL))[2]
+                        {raw_edges}
                  FROM telemetry.readings
                  WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3
                  GROUP BY 1, 2"
-                    .to_owned()
-            }
+            ),
             Source::Rollup1h | Source::Rollup1d => format!(
                 "SELECT series_id, date_bin(make_interval(secs => $4), bucket, timestamptz '1970-01-01 00:00:00+00'),
                         sum(count)::int8, sum(num_count)::int8, sum(sum), min(min), max(max),

@@ -112,6 +112,14 @@ async fn a_million_rows_export_as_csv_and_ndjson_in_constant_memory() {
     app.create_device("big").await;
     seed(&app).await;
     let total = 2 * ROWS_PER_METRIC as u64;
+    // The bulk loader kept the dictionary as the writer would.
+    let (_, body) = app
+        .get("/api/v1/devices/big/metrics", app.admin_key())
+        .await;
+    assert_eq!(
+        body["data"][1],
+        serde_json::json!({"metric": "temp", "first_ts": "2026-01-01T00:00:00Z", "last_ts": "2026-01-01T13:53:19.900Z", "count": ROWS_PER_METRIC})
+    );
 
     // CSV by Accept header: header line, then every row in (time, metric) order.
     let mut previous = (String::new(), String::new());
