@@ -383,7 +383,18 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 queries::Seed::full()
             };
             let result = queries::run(&platform, seed, 32, duration).await?;
-            for (labels, result) in [
+            let limits = [
+                None,
+                Some((
+                    "same SQL straight to PostgreSQL, 32 connections",
+                    result.raw_latest.requests_per_second,
+                )),
+                Some((
+                    "same SQL straight to PostgreSQL, 32 connections",
+                    result.raw_aggregate.requests_per_second,
+                )),
+            ];
+            for ((labels, result), limit) in [
                 (
                     [
                         "1,000-row page p50",
@@ -411,7 +422,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     ],
                     &result.aggregate,
                 ),
-            ] {
+            ]
+            .into_iter()
+            .zip(limits)
+            {
                 let latency = &result.latency;
                 for (label, value) in
                     labels
@@ -425,9 +439,23 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     labels[3],
                     result.requests_per_second,
                     "req/s",
-                    None,
+                    limit,
                 ));
             }
+            figures.push(figure(
+                "queries",
+                "latest values p99, same SQL straight to PostgreSQL",
+                result.raw_latest.latency.p99_ms,
+                "ms",
+                None,
+            ));
+            figures.push(figure(
+                "queries",
+                "24h aggregate p99, same SQL straight to PostgreSQL",
+                result.raw_aggregate.latency.p99_ms,
+                "ms",
+                None,
+            ));
             figures.push(figure(
                 "queries",
                 "readings seeded (binary COPY, series stats and rollups)",

@@ -66,6 +66,85 @@ pub struct QueriesResult {
     pub page: QueryFigures,
     pub latest: QueryFigures,
     pub aggregate: QueryFigures,
+    /// The limits: the same SQL the service runs, straight to PostgreSQL from as many
+    /// connections as there are clients (no HTTP, no auth, no JSON).
+    pub raw_latest: QueryFigures,
+    pub raw_aggregate: QueryFigures,
+}
+
+const RAW_LATEST_SQL: &str =
+    "SELECT metric, last_ts, last_num, last_bool, last_text FROM telemetry.series
+     WHERE project = 'default' AND device_id = $1 AND last_ts IS NOT NULL
+     ORDER BY metric COLLATE \"C\"";
+
+const RAW_AGGREGATE_SQL: &str = "SELECT series_id, date_bin(make_interval(secs => 300), ts, timestamptz '1970-01-01 00:00:00+00'),
+        count(*), count(value_num), sum(value_num), min(value_num), max(value_num)
+     FROM telemetry.readings
+     WHERE series_id = (SELECT series_id FROM telemetry.series
+                        WHERE project = 'default' AND device_id = $1 AND metric = $2)
+       AND ts >= $3 AND ts < $4
+     GROUP BY 1, 2";
+
+/// `clients` connections each running `sql` for a random device until `duration` is over.
+async fn measure_sql(
+    platform: &Platform,
+    name: &str,
+    clients: usize,
+    duration: Duration,
+    devices: usize,
+    sql: &'static str,
+    window: Option<(i64, i64)>,
+) -> anyhow::Result<QueryFigures> {
+    let url = format!("{}/{}", platform.servers.pg_url, platform.database);
+    let mut connections = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let client = pg(&url).await?;
+        let statement = client.prepare(sql).await?;
+        connections.push((client, statement));
+    }
+    let progress = Progress::start(name, "queries");
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(clients);
+    for (client, statement) in connections {
+        let counter = progress.counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Histogram<u64> = histogram();
+            let window = window.map(|(start, end)| {
+                (
+                    chrono::DateTime::from_timestamp_micros(start).unwrap_or_default(),
+                    chrono::DateTime::from_timestamp_micros(end).unwrap_or_default(),
+                )
+            });
+            while started.elapsed() < duration {
+                let device = rand::random_range(0..devices);
+                let device_id = format!("q-{device}");
+                let metric = format!("m{}", device % 10);
+                let sent = Instant::now();
+                match &window {
+                    Some((start, end)) => {
+                        client
+                            .query(&statement, &[&device_id, &metric, start, end])
+                            .await?
+                    }
+                    None => client.query(&statement, &[&device_id]).await?,
+                };
+                let _ = latencies.record(sent.elapsed().as_micros() as u64);
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = histogram();
+    for task in tasks {
+        latencies.add(task.await??)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(progress);
+    Ok(QueryFigures {
+        requests: latencies.len(),
+        requests_per_second: latencies.len() as f64 / elapsed,
+        latency: summarize(&latencies),
+    })
 }
 
 pub async fn run(
@@ -177,6 +256,26 @@ pub async fn run(
         aggregate,
     )
     .await?;
+    let raw_latest = measure_sql(
+        platform,
+        "queries: latest, SQL only",
+        clients,
+        duration,
+        devices,
+        RAW_LATEST_SQL,
+        None,
+    )
+    .await?;
+    let raw_aggregate = measure_sql(
+        platform,
+        "queries: 24h/5m aggregate, SQL only",
+        clients,
+        duration,
+        devices,
+        RAW_AGGREGATE_SQL,
+        Some((end_us - 24 * 3_600_000_000, end_us)),
+    )
+    .await?;
     Ok(QueriesResult {
         seed,
         seeded_readings: seeded,
@@ -185,6 +284,8 @@ pub async fn run(
         page,
         latest,
         aggregate,
+        raw_latest,
+        raw_aggregate,
     })
 }
 

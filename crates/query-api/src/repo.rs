@@ -387,12 +387,33 @@ impl Repo {
     }
 
     /// The series of a device (all, or those of `metrics`), ordered by metric name (bytes).
+    /// Named metrics that this process has seen are answered from the id cache: a series id
+    /// never changes, so a hit is exact; a metric not in the cache asks the database.
     pub async fn device_series(
         &self,
         project: &str,
         device_id: &str,
         metrics: Option<&[String]>,
     ) -> Result<Vec<DeviceSeries>, ApiError> {
+        if let Some(metrics) = metrics {
+            let cache = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            let cached: Option<Vec<DeviceSeries>> = metrics
+                .iter()
+                .map(|metric| {
+                    cache
+                        .get(&(project.to_owned(), device_id.to_owned(), metric.clone()))
+                        .map(|id| DeviceSeries {
+                            series_id: *id,
+                            metric: metric.clone(),
+                        })
+                })
+                .collect();
+            if let Some(mut series) = cached {
+                series.sort_by(|a, b| a.metric.cmp(&b.metric));
+                series.dedup_by_key(|s| s.series_id);
+                return Ok(series);
+            }
+        }
         let client = self.query_pool.get().await?;
         let statement = client
             .prepare_cached(
@@ -414,6 +435,20 @@ impl Repo {
             })
             .collect();
         series.sort_by(|a, b| a.metric.cmp(&b.metric));
+        let mut cache = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() + series.len() > SERIES_CACHE_MAX {
+            cache.clear();
+        }
+        for found in &series {
+            cache.insert(
+                (
+                    project.to_owned(),
+                    device_id.to_owned(),
+                    found.metric.clone(),
+                ),
+                found.series_id,
+            );
+        }
         Ok(series)
     }
 
