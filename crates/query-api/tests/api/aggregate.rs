@@ -399,3 +399,48 @@ async fn malformed_aggregate_parameters_get_400_naming_them() {
     }
     app.shutdown().await;
 }
+
+/// A read that runs past `query_statement_timeout` is cancelled by Postgres and answers 503
+/// `query_timeout`; the writer, on its own pool, is not subject to it.
+#[tokio::test]
+async fn a_query_past_the_statement_timeout_is_503_and_the_writer_goes_on() {
+    let app = crate::spawn_query_with(|mut config| {
+        config.query_statement_timeout = Duration::from_millis(1);
+        config
+    })
+    .await;
+    app.create_device("d1").await;
+    let client = app.env.pg().await;
+    let series = vec![("default".to_owned(), "d1".to_owned(), "temp".to_owned())];
+    // 200,000 readings a second apart: aggregating them takes far longer than 1 ms.
+    query_api::bulk::load_numbers(
+        &client,
+        &series,
+        (T0, T0 + 200_000 * 1_000_000),
+        (0..200_000).map(|i| (0, T0 + i * 1_000_000, i as f64)),
+    )
+    .await
+    .unwrap();
+    let (status, body) = app
+        .get(
+            &format!(
+                "/api/v1/devices/d1/readings/aggregate?metric=temp&start={}&end={}&interval=1m&fn=avg,first,last&source=raw",
+                rfc3339(T0),
+                rfc3339(T0 + 200_000 * 1_000_000)
+            ),
+            app.admin_key(),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "query_timeout",
+    );
+    publish(&app, "default", "d1", vec![number("hum", T0, 1.0)]).await;
+    eventually("the writer stores", Duration::from_secs(10), || async {
+        (stored(&app, "d1").await == 200_001).then_some(())
+    })
+    .await;
+    app.shutdown().await;
+}
