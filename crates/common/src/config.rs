@@ -106,6 +106,16 @@ pub struct Config {
     /// How long in-flight work may take to finish after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Heartbeat interval of a device registered without `heartbeat_interval_s`; three missed
+    /// intervals make a device offline.
+    #[serde(with = "humantime_serde")]
+    pub device_heartbeat_interval: Duration,
+    /// How often the registry looks for devices gone silent and commands past their TTL.
+    #[serde(with = "humantime_serde")]
+    pub registry_sweep_interval: Duration,
+    /// TTL of a command posted without `ttl_s`.
+    #[serde(with = "humantime_serde")]
+    pub command_default_ttl: Duration,
 }
 
 impl Default for Config {
@@ -144,6 +154,9 @@ impl Default for Config {
             webhook_retry_after_max: Duration::from_secs(3600),
             webhook_poll_interval: Duration::from_millis(250),
             shutdown_timeout: Duration::from_secs(10),
+            device_heartbeat_interval: Duration::from_secs(60),
+            registry_sweep_interval: Duration::from_secs(1),
+            command_default_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -232,6 +245,15 @@ impl Config {
         }
         if self.database_pool_size == 0 {
             return invalid("database_pool_size", "must be at least 1".into());
+        }
+        for (field, value) in [
+            ("device_heartbeat_interval", self.device_heartbeat_interval),
+            ("registry_sweep_interval", self.registry_sweep_interval),
+            ("command_default_ttl", self.command_default_ttl),
+        ] {
+            if value < Duration::from_millis(100) {
+                return invalid(field, "must be at least 100ms".into());
+            }
         }
         if self.ingest_max_readings == 0 || self.ingest_max_body_bytes < 1024 {
             return invalid(

@@ -79,7 +79,6 @@ pub enum InvalidateKind {
     Keys,
     Devices,
     Webhooks,
-    AlertRules,
 }
 
 impl InvalidateKind {
@@ -88,7 +87,6 @@ impl InvalidateKind {
             InvalidateKind::Keys => "keys",
             InvalidateKind::Devices => "devices",
             InvalidateKind::Webhooks => "webhooks",
-            InvalidateKind::AlertRules => "alert_rules",
         }
     }
 }
