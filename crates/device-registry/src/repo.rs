@@ -409,7 +409,7 @@ impl Repo {
                     "UPDATE registry.devices SET
                        name = $3, device_type = $4, device_group = $5, tags = $6, metadata = $7,
                        heartbeat_interval_s = $8, updated_at = now(),
-                       offline_after = last_seen + make_interval(secs => 3 * coalesce($8, $9))
+                       offline_after = last_seen + make_interval(secs => 3 * coalesce($8::int4, $9::int4))
                      WHERE project = $1 AND id = $2 RETURNING {DEVICE_COLUMNS}"
                 ),
                 &[
