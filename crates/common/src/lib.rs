@@ -12,6 +12,7 @@ pub mod error;
 pub mod extract;
 pub mod ids;
 pub mod ingest;
+pub mod openapi;
 pub mod service;
 pub mod telemetry;
 pub mod time;

@@ -7,6 +7,8 @@ mod outbox;
 mod repo;
 mod routes;
 
+pub use crate::routes::ROUTES;
+
 use std::sync::Arc;
 
 use actix_web::web;

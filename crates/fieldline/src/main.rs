@@ -1,11 +1,15 @@
 //! `fieldline serve --services all|<list>`: runs any set of the platform's services in one
 //! process on one HTTP listener. Even in one process they talk over NATS only.
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use fieldline_common::{Config, Context, Service, service};
+use fieldline_common::{
+    Config, Context, Service,
+    openapi::{self, ServiceDoc},
+    service,
+};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -25,6 +29,43 @@ enum Command {
         #[arg(long, default_value = "all")]
         services: ServiceSet,
     },
+    /// Print the OpenAPI document of the whole platform (as `GET /api/v1/openapi.json`).
+    Openapi,
+}
+
+/// Every service's routes. Whichever services a process runs, it serves the whole platform's
+/// document, so the gateway may send `/api/v1/openapi.json` to any of them.
+fn api_document() -> serde_json::Value {
+    let services = [
+        ServiceDoc {
+            service: "device-registry",
+            routes: device_registry::ROUTES,
+        },
+        ServiceDoc {
+            service: "webhook-dispatcher",
+            routes: webhook_dispatcher::ROUTES,
+        },
+    ];
+    serde_json::to_value(openapi::document(&services)).unwrap_or_default()
+}
+
+/// `GET /api/v1/openapi.json`.
+fn openapi_service() -> Service {
+    let document = actix_web::web::Data::new(api_document());
+    Service {
+        name: "openapi",
+        routes: Some(Arc::new(move |cfg: &mut actix_web::web::ServiceConfig| {
+            let document = document.clone();
+            cfg.route(
+                "/api/v1/openapi.json",
+                actix_web::web::get().to(move || {
+                    let document = document.clone();
+                    async move { actix_web::HttpResponse::Ok().json(document.get_ref()) }
+                }),
+            );
+        })),
+        ready: None,
+    }
 }
 
 /// One role of the platform.
@@ -118,6 +159,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { services } => serve(services).await,
+        Command::Openapi => {
+            println!("{}", serde_json::to_string_pretty(&api_document())?);
+            Ok(())
+        }
     }
 }
 
@@ -138,6 +183,7 @@ async fn serve(services: ServiceSet) -> anyhow::Result<()> {
             .with_context(|| format!("starting {}", kind.name()))?;
         started.push(service);
     }
+    started.push(openapi_service());
     let listener = service::serve_http(&context, &started)?;
     tracing::info!(addr = %listener.addr, services = ?names, "fieldline ready");
 
