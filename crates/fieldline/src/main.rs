@@ -160,7 +160,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { services } => serve(services).await,
         Command::Openapi => {
-            println!("{}", serde_json::to_string_pretty(&api_document())?);
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            serde_json::to_writer_pretty(&mut stdout, &api_document())?;
+            writeln!(stdout)?;
             Ok(())
         }
     }
