@@ -60,3 +60,17 @@ async fn split_a_dispatcher_killed_mid_retry_still_delivers() {
     scenarios::dispatcher_killed_mid_retry(&mut platform).await;
     platform.stop().await;
 }
+
+#[tokio::test]
+async fn one_process_registry_events_reach_webhooks() {
+    let platform = Platform::one_process().await;
+    scenarios::registry_events_reach_webhooks(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn split_registry_events_reach_webhooks() {
+    let platform = Platform::split().await;
+    scenarios::registry_events_reach_webhooks(&platform).await;
+    platform.stop().await;
+}

@@ -418,3 +418,90 @@ fn mqtt_client(platform: &Platform) -> AsyncClient {
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     client
 }
+
+/// The registry's events reach a third party: a reading over HTTP fires an alert and brings
+/// the device online, a config change is announced, and silence takes the device offline;
+/// each arrives once, signed.
+pub async fn registry_events_reach_webhooks(platform: &Platform) {
+    let receiver = Receiver::start().await;
+    let admin = platform.admin_key().to_owned();
+    let (status, created) = platform
+        .post(
+            "/api/v1/webhooks",
+            &admin,
+            &json!({"url": receiver.url("/events"),
+                    "events": ["device.alert", "device.status", "config.update"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let secret = created["data"]["secret"].as_str().unwrap().to_owned();
+    let (status, body) = platform
+        .post(
+            "/api/v1/devices",
+            &admin,
+            &json!({"id": "kiln-1", "group": "kilns", "heartbeat_interval_s": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let token = body["data"]["token"].as_str().unwrap().to_owned();
+    let (status, body) = platform
+        .post(
+            "/api/v1/alert-rules",
+            &admin,
+            &json!({"name": "kiln too hot", "group": "kilns", "metric": "temp", "op": "gt",
+                    "threshold": 1200, "severity": "critical"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let (status, _) = platform
+        .post("/api/v1/ingest", &token, &json!({"temp": 1250.0}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, body) = platform
+        .request(
+            Method::PUT,
+            "/api/v1/devices/kiln-1/config",
+            &admin,
+            Some(&json!({"target_temp": 1100})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // firing, online, config v1, then offline after three missed seconds.
+    let requests = eventually("four registry events", Duration::from_secs(30), || async {
+        let requests = receiver.received("/events");
+        (requests.len() >= 4).then_some(requests)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let requests = receiver.received("/events");
+    let mut seen: Vec<String> = Vec::new();
+    for request in &requests {
+        assert_eq!(
+            request.header("X-Webhook-Signature").unwrap(),
+            body_signature(&secret, &request.body)
+        );
+        let body = request.json();
+        assert_eq!(body["device_id"], "kiln-1");
+        let payload = &body["payload"];
+        seen.push(match body["event"].as_str().unwrap() {
+            "device.alert" => format!("alert {}", payload["state"].as_str().unwrap()),
+            "device.status" => format!("status {}", payload["status"].as_str().unwrap()),
+            "config.update" => format!("config v{}", payload["version"]),
+            other => panic!("unexpected event {other}"),
+        });
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            "alert firing",
+            "config v1",
+            "status offline",
+            "status online"
+        ],
+        "{seen:?}"
+    );
+    receiver.stop().await;
+}
