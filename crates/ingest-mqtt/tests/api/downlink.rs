@@ -210,3 +210,126 @@ async fn consumer_state(app: &TestApp) -> (u64, u64) {
         info.ack_floor.stream_sequence,
     )
 }
+
+async fn command_status(app: &TestApp, device: &str, id: &str) -> String {
+    let (status, body) = app
+        .get(
+            &format!("/api/v1/devices/{device}/commands/{id}"),
+            app.admin_key(),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    body["data"]["status"].as_str().unwrap().to_owned()
+}
+
+/// Through the real registry: a config change reaches the device as a retained message; a
+/// command reaches it, is reported delivered, and the device's MQTT ack marks it acked.
+#[tokio::test]
+async fn a_command_round_trip_over_mqtt_with_the_registry() {
+    let app = spawn_mqtt(TestEnv::new().await, |config| config).await;
+    app.create_device("d1").await;
+    wait_ready(&app).await;
+    let commands = Listener::subscribe(mqtt_port(&app), &topic(&app, "d1", "commands")).await;
+
+    let (status, body) = app
+        .request(
+            reqwest::Method::PUT,
+            "/api/v1/devices/d1/config",
+            Some(app.admin_key()),
+            Some(&json!({"interval_s": 15})),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    let config_topic = topic(&app, "d1", "config");
+    let live = Listener::subscribe(mqtt_port(&app), &config_topic).await;
+    eventually("config pushed", Duration::from_secs(10), || async {
+        (!live.messages().is_empty()).then_some(())
+    })
+    .await;
+    let late = Listener::subscribe(mqtt_port(&app), &config_topic).await;
+    let (config, retained) = eventually("retained config", Duration::from_secs(5), || async {
+        late.messages().first().cloned()
+    })
+    .await;
+    assert!(retained);
+    assert_eq!(config["version"], 1);
+    assert_eq!(config["config"], json!({"interval_s": 15}));
+
+    let (status, body) = app
+        .post(
+            "/api/v1/devices/d1/commands",
+            app.admin_key(),
+            &json!({"name": "reboot", "params": {"delay_s": 1}}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+    let id = body["data"]["id"].as_str().unwrap().to_owned();
+    let received = eventually("the command over mqtt", Duration::from_secs(10), || async {
+        commands.messages().first().cloned()
+    })
+    .await;
+    assert_eq!(received.0["id"], id.as_str());
+    assert_eq!(received.0["params"], json!({"delay_s": 1}));
+    eventually("delivered", Duration::from_secs(10), || async {
+        (command_status(&app, "d1", &id).await == "delivered").then_some(())
+    })
+    .await;
+
+    let ack_topic = topic(&app, "d1", "commands/ack");
+    let device = crate::Device::connect(mqtt_port(&app), "d1").await;
+    device
+        .publish(&ack_topic, &json!({"id": id, "status": "ok"}).to_string())
+        .await;
+    eventually("acked", Duration::from_secs(10), || async {
+        (command_status(&app, "d1", &id).await == "acked").then_some(())
+    })
+    .await;
+
+    // Acks for no such command, or malformed, are dropped and counted; the loop goes on.
+    device
+        .publish(&ack_topic, r#"{"id": "cmd_nope", "status": "ok"}"#)
+        .await;
+    device
+        .publish(&ack_topic, r#"{"id": "cmd_x", "status": "maybe"}"#)
+        .await;
+    device
+        .publish(
+            &topic(&app, "ghost", "commands/ack"),
+            r#"{"id": "cmd_x", "status": "ok"}"#,
+        )
+        .await;
+    eventually("drops counted", Duration::from_secs(10), || async {
+        let unknown = metric(
+            &app,
+            "fieldline_mqtt_dropped_total",
+            "reason=\"unknown_command\"",
+        )
+        .await;
+        let malformed = metric(&app, "fieldline_mqtt_dropped_total", "reason=\"malformed\"").await;
+        let ghost = metric(
+            &app,
+            "fieldline_mqtt_dropped_total",
+            "reason=\"unknown_device\"",
+        )
+        .await;
+        (unknown >= 1.0 && malformed >= 1.0 && ghost >= 1.0).then_some(())
+    })
+    .await;
+    // Every ack was answered to the device's broker session (PUBACKs for all four).
+    eventually("pubacks", Duration::from_secs(10), || async {
+        (device.pubacks() >= 4).then_some(())
+    })
+    .await;
+    assert!(
+        metric(
+            &app,
+            "fieldline_mqtt_messages_total",
+            "outcome=\"forwarded\""
+        )
+        .await
+            >= 1.0
+    );
+
+    clear_retained(&commands, &config_topic).await;
+    app.shutdown().await;
+}
