@@ -11,6 +11,8 @@ use std::sync::Arc;
 use actix_web::web;
 use fieldline_common::{Context, Service, ingest::Publisher};
 
+pub use crate::routes::ROUTES;
+
 /// Shared by the handlers.
 pub(crate) struct State {
     pub context: Context,
