@@ -64,8 +64,12 @@ pub struct Config {
     pub rpc_timeout: Duration,
     /// Largest ingest request body, in bytes (after decompression); larger answers 413.
     pub ingest_max_body_bytes: usize,
-    /// Most readings in one ingest request or MQTT message; more answers 413.
+    /// Most readings in one ingest request or MQTT message; more answers 413. Backfill
+    /// splits its readings into batches of at most this many.
     pub ingest_max_readings: usize,
+    /// Largest backfill body (`POST /api/v1/devices/{id}/readings`), in bytes after
+    /// decompression; larger answers 413.
+    pub backfill_max_body_bytes: usize,
     /// How long ingest waits for JetStream to acknowledge before answering 503.
     #[serde(with = "humantime_serde")]
     pub ingest_publish_timeout: Duration,
@@ -139,6 +143,7 @@ impl Default for Config {
             rpc_timeout: Duration::from_secs(2),
             ingest_max_body_bytes: 1024 * 1024,
             ingest_max_readings: 10_000,
+            backfill_max_body_bytes: 16 * 1024 * 1024,
             ingest_publish_timeout: Duration::from_secs(5),
             stream_max_age: Duration::from_secs(7 * 24 * 3600),
             stream_max_bytes: 1 << 30,
@@ -260,6 +265,9 @@ impl Config {
                 "ingest_max_readings",
                 "limits must allow one reading".into(),
             );
+        }
+        if self.backfill_max_body_bytes < 1024 {
+            return invalid("backfill_max_body_bytes", "must be at least 1024".into());
         }
         if let Err(message) = parse_schedule(&self.webhook_retry_schedule) {
             return invalid("webhook_retry_schedule", message);

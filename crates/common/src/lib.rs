@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod bus;
 pub mod cache;
+pub mod commands;
 pub mod config;
 pub mod db;
 pub mod envelope;

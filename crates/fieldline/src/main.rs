@@ -42,6 +42,10 @@ fn api_document() -> serde_json::Value {
             routes: device_registry::ROUTES,
         },
         ServiceDoc {
+            service: "ingest-http",
+            routes: ingest_http::ROUTES,
+        },
+        ServiceDoc {
             service: "webhook-dispatcher",
             routes: webhook_dispatcher::ROUTES,
         },
@@ -80,12 +84,15 @@ enum ServiceKind {
 
 impl ServiceKind {
     /// Every service this binary can run, in start order (the registry first: the others
-    /// verify credentials through it).
+    /// verify credentials through it). Routes are registered in this order too: ingest-http
+    /// before query-api, because both serve `/api/v1/devices/{id}/readings` (POST backfill,
+    /// GET history) and only ingest-http's resource is guarded to POST, so a GET falls
+    /// through to query-api's while a POST would otherwise stop at query-api's with a 405.
     const ALL: [ServiceKind; 5] = [
         ServiceKind::DeviceRegistry,
+        ServiceKind::IngestHttp,
         ServiceKind::QueryApi,
         ServiceKind::WebhookDispatcher,
-        ServiceKind::IngestHttp,
         ServiceKind::IngestMqtt,
     ];
 
