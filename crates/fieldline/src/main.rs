@@ -33,13 +33,37 @@ enum Command {
     Openapi,
 }
 
+/// What every process serves, whatever its services.
+const PLATFORM_ROUTES: &[openapi::RouteDoc] = {
+    use openapi::{Access::Public, Method::Get, RouteDoc};
+    &[
+        RouteDoc::new(Get, "/health/live", "The process is up", Public),
+        RouteDoc::new(
+            Get,
+            "/health/ready",
+            "NATS, Postgres and each service's own checks pass (503 otherwise)",
+            Public,
+        ),
+        RouteDoc::new(Get, "/metrics", "Prometheus metrics (text format)", Public),
+        RouteDoc::new(Get, "/api/v1/openapi.json", "This document", Public),
+    ]
+};
+
 /// Every service's routes. Whichever services a process runs, it serves the whole platform's
 /// document, so the gateway may send `/api/v1/openapi.json` to any of them.
 fn api_document() -> serde_json::Value {
     let services = [
         ServiceDoc {
+            service: "platform",
+            routes: PLATFORM_ROUTES,
+        },
+        ServiceDoc {
             service: "device-registry",
             routes: device_registry::ROUTES,
+        },
+        ServiceDoc {
+            service: "query-api",
+            routes: query_api::ROUTES,
         },
         ServiceDoc {
             service: "ingest-http",
@@ -212,4 +236,94 @@ async fn serve(services: ServiceSet) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), context.nats.flush()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::{collections::BTreeSet, path::Path};
+
+    use super::*;
+
+    const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+
+    fn rust_files(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                rust_files(&path, files);
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                files.push(path);
+            }
+        }
+    }
+
+    /// Every (METHOD, path) the services register with actix, read from their source: each
+    /// resource with the methods of its routes, and each bare route with a path.
+    fn registered_routes() -> BTreeSet<(String, String)> {
+        let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&crates).unwrap() {
+            let src = entry.unwrap().path().join("src");
+            if src.is_dir() && !src.starts_with(crates.join("loadgen")) {
+                rust_files(&src, &mut files);
+            }
+        }
+        let mut routes = BTreeSet::new();
+        for file in files {
+            let text: String = std::fs::read_to_string(&file)
+                .unwrap()
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            for chunk in text.split("web::resource(\"").skip(1) {
+                let path = &chunk[..chunk.find('"').unwrap()];
+                for method in METHODS {
+                    if chunk.contains(&format!(".route(web::{method}()")) {
+                        routes.insert((method.to_ascii_uppercase(), path.to_owned()));
+                    }
+                }
+            }
+            for chunk in text.split(".route(\"").skip(1) {
+                let path = &chunk[..chunk.find('"').unwrap()];
+                let after = &chunk[path.len() + 2..];
+                for method in METHODS {
+                    if after.starts_with(&format!("web::{method}()"))
+                        || after.starts_with(&format!("actix_web::web::{method}()"))
+                    {
+                        routes.insert((method.to_ascii_uppercase(), path.to_owned()));
+                    }
+                }
+            }
+        }
+        routes
+    }
+
+    #[test]
+    fn the_document_describes_every_registered_route_and_nothing_else() {
+        let document = api_document();
+        assert_eq!(document["openapi"], "3.1.0");
+        let mut documented = BTreeSet::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.insert((method.to_ascii_uppercase(), path.clone()));
+            }
+        }
+        let registered = registered_routes();
+        assert!(
+            registered.len() > 40,
+            "the source scan found too little: {registered:?}"
+        );
+        let undocumented: Vec<_> = registered.difference(&documented).collect();
+        let phantom: Vec<_> = documented.difference(&registered).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes missing from the OpenAPI document: {undocumented:?}"
+        );
+        assert!(
+            phantom.is_empty(),
+            "documented routes that are not registered: {phantom:?}"
+        );
+    }
 }

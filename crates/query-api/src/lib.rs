@@ -6,6 +6,7 @@ mod repo;
 mod routes;
 mod writer;
 
+pub use routes::ROUTES;
 pub use writer::CONSUMER as WRITER_CONSUMER;
 
 use std::sync::Arc;
