@@ -74,3 +74,17 @@ async fn split_registry_events_reach_webhooks() {
     scenarios::registry_events_reach_webhooks(&platform).await;
     platform.stop().await;
 }
+
+#[tokio::test]
+async fn one_process_config_commands_and_backfill() {
+    let platform = Platform::one_process().await;
+    scenarios::config_commands_and_backfill(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn split_config_commands_and_backfill() {
+    let platform = Platform::split().await;
+    scenarios::config_commands_and_backfill(&platform).await;
+    platform.stop().await;
+}
