@@ -115,6 +115,23 @@ impl Messages {
         }
     }
 
+    /// The device is gone: its retained config must go too.
+    pub fn config_clear(&self, project: &str, device_id: &str) -> OutboxMessage {
+        let id = random_id("cfg_", 24);
+        let push = DeviceCommand {
+            id: id.clone(),
+            project: project.to_owned(),
+            device_id: device_id.to_owned(),
+            kind: "config_clear".to_owned(),
+            ..Default::default()
+        };
+        OutboxMessage {
+            subject: self.subjects.commands(project, device_id),
+            msg_id: id,
+            payload: push.encode_to_vec(),
+        }
+    }
+
     /// A command toward the device.
     pub fn command_push(&self, command: &DeviceCommand) -> OutboxMessage {
         OutboxMessage {

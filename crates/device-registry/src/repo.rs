@@ -93,6 +93,10 @@ pub struct DeviceFilter<'a> {
     pub limit: i64,
 }
 
+fn platform_key_forbidden() -> ApiError {
+    ApiError::forbidden("only the platform admin key may revoke or rotate the platform admin key")
+}
+
 /// Writes outbox rows inside the caller's transaction.
 async fn enqueue(
     tx: &deadpool_postgres::Transaction<'_>,
@@ -286,9 +290,28 @@ impl Repo {
             .collect())
     }
 
-    /// Revokes a key of `project`; false when there is no such key there.
-    pub async fn revoke_key(&self, project: &str, key_id: &str) -> Result<bool, ApiError> {
+    /// Revokes a key of `project`; false when there is no such key there. Only the platform
+    /// admin may revoke the platform admin key (a project admin of `default` sees it listed).
+    pub async fn revoke_key(
+        &self,
+        project: &str,
+        key_id: &str,
+        caller_is_platform_admin: bool,
+    ) -> Result<bool, ApiError> {
         let client = self.pool.get().await?;
+        let target = client
+            .query_opt(
+                "SELECT platform_admin FROM registry.api_keys WHERE project = $1 AND id = $2",
+                &[&project, &key_id],
+            )
+            .await?;
+        match target {
+            None => return Ok(false),
+            Some(row) if row.get::<_, bool>(0) && !caller_is_platform_admin => {
+                return Err(platform_key_forbidden());
+            }
+            Some(_) => {}
+        }
         let updated = client
             .execute(
                 "UPDATE registry.api_keys SET revoked_at = coalesce(revoked_at, now())
@@ -429,14 +452,20 @@ impl Repo {
     }
 
     /// Deletes a device and everything of it (configs, commands, alert states).
+    /// Its retained config on the broker is cleared through the outbox, in the same transaction.
     pub async fn delete_device(&self, project: &str, device_id: &str) -> Result<bool, ApiError> {
-        let client = self.pool.get().await?;
-        let deleted = client
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let deleted = tx
             .execute(
                 "DELETE FROM registry.devices WHERE project = $1 AND id = $2",
                 &[&project, &device_id],
             )
             .await?;
+        if deleted == 1 {
+            enqueue(&tx, &[self.messages.config_clear(project, device_id)]).await?;
+        }
+        tx.commit().await?;
         Ok(deleted == 1)
     }
 
@@ -537,12 +566,13 @@ impl Repo {
         secret_hash: &[u8],
         secret_prefix: &str,
         grace_seconds: i64,
+        caller_is_platform_admin: bool,
     ) -> Result<Option<(KeyOut, KeyOut)>, ApiError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let old = tx
             .query_opt(
-                "SELECT name, scope, expires_at FROM registry.api_keys
+                "SELECT name, scope, expires_at, platform_admin FROM registry.api_keys
                  WHERE project = $1 AND id = $2 AND revoked_at IS NULL
                    AND (expires_at IS NULL OR expires_at > now())
                  FOR UPDATE",
@@ -555,13 +585,18 @@ impl Repo {
         let name: String = old.get(0);
         let scope: String = old.get(1);
         let expires_at: Option<DateTime<Utc>> = old.get(2);
+        let platform_admin: bool = old.get(3);
+        if platform_admin && !caller_is_platform_admin {
+            return Err(platform_key_forbidden());
+        }
         let new_key = tx
             .query_one(
                 &format!(
-                    "INSERT INTO registry.api_keys (id, project, name, secret_hash, secret_prefix, scope, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {KEY_COLUMNS}"
+                    "INSERT INTO registry.api_keys
+                       (id, project, name, secret_hash, secret_prefix, scope, expires_at, platform_admin)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {KEY_COLUMNS}"
                 ),
-                &[&new_key_id, &project, &name, &secret_hash, &secret_prefix, &scope, &expires_at],
+                &[&new_key_id, &project, &name, &secret_hash, &secret_prefix, &scope, &expires_at, &platform_admin],
             )
             .await?;
         let old_key = tx

@@ -386,6 +386,22 @@ impl Downlink {
                     }
                 }
             }
+            // The device was deleted: its retained config goes (an empty retained message
+            // deletes it), and a device created again with the same id starts from version 1.
+            "config_clear" => {
+                let topic = topic::config(root, project.as_str(), device_id.as_str());
+                match self.broker.publish_confirmed(topic, Vec::new(), true).await {
+                    Ok(()) => {
+                        self.versions
+                            .remove(&(project.to_string(), device_id.to_string()));
+                        Outcome::Published
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %error, device_id = %device_id, "config clear failed; retrying");
+                        Outcome::Retry
+                    }
+                }
+            }
             other => {
                 tracing::error!(kind = other, "downlink message of unknown kind dropped");
                 Outcome::Dropped("unknown_kind")

@@ -32,6 +32,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::topic::Uplink;
 
+/// Tries to hand a device's command ack to the registry before leaving it to the broker's
+/// redelivery.
+const ACK_REPORT_ATTEMPTS: u32 = 3;
+
 /// Messages being published to JetStream at once; acks still go back in arrival order.
 const IN_FLIGHT: usize = 256;
 
@@ -338,8 +342,9 @@ async fn handle(context: &Context, publisher: &Publisher, arrival: &Arrival) -> 
 }
 
 /// A device's `{"id","status","detail"?}` on `…/commands/ack`, forwarded to the registry.
-/// While the registry does not answer, the message waits (unacknowledged) rather than being
-/// dropped.
+/// A registry that does not answer after a few tries leaves the message unacknowledged (the
+/// broker resends it when this persistent session reconnects) rather than dropped, and does
+/// not hold up the telemetry behind it in the pipeline.
 async fn forward_ack(
     context: &Context,
     arrival: &Arrival,
@@ -359,7 +364,8 @@ async fn forward_ack(
         detail: ack.detail.unwrap_or_default(),
         via: "mqtt".to_owned(),
     };
-    let answer = retry(&context.shutdown, "command ack report", || async {
+    let mut answer = None;
+    for attempt in 0..ACK_REPORT_ATTEMPTS {
         let result: Result<CommandReportResponse, ApiError> = rpc(
             &context.nats,
             context.subjects.rpc_commands_report(),
@@ -368,11 +374,19 @@ async fn forward_ack(
         )
         .await;
         match result {
-            Err(error) if error.kind == ErrorKind::Unavailable => Err(error),
-            other => Ok(other),
+            Err(error) if error.kind == ErrorKind::Unavailable => {
+                tracing::warn!(error = %error, attempt, "command ack report failed");
+                tokio::select! {
+                    _ = context.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200 << attempt)) => {}
+                }
+            }
+            other => {
+                answer = Some(other);
+                break;
+            }
         }
-    })
-    .await;
+    }
     match answer {
         None => Outcome::Abandoned,
         Some(Ok(response)) if response.found => {

@@ -21,6 +21,11 @@ use crate::repo::{Repo, SeenDevice, state::NumericReading};
 
 /// Messages applied in one transaction at most.
 const BATCH: usize = 500;
+/// How far ahead of its arrival a reading may be stamped and still be evaluated by alerts.
+const MAX_CLOCK_SKEW_US: i64 = 5 * 60 * 1_000_000;
+/// Past this many undelivered or unacknowledged messages, the state consumer is behind and
+/// `last_seen` may be stale: the offline sweep waits rather than flag busy devices.
+const SWEEP_LAG_LIMIT: u64 = 2_000;
 /// Devices turned offline per sweep transaction.
 const SWEEP_BATCH: i64 = 500;
 
@@ -79,7 +84,18 @@ pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
             }
-            loop {
+            let lag = match stream.consumer_info(REGISTRY_STATE).await {
+                Ok(info) => info.num_pending + info.num_ack_pending as u64,
+                Err(error) => {
+                    tracing::warn!(error = %error, "could not read the state consumer's lag");
+                    u64::MAX
+                }
+            };
+            metrics::gauge!("fieldline_registry_state_lag_messages").set(lag as f64);
+            if lag > SWEEP_LAG_LIMIT {
+                tracing::warn!(lag, "state consumer behind; offline sweep postponed");
+            }
+            while lag <= SWEEP_LAG_LIMIT {
                 match repo.sweep_offline(SWEEP_BATCH).await {
                     Ok(0) => break,
                     Ok(count) => {
@@ -141,6 +157,11 @@ impl Apply {
                     continue;
                 }
                 for reading in &batch.readings {
+                    // A clock far ahead (an unset RTC) must not move the rule's "newest
+                    // reading" past every real one to come.
+                    if reading.ts_us > batch.received_at_us + MAX_CLOCK_SKEW_US {
+                        continue;
+                    }
                     if let Some(reading::Value::Number(value)) = reading.value {
                         readings.push(NumericReading {
                             project: batch.project.clone(),

@@ -41,6 +41,10 @@ fn command_proto(row: &Row) -> DeviceCommand {
     }
 }
 
+/// A command fetched over HTTP but not acknowledged is offered again after this long: the
+/// answer may have been lost on its way to the device (delivery is at least once).
+pub const HTTP_REDELIVERY_AFTER_S: i64 = 30;
+
 /// Filters and keyset position of a command listing.
 pub struct CommandFilter<'a> {
     pub status: Option<&'a str>,
@@ -140,8 +144,9 @@ impl Repo {
         Ok(row.as_ref().map(command_out))
     }
 
-    /// The live commands an HTTP device has not fetched yet, oldest first, marked fetched and
-    /// delivered in the same statement.
+    /// The live commands an HTTP device has not fetched yet, or fetched more than
+    /// [`HTTP_REDELIVERY_AFTER_S`] ago without acknowledging them (the response may never have
+    /// reached it), oldest first, marked fetched and delivered in the same statement.
     pub async fn fetch_commands_for_http(
         &self,
         project: &str,
@@ -155,11 +160,13 @@ impl Repo {
                        http_fetched_at = now(),
                        status = CASE WHEN status = 'pending' THEN 'delivered' ELSE status END,
                        delivered_at = coalesce(delivered_at, now())
-                     WHERE project = $1 AND device_id = $2 AND http_fetched_at IS NULL
+                     WHERE project = $1 AND device_id = $2
+                       AND (http_fetched_at IS NULL
+                            OR http_fetched_at < now() - make_interval(secs => $3))
                        AND status IN ('pending', 'delivered') AND expires_at > now()
                      RETURNING {COMMAND_COLUMNS}"
                 ),
-                &[&project, &device_id],
+                &[&project, &device_id, &(HTTP_REDELIVERY_AFTER_S as f64)],
             )
             .await?;
         let mut commands: Vec<(DateTime<Utc>, DeviceCommand)> = rows

@@ -178,7 +178,8 @@ impl Repo {
                  JOIN registry.devices d ON d.project = k.project AND d.id = k.device_id
                  JOIN registry.alert_rules r
                    ON r.project = k.project AND r.metric = k.metric AND r.enabled
-                  AND (r.device_id = d.id OR r.device_group = d.device_group)",
+                  AND (r.device_id = d.id OR r.device_group = d.device_group)
+                 FOR SHARE OF r",
                 &[&projects, &devices, &metrics],
             )
             .await?

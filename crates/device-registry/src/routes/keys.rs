@@ -69,6 +69,7 @@ async fn rotate(
             &hash_secret(&secret),
             &secret_prefix(&secret),
             grace,
+            principal.platform_admin,
         )
         .await?
         .ok_or_else(|| {
@@ -165,7 +166,11 @@ async fn revoke(
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Admin)?;
     let key_id = path.into_inner();
-    if !state.repo.revoke_key(&principal.project, &key_id).await? {
+    if !state
+        .repo
+        .revoke_key(&principal.project, &key_id, principal.platform_admin)
+        .await?
+    {
         return Err(ApiError::not_found(
             "key_not_found",
             format!("key {key_id} not found"),

@@ -278,3 +278,54 @@ async fn a_rotation_without_grace_ends_the_old_secret_at_once() {
     assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_platform_admin_key_keeps_its_power_through_rotation_and_only_it_may_touch_itself() {
+    let app = spawn_registry().await;
+    let (_, listing) = app.get("/api/v1/keys", app.admin_key()).await;
+    let platform_key = listing["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|key| key["platform_admin"] == true)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, project_admin) = app.create_key(&["admin"]).await;
+    for path in [
+        format!("/api/v1/keys/{platform_key}/rotate"),
+        format!("/api/v1/keys/{platform_key}"),
+    ] {
+        let method = if path.ends_with("rotate") {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::DELETE
+        };
+        let (status, body) = app
+            .request(
+                method,
+                &path,
+                Some(&project_admin),
+                Some(&json!({"grace_seconds": 0})),
+            )
+            .await;
+        assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    }
+
+    let (status, body) = app
+        .post(
+            &format!("/api/v1/keys/{platform_key}/rotate"),
+            app.admin_key(),
+            &json!({"grace_seconds": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["data"]["platform_admin"], true);
+    let new_secret = body["data"]["secret"].as_str().unwrap().to_owned();
+    let (status, _) = app.get("/api/v1/projects", &new_secret).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app.get("/api/v1/projects", app.admin_key()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    app.shutdown().await;
+}
