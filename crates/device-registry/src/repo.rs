@@ -558,6 +558,7 @@ impl Repo {
 
     /// Creates a key for `key_id`'s project with the same name, scope and expiry, and makes
     /// the old key expire after `grace`. `None` when there is no such live key.
+    #[allow(clippy::too_many_arguments)]
     pub async fn rotate_key(
         &self,
         project: &str,

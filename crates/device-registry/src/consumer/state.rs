@@ -94,21 +94,22 @@ pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::
             metrics::gauge!("fieldline_registry_state_lag_messages").set(lag as f64);
             if lag > SWEEP_LAG_LIMIT {
                 tracing::warn!(lag, "state consumer behind; offline sweep postponed");
-            }
-            while lag <= SWEEP_LAG_LIMIT {
-                match repo.sweep_offline(SWEEP_BATCH).await {
-                    Ok(0) => break,
-                    Ok(count) => {
-                        metrics::counter!("fieldline_registry_offline_total")
-                            .increment(count as u64);
-                        wake.notify_one();
-                        if (count as i64) < SWEEP_BATCH {
+            } else {
+                loop {
+                    match repo.sweep_offline(SWEEP_BATCH).await {
+                        Ok(0) => break,
+                        Ok(count) => {
+                            metrics::counter!("fieldline_registry_offline_total")
+                                .increment(count as u64);
+                            wake.notify_one();
+                            if (count as i64) < SWEEP_BATCH {
+                                break;
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(error = %error, "offline sweep failed");
                             break;
                         }
-                    }
-                    Err(error) => {
-                        tracing::warn!(error = %error, "offline sweep failed");
-                        break;
                     }
                 }
             }
