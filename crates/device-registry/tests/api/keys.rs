@@ -194,7 +194,7 @@ async fn a_rotated_key_works_through_its_grace_then_expires() {
         .post(
             &format!("/api/v1/keys/{key_id}/rotate"),
             app.admin_key(),
-            &json!({"grace_seconds": 2}),
+            &json!({"grace_seconds": 4}),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -215,7 +215,7 @@ async fn a_rotated_key_works_through_its_grace_then_expires() {
     // Then only the new one, although the old one's principal was cached.
     fieldline_testkit::eventually(
         "the old secret to expire",
-        std::time::Duration::from_secs(6),
+        std::time::Duration::from_secs(15),
         || async {
             let (status, _) = app.get("/api/v1/devices", &old_secret).await;
             (status == StatusCode::UNAUTHORIZED).then_some(())
