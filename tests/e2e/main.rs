@@ -69,8 +69,36 @@ async fn one_process_history_for_dashboards_aggregate_and_csv() {
 }
 
 #[tokio::test]
+async fn one_process_registry_events_reach_webhooks() {
+    let platform = Platform::one_process().await;
+    scenarios::registry_events_reach_webhooks(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
 async fn split_history_for_dashboards_aggregate_and_csv() {
     let platform = Platform::split().await;
     scenarios::history_for_dashboards(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn split_registry_events_reach_webhooks() {
+    let platform = Platform::split().await;
+    scenarios::registry_events_reach_webhooks(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn one_process_config_commands_and_backfill() {
+    let platform = Platform::one_process().await;
+    scenarios::config_commands_and_backfill(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn split_config_commands_and_backfill() {
+    let platform = Platform::split().await;
+    scenarios::config_commands_and_backfill(&platform).await;
     platform.stop().await;
 }

@@ -210,14 +210,46 @@ impl Platform {
         credential: &str,
         body: Option<&Value>,
     ) -> (StatusCode, Value) {
-        let mut request = self
-            .http
-            .request(method, self.url(path))
-            .bearer_auth(credential);
+        // POST on a device's readings is a backfill (ingest-http); GET is history (query-api),
+        // as deploy/gateway/nginx.conf routes them.
+        let path_only = path.split('?').next().unwrap_or_default();
+        let url = if method == Method::POST
+            && path_only.starts_with("/api/v1/devices/")
+            && path_only.ends_with("/readings")
+        {
+            format!("{}{path}", self.base["ingest-http"])
+        } else {
+            self.url(path)
+        };
+        let mut request = self.http.request(method, url).bearer_auth(credential);
         if let Some(body) = body {
             request = request.json(body);
         }
         fieldline_testkit::read(request.send().await.unwrap()).await
+    }
+
+    /// POSTs a raw body (CSV) to a device's readings: a backfill, owned by ingest-http.
+    pub async fn post_readings_raw(
+        &self,
+        device: &str,
+        credential: &str,
+        content_type: &str,
+        body: &'static str,
+    ) -> (StatusCode, Value) {
+        let url = format!(
+            "{}/api/v1/devices/{device}/readings",
+            self.base["ingest-http"]
+        );
+        let response = self
+            .http
+            .post(url)
+            .bearer_auth(credential)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        fieldline_testkit::read(response).await
     }
 
     pub async fn get(&self, path: &str, credential: &str) -> (StatusCode, Value) {

@@ -368,7 +368,7 @@ pub async fn dispatcher_killed_mid_retry(platform: &mut Platform) {
         .post(
             "/api/v1/webhooks",
             platform.admin_key(),
-            &json!({"url": receiver.url("/hook")}),
+            &json!({"url": receiver.url("/hook"), "events": ["device.data"]}),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
@@ -513,4 +513,209 @@ pub async fn history_for_dashboards(platform: &Platform) {
         ));
     }
     assert_eq!(csv, expected);
+}
+
+/// The registry's events reach a third party: a reading over HTTP fires an alert and brings
+/// the device online, a config change is announced, and silence takes the device offline;
+/// each arrives once, signed.
+pub async fn registry_events_reach_webhooks(platform: &Platform) {
+    let receiver = Receiver::start().await;
+    let admin = platform.admin_key().to_owned();
+    let (status, created) = platform
+        .post(
+            "/api/v1/webhooks",
+            &admin,
+            &json!({"url": receiver.url("/events"),
+                    "events": ["device.alert", "device.status", "config.update"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let secret = created["data"]["secret"].as_str().unwrap().to_owned();
+    let (status, body) = platform
+        .post(
+            "/api/v1/devices",
+            &admin,
+            &json!({"id": "kiln-1", "group": "kilns", "heartbeat_interval_s": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let token = body["data"]["token"].as_str().unwrap().to_owned();
+    let (status, body) = platform
+        .post(
+            "/api/v1/alert-rules",
+            &admin,
+            &json!({"name": "kiln too hot", "group": "kilns", "metric": "temp", "op": "gt",
+                    "threshold": 1200, "severity": "critical"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let (status, _) = platform
+        .post("/api/v1/ingest", &token, &json!({"temp": 1250.0}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, body) = platform
+        .request(
+            Method::PUT,
+            "/api/v1/devices/kiln-1/config",
+            &admin,
+            Some(&json!({"target_temp": 1100})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // firing, online, config v1, then offline after three missed seconds.
+    eventually("four registry events", Duration::from_secs(30), || async {
+        let requests = receiver.received("/events");
+        (requests.len() >= 4).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let requests = receiver.received("/events");
+    let mut seen: Vec<String> = Vec::new();
+    for request in &requests {
+        assert_eq!(
+            request.header("X-Webhook-Signature").unwrap(),
+            body_signature(&secret, &request.body)
+        );
+        let body = request.json();
+        assert_eq!(body["device_id"], "kiln-1");
+        let payload = &body["payload"];
+        seen.push(match body["event"].as_str().unwrap() {
+            "device.alert" => format!("alert {}", payload["state"].as_str().unwrap()),
+            "device.status" => format!("status {}", payload["status"].as_str().unwrap()),
+            "config.update" => format!("config v{}", payload["version"]),
+            other => panic!("unexpected event {other}"),
+        });
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            "alert firing",
+            "config v1",
+            "status offline",
+            "status online"
+        ],
+        "{seen:?}"
+    );
+    receiver.stop().await;
+}
+
+/// What reaches a device: a config change as a retained MQTT message (to a subscriber that
+/// connects after it), a command over the HTTP long-poll and its acknowledgement; and an
+/// import of the past, as CSV, that query-api then serves.
+pub async fn config_commands_and_backfill(platform: &Platform) {
+    let admin = platform.admin_key().to_owned();
+    let token = create_device(platform, "vent-1").await;
+    let (status, body) = platform
+        .request(
+            Method::PUT,
+            "/api/v1/devices/vent-1/config",
+            &admin,
+            Some(&json!({"interval_s": 15})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A device connecting after the change still gets it: the message is retained. Each try
+    // is a fresh connection, so what arrives on subscribing is the retained copy.
+    let topic = format!("{}/default/vent-1/config", platform.topic_root());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let retained = loop {
+        assert!(tokio::time::Instant::now() < deadline, "no retained config");
+        let (host, port) = platform.mqtt_host_port();
+        let mut options = MqttOptions::new(
+            format!("e2e-dev-{}", fieldline_testkit::unique_suffix()),
+            host,
+            port,
+        );
+        options.set_keep_alive(Duration::from_secs(5));
+        let (device, mut eventloop) = AsyncClient::new(options, 10);
+        device.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
+        let window = tokio::time::Instant::now() + Duration::from_secs(2);
+        let mut found = None;
+        while let Ok(Ok(event)) = tokio::time::timeout_at(window, eventloop.poll()).await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) = event {
+                found = Some(publish);
+                break;
+            }
+        }
+        let _ = device.disconnect().await;
+        if let Some(publish) = found.filter(|publish| publish.retain) {
+            break publish;
+        }
+    };
+    assert!(retained.retain);
+    let message: Value = serde_json::from_slice(&retained.payload).unwrap();
+    assert_eq!(message["version"], 1);
+    assert_eq!(message["config"]["interval_s"], 15);
+
+    // The HTTP device long-polls; the command posted meanwhile wakes it.
+    let poll = {
+        let url = platform.url("/api/v1/ingest/commands?wait=20");
+        let token = token.clone();
+        tokio::spawn(async move {
+            let response = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            fieldline_testkit::read(response).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = platform
+        .post(
+            "/api/v1/devices/vent-1/commands",
+            &admin,
+            &json!({"name": "open", "params": {"percent": 30}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let command_id = body["data"]["id"].as_str().unwrap().to_owned();
+    let (status, polled) = poll.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{polled}");
+    assert_eq!(polled["data"][0]["id"], command_id.as_str());
+    assert_eq!(polled["data"][0]["params"]["percent"], 30);
+    let (status, body) = platform
+        .post(
+            &format!("/api/v1/ingest/commands/{command_id}/ack"),
+            &token,
+            &json!({"status": "ok", "detail": "opened"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, body) = platform
+        .get(
+            &format!("/api/v1/devices/vent-1/commands/{command_id}"),
+            &admin,
+        )
+        .await;
+    assert_eq!(body["data"]["status"], "acked");
+
+    // An import of last year, as CSV, read back from history.
+    let (status, body) = platform
+        .post_readings_raw(
+            "vent-1",
+            &admin,
+            "text/csv",
+            "ts,metric,value\n2025-01-01T00:00:00Z,airflow,1.5\n2025-01-01T00:01:00Z,airflow,1.75\n",
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let readings = eventually("the imported readings", Duration::from_secs(20), || async {
+        let (_, body) = platform
+            .get(
+                "/api/v1/devices/vent-1/readings?metric=airflow&start=2025-01-01T00:00:00Z&end=2025-01-02T00:00:00Z",
+                &admin,
+            )
+            .await;
+        let readings = body["data"].as_array().cloned().unwrap_or_default();
+        (readings.len() == 2).then_some(readings)
+    })
+    .await;
+    assert_eq!(readings[0]["value"], 1.5);
+    assert_eq!(readings[1]["ts"], "2025-01-01T00:01:00Z");
 }

@@ -89,3 +89,38 @@ where
     }
     Some(Ok(batch))
 }
+
+/// Request/reply with a protobuf on each side. No answer within `timeout` (the responder is
+/// down, or chose not to answer because its database is) is a 503, never a guess.
+pub async fn rpc<Req, Resp>(
+    client: &async_nats::Client,
+    subject: String,
+    request: &Req,
+    timeout: std::time::Duration,
+) -> Result<Resp, crate::ApiError>
+where
+    Req: prost::Message,
+    Resp: prost::Message + Default,
+{
+    let unavailable = || crate::ApiError::unavailable("device-registry did not answer in time");
+    let reply = match tokio::time::timeout(
+        timeout,
+        client.request(subject.clone(), request.encode_to_vec().into()),
+    )
+    .await
+    {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(error)) => {
+            tracing::warn!(error = %error, subject = %subject, "rpc failed");
+            return Err(unavailable());
+        }
+        Err(_) => {
+            tracing::warn!(subject = %subject, "rpc timed out");
+            return Err(unavailable());
+        }
+    };
+    Resp::decode(reply.payload.as_ref()).map_err(|error| {
+        tracing::warn!(error = %error, subject = %subject, "rpc answered garbage");
+        unavailable()
+    })
+}

@@ -64,8 +64,12 @@ pub struct Config {
     pub rpc_timeout: Duration,
     /// Largest ingest request body, in bytes (after decompression); larger answers 413.
     pub ingest_max_body_bytes: usize,
-    /// Most readings in one ingest request or MQTT message; more answers 413.
+    /// Most readings in one ingest request or MQTT message; more answers 413. Backfill
+    /// splits its readings into batches of at most this many.
     pub ingest_max_readings: usize,
+    /// Largest backfill body (`POST /api/v1/devices/{id}/readings`), in bytes after
+    /// decompression; larger answers 413.
+    pub backfill_max_body_bytes: usize,
     /// How long ingest waits for JetStream to acknowledge before answering 503.
     #[serde(with = "humantime_serde")]
     pub ingest_publish_timeout: Duration,
@@ -123,6 +127,16 @@ pub struct Config {
     /// How long in-flight work may take to finish after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Heartbeat interval of a device registered without `heartbeat_interval_s`; three missed
+    /// intervals make a device offline.
+    #[serde(with = "humantime_serde")]
+    pub device_heartbeat_interval: Duration,
+    /// How often the registry looks for devices gone silent and commands past their TTL.
+    #[serde(with = "humantime_serde")]
+    pub registry_sweep_interval: Duration,
+    /// TTL of a command posted without `ttl_s`.
+    #[serde(with = "humantime_serde")]
+    pub command_default_ttl: Duration,
 }
 
 impl Default for Config {
@@ -146,6 +160,7 @@ impl Default for Config {
             rpc_timeout: Duration::from_secs(2),
             ingest_max_body_bytes: 1024 * 1024,
             ingest_max_readings: 10_000,
+            backfill_max_body_bytes: 16 * 1024 * 1024,
             ingest_publish_timeout: Duration::from_secs(5),
             stream_max_age: Duration::from_secs(7 * 24 * 3600),
             stream_max_bytes: 1 << 30,
@@ -165,6 +180,9 @@ impl Default for Config {
             webhook_retry_after_max: Duration::from_secs(3600),
             webhook_poll_interval: Duration::from_millis(250),
             shutdown_timeout: Duration::from_secs(10),
+            device_heartbeat_interval: Duration::from_secs(60),
+            registry_sweep_interval: Duration::from_secs(1),
+            command_default_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -254,11 +272,23 @@ impl Config {
         if self.database_pool_size == 0 {
             return invalid("database_pool_size", "must be at least 1".into());
         }
+        for (field, value) in [
+            ("device_heartbeat_interval", self.device_heartbeat_interval),
+            ("registry_sweep_interval", self.registry_sweep_interval),
+            ("command_default_ttl", self.command_default_ttl),
+        ] {
+            if value < Duration::from_millis(100) {
+                return invalid(field, "must be at least 100ms".into());
+            }
+        }
         if self.ingest_max_readings == 0 || self.ingest_max_body_bytes < 1024 {
             return invalid(
                 "ingest_max_readings",
                 "limits must allow one reading".into(),
             );
+        }
+        if self.backfill_max_body_bytes < 1024 {
+            return invalid("backfill_max_body_bytes", "must be at least 1024".into());
         }
         if let Err(message) = parse_schedule(&self.webhook_retry_schedule) {
             return invalid("webhook_retry_schedule", message);

@@ -95,15 +95,22 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         ));
     }
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(deserializer).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        if path == "." {
-            ApiError::bad_request("invalid_body", format!("body: {inner}"))
-        } else {
-            ApiError::bad_request("invalid_field", format!("{path}: {inner}"))
-        }
-    })
+    serde_path_to_error::deserialize(deserializer).map_err(field_error)
+}
+
+/// Like [`parse_json`], for a document already parsed (a merge patch applied to a resource).
+pub fn parse_json_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(field_error)
+}
+
+fn field_error<E: std::fmt::Display>(error: serde_path_to_error::Error<E>) -> ApiError {
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    if path == "." {
+        ApiError::bad_request("invalid_body", format!("body: {inner}"))
+    } else {
+        ApiError::bad_request("invalid_field", format!("{path}: {inner}"))
+    }
 }
 
 /// A JSON body, deserialized with the failing field named.

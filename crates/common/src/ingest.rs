@@ -51,7 +51,8 @@ pub struct Parsed {
     pub message_id: Option<String>,
 }
 
-fn valid_metric(name: &str) -> bool {
+/// A metric name: 1 to 128 of `[A-Za-z0-9_.-]`.
+pub fn valid_metric(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name

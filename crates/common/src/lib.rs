@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod bus;
 pub mod cache;
+pub mod commands;
 pub mod config;
 pub mod db;
 pub mod envelope;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod extract;
 pub mod ids;
 pub mod ingest;
+pub mod openapi;
 pub mod service;
 pub mod telemetry;
 pub mod time;

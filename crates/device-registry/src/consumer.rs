@@ -1,5 +1,10 @@
 //! The registry's bus loops: the auth RPC (`{prefix}.rpc.auth.verify`) and the device lookup
-//! RPC (`{prefix}.rpc.auth.device`), answered by every registry instance in one queue group.
+//! RPC (`{prefix}.rpc.auth.device`), answered by every registry instance in one queue group;
+//! the device RPCs of the ingest edges ([`device_rpc`]); device state from telemetry
+//! ([`state`]).
+
+pub mod device_rpc;
+pub mod state;
 
 use fieldline_common::{Context, auth::hash_secret, time::now_us};
 use fieldline_proto::v1::{
@@ -14,9 +19,9 @@ use crate::{
     repo::{Credential, Repo},
 };
 
-const QUEUE_GROUP: &str = "device-registry";
+pub(crate) const QUEUE_GROUP: &str = "device-registry";
 /// Requests answered at once per instance; more wait in the subscription's buffer.
-const CONCURRENCY: usize = 64;
+pub(crate) const CONCURRENCY: usize = 64;
 
 /// Subscribes both RPCs; returns once the server has the subscriptions, so a caller that
 /// starts after this never sees "no responders" from a registry that is up.
@@ -133,7 +138,7 @@ async fn verify(repo: &Repo, secret: &str) -> VerifyResponse {
             if expires_at_us != 0 && expires_at_us <= now_us() {
                 return error_response("expired");
             }
-            tracing::debug!(key_id = %id, project = %project, "key used");
+            tracing::info!(key_id = %id, project = %project, "key used");
             let touch_repo = repo.clone();
             let touch_id = id.clone();
             tokio::spawn(async move {

@@ -1,5 +1,8 @@
 //! Registry types that parse and validate at the edge: past here, they are valid.
 
+pub mod alerts;
+pub mod commands;
+
 use chrono::{DateTime, Utc};
 use fieldline_common::{
     ApiError,
@@ -71,6 +74,8 @@ pub struct DeviceIn {
     pub tags: Vec<String>,
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     pub heartbeat_interval_s: Option<i32>,
+    /// The first configuration (version 1); later ones go through `/config`.
+    pub config: Option<serde_json::Value>,
 }
 
 /// A device ready to insert.
@@ -83,9 +88,10 @@ pub struct NewDevice {
     pub tags: Vec<String>,
     pub metadata: serde_json::Value,
     pub heartbeat_interval_s: Option<i32>,
+    pub config: Option<serde_json::Value>,
 }
 
-fn check_label(field: &str, value: &str) -> Result<(), ApiError> {
+pub(crate) fn check_label(field: &str, value: &str) -> Result<(), ApiError> {
     let valid = !value.is_empty()
         && value.len() <= 64
         && value
@@ -141,7 +147,9 @@ impl DeviceIn {
                 "heartbeat_interval_s: between 1 and 86400",
             ));
         }
+        let config = self.config.map(commands::parse_config).transpose()?;
         Ok(NewDevice {
+            config,
             id,
             name: self.name,
             device_type: self.device_type.unwrap_or(DeviceType::Sensor),
@@ -165,8 +173,27 @@ pub struct DeviceOut {
     pub tags: Vec<String>,
     pub metadata: serde_json::Value,
     pub heartbeat_interval_s: Option<i32>,
+    /// `online`, `offline`, or `unknown` until the device is first heard from.
+    pub status: String,
+    pub last_seen: Option<String>,
+    pub config_version: i64,
     pub created_at: String,
     pub updated_at: String,
+}
+
+impl DeviceOut {
+    /// The writable fields, as a PUT body gives them: what a merge patch applies to.
+    pub fn to_input_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "name": self.name,
+            "type": self.device_type,
+            "group": self.group,
+            "tags": self.tags,
+            "metadata": self.metadata,
+            "heartbeat_interval_s": self.heartbeat_interval_s,
+        })
+    }
 }
 
 /// `POST /api/v1/devices` answers the device and, once, its token.

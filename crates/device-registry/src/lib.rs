@@ -3,8 +3,11 @@
 
 mod consumer;
 pub mod domain;
+mod outbox;
 mod repo;
 mod routes;
+
+pub use crate::routes::ROUTES;
 
 use std::sync::Arc;
 
@@ -14,8 +17,11 @@ use fieldline_proto::{InvalidateKind, v1::Invalidate};
 use prost::Message;
 use secrecy::ExposeSecret;
 
+use tokio::sync::Notify;
+
 use crate::{
     domain::{API_KEY_PREFIX, new_api_key_secret, secret_prefix},
+    outbox::Messages,
     repo::Repo,
 };
 
@@ -27,6 +33,8 @@ mod embedded {
 pub(crate) struct State {
     pub repo: Repo,
     pub context: Context,
+    /// Wakes the outbox relay after a commit that queued bus messages.
+    pub outbox_wake: Arc<Notify>,
 }
 
 impl State {
@@ -58,19 +66,27 @@ impl State {
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let pool = context.db().await?;
     fieldline_common::db::migrate(&pool, "registry", embedded::migrations::runner()).await?;
-    let repo = Repo::new(pool);
+    let repo = Repo::new(pool, Messages::new(context.subjects.clone()));
     bootstrap(context, &repo).await?;
     consumer::start_rpc(context, repo.clone()).await?;
+    consumer::device_rpc::start(context, repo.clone()).await?;
+    let outbox_wake = Arc::new(Notify::new());
+    outbox::start_relay(context, repo.clone(), outbox_wake.clone());
+    consumer::state::start(context, repo.clone(), outbox_wake.clone()).await?;
 
     let state = web::Data::new(State {
         repo,
         context: context.clone(),
+        outbox_wake,
     });
     let routes = Arc::new(move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(state.clone());
         routes::projects::configure(cfg);
         routes::keys::configure(cfg);
         routes::devices::configure(cfg);
+        routes::config::configure(cfg);
+        routes::commands::configure(cfg);
+        routes::alert_rules::configure(cfg);
     });
     Ok(Service {
         name: "device-registry",

@@ -1,15 +1,24 @@
 //! The registry's SQL, and nothing else does SQL.
 
+mod alerts;
+pub mod commands;
+pub mod state;
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use fieldline_common::{ApiError, auth::ScopeLevel, time::format_rfc3339};
 use tokio_postgres::{Row, error::SqlState};
 
-use crate::domain::{DeviceOut, KeyOut, NewDevice, NewKey, ProjectOut, rfc3339_opt, scopes_of};
+pub use self::{alerts::RuleFilter, commands::CommandFilter, state::SeenDevice};
+use crate::{
+    domain::{DeviceOut, KeyOut, NewDevice, NewKey, ProjectOut, rfc3339_opt, scopes_of},
+    outbox::{EventKind, Messages, OutboxMessage},
+};
 
 #[derive(Clone)]
 pub struct Repo {
     pool: Pool,
+    messages: Messages,
 }
 
 /// A stored credential, as the auth RPC needs it.
@@ -60,26 +69,93 @@ fn device_out(row: &Row) -> DeviceOut {
         tags: row.get("tags"),
         metadata: row.get("metadata"),
         heartbeat_interval_s: row.get("heartbeat_interval_s"),
+        status: row.get("status"),
+        last_seen: rfc3339_opt(row.get("last_seen")),
+        config_version: row.get("config_version"),
         created_at: format_rfc3339(&row.get("created_at")),
         updated_at: format_rfc3339(&row.get("updated_at")),
     }
 }
 
 const DEVICE_COLUMNS: &str = "project, id, name, device_type, device_group, tags, metadata, \
-                              heartbeat_interval_s, created_at, updated_at";
+                              heartbeat_interval_s, status, last_seen, config_version, \
+                              created_at, updated_at";
 const KEY_COLUMNS: &str = "id, name, secret_prefix, scope, platform_admin, created_at, \
                            expires_at, revoked_at, last_used_at";
 
 /// Filters and keyset position of a device listing.
 pub struct DeviceFilter<'a> {
     pub device_type: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub group: Option<&'a str>,
+    pub tag: Option<&'a str>,
     pub after_id: Option<&'a str>,
     pub limit: i64,
 }
 
+fn platform_key_forbidden() -> ApiError {
+    ApiError::forbidden("only the platform admin key may revoke or rotate the platform admin key")
+}
+
+/// Writes outbox rows inside the caller's transaction.
+async fn enqueue(
+    tx: &deadpool_postgres::Transaction<'_>,
+    messages: &[OutboxMessage],
+) -> Result<(), tokio_postgres::Error> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
+    let ids: Vec<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
+    let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
+    tx.execute(
+        "INSERT INTO registry.outbox (subject, msg_id, payload)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])",
+        &[&subjects, &ids, &payloads],
+    )
+    .await?;
+    Ok(())
+}
+
 impl Repo {
-    pub fn new(pool: Pool) -> Self {
-        Self { pool }
+    pub fn new(pool: Pool, messages: Messages) -> Self {
+        Self { pool, messages }
+    }
+
+    /// Publishes up to `limit` outbox rows with `publish` and deletes them once it succeeds,
+    /// all under row locks (SKIP LOCKED), so two registry instances never publish the same
+    /// row at once. Returns how many were published.
+    pub async fn drain_outbox<F, Fut>(&self, limit: i64, publish: F) -> anyhow::Result<usize>
+    where
+        F: FnOnce(Vec<OutboxMessage>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "SELECT seq, subject, msg_id, payload FROM registry.outbox
+                 ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&limit],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let seqs: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+        let messages = rows
+            .iter()
+            .map(|row| OutboxMessage {
+                subject: row.get(1),
+                msg_id: row.get(2),
+                payload: row.get(3),
+            })
+            .collect();
+        publish(messages).await?;
+        tx.execute("DELETE FROM registry.outbox WHERE seq = ANY($1)", &[&seqs])
+            .await?;
+        tx.commit().await?;
+        Ok(seqs.len())
     }
 
     /// On an empty registry, creates project `default` and the platform admin key. Returns
@@ -214,9 +290,28 @@ impl Repo {
             .collect())
     }
 
-    /// Revokes a key of `project`; false when there is no such key there.
-    pub async fn revoke_key(&self, project: &str, key_id: &str) -> Result<bool, ApiError> {
+    /// Revokes a key of `project`; false when there is no such key there. Only the platform
+    /// admin may revoke the platform admin key (a project admin of `default` sees it listed).
+    pub async fn revoke_key(
+        &self,
+        project: &str,
+        key_id: &str,
+        caller_is_platform_admin: bool,
+    ) -> Result<bool, ApiError> {
         let client = self.pool.get().await?;
+        let target = client
+            .query_opt(
+                "SELECT platform_admin FROM registry.api_keys WHERE project = $1 AND id = $2",
+                &[&project, &key_id],
+            )
+            .await?;
+        match target {
+            None => return Ok(false),
+            Some(row) if row.get::<_, bool>(0) && !caller_is_platform_admin => {
+                return Err(platform_key_forbidden());
+            }
+            Some(_) => {}
+        }
         let updated = client
             .execute(
                 "UPDATE registry.api_keys SET revoked_at = coalesce(revoked_at, now())
@@ -234,13 +329,21 @@ impl Repo {
         device: &NewDevice,
         token_hash: &[u8],
     ) -> Result<Option<DeviceOut>, ApiError> {
-        let client = self.pool.get().await?;
-        let result = client
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let version: i64 = if device.config.is_some() { 1 } else { 0 };
+        let config = device
+            .config
+            .clone()
+            .unwrap_or_else(|| serde_json::json!({}));
+        let result = tx
             .query_one(
                 &format!(
                     "INSERT INTO registry.devices
-                       (project, id, name, device_type, device_group, tags, metadata, heartbeat_interval_s, token_hash)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {DEVICE_COLUMNS}"
+                       (project, id, name, device_type, device_group, tags, metadata, heartbeat_interval_s, token_hash,
+                        config, config_version, config_updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::bigint, CASE WHEN $11::bigint > 0 THEN now() END)
+                     RETURNING {DEVICE_COLUMNS}"
                 ),
                 &[
                     &project,
@@ -252,14 +355,263 @@ impl Repo {
                     &device.metadata,
                     &device.heartbeat_interval_s,
                     &token_hash,
+                    &config,
+                    &version,
                 ],
             )
             .await;
-        match result {
-            Ok(row) => Ok(Some(device_out(&row))),
-            Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(None),
-            Err(error) => Err(error.into()),
+        let row = match result {
+            Ok(row) => row,
+            Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        if version == 1 {
+            self.record_config(
+                &tx,
+                project,
+                device.id.as_str(),
+                0,
+                1,
+                &config,
+                "device creation",
+            )
+            .await?;
         }
+        tx.commit().await?;
+        Ok(Some(device_out(&row)))
+    }
+
+    /// Stores a configuration version and queues its event and its push to the device.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_config(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        project: &str,
+        device_id: &str,
+        previous_version: i64,
+        version: i64,
+        config: &serde_json::Value,
+        changed_by: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        tx.execute(
+            "INSERT INTO registry.device_configs (project, device_id, version, config, changed_by)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&project, &device_id, &version, config, &changed_by],
+        )
+        .await?;
+        let now = fieldline_common::time::now_us();
+        let event = serde_json::json!({
+            "version": version,
+            "previous_version": previous_version,
+            "config": config,
+            "changed_by": changed_by,
+        });
+        enqueue(
+            tx,
+            &[
+                self.messages
+                    .event(EventKind::Config, project, device_id, now, &event),
+                self.messages
+                    .config_push(project, device_id, version, config),
+            ],
+        )
+        .await
+    }
+
+    /// Replaces the writable fields of a device; `None` when there is no such device.
+    pub async fn update_device(
+        &self,
+        project: &str,
+        device: &NewDevice,
+        default_interval_s: i32,
+    ) -> Result<Option<DeviceOut>, ApiError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE registry.devices SET
+                       name = $3, device_type = $4, device_group = $5, tags = $6, metadata = $7,
+                       heartbeat_interval_s = $8, updated_at = now(),
+                       offline_after = last_seen + make_interval(secs => 3 * coalesce($8::int4, $9::int4))
+                     WHERE project = $1 AND id = $2 RETURNING {DEVICE_COLUMNS}"
+                ),
+                &[
+                    &project,
+                    &device.id.as_str(),
+                    &device.name,
+                    &device.device_type.as_str(),
+                    &device.group,
+                    &device.tags,
+                    &device.metadata,
+                    &device.heartbeat_interval_s,
+                    &default_interval_s,
+                ],
+            )
+            .await?;
+        Ok(row.as_ref().map(device_out))
+    }
+
+    /// Deletes a device and everything of it (configs, commands, alert states).
+    /// Its retained config on the broker is cleared through the outbox, in the same transaction.
+    pub async fn delete_device(&self, project: &str, device_id: &str) -> Result<bool, ApiError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let deleted = tx
+            .execute(
+                "DELETE FROM registry.devices WHERE project = $1 AND id = $2",
+                &[&project, &device_id],
+            )
+            .await?;
+        if deleted == 1 {
+            enqueue(&tx, &[self.messages.config_clear(project, device_id)]).await?;
+        }
+        tx.commit().await?;
+        Ok(deleted == 1)
+    }
+
+    /// Gives a device a new token; the old one stops matching at once.
+    pub async fn rotate_device_token(
+        &self,
+        project: &str,
+        device_id: &str,
+        token_hash: &[u8],
+    ) -> Result<bool, ApiError> {
+        let client = self.pool.get().await?;
+        let updated = client
+            .execute(
+                "UPDATE registry.devices SET token_hash = $3, updated_at = now()
+                 WHERE project = $1 AND id = $2",
+                &[&project, &device_id, &token_hash],
+            )
+            .await?;
+        Ok(updated == 1)
+    }
+
+    /// A device's current configuration; `None` when there is no such device.
+    pub async fn get_config(
+        &self,
+        project: &str,
+        device_id: &str,
+    ) -> Result<Option<(i64, serde_json::Value, Option<DateTime<Utc>>)>, ApiError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT config_version, config, config_updated_at FROM registry.devices
+                 WHERE project = $1 AND id = $2",
+                &[&project, &device_id],
+            )
+            .await?;
+        Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
+    }
+
+    /// Changes a device's configuration: `change` turns the current document into the next
+    /// one under a row lock. A document equal to the current one makes no new version.
+    /// Returns the version and document after, and whether they changed; `None` when there is
+    /// no such device.
+    pub async fn change_config(
+        &self,
+        project: &str,
+        device_id: &str,
+        changed_by: &str,
+        change: impl FnOnce(&serde_json::Value) -> Result<serde_json::Value, ApiError>,
+    ) -> Result<Option<(i64, serde_json::Value, Option<DateTime<Utc>>, bool)>, ApiError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let Some(row) = tx
+            .query_opt(
+                "SELECT config_version, config, config_updated_at FROM registry.devices
+                 WHERE project = $1 AND id = $2 FOR UPDATE",
+                &[&project, &device_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let version: i64 = row.get(0);
+        let current: serde_json::Value = row.get(1);
+        let next = change(&current)?;
+        if next == current && version > 0 {
+            return Ok(Some((version, current, row.get(2), false)));
+        }
+        let updated_at: DateTime<Utc> = tx
+            .query_one(
+                "UPDATE registry.devices SET config = $3, config_version = $4,
+                   config_updated_at = now(), updated_at = now()
+                 WHERE project = $1 AND id = $2 RETURNING config_updated_at",
+                &[&project, &device_id, &next, &(version + 1)],
+            )
+            .await?
+            .get(0);
+        self.record_config(
+            &tx,
+            project,
+            device_id,
+            version,
+            version + 1,
+            &next,
+            changed_by,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some((version + 1, next, Some(updated_at), true)))
+    }
+
+    /// Creates a key for `key_id`'s project with the same name, scope and expiry, and makes
+    /// the old key expire after `grace`. `None` when there is no such live key.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn rotate_key(
+        &self,
+        project: &str,
+        key_id: &str,
+        new_key_id: &str,
+        secret_hash: &[u8],
+        secret_prefix: &str,
+        grace_seconds: i64,
+        caller_is_platform_admin: bool,
+    ) -> Result<Option<(KeyOut, KeyOut)>, ApiError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let old = tx
+            .query_opt(
+                "SELECT name, scope, expires_at, platform_admin FROM registry.api_keys
+                 WHERE project = $1 AND id = $2 AND revoked_at IS NULL
+                   AND (expires_at IS NULL OR expires_at > now())
+                 FOR UPDATE",
+                &[&project, &key_id],
+            )
+            .await?;
+        let Some(old) = old else {
+            return Ok(None);
+        };
+        let name: String = old.get(0);
+        let scope: String = old.get(1);
+        let expires_at: Option<DateTime<Utc>> = old.get(2);
+        let platform_admin: bool = old.get(3);
+        if platform_admin && !caller_is_platform_admin {
+            return Err(platform_key_forbidden());
+        }
+        let new_key = tx
+            .query_one(
+                &format!(
+                    "INSERT INTO registry.api_keys
+                       (id, project, name, secret_hash, secret_prefix, scope, expires_at, platform_admin)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {KEY_COLUMNS}"
+                ),
+                &[&new_key_id, &project, &name, &secret_hash, &secret_prefix, &scope, &expires_at, &platform_admin],
+            )
+            .await?;
+        let old_key = tx
+            .query_one(
+                &format!(
+                    "UPDATE registry.api_keys
+                     SET expires_at = least(coalesce(expires_at, 'infinity'), now() + make_interval(secs => $3))
+                     WHERE project = $1 AND id = $2 RETURNING {KEY_COLUMNS}"
+                ),
+                &[&project, &key_id, &(grace_seconds as f64)],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(Some((key_out(&new_key), key_out(&old_key))))
     }
 
     pub async fn get_device(
@@ -292,6 +644,9 @@ impl Repo {
                      WHERE project = $1
                        AND ($2::text IS NULL OR device_type = $2)
                        AND ($3::text IS NULL OR id > $3)
+                       AND ($5::text IS NULL OR status = $5)
+                       AND ($6::text IS NULL OR device_group = $6)
+                       AND ($7::text IS NULL OR tags @> ARRAY[$7])
                      ORDER BY id LIMIT $4"
                 ),
                 &[
@@ -299,6 +654,9 @@ impl Repo {
                     &filter.device_type,
                     &filter.after_id,
                     &filter.limit,
+                    &filter.status,
+                    &filter.group,
+                    &filter.tag,
                 ],
             )
             .await?;

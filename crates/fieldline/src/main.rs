@@ -1,11 +1,15 @@
 //! `fieldline serve --services all|<list>`: runs any set of the platform's services in one
 //! process on one HTTP listener. Even in one process they talk over NATS only.
 
-use std::{str::FromStr, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use fieldline_common::{Config, Context, Service, service};
+use fieldline_common::{
+    Config, Context, Service,
+    openapi::{self, ServiceDoc},
+    service,
+};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -25,6 +29,71 @@ enum Command {
         #[arg(long, default_value = "all")]
         services: ServiceSet,
     },
+    /// Print the OpenAPI document of the whole platform (as `GET /api/v1/openapi.json`).
+    Openapi,
+}
+
+/// What every process serves, whatever its services.
+const PLATFORM_ROUTES: &[openapi::RouteDoc] = {
+    use openapi::{Access::Public, Method::Get, RouteDoc};
+    &[
+        RouteDoc::new(Get, "/health/live", "The process is up", Public),
+        RouteDoc::new(
+            Get,
+            "/health/ready",
+            "NATS, Postgres and each service's own checks pass (503 otherwise)",
+            Public,
+        ),
+        RouteDoc::new(Get, "/metrics", "Prometheus metrics (text format)", Public),
+        RouteDoc::new(Get, "/api/v1/openapi.json", "This document", Public),
+    ]
+};
+
+/// Every service's routes. Whichever services a process runs, it serves the whole platform's
+/// document, so the gateway may send `/api/v1/openapi.json` to any of them.
+fn api_document() -> serde_json::Value {
+    let services = [
+        ServiceDoc {
+            service: "platform",
+            routes: PLATFORM_ROUTES,
+        },
+        ServiceDoc {
+            service: "device-registry",
+            routes: device_registry::ROUTES,
+        },
+        ServiceDoc {
+            service: "query-api",
+            routes: query_api::ROUTES,
+        },
+        ServiceDoc {
+            service: "ingest-http",
+            routes: ingest_http::ROUTES,
+        },
+        ServiceDoc {
+            service: "webhook-dispatcher",
+            routes: webhook_dispatcher::ROUTES,
+        },
+    ];
+    serde_json::to_value(openapi::document(&services)).unwrap_or_default()
+}
+
+/// `GET /api/v1/openapi.json`.
+fn openapi_service() -> Service {
+    let document = actix_web::web::Data::new(api_document());
+    Service {
+        name: "openapi",
+        routes: Some(Arc::new(move |cfg: &mut actix_web::web::ServiceConfig| {
+            let document = document.clone();
+            cfg.route(
+                "/api/v1/openapi.json",
+                actix_web::web::get().to(move || {
+                    let document = document.clone();
+                    async move { actix_web::HttpResponse::Ok().json(document.get_ref()) }
+                }),
+            );
+        })),
+        ready: None,
+    }
 }
 
 /// One role of the platform.
@@ -39,12 +108,15 @@ enum ServiceKind {
 
 impl ServiceKind {
     /// Every service this binary can run, in start order (the registry first: the others
-    /// verify credentials through it).
+    /// verify credentials through it). Routes are registered in this order too: ingest-http
+    /// before query-api, because both serve `/api/v1/devices/{id}/readings` (POST backfill,
+    /// GET history) and only ingest-http's resource is guarded to POST, so a GET falls
+    /// through to query-api's while a POST would otherwise stop at query-api's with a 405.
     const ALL: [ServiceKind; 5] = [
         ServiceKind::DeviceRegistry,
+        ServiceKind::IngestHttp,
         ServiceKind::QueryApi,
         ServiceKind::WebhookDispatcher,
-        ServiceKind::IngestHttp,
         ServiceKind::IngestMqtt,
     ];
 
@@ -118,6 +190,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { services } => serve(services).await,
+        Command::Openapi => {
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            serde_json::to_writer_pretty(&mut stdout, &api_document())?;
+            writeln!(stdout)?;
+            Ok(())
+        }
     }
 }
 
@@ -138,6 +217,7 @@ async fn serve(services: ServiceSet) -> anyhow::Result<()> {
             .with_context(|| format!("starting {}", kind.name()))?;
         started.push(service);
     }
+    started.push(openapi_service());
     let listener = service::serve_http(&context, &started)?;
     tracing::info!(addr = %listener.addr, services = ?names, "fieldline ready");
 
@@ -156,4 +236,94 @@ async fn serve(services: ServiceSet) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), context.nats.flush()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::{collections::BTreeSet, path::Path};
+
+    use super::*;
+
+    const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+
+    fn rust_files(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                rust_files(&path, files);
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                files.push(path);
+            }
+        }
+    }
+
+    /// Every (METHOD, path) the services register with actix, read from their source: each
+    /// resource with the methods of its routes, and each bare route with a path.
+    fn registered_routes() -> BTreeSet<(String, String)> {
+        let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&crates).unwrap() {
+            let src = entry.unwrap().path().join("src");
+            if src.is_dir() && !src.starts_with(crates.join("loadgen")) {
+                rust_files(&src, &mut files);
+            }
+        }
+        let mut routes = BTreeSet::new();
+        for file in files {
+            let text: String = std::fs::read_to_string(&file)
+                .unwrap()
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            for chunk in text.split("web::resource(\"").skip(1) {
+                let path = &chunk[..chunk.find('"').unwrap()];
+                for method in METHODS {
+                    if chunk.contains(&format!(".route(web::{method}()")) {
+                        routes.insert((method.to_ascii_uppercase(), path.to_owned()));
+                    }
+                }
+            }
+            for chunk in text.split(".route(\"").skip(1) {
+                let path = &chunk[..chunk.find('"').unwrap()];
+                let after = &chunk[path.len() + 2..];
+                for method in METHODS {
+                    if after.starts_with(&format!("web::{method}()"))
+                        || after.starts_with(&format!("actix_web::web::{method}()"))
+                    {
+                        routes.insert((method.to_ascii_uppercase(), path.to_owned()));
+                    }
+                }
+            }
+        }
+        routes
+    }
+
+    #[test]
+    fn the_document_describes_every_registered_route_and_nothing_else() {
+        let document = api_document();
+        assert_eq!(document["openapi"], "3.1.0");
+        let mut documented = BTreeSet::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.insert((method.to_ascii_uppercase(), path.clone()));
+            }
+        }
+        let registered = registered_routes();
+        assert!(
+            registered.len() > 40,
+            "the source scan found too little: {registered:?}"
+        );
+        let undocumented: Vec<_> = registered.difference(&documented).collect();
+        let phantom: Vec<_> = documented.difference(&registered).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes missing from the OpenAPI document: {undocumented:?}"
+        );
+        assert!(
+            phantom.is_empty(),
+            "documented routes that are not registered: {phantom:?}"
+        );
+    }
 }

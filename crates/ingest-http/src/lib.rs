@@ -1,12 +1,17 @@
 //! ingest-http: devices POST readings with their device token (the fallback when MQTT is
-//! blocked or down). A 202 means the batch is in JetStream.
+//! blocked or down), fetch their config and commands (long-poll) and acknowledge commands.
+//! Write API keys backfill readings for any device of their project. A 202 means the batch
+//! is in JetStream.
 
+mod domain;
 mod routes;
 
 use std::sync::Arc;
 
 use actix_web::web;
 use fieldline_common::{Context, Service, ingest::Publisher};
+
+pub use crate::routes::ROUTES;
 
 /// Shared by the handlers.
 pub(crate) struct State {

@@ -1,7 +1,10 @@
 //! ingest-mqtt: reads device messages from the broker (a shared subscription, QoS 1, manual
 //! acks) and publishes them to JetStream. The broker gets its PUBACK only after JetStream
-//! acknowledged the batch, so a PUBACK means the readings are durable.
+//! acknowledged the batch, so a PUBACK means the readings are durable. Command acks from
+//! devices are forwarded to the registry the same way (PUBACK once it answered), and the
+//! [`downlink`] takes config and commands from the bus to the devices.
 
+mod downlink;
 mod topic;
 
 use std::{
@@ -13,18 +16,25 @@ use std::{
 };
 
 use fieldline_common::{
-    Context, Service,
+    ApiError, Context, ErrorKind, Service,
     auth::AuthError,
+    bus::rpc,
+    commands::MqttCommandAck,
     ingest::{self, ParseError, Publisher},
     service::ReadyCheck,
     time::now_us,
 };
+use fieldline_proto::v1::{CommandReport, CommandReportResponse};
 use futures::{FutureExt, StreamExt, stream::FuturesOrdered};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::topic::Uplink;
+
+/// Tries to hand a device's command ack to the registry before leaving it to the broker's
+/// redelivery.
+const ACK_REPORT_ATTEMPTS: u32 = 3;
 
 /// Messages being published to JetStream at once; acks still go back in arrival order.
 const IN_FLIGHT: usize = 256;
@@ -66,14 +76,18 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     context
         .tasks
         .spawn(process(context.clone(), client, incoming_rx));
+    let downlink_connected = downlink::start(context, &client_id).await?;
 
     let ready: ReadyCheck = Arc::new(move || {
         let connected = connected.load(Ordering::Relaxed);
+        let downlink_connected = *downlink_connected.borrow();
         async move {
-            if connected {
-                Ok(())
-            } else {
+            if !connected {
                 Err("not connected to the broker".to_owned())
+            } else if !downlink_connected {
+                Err("downlink not connected to the broker".to_owned())
+            } else {
+                Ok(())
             }
         }
         .boxed()
@@ -159,6 +173,8 @@ async fn poll_broker(
 enum Outcome {
     /// In JetStream: acknowledge it.
     Published,
+    /// A command ack the registry took: acknowledge it.
+    Forwarded,
     /// Dropped for good (unknown device, malformed): acknowledge it so it is not resent.
     Dropped(&'static str),
     /// Shutting down before it was durable: leave it unacknowledged for the broker to resend.
@@ -185,6 +201,10 @@ async fn process(context: Context, client: AsyncClient, mut incoming: mpsc::Rece
                 let ack = match outcome {
                     Outcome::Published => {
                         metrics::counter!("fieldline_mqtt_messages_total", "outcome" => "published").increment(1);
+                        true
+                    }
+                    Outcome::Forwarded => {
+                        metrics::counter!("fieldline_mqtt_messages_total", "outcome" => "forwarded").increment(1);
                         true
                     }
                     Outcome::Dropped(reason) => {
@@ -242,7 +262,7 @@ async fn handle(context: &Context, publisher: &Publisher, arrival: &Arrival) -> 
         return drop_message(
             &publish.topic,
             "invalid_topic",
-            "not {root}/{project}/{device}/{telemetry|heartbeat}",
+            "not {root}/{project}/{device}/{telemetry|heartbeat|commands/ack}",
         );
     };
     // Is this a device of that project? The registry answers (cached); while it cannot, the
@@ -300,6 +320,9 @@ async fn handle(context: &Context, publisher: &Publisher, arrival: &Arrival) -> 
             }
             published.is_some()
         }
+        Uplink::CommandAck => {
+            return forward_ack(context, arrival, project.as_str(), device_id.as_str()).await;
+        }
         Uplink::Heartbeat => retry(&context.shutdown, "publish heartbeat", || {
             publisher.heartbeat(
                 project.as_str(),
@@ -315,5 +338,64 @@ async fn handle(context: &Context, publisher: &Publisher, arrival: &Arrival) -> 
         Outcome::Published
     } else {
         Outcome::Abandoned
+    }
+}
+
+/// A device's `{"id","status","detail"?}` on `…/commands/ack`, forwarded to the registry.
+/// A registry that does not answer after a few tries leaves the message unacknowledged (the
+/// broker resends it when this persistent session reconnects) rather than dropped, and does
+/// not hold up the telemetry behind it in the pipeline.
+async fn forward_ack(
+    context: &Context,
+    arrival: &Arrival,
+    project: &str,
+    device_id: &str,
+) -> Outcome {
+    let topic = &arrival.publish.topic;
+    let ack = match MqttCommandAck::parse(&arrival.publish.payload) {
+        Ok(ack) => ack,
+        Err(error) => return drop_message(topic, "malformed", &error.message),
+    };
+    let report = CommandReport {
+        project: project.to_owned(),
+        device_id: device_id.to_owned(),
+        command_id: ack.id,
+        status: ack.status.as_str().to_owned(),
+        detail: ack.detail.unwrap_or_default(),
+        via: "mqtt".to_owned(),
+    };
+    let mut answer = None;
+    for attempt in 0..ACK_REPORT_ATTEMPTS {
+        let result: Result<CommandReportResponse, ApiError> = rpc(
+            &context.nats,
+            context.subjects.rpc_commands_report(),
+            &report,
+            context.config.rpc_timeout,
+        )
+        .await;
+        match result {
+            Err(error) if error.kind == ErrorKind::Unavailable => {
+                tracing::warn!(error = %error, attempt, "command ack report failed");
+                tokio::select! {
+                    _ = context.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200 << attempt)) => {}
+                }
+            }
+            other => {
+                answer = Some(other);
+                break;
+            }
+        }
+    }
+    match answer {
+        None => Outcome::Abandoned,
+        Some(Ok(response)) if response.found => {
+            if response.status == "expired" {
+                tracing::info!(command_id = %report.command_id, "ack for an expired command");
+            }
+            Outcome::Forwarded
+        }
+        Some(Ok(_)) => drop_message(topic, "unknown_command", "the device has no such command"),
+        Some(Err(error)) => drop_message(topic, "refused", &error.message),
     }
 }

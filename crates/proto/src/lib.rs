@@ -66,6 +66,11 @@ pub mod consumers {
     pub const WEBHOOK_DATA: &str = "webhook-data";
     /// webhook-dispatcher's fan-out of device events.
     pub const WEBHOOK_EVENTS: &str = "webhook-events";
+    /// device-registry's presence (online/offline) and alert evaluation, on the telemetry
+    /// stream (readings and heartbeats).
+    pub const REGISTRY_STATE: &str = "registry-state";
+    /// ingest-mqtt's downlink: config and commands from the commands stream to MQTT.
+    pub const MQTT_DOWNLINK: &str = "mqtt-downlink";
 }
 
 /// Kinds of cache invalidation broadcast on `{prefix}.invalidate.{kind}`.
@@ -174,6 +179,21 @@ impl Subjects {
     /// Request/reply: does this device exist in this project.
     pub fn rpc_auth_device(&self) -> String {
         format!("{}.rpc.auth.device", self.prefix)
+    }
+
+    /// Request/reply: a device's current configuration.
+    pub fn rpc_device_config(&self) -> String {
+        format!("{}.rpc.device.config", self.prefix)
+    }
+
+    /// Request/reply: hand a device its live commands over HTTP.
+    pub fn rpc_commands_fetch(&self) -> String {
+        format!("{}.rpc.commands.fetch", self.prefix)
+    }
+
+    /// Request/reply: a command was delivered, or acknowledged by its device.
+    pub fn rpc_commands_report(&self) -> String {
+        format!("{}.rpc.commands.report", self.prefix)
     }
 
     /// Broadcast cache invalidation.

@@ -10,6 +10,7 @@ mod repo;
 mod routes;
 mod writer;
 
+pub use routes::ROUTES;
 pub use writer::CONSUMER as WRITER_CONSUMER;
 
 use std::{str::FromStr, sync::Arc, time::Duration};

@@ -15,8 +15,11 @@ use std::sync::Arc;
 use actix_web::web;
 use fieldline_common::{Context, Service};
 
-pub use crate::fanout::{DATA_CONSUMER, EVENTS_CONSUMER};
 use crate::{dispatcher::Dispatcher, fanout::Targets, repo::Repo};
+pub use crate::{
+    fanout::{DATA_CONSUMER, EVENTS_CONSUMER},
+    routes::ROUTES,
+};
 
 mod embedded {
     refinery::embed_migrations!("migrations");

@@ -1,4 +1,5 @@
-//! `/api/v1/devices`: create (with its token, shown once), list, get.
+//! `/api/v1/devices`: create (with its token, shown once), list, get, replace, merge-patch,
+//! delete, token rotation.
 
 use actix_web::{HttpResponse, web};
 use fieldline_common::{
@@ -26,7 +27,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(create))
             .route(web::get().to(list)),
     )
-    .service(web::resource("/api/v1/devices/{id}").route(web::get().to(get)));
+    .service(
+        web::resource("/api/v1/devices/{id}")
+            .route(web::get().to(get))
+            .route(web::put().to(replace))
+            .route(web::patch().to(patch))
+            .route(web::delete().to(delete)),
+    )
+    .service(web::resource("/api/v1/devices/{id}/token").route(web::post().to(rotate_token)));
 }
 
 /// `limit` of a listing: 1 to [`MAX_LIMIT`], default [`DEFAULT_LIMIT`].
@@ -73,8 +81,23 @@ async fn create(
 struct ListParams {
     #[serde(rename = "type")]
     device_type: Option<String>,
+    status: Option<String>,
+    group: Option<String>,
+    tag: Option<String>,
     limit: Option<String>,
     cursor: Option<String>,
+}
+
+fn parse_status(value: &str) -> Result<&'static str, ApiError> {
+    ["online", "offline", "unknown"]
+        .into_iter()
+        .find(|status| *status == value)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_parameter",
+                format!("status: {value:?} is not one of online, offline, unknown"),
+            )
+        })
 }
 
 async fn list(
@@ -94,8 +117,12 @@ async fn list(
         .as_deref()
         .map(decode_cursor::<String>)
         .transpose()?;
+    let status = params.status.as_deref().map(parse_status).transpose()?;
     let filter = DeviceFilter {
         device_type: device_type.map(DeviceType::as_str),
+        status,
+        group: params.group.as_deref(),
+        tag: params.tag.as_deref(),
         after_id: after_id.as_deref(),
         limit: limit as i64 + 1,
     };
@@ -125,4 +152,151 @@ async fn get(
             ApiError::not_found("device_not_found", format!("device {device_id} not found"))
         })?;
     Ok(envelope::ok(&device))
+}
+
+fn not_found(device_id: &str) -> ApiError {
+    ApiError::not_found("device_not_found", format!("device {device_id} not found"))
+}
+
+/// `PUT`: the whole writable representation; `id` may be left out, and must match if given.
+async fn replace(
+    state: web::Data<State>,
+    key: ApiKey,
+    path: web::Path<String>,
+    Json(body): Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Write)?;
+    let device_id = DeviceId::parse(&path)?;
+    save(&state, &principal.project, &device_id, body).await
+}
+
+/// `PATCH`: a JSON merge patch (RFC 7396) of the writable representation.
+async fn patch(
+    state: web::Data<State>,
+    key: ApiKey,
+    path: web::Path<String>,
+    Json(body): Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Write)?;
+    let device_id = DeviceId::parse(&path)?;
+    if !body.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "a merge patch is a JSON object",
+        ));
+    }
+    let current = state
+        .repo
+        .get_device(&principal.project, device_id.as_str())
+        .await?
+        .ok_or_else(|| not_found(device_id.as_str()))?;
+    let mut merged = current.to_input_json();
+    json_patch::merge(&mut merged, &body);
+    save(&state, &principal.project, &device_id, merged).await
+}
+
+async fn save(
+    state: &State,
+    project: &str,
+    device_id: &DeviceId,
+    mut body: serde_json::Value,
+) -> Result<HttpResponse, ApiError> {
+    let Some(fields) = body.as_object_mut() else {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "a device is a JSON object",
+        ));
+    };
+    match fields.get("id") {
+        None | Some(serde_json::Value::Null) => {
+            fields.insert("id".into(), device_id.as_str().into());
+        }
+        Some(id) if id == device_id.as_str() => {}
+        Some(_) => {
+            return Err(ApiError::unprocessable(
+                "id_mismatch",
+                "id: a device's id cannot change; it must match the path",
+            ));
+        }
+    }
+    if fields.contains_key("config") {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!("config: change it with PUT or PATCH /api/v1/devices/{device_id}/config"),
+        ));
+    }
+    let input: DeviceIn = fieldline_common::extract::parse_json_value(body)?;
+    let device = input.parse()?;
+    let default_interval = state
+        .context
+        .config
+        .device_heartbeat_interval
+        .as_secs()
+        .max(1) as i32;
+    let updated = state
+        .repo
+        .update_device(project, &device, default_interval)
+        .await?
+        .ok_or_else(|| not_found(device_id.as_str()))?;
+    // Services cache a device's type and group (webhook filters): drop them.
+    state
+        .broadcast_invalidation(InvalidateKind::Devices, project, device_id.as_str())
+        .await;
+    Ok(envelope::ok(&updated))
+}
+
+async fn delete(
+    state: web::Data<State>,
+    key: ApiKey,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Write)?;
+    let device_id = DeviceId::parse(&path)?;
+    if !state
+        .repo
+        .delete_device(&principal.project, device_id.as_str())
+        .await?
+    {
+        return Err(not_found(device_id.as_str()));
+    }
+    // Its token must stop working at once in every service.
+    state
+        .broadcast_invalidation(
+            InvalidateKind::Devices,
+            &principal.project,
+            device_id.as_str(),
+        )
+        .await;
+    tracing::info!(device_id = %device_id, project = %principal.project, by = %principal.id, "device deleted");
+    Ok(envelope::no_content())
+}
+
+/// A new token; the old one stops working at once (there is no grace: a device holds one).
+async fn rotate_token(
+    state: web::Data<State>,
+    key: ApiKey,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Write)?;
+    let device_id = DeviceId::parse(&path)?;
+    let token = new_device_token();
+    if !state
+        .repo
+        .rotate_device_token(&principal.project, device_id.as_str(), &hash_secret(&token))
+        .await?
+    {
+        return Err(not_found(device_id.as_str()));
+    }
+    state
+        .broadcast_invalidation(
+            InvalidateKind::Devices,
+            &principal.project,
+            device_id.as_str(),
+        )
+        .await;
+    tracing::info!(device_id = %device_id, project = %principal.project, by = %principal.id, "device token rotated");
+    Ok(envelope::created(&serde_json::json!({
+        "device_id": device_id.as_str(),
+        "token": token,
+    })))
 }

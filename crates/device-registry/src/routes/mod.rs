@@ -1,3 +1,185 @@
+pub mod alert_rules;
+pub mod commands;
+pub mod config;
 pub mod devices;
 pub mod keys;
 pub mod projects;
+
+use fieldline_common::openapi::{
+    Access::{Admin, PlatformAdmin, Read, Write},
+    JSON,
+    Method::{Delete, Get, Patch, Post, Put},
+    PAGING, RouteDoc,
+};
+
+/// The registry's routes, for the OpenAPI document.
+pub const ROUTES: &[RouteDoc] = &[
+    RouteDoc::new(
+        Post,
+        "/api/v1/projects",
+        "Create a project and its first admin key",
+        PlatformAdmin,
+    )
+    .body(JSON)
+    .success(201),
+    RouteDoc::new(Get, "/api/v1/projects", "List projects", PlatformAdmin),
+    RouteDoc::new(
+        Post,
+        "/api/v1/keys",
+        "Create an API key {name, scopes, expires_at?}; its secret is shown once",
+        Admin,
+    )
+    .body(JSON)
+    .success(201),
+    RouteDoc::new(
+        Get,
+        "/api/v1/keys",
+        "List the project's API keys (never their secrets)",
+        Admin,
+    )
+    .query(&PAGING),
+    RouteDoc::new(
+        Delete,
+        "/api/v1/keys/{id}",
+        "Revoke a key, everywhere within a second",
+        Admin,
+    ),
+    RouteDoc::new(
+        Post,
+        "/api/v1/keys/{id}/rotate",
+        "Rotate a key {grace_seconds?}: a new secret, the old one expires after the grace",
+        Admin,
+    )
+    .body(JSON)
+    .success(201),
+    RouteDoc::new(
+        Post,
+        "/api/v1/devices",
+        "Register a device; its token is shown once",
+        Write,
+    )
+    .body(JSON)
+    .success(201),
+    RouteDoc::new(Get, "/api/v1/devices", "List devices", Read).query(&[
+        ("type", "sensor, actuator or gateway"),
+        ("status", "online, offline or unknown"),
+        ("group", "devices of this group"),
+        ("tag", "devices carrying this tag"),
+        PAGING[0],
+        PAGING[1],
+    ]),
+    RouteDoc::new(
+        Get,
+        "/api/v1/devices/{id}",
+        "Get a device with its status and last_seen",
+        Read,
+    ),
+    RouteDoc::new(
+        Put,
+        "/api/v1/devices/{id}",
+        "Replace a device's writable fields",
+        Write,
+    )
+    .body(JSON),
+    RouteDoc::new(
+        Patch,
+        "/api/v1/devices/{id}",
+        "Change a device (JSON merge patch)",
+        Write,
+    )
+    .body(JSON),
+    RouteDoc::new(
+        Delete,
+        "/api/v1/devices/{id}",
+        "Delete a device; its token stops working at once",
+        Write,
+    ),
+    RouteDoc::new(
+        Post,
+        "/api/v1/devices/{id}/token",
+        "Rotate the device token; the old one stops working at once",
+        Write,
+    )
+    .success(201),
+    RouteDoc::new(
+        Get,
+        "/api/v1/devices/{id}/config",
+        "The device's configuration and its version",
+        Read,
+    ),
+    RouteDoc::new(
+        Put,
+        "/api/v1/devices/{id}/config",
+        "Replace the configuration: a new version, config.update, pushed to the device",
+        Write,
+    )
+    .body(JSON),
+    RouteDoc::new(
+        Patch,
+        "/api/v1/devices/{id}/config",
+        "Change the configuration (JSON merge patch)",
+        Write,
+    )
+    .body(JSON),
+    RouteDoc::new(
+        Post,
+        "/api/v1/devices/{id}/commands",
+        "Send a command {name, params?, ttl_s?}",
+        Write,
+    )
+    .body(JSON)
+    .success(202),
+    RouteDoc::new(
+        Get,
+        "/api/v1/devices/{id}/commands",
+        "List the device's commands, newest first",
+        Read,
+    )
+    .query(&[
+        ("status", "pending, delivered, acked, failed or expired"),
+        PAGING[0],
+        PAGING[1],
+    ]),
+    RouteDoc::new(
+        Get,
+        "/api/v1/devices/{id}/commands/{command_id}",
+        "Get one command and its status",
+        Read,
+    ),
+    RouteDoc::new(
+        Post,
+        "/api/v1/alert-rules",
+        "Create an alert rule for a device or a group",
+        Write,
+    )
+    .body(JSON)
+    .success(201),
+    RouteDoc::new(Get, "/api/v1/alert-rules", "List alert rules", Read).query(&[
+        ("device_id", "rules of this device"),
+        ("group", "rules of this group"),
+        ("metric", "rules on this metric"),
+        PAGING[0],
+        PAGING[1],
+    ]),
+    RouteDoc::new(Get, "/api/v1/alert-rules/{id}", "Get an alert rule", Read),
+    RouteDoc::new(
+        Put,
+        "/api/v1/alert-rules/{id}",
+        "Replace an alert rule",
+        Write,
+    )
+    .body(JSON),
+    RouteDoc::new(
+        Patch,
+        "/api/v1/alert-rules/{id}",
+        "Change an alert rule (JSON merge patch)",
+        Write,
+    )
+    .body(JSON),
+    RouteDoc::new(
+        Delete,
+        "/api/v1/alert-rules/{id}",
+        "Delete an alert rule",
+        Write,
+    ),
+];

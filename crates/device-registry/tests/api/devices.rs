@@ -197,3 +197,142 @@ async fn a_wrong_method_and_a_nul_character_get_the_envelope() {
     assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_value");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn put_patch_delete_and_token_rotation() {
+    let app = spawn_registry().await;
+    let admin = app.admin_key().to_owned();
+    let old_token = app.create_device("gw-1").await;
+
+    let (status, body) = crate::put(
+        &app,
+        "/api/v1/devices/gw-1",
+        &admin,
+        &json!({"name": "Gateway", "type": "gateway", "group": "roof", "tags": ["a", "b"], "heartbeat_interval_s": 30}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["type"], "gateway");
+    assert_eq!(body["data"]["group"], "roof");
+
+    // A merge patch: absent fields stay, null clears, objects merge.
+    let (status, body) = crate::patch(
+        &app,
+        "/api/v1/devices/gw-1",
+        &admin,
+        &json!({"group": null, "metadata": {"site": "lyon"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["group"], serde_json::Value::Null);
+    assert_eq!(body["data"]["name"], "Gateway");
+    assert_eq!(body["data"]["tags"], json!(["a", "b"]));
+    assert_eq!(body["data"]["metadata"]["site"], "lyon");
+
+    for (body, status, reason) in [
+        (
+            json!({"id": "other"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "id_mismatch",
+        ),
+        (
+            json!({"type": "toaster"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+        ),
+        (
+            json!({"config": {}}),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+        ),
+        (
+            json!({"heartbeat_interval_s": 0}),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+        ),
+    ] {
+        let (got, response) = crate::patch(&app, "/api/v1/devices/gw-1", &admin, &body).await;
+        assert_error(got, &response, status, reason);
+    }
+    let (got, response) = crate::put(&app, "/api/v1/devices/nope", &admin, &json!({})).await;
+    assert_error(got, &response, StatusCode::NOT_FOUND, "device_not_found");
+
+    // The old token works until rotated, then only the new one does.
+    let verify = |token: String| {
+        let app = &app;
+        async move {
+            let (status, _) = app.get("/api/v1/devices", &token).await;
+            status
+        }
+    };
+    assert_eq!(verify(old_token.clone()).await, StatusCode::FORBIDDEN);
+    let (status, body) = app
+        .post("/api/v1/devices/gw-1/token", &admin, &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let new_token = body["data"]["token"].as_str().unwrap().to_owned();
+    assert_eq!(verify(old_token).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(verify(new_token.clone()).await, StatusCode::FORBIDDEN);
+
+    let (status, _) = app.delete("/api/v1/devices/gw-1", &admin).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(verify(new_token).await, StatusCode::UNAUTHORIZED);
+    let (status, body) = app.get("/api/v1/devices/gw-1", &admin).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "device_not_found");
+    let (status, body) = app.delete("/api/v1/devices/gw-1", &admin).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "device_not_found");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn listing_filters_by_group_tag_and_status() {
+    let app = spawn_registry().await;
+    let admin = app.admin_key().to_owned();
+    for (id, group, tags) in [
+        ("a", "north", vec!["solar"]),
+        ("b", "north", vec!["wind"]),
+        ("c", "south", vec!["solar", "wind"]),
+    ] {
+        let (status, _) = app
+            .post(
+                "/api/v1/devices",
+                &admin,
+                &json!({"id": id, "group": group, "tags": tags}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let ids = |body: serde_json::Value| -> Vec<String> {
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, body) = app.get("/api/v1/devices?group=north", &admin).await;
+    assert_eq!(ids(body), vec!["a", "b"]);
+    let (_, body) = app.get("/api/v1/devices?tag=solar", &admin).await;
+    assert_eq!(ids(body), vec!["a", "c"]);
+    let (_, body) = app
+        .get("/api/v1/devices?tag=wind&group=south", &admin)
+        .await;
+    assert_eq!(ids(body), vec!["c"]);
+    let (_, body) = app
+        .get("/api/v1/devices?status=unknown&limit=2", &admin)
+        .await;
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    let cursor = body["page"]["next_cursor"].as_str().unwrap().to_owned();
+    let (_, body) = app
+        .get(
+            &format!("/api/v1/devices?status=unknown&limit=2&cursor={cursor}"),
+            &admin,
+        )
+        .await;
+    assert_eq!(ids(body), vec!["c"]);
+    let (_, body) = app.get("/api/v1/devices?status=online", &admin).await;
+    assert!(body["data"].as_array().unwrap().is_empty());
+    let (status, body) = app.get("/api/v1/devices?status=asleep", &admin).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_parameter");
+    app.shutdown().await;
+}

@@ -180,3 +180,152 @@ async fn only_admin_keys_manage_keys() {
     assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_field");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_rotated_key_works_through_its_grace_then_expires() {
+    let app = spawn_registry().await;
+    let (key_id, old_secret) = app.create_key(&["write"]).await;
+    assert_eq!(
+        app.get("/api/v1/devices", &old_secret).await.0,
+        StatusCode::OK
+    );
+
+    let (status, body) = app
+        .post(
+            &format!("/api/v1/keys/{key_id}/rotate"),
+            app.admin_key(),
+            &json!({"grace_seconds": 4}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let new_secret = body["data"]["secret"].as_str().unwrap().to_owned();
+    assert_ne!(body["data"]["id"], key_id.as_str());
+    assert_eq!(body["data"]["scopes"], json!(["read", "write"]));
+    assert!(body["data"]["previous"]["expires_at"].is_string(), "{body}");
+
+    // Both work during the grace.
+    assert_eq!(
+        app.get("/api/v1/devices", &old_secret).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.get("/api/v1/devices", &new_secret).await.0,
+        StatusCode::OK
+    );
+    // Then only the new one, although the old one's principal was cached.
+    fieldline_testkit::eventually(
+        "the old secret to expire",
+        std::time::Duration::from_secs(15),
+        || async {
+            let (status, _) = app.get("/api/v1/devices", &old_secret).await;
+            (status == StatusCode::UNAUTHORIZED).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        app.get("/api/v1/devices", &new_secret).await.0,
+        StatusCode::OK
+    );
+
+    // An expired key cannot be rotated; a bad grace is named.
+    let (status, body) = app
+        .post(
+            &format!("/api/v1/keys/{key_id}/rotate"),
+            app.admin_key(),
+            &json!({}),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "key_not_found");
+    let (status, body) = app
+        .post(
+            "/api/v1/keys/key_x/rotate",
+            app.admin_key(),
+            &json!({"grace_seconds": -1}),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_field");
+
+    // last_used_at is kept for every key that was used.
+    let (_, listing) = app.get("/api/v1/keys", app.admin_key()).await;
+    let used = listing["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|key| key["id"] == key_id.as_str())
+        .unwrap()
+        .clone();
+    assert!(used["last_used_at"].is_string(), "{used}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rotation_without_grace_ends_the_old_secret_at_once() {
+    let app = spawn_registry().await;
+    let (key_id, old_secret) = app.create_key(&["read"]).await;
+    assert_eq!(
+        app.get("/api/v1/devices", &old_secret).await.0,
+        StatusCode::OK
+    );
+    let (status, _) = app
+        .post(
+            &format!("/api/v1/keys/{key_id}/rotate"),
+            app.admin_key(),
+            &json!({"grace_seconds": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = app.get("/api/v1/devices", &old_secret).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_platform_admin_key_keeps_its_power_through_rotation_and_only_it_may_touch_itself() {
+    let app = spawn_registry().await;
+    let (_, listing) = app.get("/api/v1/keys", app.admin_key()).await;
+    let platform_key = listing["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|key| key["platform_admin"] == true)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, project_admin) = app.create_key(&["admin"]).await;
+    for path in [
+        format!("/api/v1/keys/{platform_key}/rotate"),
+        format!("/api/v1/keys/{platform_key}"),
+    ] {
+        let method = if path.ends_with("rotate") {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::DELETE
+        };
+        let (status, body) = app
+            .request(
+                method,
+                &path,
+                Some(&project_admin),
+                Some(&json!({"grace_seconds": 0})),
+            )
+            .await;
+        assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    }
+
+    let (status, body) = app
+        .post(
+            &format!("/api/v1/keys/{platform_key}/rotate"),
+            app.admin_key(),
+            &json!({"grace_seconds": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["data"]["platform_admin"], true);
+    let new_secret = body["data"]["secret"].as_str().unwrap().to_owned();
+    let (status, _) = app.get("/api/v1/projects", &new_secret).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app.get("/api/v1/projects", app.admin_key()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    app.shutdown().await;
+}

@@ -2,12 +2,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod downlink;
 mod ingest;
 mod outages;
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -97,4 +98,88 @@ pub fn topic(app: &TestApp, device: &str, kind: &str) -> String {
         "{}/default/{device}/{kind}",
         app.context.config.mqtt_topic_root
     )
+}
+
+/// A device listening on one topic: every message it got, with its retain flag, as JSON.
+pub struct Listener {
+    pub client: AsyncClient,
+    pub messages: Arc<Mutex<Vec<(serde_json::Value, bool)>>>,
+    subacked: Arc<AtomicUsize>,
+}
+
+impl Listener {
+    /// Connects and subscribes at QoS 1; returns once the broker confirmed the subscription.
+    pub async fn subscribe(port: u16, topic: &str) -> Self {
+        Self::connect(port, topic, true).await
+    }
+
+    /// With a persistent session: the broker queues what arrives while it is away (or the
+    /// broker restarts), and it reconnects by itself.
+    pub async fn subscribe_persistent(port: u16, topic: &str) -> Self {
+        Self::connect(port, topic, false).await
+    }
+
+    async fn connect(port: u16, topic: &str, clean_session: bool) -> Self {
+        let mut options = MqttOptions::new(
+            format!("listen-{}", fieldline_testkit::unique_suffix()),
+            "127.0.0.1",
+            port,
+        );
+        options
+            .set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(clean_session);
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        let messages: Arc<Mutex<Vec<(serde_json::Value, bool)>>> = Arc::default();
+        let subacked = Arc::new(AtomicUsize::new(0));
+        let (seen, acks) = (messages.clone(), subacked.clone());
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let value = serde_json::from_slice(&publish.payload)
+                            .unwrap_or(serde_json::Value::Null);
+                        seen.lock().unwrap().push((value, publish.retain));
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        acks.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+        let listener = Self {
+            client,
+            messages,
+            subacked,
+        };
+        fieldline_testkit::eventually("suback", Duration::from_secs(5), || async {
+            (listener.subacked.load(Ordering::SeqCst) > 0).then_some(())
+        })
+        .await;
+        listener
+    }
+
+    pub fn messages(&self) -> Vec<(serde_json::Value, bool)> {
+        self.messages.lock().unwrap().clone()
+    }
+}
+
+/// A counter of `/metrics` with the given name and label (`name{label}`), 0 when absent.
+pub async fn metric(app: &TestApp, name: &str, label: &str) -> f64 {
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find(|line| line.starts_with(name) && line.contains(label))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
 }

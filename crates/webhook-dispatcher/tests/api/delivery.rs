@@ -42,7 +42,7 @@ async fn three_500s_then_a_200_delivers_on_the_fourth_attempt_at_the_configured_
     let (id, _) = register(
         &app,
         app.admin_key(),
-        json!({"url": receiver.url("/flaky")}),
+        json!({"url": receiver.url("/flaky"), "events": ["device.data"]}),
     )
     .await;
     ingest(&app, &token, json!({"a": 1})).await;
@@ -96,8 +96,18 @@ async fn a_4xx_fails_at_once_and_410_disables_the_webhook() {
     receiver.script("/bad", vec![Reply::Status(400)]);
     receiver.script("/gone", vec![Reply::Status(410)]);
     let token = app.create_device("d1").await;
-    let (bad, _) = register(&app, app.admin_key(), json!({"url": receiver.url("/bad")})).await;
-    let (gone, _) = register(&app, app.admin_key(), json!({"url": receiver.url("/gone")})).await;
+    let (bad, _) = register(
+        &app,
+        app.admin_key(),
+        json!({"url": receiver.url("/bad"), "events": ["device.data"]}),
+    )
+    .await;
+    let (gone, _) = register(
+        &app,
+        app.admin_key(),
+        json!({"url": receiver.url("/gone"), "events": ["device.data"]}),
+    )
+    .await;
     ingest(&app, &token, json!({"a": 1})).await;
 
     wait_received(&receiver, "/gone", 1, Duration::from_secs(10)).await;
@@ -133,7 +143,12 @@ async fn retry_after_is_honoured() {
     let receiver = Receiver::start().await;
     receiver.script("/busy", vec![Reply::RetryAfter(429, 3)]);
     let token = app.create_device("d1").await;
-    register(&app, app.admin_key(), json!({"url": receiver.url("/busy")})).await;
+    register(
+        &app,
+        app.admin_key(),
+        json!({"url": receiver.url("/busy"), "events": ["device.data"]}),
+    )
+    .await;
     ingest(&app, &token, json!({"a": 1})).await;
     let requests = wait_received(&receiver, "/busy", 2, Duration::from_secs(10)).await;
     let gap = requests[1].at - requests[0].at;
@@ -156,7 +171,12 @@ async fn disable_after_then_enable_and_recover_delivers_what_was_missed() {
     receiver.script("/down", (0..4).map(|_| Reply::Status(500)).collect());
     let token = app.create_device("d1").await;
     let since = fieldline_common::time::format_rfc3339(&chrono::Utc::now());
-    let (id, _) = register(&app, app.admin_key(), json!({"url": receiver.url("/down")})).await;
+    let (id, _) = register(
+        &app,
+        app.admin_key(),
+        json!({"url": receiver.url("/down"), "events": ["device.data"]}),
+    )
+    .await;
 
     ingest(&app, &token, json!({"ts": 1, "a": 1})).await;
     ingest(&app, &token, json!({"ts": 2, "a": 2})).await;
@@ -252,8 +272,18 @@ async fn a_hanging_receiver_does_not_delay_another_webhook() {
             .collect(),
     );
     let token = app.create_device("d1").await;
-    register(&app, app.admin_key(), json!({"url": receiver.url("/hang")})).await;
-    register(&app, app.admin_key(), json!({"url": receiver.url("/fast")})).await;
+    register(
+        &app,
+        app.admin_key(),
+        json!({"url": receiver.url("/hang"), "events": ["device.data"]}),
+    )
+    .await;
+    register(
+        &app,
+        app.admin_key(),
+        json!({"url": receiver.url("/fast"), "events": ["device.data"]}),
+    )
+    .await;
     let started = Instant::now();
     for index in 0..10 {
         ingest(&app, &token, json!({"ts": index + 1, "a": index})).await;
@@ -321,7 +351,7 @@ async fn two_dispatchers_deliver_each_event_once() {
     register(
         &first,
         first.admin_key(),
-        json!({"url": receiver.url("/once")}),
+        json!({"url": receiver.url("/once"), "events": ["device.data"]}),
     )
     .await;
     for index in 0..40 {
@@ -346,7 +376,12 @@ async fn the_test_endpoint_sends_now_and_returns_the_attempt() {
     let app = spawn().await;
     let receiver = Receiver::start().await;
     receiver.script("/t", vec![Reply::Status(201)]);
-    let (id, _) = register(&app, app.admin_key(), json!({"url": receiver.url("/t")})).await;
+    let (id, _) = register(
+        &app,
+        app.admin_key(),
+        json!({"url": receiver.url("/t"), "events": ["device.data"]}),
+    )
+    .await;
     let (status, body) = app
         .post(
             &format!("/api/v1/webhooks/{id}/test"),

@@ -260,7 +260,7 @@ async fn scopes_and_project_isolation() {
         .post(
             "/api/v1/webhooks",
             &reader,
-            &json!({"url": receiver.url("/x")}),
+            &json!({"url": receiver.url("/x"), "events": ["device.data"]}),
         )
         .await;
     assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
@@ -280,10 +280,15 @@ async fn scopes_and_project_isolation() {
     let (mine, _) = register(
         &app,
         app.admin_key(),
-        json!({"url": receiver.url("/default")}),
+        json!({"url": receiver.url("/default"), "events": ["device.data"]}),
     )
     .await;
-    register(&app, &other_admin, json!({"url": receiver.url("/other")})).await;
+    register(
+        &app,
+        &other_admin,
+        json!({"url": receiver.url("/other"), "events": ["device.data"]}),
+    )
+    .await;
     for (method, path) in [
         (Method::GET, format!("/api/v1/webhooks/{mine}")),
         (Method::GET, format!("/api/v1/webhooks/{mine}/deliveries")),
@@ -330,7 +335,12 @@ async fn event_device_and_group_filters_hold() {
     assert_eq!(status, StatusCode::CREATED);
     let d1 = d1["data"]["token"].as_str().unwrap().to_owned();
     let d2 = app.create_device("d2").await;
-    register(&app, key, json!({"url": receiver.url("/all")})).await;
+    register(
+        &app,
+        key,
+        json!({"url": receiver.url("/all"), "events": ["device.data"]}),
+    )
+    .await;
     register(
         &app,
         key,
@@ -340,13 +350,13 @@ async fn event_device_and_group_filters_hold() {
     register(
         &app,
         key,
-        json!({"url": receiver.url("/d2"), "device_ids": ["d2"]}),
+        json!({"url": receiver.url("/d2"), "events": ["device.data"], "device_ids": ["d2"]}),
     )
     .await;
     register(
         &app,
         key,
-        json!({"url": receiver.url("/g1"), "group": "g1"}),
+        json!({"url": receiver.url("/g1"), "events": ["device.data"], "group": "g1"}),
     )
     .await;
     ingest(&app, &d1, json!({"a": 1})).await;

@@ -42,7 +42,7 @@ async fn both_signatures_verify_with_independent_verifiers() {
     let (_, generated) = register(
         &app,
         app.admin_key(),
-        json!({"url": receiver.url("/generated")}),
+        json!({"url": receiver.url("/generated"), "events": ["device.data"]}),
     )
     .await;
     assert!(generated.starts_with("whsec_"));
@@ -50,7 +50,7 @@ async fn both_signatures_verify_with_independent_verifiers() {
     register(
         &app,
         app.admin_key(),
-        json!({"url": receiver.url("/plain"), "secret": plain, "headers": {"X-Tenant": "t1"}}),
+        json!({"url": receiver.url("/plain"), "events": ["device.data"], "secret": plain, "headers": {"X-Tenant": "t1"}}),
     )
     .await;
 
@@ -106,7 +106,12 @@ async fn during_a_rotation_both_secrets_sign() {
     let app = spawn().await;
     let receiver = Receiver::start().await;
     let token = app.create_device("d1").await;
-    let (id, old) = register(&app, app.admin_key(), json!({"url": receiver.url("/hook")})).await;
+    let (id, old) = register(
+        &app,
+        app.admin_key(),
+        json!({"url": receiver.url("/hook"), "events": ["device.data"]}),
+    )
+    .await;
     let (status, rotated) = app
         .post(
             &format!("/api/v1/webhooks/{id}/rotate-secret"),

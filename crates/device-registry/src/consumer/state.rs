@@ -1,0 +1,225 @@
+//! Device state from the telemetry stream (readings and heartbeats): a durable pull consumer
+//! shared by every registry instance, and the sweep that finds devices gone silent and
+//! commands past their TTL.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_nats::jetstream::{
+    self, AckKind,
+    consumer::{AckPolicy, DeliverPolicy, pull},
+};
+use fieldline_common::{Context, time::from_us};
+use fieldline_proto::{
+    Stream,
+    consumers::REGISTRY_STATE,
+    v1::{Heartbeat, TelemetryBatch, reading},
+};
+use prost::Message;
+use tokio::sync::Notify;
+
+use crate::repo::{Repo, SeenDevice, state::NumericReading};
+
+/// Messages applied in one transaction at most.
+const BATCH: usize = 500;
+/// How far ahead of its arrival a reading may be stamped and still be evaluated by alerts.
+const MAX_CLOCK_SKEW_US: i64 = 5 * 60 * 1_000_000;
+/// Past this many undelivered or unacknowledged messages, the state consumer is behind and
+/// `last_seen` may be stale: the offline sweep waits rather than flag busy devices.
+const SWEEP_LAG_LIMIT: u64 = 2_000;
+/// Devices turned offline per sweep transaction.
+const SWEEP_BATCH: i64 = 500;
+
+pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::Result<()> {
+    let stream = context
+        .jetstream
+        .get_stream(context.subjects.stream_name(Stream::Telemetry))
+        .await?;
+    let consumer = stream
+        .get_or_create_consumer(
+            REGISTRY_STATE,
+            pull::Config {
+                durable_name: Some(REGISTRY_STATE.to_owned()),
+                description: Some("device-registry: presence and alert rules".to_owned()),
+                ack_policy: AckPolicy::Explicit,
+                // Presence and alerts are about now: a new registry does not replay history.
+                deliver_policy: DeliverPolicy::New,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let default_interval_s = context.config.device_heartbeat_interval.as_secs().max(1) as i32;
+    let telemetry_prefix = format!("{}.telemetry.", context.subjects.prefix());
+    let shutdown = context.shutdown.clone();
+    let consume_repo = repo.clone();
+    let consume_wake = wake.clone();
+    context.tasks.spawn(async move {
+        let apply = Apply {
+            repo: consume_repo,
+            wake: consume_wake,
+            default_interval_s,
+            telemetry_prefix,
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                result = apply.run(&consumer) => {
+                    if let Err(error) = result {
+                        tracing::warn!(error = %error, "registry state consumer failed; restarting");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    });
+
+    let every = context.config.registry_sweep_interval;
+    let shutdown = context.shutdown.clone();
+    context.tasks.spawn(async move {
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            let lag = match stream.consumer_info(REGISTRY_STATE).await {
+                Ok(info) => info.num_pending + info.num_ack_pending as u64,
+                Err(error) => {
+                    tracing::warn!(error = %error, "could not read the state consumer's lag");
+                    u64::MAX
+                }
+            };
+            metrics::gauge!("fieldline_registry_state_lag_messages").set(lag as f64);
+            if lag > SWEEP_LAG_LIMIT {
+                tracing::warn!(lag, "state consumer behind; offline sweep postponed");
+            } else {
+                loop {
+                    match repo.sweep_offline(SWEEP_BATCH).await {
+                        Ok(0) => break,
+                        Ok(count) => {
+                            metrics::counter!("fieldline_registry_offline_total")
+                                .increment(count as u64);
+                            wake.notify_one();
+                            if (count as i64) < SWEEP_BATCH {
+                                break;
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(error = %error, "offline sweep failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Err(error) = repo.expire_commands().await {
+                tracing::warn!(error = %error, "command expiry sweep failed");
+            }
+        }
+    });
+    Ok(())
+}
+
+struct Apply {
+    repo: Repo,
+    wake: Arc<Notify>,
+    default_interval_s: i32,
+    telemetry_prefix: String,
+}
+
+impl Apply {
+    async fn run(
+        &self,
+        consumer: &jetstream::consumer::Consumer<pull::Config>,
+    ) -> anyhow::Result<()> {
+        let mut messages = consumer.messages().await?;
+        while let Some(batch) = fieldline_common::bus::next_batch(&mut messages, BATCH).await {
+            self.apply(batch?).await;
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, messages: Vec<jetstream::Message>) {
+        let mut seen: HashMap<(String, String), i64> = HashMap::new();
+        let mut readings = Vec::new();
+        for message in &messages {
+            let (project, device_id, received_at_us) = if message
+                .subject
+                .as_str()
+                .starts_with(&self.telemetry_prefix)
+            {
+                let Ok(batch) = TelemetryBatch::decode(message.payload.as_ref()) else {
+                    tracing::error!(subject = %message.subject, "undecodable telemetry message skipped");
+                    continue;
+                };
+                // An import of the past says nothing about the device now.
+                if batch.source == "backfill" {
+                    continue;
+                }
+                for reading in &batch.readings {
+                    // A clock far ahead (an unset RTC) must not move the rule's "newest
+                    // reading" past every real one to come.
+                    if reading.ts_us > batch.received_at_us + MAX_CLOCK_SKEW_US {
+                        continue;
+                    }
+                    if let Some(reading::Value::Number(value)) = reading.value {
+                        readings.push(NumericReading {
+                            project: batch.project.clone(),
+                            device_id: batch.device_id.clone(),
+                            metric: reading.metric.clone(),
+                            ts_us: reading.ts_us,
+                            value,
+                        });
+                    }
+                }
+                (batch.project, batch.device_id, batch.received_at_us)
+            } else {
+                let Ok(heartbeat) = Heartbeat::decode(message.payload.as_ref()) else {
+                    tracing::error!(subject = %message.subject, "undecodable heartbeat skipped");
+                    continue;
+                };
+                (
+                    heartbeat.project,
+                    heartbeat.device_id,
+                    heartbeat.received_at_us,
+                )
+            };
+            let latest = seen.entry((project, device_id)).or_insert(received_at_us);
+            *latest = (*latest).max(received_at_us);
+        }
+        let seen: Vec<SeenDevice> = seen
+            .into_iter()
+            .map(|((project, device_id), at_us)| SeenDevice {
+                project,
+                device_id,
+                at: from_us(at_us),
+            })
+            .collect();
+        match self
+            .repo
+            .apply_telemetry(&seen, &readings, self.default_interval_s)
+            .await
+        {
+            Ok(events) => {
+                if events > 0 {
+                    self.wake.notify_one();
+                }
+                let acks = messages.iter().map(|message| message.ack());
+                for result in futures::future::join_all(acks).await {
+                    if let Err(error) = result {
+                        tracing::warn!(error = %error, "ack after commit failed");
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, messages = messages.len(), "applying device state failed; will redeliver");
+                let naks = messages
+                    .iter()
+                    .map(|message| message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))));
+                futures::future::join_all(naks).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! Device state from the telemetry stream: presence (online/offline) and alert rules. One
+//! transaction per batch of bus messages, with the events it causes written to the outbox in
+//! the same transaction, so a status change or an alert is announced exactly once even when
+//! two registry instances share the stream.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use fieldline_common::{
+    ApiError,
+    time::{format_rfc3339, from_us},
+};
+
+use super::{Repo, enqueue};
+use crate::{
+    domain::alerts::{AlertState, Condition, Op, Phase, Transition},
+    outbox::{EventKind, OutboxMessage, status_payload},
+};
+
+/// A device heard from (a reading or a heartbeat), at the time its edge received it.
+#[derive(Debug, Clone)]
+pub struct SeenDevice {
+    pub project: String,
+    pub device_id: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A numeric reading, the only kind alert rules compare.
+#[derive(Debug, Clone)]
+pub struct NumericReading {
+    pub project: String,
+    pub device_id: String,
+    pub metric: String,
+    pub ts_us: i64,
+    pub value: f64,
+}
+
+/// Project, device, metric.
+type SeriesKey<'a> = (&'a str, &'a str, &'a str);
+
+struct RuleMatch {
+    rule_id: String,
+    project: String,
+    device_id: String,
+    name: String,
+    metric: String,
+    severity: String,
+    condition: Condition,
+}
+
+impl Repo {
+    /// Applies a batch: devices seen go online (and announce it when they were not), readings
+    /// move the alert rules that watch them. Returns how many events it queued.
+    pub async fn apply_telemetry(
+        &self,
+        seen: &[SeenDevice],
+        readings: &[NumericReading],
+        default_interval_s: i32,
+    ) -> Result<usize, ApiError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let mut messages = Vec::new();
+        if !seen.is_empty() {
+            self.mark_seen(&tx, seen, default_interval_s, &mut messages)
+                .await?;
+        }
+        if !readings.is_empty() {
+            self.evaluate_rules(&tx, readings, &mut messages).await?;
+        }
+        enqueue(&tx, &messages).await?;
+        tx.commit().await?;
+        Ok(messages.len())
+    }
+
+    async fn mark_seen(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        seen: &[SeenDevice],
+        default_interval_s: i32,
+        messages: &mut Vec<OutboxMessage>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let projects: Vec<&str> = seen.iter().map(|s| s.project.as_str()).collect();
+        let devices: Vec<&str> = seen.iter().map(|s| s.device_id.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = seen.iter().map(|s| s.at).collect();
+        // Lock first, in one order, so two instances never deadlock, and read each status
+        // as it is once locked (what the update below changes it from).
+        let before: HashMap<(String, String), String> = tx
+            .query(
+                "SELECT d.project, d.id, d.status FROM registry.devices d
+                 JOIN unnest($1::text[], $2::text[]) AS s(project, device_id)
+                   ON d.project = s.project AND d.id = s.device_id
+                 ORDER BY d.project, d.id FOR UPDATE OF d",
+                &[&projects, &devices],
+            )
+            .await?
+            .iter()
+            .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+            .collect();
+        if before.is_empty() {
+            return Ok(());
+        }
+        let rows = tx
+            .query(
+                "UPDATE registry.devices d SET
+                   last_seen = greatest(d.last_seen, s.at),
+                   offline_after = greatest(d.last_seen, s.at)
+                                   + make_interval(secs => 3 * coalesce(d.heartbeat_interval_s, $4)),
+                   status = CASE
+                     WHEN greatest(d.last_seen, s.at)
+                          + make_interval(secs => 3 * coalesce(d.heartbeat_interval_s, $4)) > now()
+                     THEN 'online' ELSE d.status END
+                 FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS s(project, device_id, at)
+                 WHERE d.project = s.project AND d.id = s.device_id
+                 RETURNING d.project, d.id, d.status, d.last_seen",
+                &[&projects, &devices, &times, &default_interval_s],
+            )
+            .await?;
+        let mut came_online = Vec::new();
+        for row in &rows {
+            let project: String = row.get(0);
+            let device_id: String = row.get(1);
+            let status: String = row.get(2);
+            let last_seen: Option<DateTime<Utc>> = row.get(3);
+            let previous = before
+                .get(&(project.clone(), device_id.clone()))
+                .map(String::as_str)
+                .unwrap_or("unknown");
+            if status == "online" && previous != "online" {
+                let at = last_seen.map(|t| t.timestamp_micros()).unwrap_or_default();
+                messages.push(self.messages.event(
+                    EventKind::Status,
+                    &project,
+                    &device_id,
+                    at,
+                    &status_payload("online", previous, last_seen.as_ref()),
+                ));
+                came_online.push((project, device_id));
+            }
+        }
+        if !came_online.is_empty() {
+            let (projects, devices): (Vec<String>, Vec<String>) = came_online.into_iter().unzip();
+            tx.execute(
+                "UPDATE registry.devices d SET status_changed_at = now()
+                 FROM unnest($1::text[], $2::text[]) AS s(project, device_id)
+                 WHERE d.project = s.project AND d.id = s.device_id",
+                &[&projects, &devices],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn evaluate_rules(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        readings: &[NumericReading],
+        messages: &mut Vec<OutboxMessage>,
+    ) -> Result<(), tokio_postgres::Error> {
+        // Readings by series, in time order.
+        let mut series: BTreeMap<SeriesKey<'_>, Vec<(i64, f64)>> = BTreeMap::new();
+        for reading in readings {
+            series
+                .entry((&reading.project, &reading.device_id, &reading.metric))
+                .or_default()
+                .push((reading.ts_us, reading.value));
+        }
+        for values in series.values_mut() {
+            values.sort_by_key(|(ts, _)| *ts);
+        }
+        let projects: Vec<&str> = series.keys().map(|k| k.0).collect();
+        let devices: Vec<&str> = series.keys().map(|k| k.1).collect();
+        let metrics: Vec<&str> = series.keys().map(|k| k.2).collect();
+        let rules: Vec<RuleMatch> = tx
+            .query(
+                "SELECT r.id, d.project, d.id, r.name, r.metric, r.op, r.threshold,
+                        r.clear_threshold, r.for_s, r.severity
+                 FROM unnest($1::text[], $2::text[], $3::text[]) AS k(project, device_id, metric)
+                 JOIN registry.devices d ON d.project = k.project AND d.id = k.device_id
+                 JOIN registry.alert_rules r
+                   ON r.project = k.project AND r.metric = k.metric AND r.enabled
+                  AND (r.device_id = d.id OR r.device_group = d.device_group)
+                 FOR SHARE OF r",
+                &[&projects, &devices, &metrics],
+            )
+            .await?
+            .iter()
+            .map(|row| RuleMatch {
+                rule_id: row.get(0),
+                project: row.get(1),
+                device_id: row.get(2),
+                name: row.get(3),
+                metric: row.get(4),
+                severity: row.get(9),
+                condition: Condition {
+                    op: Op::from_db(row.get(5)),
+                    threshold: row.get(6),
+                    clear_threshold: row.get(7),
+                    for_us: i64::from(row.get::<_, i32>(8)) * 1_000_000,
+                },
+            })
+            .collect();
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let rule_ids: Vec<&str> = rules.iter().map(|r| r.rule_id.as_str()).collect();
+        let rule_projects: Vec<&str> = rules.iter().map(|r| r.project.as_str()).collect();
+        let rule_devices: Vec<&str> = rules.iter().map(|r| r.device_id.as_str()).collect();
+        tx.execute(
+            "INSERT INTO registry.alert_states (rule_id, project, device_id, state)
+             SELECT rule_id, project, device_id, 'ok'
+             FROM unnest($1::text[], $2::text[], $3::text[]) AS s(rule_id, project, device_id)
+             ON CONFLICT DO NOTHING",
+            &[&rule_ids, &rule_projects, &rule_devices],
+        )
+        .await?;
+        let mut states: HashMap<(String, String), AlertState> = tx
+            .query(
+                "SELECT a.rule_id, a.device_id, a.state, a.pending_since, a.last_ts, a.last_value
+                 FROM registry.alert_states a
+                 JOIN unnest($1::text[], $2::text[]) AS s(rule_id, device_id)
+                   ON a.rule_id = s.rule_id AND a.device_id = s.device_id
+                 ORDER BY a.rule_id, a.device_id FOR UPDATE OF a",
+                &[&rule_ids, &rule_devices],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                let pending_since: Option<DateTime<Utc>> = row.get(3);
+                let last_ts: Option<DateTime<Utc>> = row.get(4);
+                (
+                    (row.get(0), row.get(1)),
+                    AlertState {
+                        phase: Phase::from_db(row.get(2)),
+                        pending_since_us: pending_since.map(|t| t.timestamp_micros()),
+                        last_ts_us: last_ts.map_or(i64::MIN, |t| t.timestamp_micros()),
+                        last_value: row.get(5),
+                    },
+                )
+            })
+            .collect();
+
+        let mut changed = Vec::new();
+        for rule in &rules {
+            let key = (rule.rule_id.clone(), rule.device_id.clone());
+            let Some(state) = states.get_mut(&key) else {
+                continue;
+            };
+            let before = state.clone();
+            let values = &series[&(
+                rule.project.as_str(),
+                rule.device_id.as_str(),
+                rule.metric.as_str(),
+            )];
+            for (ts_us, value) in values {
+                let Some(transition) = rule.condition.step(state, *ts_us, *value) else {
+                    continue;
+                };
+                messages.push(self.messages.event(
+                    EventKind::Alert,
+                    &rule.project,
+                    &rule.device_id,
+                    *ts_us,
+                    &alert_payload(rule, transition, *ts_us, *value),
+                ));
+            }
+            if *state != before {
+                changed.push((key, state.clone(), state.phase != before.phase));
+            }
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = changed.iter().map(|c| c.0.0.as_str()).collect();
+        let devices: Vec<&str> = changed.iter().map(|c| c.0.1.as_str()).collect();
+        let phases: Vec<&str> = changed.iter().map(|c| c.1.phase.as_str()).collect();
+        let pending: Vec<Option<DateTime<Utc>>> = changed
+            .iter()
+            .map(|c| c.1.pending_since_us.map(from_us))
+            .collect();
+        let last_ts: Vec<DateTime<Utc>> = changed.iter().map(|c| from_us(c.1.last_ts_us)).collect();
+        let last_values: Vec<Option<f64>> = changed.iter().map(|c| c.1.last_value).collect();
+        let phase_changed: Vec<bool> = changed.iter().map(|c| c.2).collect();
+        tx.execute(
+            "UPDATE registry.alert_states a SET
+               state = s.state, pending_since = s.pending_since, last_ts = s.last_ts,
+               last_value = s.last_value,
+               changed_at = CASE WHEN s.phase_changed THEN now() ELSE a.changed_at END
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+                         $6::float8[], $7::bool[])
+               AS s(rule_id, device_id, state, pending_since, last_ts, last_value, phase_changed)
+             WHERE a.rule_id = s.rule_id AND a.device_id = s.device_id",
+            &[
+                &ids,
+                &devices,
+                &phases,
+                &pending,
+                &last_ts,
+                &last_values,
+                &phase_changed,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Devices past three missed heartbeats go offline, each announced once; SKIP LOCKED lets
+    /// two instances sweep side by side. Returns how many went offline.
+    pub async fn sweep_offline(&self, limit: i64) -> Result<usize, ApiError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "WITH gone AS (
+                   SELECT project, id FROM registry.devices
+                   WHERE status = 'online' AND offline_after <= now()
+                   ORDER BY offline_after LIMIT $1 FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE registry.devices d SET status = 'offline', status_changed_at = now()
+                 FROM gone WHERE d.project = gone.project AND d.id = gone.id
+                 RETURNING d.project, d.id, d.last_seen",
+                &[&limit],
+            )
+            .await?;
+        let now = fieldline_common::time::now_us();
+        let messages: Vec<OutboxMessage> = rows
+            .iter()
+            .map(|row| {
+                let project: String = row.get(0);
+                let device_id: String = row.get(1);
+                let last_seen: Option<DateTime<Utc>> = row.get(2);
+                self.messages.event(
+                    EventKind::Status,
+                    &project,
+                    &device_id,
+                    now,
+                    &status_payload("offline", "online", last_seen.as_ref()),
+                )
+            })
+            .collect();
+        enqueue(&tx, &messages).await?;
+        tx.commit().await?;
+        Ok(messages.len())
+    }
+}
+
+fn alert_payload(
+    rule: &RuleMatch,
+    transition: Transition,
+    ts_us: i64,
+    value: f64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "rule_id": rule.rule_id,
+        "rule_name": rule.name,
+        "state": match transition {
+            Transition::Firing => "firing",
+            Transition::Resolved => "resolved",
+        },
+        "severity": rule.severity,
+        "metric": rule.metric,
+        "op": rule.condition.op.as_str(),
+        "value": value,
+        "threshold": rule.condition.threshold,
+        "clear_threshold": rule.condition.clear_threshold,
+        "for_s": rule.condition.for_us / 1_000_000,
+        "ts": format_rfc3339(&from_us(ts_us)),
+    })
+}

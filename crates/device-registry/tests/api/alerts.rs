@@ -1,0 +1,289 @@
+use std::time::Duration;
+
+use fieldline_testkit::{TestApp, assert_error, eventually};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::{events, patch, publish_reading, spawn_registry};
+
+const SECOND: i64 = 1_000_000;
+
+/// Publishes readings in order, one message each, as a device sending them over time would.
+async fn feed(app: &TestApp, device_id: &str, metric: &str, readings: &[(i64, f64)]) {
+    for (ts, value) in readings {
+        publish_reading(app, "default", device_id, metric, *ts, *value).await;
+    }
+}
+
+async fn alerts_of(app: &TestApp, rule_id: &str, at_least: usize) -> Vec<Value> {
+    eventually(
+        &format!("{at_least} alerts of {rule_id}"),
+        Duration::from_secs(10),
+        || async {
+            let alerts: Vec<Value> = events(app, "device.alert")
+                .await
+                .into_iter()
+                .map(|(_, payload)| payload)
+                .filter(|payload| payload["rule_id"] == rule_id)
+                .collect();
+            (alerts.len() >= at_least).then_some(alerts)
+        },
+    )
+    .await
+}
+
+async fn create_rule(app: &TestApp, rule: Value) -> String {
+    let (status, body) = app
+        .post("/api/v1/alert-rules", app.admin_key(), &rule)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["data"]["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn an_alert_fires_once_stays_quiet_and_resolves_once_with_hysteresis() {
+    let app = spawn_registry().await;
+    app.create_device("oven").await;
+    let rule_id = create_rule(
+        &app,
+        json!({"name": "too hot", "device_id": "oven", "metric": "temp", "op": "gt",
+               "threshold": 30, "clear_threshold": 25, "severity": "critical"}),
+    )
+    .await;
+    let t0 = fieldline_common::time::now_us();
+    // Fires at 31; quiet at 35 and at 29 (above the clear threshold); resolves at 24.
+    feed(
+        &app,
+        "oven",
+        "temp",
+        &[
+            (t0, 20.0),
+            (t0 + SECOND, 31.0),
+            (t0 + 2 * SECOND, 35.0),
+            (t0 + 3 * SECOND, 29.0),
+            (t0 + 4 * SECOND, 24.0),
+            (t0 + 5 * SECOND, 22.0),
+        ],
+    )
+    .await;
+    // Another metric, and a non-numeric reading, leave it alone.
+    feed(&app, "oven", "humidity", &[(t0 + 6 * SECOND, 99.0)]).await;
+    let alerts = alerts_of(&app, &rule_id, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let alerts_after = alerts_of(&app, &rule_id, 2).await;
+    assert_eq!(alerts_after.len(), 2, "{alerts_after:?}");
+    assert_eq!(alerts[0]["state"], "firing");
+    assert_eq!(alerts[0]["value"], 31.0);
+    assert_eq!(alerts[0]["threshold"], 30.0);
+    assert_eq!(alerts[0]["severity"], "critical");
+    assert_eq!(alerts[1]["state"], "resolved");
+    assert_eq!(alerts[1]["value"], 24.0);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn for_s_waits_for_the_breach_to_last_and_group_rules_watch_every_member() {
+    let app = spawn_registry().await;
+    for id in ["cold-1", "cold-2"] {
+        let (status, _) = app
+            .post(
+                "/api/v1/devices",
+                app.admin_key(),
+                &json!({"id": id, "group": "freezers"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let rule_id = create_rule(
+        &app,
+        json!({"name": "thawing", "group": "freezers", "metric": "temp", "op": "gte",
+               "threshold": -10, "for_s": 60}),
+    )
+    .await;
+    let t0 = fieldline_common::time::now_us() - 600 * SECOND;
+    // cold-1: a 30 s excursion, then one of 60 s that fires at its 60th second.
+    feed(
+        &app,
+        "cold-1",
+        "temp",
+        &[
+            (t0, -18.0),
+            (t0 + 10 * SECOND, -5.0),
+            (t0 + 40 * SECOND, -6.0),
+            (t0 + 50 * SECOND, -15.0),
+            (t0 + 100 * SECOND, -8.0),
+            (t0 + 130 * SECOND, -7.0),
+            (t0 + 160 * SECOND, -9.0),
+        ],
+    )
+    .await;
+    // cold-2 breaches once, briefly: nothing.
+    feed(
+        &app,
+        "cold-2",
+        "temp",
+        &[(t0, -3.0), (t0 + 20 * SECOND, -20.0)],
+    )
+    .await;
+    let alerts = alerts_of(&app, &rule_id, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let alerts = alerts_of(&app, &rule_id, alerts.len()).await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["state"], "firing");
+    assert_eq!(alerts[0]["value"], -9.0);
+    let events = events(&app, "device.alert").await;
+    assert_eq!(events[0].0.device_id, "cold-1");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn backfilled_readings_neither_fire_alerts_nor_mark_devices_seen() {
+    let app = spawn_registry().await;
+    app.create_device("d1").await;
+    let rule_id = create_rule(
+        &app,
+        json!({"name": "high", "device_id": "d1", "metric": "v", "op": "gt", "threshold": 1}),
+    )
+    .await;
+    let batch = fieldline_proto::v1::TelemetryBatch {
+        project: "default".into(),
+        device_id: "d1".into(),
+        readings: vec![fieldline_proto::v1::Reading {
+            metric: "v".into(),
+            ts_us: fieldline_common::time::now_us() - 3600 * SECOND,
+            value: Some(fieldline_proto::v1::reading::Value::Number(5.0)),
+        }],
+        received_at_us: fieldline_common::time::now_us(),
+        source: "backfill".into(),
+        message_id: String::new(),
+    };
+    app.context
+        .jetstream
+        .publish(
+            app.context.subjects.telemetry("default", "d1"),
+            prost::Message::encode_to_vec(&batch).into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // A live reading after it, below the threshold, is applied: so the backfill was seen too.
+    publish_reading(
+        &app,
+        "default",
+        "d1",
+        "v",
+        fieldline_common::time::now_us(),
+        0.0,
+    )
+    .await;
+    eventually(
+        "the live reading to mark the device online",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = app.get("/api/v1/devices/d1", app.admin_key()).await;
+            (body["data"]["status"] == "online").then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let alerts: Vec<_> = events(&app, "device.alert")
+        .await
+        .into_iter()
+        .filter(|(_, payload)| payload["rule_id"] == rule_id.as_str())
+        .collect();
+    assert!(alerts.is_empty(), "{alerts:?}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn rules_have_crud_and_refuse_bad_input() {
+    let app = spawn_registry().await;
+    let admin = app.admin_key().to_owned();
+    app.create_device("d1").await;
+    let rule_id = create_rule(
+        &app,
+        json!({"name": "low battery", "device_id": "d1", "metric": "battery", "op": "lt", "threshold": 20}),
+    )
+    .await;
+    let (status, body) = app
+        .get(&format!("/api/v1/alert-rules/{rule_id}"), &admin)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["data"]["severity"], "warning");
+    assert_eq!(body["data"]["for_s"], 0);
+    assert_eq!(body["data"]["enabled"], true);
+
+    let (status, body) = patch(
+        &app,
+        &format!("/api/v1/alert-rules/{rule_id}"),
+        &admin,
+        &json!({"threshold": 15, "clear_threshold": 25, "enabled": false}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["threshold"], 15.0);
+    assert_eq!(body["data"]["clear_threshold"], 25.0);
+    assert_eq!(body["data"]["name"], "low battery");
+
+    let (_, body) = app.get("/api/v1/alert-rules?device_id=d1", &admin).await;
+    assert_eq!(body["data"].as_array().unwrap().len(), 1);
+    let (_, body) = app.get("/api/v1/alert-rules?metric=temp", &admin).await;
+    assert!(body["data"].as_array().unwrap().is_empty());
+
+    for (rule, status, reason) in [
+        (
+            json!({"name": "x", "metric": "m", "op": "gt", "threshold": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_rule_target",
+        ),
+        (
+            json!({"name": "x", "device_id": "d1", "group": "g", "metric": "m", "op": "gt", "threshold": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_rule_target",
+        ),
+        (
+            json!({"name": "x", "device_id": "d1", "metric": "m", "op": "gt", "threshold": 1, "clear_threshold": 2}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_clear_threshold",
+        ),
+        (
+            json!({"name": "x", "device_id": "d1", "metric": "m", "op": "between", "threshold": 1}),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+        ),
+        (
+            json!({"name": "x", "device_id": "d1", "metric": "m", "op": "gt", "threshold": "high"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+        ),
+        (
+            json!({"name": "x", "device_id": "d1", "metric": "m", "op": "gt", "threshold": 1, "severity": "fatal"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+        ),
+        (
+            json!({"name": "x", "device_id": "d1", "metric": "m", "op": "gt", "threshold": 1, "for_s": -1}),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+        ),
+        (
+            json!({"name": "x", "device_id": "ghost", "metric": "m", "op": "gt", "threshold": 1}),
+            StatusCode::NOT_FOUND,
+            "device_not_found",
+        ),
+    ] {
+        let (got, body) = app.post("/api/v1/alert-rules", &admin, &rule).await;
+        assert_error(got, &body, status, reason);
+    }
+
+    let (status, _) = app
+        .delete(&format!("/api/v1/alert-rules/{rule_id}"), &admin)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = app
+        .get(&format!("/api/v1/alert-rules/{rule_id}"), &admin)
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "rule_not_found");
+    app.shutdown().await;
+}

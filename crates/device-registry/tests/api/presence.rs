@@ -1,0 +1,105 @@
+use std::time::Duration;
+
+use fieldline_testkit::eventually;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::{events, publish_heartbeat, publish_reading, spawn_registry_in};
+
+/// Two registry instances share the stream and the database, as two processes would: each
+/// change of status is still announced exactly once.
+#[tokio::test]
+async fn silent_devices_go_offline_and_come_back_once_each() {
+    let env = fieldline_testkit::TestEnv::new().await;
+    let app = spawn_registry_in(env.clone(), |config| config).await;
+    let second = spawn_registry_in(env, |config| config).await;
+    let admin = app.admin_key().to_owned();
+    let (status, _) = app
+        .post(
+            "/api/v1/devices",
+            &admin,
+            &json!({"id": "beacon", "heartbeat_interval_s": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, body) = app.get("/api/v1/devices/beacon", &admin).await;
+    assert_eq!(body["data"]["status"], "unknown");
+
+    // Heartbeats every 300 ms keep it online, however many arrive.
+    for _ in 0..5 {
+        publish_heartbeat(&app, "default", "beacon").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (_, body) = app.get("/api/v1/devices/beacon", &admin).await;
+    assert_eq!(body["data"]["status"], "online", "{body}");
+    assert!(body["data"]["last_seen"].is_string());
+
+    // Silent for three intervals: offline.
+    eventually(
+        "the device to go offline",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = app.get("/api/v1/devices/beacon", &admin).await;
+            (body["data"]["status"] == "offline").then_some(())
+        },
+    )
+    .await;
+    let (_, body) = app.get("/api/v1/devices?status=offline", &admin).await;
+    assert_eq!(body["data"][0]["id"], "beacon");
+
+    // Any reading counts as a heartbeat.
+    publish_reading(
+        &app,
+        "default",
+        "beacon",
+        "rssi",
+        fieldline_common::time::now_us(),
+        -70.0,
+    )
+    .await;
+    eventually(
+        "the device back online",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = app.get("/api/v1/devices/beacon", &admin).await;
+            (body["data"]["status"] == "online").then_some(())
+        },
+    )
+    .await;
+
+    let statuses = eventually(
+        "three device.status events",
+        Duration::from_secs(10),
+        || async {
+            let statuses = events(&app, "device.status").await;
+            (statuses.len() >= 3).then_some(statuses)
+        },
+    )
+    .await;
+    // Give a duplicate the time to show up, if there were one.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let statuses_after = events(&app, "device.status").await;
+    assert_eq!(statuses_after.len(), 3, "{statuses_after:?}");
+    let sequence: Vec<(String, String)> = statuses
+        .iter()
+        .map(|(_, payload)| {
+            (
+                payload["previous_status"].as_str().unwrap().to_owned(),
+                payload["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sequence,
+        vec![
+            ("unknown".to_owned(), "online".to_owned()),
+            ("online".to_owned(), "offline".to_owned()),
+            ("offline".to_owned(), "online".to_owned()),
+        ]
+    );
+    let ids: std::collections::HashSet<_> =
+        statuses.iter().map(|(event, _)| event.id.clone()).collect();
+    assert_eq!(ids.len(), 3);
+    second.stop().await;
+    app.shutdown().await;
+}

@@ -1,0 +1,3 @@
+//! Types that parse request bodies.
+
+pub mod csv_readings;

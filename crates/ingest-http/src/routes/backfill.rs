@@ -1,0 +1,186 @@
+//! `POST /api/v1/devices/{id}/readings`: backfill or import with a write API key, for any
+//! device of the key's project. JSON (the /ingest message shapes, `ts` required) or
+//! `text/csv`. Nothing is published unless the whole body parses; the readings then go out in
+//! batches (at most `ingest_max_readings` each, and small enough for the bus) with source
+//! `backfill`, and the 202 comes once JetStream has every batch.
+
+use actix_web::{HttpRequest, HttpResponse, guard, http::header, web};
+use fieldline_common::{
+    ApiError,
+    auth::{ApiKey, ScopeLevel},
+    envelope,
+    extract::{is_json_content_type, read_body, unsupported_media_type},
+    ingest::{self, Parsed},
+    time::now_us,
+};
+use fieldline_proto::v1::Reading;
+use prost::Message as _;
+use serde_json::{Value, json};
+
+use crate::{State, domain::csv_readings, routes::ingest::idempotency_key};
+
+/// Room left in a bus message for the batch's other fields, headers and subject.
+const BATCH_OVERHEAD_BYTES: usize = 4096;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    // query-api serves GET on the same path: the resource-level guard lets any other method
+    // fall through to its resource when both run in one process (whichever is registered
+    // first).
+    cfg.service(
+        web::resource("/api/v1/devices/{id}/readings")
+            .guard(guard::Post())
+            .route(web::post().to(backfill)),
+    );
+}
+
+fn is_csv(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("text/csv"))
+}
+
+/// Every message of a backfill must carry its own `ts` (arrival time means nothing here).
+fn require_ts(body: &[u8]) -> Result<(), ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|error| {
+        ApiError::bad_request("malformed_json", format!("body is not valid JSON: {error}"))
+    })?;
+    let missing = |message: &Value| {
+        message
+            .as_object()
+            .is_some_and(|message| message.get("ts").is_none_or(Value::is_null))
+    };
+    let required =
+        |at: String| ApiError::bad_request("invalid_field", format!("{at}: required for backfill"));
+    match &value {
+        Value::Object(_) if missing(&value) => Err(required("ts".into())),
+        Value::Array(messages) => match messages.iter().position(missing) {
+            Some(index) => Err(required(format!("[{index}].ts"))),
+            None => Ok(()),
+        },
+        // Other shapes: the message parser names what is wrong.
+        _ => Ok(()),
+    }
+}
+
+/// Splits readings into batches of at most `max_readings` whose encoding stays within
+/// `max_bytes`.
+fn batches(readings: Vec<Reading>, max_readings: usize, max_bytes: usize) -> Vec<Vec<Reading>> {
+    let mut batches = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for reading in readings {
+        // The reading, its field tag and its length prefix.
+        let size = reading.encoded_len() + 6;
+        if !current.is_empty() && (current.len() >= max_readings || bytes + size > max_bytes) {
+            batches.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(reading);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+async fn backfill(
+    state: web::Data<State>,
+    key: ApiKey,
+    path: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Write)?;
+    let context = &state.context;
+    let device_id = context
+        .auth
+        .require_device(&principal.project, &path)
+        .await?;
+    let csv = is_csv(&req);
+    if !csv && !is_json_content_type(&req) {
+        return Err(unsupported_media_type("application/json or text/csv"));
+    }
+    let idempotency = idempotency_key(&req)?;
+    let config = &context.config;
+    let body = read_body(
+        &req,
+        &mut payload.into_inner(),
+        config.backfill_max_body_bytes,
+    )
+    .await?;
+    let received_at_us = now_us();
+    let readings = if csv {
+        csv_readings::parse(&body)?
+    } else {
+        require_ts(&body)?;
+        // The body size bounds the count; batches bound each bus message.
+        ingest::parse_json_message(&body, received_at_us, usize::MAX)?.readings
+    };
+    let accepted = readings.len();
+    let max_payload = match context.nats.server_info().max_payload {
+        0 => 1024 * 1024,
+        max => max,
+    };
+    let max_bytes = max_payload.saturating_sub(BATCH_OVERHEAD_BYTES).max(1024);
+    for (index, batch) in batches(readings, config.ingest_max_readings, max_bytes)
+        .into_iter()
+        .enumerate()
+    {
+        // A retry with the same key republishes the same batches under the same ids, which
+        // JetStream drops as duplicates: a backfill cut short by a 503 is safe to resend.
+        let parsed = Parsed {
+            readings: batch,
+            message_id: idempotency
+                .as_ref()
+                .map(|key| format!("backfill:{key}:{index}")),
+        };
+        state
+            .publisher
+            .readings(
+                &principal.project,
+                device_id.as_str(),
+                parsed,
+                received_at_us,
+                "backfill",
+            )
+            .await?;
+    }
+    metrics::counter!("fieldline_ingest_readings_total", "source" => "backfill")
+        .increment(accepted as u64);
+    tracing::info!(device_id = %device_id, project = %principal.project, readings = accepted, by = %principal.id, "backfill accepted");
+    Ok(envelope::accepted(&json!({"accepted": accepted})))
+}
+
+#[cfg(test)]
+mod tests {
+    use fieldline_proto::v1::reading;
+
+    use super::*;
+
+    #[test]
+    fn batches_respect_count_and_size() {
+        let reading = |text: &str| Reading {
+            metric: "m".into(),
+            ts_us: 1,
+            value: Some(reading::Value::Text(text.into())),
+        };
+        let small: Vec<_> = (0..25).map(|_| reading("x")).collect();
+        let sizes: Vec<_> = batches(small, 10, 1 << 20).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [10, 10, 5]);
+        let big: Vec<_> = (0..10).map(|_| reading(&"x".repeat(1000))).collect();
+        let sizes: Vec<_> = batches(big, 100, 3500).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [3, 3, 3, 1]);
+    }
+
+    #[test]
+    fn every_json_message_needs_ts() {
+        assert!(require_ts(br#"{"ts": 1, "a": 1}"#).is_ok());
+        let error = require_ts(br#"{"a": 1}"#).unwrap_err();
+        assert!(error.message.starts_with("ts:"), "{error}");
+        let error = require_ts(br#"[{"ts": 1, "a": 1}, {"ts": null, "a": 2}]"#).unwrap_err();
+        assert!(error.message.starts_with("[1].ts:"), "{error}");
+    }
+}

@@ -1,0 +1,258 @@
+use std::time::Duration;
+
+use fieldline_proto::v1::reading;
+use fieldline_testkit::{TestApp, TestEnv, assert_error, eventually, read};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::spawn_all;
+
+async fn post_csv(app: &TestApp, device: &str, key: &str, csv: &str) -> (StatusCode, Value) {
+    app.post_raw(
+        &format!("/api/v1/devices/{device}/readings"),
+        key,
+        "text/csv; charset=utf-8",
+        csv.to_owned(),
+    )
+    .await
+}
+
+/// Every reading in the telemetry stream as (metric, ts_us, value), with each batch's source.
+async fn published(app: &TestApp) -> (Vec<(String, i64, reading::Value)>, Vec<String>) {
+    let batches = app.telemetry_batches().await;
+    let sources = batches.iter().map(|(_, b)| b.source.clone()).collect();
+    let mut readings: Vec<_> = batches
+        .iter()
+        .flat_map(|(_, batch)| batch.readings.iter())
+        .map(|r| (r.metric.clone(), r.ts_us, r.value.clone().unwrap()))
+        .collect();
+    readings.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    (readings, sources)
+}
+
+#[tokio::test]
+async fn json_and_csv_backfills_are_published_in_batches_with_source_backfill() {
+    let app = spawn_all(TestEnv::new().await, |config| fieldline_common::Config {
+        ingest_max_readings: 2,
+        ..config
+    })
+    .await;
+    app.create_device("d1").await;
+    let (_, key) = app.create_key(&["write"]).await;
+
+    let (status, body) = app
+        .post(
+            "/api/v1/devices/d1/readings",
+            &key,
+            &json!([
+                {"ts": "2020-01-01T00:00:00Z", "temp": 1.5, "door": true},
+                {"ts": 1577836801000u64, "values": {"fw": "1.0"}}
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["data"]["accepted"], 3);
+
+    let (status, body) = post_csv(
+        &app,
+        "d1",
+        &key,
+        "ts,metric,value\n2020-01-01T00:00:02Z,temp,2\n1577836803000,temp,\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["data"]["accepted"], 1);
+
+    let (status, body) = post_csv(
+        &app,
+        "d1",
+        &key,
+        "ts,temp,hum\n1577836804000,4,40\n1577836805000,,41\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["data"]["accepted"], 3);
+
+    let (readings, sources) = published(&app).await;
+    // 3 readings in batches of at most 2, then 1, then 3: five batches.
+    assert_eq!(sources, vec!["backfill"; 5]);
+    let s = 1_577_836_800_000_000i64;
+    assert_eq!(
+        readings,
+        vec![
+            ("door".into(), s, reading::Value::Boolean(true)),
+            ("temp".into(), s, reading::Value::Number(1.5)),
+            (
+                "fw".into(),
+                s + 1_000_000,
+                reading::Value::Text("1.0".into())
+            ),
+            ("temp".into(), s + 2_000_000, reading::Value::Number(2.0)),
+            ("hum".into(), s + 4_000_000, reading::Value::Number(40.0)),
+            ("temp".into(), s + 4_000_000, reading::Value::Number(4.0)),
+            ("hum".into(), s + 5_000_000, reading::Value::Number(41.0)),
+        ]
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_publishes_once() {
+    let app = spawn_all(TestEnv::new().await, |config| fieldline_common::Config {
+        ingest_max_readings: 1,
+        ..config
+    })
+    .await;
+    app.create_device("d1").await;
+    let (_, key) = app.create_key(&["write"]).await;
+    for _ in 0..2 {
+        let response = app
+            .http
+            .post(format!("{}/api/v1/devices/d1/readings", app.base_url))
+            .bearer_auth(&key)
+            .header("content-type", "text/csv")
+            .header("idempotency-key", "import-1")
+            .body("ts,a,b\n1000,1,2\n")
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(response).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    assert_eq!(app.telemetry_batches().await.len(), 2);
+    app.shutdown().await;
+}
+
+/// In one process, POST goes to ingest-http and GET to query-api on the same path: the
+/// backfilled past readings come back from history.
+#[tokio::test]
+async fn backfilled_readings_are_returned_by_query_api() {
+    let app = spawn_all(TestEnv::new().await, |config| config).await;
+    app.create_device("d1").await;
+    let (_, key) = app.create_key(&["write"]).await;
+    let (status, body) = post_csv(
+        &app,
+        "d1",
+        &key,
+        "ts,temp\n2021-06-01T00:00:00Z,20.5\n2021-06-01T00:01:00Z,21\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let rows = eventually("history", Duration::from_secs(15), || async {
+        let (status, body) = app
+            .get(
+                "/api/v1/devices/d1/readings?metric=temp&start=2021-01-01T00:00:00Z&end=2022-01-01T00:00:00Z",
+                &key,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let rows = body["data"].as_array().cloned().unwrap_or_default();
+        (rows.len() == 2).then_some(rows)
+    })
+    .await;
+    let values: Vec<_> = rows.iter().map(|row| row["value"].clone()).collect();
+    assert!(
+        values.contains(&json!(20.5)) && values.contains(&json!(21.0)),
+        "{rows:?}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_backfills_are_refused_and_nothing_is_published() {
+    let app = spawn_all(TestEnv::new().await, |config| fieldline_common::Config {
+        backfill_max_body_bytes: 4096,
+        ..config
+    })
+    .await;
+    app.create_device("d1").await;
+    let (_, key) = app.create_key(&["write"]).await;
+    let path = "/api/v1/devices/d1/readings";
+
+    let json_cases = [
+        (json!({"temp": 1}), "invalid_field", "ts:"),
+        (
+            json!([{"ts": 1, "a": 1}, {"a": 2}]),
+            "invalid_field",
+            "[1].ts:",
+        ),
+        (json!([{"ts": 1, "a": {"x": 1}}]), "invalid_field", "[0].a:"),
+        (json!({"ts": "yesterday", "a": 1}), "invalid_field", "ts:"),
+    ];
+    for (body, reason, prefix) in json_cases {
+        let (status, response) = app.post(path, &key, &body).await;
+        assert_error(status, &response, StatusCode::BAD_REQUEST, reason);
+        let message = response["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with(prefix), "{body}: {message}");
+    }
+    let (status, body) = app
+        .post_raw(path, &key, "application/json", "{\"ts\": 1, ")
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "malformed_json");
+
+    let csv_cases = [
+        ("ts,temp\n1000,1\nlater,2\n", "line 3, column 1 (ts):"),
+        ("ts,temp\n1000,1,9\n", "line 2:"),
+        ("ts,bad name\n1000,1\n", "line 1, column 2 (bad name):"),
+        (
+            "ts,metric,value\n1000,temp,1\n1000,,2\n",
+            "line 3, column 2 (metric):",
+        ),
+        ("when,temp\n1000,1\n", "line 1:"),
+        ("ts,temp\n", "body:"),
+    ];
+    for (csv, prefix) in csv_cases {
+        let (status, body) = post_csv(&app, "d1", &key, csv).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_csv");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with(prefix), "{csv:?}: {message}");
+    }
+
+    let big = format!("ts,note\n1000,{}\n", "x".repeat(5000));
+    let (status, body) = post_csv(&app, "d1", &key, &big).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+    let (status, body) = app.post_raw(path, &key, "text/plain", "ts,a\n1,2\n").await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+
+    // A read key may not write; another project's device (or none) is 404.
+    let (_, read_key) = app.create_key(&["read"]).await;
+    let (status, body) = post_csv(&app, "d1", &read_key, "ts,a\n1000,1\n").await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    let (status, body) = app
+        .post(
+            "/api/v1/projects",
+            app.admin_key(),
+            &json!({"slug": "other", "name": "Other"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let other_admin = body["data"]["admin_key"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = app
+        .post("/api/v1/devices", &other_admin, &json!({"id": "theirs"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = post_csv(&app, "theirs", &key, "ts,a\n1000,1\n").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "device_not_found");
+    let (status, body) = post_csv(&app, "ghost", &key, "ts,a\n1000,1\n").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "device_not_found");
+    // A device token is not an API key.
+    let token = app.create_device("d2").await;
+    let (status, body) = post_csv(&app, "d2", &token, "ts,a\n1000,1\n").await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+
+    assert!(app.telemetry_batches().await.is_empty());
+    app.shutdown().await;
+}
