@@ -187,3 +187,34 @@ fn serde_urlencoded_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiErro
 pub fn path_error_handler(error: actix_web::error::PathError, _: &HttpRequest) -> actix_web::Error {
     ApiError::bad_request("invalid_path", format!("path: {error}")).into()
 }
+
+/// A JSON merge patch body (RFC 7396): a JSON object; anything else is a 400.
+pub struct MergePatch(pub serde_json::Value);
+
+impl MergePatch {
+    /// `target` with the patch applied: members set to `null` go, objects merge, the rest
+    /// replaces.
+    pub fn apply(&self, mut target: serde_json::Value) -> serde_json::Value {
+        json_patch::merge(&mut target, &self.0);
+        target
+    }
+}
+
+impl FromRequest for MergePatch {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let body = Json::<serde_json::Value>::from_request(req, payload);
+        Box::pin(async move {
+            let Json(patch) = body.await?;
+            if !patch.is_object() {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    "body: a JSON merge patch is an object",
+                ));
+            }
+            Ok(MergePatch(patch))
+        })
+    }
+}

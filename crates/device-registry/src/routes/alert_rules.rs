@@ -5,7 +5,7 @@ use fieldline_common::{
     ApiError,
     auth::{ApiKey, ScopeLevel},
     envelope::{self, decode_cursor},
-    extract::{Json, Query, parse_json_value},
+    extract::{Json, MergePatch, Query, parse_json_value},
     ids::random_id,
 };
 use serde::Deserialize;
@@ -136,23 +136,16 @@ async fn patch(
     state: web::Data<State>,
     key: ApiKey,
     path: web::Path<String>,
-    Json(body): Json<serde_json::Value>,
+    patch: MergePatch,
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Write)?;
-    if !body.is_object() {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "a merge patch is a JSON object",
-        ));
-    }
     let current = state
         .repo
         .get_rule(&principal.project, &path)
         .await?
         .ok_or_else(|| rule_not_found(&path))?;
-    let mut merged = serde_json::to_value(current.to_input()).map_err(ApiError::internal)?;
-    json_patch::merge(&mut merged, &body);
-    let input: RuleIn = parse_json_value(merged)?;
+    let current = serde_json::to_value(current.to_input()).map_err(ApiError::internal)?;
+    let input: RuleIn = parse_json_value(patch.apply(current))?;
     save(&state, &principal.project, &path, input).await
 }
 

@@ -7,7 +7,7 @@ use fieldline_common::{
     ApiError,
     auth::{ApiKey, ScopeLevel},
     envelope,
-    extract::Json,
+    extract::{Json, MergePatch},
     ids::DeviceId,
 };
 
@@ -88,26 +88,16 @@ async fn patch(
     state: web::Data<State>,
     key: ApiKey,
     path: web::Path<String>,
-    Json(body): Json<serde_json::Value>,
+    patch: MergePatch,
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Write)?;
     let device_id = DeviceId::parse(&path)?;
-    if !body.is_object() {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "a merge patch is a JSON object",
-        ));
-    }
     change(
         &state,
         &principal.project,
         &principal.id,
         &device_id,
-        move |current| {
-            let mut next = current.clone();
-            json_patch::merge(&mut next, &body);
-            parse_config(next)
-        },
+        move |current| parse_config(patch.apply(current.clone())),
     )
     .await
 }

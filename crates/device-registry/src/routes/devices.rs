@@ -6,7 +6,7 @@ use fieldline_common::{
     ApiError,
     auth::{ApiKey, ScopeLevel, hash_secret},
     envelope::{self, decode_cursor},
-    extract::{Json, Query},
+    extract::{Json, MergePatch, Query},
     ids::DeviceId,
 };
 use fieldline_proto::InvalidateKind;
@@ -175,23 +175,16 @@ async fn patch(
     state: web::Data<State>,
     key: ApiKey,
     path: web::Path<String>,
-    Json(body): Json<serde_json::Value>,
+    patch: MergePatch,
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Write)?;
     let device_id = DeviceId::parse(&path)?;
-    if !body.is_object() {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "a merge patch is a JSON object",
-        ));
-    }
     let current = state
         .repo
         .get_device(&principal.project, device_id.as_str())
         .await?
         .ok_or_else(|| not_found(device_id.as_str()))?;
-    let mut merged = current.to_input_json();
-    json_patch::merge(&mut merged, &body);
+    let merged = patch.apply(current.to_input_json());
     save(&state, &principal.project, &device_id, merged).await
 }
 

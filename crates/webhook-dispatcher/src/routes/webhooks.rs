@@ -8,7 +8,7 @@ use fieldline_common::{
     ApiError,
     auth::{ApiKey, ScopeLevel},
     envelope::{self, decode_cursor},
-    extract::{Json, OptionalJson, Query},
+    extract::{Json, MergePatch, OptionalJson, Query},
     ids::{DeviceId, random_id},
 };
 use serde::Deserialize;
@@ -236,23 +236,16 @@ async fn patch(
     state: web::Data<State>,
     key: ApiKey,
     path: web::Path<String>,
-    Json(patch): Json<serde_json::Value>,
+    patch: MergePatch,
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Admin)?;
-    if !patch.is_object() {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "body: a JSON merge patch is an object",
-        ));
-    }
     let current = state
         .repo
         .get_webhook(&principal.project, &path)
         .await?
         .ok_or_else(|| not_found(&path))?;
-    let mut merged = current.as_patchable();
-    json_patch::merge(&mut merged, &patch);
-    let body: WebhookIn = fieldline_common::extract::parse_json(merged.to_string().as_bytes())?;
+    let body: WebhookIn =
+        fieldline_common::extract::parse_json_value(patch.apply(current.as_patchable()))?;
     update(&state, &principal.project, &path, body.parse()?).await
 }
 
