@@ -3,7 +3,9 @@
 use std::{fs, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not baked in with env!: a build script compiled in one checkout and
+    // reused from a shared CARGO_TARGET_DIR by another must look at the other's protos.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let dir = root.join("fieldline/v1");
     let mut files: Vec<PathBuf> = fs::read_dir(&dir)?
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
