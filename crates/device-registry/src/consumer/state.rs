@@ -50,7 +50,8 @@ pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::
         )
         .await?;
     let default_interval_s = context.config.device_heartbeat_interval.as_secs().max(1) as i32;
-    let telemetry_prefix = format!("{}.telemetry.", context.subjects.prefix());
+    let telemetry_all = context.subjects.telemetry_all();
+    let telemetry_prefix = telemetry_all.trim_end_matches('>').to_owned();
     let shutdown = context.shutdown.clone();
     let consume_repo = repo.clone();
     let consume_wake = wake.clone();

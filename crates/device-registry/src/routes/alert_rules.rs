@@ -14,6 +14,7 @@ use crate::{
     State,
     domain::alerts::{NewRule, RuleIn},
     repo::RuleFilter,
+    routes::device_not_found,
 };
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -40,10 +41,7 @@ async fn check_target(state: &State, project: &str, rule: &NewRule) -> Result<()
     if let Some(device_id) = &rule.device_id
         && !state.repo.device_exists(project, device_id).await?
     {
-        return Err(ApiError::not_found(
-            "device_not_found",
-            format!("device {device_id} not found"),
-        ));
+        return Err(device_not_found(device_id));
     }
     Ok(())
 }

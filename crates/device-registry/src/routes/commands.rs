@@ -15,6 +15,7 @@ use crate::{
     State,
     domain::commands::{CommandIn, parse_command_status},
     repo::CommandFilter,
+    routes::device_not_found,
 };
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -24,10 +25,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(list)),
     )
     .service(web::resource("/api/v1/devices/{id}/commands/{command_id}").route(web::get().to(get)));
-}
-
-fn device_not_found(device_id: &DeviceId) -> ApiError {
-    ApiError::not_found("device_not_found", format!("device {device_id} not found"))
 }
 
 async fn send(

@@ -17,6 +17,7 @@ use crate::{
         commands::{ConfigOut, parse_config},
         rfc3339_opt,
     },
+    routes::device_not_found,
 };
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -42,10 +43,6 @@ fn config_out(
     }
 }
 
-fn not_found(device_id: &DeviceId) -> ApiError {
-    ApiError::not_found("device_not_found", format!("device {device_id} not found"))
-}
-
 async fn get(
     state: web::Data<State>,
     key: ApiKey,
@@ -57,7 +54,7 @@ async fn get(
         .repo
         .get_config(&principal.project, device_id.as_str())
         .await?
-        .ok_or_else(|| not_found(&device_id))?;
+        .ok_or_else(|| device_not_found(&device_id))?;
     Ok(envelope::ok(&config_out(
         &device_id, version, config, updated_at,
     )))
@@ -113,7 +110,7 @@ async fn change(
         .repo
         .change_config(project, device_id.as_str(), changed_by, next)
         .await?
-        .ok_or_else(|| not_found(device_id))?;
+        .ok_or_else(|| device_not_found(device_id))?;
     if changed {
         state.outbox_wake.notify_one();
         tracing::info!(device_id = %device_id, project = %project, version, by = %changed_by, "device config changed");

@@ -16,6 +16,7 @@ use crate::{
     State,
     domain::{DeviceCreated, DeviceIn, DeviceType, new_device_token},
     repo::DeviceFilter,
+    routes::device_not_found,
 };
 
 pub const DEFAULT_LIMIT: usize = 100;
@@ -148,14 +149,8 @@ async fn get(
         .repo
         .get_device(&principal.project, device_id.as_str())
         .await?
-        .ok_or_else(|| {
-            ApiError::not_found("device_not_found", format!("device {device_id} not found"))
-        })?;
+        .ok_or_else(|| device_not_found(&device_id))?;
     Ok(envelope::ok(&device))
-}
-
-fn not_found(device_id: &str) -> ApiError {
-    ApiError::not_found("device_not_found", format!("device {device_id} not found"))
 }
 
 /// `PUT`: the whole writable representation; `id` may be left out, and must match if given.
@@ -183,7 +178,7 @@ async fn patch(
         .repo
         .get_device(&principal.project, device_id.as_str())
         .await?
-        .ok_or_else(|| not_found(device_id.as_str()))?;
+        .ok_or_else(|| device_not_found(&device_id))?;
     let merged = patch.apply(current.to_input_json());
     save(&state, &principal.project, &device_id, merged).await
 }
@@ -230,7 +225,7 @@ async fn save(
         .repo
         .update_device(project, &device, default_interval)
         .await?
-        .ok_or_else(|| not_found(device_id.as_str()))?;
+        .ok_or_else(|| device_not_found(device_id))?;
     // Services cache a device's type and group (webhook filters): drop them.
     state
         .broadcast_invalidation(InvalidateKind::Devices, project, device_id.as_str())
@@ -250,7 +245,7 @@ async fn delete(
         .delete_device(&principal.project, device_id.as_str())
         .await?
     {
-        return Err(not_found(device_id.as_str()));
+        return Err(device_not_found(&device_id));
     }
     // Its token must stop working at once in every service.
     state
@@ -278,7 +273,7 @@ async fn rotate_token(
         .rotate_device_token(&principal.project, device_id.as_str(), &hash_secret(&token))
         .await?
     {
-        return Err(not_found(device_id.as_str()));
+        return Err(device_not_found(&device_id));
     }
     state
         .broadcast_invalidation(

@@ -5,6 +5,13 @@ pub mod devices;
 pub mod keys;
 pub mod projects;
 
+use fieldline_common::ApiError;
+
+/// The one answer for a device that is absent or in another project.
+pub fn device_not_found(device_id: impl std::fmt::Display) -> ApiError {
+    ApiError::not_found("device_not_found", format!("device {device_id} not found"))
+}
+
 use fieldline_common::openapi::{
     Access::{Admin, PlatformAdmin, Read, Write},
     JSON,
