@@ -192,8 +192,11 @@ pub async fn mqtt_ingest(
     })
 }
 
+/// How long the stored count may stand still before what is missing counts as lost.
+const STALLED: Duration = Duration::from_secs(30);
+
 /// Waits until `expected` readings of devices `{prefix}*` are in Postgres, or until the count
-/// has not moved for 5 s; returns the count and when it last grew (since `started`).
+/// has not moved for 30 s; returns the count and when it last grew (since `started`).
 async fn wait_rows(
     platform: &Platform,
     prefix: &str,
@@ -218,7 +221,7 @@ async fn wait_rows(
         if stored > last.0 {
             last = (stored, started.elapsed());
         }
-        if stored >= expected || started.elapsed() - last.1 > Duration::from_secs(5) {
+        if stored >= expected || started.elapsed() - last.1 > STALLED {
             return Ok(last);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
