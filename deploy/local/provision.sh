@@ -153,11 +153,34 @@ ensure_mosquitto() {
     wait_for mosquitto "$MQTT_LOG" port_open 1883
 }
 
+# The broker settings Fieldline needs (deploy/mosquitto/mosquitto.conf carries the same).
+# Mosquitto PUBACKs a device's QoS 1 message on receipt, then drops it if ingest-mqtt's
+# session already has 1000 queued (the default): under load that loses acknowledged
+# readings. A larger in-flight window lets ingest-mqtt pipeline its JetStream publishes.
+# Both options are global and reloaded on SIGHUP, so a running broker keeps its clients.
+MQTT_TUNING_MARK="# fieldline (deploy/local/provision.sh): do not drop what was acknowledged"
+tune_mosquitto() {
+    [[ -f $MQTT_CONF ]] || return 0
+    grep -qF "$MQTT_TUNING_MARK" "$MQTT_CONF" && return 0
+    if ! can_admin; then
+        say "warning: cannot add Fieldline's settings to $MQTT_CONF (not root, no sudo); under load the broker may drop messages"
+        return 0
+    fi
+    say "adding max_queued_messages and max_inflight_messages to $MQTT_CONF"
+    printf '\n%s\nmax_queued_messages 1000000\nmax_inflight_messages 200\n' "$MQTT_TUNING_MARK" \
+        | "${SUDO[@]}" tee -a "$MQTT_CONF" >/dev/null
+    local pid_file pid
+    pid_file=$(awk '$1 == "pid_file" {print $2}' "$MQTT_CONF")
+    pid=$(cat "${pid_file:-/run/mosquitto/mosquitto.pid}" 2>/dev/null || pgrep -x mosquitto | head -n1 || true)
+    if [[ -n $pid ]]; then "${SUDO[@]}" kill -HUP "$pid" || true; fi
+}
+
 # ---------------------------------------------------------------- main
 ensure_cmd postgresql-client psql pg_isready createdb
 ensure_cmd mosquitto-clients mosquitto_pub mosquitto_sub
 ensure_postgres
 ensure_nats
+tune_mosquitto
 ensure_mosquitto
 
 nats_jetstream || die "nats-server on 127.0.0.1:4222 runs without JetStream; restart it with -js (log: $NATS_LOG)"

@@ -46,6 +46,11 @@ pub struct Config {
     pub mqtt_share_group: String,
     /// Largest MQTT packet accepted or sent, in bytes.
     pub mqtt_max_packet_bytes: usize,
+    /// Connections each ingest-mqtt instance opens into the shared subscription. The broker
+    /// bounds the unacknowledged messages per connection (Mosquitto: `max_inflight_messages`,
+    /// 20 by default), and ingest-mqtt acks only once JetStream has a message, so its
+    /// throughput is at most connections × in-flight ÷ JetStream round trip.
+    pub mqtt_connections: usize,
     /// Prefix of every NATS subject and stream (`fl` gives `fl.telemetry.…` and `FL_TELEMETRY`).
     pub bus_prefix: String,
     /// `json` or `text`.
@@ -152,6 +157,7 @@ impl Default for Config {
             mqtt_topic_root: "fl".into(),
             mqtt_share_group: "fieldline-ingest".into(),
             mqtt_max_packet_bytes: 256 * 1024,
+            mqtt_connections: 8,
             bus_prefix: "fl".into(),
             log_format: LogFormat::Json,
             log_level: "info".into(),
@@ -256,6 +262,9 @@ impl Config {
         }
         if !valid_topic_level(&self.mqtt_share_group) {
             return invalid("mqtt_share_group", "use 1 to 64 of [A-Za-z0-9_-]".into());
+        }
+        if !(1..=64).contains(&self.mqtt_connections) {
+            return invalid("mqtt_connections", "use 1 to 64".into());
         }
         if mqtt_host_port(&self.mqtt_url).is_none() {
             return invalid(

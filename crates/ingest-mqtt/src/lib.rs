@@ -39,51 +39,43 @@ const ACK_REPORT_ATTEMPTS: u32 = 3;
 /// Messages being published to JetStream at once; acks still go back in arrival order.
 const IN_FLIGHT: usize = 256;
 
-/// Starts the MQTT loop. Returns at once: the broker may be down at start, and the loop
-/// connects (and reconnects) by itself; readiness reports whether it is connected.
+/// Starts the MQTT loops. Returns at once: the broker may be down at start, and each loop
+/// connects (and reconnects) by itself; readiness reports whether all are connected.
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let config = &context.config;
-    let (host, port) = config.mqtt_host_port();
     let client_id = config.ingest_mqtt_client_id();
-    let mut options = MqttOptions::new(client_id.clone(), host, port);
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        // A persistent session: while we are away the broker keeps our subscription and the
-        // messages we have not acknowledged, and sends them again when we return.
-        .set_clean_session(false)
-        .set_manual_acks(true)
-        .set_max_packet_size(config.mqtt_max_packet_bytes, config.mqtt_max_packet_bytes)
-        .set_inflight(IN_FLIGHT as u16);
-    let (client, eventloop) = AsyncClient::new(options, 1024);
-    let connected = Arc::new(AtomicBool::new(false));
-    let (incoming_tx, incoming_rx) = mpsc::channel(IN_FLIGHT * 2);
-
     let filters: Vec<String> = Uplink::ALL
         .iter()
         .map(|uplink| {
             topic::shared_filter(&config.mqtt_share_group, &config.mqtt_topic_root, *uplink)
         })
         .collect();
-    tracing::info!(client_id = %client_id, filters = ?filters, "mqtt ingest starting");
-    context.tasks.spawn(poll_broker(
-        eventloop,
-        client.clone(),
-        filters,
-        connected.clone(),
-        incoming_tx,
-        context.shutdown.clone(),
-    ));
-    context
-        .tasks
-        .spawn(process(context.clone(), client, incoming_rx));
+    tracing::info!(client_id = %client_id, filters = ?filters, connections = config.mqtt_connections, "mqtt ingest starting");
+    // Several connections into the same shared subscription: the broker spreads messages
+    // over them, and each brings its own window of unacknowledged messages. The first keeps
+    // the plain client id, so a single-connection deployment's session carries over.
+    let connected: Vec<Arc<AtomicBool>> = (0..config.mqtt_connections)
+        .map(|index| {
+            let client_id = match index {
+                0 => client_id.clone(),
+                _ => format!("{client_id}-{index}"),
+            };
+            connect(context, client_id, filters.clone())
+        })
+        .collect();
     let downlink_connected = downlink::start(context, &client_id).await?;
 
     let ready: ReadyCheck = Arc::new(move || {
-        let connected = connected.load(Ordering::Relaxed);
+        let down = connected
+            .iter()
+            .filter(|flag| !flag.load(Ordering::Relaxed))
+            .count();
         let downlink_connected = *downlink_connected.borrow();
         async move {
-            if !connected {
-                Err("not connected to the broker".to_owned())
+            if down > 0 {
+                Err(format!(
+                    "{down} of the uplink connections not connected to the broker"
+                ))
             } else if !downlink_connected {
                 Err("downlink not connected to the broker".to_owned())
             } else {
@@ -97,6 +89,37 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
         routes: None,
         ready: Some(ready),
     })
+}
+
+/// One uplink connection: its event loop and the pipeline that publishes and acks what it
+/// receives. Returns whether it is connected and subscribed.
+fn connect(context: &Context, client_id: String, filters: Vec<String>) -> Arc<AtomicBool> {
+    let config = &context.config;
+    let (host, port) = config.mqtt_host_port();
+    let mut options = MqttOptions::new(client_id, host, port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        // A persistent session: while we are away the broker keeps our subscription and the
+        // messages we have not acknowledged, and sends them again when we return.
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(config.mqtt_max_packet_bytes, config.mqtt_max_packet_bytes)
+        .set_inflight(IN_FLIGHT as u16);
+    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let connected = Arc::new(AtomicBool::new(false));
+    let (incoming_tx, incoming_rx) = mpsc::channel(IN_FLIGHT * 2);
+    context.tasks.spawn(poll_broker(
+        eventloop,
+        client.clone(),
+        filters,
+        connected.clone(),
+        incoming_tx,
+        context.shutdown.clone(),
+    ));
+    context
+        .tasks
+        .spawn(process(context.clone(), client, incoming_rx));
+    connected
 }
 
 /// A message as it arrived, with its arrival time (the default timestamp of its readings).
