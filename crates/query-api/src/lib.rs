@@ -6,6 +6,7 @@ pub mod bulk;
 mod domain;
 mod export;
 mod maintenance;
+mod moves;
 mod repo;
 mod routes;
 mod writer;

@@ -6,6 +6,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    pin::pin,
     sync::{
         Arc, LazyLock, Mutex,
         atomic::{AtomicI64, Ordering},
@@ -20,11 +21,12 @@ use fieldline_common::{
 };
 use fieldline_proto::v1::{TelemetryBatch, reading};
 use serde::Serialize;
-use tokio_postgres::{Row, error::SqlState};
+use tokio_postgres::{Row, binary_copy::BinaryCopyInWriter, error::SqlState, types::Type};
 
 use crate::{
     aggregate::{Partial, Segment, Source},
     domain::{Interval, Order, Position, ReadingOut, ReadingsQuery},
+    moves::{Moves, Stored},
 };
 
 /// Series ids cached by the writer; past this many the cache starts again (ids never change,
@@ -221,6 +223,67 @@ static STORE_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+const COPY_TYPES: [Type; 5] = [
+    Type::INT4,
+    Type::TIMESTAMPTZ,
+    Type::FLOAT8,
+    Type::BOOL,
+    Type::TEXT,
+];
+
+/// Binary `COPY` of rows that must all be new, and the series and rollup moves they make, in
+/// one transaction. A row already stored fails it with `unique_violation`, changing nothing.
+async fn copy_new(
+    client: &mut deadpool_postgres::Client,
+    columns: &Columns,
+    moves: &Moves,
+) -> Result<(), tokio_postgres::Error> {
+    let transaction = client.transaction().await?;
+    let sink = transaction
+        .copy_in(
+            "COPY telemetry.readings (series_id, ts, value_num, value_bool, value_text) FROM STDIN BINARY",
+        )
+        .await?;
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, &COPY_TYPES));
+    for row in 0..columns.series_id.len() {
+        writer
+            .as_mut()
+            .write(&[
+                &columns.series_id[row],
+                &columns.ts[row],
+                &columns.value_num[row],
+                &columns.value_bool[row],
+                &columns.value_text[row],
+            ])
+            .await?;
+    }
+    writer.finish().await?;
+    moves.apply(&*transaction).await?;
+    transaction.commit().await
+}
+
+/// The same rows through one statement that inserts only what is not stored yet and moves
+/// the series and rollups by exactly the rows it inserted ([`STORE_SQL`]).
+async fn store_skipping_stored(
+    client: &deadpool_postgres::Client,
+    columns: &Columns,
+) -> Result<(), tokio_postgres::Error> {
+    let statement = client.prepare_cached(&STORE_SQL).await?;
+    client
+        .query_one(
+            &statement,
+            &[
+                &columns.series_id,
+                &columns.ts,
+                &columns.value_num,
+                &columns.value_bool,
+                &columns.value_text,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
 /// A series of a device: its id and metric name.
 #[derive(Debug, Clone)]
 pub struct DeviceSeries {
@@ -366,37 +429,45 @@ impl Repo {
         }
         let ids = self.series_ids(&keys).await?;
         let days: HashSet<NaiveDate> = rows.iter().map(|(_, ts, _)| day_of(*ts)).collect();
+        // In (series, time) order: index inserts go in order, and row locks are taken in one
+        // order by every writer.
+        rows.sort_unstable_by_key(|(index, ts_us, _)| (ids[*index], *ts_us));
         let mut columns = Columns::default();
+        let mut moves = Moves::default();
         for (index, ts_us, value) in &rows {
-            columns.series_id.push(ids[*index]);
+            let series_id = ids[*index];
+            columns.series_id.push(series_id);
             columns.ts.push(from_us(*ts_us));
-            let (num, flag, text) = match value {
-                reading::Value::Number(number) => (Some(*number), None, None),
-                reading::Value::Boolean(flag) => (None, Some(*flag), None),
-                reading::Value::Text(text) => (None, None, Some(text.clone())),
+            let (num, flag, text, stored) = match value {
+                reading::Value::Number(number) => {
+                    (Some(*number), None, None, Stored::Number(*number))
+                }
+                reading::Value::Boolean(flag) => (None, Some(*flag), None, Stored::Boolean(*flag)),
+                reading::Value::Text(text) => {
+                    (None, None, Some(text.clone()), Stored::Text(text.as_str()))
+                }
             };
+            moves.add(series_id, *ts_us, stored);
             columns.value_num.push(num);
             columns.value_bool.push(flag);
             columns.value_text.push(text);
         }
         for attempt in 0..2 {
             self.ensure_partitions(days.clone()).await?;
-            let client = self.pool.get().await?;
-            let statement = client.prepare_cached(&STORE_SQL).await?;
-            let result = client
-                .query_one(
-                    &statement,
-                    &[
-                        &columns.series_id,
-                        &columns.ts,
-                        &columns.value_num,
-                        &columns.value_bool,
-                        &columns.value_text,
-                    ],
-                )
-                .await;
+            let mut client = self.pool.get().await?;
+            // The common case: every row is new, and binary COPY stores them at the speed of
+            // the table; the series and rollups move by what was computed here. A row that is
+            // there already (a redelivery) fails the COPY, and the statement that skips
+            // stored rows does the batch instead.
+            let result = match copy_new(&mut client, &columns, &moves).await {
+                Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    metrics::counter!("fieldline_writer_redelivered_batches_total").increment(1);
+                    store_skipping_stored(&client, &columns).await
+                }
+                other => other,
+            };
             match result {
-                Ok(_) => return Ok(rows.len()),
+                Ok(()) => return Ok(rows.len()),
                 // "no partition of relation found for row": retention (of another instance)
                 // dropped a partition this process thought it had.
                 Err(error) if attempt == 0 && error.code() == Some(&SqlState::CHECK_VIOLATION) => {

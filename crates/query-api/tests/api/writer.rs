@@ -14,14 +14,48 @@ async fn redelivered_batches_are_stored_once() {
     let batch = vec![number("temp", T0, 1.0), number("temp", T0 + 1, 2.0)];
     // The same batch twice on the stream, as after a redelivery or a retried publish.
     publish(&app, "default", "d1", batch.clone()).await;
-    publish(&app, "default", "d1", batch).await;
+    publish(&app, "default", "d1", batch.clone()).await;
     publish(&app, "default", "d1", vec![number("temp", T0 + 2, 3.0)]).await;
     eventually("third batch stored", Duration::from_secs(10), || async {
         (stored(&app, "d1").await >= 3).then_some(())
     })
     .await;
+    // Once more after it was committed: this batch's COPY meets rows already stored, and
+    // the statement that skips them must move nothing.
+    publish(&app, "default", "d1", batch).await;
+    publish(&app, "default", "d1", vec![number("temp", T0 + 3, 4.0)]).await;
+    eventually("fifth batch stored", Duration::from_secs(10), || async {
+        (stored(&app, "d1").await >= 4).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(stored(&app, "d1").await, 3);
+    assert_eq!(stored(&app, "d1").await, 4);
+    // Statistics, latest value and both rollups count each reading once.
+    let pg = app.env.pg().await;
+    let series = pg
+        .query_one(
+            "SELECT count, last_num FROM telemetry.series WHERE device_id = 'd1' AND metric = 'temp'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(series.get::<_, i64>(0), 4);
+    assert_eq!(series.get::<_, Option<f64>>(1), Some(4.0));
+    for table in ["rollup_1h", "rollup_1d"] {
+        let rollup = pg
+            .query_one(
+                &format!(
+                    "SELECT sum(count)::int8, sum(sum), min(min), max(max) FROM telemetry.{table}"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rollup.get::<_, i64>(0), 4, "{table} count");
+        assert_eq!(rollup.get::<_, f64>(1), 10.0, "{table} sum");
+        assert_eq!(rollup.get::<_, f64>(2), 1.0, "{table} min");
+        assert_eq!(rollup.get::<_, f64>(3), 4.0, "{table} max");
+    }
     app.shutdown().await;
 }
 

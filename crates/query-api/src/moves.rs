@@ -1,0 +1,166 @@
+//! What new readings move forward besides their own rows: each series' statistics and latest
+//! value, and the hourly and daily rollups. Gathered in memory from rows known to be new (a
+//! `COPY` that went through, or a bulk load), then merged into the tables by the same rules
+//! as the writer's SQL path (`ROLLUP_MERGE`), in three pipelined statements.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use fieldline_common::time::from_us;
+use tokio_postgres::{GenericClient, types::ToSql};
+
+use crate::{aggregate::Partial, repo::ROLLUP_MERGE};
+
+const HOUR_US: i64 = 3_600_000_000;
+const DAY_US: i64 = 24 * HOUR_US;
+/// Most rows of one rollup statement, so no statement carries millions of array elements.
+const ROLLUP_SLICE: usize = 50_000;
+
+/// A value as stored: one of number, boolean, text.
+#[derive(Debug, Clone, Copy)]
+pub enum Stored<'a> {
+    Number(f64),
+    Boolean(bool),
+    Text(&'a str),
+}
+
+/// What one series' new rows change in `telemetry.series`.
+struct SeriesMove {
+    count: i64,
+    first_us: i64,
+    last_us: i64,
+    last_num: Option<f64>,
+    last_bool: Option<bool>,
+    last_text: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Moves {
+    series: HashMap<i32, SeriesMove>,
+    hourly: HashMap<(i32, i64), Partial>,
+    daily: HashMap<(i32, i64), Partial>,
+}
+
+impl Moves {
+    /// Takes in one new row.
+    pub fn add(&mut self, series_id: i32, ts_us: i64, value: Stored<'_>) {
+        let (num, flag, text) = match value {
+            Stored::Number(number) => (Some(number), None, None),
+            Stored::Boolean(flag) => (None, Some(flag), None),
+            Stored::Text(text) => (None, None, Some(text)),
+        };
+        let series = self.series.entry(series_id).or_insert(SeriesMove {
+            count: 0,
+            first_us: ts_us,
+            last_us: i64::MIN,
+            last_num: None,
+            last_bool: None,
+            last_text: None,
+        });
+        series.count += 1;
+        series.first_us = series.first_us.min(ts_us);
+        if ts_us > series.last_us {
+            series.last_us = ts_us;
+            series.last_num = num;
+            series.last_bool = flag;
+            series.last_text = text.map(str::to_owned);
+        }
+        let reading = Partial {
+            count: 1,
+            num_count: i64::from(num.is_some()),
+            sum: num,
+            min: num,
+            max: num,
+            first: num.map(|n| (ts_us, n)),
+            last: num.map(|n| (ts_us, n)),
+        };
+        self.hourly
+            .entry((series_id, ts_us.div_euclid(HOUR_US) * HOUR_US))
+            .or_default()
+            .merge(&reading);
+        self.daily
+            .entry((series_id, ts_us.div_euclid(DAY_US) * DAY_US))
+            .or_default()
+            .merge(&reading);
+    }
+
+    /// Merges everything taken in into the series statistics and both rollups. Rows are
+    /// written in key order, so concurrent writers lock them in the same order.
+    pub async fn apply(&self, client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+        let mut series: Vec<(&i32, &SeriesMove)> = self.series.iter().collect();
+        series.sort_unstable_by_key(|(id, _)| **id);
+        let ids: Vec<i32> = series.iter().map(|(id, _)| **id).collect();
+        let counts: Vec<i64> = series.iter().map(|(_, s)| s.count).collect();
+        let firsts: Vec<DateTime<Utc>> = series.iter().map(|(_, s)| from_us(s.first_us)).collect();
+        let lasts: Vec<DateTime<Utc>> = series.iter().map(|(_, s)| from_us(s.last_us)).collect();
+        let nums: Vec<Option<f64>> = series.iter().map(|(_, s)| s.last_num).collect();
+        let flags: Vec<Option<bool>> = series.iter().map(|(_, s)| s.last_bool).collect();
+        let texts: Vec<Option<&str>> = series.iter().map(|(_, s)| s.last_text.as_deref()).collect();
+        let params: [&(dyn ToSql + Sync); 7] =
+            [&ids, &counts, &firsts, &lasts, &nums, &flags, &texts];
+        let series_update = client.execute(
+            "UPDATE telemetry.series s
+                SET count = s.count + u.n,
+                    first_ts = LEAST(s.first_ts, u.first_ts),
+                    last_ts = GREATEST(s.last_ts, u.last_ts),
+                    last_num = CASE WHEN s.last_ts IS NULL OR u.last_ts > s.last_ts THEN u.last_num ELSE s.last_num END,
+                    last_bool = CASE WHEN s.last_ts IS NULL OR u.last_ts > s.last_ts THEN u.last_bool ELSE s.last_bool END,
+                    last_text = CASE WHEN s.last_ts IS NULL OR u.last_ts > s.last_ts THEN u.last_text ELSE s.last_text END
+               FROM UNNEST($1::int4[], $2::int8[], $3::timestamptz[], $4::timestamptz[],
+                           $5::float8[], $6::bool[], $7::text[])
+                    AS u(series_id, n, first_ts, last_ts, last_num, last_bool, last_text)
+              WHERE s.series_id = u.series_id",
+            &params,
+        );
+        let hourly = merge_rollup(client, "rollup_1h", &self.hourly);
+        let daily = merge_rollup(client, "rollup_1d", &self.daily);
+        // One round trip: tokio-postgres pipelines statements issued together.
+        tokio::try_join!(series_update, hourly, daily)?;
+        Ok(())
+    }
+}
+
+async fn merge_rollup(
+    client: &impl GenericClient,
+    table: &str,
+    buckets: &HashMap<(i32, i64), Partial>,
+) -> Result<(), tokio_postgres::Error> {
+    let mut rows: Vec<(&(i32, i64), &Partial)> = buckets.iter().collect();
+    rows.sort_unstable_by_key(|(key, _)| **key);
+    let sql = format!(
+        "INSERT INTO telemetry.{table} AS r
+         SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::int8[], $4::int8[],
+                              $5::float8[], $6::float8[], $7::float8[],
+                              $8::timestamptz[], $9::float8[], $10::timestamptz[], $11::float8[])
+         {ROLLUP_MERGE}"
+    );
+    for slice in rows.chunks(ROLLUP_SLICE) {
+        let series_id: Vec<i32> = slice.iter().map(|((id, _), _)| *id).collect();
+        let bucket: Vec<DateTime<Utc>> = slice.iter().map(|((_, b), _)| from_us(*b)).collect();
+        let count: Vec<i64> = slice.iter().map(|(_, p)| p.count).collect();
+        let num_count: Vec<i64> = slice.iter().map(|(_, p)| p.num_count).collect();
+        let sum: Vec<Option<f64>> = slice.iter().map(|(_, p)| p.sum).collect();
+        let min: Vec<Option<f64>> = slice.iter().map(|(_, p)| p.min).collect();
+        let max: Vec<Option<f64>> = slice.iter().map(|(_, p)| p.max).collect();
+        let first_ts: Vec<Option<DateTime<Utc>>> = slice
+            .iter()
+            .map(|(_, p)| p.first.map(|f| from_us(f.0)))
+            .collect();
+        let first_num: Vec<Option<f64>> = slice.iter().map(|(_, p)| p.first.map(|f| f.1)).collect();
+        let last_ts: Vec<Option<DateTime<Utc>>> = slice
+            .iter()
+            .map(|(_, p)| p.last.map(|l| from_us(l.0)))
+            .collect();
+        let last_num: Vec<Option<f64>> = slice.iter().map(|(_, p)| p.last.map(|l| l.1)).collect();
+        client
+            .execute(
+                &sql,
+                &[
+                    &series_id, &bucket, &count, &num_count, &sum, &min, &max, &first_ts,
+                    &first_num, &last_ts, &last_num,
+                ],
+            )
+            .await?;
+    }
+    Ok(())
+}
