@@ -83,14 +83,53 @@ impl Targets {
     }
 }
 
-/// An event in the making: what fan-out matches against webhooks.
+/// An event in the making: what fan-out matches against webhooks. Its id and JSON payload
+/// are made only once some webhook wants it: most telemetry goes to no webhook at all.
 struct Incoming {
-    id: String,
     project: String,
     event_type: String,
     device_id: String,
     occurred_at_us: i64,
-    payload: Value,
+    body: Body,
+}
+
+enum Body {
+    Telemetry(TelemetryBatch),
+    /// A registry event: its id (if it has one) and its JSON payload.
+    Device {
+        id: String,
+        payload_json: String,
+    },
+}
+
+impl Incoming {
+    /// The event id and payload.
+    fn finish(self, message: &jetstream::Message) -> Option<(String, Incoming, Value)> {
+        let (id, payload) = match &self.body {
+            Body::Telemetry(batch) => {
+                let readings: Vec<Value> = batch
+                    .readings
+                    .iter()
+                    .map(|r| json!({"metric": r.metric, "ts": format_rfc3339(&from_us(r.ts_us)), "value": reading_json(&r.value)}))
+                    .collect();
+                (
+                    event_id(message.info().ok()?.stream_sequence, &message.payload),
+                    json!({"readings": readings, "source": batch.source}),
+                )
+            }
+            Body::Device { id, payload_json } => {
+                let id = if id.is_empty() {
+                    event_id(message.info().ok()?.stream_sequence, &message.payload)
+                } else {
+                    id.clone()
+                };
+                let payload = serde_json::from_str(payload_json)
+                    .unwrap_or_else(|_| Value::String(payload_json.clone()));
+                (id, payload)
+            }
+        };
+        Some((id, self, payload))
+    }
 }
 
 /// Stable id of a bus message: the same message redelivered gives the same event id, so its
@@ -112,39 +151,27 @@ fn reading_json(value: &Option<reading::Value>) -> Value {
 }
 
 fn telemetry_event(message: &jetstream::Message) -> Option<Incoming> {
-    let batch = TelemetryBatch::decode(message.payload.as_ref()).ok()?;
-    let sequence = message.info().ok()?.stream_sequence;
-    let readings: Vec<Value> = batch
-        .readings
-        .iter()
-        .map(|r| json!({"metric": r.metric, "ts": format_rfc3339(&from_us(r.ts_us)), "value": reading_json(&r.value)}))
-        .collect();
+    let mut batch = TelemetryBatch::decode(message.payload.as_ref()).ok()?;
     Some(Incoming {
-        id: event_id(sequence, &message.payload),
+        project: std::mem::take(&mut batch.project),
+        device_id: std::mem::take(&mut batch.device_id),
         event_type: "device.data".into(),
         occurred_at_us: batch.received_at_us,
-        payload: json!({"readings": readings, "source": batch.source}),
-        project: batch.project,
-        device_id: batch.device_id,
+        body: Body::Telemetry(batch),
     })
 }
 
 fn device_event(message: &jetstream::Message) -> Option<Incoming> {
     let event = DeviceEvent::decode(message.payload.as_ref()).ok()?;
-    let id = if event.id.is_empty() {
-        event_id(message.info().ok()?.stream_sequence, &message.payload)
-    } else {
-        event.id
-    };
-    let payload =
-        serde_json::from_str(&event.payload_json).unwrap_or(Value::String(event.payload_json));
     Some(Incoming {
-        id,
         project: event.project,
         event_type: event.event_type,
         device_id: event.device_id,
         occurred_at_us: event.occurred_at_us,
-        payload,
+        body: Body::Device {
+            id: event.id,
+            payload_json: event.payload_json,
+        },
     })
 }
 
@@ -288,15 +315,19 @@ impl Fanout {
             if matched.is_empty() {
                 continue;
             }
+            let Some((id, incoming, payload)) = incoming.finish(message) else {
+                tracing::error!(subject = %message.subject, "bus message without stream info skipped by fan-out");
+                continue;
+            };
             let body = EventBody {
-                id: &incoming.id,
+                id: &id,
                 event: &incoming.event_type,
                 timestamp: format_rfc3339(&from_us(incoming.occurred_at_us)),
                 project: &incoming.project,
                 device_id: Some(&incoming.device_id)
                     .filter(|id| !id.is_empty())
                     .map(String::as_str),
-                payload: &incoming.payload,
+                payload: &payload,
             }
             .to_json();
             for target in matched {
@@ -304,13 +335,13 @@ impl Fanout {
                     id: random_id("dlv_", 24),
                     webhook_id: target.id.clone(),
                     project: incoming.project.clone(),
-                    event_id: incoming.id.clone(),
+                    event_id: id.clone(),
                     event_type: incoming.event_type.clone(),
                     status: if target.enabled { "pending" } else { "failed" },
                 });
             }
             events.push(NewEvent {
-                id: incoming.id,
+                id,
                 project: incoming.project,
                 event_type: incoming.event_type,
                 device_id: Some(incoming.device_id).filter(|id| !id.is_empty()),
