@@ -11,6 +11,7 @@ use async_nats::jetstream::{
 use fieldline_common::{Context, ErrorKind};
 use fieldline_proto::{Stream, v1::TelemetryBatch};
 use prost::Message;
+use tokio::task::JoinSet;
 
 use crate::repo::Repo;
 
@@ -55,20 +56,37 @@ pub async fn start(context: &Context, repo: Repo) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Batches stored at once by one process. With two, one batch is decoded and prepared while
+/// Postgres copies the other, and the copies themselves can use two cores. Rows of different
+/// batches are disjoint (or the later one falls back to skipping stored rows), and series and
+/// rollup rows are locked in key order, so the overlap is safe.
+const STORES_IN_FLIGHT: usize = 2;
+
 async fn run(
     consumer: &jetstream::consumer::Consumer<pull::Config>,
     repo: &Repo,
     batch_size: usize,
 ) -> anyhow::Result<()> {
     let mut messages = consumer.messages().await?;
-    while let Some(batch) = fieldline_common::bus::next_batch(&mut messages, batch_size).await {
-        let batch = batch?;
-        store(repo, batch).await;
-    }
-    Ok(())
+    let mut stores = JoinSet::new();
+    let outcome = loop {
+        if stores.len() >= STORES_IN_FLIGHT {
+            stores.join_next().await;
+        }
+        match fieldline_common::bus::next_batch(&mut messages, batch_size).await {
+            Some(Ok(batch)) => {
+                stores.spawn(store(repo.clone(), batch));
+            }
+            Some(Err(error)) => break Err(error.into()),
+            None => break Ok(()),
+        }
+    };
+    // What is being stored finishes (and is acked) before the consumer restarts.
+    while stores.join_next().await.is_some() {}
+    outcome
 }
 
-async fn store(repo: &Repo, messages: Vec<jetstream::Message>) {
+async fn store(repo: Repo, messages: Vec<jetstream::Message>) {
     let mut decoded = Vec::with_capacity(messages.len());
     let mut keep = Vec::with_capacity(messages.len());
     for message in messages {

@@ -143,7 +143,7 @@ impl Apply {
 
     async fn apply(&self, messages: Vec<jetstream::Message>) {
         let mut seen: HashMap<(String, String), i64> = HashMap::new();
-        let mut readings = Vec::new();
+        let mut batches = Vec::new();
         for message in &messages {
             let (project, device_id, received_at_us) = if message
                 .subject
@@ -158,23 +158,10 @@ impl Apply {
                 if batch.source == "backfill" {
                     continue;
                 }
-                for reading in &batch.readings {
-                    // A clock far ahead (an unset RTC) must not move the rule's "newest
-                    // reading" past every real one to come.
-                    if reading.ts_us > batch.received_at_us + MAX_CLOCK_SKEW_US {
-                        continue;
-                    }
-                    if let Some(reading::Value::Number(value)) = reading.value {
-                        readings.push(NumericReading {
-                            project: batch.project.clone(),
-                            device_id: batch.device_id.clone(),
-                            metric: reading.metric.clone(),
-                            ts_us: reading.ts_us,
-                            value,
-                        });
-                    }
-                }
-                (batch.project, batch.device_id, batch.received_at_us)
+                let device = (batch.project.clone(), batch.device_id.clone());
+                let received_at_us = batch.received_at_us;
+                batches.push(batch);
+                (device.0, device.1, received_at_us)
             } else {
                 let Ok(heartbeat) = Heartbeat::decode(message.payload.as_ref()) else {
                     tracing::error!(subject = %message.subject, "undecodable heartbeat skipped");
@@ -188,6 +175,25 @@ impl Apply {
             };
             let latest = seen.entry((project, device_id)).or_insert(received_at_us);
             *latest = (*latest).max(received_at_us);
+        }
+        let mut readings = Vec::new();
+        for batch in &batches {
+            for reading in &batch.readings {
+                // A clock far ahead (an unset RTC) must not move the rule's "newest reading"
+                // past every real one to come.
+                if reading.ts_us > batch.received_at_us + MAX_CLOCK_SKEW_US {
+                    continue;
+                }
+                if let Some(reading::Value::Number(value)) = reading.value {
+                    readings.push(NumericReading {
+                        project: &batch.project,
+                        device_id: &batch.device_id,
+                        metric: &reading.metric,
+                        ts_us: reading.ts_us,
+                        value,
+                    });
+                }
+            }
         }
         let seen: Vec<SeenDevice> = seen
             .into_iter()

@@ -25,12 +25,12 @@ pub struct SeenDevice {
     pub at: DateTime<Utc>,
 }
 
-/// A numeric reading, the only kind alert rules compare.
+/// A numeric reading, the only kind alert rules compare, borrowed from its bus message.
 #[derive(Debug, Clone)]
-pub struct NumericReading {
-    pub project: String,
-    pub device_id: String,
-    pub metric: String,
+pub struct NumericReading<'a> {
+    pub project: &'a str,
+    pub device_id: &'a str,
+    pub metric: &'a str,
     pub ts_us: i64,
     pub value: f64,
 }
@@ -54,7 +54,7 @@ impl Repo {
     pub async fn apply_telemetry(
         &self,
         seen: &[SeenDevice],
-        readings: &[NumericReading],
+        readings: &[NumericReading<'_>],
         default_interval_s: i32,
     ) -> Result<usize, ApiError> {
         let mut client = self.pool.get().await?;
@@ -153,14 +153,14 @@ impl Repo {
     async fn evaluate_rules(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
-        readings: &[NumericReading],
+        readings: &[NumericReading<'_>],
         messages: &mut Vec<OutboxMessage>,
     ) -> Result<(), tokio_postgres::Error> {
         // Readings by series, in time order.
         let mut series: BTreeMap<SeriesKey<'_>, Vec<(i64, f64)>> = BTreeMap::new();
         for reading in readings {
             series
-                .entry((&reading.project, &reading.device_id, &reading.metric))
+                .entry((reading.project, reading.device_id, reading.metric))
                 .or_default()
                 .push((reading.ts_us, reading.value));
         }
