@@ -157,7 +157,9 @@ ensure_mosquitto() {
 # Mosquitto PUBACKs a device's QoS 1 message on receipt, then drops it if ingest-mqtt's
 # session already has 1000 queued (the default): under load that loses acknowledged
 # readings. A larger in-flight window lets ingest-mqtt pipeline its JetStream publishes.
-# Both options are global and reloaded on SIGHUP, so a running broker keeps its clients.
+# A reload (SIGHUP) does not apply them to the queues (make bench still saw drops), so a
+# running broker is stopped here and started again below with them; its persistence keeps
+# sessions and retained messages.
 MQTT_TUNING_MARK="# fieldline (deploy/local/provision.sh): do not drop what was acknowledged"
 tune_mosquitto() {
     [[ -f $MQTT_CONF ]] || return 0
@@ -169,10 +171,15 @@ tune_mosquitto() {
     say "adding max_queued_messages and max_inflight_messages to $MQTT_CONF"
     printf '\n%s\nmax_queued_messages 1000000\nmax_inflight_messages 200\n' "$MQTT_TUNING_MARK" \
         | "${SUDO[@]}" tee -a "$MQTT_CONF" >/dev/null
-    local pid_file pid
+    port_open 1883 || return 0
+    local pid_file pid i
     pid_file=$(awk '$1 == "pid_file" {print $2}' "$MQTT_CONF")
     pid=$(cat "${pid_file:-/run/mosquitto/mosquitto.pid}" 2>/dev/null || pgrep -x mosquitto | head -n1 || true)
-    if [[ -n $pid ]]; then "${SUDO[@]}" kill -HUP "$pid" || true; fi
+    [[ -n $pid ]] || { say "warning: mosquitto runs but its pid is unknown; restart it to apply $MQTT_CONF"; return 0; }
+    say "restarting mosquitto to apply them"
+    "${SUDO[@]}" kill "$pid" || true
+    for ((i = 0; i < WAIT_SECS * 2; i++)); do port_open 1883 || return 0; sleep 0.5; done
+    die "mosquitto (pid $pid) did not stop within ${WAIT_SECS}s"
 }
 
 # ---------------------------------------------------------------- main
