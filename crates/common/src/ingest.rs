@@ -73,42 +73,54 @@ fn field_path(prefix: &str, key: &str) -> String {
     }
 }
 
-fn reading_value(path: &str, value: &Value) -> Result<reading::Value, ParseError> {
+/// A reading's value; `path` names it in an error (made only then: this runs per reading).
+fn reading_value(path: impl Fn() -> String, value: Value) -> Result<reading::Value, ParseError> {
     match value {
         Value::Number(number) => number
             .as_f64()
             .filter(|number| number.is_finite())
             .map(reading::Value::Number)
-            .ok_or_else(|| invalid(format!("{path}: number out of range"))),
-        Value::Bool(flag) => Ok(reading::Value::Boolean(*flag)),
+            .ok_or_else(|| invalid(format!("{}: number out of range", path()))),
+        Value::Bool(flag) => Ok(reading::Value::Boolean(flag)),
         // Postgres text cannot hold NUL: refuse it here, not in the writer.
         Value::String(text) if text.contains('\0') => Err(invalid(format!(
-            "{path}: text must not contain NUL characters"
+            "{}: text must not contain NUL characters",
+            path()
         ))),
-        Value::String(text) if text.len() <= MAX_TEXT_LEN => Ok(reading::Value::Text(text.clone())),
+        Value::String(text) if text.len() <= MAX_TEXT_LEN => Ok(reading::Value::Text(text)),
         Value::String(_) => Err(invalid(format!(
-            "{path}: text longer than {MAX_TEXT_LEN} bytes"
+            "{}: text longer than {MAX_TEXT_LEN} bytes",
+            path()
         ))),
         _ => Err(invalid(format!(
-            "{path}: must be a number, boolean or string"
+            "{}: must be a number, boolean or string",
+            path()
         ))),
     }
 }
 
-/// One JSON message: flat `{"ts"?, "temp": 1}` or `{"ts"?, "values": {...}}`.
+/// Where a message sits in the body: `[2]` in an array, nothing for a lone object.
+fn message_prefix(index: Option<usize>) -> String {
+    index.map(|index| format!("[{index}]")).unwrap_or_default()
+}
+
+/// One JSON message: flat `{"ts"?, "temp": 1}` or `{"ts"?, "values": {...}}`. Taken by
+/// value, so metric names and texts move into the readings; error paths are made only for
+/// an error.
 fn parse_message(
-    prefix: &str,
-    message: &Map<String, Value>,
+    index: Option<usize>,
+    mut message: Map<String, Value>,
     received_at_us: i64,
     out: &mut Parsed,
     limit: usize,
 ) -> Result<(), ParseError> {
+    let prefix = || message_prefix(index);
     let ts_us = match message.get("ts") {
         None | Some(Value::Null) => received_at_us,
         Some(value) => parse_reading_time(value).ok_or_else(|| {
             invalid(format!(
                 "{}: must be RFC 3339 or epoch milliseconds between 1970 and 9999",
-                field_path(prefix, "ts")
+                field_path(&prefix(), "ts")
             ))
         })?,
     };
@@ -120,46 +132,55 @@ fn parse_message(
             _ => {
                 return Err(invalid(format!(
                     "{}: must be a string of 1 to {MAX_MESSAGE_ID_LEN} bytes",
-                    field_path(prefix, "msg_id")
+                    field_path(&prefix(), "msg_id")
                 )));
             }
         }
     }
-    let (values, values_prefix) = match message.get("values") {
+    let nested = match message.remove("values") {
         Some(Value::Object(values)) => {
             if let Some(extra) = message
                 .keys()
-                .find(|key| !matches!(key.as_str(), "ts" | "values" | "msg_id"))
+                .find(|key| !matches!(key.as_str(), "ts" | "msg_id"))
             {
                 return Err(invalid(format!(
                     "{}: unexpected beside \"values\"",
-                    field_path(prefix, extra)
+                    field_path(&prefix(), extra)
                 )));
             }
-            (values, field_path(prefix, "values"))
+            message = values;
+            true
         }
         Some(_) => {
             return Err(invalid(format!(
                 "{}: must be an object",
-                field_path(prefix, "values")
+                field_path(&prefix(), "values")
             )));
         }
-        None => (message, prefix.to_owned()),
+        None => false,
+    };
+    let values_prefix = || {
+        if nested {
+            field_path(&prefix(), "values")
+        } else {
+            prefix()
+        }
     };
     let before = out.readings.len();
-    for (metric, value) in values {
-        if values_prefix == prefix && matches!(metric.as_str(), "ts" | "msg_id") {
+    for (metric, value) in message {
+        if !nested && matches!(metric.as_str(), "ts" | "msg_id") {
             continue;
         }
-        let path = field_path(&values_prefix, metric);
-        if !valid_metric(metric) {
+        let path = || field_path(&values_prefix(), &metric);
+        if !valid_metric(&metric) {
             return Err(invalid(format!(
-                "{path}: metric names are 1 to 128 of [A-Za-z0-9_.-]"
+                "{}: metric names are 1 to 128 of [A-Za-z0-9_.-]",
+                path()
             )));
         }
-        let value = reading_value(&path, value)?;
+        let value = reading_value(path, value)?;
         out.readings.push(Reading {
-            metric: metric.clone(),
+            metric,
             ts_us,
             value: Some(value),
         });
@@ -171,7 +192,10 @@ fn parse_message(
         }
     }
     if out.readings.len() == before {
-        let at = if prefix.is_empty() { "body" } else { prefix };
+        let at = match index {
+            Some(_) => prefix(),
+            None => "body".to_owned(),
+        };
         return Err(invalid(format!("{at}: no readings in the message")));
     }
     Ok(())
@@ -187,14 +211,13 @@ pub fn parse_json_message(
         serde_json::from_slice(body).map_err(|error| ParseError::Malformed(error.to_string()))?;
     let mut parsed = Parsed::default();
     match value {
-        Value::Object(message) => parse_message("", &message, received_at_us, &mut parsed, limit)?,
+        Value::Object(message) => parse_message(None, message, received_at_us, &mut parsed, limit)?,
         Value::Array(messages) if !messages.is_empty() => {
-            for (index, message) in messages.iter().enumerate() {
-                let prefix = format!("[{index}]");
+            for (index, message) in messages.into_iter().enumerate() {
                 let Value::Object(message) = message else {
-                    return Err(invalid(format!("{prefix}: must be an object")));
+                    return Err(invalid(format!("[{index}]: must be an object")));
                 };
-                parse_message(&prefix, message, received_at_us, &mut parsed, limit)?;
+                parse_message(Some(index), message, received_at_us, &mut parsed, limit)?;
             }
         }
         Value::Array(_) => return Err(invalid("body: empty array".into())),
@@ -240,9 +263,9 @@ pub fn parse_senml(body: &[u8], received_at_us: i64, limit: usize) -> Result<Par
             None => base_name.clone(),
         };
         let value = match (record.get("v"), record.get("vb"), record.get("vs")) {
-            (Some(v), None, None) if v.is_number() => reading_value(&path("v"), v)?,
+            (Some(v), None, None) if v.is_number() => reading_value(|| path("v"), v.clone())?,
             (None, Some(Value::Bool(flag)), None) => reading::Value::Boolean(*flag),
-            (None, None, Some(v)) if v.is_string() => reading_value(&path("vs"), v)?,
+            (None, None, Some(v)) if v.is_string() => reading_value(|| path("vs"), v.clone())?,
             (None, None, None) if record.contains_key("bn") || record.contains_key("bt") => {
                 continue;
             }
@@ -499,6 +522,13 @@ mod tests {
             (r#"[1]"#, "[0]:"),
             (r#""text""#, "body:"),
             (r#"{"values": {"a": 1}, "b": 2}"#, "b:"),
+            (
+                r#"[{"a": 1}, {"values": {"t": "a\u0000b"}}]"#,
+                "[1].values.t:",
+            ),
+            (r#"[{"a": 1}, {"values": {"a": 1}, "b": 2}]"#, "[1].b:"),
+            (r#"[{"a": 1}, {"ts": 1}]"#, "[1]: no readings"),
+            (r#"[{"a": 1}, {"msg_id": 7, "a": 1}]"#, "[1].msg_id:"),
         ];
         for (body, expected) in cases {
             match parse(body) {
