@@ -68,6 +68,24 @@ pub fn is_connected(client: &async_nats::Client) -> bool {
     client.connection_state() == async_nats::connection::State::Connected
 }
 
+/// A pull consumer's messages, fetched `batch` at a time. async-nats asks for 200 per pull
+/// by default; a consumer that stores what it takes in one transaction per batch wants its
+/// batches as large as it can take when it falls behind (the writer's averaged 65 messages).
+pub async fn pull_messages(
+    consumer: &async_nats::jetstream::consumer::PullConsumer,
+    batch: usize,
+) -> Result<
+    async_nats::jetstream::consumer::pull::Stream,
+    async_nats::jetstream::consumer::StreamError,
+> {
+    consumer
+        .stream()
+        .max_messages_per_batch(batch)
+        .heartbeat(std::time::Duration::from_secs(15))
+        .messages()
+        .await
+}
+
 /// Waits for one message, then takes whatever else is already delivered, up to `max`: batches
 /// grow with load without delaying a lone message. `None` when the stream ends.
 pub async fn next_batch<S, T, E>(messages: &mut S, max: usize) -> Option<Result<Vec<T>, E>>

@@ -67,7 +67,7 @@ async fn run(
     repo: &Repo,
     batch_size: usize,
 ) -> anyhow::Result<()> {
-    let mut messages = consumer.messages().await?;
+    let mut messages = fieldline_common::bus::pull_messages(consumer, batch_size).await?;
     let mut stores = JoinSet::new();
     let outcome = loop {
         if stores.len() >= STORES_IN_FLIGHT {

@@ -253,7 +253,7 @@ impl Fanout {
         &self,
         consumer: &jetstream::consumer::Consumer<pull::Config>,
     ) -> anyhow::Result<()> {
-        let mut messages = consumer.messages().await?;
+        let mut messages = fieldline_common::bus::pull_messages(consumer, BATCH).await?;
         while let Some(batch) = fieldline_common::bus::next_batch(&mut messages, BATCH).await {
             let batch = batch?;
             self.handle(batch).await;

@@ -134,7 +134,7 @@ impl Apply {
         &self,
         consumer: &jetstream::consumer::Consumer<pull::Config>,
     ) -> anyhow::Result<()> {
-        let mut messages = consumer.messages().await?;
+        let mut messages = fieldline_common::bus::pull_messages(consumer, BATCH).await?;
         while let Some(batch) = fieldline_common::bus::next_batch(&mut messages, BATCH).await {
             self.apply(batch?).await;
         }
