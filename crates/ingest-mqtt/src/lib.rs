@@ -107,7 +107,12 @@ fn connect(context: &Context, client_id: String, filters: Vec<String>) -> Arc<At
         .set_inflight(IN_FLIGHT as u16);
     let (client, eventloop) = AsyncClient::new(options, 1024);
     let connected = Arc::new(AtomicBool::new(false));
-    let (incoming_tx, incoming_rx) = mpsc::channel(IN_FLIGHT * 2);
+    // Unbounded on purpose: `process` acks through the event loop that `poll_broker` drives,
+    // so a bounded hand-over can deadlock (poll_broker waits for room, process waits for its
+    // acks to be sent, nobody polls, and the broker drops the silent connection after 1.5
+    // keep-alives: seen under `make bench`). What is held here is bounded by the broker's
+    // in-flight window, since nothing is acked before it is published.
+    let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
     context.tasks.spawn(poll_broker(
         eventloop,
         client.clone(),
@@ -134,7 +139,7 @@ async fn poll_broker(
     client: AsyncClient,
     filters: Vec<String>,
     connected: Arc<AtomicBool>,
-    incoming: mpsc::Sender<Arrival>,
+    incoming: mpsc::UnboundedSender<Arrival>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -167,7 +172,7 @@ async fn poll_broker(
                     publish,
                     received_at_us: now_us(),
                 };
-                if incoming.send(arrival).await.is_err() {
+                if incoming.send(arrival).is_err() {
                     break;
                 }
             }
@@ -204,7 +209,11 @@ enum Outcome {
     Abandoned,
 }
 
-async fn process(context: Context, client: AsyncClient, mut incoming: mpsc::Receiver<Arrival>) {
+async fn process(
+    context: Context,
+    client: AsyncClient,
+    mut incoming: mpsc::UnboundedReceiver<Arrival>,
+) {
     let publisher = Publisher::new(&context);
     let mut pending = FuturesOrdered::new();
     loop {
