@@ -144,23 +144,22 @@ nats_jetstream() {
 }
 
 # ---------------------------------------------------------------- Mosquitto
-ensure_mosquitto() {
-    if port_open 1883; then say "mosquitto already up on 127.0.0.1:1883"; return; fi
-    ensure_pkg mosquitto
-    can_admin || die "mosquitto is down and not root/no sudo to start it"
-    say "starting mosquitto ($MQTT_CONF)"
-    "${SUDO[@]}" mosquitto -d -c "$MQTT_CONF" || die "mosquitto failed to start; see $MQTT_LOG"
-    wait_for mosquitto "$MQTT_LOG" port_open 1883
-}
-
 # The broker settings Fieldline needs (deploy/mosquitto/mosquitto.conf carries the same).
 # Mosquitto PUBACKs a device's QoS 1 message on receipt, then drops it if ingest-mqtt's
 # session already has 1000 queued (the default): under load that loses acknowledged
 # readings. A larger in-flight window lets ingest-mqtt pipeline its JetStream publishes.
-# A reload (SIGHUP) does not apply them to the queues (make bench still saw drops), so a
-# running broker is stopped here and started again below with them; its persistence keeps
-# sessions and retained messages.
+# A reload (SIGHUP) did not apply them to the queues (make bench still saw drops), so a
+# running broker is stopped and started again with them; its persistence keeps sessions
+# and retained messages.
 MQTT_TUNING_MARK="# fieldline (deploy/local/provision.sh): do not drop what was acknowledged"
+
+# The pid of the mosquitto listening on 1883, or nothing.
+mosquitto_pid() {
+    local pid
+    pid=$(ss -ltnpH 'sport = :1883' 2>/dev/null | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2 || true)
+    [[ -n $pid && $(ps -o comm= -p "$pid" 2>/dev/null) == mosquitto ]] && printf '%s' "$pid"
+}
+
 tune_mosquitto() {
     [[ -f $MQTT_CONF ]] || return 0
     grep -qF "$MQTT_TUNING_MARK" "$MQTT_CONF" && return 0
@@ -168,18 +167,35 @@ tune_mosquitto() {
         say "warning: cannot add Fieldline's settings to $MQTT_CONF (not root, no sudo); under load the broker may drop messages"
         return 0
     fi
+    local pid="" i
+    if port_open 1883; then
+        pid=$(mosquitto_pid || true)
+        if [[ -z $pid ]]; then
+            say "warning: port 1883 is not this machine's mosquitto; $MQTT_CONF left as it is"
+            return 0
+        fi
+    fi
     say "adding max_queued_messages and max_inflight_messages to $MQTT_CONF"
     printf '\n%s\nmax_queued_messages 1000000\nmax_inflight_messages 200\n' "$MQTT_TUNING_MARK" \
         | "${SUDO[@]}" tee -a "$MQTT_CONF" >/dev/null
-    port_open 1883 || return 0
-    local pid_file pid i
-    pid_file=$(awk '$1 == "pid_file" {print $2}' "$MQTT_CONF")
-    pid=$(cat "${pid_file:-/run/mosquitto/mosquitto.pid}" 2>/dev/null || pgrep -x mosquitto | head -n1 || true)
-    [[ -n $pid ]] || { say "warning: mosquitto runs but its pid is unknown; restart it to apply $MQTT_CONF"; return 0; }
-    say "restarting mosquitto to apply them"
+    [[ -n $pid ]] || return 0
+    say "restarting mosquitto (pid $pid) to apply them"
     "${SUDO[@]}" kill "$pid" || true
-    for ((i = 0; i < WAIT_SECS * 2; i++)); do port_open 1883 || return 0; sleep 0.5; done
+    for ((i = 0; i < WAIT_SECS * 2; i++)); do
+        "${SUDO[@]}" kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.5
+    done
     die "mosquitto (pid $pid) did not stop within ${WAIT_SECS}s"
+}
+
+ensure_mosquitto() {
+    port_open 1883 || ensure_pkg mosquitto
+    tune_mosquitto
+    if port_open 1883; then say "mosquitto already up on 127.0.0.1:1883"; return; fi
+    can_admin || die "mosquitto is down and not root/no sudo to start it"
+    say "starting mosquitto ($MQTT_CONF)"
+    "${SUDO[@]}" mosquitto -d -c "$MQTT_CONF" || die "mosquitto failed to start; see $MQTT_LOG"
+    wait_for mosquitto "$MQTT_LOG" port_open 1883
 }
 
 # ---------------------------------------------------------------- main
@@ -187,7 +203,6 @@ ensure_cmd postgresql-client psql pg_isready createdb
 ensure_cmd mosquitto-clients mosquitto_pub mosquitto_sub
 ensure_postgres
 ensure_nats
-tune_mosquitto
 ensure_mosquitto
 
 nats_jetstream || die "nats-server on 127.0.0.1:4222 runs without JetStream; restart it with -js (log: $NATS_LOG)"

@@ -53,12 +53,14 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     tracing::info!(client_id = %client_id, filters = ?filters, connections = config.mqtt_connections, "mqtt ingest starting");
     // Several connections into the same shared subscription: the broker spreads messages
     // over them, and each brings its own window of unacknowledged messages. The first keeps
-    // the plain client id, so a single-connection deployment's session carries over.
+    // the plain client id, so a single-connection deployment's session carries over; the
+    // others add `_1`…`_7`.
     let connected: Vec<Arc<AtomicBool>> = (0..config.mqtt_connections)
         .map(|index| {
+            // `_` cannot appear in a hostname, so no other instance's id can be this one.
             let client_id = match index {
                 0 => client_id.clone(),
-                _ => format!("{client_id}-{index}"),
+                _ => format!("{client_id}_{index}"),
             };
             connect(context, client_id, filters.clone())
         })

@@ -1,7 +1,7 @@
 //! What new readings move forward besides their own rows: each series' statistics and latest
 //! value, and the hourly and daily rollups. Gathered in memory from rows known to be new (a
-//! `COPY` that went through, or a bulk load), then merged into the tables by the same rules
-//! as the writer's SQL path (`ROLLUP_MERGE`), in three pipelined statements.
+//! `COPY` that went through, the rows an `INSERT … ON CONFLICT DO NOTHING` returned, or a
+//! bulk load), then merged into the tables in four pipelined statements.
 
 use std::collections::HashMap;
 
@@ -9,12 +9,28 @@ use chrono::{DateTime, Utc};
 use fieldline_common::time::from_us;
 use tokio_postgres::{GenericClient, types::ToSql};
 
-use crate::{aggregate::Partial, repo::ROLLUP_MERGE};
+use crate::aggregate::Partial;
 
 const HOUR_US: i64 = 3_600_000_000;
 const DAY_US: i64 = 24 * HOUR_US;
 /// Most rows of one rollup statement, so no statement carries millions of array elements.
 const ROLLUP_SLICE: usize = 50_000;
+
+/// How a rollup row takes in another partial aggregate of the same bucket (`excluded`).
+const ROLLUP_MERGE: &str = "ON CONFLICT (series_id, bucket) DO UPDATE SET
+    count = r.count + excluded.count,
+    num_count = r.num_count + excluded.num_count,
+    sum = CASE WHEN r.sum IS NULL THEN excluded.sum
+               WHEN excluded.sum IS NULL THEN r.sum
+               ELSE r.sum + excluded.sum END,
+    min = LEAST(r.min, excluded.min),
+    max = GREATEST(r.max, excluded.max),
+    first_num = CASE WHEN r.first_ts IS NULL OR excluded.first_ts < r.first_ts
+                     THEN excluded.first_num ELSE r.first_num END,
+    first_ts = LEAST(r.first_ts, excluded.first_ts),
+    last_num = CASE WHEN r.last_ts IS NULL OR excluded.last_ts > r.last_ts
+                    THEN excluded.last_num ELSE r.last_num END,
+    last_ts = GREATEST(r.last_ts, excluded.last_ts)";
 
 /// A value as stored: one of number, boolean, text.
 #[derive(Debug, Clone, Copy)]
@@ -84,8 +100,8 @@ impl Moves {
             .merge(&reading);
     }
 
-    /// Merges everything taken in into the series statistics and both rollups. Rows are
-    /// written in key order, so concurrent writers lock them in the same order.
+    /// Merges everything taken in into the series statistics and both rollups: series, then
+    /// hours, then days, each in key order, so concurrent writers lock rows in one order.
     pub async fn apply(&self, client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
         let mut series: Vec<(&i32, &SeriesMove)> = self.series.iter().collect();
         series.sort_unstable_by_key(|(id, _)| **id);
@@ -98,6 +114,14 @@ impl Moves {
         let texts: Vec<Option<&str>> = series.iter().map(|(_, s)| s.last_text.as_deref()).collect();
         let params: [&(dyn ToSql + Sync); 7] =
             [&ids, &counts, &firsts, &lasts, &nums, &flags, &texts];
+        // Series rows first, locked in id order: the update's join need not visit them in
+        // that order, and two writers must not take them in different ones.
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&ids];
+        let lock = client.query(
+            "SELECT series_id FROM telemetry.series WHERE series_id = ANY($1)
+             ORDER BY series_id FOR UPDATE",
+            &lock_params,
+        );
         let series_update = client.execute(
             "UPDATE telemetry.series s
                 SET count = s.count + u.n,
@@ -115,7 +139,7 @@ impl Moves {
         let hourly = merge_rollup(client, "rollup_1h", &self.hourly);
         let daily = merge_rollup(client, "rollup_1d", &self.daily);
         // One round trip: tokio-postgres pipelines statements issued together.
-        tokio::try_join!(series_update, hourly, daily)?;
+        tokio::try_join!(lock, series_update, hourly, daily)?;
         Ok(())
     }
 }

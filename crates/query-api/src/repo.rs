@@ -8,7 +8,7 @@ use std::{
     collections::{HashMap, HashSet},
     pin::pin,
     sync::{
-        Arc, LazyLock, Mutex,
+        Arc, Mutex,
         atomic::{AtomicI64, Ordering},
     },
 };
@@ -127,101 +127,13 @@ struct Columns {
     value_text: Vec<Option<String>>,
 }
 
-/// How a rollup row takes in another partial aggregate of the same bucket (`excluded`).
-pub const ROLLUP_MERGE: &str = "ON CONFLICT (series_id, bucket) DO UPDATE SET
-    count = r.count + excluded.count,
-    num_count = r.num_count + excluded.num_count,
-    sum = CASE WHEN r.sum IS NULL THEN excluded.sum
-               WHEN excluded.sum IS NULL THEN r.sum
-               ELSE r.sum + excluded.sum END,
-    min = LEAST(r.min, excluded.min),
-    max = GREATEST(r.max, excluded.max),
-    first_num = CASE WHEN r.first_ts IS NULL OR excluded.first_ts < r.first_ts
-                     THEN excluded.first_num ELSE r.first_num END,
-    first_ts = LEAST(r.first_ts, excluded.first_ts),
-    last_num = CASE WHEN r.last_ts IS NULL OR excluded.last_ts > r.last_ts
-                    THEN excluded.last_num ELSE r.last_num END,
-    last_ts = GREATEST(r.last_ts, excluded.last_ts)";
-
-/// Rollup upkeep: the new rows' partial aggregates per hour (first and last values by
-/// `DISTINCT ON`, a sort each, far cheaper per row than array aggregates), merged into
-/// `rollup_1h`; the day's partials from the hour's, merged into `rollup_1d`.
-static ROLLUP_UPKEEP: LazyLock<String> = LazyLock::new(|| {
-    const EPOCH: &str = "timestamptz '1970-01-01 00:00:00+00'";
-    format!(
-        "hour_totals AS (
-            SELECT series_id, date_bin('1 hour', ts, {EPOCH}) AS bucket,
-                   count(*) AS count, count(value_num) AS num_count, sum(value_num) AS sum,
-                   min(value_num) AS min, max(value_num) AS max
-            FROM inserted GROUP BY 1, 2
-        ), hour_first AS (
-            SELECT DISTINCT ON (series_id, date_bin('1 hour', ts, {EPOCH}))
-                   series_id, date_bin('1 hour', ts, {EPOCH}) AS bucket, ts, value_num
-            FROM inserted WHERE value_num IS NOT NULL
-            ORDER BY series_id, date_bin('1 hour', ts, {EPOCH}), ts
-        ), hour_last AS (
-            SELECT DISTINCT ON (series_id, date_bin('1 hour', ts, {EPOCH}))
-                   series_id, date_bin('1 hour', ts, {EPOCH}) AS bucket, ts, value_num
-            FROM inserted WHERE value_num IS NOT NULL
-            ORDER BY series_id, date_bin('1 hour', ts, {EPOCH}), ts DESC
-        ), hours AS (
-            SELECT t.series_id, t.bucket, t.count, t.num_count, t.sum, t.min, t.max,
-                   f.ts AS first_ts, f.value_num AS first_num, l.ts AS last_ts, l.value_num AS last_num
-            FROM hour_totals t
-            LEFT JOIN hour_first f USING (series_id, bucket)
-            LEFT JOIN hour_last l USING (series_id, bucket)
-        ), hourly AS (
-            INSERT INTO telemetry.rollup_1h AS r
-            SELECT * FROM hours ORDER BY series_id, bucket
-            {ROLLUP_MERGE}
-        ), daily AS (
-            INSERT INTO telemetry.rollup_1d AS r
-            SELECT series_id, date_bin('1 day', bucket, {EPOCH}),
-                   sum(count), sum(num_count), sum(sum), min(min), max(max),
-                   min(first_ts), (min(ARRAY[telemetry.epoch_us(first_ts), first_num]) FILTER (WHERE first_ts IS NOT NULL))[2],
-                   max(last_ts), (max(ARRAY[telemetry.epoch_us(last_ts), last_num]) FILTER (WHERE last_ts IS NOT NULL))[2]
-            FROM hours GROUP BY 1, 2 ORDER BY 1, 2
-            {ROLLUP_MERGE}
-        )"
-    )
-});
-
-/// One statement, one round trip, one transaction: insert what is new (the natural key makes
-/// a redelivery insert nothing), and move the series statistics, latest values and both
-/// rollups forward by exactly the rows inserted (`RETURNING`), so redelivery never counts
-/// twice. Inputs are sorted so concurrent writers lock rows in the same order.
-static STORE_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH input AS (
-            SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::float8[], $4::bool[], $5::text[])
-                AS t(series_id, ts, value_num, value_bool, value_text)
-            ORDER BY series_id, ts
-        ), inserted AS (
-            INSERT INTO telemetry.readings (series_id, ts, value_num, value_bool, value_text)
-            SELECT * FROM input
-            ON CONFLICT DO NOTHING
-            RETURNING series_id, ts, value_num, value_bool, value_text
-        ), newest AS (
-            SELECT DISTINCT ON (series_id) series_id, ts, value_num, value_bool, value_text
-            FROM inserted ORDER BY series_id, ts DESC
-        ), per_series AS (
-            SELECT series_id, count(*) AS n, min(ts) AS first_ts, max(ts) AS last_ts
-            FROM inserted GROUP BY series_id
-        ), series_update AS (
-            UPDATE telemetry.series s
-               SET count = s.count + p.n,
-                   first_ts = LEAST(s.first_ts, p.first_ts),
-                   last_ts = GREATEST(s.last_ts, p.last_ts),
-                   last_num = CASE WHEN s.last_ts IS NULL OR n.ts > s.last_ts THEN n.value_num ELSE s.last_num END,
-                   last_bool = CASE WHEN s.last_ts IS NULL OR n.ts > s.last_ts THEN n.value_bool ELSE s.last_bool END,
-                   last_text = CASE WHEN s.last_ts IS NULL OR n.ts > s.last_ts THEN n.value_text ELSE s.last_text END
-              FROM per_series p JOIN newest n USING (series_id)
-             WHERE s.series_id = p.series_id
-        ), {}
-        SELECT count(*) FROM inserted",
-        *ROLLUP_UPKEEP,
-    )
-});
+/// The rows of a batch that holds stored ones: inserts what is new and returns exactly that,
+/// so the series and rollups move by the new rows only (a redelivery moves nothing).
+const INSERT_NEW_SQL: &str =
+    "INSERT INTO telemetry.readings (series_id, ts, value_num, value_bool, value_text)
+     SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::float8[], $4::bool[], $5::text[])
+     ON CONFLICT DO NOTHING
+     RETURNING series_id, ts, value_num, value_bool, value_text";
 
 const COPY_TYPES: [Type; 5] = [
     Type::INT4,
@@ -262,15 +174,17 @@ async fn copy_new(
     transaction.commit().await
 }
 
-/// The same rows through one statement that inserts only what is not stored yet and moves
-/// the series and rollups by exactly the rows it inserted ([`STORE_SQL`]).
+/// The same rows when some are stored already: insert only the new ones ([`INSERT_NEW_SQL`]),
+/// and move the series and rollups by what was inserted, through the same [`Moves`] as the
+/// `COPY` path (one set of merge rules, one lock order).
 async fn store_skipping_stored(
-    client: &deadpool_postgres::Client,
+    client: &mut deadpool_postgres::Client,
     columns: &Columns,
 ) -> Result<(), tokio_postgres::Error> {
-    let statement = client.prepare_cached(&STORE_SQL).await?;
-    client
-        .query_one(
+    let transaction = client.transaction().await?;
+    let statement = transaction.prepare_cached(INSERT_NEW_SQL).await?;
+    let inserted = transaction
+        .query(
             &statement,
             &[
                 &columns.series_id,
@@ -281,7 +195,24 @@ async fn store_skipping_stored(
             ],
         )
         .await?;
-    Ok(())
+    let mut moves = Moves::default();
+    for row in &inserted {
+        let ts: DateTime<Utc> = row.get(1);
+        // The table's check constraint holds exactly one of the three.
+        let value = match (
+            row.get::<_, Option<f64>>(2),
+            row.get::<_, Option<bool>>(3),
+            row.get::<_, Option<&str>>(4),
+        ) {
+            (Some(number), _, _) => Stored::Number(number),
+            (None, Some(flag), _) => Stored::Boolean(flag),
+            (None, None, Some(text)) => Stored::Text(text),
+            (None, None, None) => continue,
+        };
+        moves.add(row.get(0), ts.timestamp_micros(), value);
+    }
+    moves.apply(&*transaction).await?;
+    transaction.commit().await
 }
 
 /// A series of a device: its id and metric name.
@@ -462,7 +393,7 @@ impl Repo {
             let result = match copy_new(&mut client, &columns, &moves).await {
                 Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                     metrics::counter!("fieldline_writer_redelivered_batches_total").increment(1);
-                    store_skipping_stored(&client, &columns).await
+                    store_skipping_stored(&mut client, &columns).await
                 }
                 other => other,
             };

@@ -71,7 +71,7 @@ async fn run(
     let mut stores = JoinSet::new();
     let outcome = loop {
         if stores.len() >= STORES_IN_FLIGHT {
-            stores.join_next().await;
+            log_failed(stores.join_next().await);
         }
         match fieldline_common::bus::next_batch(&mut messages, batch_size).await {
             Some(Ok(batch)) => {
@@ -81,9 +81,20 @@ async fn run(
             None => break Ok(()),
         }
     };
-    // What is being stored finishes (and is acked) before the consumer restarts.
-    while stores.join_next().await.is_some() {}
+    // After a consumer error, what is being stored finishes (and is acked) before the
+    // consumer restarts. At shutdown this future is dropped instead, which aborts the stores:
+    // nothing is acked before its commit, so those messages come back to the next writer.
+    while let Some(joined) = stores.join_next().await {
+        log_failed(Some(joined));
+    }
     outcome
+}
+
+/// A store that panicked acked nothing; its messages come back after `ack_wait`. Say so.
+fn log_failed(joined: Option<Result<(), tokio::task::JoinError>>) {
+    if let Some(Err(error)) = joined {
+        tracing::error!(error = %error, "a store task failed; its messages will be redelivered");
+    }
 }
 
 async fn store(repo: Repo, messages: Vec<jetstream::Message>) {
