@@ -144,7 +144,8 @@ nats_jetstream() {
 }
 
 # ---------------------------------------------------------------- Mosquitto
-# The broker settings Fieldline needs (deploy/mosquitto/mosquitto.conf carries the same).
+# The broker settings Fieldline needs, taken from deploy/mosquitto/mosquitto.conf (their one
+# home, also mounted by docker-compose.yml).
 # Mosquitto PUBACKs a device's QoS 1 message on receipt, then drops it if ingest-mqtt's
 # session already has 1000 queued (the default): under load that loses acknowledged
 # readings. A larger in-flight window lets ingest-mqtt pipeline its JetStream publishes.
@@ -152,6 +153,7 @@ nats_jetstream() {
 # running broker is stopped and started again with them; its persistence keeps sessions
 # and retained messages.
 MQTT_TUNING_MARK="# fieldline (deploy/local/provision.sh): do not drop what was acknowledged"
+MQTT_FIELDLINE_CONF="$(dirname "${BASH_SOURCE[0]}")/../mosquitto/mosquitto.conf"
 
 # The pid of the mosquitto listening on 1883, or nothing.
 mosquitto_pid() {
@@ -175,9 +177,11 @@ tune_mosquitto() {
             return 0
         fi
     fi
+    local settings
+    settings=$(grep -E '^max_(queued|inflight)_messages ' "$MQTT_FIELDLINE_CONF") \
+        || die "no max_queued_messages/max_inflight_messages in $MQTT_FIELDLINE_CONF"
     say "adding max_queued_messages and max_inflight_messages to $MQTT_CONF"
-    printf '\n%s\nmax_queued_messages 1000000\nmax_inflight_messages 200\n' "$MQTT_TUNING_MARK" \
-        | "${SUDO[@]}" tee -a "$MQTT_CONF" >/dev/null
+    printf '\n%s\n%s\n' "$MQTT_TUNING_MARK" "$settings" | "${SUDO[@]}" tee -a "$MQTT_CONF" >/dev/null
     [[ -n $pid ]] || return 0
     say "restarting mosquitto (pid $pid) to apply them"
     "${SUDO[@]}" kill "$pid" || true

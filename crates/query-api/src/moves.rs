@@ -3,7 +3,7 @@
 //! `COPY` that went through, the rows an `INSERT … ON CONFLICT DO NOTHING` returned, or a
 //! bulk load), then merged into the tables in four pipelined statements.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::LazyLock};
 
 use chrono::{DateTime, Utc};
 use fieldline_common::time::from_us;
@@ -136,28 +136,35 @@ impl Moves {
               WHERE s.series_id = u.series_id",
             &params,
         );
-        let hourly = merge_rollup(client, "rollup_1h", &self.hourly);
-        let daily = merge_rollup(client, "rollup_1d", &self.daily);
+        let hourly = merge_rollup(client, &HOURLY_SQL, &self.hourly);
+        let daily = merge_rollup(client, &DAILY_SQL, &self.daily);
         // One round trip: tokio-postgres pipelines statements issued together.
         tokio::try_join!(lock, series_update, hourly, daily)?;
         Ok(())
     }
 }
 
-async fn merge_rollup(
-    client: &impl GenericClient,
-    table: &str,
-    buckets: &HashMap<(i32, i64), Partial>,
-) -> Result<(), tokio_postgres::Error> {
-    let mut rows: Vec<(&(i32, i64), &Partial)> = buckets.iter().collect();
-    rows.sort_unstable_by_key(|(key, _)| **key);
-    let sql = format!(
+/// Partials of `table`'s buckets merged into it, one array per column.
+fn rollup_sql(table: &str) -> String {
+    format!(
         "INSERT INTO telemetry.{table} AS r
          SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::int8[], $4::int8[],
                               $5::float8[], $6::float8[], $7::float8[],
                               $8::timestamptz[], $9::float8[], $10::timestamptz[], $11::float8[])
          {ROLLUP_MERGE}"
-    );
+    )
+}
+
+static HOURLY_SQL: LazyLock<String> = LazyLock::new(|| rollup_sql("rollup_1h"));
+static DAILY_SQL: LazyLock<String> = LazyLock::new(|| rollup_sql("rollup_1d"));
+
+async fn merge_rollup(
+    client: &impl GenericClient,
+    sql: &str,
+    buckets: &HashMap<(i32, i64), Partial>,
+) -> Result<(), tokio_postgres::Error> {
+    let mut rows: Vec<(&(i32, i64), &Partial)> = buckets.iter().collect();
+    rows.sort_unstable_by_key(|(key, _)| **key);
     for slice in rows.chunks(ROLLUP_SLICE) {
         let series_id: Vec<i32> = slice.iter().map(|((id, _), _)| *id).collect();
         let bucket: Vec<DateTime<Utc>> = slice.iter().map(|((_, b), _)| from_us(*b)).collect();
@@ -178,7 +185,7 @@ async fn merge_rollup(
         let last_num: Vec<Option<f64>> = slice.iter().map(|(_, p)| p.last.map(|l| l.1)).collect();
         client
             .execute(
-                &sql,
+                sql,
                 &[
                     &series_id, &bucket, &count, &num_count, &sum, &min, &max, &first_ts,
                     &first_num, &last_ts, &last_num,
