@@ -15,6 +15,56 @@ pub struct Repo {
     pool: Pool,
 }
 
+/// The claim. A skip scan of `deliveries_pending_by_webhook` finds each webhook with pending
+/// deliveries and its oldest one (one index probe per webhook); webhooks with something due
+/// are served oldest first, each up to its free slots, until `$1` rows are taken. Its cost
+/// grows with the number of webhooks that have pending deliveries, not with their backlog: one
+/// time order for all webhooks had each claim walk every due row of a webhook at its cap
+/// (docs/decisions/2026-11-22-claim-by-webhook.md).
+const CLAIM_SQL: &str = "
+WITH RECURSIVE hooks (id, oldest) AS (
+    (SELECT p.webhook_id, p.next_attempt_at FROM webhooks.deliveries p
+     WHERE p.status = 'pending' ORDER BY p.webhook_id, p.next_attempt_at LIMIT 1)
+    UNION ALL
+    SELECT n.webhook_id, n.next_attempt_at FROM hooks h
+    CROSS JOIN LATERAL (
+        SELECT p.webhook_id, p.next_attempt_at FROM webhooks.deliveries p
+        WHERE p.status = 'pending' AND p.webhook_id > h.id
+        ORDER BY p.webhook_id, p.next_attempt_at LIMIT 1) n
+),
+chosen AS (
+    SELECT h.id, coalesce((SELECT u.free FROM UNNEST($5::text[], $6::bigint[]) AS u(id, free)
+                           WHERE u.id = h.id), $4::bigint) AS free
+    FROM hooks h JOIN webhooks.webhooks w ON w.id = h.id AND w.enabled
+    WHERE h.oldest <= now() AND NOT (h.id = ANY($2))
+    ORDER BY h.oldest
+),
+due AS (
+    SELECT c.id FROM chosen ch
+    CROSS JOIN LATERAL (
+        SELECT p.id FROM webhooks.deliveries p
+        WHERE p.webhook_id = ch.id AND p.status = 'pending' AND p.next_attempt_at <= now()
+          AND (p.locked_until IS NULL OR p.locked_until < now())
+        ORDER BY p.next_attempt_at
+        LIMIT ch.free
+        FOR UPDATE SKIP LOCKED) c
+    LIMIT $1
+)
+UPDATE webhooks.deliveries d
+SET locked_until = now() + make_interval(secs => $3), attempts = d.attempts + 1, updated_at = now()
+FROM due, webhooks.webhooks w, webhooks.events e
+WHERE d.id = due.id AND w.id = d.webhook_id AND e.id = d.event_id
+RETURNING d.id, d.webhook_id, d.project, d.attempts, w.url, w.headers, w.secret,
+          CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
+          e.id, e.body";
+
+/// The claim's plan is made for each run, with sequential and bitmap scans off. A queue's
+/// statistics are always out of date: a plan cached while the table was small walked the
+/// whole table once it had a backlog, and a bitmap or sequential scan of every due row is
+/// what the planner picks right after a burst.
+const CLAIM_PLANNER: &str = "SET LOCAL plan_cache_mode = force_custom_plan; \
+    SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off";
+
 /// A webhook as fan-out matches events against it.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -434,45 +484,21 @@ impl Repo {
         let busy_ids: Vec<&str> = busy.iter().map(|(id, _)| id.as_str()).collect();
         let busy_free: Vec<i64> = busy.iter().map(|(_, free)| *free).collect();
         let mut client = self.pool.get().await?;
+        let statement = client.prepare_cached(CLAIM_SQL).await?;
         let tx = client.transaction().await?;
-        // The claim must walk `deliveries_due` in time order and stop at the limit. Right after
-        // a burst the statistics still say "few rows are due", and the planner then prefers a
-        // bitmap or sequential scan that sorts every due row (200 ms for 170k rows, measured
-        // by make bench). Only the few candidates are sorted, for the per-webhook cap.
-        tx.batch_execute("SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off")
-            .await?;
+        tx.batch_execute(CLAIM_PLANNER).await?;
         let lease_seconds = lease.as_secs_f64();
         let rows = tx
             .query(
-                "UPDATE webhooks.deliveries d
-                 SET locked_until = now() + make_interval(secs => $3), attempts = d.attempts + 1, updated_at = now()
-                 FROM (SELECT q.id FROM webhooks.deliveries q
-                       JOIN (SELECT c.id, row_number() OVER (PARTITION BY c.webhook_id ORDER BY c.next_attempt_at) AS rank
-                             FROM (SELECT p.id, p.webhook_id, p.next_attempt_at FROM webhooks.deliveries p
-                                   JOIN webhooks.webhooks pw ON pw.id = p.webhook_id AND pw.enabled
-                                   WHERE p.status = 'pending' AND p.next_attempt_at <= now()
-                                     AND (p.locked_until IS NULL OR p.locked_until < now())
-                                     AND NOT (p.webhook_id = ANY($2))
-                                   ORDER BY p.next_attempt_at
-                                   LIMIT $1::bigint * 4) c) ranked ON ranked.id = q.id
-                       JOIN webhooks.webhooks w ON w.id = q.webhook_id
-                       -- At most a webhook's concurrency from one claim: the rest stay
-                       -- for the next claim rather than being taken and given back.
-                       WHERE ranked.rank <= coalesce(
-                               (SELECT u.free FROM UNNEST($5::text[], $6::bigint[]) AS u(id, free) WHERE u.id = q.webhook_id),
-                               $4::bigint)
-                         AND q.status = 'pending' AND q.next_attempt_at <= now()
-                         AND (q.locked_until IS NULL OR q.locked_until < now())
-                         AND w.enabled
-                       ORDER BY q.next_attempt_at
-                       LIMIT $1
-                       FOR UPDATE OF q SKIP LOCKED) due,
-                      webhooks.webhooks w, webhooks.events e
-                 WHERE d.id = due.id AND w.id = d.webhook_id AND e.id = d.event_id
-                 RETURNING d.id, d.webhook_id, d.project, d.attempts, w.url, w.headers, w.secret,
-                           CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
-                           e.id, e.body",
-                &[&limit, &exclude, &lease_seconds, &per_webhook, &busy_ids, &busy_free],
+                &statement,
+                &[
+                    &limit,
+                    &exclude,
+                    &lease_seconds,
+                    &per_webhook,
+                    &busy_ids,
+                    &busy_free,
+                ],
             )
             .await?;
         tx.commit().await?;
@@ -777,5 +803,105 @@ fn claimed(row: &Row) -> Claimed {
         previous_secret: row.get(7),
         event_id: row.get(8),
         body: row.get(9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use fieldline_testkit::TestEnv;
+
+    use super::*;
+
+    /// Webhook `a` has 40 due deliveries, the oldest; `b` has 3, and `c` one due only in
+    /// an hour.
+    async fn queue() -> (TestEnv, Repo) {
+        let env = TestEnv::new().await;
+        let pool = fieldline_common::db::connect(&env.config()).await.unwrap();
+        fieldline_common::db::migrate(&pool, "webhooks", crate::embedded::migrations::runner())
+            .await
+            .unwrap();
+        pool.get()
+            .await
+            .unwrap()
+            .batch_execute(
+                "INSERT INTO webhooks.webhooks (id, project, url, events, secret)
+                 SELECT id, 'p', 'http://receiver/' || id, '{device.data}', 's'
+                 FROM unnest('{a,b,c}'::text[]) AS id;
+                 INSERT INTO webhooks.events (id, project, event_type, body)
+                 SELECT 'e' || g, 'p', 'device.data', '{}' FROM generate_series(1, 44) g;
+                 INSERT INTO webhooks.deliveries (id, webhook_id, project, event_id, event_type, status, next_attempt_at)
+                 SELECT 'a' || g, 'a', 'p', 'e' || g, 'device.data', 'pending', now() - interval '1 min' + g * interval '1 ms'
+                 FROM generate_series(1, 40) g;
+                 INSERT INTO webhooks.deliveries (id, webhook_id, project, event_id, event_type, status, next_attempt_at)
+                 SELECT 'b' || g, 'b', 'p', 'e' || (40 + g), 'device.data', 'pending', now() - interval '1 s' + g * interval '1 ms'
+                 FROM generate_series(1, 3) g;
+                 INSERT INTO webhooks.deliveries (id, webhook_id, project, event_id, event_type, status, next_attempt_at)
+                 VALUES ('c1', 'c', 'p', 'e44', 'device.data', 'pending', now() + interval '1 hour');",
+            )
+            .await
+            .unwrap();
+        (env, Repo::new(pool))
+    }
+
+    fn ids(claimed: &[Claimed]) -> Vec<&str> {
+        let mut ids: Vec<&str> = claimed.iter().map(|c| c.delivery_id.as_str()).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    const LEASE: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn a_claim_serves_each_webhook_up_to_its_free_slots_oldest_first() {
+        let (env, repo) = queue().await;
+        // `a` has 3 requests in flight of its 8, so 5 of its rows, then all 3 of `b`.
+        let claimed = repo
+            .claim(64, 8, &[], &[("a".into(), 5)], LEASE)
+            .await
+            .unwrap();
+        assert_eq!(
+            ids(&claimed),
+            ["a1", "a2", "a3", "a4", "a5", "b1", "b2", "b3"]
+        );
+        assert!(claimed.iter().all(|c| c.attempts == 1));
+        assert_eq!(claimed[0].url, "http://receiver/a");
+        // Leased rows are not claimed again; `a` at its cap is skipped, and its backlog
+        // does not stand in the way of `b`'s next row.
+        let pg = env.pg().await;
+        pg.batch_execute(
+            "INSERT INTO webhooks.events (id, project, event_type, body) VALUES ('e45', 'p', 'device.data', '{}');
+             INSERT INTO webhooks.deliveries (id, webhook_id, project, event_id, event_type, status, next_attempt_at)
+             VALUES ('b4', 'b', 'p', 'e45', 'device.data', 'pending', now())",
+        )
+        .await
+        .unwrap();
+        let claimed = repo.claim(64, 8, &["a".into()], &[], LEASE).await.unwrap();
+        assert_eq!(ids(&claimed), ["b4"]);
+        // The limit holds across webhooks, oldest first: the next rows of `a`.
+        let claimed = repo.claim(2, 8, &[], &[], LEASE).await.unwrap();
+        assert_eq!(ids(&claimed), ["a6", "a7"]);
+        // A disabled webhook's rows stay where they are; nothing is due for `c` yet.
+        pg.batch_execute("UPDATE webhooks.webhooks SET enabled = false WHERE id = 'a'")
+            .await
+            .unwrap();
+        assert!(repo.claim(64, 8, &[], &[], LEASE).await.unwrap().is_empty());
+        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_ran_out_is_claimed_again() {
+        let (env, repo) = queue().await;
+        let first = repo
+            .claim(1, 8, &[], &[], Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert_eq!(ids(&first), ["a1"]);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let again = repo.claim(1, 8, &[], &[], LEASE).await.unwrap();
+        assert_eq!(ids(&again), ["a1"]);
+        assert_eq!(again[0].attempts, 2);
+        env.cleanup().await;
     }
 }
