@@ -208,8 +208,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let started_at = chrono::Utc::now();
 
     let env = [
-        // The bench measures the engine; the per-webhook rate limit is a policy.
+        // The bench measures the engine; the per-webhook rate limit is a policy. So is the
+        // per-webhook concurrency: a receiver taking 1,000 events/s gets more than the
+        // default 8 requests at a time (docs/decisions/2026-11-22-speed-findings.md).
         ("FIELDLINE_WEBHOOK_RATE_PER_SECOND", "1000000"),
+        ("FIELDLINE_WEBHOOK_ENDPOINT_CONCURRENCY", "64"),
         ("FIELDLINE_WEBHOOK_ALLOW_PRIVATE", "true"),
     ];
     let runner = Runner {

@@ -5,7 +5,10 @@
 use std::{
     collections::HashMap,
     num::NonZeroU32,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -16,7 +19,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prost::Message;
 use rand::Rng;
 use reqwest::{StatusCode, header::HeaderMap};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::{
     fanout::Targets,
@@ -39,6 +42,10 @@ pub struct Dispatcher {
     in_flight: Mutex<HashMap<String, usize>>,
     slots: Arc<Semaphore>,
     wake: Notify,
+    /// Due rows may be waiting that no request holds: fan-out stored some without a lease, or
+    /// the last claim found some. Finished requests wake the claim only then; the poll
+    /// covers retries coming due and other dispatchers' leases running out.
+    backlog: AtomicBool,
     /// Attempts waiting to be written; the recorder writes what has gathered in one
     /// transaction.
     outcomes: mpsc::Sender<Outcome>,
@@ -46,6 +53,21 @@ pub struct Dispatcher {
 }
 
 type Outcome = (Claimed, AttemptRecord, Next);
+
+/// A request slot of the process and of one webhook, given back when dropped.
+pub struct Slot {
+    dispatcher: Arc<Dispatcher>,
+    webhook_id: String,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.dispatcher.adjust_in_flight(&self.webhook_id, -1);
+        self.dispatcher.slot_freed();
+    }
+}
 /// Most attempts written in one transaction.
 const RECORD_BATCH: usize = 512;
 
@@ -72,6 +94,7 @@ impl Dispatcher {
             in_flight: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(config.webhook_concurrency)),
             wake: Notify::new(),
+            backlog: AtomicBool::new(true),
             outcomes,
             outcomes_rx: Mutex::new(Some(outcomes_rx)),
         }))
@@ -79,12 +102,47 @@ impl Dispatcher {
 
     /// New work is queued: look now rather than at the next poll.
     pub fn wake(&self) {
+        self.backlog.store(true, Ordering::Release);
         self.wake.notify_one();
+    }
+
+    /// A slot came free: look now if there may be rows waiting for it.
+    fn slot_freed(&self) {
+        if self.backlog.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// One of the process's request slots and one of the webhook's, if both are free.
+    /// Fan-out takes them for the deliveries it stores already leased, so their first
+    /// attempt needs no claim.
+    pub fn try_slot(self: &Arc<Self>, webhook_id: &str) -> Option<Slot> {
+        if !self.try_reserve(webhook_id) {
+            return None;
+        }
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            self.adjust_in_flight(webhook_id, -1);
+            return None;
+        };
+        Some(Slot {
+            dispatcher: self.clone(),
+            webhook_id: webhook_id.to_owned(),
+            permit: Some(permit),
+        })
+    }
+
+    /// Sends a leased delivery in the background, holding `slot` until it is done.
+    pub fn start(&self, delivery: Claimed, slot: Slot) {
+        let dispatcher = slot.dispatcher.clone();
+        self.context.tasks.spawn(async move {
+            dispatcher.rate_limited_attempt(delivery).await;
+            drop(slot);
+        });
     }
 
     /// The lease a claim takes: long enough for the request, its rate-limit wait and the
     /// bookkeeping; a dispatcher killed mid-attempt gives the delivery back when it runs out.
-    fn lease(&self) -> Duration {
+    pub fn lease(&self) -> Duration {
         self.context.config.webhook_timeout + Duration::from_secs(15)
     }
 
@@ -163,7 +221,7 @@ impl Dispatcher {
             }
             self.write(&batch).await;
             batch.clear();
-            self.wake();
+            self.slot_freed();
         }
     }
 
@@ -246,6 +304,8 @@ impl Dispatcher {
                     }
                 }
             };
+            // Until a claim comes back empty there may be more: finished requests look again.
+            self.backlog.store(!claimed.is_empty(), Ordering::Release);
             if claimed.is_empty() {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -256,24 +316,11 @@ impl Dispatcher {
             }
             let mut over_cap = Vec::new();
             for delivery in claimed {
-                // One claim may hold several deliveries of a webhook; past its cap they go back.
-                if !self.try_reserve(&delivery.webhook_id) {
-                    over_cap.push(delivery.delivery_id);
-                    continue;
+                // Fan-out may have taken the slots since the claim; past them rows go back.
+                match self.try_slot(&delivery.webhook_id) {
+                    Some(slot) => self.start(delivery, slot),
+                    None => over_cap.push(delivery.delivery_id),
                 }
-                let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                    self.adjust_in_flight(&delivery.webhook_id, -1);
-                    over_cap.push(delivery.delivery_id);
-                    continue;
-                };
-                let dispatcher = self.clone();
-                self.context.tasks.spawn(async move {
-                    let webhook_id = delivery.webhook_id.clone();
-                    dispatcher.rate_limited_attempt(delivery).await;
-                    dispatcher.adjust_in_flight(&webhook_id, -1);
-                    drop(permit);
-                    dispatcher.wake();
-                });
             }
             if !over_cap.is_empty()
                 && let Err(error) = self.repo.release(&over_cap).await

@@ -2,7 +2,7 @@
 //! (device.alert, device.status, config.update) turn each bus message into an event and one
 //! delivery per matching webhook, committed before the message is acked.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{
     self, AckKind,
@@ -263,24 +263,47 @@ impl Fanout {
 
     async fn handle(&self, messages: Vec<jetstream::Message>) {
         match self.plan(&messages).await {
-            Ok((events, deliveries)) => match self.repo.enqueue(&events, &deliveries).await {
-                Ok(()) => {
-                    for message in &messages {
-                        if let Err(error) = message.ack().await {
-                            tracing::warn!(error = %error, "ack after enqueue failed; the redelivery is a no-op");
+            Ok((events, mut deliveries)) => {
+                // Deliveries whose webhook has a free slot here are stored with a lease and
+                // sent as soon as they are committed: their first attempt needs no claim.
+                let mut slots = HashMap::new();
+                for delivery in deliveries.iter_mut().filter(|d| d.status == "pending") {
+                    if let Some(slot) = self.dispatcher.try_slot(&delivery.webhook_id) {
+                        delivery.leased = true;
+                        slots.insert(delivery.id.clone(), slot);
+                    }
+                }
+                let lease = self.dispatcher.lease();
+                match self.repo.enqueue(&events, &deliveries, lease).await {
+                    Ok(leased) => {
+                        let unleased = deliveries.len() - leased.len();
+                        for delivery in leased {
+                            if let Some(slot) = slots.remove(&delivery.delivery_id) {
+                                self.dispatcher.start(delivery, slot);
+                            }
                         }
+                        // Slots not used (a redelivered message, a webhook just disabled)
+                        // are given back here.
+                        drop(slots);
+                        for message in &messages {
+                            if let Err(error) = message.ack().await {
+                                tracing::warn!(error = %error, "ack after enqueue failed; the redelivery is a no-op");
+                            }
+                        }
+                        if !deliveries.is_empty() {
+                            metrics::counter!("fieldline_webhook_enqueued_total")
+                                .increment(deliveries.len() as u64);
+                        }
+                        if unleased > 0 {
+                            self.dispatcher.wake();
+                        }
+                        return;
                     }
-                    if !deliveries.is_empty() {
-                        metrics::counter!("fieldline_webhook_enqueued_total")
-                            .increment(deliveries.len() as u64);
-                        self.dispatcher.wake();
+                    Err(error) => {
+                        tracing::warn!(error = %error, "enqueuing deliveries failed; will redeliver")
                     }
-                    return;
                 }
-                Err(error) => {
-                    tracing::warn!(error = %error, "enqueuing deliveries failed; will redeliver")
-                }
-            },
+            }
             Err(error) => {
                 tracing::warn!(error = %error, "matching webhooks failed; will redeliver")
             }
@@ -338,6 +361,7 @@ impl Fanout {
                     event_id: id.clone(),
                     event_type: incoming.event_type.clone(),
                     status: if target.enabled { "pending" } else { "failed" },
+                    leased: false,
                 });
             }
             events.push(NewEvent {

@@ -94,6 +94,8 @@ pub struct NewDelivery {
     pub event_type: String,
     /// `pending`, or `failed` for an auto-disabled webhook.
     pub status: &'static str,
+    /// Stored with a lease and its first attempt counted: this process sends it now.
+    pub leased: bool,
 }
 
 /// A delivery this worker holds the lease of, with what it needs to send it.
@@ -396,14 +398,16 @@ impl Repo {
     }
 
     /// Stores events and their deliveries in one transaction. Idempotent: an event seen again
-    /// (a redelivered bus message) adds nothing.
+    /// (a redelivered bus message) adds nothing. Returns the deliveries stored with a lease
+    /// (`leased`, pending, webhook enabled), ready to send.
     pub async fn enqueue(
         &self,
         events: &[NewEvent],
         deliveries: &[NewDelivery],
-    ) -> Result<(), ApiError> {
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, ApiError> {
         if deliveries.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -425,22 +429,38 @@ impl Repo {
         let event_ids: Vec<&str> = deliveries.iter().map(|d| d.event_id.as_str()).collect();
         let types: Vec<&str> = deliveries.iter().map(|d| d.event_type.as_str()).collect();
         let statuses: Vec<&str> = deliveries.iter().map(|d| d.status).collect();
-        tx.execute(
-            "INSERT INTO webhooks.deliveries
-               (id, webhook_id, project, event_id, event_type, status, next_attempt_at, last_error, completed_at)
-             SELECT d.id, d.webhook_id, d.project, d.event_id, d.event_type, d.status,
-                    CASE WHEN d.status = 'pending' THEN now() END,
-                    CASE WHEN d.status = 'failed' THEN 'webhook disabled' END,
-                    CASE WHEN d.status = 'failed' THEN now() END
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-                  AS d(id, webhook_id, project, event_id, event_type, status)
-             JOIN webhooks.webhooks w ON w.id = d.webhook_id
-             ON CONFLICT (webhook_id, event_id) DO NOTHING",
-            &[&ids, &webhooks, &projects, &event_ids, &types, &statuses],
-        )
-        .await?;
+        let leased: Vec<bool> = deliveries.iter().map(|d| d.leased).collect();
+        let lease_seconds = lease.as_secs_f64();
+        let rows = tx
+            .query(
+                "WITH stored AS (
+                   INSERT INTO webhooks.deliveries
+                     (id, webhook_id, project, event_id, event_type, status, next_attempt_at,
+                      last_error, completed_at, attempts, locked_until)
+                   SELECT d.id, d.webhook_id, d.project, d.event_id, d.event_type, d.status,
+                          CASE WHEN d.status = 'pending' THEN now() END,
+                          CASE WHEN d.status = 'failed' THEN 'webhook disabled' END,
+                          CASE WHEN d.status = 'failed' THEN now() END,
+                          CASE WHEN d.leased AND w.enabled THEN 1 ELSE 0 END,
+                          CASE WHEN d.leased AND w.enabled THEN now() + make_interval(secs => $8) END
+                   FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[])
+                        AS d(id, webhook_id, project, event_id, event_type, status, leased)
+                   JOIN webhooks.webhooks w ON w.id = d.webhook_id
+                   ON CONFLICT (webhook_id, event_id) DO NOTHING
+                   RETURNING id, webhook_id, project, attempts, event_id, locked_until
+                 )
+                 SELECT s.id, s.webhook_id, s.project, s.attempts, w.url, w.headers, w.secret,
+                        CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
+                        e.id, e.body
+                 FROM stored s
+                 JOIN webhooks.webhooks w ON w.id = s.webhook_id
+                 JOIN webhooks.events e ON e.id = s.event_id
+                 WHERE s.locked_until IS NOT NULL",
+                &[&ids, &webhooks, &projects, &event_ids, &types, &statuses, &leased, &lease_seconds],
+            )
+            .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(rows.iter().map(claimed).collect())
     }
 
     /// A `webhook.test` event and its delivery, not yet due (the caller sends it at once).

@@ -395,3 +395,46 @@ async fn the_test_endpoint_sends_now_and_returns_the_attempt() {
     assert_eq!(request.json()["event"], "webhook.test");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn events_beyond_a_webhooks_slots_wait_in_the_queue_and_each_is_delivered_once() {
+    // Two slots: fan-out sends the first events itself with a lease; the rest are stored
+    // unleased while the receiver holds both slots, and the claim delivers them after.
+    let app = spawn_with(|config| fieldline_common::Config {
+        webhook_endpoint_concurrency: 2,
+        ..config
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    receiver.script("/slow", vec![Reply::Hang(Duration::from_millis(300)); 4]);
+    let token = app.create_device("d1").await;
+    let (id, _) = register(
+        &app,
+        app.admin_key(),
+        json!({"url": receiver.url("/slow"), "events": ["device.data"]}),
+    )
+    .await;
+    for n in 0..12 {
+        ingest(&app, &token, json!({"n": n})).await;
+    }
+    let requests = wait_received(&receiver, "/slow", 12, Duration::from_secs(15)).await;
+    let mut ids: Vec<_> = requests
+        .iter()
+        .map(|r| r.header("webhook-id").unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 12, "each event once");
+    let log = eventually("all recorded", Duration::from_secs(5), || async {
+        let log = deliveries(&app, &id, "?status=succeeded&limit=100").await;
+        (log.len() == 12).then_some(log)
+    })
+    .await;
+    assert!(
+        log.iter().all(|d| d["attempts"] == 1),
+        "one attempt each: {log:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received("/slow").len(), 12, "sent again");
+    app.shutdown().await;
+}
