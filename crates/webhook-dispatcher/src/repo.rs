@@ -311,14 +311,35 @@ impl Repo {
         project: &str,
         ids: &[String],
     ) -> Result<Vec<String>, ApiError> {
-        let client = self.pool.get().await?;
-        let rows = client
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let deleted: Vec<String> = tx
             .query(
                 "DELETE FROM webhooks.webhooks WHERE project = $1 AND id = ANY($2) RETURNING id",
                 &[&project, &ids],
             )
-            .await?;
-        Ok(rows.iter().map(|row| row.get(0)).collect())
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        // No foreign keys on the queue (migration V5): its rows go here. Separate statements,
+        // so that attempts written by a recorder this one waited for are seen and deleted.
+        let deliveries: Vec<String> = tx
+            .query(
+                "DELETE FROM webhooks.deliveries WHERE webhook_id = ANY($1) RETURNING id",
+                &[&deleted],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        tx.execute(
+            "DELETE FROM webhooks.attempts WHERE delivery_id = ANY($1)",
+            &[&deliveries],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     /// The secret and, during a rotation's grace, the previous one.
@@ -446,6 +467,8 @@ impl Repo {
                    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[])
                         AS d(id, webhook_id, project, event_id, event_type, status, leased)
                    JOIN webhooks.webhooks w ON w.id = d.webhook_id
+                   -- In place of a foreign key: a webhook being deleted waits for this.
+                   FOR KEY SHARE OF w
                    ON CONFLICT (webhook_id, event_id) DO NOTHING
                    RETURNING id, webhook_id, project, attempts, event_id, locked_until
                  )
@@ -479,12 +502,21 @@ impl Repo {
             &[&event_id, &project, &body],
         )
         .await?;
-        tx.execute(
-            "INSERT INTO webhooks.deliveries (id, webhook_id, project, event_id, event_type, status)
-             VALUES ($1, $2, $3, $4, 'webhook.test', 'pending')",
-            &[&delivery_id, &webhook_id, &project, &event_id],
-        )
-        .await?;
+        let stored = tx
+            .execute(
+                "INSERT INTO webhooks.deliveries (id, webhook_id, project, event_id, event_type, status)
+                 SELECT $1, w.id, $3, $4, 'webhook.test', 'pending'
+                 FROM webhooks.webhooks w WHERE w.id = $2 FOR KEY SHARE",
+                &[&delivery_id, &webhook_id, &project, &event_id],
+            )
+            .await?;
+        if stored == 0 {
+            // Deleted since the route looked it up.
+            return Err(ApiError::not_found(
+                "webhook_not_found",
+                format!("webhook {webhook_id} not found"),
+            ));
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -599,7 +631,8 @@ impl Repo {
             "INSERT INTO webhooks.attempts (delivery_id, attempted_at, status_code, latency_ms, error, response_snippet)
              SELECT u.* FROM UNNEST($1::text[], $2::timestamptz[], $3::int4[], $4::int4[], $5::text[], $6::text[])
                   AS u(delivery_id, attempted_at, status_code, latency_ms, error, snippet)
-             JOIN webhooks.deliveries d ON d.id = u.delivery_id",
+             JOIN webhooks.deliveries d ON d.id = u.delivery_id
+             FOR KEY SHARE OF d",
             &[&ids, &attempted_at, &codes, &latencies, &errors, &snippets],
         )
         .await?;
@@ -907,6 +940,35 @@ mod tests {
             .await
             .unwrap();
         assert!(repo.claim(64, 8, &[], &[], LEASE).await.unwrap().is_empty());
+        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn deleting_a_webhook_deletes_its_deliveries_and_attempts() {
+        let (env, repo) = queue().await;
+        let pg = env.pg().await;
+        pg.batch_execute(
+            "INSERT INTO webhooks.attempts (delivery_id, attempted_at, status_code, latency_ms)
+             VALUES ('a1', now(), 500, 3), ('a2', now(), 500, 3), ('b1', now(), 500, 3)",
+        )
+        .await
+        .unwrap();
+        let deleted = repo.delete_webhooks("p", &["a".into()]).await.unwrap();
+        assert_eq!(deleted, ["a"]);
+        let count = |sql: &'static str| {
+            let pg = &pg;
+            async move { pg.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        assert_eq!(
+            count("SELECT count(*) FROM webhooks.deliveries WHERE webhook_id = 'a'").await,
+            0
+        );
+        assert_eq!(count("SELECT count(*) FROM webhooks.deliveries").await, 4);
+        assert_eq!(
+            count("SELECT count(*) FROM webhooks.attempts WHERE delivery_id = 'b1'").await,
+            1
+        );
+        assert_eq!(count("SELECT count(*) FROM webhooks.attempts").await, 1);
         env.cleanup().await;
     }
 
