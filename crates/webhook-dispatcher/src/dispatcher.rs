@@ -193,6 +193,9 @@ impl Dispatcher {
         let mut batch = Vec::with_capacity(RECORD_BATCH);
         loop {
             let first = if shutdown.is_cancelled() {
+                // No new requests from here on (fan-out then stores its rows unleased), so
+                // that none starts after the last outcome is written.
+                self.slots.close();
                 // Requests still in flight report until the process's shutdown timeout: an
                 // outcome not written would be sent again by another dispatcher.
                 let all_idle =
@@ -281,6 +284,7 @@ impl Dispatcher {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = self.wake.notified() => continue,
+                    _ = tokio::time::sleep(poll) => continue,
                 }
             }
             let (saturated, partial) = self.busy();
@@ -304,8 +308,12 @@ impl Dispatcher {
                     }
                 }
             };
-            // Until a claim comes back empty there may be more: finished requests look again.
-            self.backlog.store(!claimed.is_empty(), Ordering::Release);
+            // Until a claim comes back empty, and while a webhook at its cap was left out of
+            // it, there may be more: finished requests look again.
+            self.backlog.store(
+                !claimed.is_empty() || !saturated.is_empty(),
+                Ordering::Release,
+            );
             if claimed.is_empty() {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
