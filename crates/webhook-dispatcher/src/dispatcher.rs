@@ -42,9 +42,10 @@ pub struct Dispatcher {
     in_flight: Mutex<HashMap<String, usize>>,
     slots: Arc<Semaphore>,
     wake: Notify,
-    /// Due rows may be waiting that no request holds: fan-out stored some without a lease, or
-    /// the last claim found some. Finished requests wake the claim only then; the poll
-    /// covers retries coming due and other dispatchers' leases running out.
+    /// Due rows may be waiting that no request holds: fan-out stored some without a lease,
+    /// or the last claim found some or left out a webhook at its cap. Finished requests wake
+    /// the claim only then; the poll covers retries coming due and other dispatchers' leases
+    /// running out.
     backlog: AtomicBool,
     /// Attempts waiting to be written; the recorder writes what has gathered in one
     /// transaction.
@@ -68,6 +69,7 @@ impl Drop for Slot {
         self.dispatcher.slot_freed();
     }
 }
+
 /// Most attempts written in one transaction.
 const RECORD_BATCH: usize = 512;
 
