@@ -15,13 +15,24 @@ pub struct Repo {
     pool: Pool,
 }
 
+/// The columns a claimed delivery is read with (`claimed` maps them): `d` the delivery, `w`
+/// its webhook, `e` its event.
+macro_rules! claimed_columns {
+    () => {
+        "d.id, d.webhook_id, d.project, d.attempts, w.url, w.headers, w.secret,
+         CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
+         e.id, e.body"
+    };
+}
+
 /// The claim. A skip scan of `deliveries_pending_by_webhook` finds each webhook with pending
 /// deliveries and its oldest one (one index probe per webhook); webhooks with something due
 /// are served oldest first, each up to its free slots, until `$1` rows are taken. Its cost
 /// grows with the number of webhooks that have pending deliveries, not with their backlog: one
 /// time order for all webhooks had each claim walk every due row of a webhook at its cap
 /// (docs/decisions/2026-11-22-claim-by-webhook.md).
-const CLAIM_SQL: &str = "
+const CLAIM_SQL: &str = concat!(
+    "
 WITH RECURSIVE hooks (id, oldest) AS (
     (SELECT p.webhook_id, p.next_attempt_at FROM webhooks.deliveries p
      WHERE p.status = 'pending' ORDER BY p.webhook_id, p.next_attempt_at LIMIT 1)
@@ -54,9 +65,9 @@ UPDATE webhooks.deliveries d
 SET locked_until = now() + make_interval(secs => $3), attempts = d.attempts + 1, updated_at = now()
 FROM due, webhooks.webhooks w, webhooks.events e
 WHERE d.id = due.id AND w.id = d.webhook_id AND e.id = d.event_id
-RETURNING d.id, d.webhook_id, d.project, d.attempts, w.url, w.headers, w.secret,
-          CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
-          e.id, e.body";
+RETURNING ",
+    claimed_columns!()
+);
 
 /// The claim's plan is made for each run, with sequential and bitmap scans off. A queue's
 /// statistics are always out of date: a plan cached while the table was small walked the
@@ -454,7 +465,8 @@ impl Repo {
         let lease_seconds = lease.as_secs_f64();
         let rows = tx
             .query(
-                "WITH stored AS (
+                concat!(
+                    "WITH stored AS (
                    INSERT INTO webhooks.deliveries
                      (id, webhook_id, project, event_id, event_type, status, next_attempt_at,
                       last_error, completed_at, attempts, locked_until)
@@ -472,13 +484,14 @@ impl Repo {
                    ON CONFLICT (webhook_id, event_id) DO NOTHING
                    RETURNING id, webhook_id, project, attempts, event_id, locked_until
                  )
-                 SELECT s.id, s.webhook_id, s.project, s.attempts, w.url, w.headers, w.secret,
-                        CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
-                        e.id, e.body
-                 FROM stored s
-                 JOIN webhooks.webhooks w ON w.id = s.webhook_id
-                 JOIN webhooks.events e ON e.id = s.event_id
-                 WHERE s.locked_until IS NOT NULL",
+                 SELECT ",
+                    claimed_columns!(),
+                    "
+                 FROM stored d
+                 JOIN webhooks.webhooks w ON w.id = d.webhook_id
+                 JOIN webhooks.events e ON e.id = d.event_id
+                 WHERE d.locked_until IS NOT NULL"
+                ),
                 &[&ids, &webhooks, &projects, &event_ids, &types, &statuses, &leased, &lease_seconds],
             )
             .await?;
@@ -581,14 +594,15 @@ impl Repo {
         let lease_seconds = lease.as_secs_f64();
         let row = client
             .query_opt(
-                "UPDATE webhooks.deliveries d
+                concat!(
+                    "UPDATE webhooks.deliveries d
                  SET locked_until = now() + make_interval(secs => $2), attempts = d.attempts + 1,
                      status = 'pending', updated_at = now()
                  FROM webhooks.webhooks w, webhooks.events e
                  WHERE d.id = $1 AND w.id = d.webhook_id AND e.id = d.event_id
-                 RETURNING d.id, d.webhook_id, d.project, d.attempts, w.url, w.headers, w.secret,
-                           CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
-                           e.id, e.body",
+                 RETURNING ",
+                    claimed_columns!()
+                ),
                 &[&delivery_id, &lease_seconds],
             )
             .await?;
@@ -844,6 +858,7 @@ impl Repo {
     }
 }
 
+/// A row read with `claimed_columns!`.
 fn claimed(row: &Row) -> Claimed {
     Claimed {
         delivery_id: row.get(0),
@@ -940,6 +955,46 @@ mod tests {
             .await
             .unwrap();
         assert!(repo.claim(64, 8, &[], &[], LEASE).await.unwrap().is_empty());
+        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn enqueue_returns_the_deliveries_it_stored_leased_and_only_once() {
+        let (env, repo) = queue().await;
+        let events = [NewEvent {
+            id: "e_new".into(),
+            project: "p".into(),
+            event_type: "device.data".into(),
+            device_id: Some("d1".into()),
+            body: "{\"n\":1}".into(),
+        }];
+        let delivery = |id: &str, webhook: &str, leased: bool| NewDelivery {
+            id: id.into(),
+            webhook_id: webhook.into(),
+            project: "p".into(),
+            event_id: "e_new".into(),
+            event_type: "device.data".into(),
+            status: "pending",
+            leased,
+        };
+        let deliveries = [delivery("n_a", "a", true), delivery("n_b", "b", false)];
+        let leased = repo.enqueue(&events, &deliveries, LEASE).await.unwrap();
+        assert_eq!(ids(&leased), ["n_a"]);
+        assert_eq!(leased[0].attempts, 1);
+        assert_eq!(leased[0].body, "{\"n\":1}");
+        assert_eq!(leased[0].url, "http://receiver/a");
+        // The leased row is not claimed again; the unleased one is, as its first attempt.
+        let claimed = repo.claim(64, 8, &["a".into()], &[], LEASE).await.unwrap();
+        assert_eq!(ids(&claimed), ["b1", "b2", "b3", "n_b"]);
+        assert!(claimed.iter().all(|c| c.attempts == 1));
+        // The same message again (a redelivery) stores and leases nothing.
+        let again = [delivery("n_a2", "a", true)];
+        assert!(
+            repo.enqueue(&events, &again, LEASE)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         env.cleanup().await;
     }
 
