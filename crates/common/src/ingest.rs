@@ -1,7 +1,7 @@
 //! What both ingest edges (HTTP and MQTT) share: parsing a device message into readings, and
 //! publishing the batch to JetStream, answering only once JetStream has it.
 
-use std::time::Duration;
+use std::{cell::Cell, collections::HashSet, fmt, time::Duration};
 
 use async_nats::{HeaderMap, jetstream};
 use fieldline_proto::{
@@ -9,7 +9,11 @@ use fieldline_proto::{
     v1::{Heartbeat, Reading, TelemetryBatch, reading},
 };
 use prost::Message;
-use serde_json::{Map, Value};
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor},
+};
+use serde_json::Value;
 
 use crate::{
     bus,
@@ -104,130 +108,382 @@ fn message_prefix(index: Option<usize>) -> String {
     index.map(|index| format!("[{index}]")).unwrap_or_default()
 }
 
-/// One JSON message: flat `{"ts"?, "temp": 1}` or `{"ts"?, "values": {...}}`. Taken by
-/// value, so metric names and texts move into the readings; error paths are made only for
-/// an error.
-fn parse_message(
-    index: Option<usize>,
-    mut message: Map<String, Value>,
-    received_at_us: i64,
-    out: &mut Parsed,
-    limit: usize,
-) -> Result<(), ParseError> {
-    let prefix = || message_prefix(index);
-    let ts_us = match message.get("ts") {
-        None | Some(Value::Null) => received_at_us,
-        Some(value) => parse_reading_time(value).ok_or_else(|| {
-            invalid(format!(
-                "{}: must be RFC 3339 or epoch milliseconds between 1970 and 9999",
-                field_path(&prefix(), "ts")
-            ))
-        })?,
-    };
-    if let Some(message_id) = message.get("msg_id") {
-        match message_id {
-            Value::String(id) if !id.is_empty() && id.len() <= MAX_MESSAGE_ID_LEN => {
-                out.message_id = Some(id.clone());
-            }
-            _ => {
-                return Err(invalid(format!(
-                    "{}: must be a string of 1 to {MAX_MESSAGE_ID_LEN} bytes",
-                    field_path(&prefix(), "msg_id")
-                )));
-            }
-        }
-    }
-    let nested = match message.remove("values") {
-        Some(Value::Object(values)) => {
-            if let Some(extra) = message
-                .keys()
-                .find(|key| !matches!(key.as_str(), "ts" | "msg_id"))
-            {
-                return Err(invalid(format!(
-                    "{}: unexpected beside \"values\"",
-                    field_path(&prefix(), extra)
-                )));
-            }
-            message = values;
-            true
-        }
-        Some(_) => {
-            return Err(invalid(format!(
-                "{}: must be an object",
-                field_path(&prefix(), "values")
-            )));
-        }
-        None => false,
-    };
-    let values_prefix = || {
-        if nested {
-            field_path(&prefix(), "values")
-        } else {
-            prefix()
-        }
-    };
-    let before = out.readings.len();
-    for (metric, value) in message {
-        if !nested && matches!(metric.as_str(), "ts" | "msg_id") {
-            continue;
-        }
-        let path = || field_path(&values_prefix(), &metric);
-        if !valid_metric(&metric) {
-            return Err(invalid(format!(
-                "{}: metric names are 1 to 128 of [A-Za-z0-9_.-]",
-                path()
-            )));
-        }
-        let value = reading_value(path, value)?;
-        out.readings.push(Reading {
-            metric,
-            ts_us,
-            value: Some(value),
-        });
-        if out.readings.len() > limit {
-            return Err(ParseError::TooMany {
-                count: out.readings.len(),
-                limit,
-            });
-        }
-    }
-    if out.readings.len() == before {
-        let at = match index {
-            Some(_) => prefix(),
-            None => "body".to_owned(),
-        };
-        return Err(invalid(format!("{at}: no readings in the message")));
-    }
-    Ok(())
+/// What a visitor found wrong with the body. serde's own error only stops the parse; this
+/// keeps the message that names the field, and tells it apart from malformed JSON.
+type Failure = Cell<Option<ParseError>>;
+
+fn fail<E: de::Error>(failure: &Failure, error: ParseError) -> E {
+    let message = error.to_string();
+    failure.set(Some(error));
+    E::custom(message)
 }
 
-/// Parses a device message (one JSON object or an array of them) into readings.
+/// The visitor methods for the JSON kinds that a place does not take; each fails with the
+/// visitor's `wrong_kind`.
+macro_rules! refuse_scalars {
+    () => {
+        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+            Err(self.wrong_kind())
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+            Err(self.wrong_kind())
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+            Err(self.wrong_kind())
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+            Err(self.wrong_kind())
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+            Err(self.wrong_kind())
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+            Err(self.wrong_kind())
+        }
+    };
+}
+
+/// A map key, borrowed from the body when it holds no escapes: `ts` and `msg_id` cost no
+/// allocation, and a metric name is copied once, into its reading.
+enum Key<'de> {
+    Borrowed(&'de str),
+    Owned(String),
+}
+
+impl Key<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Key::Borrowed(key) => key,
+            Key::Owned(key) => key,
+        }
+    }
+
+    fn into_owned(self) -> String {
+        match self {
+            Key::Borrowed(key) => key.to_owned(),
+            Key::Owned(key) => key,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, key: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key::Borrowed(key))
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key<'de>, E> {
+                Ok(Key::Owned(key.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, key: String) -> Result<Key<'de>, E> {
+                Ok(Key::Owned(key))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Where the readings of a body go while it is read.
+struct Sink<'a> {
+    out: &'a mut Parsed,
+    failure: &'a Failure,
+    received_at_us: i64,
+    limit: usize,
+}
+
+impl Sink<'_> {
+    fn fail<E: de::Error>(&self, error: ParseError) -> E {
+        fail(self.failure, error)
+    }
+
+    /// One reading, its time set when its message ends; `path` names a metric in an error.
+    fn push<E: de::Error>(
+        &mut self,
+        metric: String,
+        value: Value,
+        path: impl Fn(&str) -> String,
+    ) -> Result<(), E> {
+        if !valid_metric(&metric) {
+            return Err(self.fail(invalid(format!(
+                "{}: metric names are 1 to 128 of [A-Za-z0-9_.-]",
+                path(&metric)
+            ))));
+        }
+        let value = reading_value(|| path(&metric), value).map_err(|error| self.fail(error))?;
+        self.out.readings.push(Reading {
+            metric,
+            ts_us: 0,
+            value: Some(value),
+        });
+        if self.out.readings.len() > self.limit {
+            return Err(self.fail(ParseError::TooMany {
+                count: self.out.readings.len(),
+                limit: self.limit,
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// A metric given twice in one message, which would make two readings at one time.
+fn repeated_metric(readings: &[Reading]) -> Option<&str> {
+    if readings.len() <= 16 {
+        return readings.iter().enumerate().find_map(|(index, reading)| {
+            readings[..index]
+                .iter()
+                .any(|earlier| earlier.metric == reading.metric)
+                .then_some(reading.metric.as_str())
+        });
+    }
+    let mut seen = HashSet::with_capacity(readings.len());
+    readings
+        .iter()
+        .map(|reading| reading.metric.as_str())
+        .find(|metric| !seen.insert(*metric))
+}
+
+/// The whole body: one message, or an array of them.
+struct Body<'s, 'a>(&'s mut Sink<'a>);
+
+impl<'de> Visitor<'de> for Body<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("an object or an array of objects")
+    }
+
+    refuse_scalars!();
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        OneMessage {
+            sink: self.0,
+            index: None,
+        }
+        .visit_map(map)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut index = 0;
+        while seq
+            .next_element_seed(OneMessage {
+                sink: &mut *self.0,
+                index: Some(index),
+            })?
+            .is_some()
+        {
+            index += 1;
+        }
+        if index == 0 {
+            return Err(self.0.fail(invalid("body: empty array".into())));
+        }
+        Ok(())
+    }
+}
+
+impl Body<'_, '_> {
+    fn wrong_kind<E: de::Error>(self) -> E {
+        self.0.fail(invalid(
+            "body: must be an object or an array of objects".into(),
+        ))
+    }
+}
+
+/// One message: flat `{"ts"?, "temp": 1}` or `{"ts"?, "values": {...}}`, its keys in any
+/// order. Metric names and texts move into the readings; error paths are made only for an
+/// error.
+struct OneMessage<'s, 'a> {
+    sink: &'s mut Sink<'a>,
+    /// Where the message sits in an array; `None` for a lone object.
+    index: Option<usize>,
+}
+
+impl<'de> DeserializeSeed<'de> for OneMessage<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for OneMessage<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("an object")
+    }
+
+    refuse_scalars!();
+
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(self.wrong_kind())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let OneMessage { sink, index } = self;
+        let prefix = || message_prefix(index);
+        let before = sink.out.readings.len();
+        let mut ts_us = None;
+        let mut nested = false;
+        while let Some(key) = map.next_key::<Key>()? {
+            match key.as_str() {
+                "ts" => {
+                    let value: Value = map.next_value()?;
+                    let parsed = parse_reading_time(&value).ok_or_else(|| {
+                        sink.fail(invalid(format!(
+                            "{}: must be RFC 3339 or epoch milliseconds between 1970 and 9999",
+                            field_path(&prefix(), "ts")
+                        )))
+                    })?;
+                    ts_us = Some(parsed);
+                }
+                "msg_id" => match map.next_value()? {
+                    Value::String(id) if !id.is_empty() && id.len() <= MAX_MESSAGE_ID_LEN => {
+                        sink.out.message_id = Some(id);
+                    }
+                    _ => {
+                        return Err(sink.fail(invalid(format!(
+                            "{}: must be a string of 1 to {MAX_MESSAGE_ID_LEN} bytes",
+                            field_path(&prefix(), "msg_id")
+                        ))));
+                    }
+                },
+                "values" => {
+                    if !nested && let Some(flat) = sink.out.readings.get(before) {
+                        return Err(sink.fail(invalid(format!(
+                            "{}: unexpected beside \"values\"",
+                            field_path(&prefix(), &flat.metric)
+                        ))));
+                    }
+                    nested = true;
+                    map.next_value_seed(Values {
+                        sink: &mut *sink,
+                        index,
+                    })?;
+                }
+                other if nested => {
+                    return Err(sink.fail(invalid(format!(
+                        "{}: unexpected beside \"values\"",
+                        field_path(&prefix(), other)
+                    ))));
+                }
+                _ => {
+                    let metric = key.into_owned();
+                    let value = map.next_value()?;
+                    sink.push(metric, value, |metric| field_path(&prefix(), metric))?;
+                }
+            }
+        }
+        let readings = &mut sink.out.readings[before..];
+        if readings.is_empty() {
+            let at = match index {
+                Some(_) => prefix(),
+                None => "body".to_owned(),
+            };
+            return Err(sink.fail(invalid(format!("{at}: no readings in the message"))));
+        }
+        if let Some(metric) = repeated_metric(readings) {
+            let at = if nested {
+                field_path(&prefix(), "values")
+            } else {
+                prefix()
+            };
+            let message = format!("{}: given twice in one message", field_path(&at, metric));
+            return Err(sink.fail(invalid(message)));
+        }
+        let ts_us = ts_us.unwrap_or(sink.received_at_us);
+        for reading in readings {
+            reading.ts_us = ts_us;
+        }
+        Ok(())
+    }
+}
+
+impl OneMessage<'_, '_> {
+    fn wrong_kind<E: de::Error>(self) -> E {
+        let at = match self.index {
+            Some(index) => format!("[{index}]"),
+            None => "body".to_owned(),
+        };
+        self.sink.fail(invalid(format!("{at}: must be an object")))
+    }
+}
+
+/// The `values` object of a message: every key is a metric.
+struct Values<'s, 'a> {
+    sink: &'s mut Sink<'a>,
+    index: Option<usize>,
+}
+
+impl<'de> DeserializeSeed<'de> for Values<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Values<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("an object")
+    }
+
+    refuse_scalars!();
+
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(self.wrong_kind())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let values_prefix = || field_path(&message_prefix(self.index), "values");
+        while let Some(key) = map.next_key::<Key>()? {
+            let metric = key.into_owned();
+            let value = map.next_value()?;
+            self.sink
+                .push(metric, value, |metric| field_path(&values_prefix(), metric))?;
+        }
+        Ok(())
+    }
+}
+
+impl Values<'_, '_> {
+    fn wrong_kind<E: de::Error>(self) -> E {
+        let at = field_path(&message_prefix(self.index), "values");
+        self.sink.fail(invalid(format!("{at}: must be an object")))
+    }
+}
+
+/// Parses a device message (one JSON object or an array of them) into readings. The body
+/// is read once, straight into readings, without a JSON tree in between.
 pub fn parse_json_message(
     body: &[u8],
     received_at_us: i64,
     limit: usize,
 ) -> Result<Parsed, ParseError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|error| ParseError::Malformed(error.to_string()))?;
+    let failure = Failure::default();
     let mut parsed = Parsed::default();
-    match value {
-        Value::Object(message) => parse_message(None, message, received_at_us, &mut parsed, limit)?,
-        Value::Array(messages) if !messages.is_empty() => {
-            for (index, message) in messages.into_iter().enumerate() {
-                let Value::Object(message) = message else {
-                    return Err(invalid(format!("[{index}]: must be an object")));
-                };
-                parse_message(Some(index), message, received_at_us, &mut parsed, limit)?;
-            }
-        }
-        Value::Array(_) => return Err(invalid("body: empty array".into())),
-        _ => {
-            return Err(invalid(
-                "body: must be an object or an array of objects".into(),
-            ));
-        }
+    let mut sink = Sink {
+        out: &mut parsed,
+        failure: &failure,
+        received_at_us,
+        limit,
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let read = deserializer
+        .deserialize_any(Body(&mut sink))
+        .and_then(|()| deserializer.end());
+    match read {
+        Ok(()) => Ok(parsed),
+        Err(error) => Err(failure
+            .take()
+            .unwrap_or_else(|| ParseError::Malformed(error.to_string()))),
     }
-    Ok(parsed)
 }
 
 /// Parses SenML JSON (RFC 8428): base name and base time apply to the records that follow;
@@ -529,6 +785,15 @@ mod tests {
             (r#"[{"a": 1}, {"values": {"a": 1}, "b": 2}]"#, "[1].b:"),
             (r#"[{"a": 1}, {"ts": 1}]"#, "[1]: no readings"),
             (r#"[{"a": 1}, {"msg_id": 7, "a": 1}]"#, "[1].msg_id:"),
+            (r#"{"b": 2, "values": {"a": 1}}"#, "b:"),
+            (r#"{"a": 1, "a": 2}"#, "a: given twice"),
+            (
+                r#"[{"a": 1}, {"values": {"b": 1, "b": 2}}]"#,
+                "[1].values.b: given twice",
+            ),
+            (r#"{"values": [1]}"#, "values:"),
+            (r#"[{"a": 1}, null]"#, "[1]:"),
+            (r#"{"\u0074emp": 1, "x\u0020y": 2}"#, "x y:"),
         ];
         for (body, expected) in cases {
             match parse(body) {
@@ -539,6 +804,39 @@ mod tests {
             }
         }
         assert!(matches!(parse("{not json"), Err(ParseError::Malformed(_))));
+    }
+
+    #[test]
+    fn keys_come_in_any_order_and_escaped_names_are_decoded() {
+        let parsed = parse(r#"{"temp": 1, "msg_id": "k", "ts": 5}"#).unwrap();
+        assert_eq!(parsed.readings[0].ts_us, 5_000);
+        assert_eq!(parsed.message_id.as_deref(), Some("k"));
+        let parsed = parse(r#"{"values": {"\u0074emp": 1}, "ts": 5}"#).unwrap();
+        assert_eq!(parsed.readings[0].metric, "temp");
+        assert_eq!(parsed.readings[0].ts_us, 5_000);
+        // A repeat is found in a message of many metrics too.
+        let many: Vec<String> = (0..40).map(|index| format!(r#""m{index}": 1"#)).collect();
+        let body = format!(r#"{{{}, "m7": 2}}"#, many.join(","));
+        match parse_json_message(body.as_bytes(), NOW, 1000) {
+            Err(ParseError::Invalid(message)) => assert!(message.starts_with("m7:"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_first_fault_in_the_body_is_the_one_reported() {
+        assert!(matches!(
+            parse(r#"{"a": 1,"#),
+            Err(ParseError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"a": 1} x"#),
+            Err(ParseError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"a": null,"#),
+            Err(ParseError::Invalid(_))
+        ));
     }
 
     #[test]
