@@ -31,7 +31,8 @@ pub struct Config {
     pub http_workers: usize,
     /// PostgreSQL connection URL; every service keeps its own schema in this database.
     pub database_url: SecretString,
-    /// Maximum connections in each process's Postgres pool.
+    /// Maximum connections in each process's Postgres pool. query-api's read pool is split
+    /// among its HTTP workers, each worker reading through its own share.
     pub database_pool_size: usize,
     /// NATS server URL (JetStream must be enabled).
     pub nats_url: String,
@@ -206,6 +207,14 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The HTTP worker threads to start: `http_workers`, or one per core.
+    pub fn http_worker_count(&self) -> usize {
+        match self.http_workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+
     /// Defaults, then the TOML file named by `FIELDLINE_CONFIG` (if any), then `FIELDLINE_*`.
     pub fn load() -> Result<Self, ConfigError> {
         let file = std::env::var("FIELDLINE_CONFIG").ok();

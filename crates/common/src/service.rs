@@ -153,12 +153,7 @@ pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<Htt
     let metrics = web::Data::new(telemetry::metrics_handle());
     let readiness = web::Data::new(readiness);
     let body_limit = BodyLimit(context.config.ingest_max_body_bytes);
-    let workers = match context.config.http_workers {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2),
-        n => n,
-    };
+    let workers = context.config.http_worker_count();
     let server = HttpServer::new(move || {
         let mut app = App::new()
             .app_data(auth.clone())

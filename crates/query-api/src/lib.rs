@@ -14,7 +14,14 @@ mod writer;
 pub use routes::ROUTES;
 pub use writer::CONSUMER as WRITER_CONSUMER;
 
-use std::{str::FromStr, sync::Arc, time::Duration};
+use std::{
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use actix_web::web;
 use anyhow::Context as _;
@@ -37,16 +44,31 @@ pub(crate) struct State {
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let pool = context.db().await?;
     fieldline_common::db::migrate(&pool, "telemetry", embedded::migrations::runner()).await?;
-    let repo = Repo::new(pool, query_pool(&context.config)?);
+    let workers = context.config.http_worker_count();
+    let per_worker = context.config.database_pool_size.div_ceil(workers);
+    let read_pools = (0..workers)
+        .map(|_| query_pool(&context.config, per_worker))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let repo = Repo::new(pool, read_pools[0].clone());
     maintenance::start(context, repo.clone());
     writer::start(context, repo.clone()).await?;
 
-    let state = web::Data::new(State {
-        repo,
-        context: context.clone(),
-    });
+    // Each HTTP worker (a thread of its own) reads through a pool of its own. A connection's
+    // I/O runs on the thread that opened it, so a request never waits on another thread's
+    // wake-up for its rows.
+    let states: Vec<web::Data<State>> = read_pools
+        .into_iter()
+        .map(|read_pool| {
+            web::Data::new(State {
+                repo: repo.with_query_pool(read_pool),
+                context: context.clone(),
+            })
+        })
+        .collect();
+    let next = AtomicUsize::new(0);
     let routes = Arc::new(move |cfg: &mut web::ServiceConfig| {
-        cfg.app_data(state.clone());
+        let worker = next.fetch_add(1, Ordering::Relaxed);
+        cfg.app_data(states[worker % states.len()].clone());
         routes::configure(cfg);
     });
     Ok(Service {
@@ -58,7 +80,7 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
 
 /// The pool of the read routes: its own connections, each with `statement_timeout`, so the
 /// writer (on the process's shared pool) is never cancelled and a heavy read cannot run on.
-fn query_pool(config: &Config) -> anyhow::Result<Pool> {
+fn query_pool(config: &Config, size: usize) -> anyhow::Result<Pool> {
     let mut pg_config = tokio_postgres::Config::from_str(config.database_url.expose_secret())
         .context("FIELDLINE_DATABASE_URL is not a valid PostgreSQL URL")?;
     pg_config.options(format!(
@@ -73,7 +95,7 @@ fn query_pool(config: &Config) -> anyhow::Result<Pool> {
         },
     );
     Pool::builder(manager)
-        .max_size(config.database_pool_size)
+        .max_size(size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(Duration::from_secs(5)))
         .create_timeout(Some(Duration::from_secs(5)))

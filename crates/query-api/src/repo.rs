@@ -242,6 +242,14 @@ impl Repo {
         }
     }
 
+    /// The same repository reading through `query_pool`.
+    pub fn with_query_pool(&self, query_pool: Pool) -> Self {
+        Self {
+            query_pool,
+            ..self.clone()
+        }
+    }
+
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
