@@ -7,8 +7,8 @@ use fieldline_common::{
     ApiError,
     time::{format_rfc3339, from_us},
 };
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde::{Serialize, Serializer, ser::SerializeMap};
+use serde_json::Value;
 
 use crate::domain::{AggFn, AggregateSpec, Fill, Interval, SourceChoice};
 
@@ -166,17 +166,56 @@ pub fn check_numeric(
     Ok(())
 }
 
-/// The buckets of one series as the API shows them: `[{"ts": …, "avg": …}, …]`, every bucket
-/// of the range when `fill` is `null` or `previous`, only those with readings when `none`.
-/// Returns at most `max` buckets (and whether more were cut).
-pub fn render(buckets: &Buckets, spec: &AggregateSpec, max: usize) -> (Vec<Value>, bool) {
-    let bucket_value = |ts_us: i64, partial: &Partial| {
-        let mut object = Map::new();
-        object.insert("ts".into(), Value::String(format_rfc3339(&from_us(ts_us))));
-        for function in &spec.fns {
-            object.insert(function.name().into(), partial.value(*function));
+/// No readings: what a filled bucket shows when there is nothing before it to repeat.
+const NOTHING: Partial = Partial {
+    count: 0,
+    num_count: 0,
+    sum: None,
+    min: None,
+    max: None,
+    first: None,
+    last: None,
+};
+
+/// One bucket as the API shows it, `{"ts": …, "avg": …}`, serialized straight into the
+/// response without a JSON tree in between.
+pub struct BucketOut<'a> {
+    ts_us: i64,
+    /// Where the values come from: the bucket's own partial, or for a filled bucket the last
+    /// one before it (`fill=previous`) or nothing.
+    partial: &'a Partial,
+    /// A bucket without readings: its count is 0, whatever it repeats.
+    filled: bool,
+    fns: &'a [AggFn],
+}
+
+impl Serialize for BucketOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(1 + self.fns.len()))?;
+        map.serialize_entry("ts", &format_rfc3339(&from_us(self.ts_us)))?;
+        for function in self.fns {
+            match function {
+                AggFn::Count if self.filled => map.serialize_entry("count", &0)?,
+                _ => map.serialize_entry(function.name(), &self.partial.value(*function))?,
+            }
         }
-        object
+        map.end()
+    }
+}
+
+/// The buckets of one series as the API shows them: every bucket of the range when `fill`
+/// is `null` or `previous`, only those with readings when `none`. Returns at most `max`
+/// buckets (and whether more were cut).
+pub fn render<'a>(
+    buckets: &'a Buckets,
+    spec: &'a AggregateSpec,
+    max: usize,
+) -> (Vec<BucketOut<'a>>, bool) {
+    let bucket = |ts_us: i64, partial: &'a Partial, filled: bool| BucketOut {
+        ts_us,
+        partial,
+        filled,
+        fns: &spec.fns,
     };
     let mut out = Vec::new();
     if spec.end_us <= spec.start_us {
@@ -187,39 +226,86 @@ pub fn render(buckets: &Buckets, spec: &AggregateSpec, max: usize) -> (Vec<Value
             if out.len() == max {
                 return (out, true);
             }
-            out.push(Value::Object(bucket_value(*ts_us, partial)));
+            out.push(bucket(*ts_us, partial, false));
         }
         return (out, false);
     }
     let width = spec.interval.micros();
-    let mut previous: Option<Map<String, Value>> = None;
+    let mut previous: Option<&Partial> = None;
     let mut ts_us = spec.interval.floor(spec.start_us);
     while ts_us < spec.end_us {
         if out.len() == max {
             return (out, true);
         }
-        let object = match buckets.get(&ts_us) {
+        out.push(match buckets.get(&ts_us) {
             Some(partial) => {
-                let object = bucket_value(ts_us, partial);
-                previous = Some(object.clone());
-                object
+                previous = Some(partial);
+                bucket(ts_us, partial, false)
             }
-            None => {
-                let mut object = match (&previous, spec.fill) {
-                    (Some(previous), Fill::Previous) => previous.clone(),
-                    _ => bucket_value(ts_us, &Partial::default()),
-                };
-                object.insert("ts".into(), Value::String(format_rfc3339(&from_us(ts_us))));
-                if object.contains_key("count") {
-                    object.insert("count".into(), Value::from(0));
-                }
-                object
-            }
-        };
-        out.push(Value::Object(object));
+            None => match (previous, spec.fill) {
+                (Some(previous), Fill::Previous) => bucket(ts_us, previous, true),
+                _ => bucket(ts_us, &NOTHING, true),
+            },
+        });
         ts_us += width;
     }
     (out, false)
+}
+
+/// The series of an aggregate answer: `{"metric": …, "buckets": […]}`, with `device_id` in
+/// answers that span devices.
+#[derive(Serialize)]
+pub struct SeriesOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<&'a str>,
+    pub metric: &'a str,
+    pub buckets: Vec<BucketOut<'a>>,
+}
+
+/// An aggregate answer. `device_id` is there for one device's route; `limit` and
+/// `truncated` for the query route.
+#[derive(Serialize)]
+pub struct AggregateOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<&'a str>,
+    pub start: String,
+    pub end: String,
+    pub interval: String,
+    #[serde(rename = "fn")]
+    pub fns: Vec<&'static str>,
+    pub fill: &'static str,
+    pub sources: Vec<&'static str>,
+    pub series: Vec<SeriesOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<bool>,
+}
+
+impl<'a> AggregateOut<'a> {
+    /// The answer's header for `spec`, with the tables read; no series yet.
+    pub fn new(spec: &AggregateSpec, sources: &[Source]) -> Self {
+        Self {
+            device_id: None,
+            start: format_rfc3339(&from_us(spec.start_us)),
+            end: format_rfc3339(&from_us(spec.end_us)),
+            interval: spec.interval.label(),
+            fns: spec.fns.iter().map(|f| f.name()).collect(),
+            fill: fill_name(spec.fill),
+            sources: sources.iter().map(|s| s.name()).collect(),
+            series: Vec::new(),
+            limit: None,
+            truncated: None,
+        }
+    }
+}
+
+pub fn fill_name(fill: Fill) -> &'static str {
+    match fill {
+        Fill::None => "none",
+        Fill::Null => "null",
+        Fill::Previous => "previous",
+    }
 }
 
 /// Partials of every series in `series_ids` over the spec's range, each bucket combined from
@@ -351,5 +437,70 @@ mod tests {
         assert_eq!(a.value(AggFn::First), serde_json::json!(-4.0));
         assert_eq!(a.value(AggFn::Last), serde_json::json!(2.0));
         assert_eq!(Partial::default().value(AggFn::Avg), Value::Null);
+    }
+
+    #[test]
+    fn fill_modes_render_every_bucket_or_only_those_with_readings() {
+        let spec = |fill: &str| {
+            AggregateSpec::new(
+                Some("2026-01-01T00:00:00Z"),
+                Some("2026-01-01T00:04:00Z"),
+                Some("1m"),
+                Some("count,avg"),
+                Some(fill),
+                None,
+                chrono::Utc::now(),
+            )
+            .unwrap()
+        };
+        let mut buckets = Buckets::new();
+        buckets.insert(
+            T + 60_000_000,
+            Partial {
+                count: 2,
+                num_count: 2,
+                sum: Some(5.0),
+                ..Partial::default()
+            },
+        );
+        let rendered = |fill: &str, max: usize| {
+            let spec = spec(fill);
+            let (out, cut) = render(&buckets, &spec, max);
+            (serde_json::to_value(&out).unwrap(), cut)
+        };
+        let bucket = |minute: i64, count: i64, avg: Value| {
+            serde_json::json!({
+                "ts": format_rfc3339(&from_us(T + minute * 60_000_000)),
+                "count": count,
+                "avg": avg,
+            })
+        };
+        let (none, cut) = rendered("none", 10);
+        assert_eq!(none, serde_json::json!([bucket(1, 2, 2.5.into())]));
+        assert!(!cut);
+        let (null, _) = rendered("null", 10);
+        assert_eq!(
+            null,
+            serde_json::json!([
+                bucket(0, 0, Value::Null),
+                bucket(1, 2, 2.5.into()),
+                bucket(2, 0, Value::Null),
+                bucket(3, 0, Value::Null),
+            ])
+        );
+        // A filled bucket repeats the values before it, but holds no readings of its own.
+        let (previous, _) = rendered("previous", 10);
+        assert_eq!(
+            previous,
+            serde_json::json!([
+                bucket(0, 0, Value::Null),
+                bucket(1, 2, 2.5.into()),
+                bucket(2, 0, 2.5.into()),
+                bucket(3, 0, 2.5.into()),
+            ])
+        );
+        let (first_two, cut) = rendered("null", 2);
+        assert_eq!(first_two.as_array().unwrap().len(), 2);
+        assert!(cut);
     }
 }

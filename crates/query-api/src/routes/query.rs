@@ -8,11 +8,10 @@ use fieldline_common::{
     auth::{ApiKey, ScopeLevel},
     envelope,
     extract::Json,
-    time::{format_rfc3339, from_us},
 };
 use serde_json::{Value, json};
 
-use crate::{State, aggregate, domain::MultiQueryIn, routes::readings::fill_name};
+use crate::{State, aggregate, domain::MultiQueryIn};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/api/v1/query").route(web::post().to(query)));
@@ -82,7 +81,7 @@ async fn query(
     let ids: Vec<i32> = series.values().copied().collect();
     let (buckets, sources) = aggregate::fetch(&state.repo, &ids, spec).await?;
     let empty = aggregate::Buckets::new();
-    let mut out = Vec::new();
+    let mut out = aggregate::AggregateOut::new(spec, &sources);
     let mut rows = 0usize;
     let mut truncated = false;
     for (device, metric) in pairs {
@@ -97,17 +96,13 @@ async fn query(
         let (rendered, cut) = aggregate::render(of_series, spec, query.limit - rows);
         rows += rendered.len();
         truncated = cut;
-        out.push(json!({"device_id": device, "metric": metric, "buckets": rendered}));
+        out.series.push(aggregate::SeriesOut {
+            device_id: Some(device),
+            metric,
+            buckets: rendered,
+        });
     }
-    Ok(envelope::ok(&json!({
-        "start": format_rfc3339(&from_us(spec.start_us)),
-        "end": format_rfc3339(&from_us(spec.end_us)),
-        "interval": spec.interval.label(),
-        "fn": spec.fns.iter().map(|f| f.name()).collect::<Vec<_>>(),
-        "fill": fill_name(spec.fill),
-        "sources": sources.iter().map(|s| s.name()).collect::<Vec<_>>(),
-        "series": out,
-        "limit": query.limit,
-        "truncated": truncated,
-    })))
+    out.limit = Some(query.limit);
+    out.truncated = Some(truncated);
+    Ok(envelope::ok(&out))
 }

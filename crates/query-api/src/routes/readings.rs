@@ -9,9 +9,8 @@ use fieldline_common::{
     auth::{ApiKey, ScopeLevel},
     envelope::{self},
     extract::Query,
-    time::{MAX_TIME_US, MIN_TIME_US, format_rfc3339, from_us},
+    time::{MAX_TIME_US, MIN_TIME_US},
 };
-use serde_json::json;
 
 use crate::{
     State, aggregate,
@@ -139,7 +138,8 @@ async fn aggregate(
     let ids: Vec<i32> = series.iter().map(|s| s.series_id).collect();
     let (buckets, sources) = aggregate::fetch(&state.repo, &ids, &spec).await?;
     let empty = aggregate::Buckets::new();
-    let mut out = Vec::with_capacity(metrics.len());
+    let mut out = aggregate::AggregateOut::new(&spec, &sources);
+    out.device_id = Some(device_id.as_str());
     for metric in &metrics {
         let of_metric = series
             .iter()
@@ -148,26 +148,13 @@ async fn aggregate(
             .unwrap_or(&empty);
         aggregate::check_numeric(metric, of_metric, &spec)?;
         let (rendered, _) = aggregate::render(of_metric, &spec, usize::MAX);
-        out.push(json!({"metric": metric, "buckets": rendered}));
+        out.series.push(aggregate::SeriesOut {
+            device_id: None,
+            metric,
+            buckets: rendered,
+        });
     }
-    Ok(envelope::ok(&json!({
-        "device_id": device_id.as_str(),
-        "start": format_rfc3339(&from_us(spec.start_us)),
-        "end": format_rfc3339(&from_us(spec.end_us)),
-        "interval": spec.interval.label(),
-        "fn": spec.fns.iter().map(|f| f.name()).collect::<Vec<_>>(),
-        "fill": fill_name(spec.fill),
-        "sources": sources.iter().map(|s| s.name()).collect::<Vec<_>>(),
-        "series": out,
-    })))
-}
-
-pub fn fill_name(fill: crate::domain::Fill) -> &'static str {
-    match fill {
-        crate::domain::Fill::None => "none",
-        crate::domain::Fill::Null => "null",
-        crate::domain::Fill::Previous => "previous",
-    }
+    Ok(envelope::ok(&out))
 }
 
 async fn metrics(
