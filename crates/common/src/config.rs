@@ -31,8 +31,9 @@ pub struct Config {
     pub http_workers: usize,
     /// PostgreSQL connection URL; every service keeps its own schema in this database.
     pub database_url: SecretString,
-    /// Maximum connections in each process's Postgres pool. query-api's read pool is split
-    /// among its HTTP workers, each worker reading through its own share.
+    /// Maximum connections in each process's Postgres pool. query-api splits its read
+    /// connections among its HTTP workers, each worker reading through its own share (of at
+    /// least 4; with fewer per worker, workers share pools).
     pub database_pool_size: usize,
     /// NATS server URL (JetStream must be enabled).
     pub nats_url: String,

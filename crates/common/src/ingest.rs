@@ -333,6 +333,11 @@ impl<'de> Visitor<'de> for OneMessage<'_, '_> {
             match key.as_str() {
                 "ts" => {
                     let value: Value = map.next_value()?;
+                    if value.is_null() {
+                        // `"ts": null` means what no ts means: arrival time.
+                        ts_us = None;
+                        continue;
+                    }
                     let parsed = parse_reading_time(&value).ok_or_else(|| {
                         sink.fail(invalid(format!(
                             "{}: must be RFC 3339 or epoch milliseconds between 1970 and 9999",
@@ -352,8 +357,14 @@ impl<'de> Visitor<'de> for OneMessage<'_, '_> {
                         ))));
                     }
                 },
+                "values" if nested => {
+                    return Err(sink.fail(invalid(format!(
+                        "{}: given twice in one message",
+                        field_path(&prefix(), "values")
+                    ))));
+                }
                 "values" => {
-                    if !nested && let Some(flat) = sink.out.readings.get(before) {
+                    if let Some(flat) = sink.out.readings.get(before) {
                         return Err(sink.fail(invalid(format!(
                             "{}: unexpected beside \"values\"",
                             field_path(&prefix(), &flat.metric)
@@ -759,9 +770,10 @@ mod tests {
 
     #[test]
     fn missing_ts_is_arrival_time_and_arrays_keep_each_ts() {
-        let parsed = parse(r#"[{"a": 1}, {"ts": 5, "a": 2}]"#).unwrap();
+        let parsed = parse(r#"[{"a": 1}, {"ts": 5, "a": 2}, {"ts": null, "a": 3}]"#).unwrap();
         assert_eq!(parsed.readings[0].ts_us, NOW);
         assert_eq!(parsed.readings[1].ts_us, 5_000);
+        assert_eq!(parsed.readings[2].ts_us, NOW);
     }
 
     #[test]
@@ -792,6 +804,10 @@ mod tests {
                 "[1].values.b: given twice",
             ),
             (r#"{"values": [1]}"#, "values:"),
+            (
+                r#"{"values": {"a": 1}, "values": {"b": 2}}"#,
+                "values: given twice",
+            ),
             (r#"[{"a": 1}, null]"#, "[1]:"),
             (r#"{"\u0074emp": 1, "x\u0020y": 2}"#, "x y:"),
         ];

@@ -44,18 +44,20 @@ pub(crate) struct State {
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let pool = context.db().await?;
     fieldline_common::db::migrate(&pool, "telemetry", embedded::migrations::runner()).await?;
-    let workers = context.config.http_worker_count();
-    let per_worker = context.config.database_pool_size.div_ceil(workers);
-    let read_pools = (0..workers)
-        .map(|_| query_pool(&context.config, per_worker))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let read_pools = read_pool_sizes(
+        context.config.database_pool_size,
+        context.config.http_worker_count(),
+    )
+    .into_iter()
+    .map(|size| query_pool(&context.config, size))
+    .collect::<anyhow::Result<Vec<_>>>()?;
     let repo = Repo::new(pool, read_pools[0].clone());
     maintenance::start(context, repo.clone());
     writer::start(context, repo.clone()).await?;
 
-    // Each HTTP worker (a thread of its own) reads through a pool of its own. A connection's
-    // I/O runs on the thread that opened it, so a request never waits on another thread's
-    // wake-up for its rows.
+    // Each HTTP worker (a thread of its own) reads through a pool of its own where the
+    // connections go round. A connection's I/O runs on the thread that opened it, so a
+    // request then never waits on another thread's wake-up for its rows.
     let states: Vec<web::Data<State>> = read_pools
         .into_iter()
         .map(|read_pool| {
@@ -76,6 +78,20 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
         routes: Some(routes),
         ready: None,
     })
+}
+
+/// Fewest connections in one read pool: an export holds one for as long as its client
+/// reads, and the worker's other requests need the rest.
+const MIN_READ_POOL: usize = 4;
+
+/// The sizes of the read pools: `total` connections split among one pool per HTTP worker,
+/// or among fewer pools (shared by workers in turn) when each would get under
+/// [`MIN_READ_POOL`]. The sizes add up to `total`.
+fn read_pool_sizes(total: usize, workers: usize) -> Vec<usize> {
+    let pools = (total / MIN_READ_POOL).clamp(1, workers.max(1));
+    (0..pools)
+        .map(|index| total / pools + usize::from(index < total % pools))
+        .collect()
 }
 
 /// The pool of the read routes: its own connections, each with `statement_timeout`, so the
@@ -102,4 +118,19 @@ fn query_pool(config: &Config, size: usize) -> anyhow::Result<Pool> {
         .recycle_timeout(Some(Duration::from_secs(5)))
         .build()
         .context("building the query pool")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_pools_add_up_to_the_configured_size() {
+        assert_eq!(read_pool_sizes(16, 2), vec![8, 8]);
+        assert_eq!(read_pool_sizes(16, 3), vec![6, 5, 5]);
+        // 32 workers share 4 pools of 4 rather than hold 1 connection each.
+        assert_eq!(read_pool_sizes(16, 32), vec![4, 4, 4, 4]);
+        assert_eq!(read_pool_sizes(2, 8), vec![2]);
+        assert_eq!(read_pool_sizes(1, 1), vec![1]);
+    }
 }
