@@ -263,6 +263,7 @@ impl<'de> Visitor<'de> for Body<'_, '_> {
         OneMessage {
             sink: self.0,
             index: None,
+            values: false,
         }
         .visit_map(map)
     }
@@ -273,6 +274,7 @@ impl<'de> Visitor<'de> for Body<'_, '_> {
             .next_element_seed(OneMessage {
                 sink: &mut *self.0,
                 index: Some(index),
+                values: false,
             })?
             .is_some()
         {
@@ -300,6 +302,8 @@ struct OneMessage<'s, 'a> {
     sink: &'s mut Sink<'a>,
     /// Where the message sits in an array; `None` for a lone object.
     index: Option<usize>,
+    /// The message's `values` object rather than the message: every key is a metric.
+    values: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for OneMessage<'_, '_> {
@@ -324,7 +328,10 @@ impl<'de> Visitor<'de> for OneMessage<'_, '_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let OneMessage { sink, index } = self;
+        if self.values {
+            return self.visit_values(map);
+        }
+        let OneMessage { sink, index, .. } = self;
         let prefix = || message_prefix(index);
         let before = sink.out.readings.len();
         let mut ts_us = None;
@@ -371,9 +378,10 @@ impl<'de> Visitor<'de> for OneMessage<'_, '_> {
                         ))));
                     }
                     nested = true;
-                    map.next_value_seed(Values {
+                    map.next_value_seed(OneMessage {
                         sink: &mut *sink,
                         index,
+                        values: true,
                     })?;
                 }
                 other if nested => {
@@ -415,43 +423,8 @@ impl<'de> Visitor<'de> for OneMessage<'_, '_> {
 }
 
 impl OneMessage<'_, '_> {
-    fn wrong_kind<E: de::Error>(self) -> E {
-        let at = match self.index {
-            Some(index) => format!("[{index}]"),
-            None => "body".to_owned(),
-        };
-        self.sink.fail(invalid(format!("{at}: must be an object")))
-    }
-}
-
-/// The `values` object of a message: every key is a metric.
-struct Values<'s, 'a> {
-    sink: &'s mut Sink<'a>,
-    index: Option<usize>,
-}
-
-impl<'de> DeserializeSeed<'de> for Values<'_, '_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Values<'_, '_> {
-    type Value = ();
-
-    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-        formatter.write_str("an object")
-    }
-
-    refuse_scalars!();
-
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Err(self.wrong_kind())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    /// The metrics of a `values` object.
+    fn visit_values<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let values_prefix = || field_path(&message_prefix(self.index), "values");
         while let Some(key) = map.next_key::<Key>()? {
             let metric = key.into_owned();
@@ -461,11 +434,13 @@ impl<'de> Visitor<'de> for Values<'_, '_> {
         }
         Ok(())
     }
-}
 
-impl Values<'_, '_> {
     fn wrong_kind<E: de::Error>(self) -> E {
-        let at = field_path(&message_prefix(self.index), "values");
+        let at = match (self.index, self.values) {
+            (index, true) => field_path(&message_prefix(index), "values"),
+            (Some(index), false) => format!("[{index}]"),
+            (None, false) => "body".to_owned(),
+        };
         self.sink.fail(invalid(format!("{at}: must be an object")))
     }
 }
