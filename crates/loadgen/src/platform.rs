@@ -105,6 +105,13 @@ impl Platform {
         extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Child> {
         let mut command = Command::new(binary);
+        // The load generator's own settings are not the platform's: its configuration
+        // refuses FIELDLINE_ variables it does not know.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("FIELDLINE_BENCH_") {
+                command.env_remove(key);
+            }
+        }
         command
             .args(["serve", "--services", service])
             .env("FIELDLINE_HTTP_ADDR", format!("127.0.0.1:{port}"))

@@ -623,6 +623,75 @@ impl Repo {
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        // Per webhook, in attempt order: a success resets the run of failures, each failure
+        // after the last success extends it.
+        let mut runs: Vec<(&str, &str, bool, i32, bool)> = Vec::new(); // (webhook, project, reset, failures, gone)
+        for (claimed, _, next) in outcomes {
+            let index = match runs.iter().position(|(id, ..)| *id == claimed.webhook_id) {
+                Some(index) => index,
+                None => {
+                    runs.push((&claimed.webhook_id, &claimed.project, false, 0, false));
+                    runs.len() - 1
+                }
+            };
+            let run = &mut runs[index];
+            match next {
+                Next::Succeeded => {
+                    run.2 = true;
+                    run.3 = 0;
+                }
+                Next::Failed => run.3 += 1,
+                Next::Gone => run.4 = true,
+                Next::RetryAt(_) => {}
+            }
+        }
+        // Webhook rows are locked first, in id order, and only then their deliveries: the
+        // order in which deleting a webhook takes them. Two recorders, or a recorder and a
+        // deletion, cannot then wait on each other.
+        runs.sort_by(|a, b| a.0.cmp(b.0));
+        let mut disabled = Vec::new();
+        let reason = format!("disabled after {disable_after} consecutive failed deliveries");
+        for (webhook_id, project, reset, failures, gone) in runs {
+            if reset && failures == 0 && !gone {
+                tx.execute(
+                    "UPDATE webhooks.webhooks SET consecutive_failures = 0 WHERE id = $1 AND consecutive_failures <> 0",
+                    &[&webhook_id],
+                )
+                .await?;
+                continue;
+            }
+            if failures > 0 {
+                let row = tx
+                    .query_opt(
+                        "UPDATE webhooks.webhooks SET
+                           consecutive_failures = CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5,
+                           enabled = CASE WHEN (CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5) >= $2 THEN false ELSE enabled END,
+                           disabled_reason = CASE WHEN enabled AND (CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5) >= $2 THEN $3 ELSE disabled_reason END,
+                           disabled_at = CASE WHEN enabled AND (CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5) >= $2 THEN now() ELSE disabled_at END
+                         WHERE id = $1 RETURNING enabled, disabled_at = now()",
+                        &[&webhook_id, &(disable_after as i32), &reason, &reset, &failures],
+                    )
+                    .await?;
+                if row.is_some_and(|row| {
+                    !row.get::<_, bool>(0) && row.get::<_, Option<bool>>(1).unwrap_or(false)
+                }) {
+                    disabled.push((project.to_owned(), webhook_id.to_owned()));
+                }
+            }
+            if gone {
+                let updated = tx
+                    .execute(
+                        "UPDATE webhooks.webhooks SET enabled = false, disabled_at = now(),
+                           disabled_reason = 'endpoint answered 410 Gone', updated_at = now()
+                         WHERE id = $1 AND enabled",
+                        &[&webhook_id],
+                    )
+                    .await?;
+                if updated == 1 {
+                    disabled.push((project.to_owned(), webhook_id.to_owned()));
+                }
+            }
+        }
         let ids: Vec<&str> = outcomes
             .iter()
             .map(|(c, _, _)| c.delivery_id.as_str())
@@ -675,73 +744,6 @@ impl Repo {
         )
         .await?;
 
-        // Per webhook, in attempt order: a success resets the run of failures, each failure
-        // after the last success extends it.
-        let mut runs: Vec<(&str, &str, bool, i32, bool)> = Vec::new(); // (webhook, project, reset, failures, gone)
-        for (claimed, _, next) in outcomes {
-            let index = match runs.iter().position(|(id, ..)| *id == claimed.webhook_id) {
-                Some(index) => index,
-                None => {
-                    runs.push((&claimed.webhook_id, &claimed.project, false, 0, false));
-                    runs.len() - 1
-                }
-            };
-            let run = &mut runs[index];
-            match next {
-                Next::Succeeded => {
-                    run.2 = true;
-                    run.3 = 0;
-                }
-                Next::Failed => run.3 += 1,
-                Next::Gone => run.4 = true,
-                Next::RetryAt(_) => {}
-            }
-        }
-        // Always lock webhook rows in the same order, so two writers cannot deadlock.
-        runs.sort_by(|a, b| a.0.cmp(b.0));
-        let mut disabled = Vec::new();
-        let reason = format!("disabled after {disable_after} consecutive failed deliveries");
-        for (webhook_id, project, reset, failures, gone) in runs {
-            if reset && failures == 0 && !gone {
-                tx.execute(
-                    "UPDATE webhooks.webhooks SET consecutive_failures = 0 WHERE id = $1 AND consecutive_failures <> 0",
-                    &[&webhook_id],
-                )
-                .await?;
-                continue;
-            }
-            if failures > 0 {
-                let row = tx
-                    .query_opt(
-                        "UPDATE webhooks.webhooks SET
-                           consecutive_failures = CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5,
-                           enabled = CASE WHEN (CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5) >= $2 THEN false ELSE enabled END,
-                           disabled_reason = CASE WHEN enabled AND (CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5) >= $2 THEN $3 ELSE disabled_reason END,
-                           disabled_at = CASE WHEN enabled AND (CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5) >= $2 THEN now() ELSE disabled_at END
-                         WHERE id = $1 RETURNING enabled, disabled_at = now()",
-                        &[&webhook_id, &(disable_after as i32), &reason, &reset, &failures],
-                    )
-                    .await?;
-                if row.is_some_and(|row| {
-                    !row.get::<_, bool>(0) && row.get::<_, Option<bool>>(1).unwrap_or(false)
-                }) {
-                    disabled.push((project.to_owned(), webhook_id.to_owned()));
-                }
-            }
-            if gone {
-                let updated = tx
-                    .execute(
-                        "UPDATE webhooks.webhooks SET enabled = false, disabled_at = now(),
-                           disabled_reason = 'endpoint answered 410 Gone', updated_at = now()
-                         WHERE id = $1 AND enabled",
-                        &[&webhook_id],
-                    )
-                    .await?;
-                if updated == 1 {
-                    disabled.push((project.to_owned(), webhook_id.to_owned()));
-                }
-            }
-        }
         tx.commit().await?;
         Ok(disabled)
     }
@@ -1024,6 +1026,75 @@ mod tests {
             1
         );
         assert_eq!(count("SELECT count(*) FROM webhooks.attempts").await, 1);
+        env.cleanup().await;
+    }
+
+    /// The order that used to deadlock: a deletion holds the webhook and wants the delivery
+    /// a recorder holds, while the recorder wants the webhook to count a failure. A third
+    /// session holding the webhook lines the two up.
+    #[tokio::test]
+    async fn a_deletion_and_a_failed_attempt_of_the_same_webhook_both_finish() {
+        let (env, repo) = queue().await;
+        let claimed = repo.claim(1, 8, &[], &[], LEASE).await.unwrap();
+        assert_eq!(ids(&claimed), ["a1"]);
+        let mut holder = env.pg().await;
+        let watcher = env.pg().await;
+        let waiting = || async {
+            loop {
+                let row = watcher
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                let n: i64 = row.get(0);
+                if n > 0 {
+                    return n;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let hold = holder.transaction().await.unwrap();
+        hold.execute(
+            "SELECT 1 FROM webhooks.webhooks WHERE id = 'a' FOR NO KEY UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+        let deletion = tokio::spawn({
+            let repo = repo.clone();
+            async move { repo.delete_webhooks("p", &["a".into()]).await }
+        });
+        assert_eq!(waiting().await, 1);
+        let record = AttemptRecord {
+            attempted_at: Utc::now(),
+            status_code: Some(500),
+            latency_ms: 3,
+            error: None,
+            snippet: None,
+        };
+        let recorder = tokio::spawn({
+            let repo = repo.clone();
+            let outcome = (claimed[0].clone(), record, Next::Failed);
+            async move { repo.finish_attempts(&[outcome], 10).await }
+        });
+        while waiting().await < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        hold.commit().await.unwrap();
+        assert_eq!(deletion.await.unwrap().unwrap(), ["a"]);
+        assert!(recorder.await.unwrap().unwrap().is_empty());
+        let left = watcher
+            .query_one(
+                "SELECT (SELECT count(*) FROM webhooks.deliveries WHERE webhook_id = 'a')
+                      + (SELECT count(*) FROM webhooks.attempts WHERE delivery_id = 'a1')",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(left.get::<_, i64>(0), 0);
         env.cleanup().await;
     }
 
