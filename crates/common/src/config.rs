@@ -95,6 +95,11 @@ pub struct Config {
     /// before Postgres cancels it; the client gets 503 `query_timeout`.
     #[serde(with = "humantime_serde")]
     pub query_statement_timeout: Duration,
+    /// Connections of each query-api read pool that one-statement reads (pages, latest
+    /// values, aggregates) share, their statements pipelined. The rest of the pool serves
+    /// exports, and reads while every shared connection is stalled behind a long statement.
+    /// At most the pool's size less one.
+    pub query_shared_connections: usize,
     /// Raw readings older than this are dropped (whole daily partitions once every project's
     /// retention has passed); a project's row in `telemetry.retention` overrides it. Unset
     /// keeps raw readings forever.
@@ -175,6 +180,7 @@ impl Default for Config {
             stream_duplicate_window: Duration::from_secs(120),
             writer_batch_size: 1000,
             query_statement_timeout: Duration::from_secs(10),
+            query_shared_connections: 1,
             readings_retention: None,
             rollups_retention: None,
             partition_maintenance_interval: Duration::from_secs(3600),
@@ -326,6 +332,9 @@ impl Config {
         }
         if self.query_statement_timeout.is_zero() {
             return invalid("query_statement_timeout", "must be more than 0".into());
+        }
+        if self.query_shared_connections == 0 {
+            return invalid("query_shared_connections", "must be at least 1".into());
         }
         if self.partition_maintenance_interval.is_zero() {
             return invalid(

@@ -7,6 +7,7 @@ mod domain;
 mod export;
 mod maintenance;
 mod moves;
+mod reads;
 mod repo;
 mod routes;
 mod writer;
@@ -29,7 +30,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use fieldline_common::{Config, Context, Service};
 use secrecy::ExposeSecret;
 
-use crate::repo::Repo;
+use crate::{reads::Reads, repo::Repo};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -44,25 +45,36 @@ pub(crate) struct State {
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let pool = context.db().await?;
     fieldline_common::db::migrate(&pool, "telemetry", embedded::migrations::runner()).await?;
-    let read_pools = read_pool_sizes(
+    let reads = read_pool_sizes(
         context.config.database_pool_size,
         context.config.http_worker_count(),
     )
     .into_iter()
-    .map(|size| query_pool(&context.config, size))
+    .map(|size| {
+        let shared = context
+            .config
+            .query_shared_connections
+            .min(size.saturating_sub(1))
+            .max(1);
+        Ok(Arc::new(Reads::new(
+            query_pool(&context.config, size)?,
+            shared,
+        )))
+    })
     .collect::<anyhow::Result<Vec<_>>>()?;
-    let repo = Repo::new(pool, read_pools[0].clone());
+    let repo = Repo::new(pool, Arc::clone(&reads[0]));
     maintenance::start(context, repo.clone());
     writer::start(context, repo.clone()).await?;
 
-    // Each HTTP worker (a thread of its own) reads through a pool of its own where the
-    // connections go round. A connection's I/O runs on the thread that opened it, so a
-    // request then never waits on another thread's wake-up for its rows.
-    let states: Vec<web::Data<State>> = read_pools
+    // Each HTTP worker (a thread of its own) reads through a pool of its own, mostly on the
+    // few connections its one-statement reads share (see `reads`). A connection's I/O runs
+    // on the thread that opened it, so a request then never waits on another thread's
+    // wake-up for its rows.
+    let states: Vec<web::Data<State>> = reads
         .into_iter()
-        .map(|read_pool| {
+        .map(|reads| {
             web::Data::new(State {
-                repo: repo.with_query_pool(read_pool),
+                repo: repo.with_reads(reads),
                 context: context.clone(),
             })
         })

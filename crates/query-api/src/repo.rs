@@ -1,8 +1,9 @@
 //! query-api's SQL, and nothing else does SQL.
 //!
-//! Two pools: the process's shared pool for the writer and maintenance, and a pool of its own
-//! for reads, whose connections carry `statement_timeout` so one heavy query cannot hold a
-//! connection (or the database) for long.
+//! Two kinds of pool: the process's shared pool for the writer and maintenance, and read pools
+//! (one per HTTP worker, see [`Reads`]) whose connections carry `statement_timeout`, so one
+//! heavy query cannot hold a connection (or the database) for long. One-statement reads share
+//! a few of a read pool's connections, pipelined.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -27,6 +28,7 @@ use crate::{
     aggregate::{Partial, Segment, Source},
     domain::{Interval, Order, Position, ReadingOut, ReadingsQuery},
     moves::{Moves, Stored},
+    reads::Reads,
 };
 
 /// Series ids cached by the writer; past this many the cache starts again (ids never change,
@@ -41,7 +43,7 @@ pub struct Repo {
     /// Writer and maintenance.
     pool: Pool,
     /// Reads, with `statement_timeout`.
-    query_pool: Pool,
+    reads: Arc<Reads>,
     series: Arc<Mutex<HashMap<SeriesKey, i32>>>,
     partitions: Arc<Mutex<HashSet<NaiveDate>>>,
     /// Raw readings before this (epoch µs) have been dropped by retention; the writer does
@@ -232,20 +234,20 @@ pub struct MetricOut {
 }
 
 impl Repo {
-    pub fn new(pool: Pool, query_pool: Pool) -> Self {
+    pub fn new(pool: Pool, reads: Arc<Reads>) -> Self {
         Self {
             pool,
-            query_pool,
+            reads,
             series: Arc::default(),
             partitions: Arc::default(),
             expired_before_us: Arc::new(AtomicI64::new(MIN_TIME_US)),
         }
     }
 
-    /// The same repository reading through `query_pool`.
-    pub fn with_query_pool(&self, query_pool: Pool) -> Self {
+    /// The same repository reading through `reads`.
+    pub fn with_reads(&self, reads: Arc<Reads>) -> Self {
         Self {
-            query_pool,
+            reads,
             ..self.clone()
         }
     }
@@ -255,7 +257,7 @@ impl Repo {
     }
 
     pub fn query_pool(&self) -> &Pool {
-        &self.query_pool
+        self.reads.pool()
     }
 
     pub fn set_expired_before(&self, ts_us: i64) {
@@ -449,7 +451,7 @@ impl Repo {
                 return Ok(series);
             }
         }
-        let client = self.query_pool.get().await?;
+        let client = self.reads.client().await?;
         let statement = client
             .prepare_cached(
                 "SELECT series_id, metric FROM telemetry.series
@@ -497,7 +499,7 @@ impl Repo {
         device_id: &str,
         query: &ReadingsQuery,
     ) -> Result<Vec<(ReadingOut, Position)>, ApiError> {
-        let client = self.query_pool.get().await?;
+        let client = self.reads.client().await?;
         let mut start = query.start.unwrap_or_else(|| from_us(MIN_TIME_US));
         let mut end = query.end.unwrap_or_else(|| from_us(MAX_TIME_US));
         let (after_ts, after_metric) = match &query.after {
@@ -591,7 +593,7 @@ impl Repo {
         device_id: &str,
         metrics: Option<&[String]>,
     ) -> Result<Vec<ReadingOut>, ApiError> {
-        let client = self.query_pool.get().await?;
+        let client = self.reads.client().await?;
         let metrics: Option<Vec<String>> = metrics.map(<[String]>::to_vec);
         let statement = client
             .prepare_cached(
@@ -622,7 +624,7 @@ impl Repo {
         project: &str,
         device_id: &str,
     ) -> Result<Vec<MetricOut>, ApiError> {
-        let client = self.query_pool.get().await?;
+        let client = self.reads.client().await?;
         let statement = client
             .prepare_cached(
                 "SELECT metric, first_ts, last_ts, count FROM telemetry.series
@@ -686,7 +688,7 @@ impl Repo {
                 segment.source.name()
             ),
         };
-        let client = self.query_pool.get().await?;
+        let client = self.reads.client().await?;
         let statement = client.prepare_cached(&sql).await.map_err(read_error)?;
         let seconds = interval.seconds as f64;
         let rows = client
@@ -735,7 +737,7 @@ impl Repo {
         end_us: i64,
         limit: i64,
     ) -> Result<Vec<(String, serde_json::Value)>, ApiError> {
-        let client = self.query_pool.get().await?;
+        let client = self.reads.client().await?;
         let statement = client
             .prepare_cached(
                 "SELECT ts, value_num, value_bool, value_text FROM telemetry.readings
@@ -763,7 +765,7 @@ impl Repo {
         devices: &[String],
         metrics: &[String],
     ) -> Result<HashMap<(String, String), i32>, ApiError> {
-        let client = self.query_pool.get().await?;
+        let client = self.reads.client().await?;
         let statement = client
             .prepare_cached(
                 "SELECT device_id, metric, series_id FROM telemetry.series
