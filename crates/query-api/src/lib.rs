@@ -51,11 +51,11 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     )
     .into_iter()
     .map(|size| {
+        // A pool of one keeps its connection for exports and shares none.
         let shared = context
             .config
             .query_shared_connections
-            .min(size.saturating_sub(1))
-            .max(1);
+            .min(size.saturating_sub(1));
         Ok(Arc::new(Reads::new(
             query_pool(&context.config, size)?,
             shared,

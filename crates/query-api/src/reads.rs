@@ -72,18 +72,27 @@ fn micros_since(epoch: Instant) -> u64 {
 }
 
 /// A live shared connection: its slot, and its users (the slot itself counted) when seen.
+#[derive(Clone)]
 struct Live {
     index: usize,
     client: Arc<Object>,
     users: usize,
 }
 
+#[derive(Default)]
+struct Pick {
+    best: Option<Live>,
+    stalled: Option<Live>,
+    empty: Option<usize>,
+}
+
 impl Reads {
-    /// `shared` connections of `pool` (at least one) carry the one-statement reads.
+    /// `shared` connections of `pool` carry the one-statement reads (with none, every read
+    /// takes a connection of its own).
     pub fn new(pool: Pool, shared: usize) -> Self {
         Self {
             pool,
-            slots: (0..shared.max(1)).map(|_| Slot::default()).collect(),
+            slots: (0..shared).map(|_| Slot::default()).collect(),
             filling: tokio::sync::Mutex::new(()),
             epoch: Instant::now(),
         }
@@ -95,67 +104,86 @@ impl Reads {
     }
 
     /// A connection for one statement: an idle shared one; else a new one in an empty slot;
-    /// else the shared one with the fewest statements waiting; and when every shared one has
-    /// stalled, one of its own from the pool. A closed connection's slot is empty again (the
-    /// connection goes back to the pool, which discards it, once its last statement is done).
+    /// else the shared one with the fewest statements waiting. When every shared one has
+    /// stalled (or there are none), one of its own from the pool, or a stalled one if the
+    /// pool has none free. A closed connection's slot is empty again (the connection goes
+    /// back to the pool, which discards it, once its last statement is done).
     pub async fn client(&self) -> Result<Lease<'_>, ApiError> {
         loop {
-            let (best, empty) = self.pick();
-            match (best, empty) {
-                (Some(live), _) if live.users == 1 => return Ok(self.lease(live)),
-                (Some(live), None) => return Ok(self.lease(live)),
-                (best, Some(index)) => {
-                    // One caller connects a slot at a time; the others share what there is.
-                    let Ok(_filling) = self.filling.try_lock() else {
-                        if let Some(live) = best {
-                            return Ok(self.lease(live));
-                        }
-                        drop(self.filling.lock().await);
-                        continue;
-                    };
-                    if self.slot(index).is_some() {
-                        continue; // filled meanwhile
-                    }
-                    // With a connection to share, waiting for the pool (its exports may hold
-                    // every other connection) is no better than sharing at once.
-                    let mut timeouts = self.pool.timeouts();
-                    if best.is_some() {
-                        timeouts.wait = Some(Duration::ZERO);
-                    }
-                    match self.pool.timeout_get(&timeouts).await {
-                        Ok(object) => {
-                            let client = Arc::new(object);
-                            *self.slot(index) = Some(Arc::clone(&client));
-                            return Ok(self.lease(Live {
-                                index,
-                                client,
-                                users: 1,
-                            }));
-                        }
-                        Err(error) => {
-                            return best
-                                .map(|live| self.lease(live))
-                                .ok_or_else(|| ApiError::from(error));
-                        }
-                    }
-                }
-                (None, None) => {
-                    return Ok(Lease {
-                        client: Arc::new(self.pool.get().await?),
-                        progress: None,
-                    });
-                }
+            let Pick {
+                best,
+                stalled,
+                empty,
+            } = self.pick();
+            let Some(index) = empty else {
+                return match best {
+                    Some(live) => Ok(self.lease(live)),
+                    None => self.own_or_share(stalled).await,
+                };
+            };
+            if let Some(live) = best.as_ref().filter(|live| live.users == 1) {
+                return Ok(self.lease(live.clone()));
             }
+            // One caller connects a slot at a time. The others share what there is, or take
+            // a connection of their own meanwhile (so that a slow database makes no queue).
+            let Ok(_filling) = self.filling.try_lock() else {
+                return match best {
+                    Some(live) => Ok(self.lease(live)),
+                    None => self.own_or_share(stalled).await,
+                };
+            };
+            if self.slot(index).is_some() {
+                continue; // filled meanwhile
+            }
+            // With a connection to share, waiting for the pool (its exports may hold every
+            // other connection) is no better than sharing at once.
+            let mut timeouts = self.pool.timeouts();
+            if best.is_some() || stalled.is_some() {
+                timeouts.wait = Some(Duration::ZERO);
+            }
+            return match self.pool.timeout_get(&timeouts).await {
+                Ok(object) => {
+                    let client = Arc::new(object);
+                    *self.slot(index) = Some(Arc::clone(&client));
+                    Ok(self.lease(Live {
+                        index,
+                        client,
+                        users: 1,
+                    }))
+                }
+                Err(error) => best
+                    .or(stalled)
+                    .map(|live| self.lease(live))
+                    .ok_or_else(|| ApiError::from(error)),
+            };
         }
     }
 
-    /// The live shared connection with the fewest users that has not stalled, and the first
-    /// empty slot. Slots whose connection closed are emptied here.
-    fn pick(&self) -> (Option<Live>, Option<usize>) {
+    /// A connection of its own from the pool; if the pool has none free and there is a
+    /// stalled shared one, that one rather than a wait.
+    async fn own_or_share(&self, stalled: Option<Live>) -> Result<Lease<'_>, ApiError> {
+        let mut timeouts = self.pool.timeouts();
+        if stalled.is_some() {
+            timeouts.wait = Some(Duration::ZERO);
+        }
+        match self.pool.timeout_get(&timeouts).await {
+            Ok(object) => Ok(Lease {
+                client: Arc::new(object),
+                progress: None,
+            }),
+            Err(error) => stalled
+                .map(|live| self.lease(live))
+                .ok_or_else(|| ApiError::from(error)),
+        }
+    }
+
+    /// The live shared connection with the fewest users that has not stalled, the stalled
+    /// one with the fewest, and the first empty slot. Slots whose connection closed are
+    /// emptied here.
+    fn pick(&self) -> Pick {
         let now = micros_since(self.epoch);
         let stall = u64::try_from(STALL.as_micros()).unwrap_or(u64::MAX);
-        let mut best: Option<Live> = None;
-        let mut empty = None;
+        let mut pick = Pick::default();
         for (index, slot) in self.slots.iter().enumerate() {
             let mut client = self.slot(index);
             match client.as_ref() {
@@ -163,8 +191,13 @@ impl Reads {
                     let users = Arc::strong_count(client);
                     let stalled = users > 1
                         && now.saturating_sub(slot.progress.load(Ordering::Relaxed)) > stall;
-                    if !stalled && best.as_ref().is_none_or(|live| users < live.users) {
-                        best = Some(Live {
+                    let fewest = if stalled {
+                        &mut pick.stalled
+                    } else {
+                        &mut pick.best
+                    };
+                    if fewest.as_ref().is_none_or(|live| users < live.users) {
+                        *fewest = Some(Live {
                             index,
                             client: Arc::clone(client),
                             users,
@@ -173,11 +206,11 @@ impl Reads {
                 }
                 _ => {
                     *client = None;
-                    empty.get_or_insert(index);
+                    pick.empty.get_or_insert(index);
                 }
             }
         }
-        (best, empty)
+        pick
     }
 
     fn lease(&self, live: Live) -> Lease<'_> {
@@ -229,6 +262,9 @@ mod tests {
     async fn concurrent_statements_share_the_slots_and_leave_the_rest_of_the_pool() {
         let env = TestEnv::new().await;
         let reads = reads(&env, 4, 2).await;
+        // Connected first: a burst that finds no shared connection yet takes connections of
+        // its own rather than queue behind the one connecting.
+        let first = backend(&reads).await;
         let pids: HashSet<i32> = futures::future::join_all((0..20).map(|_| backend(&reads)))
             .await
             .into_iter()
@@ -236,6 +272,7 @@ mod tests {
         // 20 statements at once ran on the two shared connections, both used (one finishes
         // every 20 ms or so, well inside `STALL`).
         assert_eq!(pids.len(), 2, "{pids:?}");
+        assert!(pids.contains(&first));
         assert_eq!(reads.pool().status().size, 2);
         // The rest of the pool still serves a caller that needs a connection to itself.
         let own = reads.pool().get().await.unwrap();
@@ -294,6 +331,42 @@ mod tests {
             .into_iter()
             .collect();
         assert_eq!(pids, HashSet::from([shared]));
+        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn with_the_pool_held_elsewhere_a_stalled_connection_is_still_shared() {
+        let env = TestEnv::new().await;
+        let reads = reads(&env, 2, 1).await;
+        let shared = backend(&reads).await;
+        let _export = reads.pool().get().await.unwrap();
+        let long = async {
+            let client = reads.client().await.unwrap();
+            client.execute("SELECT pg_sleep(0.5)", &[]).await.unwrap();
+        };
+        let after_the_stall = async {
+            tokio::time::sleep(STALL * 2).await;
+            let started = Instant::now();
+            (backend(&reads).await, started.elapsed())
+        };
+        let ((), (pid, took)) = tokio::join!(long, after_the_stall);
+        // Behind the long statement rather than 5 s in the pool's queue and an error.
+        assert_eq!(pid, shared);
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn with_no_shared_connections_each_read_has_its_own() {
+        let env = TestEnv::new().await;
+        let reads = reads(&env, 2, 0).await;
+        let pids: HashSet<i32> = futures::future::join_all((0..2).map(|_| backend(&reads)))
+            .await
+            .into_iter()
+            .collect();
+        assert_eq!(pids.len(), 2);
+        // Nothing is kept back: the whole pool is free again.
+        assert_eq!(reads.pool().status().available, 2);
         env.cleanup().await;
     }
 

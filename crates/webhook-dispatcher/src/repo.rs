@@ -324,6 +324,14 @@ impl Repo {
     ) -> Result<Vec<String>, ApiError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        // Webhook rows are locked in id order first, as the recorder locks them
+        // (`finish_attempts`); a DELETE alone would lock them in the order of its scan.
+        tx.execute(
+            "SELECT 1 FROM webhooks.webhooks WHERE project = $1 AND id = ANY($2)
+             ORDER BY id COLLATE \"C\" FOR UPDATE",
+            &[&project, &ids],
+        )
+        .await?;
         let deleted: Vec<String> = tx
             .query(
                 "DELETE FROM webhooks.webhooks WHERE project = $1 AND id = ANY($2) RETURNING id",
@@ -645,9 +653,10 @@ impl Repo {
                 Next::RetryAt(_) => {}
             }
         }
-        // Webhook rows are locked first, in id order, and only then their deliveries: the
-        // order in which deleting a webhook takes them. Two recorders, or a recorder and a
-        // deletion, cannot then wait on each other.
+        // Webhook rows are locked first, in id order (bytes, as `delete_webhooks` sorts them
+        // with `COLLATE "C"`), and only then their deliveries: the order in which deleting
+        // webhooks takes them. Two recorders, or a recorder and a deletion, cannot then wait
+        // on each other.
         runs.sort_by(|a, b| a.0.cmp(b.0));
         let mut disabled = Vec::new();
         let reason = format!("disabled after {disable_after} consecutive failed deliveries");
@@ -1029,6 +1038,95 @@ mod tests {
         env.cleanup().await;
     }
 
+    /// Returns once `n` sessions of the test's database wait on a lock.
+    async fn lock_waits(watcher: &tokio_postgres::Client, n: i64) {
+        loop {
+            let row = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, i64>(0) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn failed_attempt() -> AttemptRecord {
+        AttemptRecord {
+            attempted_at: Utc::now(),
+            status_code: Some(500),
+            latency_ms: 3,
+            error: None,
+            snippet: None,
+        }
+    }
+
+    /// Two webhooks: the deletion's scan meets `y` (stored first) before `x`, while the
+    /// recorder counts failures of `x`, then `y`.
+    #[tokio::test]
+    async fn deleting_two_webhooks_and_failing_both_both_finish() {
+        let (env, repo) = queue().await;
+        let pg = env.pg().await;
+        pg.batch_execute(
+            "INSERT INTO webhooks.webhooks (id, project, url, events, secret)
+             VALUES ('y', 'p', 'http://receiver/y', '{device.data}', 's'),
+                    ('x', 'p', 'http://receiver/x', '{device.data}', 's');
+             INSERT INTO webhooks.events (id, project, event_type, body)
+             VALUES ('ex', 'p', 'device.data', '{}'), ('ey', 'p', 'device.data', '{}');
+             INSERT INTO webhooks.deliveries (id, webhook_id, project, event_id, event_type, status, next_attempt_at)
+             VALUES ('x1', 'x', 'p', 'ex', 'device.data', 'pending', now() - interval '1 h'),
+                    ('y1', 'y', 'p', 'ey', 'device.data', 'pending', now() - interval '1 h')",
+        )
+        .await
+        .unwrap();
+        let claimed = repo
+            .claim(64, 8, &["a".into(), "b".into()], &[], LEASE)
+            .await
+            .unwrap();
+        assert_eq!(ids(&claimed), ["x1", "y1"]);
+        let mut holder = env.pg().await;
+        let hold = holder.transaction().await.unwrap();
+        hold.execute(
+            "SELECT 1 FROM webhooks.webhooks WHERE id = 'y' FOR NO KEY UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+        let deletion = tokio::spawn({
+            let repo = repo.clone();
+            async move { repo.delete_webhooks("p", &["x".into(), "y".into()]).await }
+        });
+        lock_waits(&pg, 1).await;
+        let recorder = tokio::spawn({
+            let repo = repo.clone();
+            let outcomes: Vec<_> = claimed
+                .iter()
+                .map(|c| (c.clone(), failed_attempt(), Next::Failed))
+                .collect();
+            async move { repo.finish_attempts(&outcomes, 10).await }
+        });
+        lock_waits(&pg, 2).await;
+        hold.commit().await.unwrap();
+        let mut deleted = deletion.await.unwrap().unwrap();
+        deleted.sort();
+        assert_eq!(deleted, ["x", "y"]);
+        assert!(recorder.await.unwrap().unwrap().is_empty());
+        let left = pg
+            .query_one(
+                "SELECT count(*) FROM webhooks.deliveries WHERE webhook_id IN ('x', 'y')",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(left.get::<_, i64>(0), 0);
+        env.cleanup().await;
+    }
+
     /// The order that used to deadlock: a deletion holds the webhook and wants the delivery
     /// a recorder holds, while the recorder wants the webhook to count a failure. A third
     /// session holding the webhook lines the two up.
@@ -1039,23 +1137,6 @@ mod tests {
         assert_eq!(ids(&claimed), ["a1"]);
         let mut holder = env.pg().await;
         let watcher = env.pg().await;
-        let waiting = || async {
-            loop {
-                let row = watcher
-                    .query_one(
-                        "SELECT count(*) FROM pg_stat_activity
-                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                        &[],
-                    )
-                    .await
-                    .unwrap();
-                let n: i64 = row.get(0);
-                if n > 0 {
-                    return n;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
         let hold = holder.transaction().await.unwrap();
         hold.execute(
             "SELECT 1 FROM webhooks.webhooks WHERE id = 'a' FOR NO KEY UPDATE",
@@ -1067,22 +1148,13 @@ mod tests {
             let repo = repo.clone();
             async move { repo.delete_webhooks("p", &["a".into()]).await }
         });
-        assert_eq!(waiting().await, 1);
-        let record = AttemptRecord {
-            attempted_at: Utc::now(),
-            status_code: Some(500),
-            latency_ms: 3,
-            error: None,
-            snippet: None,
-        };
+        lock_waits(&watcher, 1).await;
         let recorder = tokio::spawn({
             let repo = repo.clone();
-            let outcome = (claimed[0].clone(), record, Next::Failed);
+            let outcome = (claimed[0].clone(), failed_attempt(), Next::Failed);
             async move { repo.finish_attempts(&[outcome], 10).await }
         });
-        while waiting().await < 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        lock_waits(&watcher, 2).await;
         hold.commit().await.unwrap();
         assert_eq!(deletion.await.unwrap().unwrap(), ["a"]);
         assert!(recorder.await.unwrap().unwrap().is_empty());
