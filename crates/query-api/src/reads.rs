@@ -243,7 +243,7 @@ mod tests {
 
     use super::*;
 
-    async fn reads(env: &TestEnv, size: usize, shared: usize) -> Reads {
+    fn reads(env: &TestEnv, size: usize, shared: usize) -> Reads {
         let mut config = env.config();
         config.database_pool_size = size;
         Reads::new(crate::query_pool(&config, size).unwrap(), shared)
@@ -258,17 +258,40 @@ mod tests {
         row.get(0)
     }
 
+    /// The backends of `n` reads sent at once.
+    async fn burst(reads: &Reads, n: usize) -> HashSet<i32> {
+        futures::future::join_all((0..n).map(|_| backend(reads)))
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// A read sent once a statement of `seconds` has stalled its connection: its backend,
+    /// and how long it took.
+    async fn read_during_stall(reads: &Reads, seconds: f64) -> (i32, Duration) {
+        let long = async {
+            let client = reads.client().await.unwrap();
+            client
+                .execute("SELECT pg_sleep($1)", &[&seconds])
+                .await
+                .unwrap();
+        };
+        let after_the_stall = async {
+            tokio::time::sleep(STALL * 2).await;
+            let started = Instant::now();
+            (backend(reads).await, started.elapsed())
+        };
+        tokio::join!(long, after_the_stall).1
+    }
+
     #[tokio::test]
     async fn concurrent_statements_share_the_slots_and_leave_the_rest_of_the_pool() {
         let env = TestEnv::new().await;
-        let reads = reads(&env, 4, 2).await;
+        let reads = reads(&env, 4, 2);
         // Connected first: a burst that finds no shared connection yet takes connections of
         // its own rather than queue behind the one connecting.
         let first = backend(&reads).await;
-        let pids: HashSet<i32> = futures::future::join_all((0..20).map(|_| backend(&reads)))
-            .await
-            .into_iter()
-            .collect();
+        let pids = burst(&reads, 20).await;
         // 20 statements at once ran on the two shared connections, both used (one finishes
         // every 20 ms or so, well inside `STALL`).
         assert_eq!(pids.len(), 2, "{pids:?}");
@@ -288,7 +311,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_connection_is_replaced() {
         let env = TestEnv::new().await;
-        let reads = reads(&env, 4, 1).await;
+        let reads = reads(&env, 4, 1);
         let first = backend(&reads).await;
         let held = reads.client().await.unwrap();
         let pg = env.pg().await;
@@ -309,27 +332,14 @@ mod tests {
     #[tokio::test]
     async fn a_read_goes_around_a_shared_connection_stalled_behind_a_long_statement() {
         let env = TestEnv::new().await;
-        let reads = reads(&env, 3, 1).await;
+        let reads = reads(&env, 3, 1);
         let shared = backend(&reads).await;
-        let long = async {
-            let client = reads.client().await.unwrap();
-            client.execute("SELECT pg_sleep(1.5)", &[]).await.unwrap();
-        };
-        let after_the_stall = async {
-            tokio::time::sleep(STALL * 2).await;
-            let started = Instant::now();
-            let pid = backend(&reads).await;
-            (pid, started.elapsed())
-        };
-        let ((), (pid, took)) = tokio::join!(long, after_the_stall);
+        let (pid, took) = read_during_stall(&reads, 1.5).await;
         // Not queued behind the long statement: a connection of its own, at once.
         assert_ne!(pid, shared);
         assert!(took < Duration::from_millis(800), "{took:?}");
         // Once the long statement is done, reads share the one connection again.
-        let pids: HashSet<i32> = futures::future::join_all((0..4).map(|_| backend(&reads)))
-            .await
-            .into_iter()
-            .collect();
+        let pids = burst(&reads, 4).await;
         assert_eq!(pids, HashSet::from([shared]));
         env.cleanup().await;
     }
@@ -337,19 +347,10 @@ mod tests {
     #[tokio::test]
     async fn with_the_pool_held_elsewhere_a_stalled_connection_is_still_shared() {
         let env = TestEnv::new().await;
-        let reads = reads(&env, 2, 1).await;
+        let reads = reads(&env, 2, 1);
         let shared = backend(&reads).await;
         let _export = reads.pool().get().await.unwrap();
-        let long = async {
-            let client = reads.client().await.unwrap();
-            client.execute("SELECT pg_sleep(0.5)", &[]).await.unwrap();
-        };
-        let after_the_stall = async {
-            tokio::time::sleep(STALL * 2).await;
-            let started = Instant::now();
-            (backend(&reads).await, started.elapsed())
-        };
-        let ((), (pid, took)) = tokio::join!(long, after_the_stall);
+        let (pid, took) = read_during_stall(&reads, 0.5).await;
         // Behind the long statement rather than 5 s in the pool's queue and an error.
         assert_eq!(pid, shared);
         assert!(took < Duration::from_secs(2), "{took:?}");
@@ -359,11 +360,8 @@ mod tests {
     #[tokio::test]
     async fn with_no_shared_connections_each_read_has_its_own() {
         let env = TestEnv::new().await;
-        let reads = reads(&env, 2, 0).await;
-        let pids: HashSet<i32> = futures::future::join_all((0..2).map(|_| backend(&reads)))
-            .await
-            .into_iter()
-            .collect();
+        let reads = reads(&env, 2, 0);
+        let pids = burst(&reads, 2).await;
         assert_eq!(pids.len(), 2);
         // Nothing is kept back: the whole pool is free again.
         assert_eq!(reads.pool().status().available, 2);
@@ -373,13 +371,10 @@ mod tests {
     #[tokio::test]
     async fn a_connection_idle_for_long_is_not_taken_for_stalled() {
         let env = TestEnv::new().await;
-        let reads = reads(&env, 3, 1).await;
+        let reads = reads(&env, 3, 1);
         let first = backend(&reads).await;
         tokio::time::sleep(STALL * 2).await;
-        let pids: HashSet<i32> = futures::future::join_all((0..4).map(|_| backend(&reads)))
-            .await
-            .into_iter()
-            .collect();
+        let pids = burst(&reads, 4).await;
         assert_eq!(pids, HashSet::from([first]));
         env.cleanup().await;
     }
@@ -387,15 +382,12 @@ mod tests {
     #[tokio::test]
     async fn with_the_pool_held_elsewhere_reads_share_at_once() {
         let env = TestEnv::new().await;
-        let reads = reads(&env, 2, 2).await;
+        let reads = reads(&env, 2, 2);
         let first = backend(&reads).await;
         // An export holds the pool's other connection; the empty slot cannot be filled.
         let _export = reads.pool().get().await.unwrap();
         let started = Instant::now();
-        let pids: HashSet<i32> = futures::future::join_all((0..4).map(|_| backend(&reads)))
-            .await
-            .into_iter()
-            .collect();
+        let pids = burst(&reads, 4).await;
         assert_eq!(pids, HashSet::from([first]));
         assert!(
             started.elapsed() < Duration::from_secs(2),

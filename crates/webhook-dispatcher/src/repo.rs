@@ -1038,22 +1038,59 @@ mod tests {
         env.cleanup().await;
     }
 
-    /// Returns once `n` sessions of the test's database wait on a lock.
-    async fn lock_waits(watcher: &tokio_postgres::Client, n: i64) {
-        loop {
-            let row = watcher
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap();
-            if row.get::<_, i64>(0) >= n {
-                return;
+    /// Deletes webhooks `delete` while a recorder records `outcomes`, lined up by a third
+    /// session: it holds webhook `held` until the deletion, then the recorder, wait on locks.
+    async fn delete_while_recording(
+        env: &TestEnv,
+        repo: &Repo,
+        held: &str,
+        delete: &[&str],
+        outcomes: Vec<(Claimed, AttemptRecord, Next)>,
+    ) -> (
+        Result<Vec<String>, ApiError>,
+        Result<Vec<(String, String)>, ApiError>,
+    ) {
+        let mut holder = env.pg().await;
+        let watcher = env.pg().await;
+        let lock_waits = |n: i64| {
+            let watcher = &watcher;
+            async move {
+                loop {
+                    let row = watcher
+                        .query_one(
+                            "SELECT count(*) FROM pg_stat_activity
+                             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                            &[],
+                        )
+                        .await
+                        .unwrap();
+                    if row.get::<_, i64>(0) >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        };
+        let hold = holder.transaction().await.unwrap();
+        hold.execute(
+            "SELECT 1 FROM webhooks.webhooks WHERE id = $1 FOR NO KEY UPDATE",
+            &[&held],
+        )
+        .await
+        .unwrap();
+        let deletion = tokio::spawn({
+            let repo = repo.clone();
+            let ids: Vec<String> = delete.iter().map(|id| (*id).to_owned()).collect();
+            async move { repo.delete_webhooks("p", &ids).await }
+        });
+        lock_waits(1).await;
+        let recorder = tokio::spawn({
+            let repo = repo.clone();
+            async move { repo.finish_attempts(&outcomes, 10).await }
+        });
+        lock_waits(2).await;
+        hold.commit().await.unwrap();
+        (deletion.await.unwrap(), recorder.await.unwrap())
     }
 
     fn failed_attempt() -> AttemptRecord {
@@ -1089,33 +1126,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(ids(&claimed), ["x1", "y1"]);
-        let mut holder = env.pg().await;
-        let hold = holder.transaction().await.unwrap();
-        hold.execute(
-            "SELECT 1 FROM webhooks.webhooks WHERE id = 'y' FOR NO KEY UPDATE",
-            &[],
-        )
-        .await
-        .unwrap();
-        let deletion = tokio::spawn({
-            let repo = repo.clone();
-            async move { repo.delete_webhooks("p", &["x".into(), "y".into()]).await }
-        });
-        lock_waits(&pg, 1).await;
-        let recorder = tokio::spawn({
-            let repo = repo.clone();
-            let outcomes: Vec<_> = claimed
-                .iter()
-                .map(|c| (c.clone(), failed_attempt(), Next::Failed))
-                .collect();
-            async move { repo.finish_attempts(&outcomes, 10).await }
-        });
-        lock_waits(&pg, 2).await;
-        hold.commit().await.unwrap();
-        let mut deleted = deletion.await.unwrap().unwrap();
+        let outcomes: Vec<_> = claimed
+            .iter()
+            .map(|c| (c.clone(), failed_attempt(), Next::Failed))
+            .collect();
+        let (deletion, recorder) =
+            delete_while_recording(&env, &repo, "y", &["x", "y"], outcomes).await;
+        let mut deleted = deletion.unwrap();
         deleted.sort();
         assert_eq!(deleted, ["x", "y"]);
-        assert!(recorder.await.unwrap().unwrap().is_empty());
+        assert!(recorder.unwrap().is_empty());
         let left = pg
             .query_one(
                 "SELECT count(*) FROM webhooks.deliveries WHERE webhook_id IN ('x', 'y')",
@@ -1135,29 +1155,12 @@ mod tests {
         let (env, repo) = queue().await;
         let claimed = repo.claim(1, 8, &[], &[], LEASE).await.unwrap();
         assert_eq!(ids(&claimed), ["a1"]);
-        let mut holder = env.pg().await;
+        let outcome = (claimed[0].clone(), failed_attempt(), Next::Failed);
+        let (deletion, recorder) =
+            delete_while_recording(&env, &repo, "a", &["a"], vec![outcome]).await;
+        assert_eq!(deletion.unwrap(), ["a"]);
+        assert!(recorder.unwrap().is_empty());
         let watcher = env.pg().await;
-        let hold = holder.transaction().await.unwrap();
-        hold.execute(
-            "SELECT 1 FROM webhooks.webhooks WHERE id = 'a' FOR NO KEY UPDATE",
-            &[],
-        )
-        .await
-        .unwrap();
-        let deletion = tokio::spawn({
-            let repo = repo.clone();
-            async move { repo.delete_webhooks("p", &["a".into()]).await }
-        });
-        lock_waits(&watcher, 1).await;
-        let recorder = tokio::spawn({
-            let repo = repo.clone();
-            let outcome = (claimed[0].clone(), failed_attempt(), Next::Failed);
-            async move { repo.finish_attempts(&[outcome], 10).await }
-        });
-        lock_waits(&watcher, 2).await;
-        hold.commit().await.unwrap();
-        assert_eq!(deletion.await.unwrap().unwrap(), ["a"]);
-        assert!(recorder.await.unwrap().unwrap().is_empty());
         let left = watcher
             .query_one(
                 "SELECT (SELECT count(*) FROM webhooks.deliveries WHERE webhook_id = 'a')
