@@ -28,6 +28,13 @@ const MAX_CLOCK_SKEW_US: i64 = 5 * 60 * 1_000_000;
 const SWEEP_LAG_LIMIT: u64 = 2_000;
 /// Devices turned offline per sweep transaction.
 const SWEEP_BATCH: i64 = 500;
+/// A device's `last_seen` is written at most once per second of its own sightings, or per
+/// tenth of its offline window when that is shorter. A write rewrites the row and all five of
+/// its indexes (`offline_after` is one), so a device sending 20 readings a second cost 20 of
+/// them a second; now it costs one, and the sweep sees it at most that much earlier.
+const PRESENCE_RESOLUTION_US: i64 = 1_000_000;
+/// Devices whose last write each instance remembers; one forgotten is simply written again.
+const PRESENCE_CAPACITY: u64 = 200_000;
 
 pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::Result<()> {
     let stream = context
@@ -61,6 +68,10 @@ pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::
             wake: consume_wake,
             default_interval_s,
             telemetry_prefix,
+            written: moka::future::Cache::builder()
+                .max_capacity(PRESENCE_CAPACITY)
+                .time_to_live(Duration::from_secs(10))
+                .build(),
         };
         loop {
             tokio::select! {
@@ -127,6 +138,9 @@ struct Apply {
     wake: Arc<Notify>,
     default_interval_s: i32,
     telemetry_prefix: String,
+    /// Devices this instance left online, each with the sighting time before which it is not
+    /// written again ([`PRESENCE_RESOLUTION_US`]).
+    written: moka::future::Cache<(String, String), i64>,
 }
 
 impl Apply {
@@ -195,22 +209,35 @@ impl Apply {
                 }
             }
         }
-        let seen: Vec<SeenDevice> = seen
-            .into_iter()
-            .map(|((project, device_id), at_us)| SeenDevice {
-                project,
-                device_id,
-                at: from_us(at_us),
-            })
-            .collect();
+        let mut fresh = Vec::with_capacity(seen.len());
+        for (device, at_us) in seen {
+            // Online and written moments ago: the device's row already says what this
+            // sighting would (to within the resolution), so the status cannot change either.
+            match self.written.get(&device).await {
+                Some(until) if at_us < until => {}
+                _ => fresh.push(SeenDevice {
+                    project: device.0,
+                    device_id: device.1,
+                    at: from_us(at_us),
+                }),
+            }
+        }
         match self
             .repo
-            .apply_telemetry(&seen, &readings, self.default_interval_s)
+            .apply_telemetry(&fresh, &readings, self.default_interval_s)
             .await
         {
-            Ok(events) => {
-                if events > 0 {
+            Ok(applied) => {
+                if applied.events > 0 {
                     self.wake.notify_one();
+                }
+                for online in applied.online {
+                    let until = online
+                        .last_seen_us
+                        .saturating_add(PRESENCE_RESOLUTION_US.min(online.window_us / 10));
+                    self.written
+                        .insert((online.project, online.device_id), until)
+                        .await;
                 }
                 let acks = messages.iter().map(|message| message.ack());
                 for result in futures::future::join_all(acks).await {

@@ -25,6 +25,23 @@ pub struct SeenDevice {
     pub at: DateTime<Utc>,
 }
 
+/// A device a batch left online: when it was last seen, and how long it may then stay silent
+/// before the sweep takes it offline (three heartbeat intervals).
+#[derive(Debug, Clone)]
+pub struct Online {
+    pub project: String,
+    pub device_id: String,
+    pub last_seen_us: i64,
+    pub window_us: i64,
+}
+
+/// What a batch did: the events it queued and the devices it left online.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub events: usize,
+    pub online: Vec<Online>,
+}
+
 /// A numeric reading, the only kind alert rules compare, borrowed from its bus message.
 #[derive(Debug, Clone)]
 pub struct NumericReading<'a> {
@@ -50,26 +67,31 @@ struct RuleMatch {
 
 impl Repo {
     /// Applies a batch: devices seen go online (and announce it when they were not), readings
-    /// move the alert rules that watch them. Returns how many events it queued.
+    /// move the alert rules that watch them.
     pub async fn apply_telemetry(
         &self,
         seen: &[SeenDevice],
         readings: &[NumericReading<'_>],
         default_interval_s: i32,
-    ) -> Result<usize, ApiError> {
+    ) -> Result<Applied, ApiError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let mut messages = Vec::new();
-        if !seen.is_empty() {
+        let online = if seen.is_empty() {
+            Vec::new()
+        } else {
             self.mark_seen(&tx, seen, default_interval_s, &mut messages)
-                .await?;
-        }
+                .await?
+        };
         if !readings.is_empty() {
             self.evaluate_rules(&tx, readings, &mut messages).await?;
         }
         enqueue(&tx, &messages).await?;
         tx.commit().await?;
-        Ok(messages.len())
+        Ok(Applied {
+            events: messages.len(),
+            online,
+        })
     }
 
     async fn mark_seen(
@@ -78,7 +100,7 @@ impl Repo {
         seen: &[SeenDevice],
         default_interval_s: i32,
         messages: &mut Vec<OutboxMessage>,
-    ) -> Result<(), tokio_postgres::Error> {
+    ) -> Result<Vec<Online>, tokio_postgres::Error> {
         let projects: Vec<&str> = seen.iter().map(|s| s.project.as_str()).collect();
         let devices: Vec<&str> = seen.iter().map(|s| s.device_id.as_str()).collect();
         let times: Vec<DateTime<Utc>> = seen.iter().map(|s| s.at).collect();
@@ -97,7 +119,7 @@ impl Repo {
             .map(|row| ((row.get(0), row.get(1)), row.get(2)))
             .collect();
         if before.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let rows = tx
             .query(
@@ -111,16 +133,28 @@ impl Repo {
                      THEN 'online' ELSE d.status END
                  FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS s(project, device_id, at)
                  WHERE d.project = s.project AND d.id = s.device_id
-                 RETURNING d.project, d.id, d.status, d.last_seen",
+                 RETURNING d.project, d.id, d.status, d.last_seen, d.offline_after",
                 &[&projects, &devices, &times, &default_interval_s],
             )
             .await?;
         let mut came_online = Vec::new();
+        let mut online = Vec::new();
         for row in &rows {
             let project: String = row.get(0);
             let device_id: String = row.get(1);
             let status: String = row.get(2);
             let last_seen: Option<DateTime<Utc>> = row.get(3);
+            let offline_after: Option<DateTime<Utc>> = row.get(4);
+            if status == "online"
+                && let (Some(seen), Some(until)) = (last_seen, offline_after)
+            {
+                online.push(Online {
+                    project: project.clone(),
+                    device_id: device_id.clone(),
+                    last_seen_us: seen.timestamp_micros(),
+                    window_us: (until - seen).num_microseconds().unwrap_or(i64::MAX),
+                });
+            }
             let previous = before
                 .get(&(project.clone(), device_id.clone()))
                 .map(String::as_str)
@@ -147,7 +181,7 @@ impl Repo {
             )
             .await?;
         }
-        Ok(())
+        Ok(online)
     }
 
     async fn evaluate_rules(

@@ -74,10 +74,20 @@ pub async fn publish_reading(
 }
 
 pub async fn publish_heartbeat(app: &TestApp, project: &str, device_id: &str) {
+    publish_heartbeat_at(app, project, device_id, fieldline_common::time::now_us()).await;
+}
+
+/// A heartbeat the edge received at `received_at_us`.
+pub async fn publish_heartbeat_at(
+    app: &TestApp,
+    project: &str,
+    device_id: &str,
+    received_at_us: i64,
+) {
     let heartbeat = Heartbeat {
         project: project.into(),
         device_id: device_id.into(),
-        received_at_us: fieldline_common::time::now_us(),
+        received_at_us,
         source: "mqtt".into(),
     };
     publish(

@@ -4,7 +4,7 @@ use fieldline_testkit::eventually;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::{events, publish_heartbeat, publish_reading, spawn_registry_in};
+use crate::{events, publish_heartbeat, publish_heartbeat_at, publish_reading, spawn_registry_in};
 
 /// Two registry instances share the stream and the database, as two processes would: each
 /// change of status is still announced exactly once.
@@ -101,5 +101,66 @@ async fn silent_devices_go_offline_and_come_back_once_each() {
         statuses.iter().map(|(event, _)| event.id.clone()).collect();
     assert_eq!(ids.len(), 3);
     second.stop().await;
+    app.shutdown().await;
+}
+
+/// A device heard from many times a second has its row written about once a second: a
+/// sighting within a second of the last write leaves `last_seen` as it was, the next one
+/// past that second moves it.
+#[tokio::test]
+async fn last_seen_is_written_at_most_once_a_second() {
+    let env = fieldline_testkit::TestEnv::new().await;
+    let app = spawn_registry_in(env, |config| config).await;
+    let admin = app.admin_key().to_owned();
+    for id in ["chatty", "marker"] {
+        let (status, _) = app
+            .post(
+                "/api/v1/devices",
+                &admin,
+                &json!({"id": id, "heartbeat_interval_s": 60}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let last_seen = |id: &'static str| {
+        let app = &app;
+        let admin = &admin;
+        async move {
+            let (_, body) = app.get(&format!("/api/v1/devices/{id}"), admin).await;
+            body["data"]["last_seen"].as_str().map(str::to_owned)
+        }
+    };
+    // Whole seconds, so the RFC 3339 form is predictable.
+    let t0 = fieldline_common::time::now_us() / 1_000_000 * 1_000_000;
+    let rfc =
+        |us: i64| fieldline_common::time::format_rfc3339(&fieldline_common::time::from_us(us));
+
+    publish_heartbeat_at(&app, "default", "chatty", t0).await;
+    eventually(
+        "the first sighting written",
+        Duration::from_secs(10),
+        || async { (last_seen("chatty").await == Some(rfc(t0))).then_some(()) },
+    )
+    .await;
+
+    // Half a second later: skipped. The marker, published after it, shows it was applied.
+    publish_heartbeat_at(&app, "default", "chatty", t0 + 500_000).await;
+    publish_heartbeat_at(&app, "default", "marker", t0).await;
+    eventually("the marker written", Duration::from_secs(10), || async {
+        last_seen("marker").await.map(|_| ())
+    })
+    .await;
+    assert_eq!(last_seen("chatty").await, Some(rfc(t0)));
+
+    // A second and a half later: written.
+    publish_heartbeat_at(&app, "default", "chatty", t0 + 1_500_000).await;
+    eventually(
+        "the later sighting written",
+        Duration::from_secs(10),
+        || async { (last_seen("chatty").await == Some(rfc(t0 + 1_500_000))).then_some(()) },
+    )
+    .await;
+    let (_, body) = app.get("/api/v1/devices/chatty", &admin).await;
+    assert_eq!(body["data"]["status"], "online", "{body}");
     app.shutdown().await;
 }
