@@ -164,7 +164,13 @@ mosquitto_pid() {
 
 tune_mosquitto() {
     [[ -f $MQTT_CONF ]] || return 0
-    grep -qF "$MQTT_TUNING_MARK" "$MQTT_CONF" && return 0
+    local settings line missing=0
+    settings=$(grep -E '^max_(queued|inflight)_messages ' "$MQTT_FIELDLINE_CONF") \
+        || die "no max_queued_messages/max_inflight_messages in $MQTT_FIELDLINE_CONF"
+    while IFS= read -r line; do
+        grep -qxF "$line" "$MQTT_CONF" || missing=1
+    done <<<"$settings"
+    ((missing)) || return 0
     if ! can_admin; then
         say "warning: cannot add Fieldline's settings to $MQTT_CONF (not root, no sudo); under load the broker may drop messages"
         return 0
@@ -177,11 +183,12 @@ tune_mosquitto() {
             return 0
         fi
     fi
-    local settings
-    settings=$(grep -E '^max_(queued|inflight)_messages ' "$MQTT_FIELDLINE_CONF") \
-        || die "no max_queued_messages/max_inflight_messages in $MQTT_FIELDLINE_CONF"
-    say "adding max_queued_messages and max_inflight_messages to $MQTT_CONF"
-    printf '\n%s\n%s\n' "$MQTT_TUNING_MARK" "$settings" | "${SUDO[@]}" tee -a "$MQTT_CONF" >/dev/null
+    # Any earlier values of these two (an older Fieldline's included) give way to these.
+    local current kept
+    current=$("${SUDO[@]}" cat "$MQTT_CONF") || die "cannot read $MQTT_CONF"
+    kept=$(printf '%s\n' "$current" | grep -vE '^max_(queued|inflight)_messages ' | grep -vxF "$MQTT_TUNING_MARK" || true)
+    say "setting max_queued_messages and max_inflight_messages in $MQTT_CONF"
+    printf '%s\n\n%s\n%s\n' "$kept" "$MQTT_TUNING_MARK" "$settings" | "${SUDO[@]}" tee "$MQTT_CONF" >/dev/null
     [[ -n $pid ]] || return 0
     say "restarting mosquitto (pid $pid) to apply them"
     "${SUDO[@]}" kill "$pid" || true

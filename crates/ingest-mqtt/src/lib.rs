@@ -4,6 +4,7 @@
 //! devices are forwarded to the registry the same way (PUBACK once it answered), and the
 //! [`downlink`] takes config and commands from the bus to the devices.
 
+mod coalesce;
 mod downlink;
 mod topic;
 
@@ -20,7 +21,7 @@ use fieldline_common::{
     auth::AuthError,
     bus::rpc,
     commands::MqttCommandAck,
-    ingest::{self, ParseError, Publisher},
+    ingest::{self, ParseError, Parsed, PublishError, Publisher},
     service::ReadyCheck,
     time::now_us,
 };
@@ -30,14 +31,20 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::topic::Uplink;
+use crate::{
+    coalesce::{Coalescer, PublishFn, Sent},
+    topic::Uplink,
+};
 
 /// Tries to hand a device's command ack to the registry before leaving it to the broker's
 /// redelivery.
 const ACK_REPORT_ATTEMPTS: u32 = 3;
 
-/// Messages being published to JetStream at once; acks still go back in arrival order.
-const IN_FLIGHT: usize = 256;
+/// Messages of one connection being published to JetStream at once; acks still go back in
+/// arrival order. Above the broker's window (`max_inflight_messages 1000` in
+/// deploy/mosquitto/mosquitto.conf), so the broker, not this, bounds what is held: the more a
+/// device has waiting, the more of it the [`coalesce`] puts in one bus message.
+const IN_FLIGHT: usize = 1024;
 
 /// Starts the MQTT loops. Returns at once: the broker may be down at start, and each loop
 /// connects (and reconnects) by itself; readiness reports whether all are connected.
@@ -51,6 +58,8 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
         })
         .collect();
     tracing::info!(client_id = %client_id, filters = ?filters, connections = config.mqtt_connections, "mqtt ingest starting");
+    // One for all the connections: the broker spreads a device's messages over them.
+    let coalescer = telemetry_coalescer(context);
     // Several connections into the same shared subscription: the broker spreads messages
     // over them, and each brings its own window of unacknowledged messages. The first keeps
     // the plain client id, so a single-connection deployment's session carries over; the
@@ -62,7 +71,7 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
                 0 => client_id.clone(),
                 _ => format!("{client_id}_{index}"),
             };
-            connect(context, client_id, filters.clone())
+            connect(context, client_id, filters.clone(), coalescer.clone())
         })
         .collect();
     let downlink_connected = downlink::start(context, &client_id).await?;
@@ -95,7 +104,12 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
 
 /// One uplink connection: its event loop and the pipeline that publishes and acks what it
 /// receives. Returns whether it is connected and subscribed.
-fn connect(context: &Context, client_id: String, filters: Vec<String>) -> Arc<AtomicBool> {
+fn connect(
+    context: &Context,
+    client_id: String,
+    filters: Vec<String>,
+    coalescer: Coalescer,
+) -> Arc<AtomicBool> {
     let config = &context.config;
     let (host, port) = config.mqtt_host_port();
     let mut options = MqttOptions::new(client_id, host, port);
@@ -125,8 +139,40 @@ fn connect(context: &Context, client_id: String, filters: Vec<String>) -> Arc<At
     ));
     context
         .tasks
-        .spawn(process(context.clone(), client, incoming_rx));
+        .spawn(process(context.clone(), client, coalescer, incoming_rx));
     connected
+}
+
+/// Telemetry goes to JetStream through a [`Coalescer`]: retried until it is there or the
+/// service shuts down; a bus message larger than NATS takes is never retried.
+fn telemetry_coalescer(context: &Context) -> Coalescer {
+    let publisher = Publisher::new(context);
+    let shutdown = context.shutdown.clone();
+    let publish: Arc<PublishFn> = Arc::new(move |(project, device_id), parsed, received_at_us| {
+        let publisher = publisher.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            // What waits after shutdown stays with the broker for the next start.
+            if shutdown.is_cancelled() {
+                return Sent::Abandoned;
+            }
+            retry(&shutdown, "publish to jetstream", || async {
+                let readings = Parsed::clone(&parsed);
+                match publisher
+                    .readings(&project, &device_id, readings, received_at_us, "mqtt")
+                    .await
+                {
+                    Ok(_) => Ok(Sent::Published),
+                    Err(PublishError::TooLarge { .. }) => Ok(Sent::TooLarge),
+                    Err(error) => Err(error),
+                }
+            })
+            .await
+            .unwrap_or(Sent::Abandoned)
+        }
+        .boxed()
+    });
+    Coalescer::new(context.tasks.clone(), publish)
 }
 
 /// A message as it arrived, with its arrival time (the default timestamp of its readings).
@@ -214,18 +260,20 @@ enum Outcome {
 async fn process(
     context: Context,
     client: AsyncClient,
+    coalescer: Coalescer,
     mut incoming: mpsc::UnboundedReceiver<Arrival>,
 ) {
     let publisher = Publisher::new(&context);
+    let shared = Arc::new((context, publisher, coalescer));
     let mut pending = FuturesOrdered::new();
     loop {
         tokio::select! {
             arrival = incoming.recv(), if pending.len() < IN_FLIGHT => match arrival {
                 Some(arrival) => {
-                    let context = context.clone();
-                    let publisher = publisher.clone();
+                    let shared = shared.clone();
                     pending.push_back(async move {
-                        let outcome = handle(&context, &publisher, &arrival).await;
+                        let (context, publisher, coalescer) = &*shared;
+                        let outcome = handle(context, publisher, coalescer, &arrival).await;
                         (arrival.publish, outcome)
                     });
                 }
@@ -288,7 +336,12 @@ where
     }
 }
 
-async fn handle(context: &Context, publisher: &Publisher, arrival: &Arrival) -> Outcome {
+async fn handle(
+    context: &Context,
+    publisher: &Publisher,
+    coalescer: &Coalescer,
+    arrival: &Arrival,
+) -> Outcome {
     let publish = &arrival.publish;
     let config = &context.config;
     let Some((project, device_id, uplink)) = topic::parse(&config.mqtt_topic_root, &publish.topic)
@@ -338,21 +391,25 @@ async fn handle(context: &Context, publisher: &Publisher, arrival: &Arrival) -> 
                 Err(error) => return drop_message(&publish.topic, "malformed", &error.to_string()),
             };
             let readings = parsed.readings.len() as u64;
-            let published = retry(&context.shutdown, "publish to jetstream", || {
-                publisher.readings(
-                    project.as_str(),
-                    device_id.as_str(),
-                    parsed.clone(),
-                    arrival.received_at_us,
-                    "mqtt",
-                )
-            })
-            .await;
-            if published.is_some() {
-                metrics::counter!("fieldline_ingest_readings_total", "source" => "mqtt")
-                    .increment(readings);
+            let device = (project.as_str().to_owned(), device_id.as_str().to_owned());
+            match coalescer
+                .publish(device, parsed, arrival.received_at_us)
+                .await
+            {
+                Sent::Published => {
+                    metrics::counter!("fieldline_ingest_readings_total", "source" => "mqtt")
+                        .increment(readings);
+                    true
+                }
+                Sent::TooLarge => {
+                    return drop_message(
+                        &publish.topic,
+                        "too_large",
+                        "more than the bus takes in one message",
+                    );
+                }
+                Sent::Abandoned => false,
             }
-            published.is_some()
         }
         Uplink::CommandAck => {
             return forward_ack(context, arrival, project.as_str(), device_id.as_str()).await;

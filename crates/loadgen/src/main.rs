@@ -87,6 +87,11 @@ struct Figure {
     ratio: Option<f64>,
 }
 
+/// The shared subscription's connections in the raw fan-in: ingest-mqtt's default
+/// `FIELDLINE_MQTT_CONNECTIONS`.
+const INGEST_MQTT_CONNECTIONS: usize = 8;
+const FAN_IN: &str = "Mosquitto QoS 1, the scenario's devices → 8 shared subscribers";
+
 fn figure(
     scenario: &'static str,
     figure: &'static str,
@@ -224,11 +229,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     // Idle memory, then the raw limits, on a platform of their own.
     eprintln!("starting the platform ({fieldline}), one process per service");
-    let (idle_memory, raw_jetstream, raw_mqtt_qos0, raw_mqtt_qos1, raw_http) = runner
+    let (idle_memory, raw_jetstream, raw_mqtt_qos0, raw_mqtt_qos1, raw_mqtt_fan_in, raw_http) = runner
         .scenario(async |platform: &Platform| {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let idle = platform.memory();
-            eprintln!("raw limits: JetStream publish with acks, Mosquitto QoS 0 and 1, HTTP POST");
+            eprintln!("raw limits: JetStream publish with acks, Mosquitto QoS 0 and 1 (and QoS 1 fan-in), HTTP POST");
             let jetstream = raw::jetstream(&servers, &platform.id, raw_messages)
                 .await
                 .context("raw jetstream")?;
@@ -238,10 +243,19 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let qos1 = raw::mosquitto(&servers, &platform.id, QoS::AtLeastOnce, raw_messages)
                 .await
                 .context("raw mosquitto qos1")?;
+            let fan_in = raw::mosquitto_fan_in(
+                &servers,
+                &platform.id,
+                mqtt_devices,
+                INGEST_MQTT_CONNECTIONS,
+                raw_messages / mqtt_devices as u64,
+            )
+            .await
+            .context("raw mosquitto qos1 fan-in")?;
             let http = raw::http_posts(raw_messages / 2)
                 .await
                 .context("raw http")?;
-            anyhow::Ok((idle, jetstream, qos0, qos1, http))
+            anyhow::Ok((idle, jetstream, qos0, qos1, fan_in, http))
         })
         .await?;
     let mut figures = Vec::new();
@@ -250,6 +264,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ("JetStream publish, acked", raw_jetstream, "msg/s"),
         ("Mosquitto QoS 0 pub→sub", raw_mqtt_qos0, "msg/s"),
         ("Mosquitto QoS 1 pub→sub", raw_mqtt_qos1, "msg/s"),
+        (FAN_IN, raw_mqtt_fan_in, "msg/s"),
         ("HTTP POST to a local receiver", raw_http, "req/s"),
     ] {
         figures.push(figure("raw", name, value, unit, None));
@@ -397,6 +412,15 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             result.durable_per_second,
             "msg/s",
             Some(("Mosquitto QoS 1 pub→sub", raw_mqtt_qos1)),
+        ));
+        // The same figure beside the broker alone in the scenario's own shape: what the
+        // device connections and the broker hop cost, before anything of ours.
+        figures.push(figure(
+            "mqtt-qos1",
+            "messages durable in Postgres, against the same fan-in",
+            result.durable_per_second,
+            "msg/s",
+            Some((FAN_IN, raw_mqtt_fan_in)),
         ));
         figures.push(figure(
             "mqtt-qos1",

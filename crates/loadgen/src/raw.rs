@@ -132,6 +132,164 @@ pub async fn mosquitto(
     Ok(received as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Mosquitto QoS 1 in the shape of the `mqtt-qos1` scenario, with nothing behind the broker:
+/// `devices` publisher connections, each with up to 20 messages in flight (as the simulated
+/// devices have), into a shared subscription of `subscribers` connections (as ingest-mqtt
+/// opens), `per_device` messages each at full speed. Messages per second received, from the
+/// moment every connection is up. What the broker and the device connections cost alone.
+pub async fn mosquitto_fan_in(
+    servers: &Servers,
+    id: &str,
+    devices: usize,
+    subscribers: usize,
+    per_device: u64,
+) -> anyhow::Result<f64> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+
+    use anyhow::Context;
+    let total = devices as u64 * per_device;
+    // At most this many sent and not yet received: the broker's queue of each subscriber
+    // stays far under Mosquitto's default of 1,000, and a drop is not a rate.
+    let window = Arc::new(tokio::sync::Semaphore::new(400 * subscribers));
+    let received = Arc::new(AtomicU64::new(0));
+    let all_received = Arc::new(tokio::sync::Notify::new());
+    let filter = format!("$share/{id}-raw/{id}/rawfan/+");
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..subscribers {
+        let mut options = MqttOptions::new(
+            format!("{id}-rawfan-sub-{index}"),
+            servers.mqtt_host.clone(),
+            servers.mqtt_port,
+        );
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_inflight(200);
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        client.subscribe(&filter, QoS::AtLeastOnce).await?;
+        loop {
+            if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await? {
+                break;
+            }
+        }
+        let (window, received, all_received) =
+            (window.clone(), received.clone(), all_received.clone());
+        tasks.spawn(async move {
+            let _client = client;
+            loop {
+                if let Event::Incoming(Packet::Publish(_)) = eventloop.poll().await? {
+                    window.add_permits(1);
+                    if received.fetch_add(1, Ordering::Relaxed) + 1 == total {
+                        all_received.notify_one();
+                    }
+                }
+            }
+        });
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(devices + 1));
+    let payload = bytes::Bytes::from_static(br#"{"ts": 1735689600000, "temperature": 21.5}"#);
+    for index in 0..devices {
+        let mut options = MqttOptions::new(
+            format!("{id}-rawfan-{index}"),
+            servers.mqtt_host.clone(),
+            servers.mqtt_port,
+        );
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_inflight(20);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let topic = format!("{id}/rawfan/{index}");
+        let (window, start, payload) = (window.clone(), start.clone(), payload.clone());
+        tasks.spawn(async move {
+            loop {
+                if let Event::Incoming(Packet::ConnAck(_)) = eventloop.poll().await? {
+                    break;
+                }
+            }
+            start.wait().await;
+            let sender = tokio::spawn(async move {
+                for _ in 0..per_device {
+                    let Ok(permit) = window.acquire().await else {
+                        break;
+                    };
+                    permit.forget();
+                    if client
+                        .publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                client
+            });
+            let mut acked = 0;
+            while acked < per_device {
+                if let Event::Incoming(Packet::PubAck(_)) = eventloop.poll().await? {
+                    acked += 1;
+                }
+            }
+            let client = sender.await?;
+            let _ = client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+            anyhow::Ok(())
+        });
+    }
+    // Every connection up, or the first that failed, or a minute: no waiting forever on a
+    // device that could not connect.
+    let connected = async {
+        let mut up = pin!(start.wait());
+        loop {
+            tokio::select! {
+                _ = &mut up => break Ok(()),
+                Some(joined) = tasks.join_next() => match joined {
+                    Ok(Err(error)) => break Err(error),
+                    Err(error) => break Err(error.into()),
+                    Ok(Ok(())) => {}
+                },
+            }
+        }
+    };
+    let connected = match tokio::time::timeout(Duration::from_secs(60), connected).await {
+        Ok(result) => result,
+        Err(_) => Err(anyhow::anyhow!("connections not up within 60 s")),
+    };
+    if let Err(error) = connected {
+        window.close();
+        tasks.abort_all();
+        return Err(error.context("raw mosquitto fan-in: connecting"));
+    }
+    let started = Instant::now();
+    let deadline = tokio::time::sleep(Duration::from_secs(300));
+    let mut deadline = pin!(deadline);
+    let mut done = pin!(all_received.notified());
+    let outcome: anyhow::Result<()> = loop {
+        tokio::select! {
+            _ = &mut done => break Ok(()),
+            _ = &mut deadline => break Err(anyhow::anyhow!("timed out")),
+            Some(joined) = tasks.join_next() => match joined {
+                // A device with all its messages acked by the broker.
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => break Err(error),
+                Err(error) => break Err(error.into()),
+            },
+        }
+    };
+    let elapsed = started.elapsed();
+    // Senders still waiting for room (after a failure) give up, and the rest stop.
+    window.close();
+    tasks.abort_all();
+    outcome.context("raw mosquitto fan-in")?;
+    let received = received.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        received == total,
+        "raw mosquitto fan-in: {received} of {total} received"
+    );
+    Ok(received as f64 / elapsed.as_secs_f64())
+}
+
 /// JetStream publish with acks, pipelined (as ingest does): messages per second acked.
 pub async fn jetstream(servers: &Servers, id: &str, messages: u64) -> anyhow::Result<f64> {
     let nats = async_nats::connect(&servers.nats_url).await?;

@@ -8,7 +8,10 @@ use async_nats::jetstream::{
     self, AckKind,
     consumer::{AckPolicy, DeliverPolicy, pull},
 };
-use fieldline_common::{Context, time::from_us};
+use fieldline_common::{
+    Context,
+    time::{from_us, now_us},
+};
 use fieldline_proto::{
     Stream,
     consumers::REGISTRY_STATE,
@@ -139,8 +142,8 @@ struct Apply {
     default_interval_s: i32,
     telemetry_prefix: String,
     /// Devices this instance left online, each with the sighting time before which it is not
-    /// written again ([`PRESENCE_RESOLUTION_US`]).
-    written: moka::future::Cache<(String, String), i64>,
+    /// written again ([`PRESENCE_RESOLUTION_US`]), and the local time until which that holds.
+    written: moka::future::Cache<(String, String), (i64, i64)>,
 }
 
 impl Apply {
@@ -210,11 +213,13 @@ impl Apply {
             }
         }
         let mut fresh = Vec::with_capacity(seen.len());
+        let now = now_us();
         for (device, at_us) in seen {
-            // Online and written moments ago: the device's row already says what this
-            // sighting would (to within the resolution), so the status cannot change either.
+            // Online and written moments ago, by both clocks: the device's row already says
+            // what this sighting would, to within the resolution. A sighting that comes late
+            // (a backlog, an edge clock behind) is written, so the status it implies is too.
             match self.written.get(&device).await {
-                Some(until) if at_us < until => {}
+                Some((until, until_local)) if at_us < until && now < until_local => {}
                 _ => fresh.push(SeenDevice {
                     project: device.0,
                     device_id: device.1,
@@ -231,12 +236,15 @@ impl Apply {
                 if applied.events > 0 {
                     self.wake.notify_one();
                 }
+                let now = now_us();
                 for online in applied.online {
-                    let until = online
-                        .last_seen_us
-                        .saturating_add(PRESENCE_RESOLUTION_US.min(online.window_us / 10));
+                    let resolution = PRESENCE_RESOLUTION_US.min(online.window_us / 10);
+                    let until = online.last_seen_us.saturating_add(resolution);
                     self.written
-                        .insert((online.project, online.device_id), until)
+                        .insert(
+                            (online.project, online.device_id),
+                            (until, now.saturating_add(resolution)),
+                        )
                         .await;
                 }
                 let acks = messages.iter().map(|message| message.ack());

@@ -3,7 +3,7 @@ use std::time::Duration;
 use fieldline_proto::v1::reading;
 use fieldline_testkit::{TestEnv, eventually};
 
-use crate::{Device, mqtt_port, spawn_mqtt, topic, wait_ready};
+use crate::{Device, metric, mqtt_port, spawn_mqtt, topic, wait_ready};
 
 #[tokio::test]
 async fn telemetry_and_heartbeats_reach_jetstream_and_are_acked() {
@@ -175,4 +175,58 @@ async fn published_count(app: &fieldline_testkit::TestApp) -> f64 {
         .find(|line| line.starts_with("fieldline_mqtt_messages_total{outcome=\"published\"}"))
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// A device's burst: messages that wait for the device's previous bus message go out together
+/// (docs/decisions/2026-11-23-mqtt-coalescing.md), and every reading still reaches JetStream
+/// exactly once, with every message acked to the broker.
+#[tokio::test]
+async fn a_burst_from_one_device_reaches_jetstream_whole() {
+    const MESSAGES: i64 = 300;
+    let app = spawn_mqtt(TestEnv::new().await, |config| config).await;
+    app.create_device("chatty").await;
+    wait_ready(&app).await;
+    let device = Device::connect(mqtt_port(&app), "chatty").await;
+    let telemetry = topic(&app, "chatty", "telemetry");
+    for n in 1..=MESSAGES {
+        device
+            .publish(&telemetry, &format!(r#"{{"ts": {n}, "n": {n}}}"#))
+            .await;
+    }
+    let batches = eventually(
+        "every reading in jetstream",
+        Duration::from_secs(20),
+        || async {
+            let batches = app.telemetry_batches().await;
+            let readings: usize = batches.iter().map(|(_, b)| b.readings.len()).sum();
+            (readings >= MESSAGES as usize).then_some(batches)
+        },
+    )
+    .await;
+    let mut seen: Vec<i64> = batches
+        .iter()
+        .flat_map(|(_, batch)| batch.readings.iter().map(|r| r.ts_us / 1_000))
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=MESSAGES).collect::<Vec<_>>());
+    for (_, batch) in &batches {
+        assert_eq!(batch.device_id, "chatty");
+        assert!(batch.message_id.is_empty());
+    }
+    eventually(
+        "every message acked to the broker",
+        Duration::from_secs(10),
+        || async {
+            let published = metric(
+                &app,
+                "fieldline_mqtt_messages_total",
+                "outcome=\"published\"",
+            )
+            .await;
+            (published == MESSAGES as f64).then_some(())
+        },
+    )
+    .await;
+    eprintln!("{MESSAGES} messages in {} bus messages", batches.len());
+    app.shutdown().await;
 }
