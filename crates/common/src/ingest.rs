@@ -587,7 +587,8 @@ impl From<PublishError> for ApiError {
 }
 
 /// Payloads this small are taken as under the server's `max_payload` (1 MB by default) without
-/// asking it. A server set below 32 KiB would refuse them at publish time instead.
+/// asking it. A NATS server set below 32 KiB is not supported: it would refuse them at
+/// publish time, and the ingest edges would retry that refusal as if it were an outage.
 const SMALL_PAYLOAD_BYTES: usize = 32 * 1024;
 
 /// Publishes `payload` to `subject` and waits for JetStream's acknowledgement. With a

@@ -169,11 +169,16 @@ pub async fn mosquitto_fan_in(
             .set_inflight(200);
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
         client.subscribe(&filter, QoS::AtLeastOnce).await?;
-        loop {
-            if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await? {
-                break;
+        let subscribed = async {
+            loop {
+                if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await? {
+                    break anyhow::Ok(());
+                }
             }
-        }
+        };
+        tokio::time::timeout(Duration::from_secs(60), subscribed)
+            .await
+            .context("raw mosquitto fan-in: no SUBACK within 60 s")??;
         let (window, received, all_received) =
             (window.clone(), received.clone(), all_received.clone());
         tasks.spawn(async move {

@@ -32,7 +32,7 @@ const SWEEP_LAG_LIMIT: u64 = 2_000;
 /// Devices turned offline per sweep transaction.
 const SWEEP_BATCH: i64 = 500;
 /// A device's `last_seen` is written at most once per second of its own sightings, or per
-/// tenth of its offline window when that is shorter. A write rewrites the row and all five of
+/// tenth of its offline window when that is shorter. A write rewrites the row and all six of
 /// its indexes (`offline_after` is one), so a device sending 20 readings a second cost 20 of
 /// them a second; now it costs one, and the sweep sees it at most that much earlier.
 const PRESENCE_RESOLUTION_US: i64 = 1_000_000;
