@@ -28,6 +28,24 @@ pub struct Servers {
     pub mqtt_port: u16,
 }
 
+impl Servers {
+    /// An MQTT client of the broker, with up to `inflight` QoS 1 messages of its own
+    /// unacknowledged, and its event loop.
+    pub fn mqtt_client(
+        &self,
+        client_id: String,
+        inflight: u16,
+        capacity: usize,
+    ) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+        let mut options =
+            rumqttc::MqttOptions::new(client_id, self.mqtt_host.clone(), self.mqtt_port);
+        options
+            .set_keep_alive(std::time::Duration::from_secs(30))
+            .set_inflight(inflight);
+        rumqttc::AsyncClient::new(options, capacity)
+    }
+}
+
 pub struct Platform {
     pub id: String,
     pub database: String,

@@ -8,7 +8,7 @@ use std::{
 
 use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type};
 
 use crate::{
@@ -68,30 +68,14 @@ pub async fn mosquitto(
     messages: u64,
 ) -> anyhow::Result<f64> {
     let topic = format!("{id}/raw/{qos:?}");
-    let mut options = MqttOptions::new(
-        format!("{id}-raw-sub"),
-        servers.mqtt_host.clone(),
-        servers.mqtt_port,
-    );
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_inflight(100);
-    let (subscriber, mut sub_loop) = AsyncClient::new(options, 1000);
+    let (subscriber, mut sub_loop) = servers.mqtt_client(format!("{id}-raw-sub"), 100, 1000);
     subscriber.subscribe(&topic, qos).await?;
     loop {
         if let Event::Incoming(Packet::SubAck(_)) = sub_loop.poll().await? {
             break;
         }
     }
-    let mut options = MqttOptions::new(
-        format!("{id}-raw-pub"),
-        servers.mqtt_host.clone(),
-        servers.mqtt_port,
-    );
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_inflight(100);
-    let (publisher, mut pub_loop) = AsyncClient::new(options, 1000);
+    let (publisher, mut pub_loop) = servers.mqtt_client(format!("{id}-raw-pub"), 100, 1000);
     tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
     let started = Instant::now();
     let payload = br#"{"ts": 1735689600000, "temperature": 21.5}"#.to_vec();
@@ -159,15 +143,8 @@ pub async fn mosquitto_fan_in(
     let filter = format!("$share/{id}-raw/{id}/rawfan/+");
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..subscribers {
-        let mut options = MqttOptions::new(
-            format!("{id}-rawfan-sub-{index}"),
-            servers.mqtt_host.clone(),
-            servers.mqtt_port,
-        );
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_inflight(200);
-        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        let (client, mut eventloop) =
+            servers.mqtt_client(format!("{id}-rawfan-sub-{index}"), 200, 1000);
         client.subscribe(&filter, QoS::AtLeastOnce).await?;
         let subscribed = async {
             loop {
@@ -196,15 +173,7 @@ pub async fn mosquitto_fan_in(
     let start = Arc::new(tokio::sync::Barrier::new(devices + 1));
     let payload = bytes::Bytes::from_static(br#"{"ts": 1735689600000, "temperature": 21.5}"#);
     for index in 0..devices {
-        let mut options = MqttOptions::new(
-            format!("{id}-rawfan-{index}"),
-            servers.mqtt_host.clone(),
-            servers.mqtt_port,
-        );
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_inflight(20);
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let (client, mut eventloop) = servers.mqtt_client(format!("{id}-rawfan-{index}"), 20, 64);
         let topic = format!("{id}/rawfan/{index}");
         let (window, start, payload) = (window.clone(), start.clone(), payload.clone());
         tasks.spawn(async move {

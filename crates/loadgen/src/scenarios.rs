@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use serde_json::{Value, json};
 
 use crate::{
@@ -119,19 +119,12 @@ pub async fn mqtt_ingest(
     let started = Instant::now();
     let mut tasks = Vec::new();
     for index in 0..devices {
-        let (host, port) = (
-            platform.servers.mqtt_host.clone(),
-            platform.servers.mqtt_port,
-        );
+        let servers = platform.servers.clone();
         let topic = format!("{}/default/mqtt-{index}/telemetry", platform.id);
         let client_id = format!("{}-dev-{index}", platform.id);
         let counter = progress.counter.clone();
         tasks.push(tokio::spawn(async move {
-            let mut options = MqttOptions::new(client_id, host, port);
-            options
-                .set_keep_alive(Duration::from_secs(30))
-                .set_inflight(20);
-            let (client, mut eventloop) = AsyncClient::new(options, 64);
+            let (client, mut eventloop) = servers.mqtt_client(client_id, 20, 64);
             let publisher = tokio::spawn(async move {
                 let mut sequence = 0u64;
                 let mut ticker = tokio::time::interval(Duration::from_micros(
