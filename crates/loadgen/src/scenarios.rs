@@ -106,8 +106,8 @@ pub async fn http_ingest(
     })
 }
 
-/// MQTT QoS 1 ingest from `devices` connections, each keeping its in-flight window full for
-/// `duration`; then waits until everything is stored.
+/// MQTT QoS 1 ingest from `devices` connections, each publishing `per_device_rate` messages a
+/// second (up to 20 unacknowledged) for `duration`; then waits until everything is stored.
 pub async fn mqtt_ingest(
     platform: &Platform,
     devices: usize,
