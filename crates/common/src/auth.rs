@@ -141,7 +141,8 @@ struct Inner {
     timeout: Duration,
     /// Keyed by SHA-256 of the secret, so no secret is held in memory after the request.
     credentials: InvalidatingCache<[u8; 32], Principal>,
-    devices: InvalidatingCache<(String, String), Option<DeviceInfo>>,
+    /// Shared, so that a hit (once per device message) copies no strings.
+    devices: InvalidatingCache<(String, String), Option<Arc<DeviceInfo>>>,
 }
 
 /// SHA-256 of a secret: how API keys and device tokens are stored and cached.
@@ -212,11 +213,11 @@ impl AuthClient {
         let digest = hash_secret(secret);
         let principal = inner
             .credentials
-            .get_or_load(digest, self.ask_registry(secret))
+            .get_or_load(digest, || self.ask_registry(secret))
             .await?;
         // Expiry is checked at use, so a cached key stops working on time.
         if principal.is_expired(now_us()) {
-            inner.credentials.invalidate(&digest).await;
+            inner.credentials.invalidate(&digest);
             return Err(AuthError::Expired);
         }
         Ok(principal)
@@ -255,13 +256,13 @@ impl AuthClient {
         &self,
         project: &str,
         device_id: &str,
-    ) -> Result<Option<DeviceInfo>, AuthError> {
+    ) -> Result<Option<Arc<DeviceInfo>>, AuthError> {
         let key = (project.to_owned(), device_id.to_owned());
-        let request = DeviceLookupRequest {
-            project: project.to_owned(),
-            device_id: device_id.to_owned(),
-        };
-        let lookup = async {
+        let lookup = || async {
+            let request = DeviceLookupRequest {
+                project: project.to_owned(),
+                device_id: device_id.to_owned(),
+            };
             let reply = self
                 .request(
                     self.inner.subjects.rpc_auth_device(),
@@ -270,9 +271,11 @@ impl AuthClient {
                 .await?;
             let response =
                 DeviceLookupResponse::decode(reply.as_ref()).map_err(|_| AuthError::Unavailable)?;
-            Ok(response.found.then_some(DeviceInfo {
-                device_type: response.device_type,
-                group: response.group,
+            Ok(response.found.then(|| {
+                Arc::new(DeviceInfo {
+                    device_type: response.device_type,
+                    group: response.group,
+                })
             }))
         };
         self.inner.devices.get_or_load(key, lookup).await

@@ -14,7 +14,8 @@ use std::{
 /// invalidation (a key revoked while its verification was on the wire) is returned to its
 /// caller but not kept, even if the invalidation lands during the insert itself.
 pub struct InvalidatingCache<K, V> {
-    cache: moka::future::Cache<K, V>,
+    // The sync flavour: a hit is a plain call, no future to poll or to hold in the caller's.
+    cache: moka::sync::Cache<K, V>,
     generation: Arc<AtomicU64>,
 }
 
@@ -34,7 +35,7 @@ where
 {
     pub fn new(capacity: u64, ttl: Duration) -> Self {
         Self {
-            cache: moka::future::Cache::builder()
+            cache: moka::sync::Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(ttl)
                 .build(),
@@ -42,28 +43,38 @@ where
         }
     }
 
-    /// The cached value, or `load`'s, kept unless an invalidation crossed the load. Errors
-    /// are not cached.
-    pub async fn get_or_load<E, F>(&self, key: K, load: F) -> Result<V, E>
+    /// The cached value, or the one `load` makes, kept unless an invalidation crossed the
+    /// load. Errors are not cached.
+    pub async fn get_or_load<E, L, F>(&self, key: K, load: L) -> Result<V, E>
+    where
+        L: FnOnce() -> F,
+        F: Future<Output = Result<V, E>>,
+    {
+        if let Some(value) = self.cache.get(&key) {
+            return Ok(value);
+        }
+        // The load is made and boxed only on a miss, so that a hit's future stays small (one
+        // is held per message in flight in ingest-mqtt).
+        Box::pin(self.load_and_keep(key, load())).await
+    }
+
+    async fn load_and_keep<E, F>(&self, key: K, load: F) -> Result<V, E>
     where
         F: Future<Output = Result<V, E>>,
     {
-        if let Some(value) = self.cache.get(&key).await {
-            return Ok(value);
-        }
         let generation = self.generation.load(Ordering::SeqCst);
         let value = load.await?;
         if self.generation.load(Ordering::SeqCst) == generation {
-            self.cache.insert(key.clone(), value.clone()).await;
+            self.cache.insert(key.clone(), value.clone());
             if self.generation.load(Ordering::SeqCst) != generation {
-                self.cache.invalidate(&key).await;
+                self.cache.invalidate(&key);
             }
         }
         Ok(value)
     }
 
-    pub async fn invalidate(&self, key: &K) {
-        self.cache.invalidate(key).await;
+    pub fn invalidate(&self, key: &K) {
+        self.cache.invalidate(key);
     }
 
     pub fn invalidate_all(&self) {
@@ -79,18 +90,18 @@ mod tests {
     #[tokio::test]
     async fn a_load_crossed_by_an_invalidation_is_not_kept() {
         let cache: InvalidatingCache<u8, u8> = InvalidatingCache::new(10, Duration::from_secs(60));
-        let crossed = cache.get_or_load(1, async {
+        let crossed = cache.get_or_load(1, || async {
             cache.invalidate_all();
             Ok::<_, ()>(7)
         });
         assert_eq!(crossed.await, Ok(7));
         assert_eq!(
-            cache.get_or_load(1, async { Ok::<_, ()>(8) }).await,
+            cache.get_or_load(1, || async { Ok::<_, ()>(8) }).await,
             Ok(8),
             "stale value kept"
         );
         assert_eq!(
-            cache.get_or_load(1, async { Ok::<_, ()>(9) }).await,
+            cache.get_or_load(1, || async { Ok::<_, ()>(9) }).await,
             Ok(8),
             "fresh value not kept"
         );

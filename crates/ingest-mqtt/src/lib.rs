@@ -146,17 +146,18 @@ fn connect(
 /// Telemetry goes to JetStream through a [`Coalescer`]: retried until it is there or the
 /// service shuts down; a bus message larger than NATS takes is never retried.
 fn telemetry_coalescer(context: &Context) -> Coalescer {
-    let publisher = Publisher::new(context);
-    let shutdown = context.shutdown.clone();
+    // In one Arc: cloning the publisher and the token themselves, once per bus message,
+    // allocated.
+    let shared = Arc::new((Publisher::new(context), context.shutdown.clone()));
     let publish: Arc<PublishFn> = Arc::new(move |(project, device_id), parsed, received_at_us| {
-        let publisher = publisher.clone();
-        let shutdown = shutdown.clone();
+        let shared = shared.clone();
         async move {
+            let (publisher, shutdown) = &*shared;
             // What waits after shutdown stays with the broker for the next start.
             if shutdown.is_cancelled() {
                 return Sent::Abandoned;
             }
-            retry(&shutdown, "publish to jetstream", || async {
+            retry(shutdown, "publish to jetstream", || async {
                 let readings = Parsed::clone(&parsed);
                 match publisher
                     .readings(&project, &device_id, readings, received_at_us, "mqtt")
@@ -352,29 +353,16 @@ async fn handle(
             "not {root}/{project}/{device}/{telemetry|heartbeat|commands/ack}",
         );
     };
-    // Is this a device of that project? The registry answers (cached); while it cannot, the
-    // message waits rather than being dropped as unknown.
-    let lookup = retry(&context.shutdown, "device lookup", || async {
-        match context
-            .auth
-            .lookup_device(project.as_str(), device_id.as_str())
-            .await
-        {
-            Err(AuthError::Unavailable) => Err(AuthError::Unavailable),
-            other => Ok(other.ok().flatten()),
-        }
-    })
-    .await;
-    match lookup {
+    match device_known(context, project.as_str(), device_id.as_str()).await {
         None => return Outcome::Abandoned,
-        Some(None) => {
+        Some(false) => {
             return drop_message(
                 &publish.topic,
                 "unknown_device",
                 "no such device in that project",
             );
         }
-        Some(Some(_)) => {}
+        Some(true) => {}
     }
 
     let published = match uplink {
@@ -411,17 +399,25 @@ async fn handle(
                 Sent::Abandoned => false,
             }
         }
+        // The rarer uplinks' futures are boxed, so that telemetry's, one per message held in
+        // the pipeline, stays small.
         Uplink::CommandAck => {
-            return forward_ack(context, arrival, project.as_str(), device_id.as_str()).await;
+            return Box::pin(forward_ack(
+                context,
+                arrival,
+                project.as_str(),
+                device_id.as_str(),
+            ))
+            .await;
         }
-        Uplink::Heartbeat => retry(&context.shutdown, "publish heartbeat", || {
+        Uplink::Heartbeat => Box::pin(retry(&context.shutdown, "publish heartbeat", || {
             publisher.heartbeat(
                 project.as_str(),
                 device_id.as_str(),
                 arrival.received_at_us,
                 "mqtt",
             )
-        })
+        }))
         .await
         .is_some(),
     };
@@ -429,6 +425,22 @@ async fn handle(
         Outcome::Published
     } else {
         Outcome::Abandoned
+    }
+}
+
+/// Is `device_id` one of `project`'s devices? The registry answers (cached); while it cannot,
+/// the message waits rather than being dropped as unknown. `None`: shut down first.
+async fn device_known(context: &Context, project: &str, device_id: &str) -> Option<bool> {
+    let lookup = || async {
+        match context.auth.lookup_device(project, device_id).await {
+            Err(AuthError::Unavailable) => Err(AuthError::Unavailable),
+            other => Ok(other.is_ok_and(|found| found.is_some())),
+        }
+    };
+    match lookup().await {
+        Ok(known) => Some(known),
+        // Boxed: only a registry that cannot answer needs the retry loop and its timers.
+        Err(_) => Box::pin(retry(&context.shutdown, "device lookup", lookup)).await,
     }
 }
 

@@ -55,7 +55,7 @@ impl Targets {
     }
 
     pub async fn of(&self, project: &str) -> Result<Arc<Vec<Target>>, ApiError> {
-        let load = async { self.repo.targets(project).await.map(Arc::new) };
+        let load = || async { self.repo.targets(project).await.map(Arc::new) };
         self.cache.get_or_load(project.to_owned(), load).await
     }
 
