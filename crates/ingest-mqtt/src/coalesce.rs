@@ -1,8 +1,10 @@
 //! One device's readings that arrive while its previous bus message is still on its way to
 //! JetStream wait, and then go out together as its next one. A TelemetryBatch is one device's
 //! readings, so under load each carries several MQTT messages instead of one, and everything
-//! behind the bus (three consumers, the series and rollup rows) is paid once for them. A device
-//! with nothing in flight waits for nothing: its message goes out at once.
+//! behind the bus (three consumers, the series and rollup rows) is paid once for them. The
+//! process has at most [`PUBLISHES_IN_FLIGHT`] bus messages on their way, all devices together:
+//! while every place is taken, what arrives gathers too. A device with nothing in flight, when a
+//! place is free, waits for nothing: its message goes out at once.
 //!
 //! Each MQTT message learns the outcome of the bus message that carried it, and is acked by
 //! that alone, so a PUBACK still means its readings are in JetStream. A message with an
@@ -16,7 +18,7 @@ use std::{
 use fieldline_common::ingest::Parsed;
 use futures::future::BoxFuture;
 use prost::Message;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::task::TaskTracker;
 
 /// Readings one combined bus message carries at most (a lone message may carry more, as it
@@ -25,6 +27,11 @@ pub const MAX_COMBINED_READINGS: usize = 500;
 /// Encoded readings one combined bus message carries at most: a quarter of NATS's default
 /// 1 MB payload limit, whatever the readings hold (a text value may take 4 KiB).
 pub const MAX_COMBINED_BYTES: usize = 256 * 1024;
+
+/// Bus messages being published at once by the process, all devices together. More only
+/// adds small bus messages under load: each costs the same behind the bus however few
+/// readings it carries.
+pub const PUBLISHES_IN_FLIGHT: usize = 64;
 
 /// Project and device id.
 pub type Device = (String, String);
@@ -58,14 +65,20 @@ pub struct Coalescer {
     queues: Queues,
     publish: Arc<PublishFn>,
     tasks: TaskTracker,
+    publishing: Arc<Semaphore>,
 }
 
 impl Coalescer {
     pub fn new(tasks: TaskTracker, publish: Arc<PublishFn>) -> Self {
+        Self::with_publishes(tasks, publish, PUBLISHES_IN_FLIGHT)
+    }
+
+    fn with_publishes(tasks: TaskTracker, publish: Arc<PublishFn>, publishes: usize) -> Self {
         Self {
             queues: Arc::default(),
             publish,
             tasks,
+            publishing: Arc::new(Semaphore::new(publishes)),
         }
     }
 
@@ -83,22 +96,26 @@ impl Coalescer {
             match queues.get_mut(&device) {
                 Some(queue) => {
                     queue.push_back(waiting);
-                    None
+                    false
                 }
                 None => {
-                    queues.insert(device.clone(), VecDeque::new());
-                    Some(waiting)
+                    queues.insert(device.clone(), VecDeque::from([waiting]));
+                    true
                 }
             }
         };
-        if let Some(first) = lead {
+        if lead {
             // Its own task: the publish goes on for the others even if this caller is dropped.
             let release = Release {
                 queues: self.queues.clone(),
                 device: Some(device.clone()),
             };
-            self.tasks
-                .spawn(drive(release, self.publish.clone(), device, vec![first]));
+            self.tasks.spawn(drive(
+                release,
+                self.publish.clone(),
+                self.publishing.clone(),
+                device,
+            ));
         }
         // A sender dropped unanswered (shutdown, a panic) leaves the message to redelivery.
         outcome.await.unwrap_or(Sent::Abandoned)
@@ -128,14 +145,33 @@ impl Drop for Release {
     }
 }
 
-/// Publishes the device's messages one bus message at a time until none waits.
+/// Publishes the device's messages one bus message at a time until none waits. Each bus
+/// message waits for a place among the process's publishes in flight and only then takes
+/// what waits: under load the places are taken, and a device's messages gather meanwhile.
 async fn drive(
     mut release: Release,
     publish: Arc<PublishFn>,
+    publishing: Arc<Semaphore>,
     device: Device,
-    mut batch: Vec<Waiting>,
 ) {
     loop {
+        // Never closed; an error would only mean no place is ever given, so go without.
+        let _place = publishing.acquire().await.ok();
+        let batch = {
+            let mut queues = release
+                .queues
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match queues.get_mut(&device) {
+                Some(queue) if !queue.is_empty() => take_next(queue),
+                _ => {
+                    queues.remove(&device);
+                    release.device = None;
+                    break;
+                }
+            }
+        };
+        let mut batch = batch;
         if let [one] = batch.as_mut_slice() {
             let parsed = Arc::new(std::mem::take(&mut one.parsed));
             let sent = publish(device.clone(), parsed, one.received_at_us).await;
@@ -164,24 +200,6 @@ async fn drive(
                 }
                 sent => answer(batch, sent),
             }
-        }
-        let next = {
-            let mut queues = release
-                .queues
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            match queues.get_mut(&device) {
-                Some(queue) if !queue.is_empty() => Some(take_next(queue)),
-                _ => {
-                    queues.remove(&device);
-                    release.device = None;
-                    None
-                }
-            }
-        };
-        match next {
-            Some(next) => batch = next,
-            None => break,
         }
     }
 }
@@ -245,6 +263,15 @@ mod tests {
         gate: Arc<Semaphore>,
         outcome: fn(&Parsed) -> Sent,
     ) -> (Coalescer, mpsc::UnboundedReceiver<Call>) {
+        gated_with_places(gate, outcome, PUBLISHES_IN_FLIGHT)
+    }
+
+    /// [`gated`], with `places` publishes in flight at most.
+    fn gated_with_places(
+        gate: Arc<Semaphore>,
+        outcome: fn(&Parsed) -> Sent,
+        places: usize,
+    ) -> (Coalescer, mpsc::UnboundedReceiver<Call>) {
         let (calls, recorded) = mpsc::unbounded_channel();
         let publish: Arc<PublishFn> =
             Arc::new(move |_device, parsed: Arc<Parsed>, received_at_us| {
@@ -258,7 +285,10 @@ mod tests {
                 }
                 .boxed()
             });
-        (Coalescer::new(TaskTracker::new(), publish), recorded)
+        (
+            Coalescer::with_publishes(TaskTracker::new(), publish, places),
+            recorded,
+        )
     }
 
     fn published(_: &Parsed) -> Sent {
@@ -289,13 +319,27 @@ mod tests {
         parsed: Parsed,
         received_at_us: i64,
     ) -> tokio::task::JoinHandle<Sent> {
+        send_as(coalescer, device(), parsed, received_at_us)
+    }
+
+    /// [`send`] for another device.
+    fn send_as(
+        coalescer: &Coalescer,
+        device: Device,
+        parsed: Parsed,
+        received_at_us: i64,
+    ) -> tokio::task::JoinHandle<Sent> {
         let coalescer = coalescer.clone();
-        tokio::spawn(async move { coalescer.publish(device(), parsed, received_at_us).await })
+        tokio::spawn(async move { coalescer.publish(device, parsed, received_at_us).await })
     }
 
     async fn until_waiting(coalescer: &Coalescer, count: usize) {
+        until_waiting_as(coalescer, &device(), count).await
+    }
+
+    async fn until_waiting_as(coalescer: &Coalescer, device: &Device, count: usize) {
         tokio::time::timeout(Duration::from_secs(5), async {
-            while coalescer.waiting(&device()) < count {
+            while coalescer.waiting(device) < count {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         })
@@ -351,6 +395,40 @@ mod tests {
         assert_eq!(second.await.unwrap(), Sent::Published);
         assert_eq!(third.await.unwrap(), Sent::Published);
         assert_eq!(coalescer.waiting(&device()), 0);
+    }
+
+    #[tokio::test]
+    async fn while_every_place_is_taken_another_devices_messages_gather() {
+        let gate = Arc::new(Semaphore::new(0));
+        let (coalescer, mut calls) = gated_with_places(gate.clone(), published, 1);
+        let first = send(&coalescer, message(&["a"], None), 1);
+        assert_eq!(calls.recv().await.unwrap().0, vec!["a".to_owned()]);
+        // The one place is taken: the other device's messages wait, none goes out alone.
+        let other = ("default".to_owned(), "pump-2".to_owned());
+        let mut others = Vec::new();
+        for (index, metric) in ["b", "c", "d"].into_iter().enumerate() {
+            others.push(send_as(
+                &coalescer,
+                other.clone(),
+                message(&[metric], None),
+                2,
+            ));
+            until_waiting_as(&coalescer, &other, index + 1).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(calls.is_empty(), "a publish started with no place free");
+
+        gate.add_permits(2);
+        assert_eq!(first.await.unwrap(), Sent::Published);
+        assert_eq!(
+            calls.recv().await.unwrap().0,
+            vec!["b".to_owned(), "c".to_owned(), "d".to_owned()],
+            "what gathered goes out as one bus message"
+        );
+        for outcome in others {
+            assert_eq!(outcome.await.unwrap(), Sent::Published);
+        }
+        assert_eq!(coalescer.waiting(&other), 0);
     }
 
     #[tokio::test]
