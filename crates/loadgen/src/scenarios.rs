@@ -106,12 +106,13 @@ pub async fn http_ingest(
     })
 }
 
-/// MQTT QoS 1 ingest from `devices` connections, each publishing `per_device_rate` messages a
-/// second (up to 20 unacknowledged) for `duration`; then waits until everything is stored.
+/// MQTT QoS 1 ingest from `devices` connections for `duration`, each with up to 20
+/// unacknowledged messages: as fast as the broker acknowledges them, or `per_device_rate`
+/// messages a second; then waits until everything is stored.
 pub async fn mqtt_ingest(
     platform: &Platform,
     devices: usize,
-    per_device_rate: u64,
+    per_device_rate: Option<u64>,
     duration: Duration,
 ) -> anyhow::Result<IngestResult> {
     platform.create_devices("mqtt-", devices).await?;
@@ -125,13 +126,17 @@ pub async fn mqtt_ingest(
         let counter = progress.counter.clone();
         tasks.push(tokio::spawn(async move {
             let (client, mut eventloop) = servers.mqtt_client(client_id, 20, 64);
+            let acked = Arc::new(AtomicU64::new(0));
+            let publisher_acked = acked.clone();
             let publisher = tokio::spawn(async move {
                 let mut sequence = 0u64;
-                let mut ticker = tokio::time::interval(Duration::from_micros(
-                    1_000_000 / per_device_rate.max(1),
-                ));
+                let mut ticker = per_device_rate.map(|rate| {
+                    tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)))
+                });
                 while started.elapsed() < duration {
-                    ticker.tick().await;
+                    if let Some(ticker) = &mut ticker {
+                        ticker.tick().await;
+                    }
                     sequence += 1;
                     let payload = format!(
                         "{{\"ts\": {}, \"temperature\": {}}}",
@@ -146,13 +151,19 @@ pub async fn mqtt_ingest(
                         break;
                     }
                 }
+                // The last messages' PUBACKs count too: a disconnect now would leave them out.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while publisher_acked.load(Ordering::Relaxed) < sequence
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 let _ = client.disconnect().await;
             });
-            let mut acked = 0u64;
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        acked += 1;
+                        acked.fetch_add(1, Ordering::Relaxed);
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
@@ -161,7 +172,7 @@ pub async fn mqtt_ingest(
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
-            acked
+            acked.load(Ordering::Relaxed)
         }));
     }
     let mut accepted = 0;
