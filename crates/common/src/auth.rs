@@ -141,7 +141,7 @@ struct Inner {
     timeout: Duration,
     /// Keyed by SHA-256 of the secret, so no secret is held in memory after the request.
     credentials: InvalidatingCache<[u8; 32], Principal>,
-    /// Shared, so that a hit (once per device message) copies no strings.
+    /// Shared, so that a hit (once per device message) clones a pointer, not the strings.
     devices: InvalidatingCache<(String, String), Option<Arc<DeviceInfo>>>,
 }
 

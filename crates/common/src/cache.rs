@@ -87,6 +87,22 @@ where
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_lookup_future_does_not_carry_its_load() {
+        let cache: InvalidatingCache<u8, u8> = InvalidatingCache::new(10, Duration::from_secs(60));
+        let lookup = cache.get_or_load(1, || async {
+            let large = [0u8; 4096];
+            tokio::task::yield_now().await;
+            Ok::<_, ()>(large[0])
+        });
+        // ingest-mqtt holds one such future per message in flight (thousands under load).
+        assert!(
+            std::mem::size_of_val(&lookup) < 512,
+            "{} bytes",
+            std::mem::size_of_val(&lookup)
+        );
+    }
+
     #[tokio::test]
     async fn a_load_crossed_by_an_invalidation_is_not_kept() {
         let cache: InvalidatingCache<u8, u8> = InvalidatingCache::new(10, Duration::from_secs(60));

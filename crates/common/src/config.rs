@@ -53,6 +53,11 @@ pub struct Config {
     /// 20 by default), and ingest-mqtt acks only once JetStream has a message, so its
     /// throughput is at most connections × in-flight ÷ JetStream round trip.
     pub mqtt_connections: usize,
+    /// Bus messages ingest-mqtt publishes at once, all devices together. A device's messages
+    /// that arrive while every place is taken go out together, so under load bus messages
+    /// carry more readings; the ceiling is this ÷ the JetStream publish time, for devices
+    /// that each send too rarely for their messages to be combined.
+    pub mqtt_publishes_in_flight: usize,
     /// Prefix of every NATS subject and stream (`fl` gives `fl.telemetry.…` and `FL_TELEMETRY`).
     pub bus_prefix: String,
     /// `json` or `text`.
@@ -165,6 +170,7 @@ impl Default for Config {
             mqtt_share_group: "fieldline-ingest".into(),
             mqtt_max_packet_bytes: 256 * 1024,
             mqtt_connections: 8,
+            mqtt_publishes_in_flight: 256,
             bus_prefix: "fl".into(),
             log_format: LogFormat::Json,
             log_level: "info".into(),
@@ -281,6 +287,9 @@ impl Config {
         }
         if !(1..=64).contains(&self.mqtt_connections) {
             return invalid("mqtt_connections", "use 1 to 64".into());
+        }
+        if !(1..=65_536).contains(&self.mqtt_publishes_in_flight) {
+            return invalid("mqtt_publishes_in_flight", "use 1 to 65536".into());
         }
         if mqtt_host_port(&self.mqtt_url).is_none() {
             return invalid(

@@ -2,9 +2,9 @@
 //! JetStream wait, and then go out together as its next one. A TelemetryBatch is one device's
 //! readings, so under load each carries several MQTT messages instead of one, and everything
 //! behind the bus (three consumers, the series and rollup rows) is paid once for them. The
-//! process has at most [`PUBLISHES_IN_FLIGHT`] bus messages on their way, all devices together:
-//! while every place is taken, what arrives gathers too. A device with nothing in flight, when a
-//! place is free, waits for nothing: its message goes out at once.
+//! process publishes at most `FIELDLINE_MQTT_PUBLISHES_IN_FLIGHT` bus messages at once, all
+//! devices together: while every place is taken, what arrives gathers too. When a place is
+//! free, a device with nothing in flight waits for nothing: its message goes out at once.
 //!
 //! Each MQTT message learns the outcome of the bus message that carried it, and is acked by
 //! that alone, so a PUBACK still means its readings are in JetStream. A message with an
@@ -27,11 +27,6 @@ pub const MAX_COMBINED_READINGS: usize = 500;
 /// Encoded readings one combined bus message carries at most: a quarter of NATS's default
 /// 1 MB payload limit, whatever the readings hold (a text value may take 4 KiB).
 pub const MAX_COMBINED_BYTES: usize = 256 * 1024;
-
-/// Bus messages being published at once by the process, all devices together. More only
-/// adds small bus messages under load: each costs the same behind the bus however few
-/// readings it carries.
-pub const PUBLISHES_IN_FLIGHT: usize = 64;
 
 /// Project and device id.
 pub type Device = (String, String);
@@ -57,7 +52,8 @@ struct Waiting {
     done: oneshot::Sender<Sent>,
 }
 
-/// A device present here has a bus message in flight; its queue holds what arrived since.
+/// A device present here has a task publishing its messages; its queue holds those not yet
+/// taken into a bus message.
 type Queues = Arc<Mutex<HashMap<Device, VecDeque<Waiting>>>>;
 
 #[derive(Clone)]
@@ -69,11 +65,8 @@ pub struct Coalescer {
 }
 
 impl Coalescer {
-    pub fn new(tasks: TaskTracker, publish: Arc<PublishFn>) -> Self {
-        Self::with_publishes(tasks, publish, PUBLISHES_IN_FLIGHT)
-    }
-
-    fn with_publishes(tasks: TaskTracker, publish: Arc<PublishFn>, publishes: usize) -> Self {
+    /// `publishes`: bus messages in flight at most, all devices together.
+    pub fn new(tasks: TaskTracker, publish: Arc<PublishFn>, publishes: usize) -> Self {
         Self {
             queues: Arc::default(),
             publish,
@@ -136,6 +129,23 @@ struct Release {
     device: Option<Device>,
 }
 
+impl Release {
+    /// Whether the device has nothing waiting; if so, its place in the map is given back under
+    /// the same lock, so a message arriving next starts a task of its own.
+    fn nothing_waiting(&mut self) -> bool {
+        let Some(device) = &self.device else {
+            return true;
+        };
+        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        if queues.get(device).is_some_and(|queue| !queue.is_empty()) {
+            return false;
+        }
+        queues.remove(device);
+        self.device = None;
+        true
+    }
+}
+
 impl Drop for Release {
     fn drop(&mut self) {
         if let Some(device) = self.device.take() {
@@ -155,23 +165,20 @@ async fn drive(
     device: Device,
 ) {
     loop {
+        // With nothing waiting, the device leaves the map and takes no place in line.
+        if release.nothing_waiting() {
+            break;
+        }
         // Never closed; an error would only mean no place is ever given, so go without.
         let _place = publishing.acquire().await.ok();
-        let batch = {
+        // Only this task takes from the queue, so it still holds what was seen above.
+        let mut batch = {
             let mut queues = release
                 .queues
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            match queues.get_mut(&device) {
-                Some(queue) if !queue.is_empty() => take_next(queue),
-                _ => {
-                    queues.remove(&device);
-                    release.device = None;
-                    break;
-                }
-            }
+            queues.get_mut(&device).map(take_next).unwrap_or_default()
         };
-        let mut batch = batch;
         if let [one] = batch.as_mut_slice() {
             let parsed = Arc::new(std::mem::take(&mut one.parsed));
             let sent = publish(device.clone(), parsed, one.received_at_us).await;
@@ -249,7 +256,7 @@ mod tests {
 
     use fieldline_proto::v1::{Reading, reading};
     use futures::FutureExt;
-    use tokio::sync::{Semaphore, mpsc};
+    use tokio::sync::mpsc;
 
     use super::*;
 
@@ -263,7 +270,7 @@ mod tests {
         gate: Arc<Semaphore>,
         outcome: fn(&Parsed) -> Sent,
     ) -> (Coalescer, mpsc::UnboundedReceiver<Call>) {
-        gated_with_places(gate, outcome, PUBLISHES_IN_FLIGHT)
+        gated_with_places(gate, outcome, 256)
     }
 
     /// [`gated`], with `places` publishes in flight at most.
@@ -286,7 +293,7 @@ mod tests {
                 .boxed()
             });
         (
-            Coalescer::with_publishes(TaskTracker::new(), publish, places),
+            Coalescer::new(TaskTracker::new(), publish, places),
             recorded,
         )
     }

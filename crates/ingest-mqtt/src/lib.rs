@@ -173,7 +173,11 @@ fn telemetry_coalescer(context: &Context) -> Coalescer {
         }
         .boxed()
     });
-    Coalescer::new(context.tasks.clone(), publish)
+    Coalescer::new(
+        context.tasks.clone(),
+        publish,
+        context.config.mqtt_publishes_in_flight,
+    )
 }
 
 /// A message as it arrived, with its arrival time (the default timestamp of its readings).
@@ -311,6 +315,9 @@ fn drop_message(topic: &str, reason: &'static str, detail: &str) -> Outcome {
     Outcome::Dropped(reason)
 }
 
+/// The first wait of [`retry`], doubled after each failure up to 5 s.
+const RETRY_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Retries `attempt` with backoff until it succeeds or the service shuts down.
 async fn retry<T, E: std::fmt::Display, F, Fut>(
     shutdown: &CancellationToken,
@@ -321,7 +328,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = RETRY_FIRST_BACKOFF;
     loop {
         match attempt().await {
             Ok(value) => return Some(value),
@@ -440,7 +447,17 @@ async fn device_known(context: &Context, project: &str, device_id: &str) -> Opti
     match lookup().await {
         Ok(known) => Some(known),
         // Boxed: only a registry that cannot answer needs the retry loop and its timers.
-        Err(_) => Box::pin(retry(&context.shutdown, "device lookup", lookup)).await,
+        Err(error) => {
+            Box::pin(async {
+                tracing::warn!(error = %error, "device lookup failed; retrying");
+                tokio::select! {
+                    _ = context.shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(RETRY_FIRST_BACKOFF) => {}
+                }
+                retry(&context.shutdown, "device lookup", lookup).await
+            })
+            .await
+        }
     }
 }
 

@@ -129,33 +129,33 @@ pub async fn mqtt_ingest(
             let acked = Arc::new(AtomicU64::new(0));
             let publisher_acked = acked.clone();
             let publisher = tokio::spawn(async move {
-                let mut sequence = 0u64;
+                let mut sent = 0u64;
                 let mut ticker = per_device_rate.map(|rate| {
                     tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)))
                 });
+                let end = tokio::time::Instant::from_std(started + duration);
                 while started.elapsed() < duration {
                     if let Some(ticker) = &mut ticker {
                         ticker.tick().await;
                     }
-                    sequence += 1;
+                    let sequence = sent + 1;
                     let payload = format!(
                         "{{\"ts\": {}, \"temperature\": {}}}",
                         BASE_MS + sequence,
                         sequence % 400
                     );
-                    if client
-                        .publish(&topic, QoS::AtLeastOnce, false, payload.into_bytes())
-                        .await
-                        .is_err()
-                    {
-                        break;
+                    // At full speed the client's queue is full: with the broker gone, the
+                    // publish would wait for good.
+                    let publish =
+                        client.publish(&topic, QoS::AtLeastOnce, false, payload.into_bytes());
+                    match tokio::time::timeout_at(end, publish).await {
+                        Ok(Ok(())) => sent = sequence,
+                        Ok(Err(_)) | Err(_) => break,
                     }
                 }
                 // The last messages' PUBACKs count too: a disconnect now would leave them out.
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while publisher_acked.load(Ordering::Relaxed) < sequence
-                    && Instant::now() < deadline
-                {
+                while publisher_acked.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 let _ = client.disconnect().await;
