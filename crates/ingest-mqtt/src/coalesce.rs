@@ -172,12 +172,15 @@ async fn drive(
         // Never closed; an error would only mean no place is ever given, so go without.
         let _place = publishing.acquire().await.ok();
         // Only this task takes from the queue, so it still holds what was seen above.
-        let mut batch = {
+        let taken = {
             let mut queues = release
                 .queues
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            queues.get_mut(&device).map(take_next).unwrap_or_default()
+            queues.get_mut(&device).map(take_next)
+        };
+        let Some(mut batch) = taken.filter(|batch| !batch.is_empty()) else {
+            continue;
         };
         if let [one] = batch.as_mut_slice() {
             let parsed = Arc::new(std::mem::take(&mut one.parsed));

@@ -146,8 +146,8 @@ fn connect(
 /// Telemetry goes to JetStream through a [`Coalescer`]: retried until it is there or the
 /// service shuts down; a bus message larger than NATS takes is never retried.
 fn telemetry_coalescer(context: &Context) -> Coalescer {
-    // In one Arc: cloning the publisher and the token themselves, once per bus message,
-    // allocated.
+    // One Arc for both: cloning the publisher and the token themselves allocated, once per
+    // bus message.
     let shared = Arc::new((Publisher::new(context), context.shutdown.clone()));
     let publish: Arc<PublishFn> = Arc::new(move |(project, device_id), parsed, received_at_us| {
         let shared = shared.clone();
