@@ -8,8 +8,10 @@ use figment::{
     Figment,
     providers::{Env, Format, Toml},
 };
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+
+use crate::mqtt::BrokerLogin;
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,8 +39,26 @@ pub struct Config {
     pub database_pool_size: usize,
     /// NATS server URL (JetStream must be enabled).
     pub nats_url: String,
-    /// MQTT broker URL, `mqtt://host:port`.
-    pub mqtt_url: String,
+    /// MQTT broker URL and ingest-mqtt's own login: `mqtt://user:password@host:port`, or
+    /// `mqtts://…` for TLS. Devices log in with their own accounts (see `mqtt_admin_url`).
+    pub mqtt_url: SecretString,
+    /// PEM file of the CA that signed the broker's certificate, for `mqtts://` URLs; the
+    /// system's roots when unset.
+    pub mqtt_ca_file: Option<String>,
+    /// The device-registry's login to the broker's Dynamic Security plugin
+    /// (`mqtt://fieldline-admin:password@host:port`): with it, every device is a broker account
+    /// that may use only its own topics, and ingest-mqtt's account (from `mqtt_url`) is kept
+    /// too. Unset: the registry manages no broker accounts.
+    pub mqtt_admin_url: Option<SecretString>,
+    /// Key from which device tokens are derived (with a random seed per token, kept in the
+    /// registry), so the registry can restore every device's broker password to a broker that
+    /// lost its state while storing only hashes. At least 32 characters; required with
+    /// `mqtt_admin_url`; changing it invalidates every token issued under it.
+    pub device_token_key: Option<SecretString>,
+    /// How often the registry compares the broker's accounts with its devices and repairs
+    /// the difference (it also does on every reconnect to the broker).
+    #[serde(with = "humantime_serde")]
+    pub mqtt_reconcile_interval: Duration,
     /// MQTT client id of ingest-mqtt; defaults to `{bus_prefix}-ingest-mqtt-{hostname}`, stable
     /// across restarts so the broker keeps the persistent session.
     pub mqtt_client_id: Option<String>,
@@ -164,7 +184,11 @@ impl Default for Config {
             database_url: SecretString::from("postgres://postgres@127.0.0.1:5432/fieldline"),
             database_pool_size: 16,
             nats_url: "nats://127.0.0.1:4222".into(),
-            mqtt_url: "mqtt://127.0.0.1:1883".into(),
+            mqtt_url: SecretString::from("mqtt://127.0.0.1:1883"),
+            mqtt_ca_file: None,
+            mqtt_admin_url: None,
+            device_token_key: None,
+            mqtt_reconcile_interval: Duration::from_secs(300),
             mqtt_client_id: None,
             mqtt_topic_root: "fl".into(),
             mqtt_share_group: "fieldline-ingest".into(),
@@ -253,13 +277,20 @@ impl Config {
     /// An empty variable (`FIELDLINE_BOOTSTRAP_ADMIN_KEY=` as compose passes an unset one)
     /// means unset.
     fn without_empty_options(mut self) -> Self {
-        use secrecy::ExposeSecret;
-        if self
-            .bootstrap_admin_key
-            .as_ref()
-            .is_some_and(|key| key.expose_secret().is_empty())
-        {
-            self.bootstrap_admin_key = None;
+        for secret in [
+            &mut self.bootstrap_admin_key,
+            &mut self.mqtt_admin_url,
+            &mut self.device_token_key,
+        ] {
+            if secret
+                .as_ref()
+                .is_some_and(|value| value.expose_secret().is_empty())
+            {
+                *secret = None;
+            }
+        }
+        if self.mqtt_ca_file.as_deref().is_some_and(str::is_empty) {
+            self.mqtt_ca_file = None;
         }
         if self.mqtt_client_id.as_deref().is_some_and(str::is_empty) {
             self.mqtt_client_id = None;
@@ -291,11 +322,27 @@ impl Config {
         if !(1..=65_536).contains(&self.mqtt_publishes_in_flight) {
             return invalid("mqtt_publishes_in_flight", "use 1 to 65536".into());
         }
-        if mqtt_host_port(&self.mqtt_url).is_none() {
-            return invalid(
-                "mqtt_url",
-                format!("{:?} is not mqtt://host:port", self.mqtt_url),
-            );
+        if let Err(message) = BrokerLogin::parse(self.mqtt_url.expose_secret()) {
+            return invalid("mqtt_url", message);
+        }
+        if let Some(admin_url) = &self.mqtt_admin_url {
+            if let Err(message) = BrokerLogin::parse(admin_url.expose_secret()) {
+                return invalid("mqtt_admin_url", message);
+            }
+            if self.device_token_key.is_none() {
+                return invalid(
+                    "device_token_key",
+                    "required with mqtt_admin_url: the registry derives each device's broker password from it".into(),
+                );
+            }
+        }
+        if let Some(key) = &self.device_token_key
+            && key.expose_secret().len() < 32
+        {
+            return invalid("device_token_key", "use at least 32 characters".into());
+        }
+        if self.mqtt_reconcile_interval < Duration::from_secs(1) {
+            return invalid("mqtt_reconcile_interval", "must be at least 1s".into());
         }
         if !self.nats_url.starts_with("nats://") && !self.nats_url.starts_with("tls://") {
             return invalid(
@@ -389,9 +436,30 @@ impl Config {
         })
     }
 
+    /// ingest-mqtt's login to the broker (`mqtt_url`, validated at load).
+    pub fn mqtt_login(&self) -> BrokerLogin {
+        BrokerLogin::parse(self.mqtt_url.expose_secret()).unwrap_or_else(|_| unreachable_mqtt_url())
+    }
+
+    /// Client options for ingest-mqtt's login (`mqtt_url`, `mqtt_ca_file`).
+    pub fn mqtt_options(
+        &self,
+        client_id: impl Into<String>,
+    ) -> anyhow::Result<rumqttc::MqttOptions> {
+        self.mqtt_login()
+            .options(client_id, self.mqtt_ca_file.as_deref().map(Path::new))
+    }
+
+    /// The registry's login to the broker's Dynamic Security plugin, when configured.
+    pub fn mqtt_admin_login(&self) -> Option<BrokerLogin> {
+        let url = self.mqtt_admin_url.as_ref()?;
+        BrokerLogin::parse(url.expose_secret()).ok()
+    }
+
     /// Host and port of `mqtt_url`.
     pub fn mqtt_host_port(&self) -> (String, u16) {
-        mqtt_host_port(&self.mqtt_url).unwrap_or_else(|| ("127.0.0.1".into(), 1883))
+        let login = self.mqtt_login();
+        (login.host, login.port)
     }
 }
 
@@ -426,23 +494,15 @@ fn valid_topic_level(level: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn mqtt_host_port(url: &str) -> Option<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))?;
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) => (host, port.parse().ok()?),
-        None => (rest, 1883),
-    };
-    (!host.is_empty()).then(|| (host.to_owned(), port))
+#[cold]
+fn unreachable_mqtt_url() -> BrokerLogin {
+    // `validate` refuses a bad URL before any service starts.
+    BrokerLogin::parse("mqtt://127.0.0.1:1883").unwrap_or_else(|_| std::process::abort())
 }
 
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment's Jail API
 mod tests {
-    use secrecy::ExposeSecret;
-
     use super::*;
 
     #[test]
@@ -491,6 +551,14 @@ mod tests {
             assert!(error.contains("webhook_retry_schedule"), "{error}");
             jail.set_env("FIELDLINE_WEBHOOK_RETRY_SCHEDULE", "5s");
             jail.set_env("FIELDLINE_BOOTSTRAP_ADMIN_KEY", "");
+            jail.set_env("FIELDLINE_MQTT_ADMIN_URL", "mqtt://admin:pw@broker:1884");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("device_token_key"), "{error}");
+            jail.set_env("FIELDLINE_DEVICE_TOKEN_KEY", "too-short");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("device_token_key"), "{error}");
+            jail.set_env("FIELDLINE_DEVICE_TOKEN_KEY", "");
+            jail.set_env("FIELDLINE_MQTT_ADMIN_URL", "");
             let config = Config::figment(None).unwrap();
             assert!(config.bootstrap_admin_key.is_none());
             assert_eq!(config.mqtt_host_port(), ("broker".to_owned(), 1884));
@@ -502,6 +570,11 @@ mod tests {
     fn secrets_do_not_print() {
         let config = Config {
             bootstrap_admin_key: Some(SecretString::from("flk_topsecret")),
+            mqtt_url: SecretString::from("mqtt://ingest:mqtt-topsecret@broker:1883"),
+            mqtt_admin_url: Some(SecretString::from("mqtt://admin:admin-topsecret@broker")),
+            device_token_key: Some(SecretString::from(
+                "key-topsecret-key-topsecret-key-topsecret",
+            )),
             ..Config::default()
         };
         let shown = format!("{config:?}");

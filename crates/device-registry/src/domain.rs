@@ -2,6 +2,7 @@
 
 pub mod alerts;
 pub mod commands;
+pub mod tokens;
 
 use chrono::{DateTime, Utc};
 use fieldline_common::{
@@ -202,6 +203,8 @@ pub struct DeviceCreated {
     #[serde(flatten)]
     pub device: DeviceOut,
     pub token: String,
+    /// The device's MQTT username (its password is `token`).
+    pub mqtt_username: String,
 }
 
 /// `POST /api/v1/keys`.

@@ -1,6 +1,7 @@
 //! device-registry: projects, API keys, devices and their tokens; the authority every other
 //! service asks (over `{prefix}.rpc.auth.*`) who a credential belongs to.
 
+mod broker;
 mod consumer;
 pub mod domain;
 mod outbox;
@@ -20,7 +21,8 @@ use secrecy::ExposeSecret;
 use tokio::sync::Notify;
 
 use crate::{
-    domain::{API_KEY_PREFIX, new_api_key_secret, secret_prefix},
+    broker::BrokerAccounts,
+    domain::{API_KEY_PREFIX, new_api_key_secret, secret_prefix, tokens::DeviceTokens},
     outbox::Messages,
     repo::Repo,
 };
@@ -35,6 +37,10 @@ pub(crate) struct State {
     pub context: Context,
     /// Wakes the outbox relay after a commit that queued bus messages.
     pub outbox_wake: Arc<Notify>,
+    /// Issues device tokens (derived from `device_token_key` when set).
+    pub tokens: DeviceTokens,
+    /// The devices' accounts on the MQTT broker.
+    pub broker: BrokerAccounts,
 }
 
 impl State {
@@ -73,11 +79,14 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let outbox_wake = Arc::new(Notify::new());
     outbox::start_relay(context, repo.clone(), outbox_wake.clone());
     consumer::state::start(context, repo.clone(), outbox_wake.clone()).await?;
+    let broker = BrokerAccounts::start(context, repo.clone())?;
 
     let state = web::Data::new(State {
         repo,
         context: context.clone(),
         outbox_wake,
+        tokens: DeviceTokens::new(context.config.device_token_key.clone()),
+        broker,
     });
     let routes = Arc::new(move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(state.clone());

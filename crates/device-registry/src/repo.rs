@@ -93,6 +93,13 @@ pub struct DeviceFilter<'a> {
     pub limit: i64,
 }
 
+/// A device and the seed of its token (`None` when the token is not derivable).
+pub struct DeviceSeed {
+    pub project: String,
+    pub device_id: String,
+    pub seed: Option<Vec<u8>>,
+}
+
 fn platform_key_forbidden() -> ApiError {
     ApiError::forbidden("only the platform admin key may revoke or rotate the platform admin key")
 }
@@ -328,6 +335,7 @@ impl Repo {
         project: &str,
         device: &NewDevice,
         token_hash: &[u8],
+        token_seed: Option<&[u8]>,
     ) -> Result<Option<DeviceOut>, ApiError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -341,8 +349,8 @@ impl Repo {
                 &format!(
                     "INSERT INTO registry.devices
                        (project, id, name, device_type, device_group, tags, metadata, heartbeat_interval_s, token_hash,
-                        config, config_version, config_updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::bigint, CASE WHEN $11::bigint > 0 THEN now() END)
+                        config, config_version, config_updated_at, token_seed)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::bigint, CASE WHEN $11::bigint > 0 THEN now() END, $12)
                      RETURNING {DEVICE_COLUMNS}"
                 ),
                 &[
@@ -357,6 +365,7 @@ impl Repo {
                     &token_hash,
                     &config,
                     &version,
+                    &token_seed,
                 ],
             )
             .await;
@@ -475,16 +484,47 @@ impl Repo {
         project: &str,
         device_id: &str,
         token_hash: &[u8],
+        token_seed: Option<&[u8]>,
     ) -> Result<bool, ApiError> {
         let client = self.pool.get().await?;
         let updated = client
             .execute(
-                "UPDATE registry.devices SET token_hash = $3, updated_at = now()
+                "UPDATE registry.devices SET token_hash = $3, token_seed = $4, updated_at = now()
                  WHERE project = $1 AND id = $2",
-                &[&project, &device_id, &token_hash],
+                &[&project, &device_id, &token_hash, &token_seed],
             )
             .await?;
         Ok(updated == 1)
+    }
+
+    /// One page of every project's devices with their token seeds, in (project, id) order
+    /// after `after`: what the broker's accounts should be.
+    pub async fn device_seeds(
+        &self,
+        after: Option<&(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<DeviceSeed>, ApiError> {
+        let client = self.pool.get().await?;
+        let (after_project, after_id) = after
+            .map(|(project, id)| (project.as_str(), id.as_str()))
+            .unwrap_or(("", ""));
+        let rows = client
+            .query(
+                "SELECT project, id, token_seed FROM registry.devices
+                 WHERE (project, id) > ($1, $2)
+                 ORDER BY project, id
+                 LIMIT $3",
+                &[&after_project, &after_id, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| DeviceSeed {
+                project: row.get(0),
+                device_id: row.get(1),
+                seed: row.get(2),
+            })
+            .collect())
     }
 
     /// A device's current configuration; `None` when there is no such device.

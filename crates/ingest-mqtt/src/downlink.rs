@@ -35,7 +35,7 @@ use fieldline_proto::{
 };
 use futures::StreamExt;
 use prost::Message as _;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -53,10 +53,8 @@ const REPORTS_IN_FLIGHT: usize = 64;
 /// downlink connection is up (part of readiness).
 pub async fn start(context: &Context, client_id: &str) -> anyhow::Result<watch::Receiver<bool>> {
     let config = &context.config;
-    let (host, port) = config.mqtt_host_port();
-    let mut options = MqttOptions::new(format!("{client_id}-downlink"), host, port);
+    let mut options = config.mqtt_options(format!("{client_id}-downlink"))?;
     options
-        .set_keep_alive(Duration::from_secs(30))
         // Nothing to resume: an unacknowledged downlink message is still in JetStream.
         .set_clean_session(true)
         .set_max_packet_size(config.mqtt_max_packet_bytes, config.mqtt_max_packet_bytes);

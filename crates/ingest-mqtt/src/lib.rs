@@ -71,9 +71,15 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
                 0 => client_id.clone(),
                 _ => format!("{client_id}_{index}"),
             };
-            connect(context, client_id, filters.clone(), coalescer.clone())
+            let options = config.mqtt_options(client_id)?;
+            Ok(connect(
+                context,
+                options,
+                filters.clone(),
+                coalescer.clone(),
+            ))
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     let downlink_connected = downlink::start(context, &client_id).await?;
 
     let ready: ReadyCheck = Arc::new(move || {
@@ -106,15 +112,12 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
 /// receives. Returns whether it is connected and subscribed.
 fn connect(
     context: &Context,
-    client_id: String,
+    mut options: MqttOptions,
     filters: Vec<String>,
     coalescer: Coalescer,
 ) -> Arc<AtomicBool> {
     let config = &context.config;
-    let (host, port) = config.mqtt_host_port();
-    let mut options = MqttOptions::new(client_id, host, port);
     options
-        .set_keep_alive(Duration::from_secs(30))
         // A persistent session: while we are away the broker keeps our subscription and the
         // messages we have not acknowledged, and sends them again when we return.
         .set_clean_session(false)

@@ -63,7 +63,12 @@ pub struct TestEnv {
     pub database: String,
     pub database_url: String,
     pub admin_key: String,
+    /// The test's own broker, when it uses MQTT ([`TestEnv::with_broker`]).
+    pub broker: Option<std::sync::Arc<servers::PrivateMosquitto>>,
 }
+
+/// Device tokens of tests are derived, as in production (`device_token_key`).
+const TEST_DEVICE_TOKEN_KEY: &str = "fieldline-test-device-token-key-0123456789";
 
 impl TestEnv {
     /// Creates an empty database `fl_test_<id>`.
@@ -80,7 +85,32 @@ impl TestEnv {
             database,
             admin_key: format!("flk_test_admin_{}", unique_suffix()),
             id,
+            broker: None,
         }
+    }
+
+    /// Gives the test a broker of its own, run as Fieldline runs one (Dynamic Security,
+    /// anonymous clients refused); its services log in to it and the registry manages its
+    /// accounts.
+    pub async fn with_broker(mut self) -> Self {
+        self.broker = Some(std::sync::Arc::new(
+            servers::PrivateMosquitto::start().await,
+        ));
+        self
+    }
+
+    /// The test's broker; panics when the test did not ask for one.
+    pub fn broker(&self) -> &servers::PrivateMosquitto {
+        self.broker
+            .as_deref()
+            .expect("this test has no broker: build its env with TestEnv::with_broker")
+    }
+
+    /// ingest-mqtt's login: the test's broker, or the machine's (`FIELDLINE_TEST_MQTT_URL`).
+    fn mqtt_login_url(&self) -> String {
+        self.broker
+            .as_ref()
+            .map_or_else(mqtt_url, |broker| broker.url())
     }
 
     /// The configuration a service of this test runs with; `FIELDLINE_*` variables name the
@@ -92,7 +122,12 @@ impl TestEnv {
             database_url: SecretString::from(self.database_url.clone()),
             database_pool_size: 4,
             nats_url: nats_url(),
-            mqtt_url: mqtt_url(),
+            mqtt_url: SecretString::from(self.mqtt_login_url()),
+            mqtt_admin_url: self
+                .broker
+                .as_ref()
+                .map(|broker| SecretString::from(broker.admin_url())),
+            device_token_key: Some(SecretString::from(TEST_DEVICE_TOKEN_KEY)),
             mqtt_topic_root: self.id.clone(),
             bus_prefix: self.id.clone(),
             log_format: LogFormat::Text,
@@ -108,7 +143,18 @@ impl TestEnv {
         vec![
             ("FIELDLINE_DATABASE_URL".into(), self.database_url.clone()),
             ("FIELDLINE_NATS_URL".into(), nats_url()),
-            ("FIELDLINE_MQTT_URL".into(), mqtt_url()),
+            ("FIELDLINE_MQTT_URL".into(), self.mqtt_login_url()),
+            (
+                "FIELDLINE_MQTT_ADMIN_URL".into(),
+                self.broker
+                    .as_ref()
+                    .map(|broker| broker.admin_url())
+                    .unwrap_or_default(),
+            ),
+            (
+                "FIELDLINE_DEVICE_TOKEN_KEY".into(),
+                TEST_DEVICE_TOKEN_KEY.into(),
+            ),
             ("FIELDLINE_BUS_PREFIX".into(), self.id.clone()),
             ("FIELDLINE_MQTT_TOPIC_ROOT".into(), self.id.clone()),
             (
@@ -146,38 +192,8 @@ impl TestEnv {
         client
     }
 
-    /// Ends ingest-mqtt's persistent session on the shared broker (a clean-session connect
-    /// with its client id), so finished tests leave no session behind.
-    async fn end_mqtt_sessions(&self) {
-        let config = self.config();
-        let (host, port) = config.mqtt_host_port();
-        for client_id in [
-            config.ingest_mqtt_client_id(),
-            format!("{}-ingest", self.id),
-        ] {
-            let mut options = rumqttc::MqttOptions::new(client_id, host.clone(), port);
-            options.set_clean_session(true);
-            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 4);
-            let connected = tokio::time::timeout(Duration::from_secs(2), async {
-                loop {
-                    match eventloop.poll().await {
-                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return true,
-                        Ok(_) => {}
-                        Err(_) => return false,
-                    }
-                }
-            })
-            .await;
-            if connected == Ok(true) {
-                let _ = client.disconnect().await;
-                let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
-            }
-        }
-    }
-
-    /// Drops the database and the test's streams and MQTT sessions.
+    /// Drops the database and the test's streams (its broker goes with the last clone).
     pub async fn cleanup(&self) {
-        self.end_mqtt_sessions().await;
         let jetstream = async_nats::jetstream::new(self.nats().await);
         let subjects = fieldline_proto::Subjects::new(&self.id).unwrap();
         for stream in Stream::ALL {

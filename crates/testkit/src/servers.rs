@@ -105,11 +105,35 @@ impl Drop for PrivateNats {
     }
 }
 
-/// A Mosquitto broker on its own port, with persistence so a restart keeps sessions.
+/// The Dynamic Security plugin of Debian's (and the eclipse-mosquitto image's) Mosquitto.
+const DYNSEC_PLUGIN: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+];
+/// The admin account `mosquitto_ctrl dynsec init` makes, as provisioning does.
+pub const MQTT_ADMIN_USER: &str = "fieldline-admin";
+/// ingest-mqtt's account, which the registry creates from `mqtt_url`.
+pub const MQTT_INGEST_USER: &str = "fieldline-ingest";
+
+/// A Mosquitto broker on its own port as Fieldline runs it: Dynamic Security on, anonymous
+/// clients refused, persistence so a restart keeps sessions and accounts. Only the admin
+/// account exists at first; the registry (given [`PrivateMosquitto::admin_url`]) creates the
+/// rest.
 pub struct PrivateMosquitto {
     pub port: u16,
     dir: PathBuf,
-    child: Option<Child>,
+    admin_password: String,
+    ingest_password: String,
+    child: std::sync::Mutex<Option<Child>>,
+}
+
+impl std::fmt::Debug for PrivateMosquitto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivateMosquitto")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PrivateMosquitto {
@@ -117,27 +141,70 @@ impl PrivateMosquitto {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("fl-mqtt-{}", crate::unique_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
+        let plugin = find_binary("the Mosquitto Dynamic Security plugin", DYNSEC_PLUGIN);
+        // `user root`: when tests run as root, the broker keeps root's access to its files
+        // (it ignores the option otherwise).
         let config = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+            "listener {port} 127.0.0.1\nallow_anonymous false\nuser root\n\
+             plugin {}\nplugin_opt_config_file {}/dynamic-security.json\n\
+             persistence true\npersistence_location {}/\n\
+             max_queued_messages 1000000\nmax_inflight_messages 1000\n",
+            plugin.display(),
+            dir.display(),
             dir.display()
         );
         std::fs::write(dir.join("mosquitto.conf"), config).unwrap();
-        let mut broker = Self {
+        let broker = Self {
             port,
             dir,
-            child: None,
+            admin_password: format!("admin-{}", crate::unique_suffix()),
+            ingest_password: format!("ingest-{}", crate::unique_suffix()),
+            child: std::sync::Mutex::new(None),
         };
+        broker.init_accounts();
         broker.restart().await;
         broker
     }
 
+    /// A fresh account file with only the admin, as `mosquitto_ctrl dynsec init` writes it.
+    fn init_accounts(&self) {
+        let file = self.dir.join("dynamic-security.json");
+        let _ = std::fs::remove_file(&file);
+        let ctrl = find_binary(
+            "mosquitto_ctrl",
+            &["/usr/bin/mosquitto_ctrl", "/usr/sbin/mosquitto_ctrl"],
+        );
+        let status = Command::new(ctrl)
+            .args(["dynsec", "init"])
+            .arg(&file)
+            .args([MQTT_ADMIN_USER, &self.admin_password])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mosquitto_ctrl dynsec init failed");
+    }
+
+    /// ingest-mqtt's login (`mqtt_url`).
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        format!(
+            "mqtt://{MQTT_INGEST_USER}:{}@127.0.0.1:{}",
+            self.ingest_password, self.port
+        )
+    }
+
+    /// The registry's login to the Dynamic Security plugin (`mqtt_admin_url`).
+    pub fn admin_url(&self) -> String {
+        format!(
+            "mqtt://{MQTT_ADMIN_USER}:{}@127.0.0.1:{}",
+            self.admin_password, self.port
+        )
     }
 
     /// Stops the broker with SIGTERM (so it writes its persistence file) or SIGKILL.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+    pub fn stop(&self) {
+        let taken = self.child.lock().unwrap().take();
+        if let Some(mut child) = taken {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
@@ -152,7 +219,7 @@ impl PrivateMosquitto {
         }
     }
 
-    pub async fn restart(&mut self) {
+    pub async fn restart(&self) {
         self.stop();
         let binary = find_binary("mosquitto", &["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]);
         let child = Command::new(binary)
@@ -162,8 +229,60 @@ impl PrivateMosquitto {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        self.child = Some(child);
+        *self.child.lock().unwrap() = Some(child);
         wait_for_port(self.port, "mosquitto").await;
+    }
+
+    /// An account that may publish and subscribe anywhere, as on a broker whose access rules
+    /// let everything through: for tests of ingest-mqtt's own checks behind the broker's.
+    /// Returns its user and password.
+    pub fn unrestricted_login(&self) -> (String, String) {
+        let (user, password) = ("fieldline-test-unrestricted", "unrestricted-test-password");
+        let ctrl = find_binary(
+            "mosquitto_ctrl",
+            &["/usr/bin/mosquitto_ctrl", "/usr/sbin/mosquitto_ctrl"],
+        );
+        let port = self.port.to_string();
+        let steps: [&[&str]; 5] = [
+            &["createRole", user],
+            &["addRoleACL", user, "publishClientSend", "#", "allow"],
+            &["addRoleACL", user, "subscribePattern", "#", "allow"],
+            &["createClient", user, "-p", password],
+            &["addClientRole", user, user],
+        ];
+        for step in steps {
+            // "already exists" on a second call is fine; the login below proves the rest.
+            let _ = Command::new(&ctrl)
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-u",
+                    MQTT_ADMIN_USER,
+                    "-P",
+                    &self.admin_password,
+                    "dynsec",
+                ])
+                .args(step)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        (user.to_owned(), password.to_owned())
+    }
+
+    /// The admin's user and password (the Dynamic Security admin may subscribe anywhere).
+    pub fn admin_login(&self) -> (String, String) {
+        (MQTT_ADMIN_USER.to_owned(), self.admin_password.clone())
+    }
+
+    /// Restarts the broker with an account file that has only the admin in it, as a broker
+    /// that lost its state (sessions and retained messages are kept).
+    pub async fn restart_without_accounts(&self) {
+        self.stop();
+        self.init_accounts();
+        self.restart().await;
     }
 }
 

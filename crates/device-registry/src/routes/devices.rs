@@ -14,7 +14,8 @@ use serde::Deserialize;
 
 use crate::{
     State,
-    domain::{DeviceCreated, DeviceIn, DeviceType, new_device_token},
+    broker::BrokerAccounts,
+    domain::{DeviceCreated, DeviceIn, DeviceType},
     repo::DeviceFilter,
     routes::device_not_found,
 };
@@ -50,10 +51,15 @@ async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Write)?;
     let device = body.parse()?;
-    let token = new_device_token();
+    let issued = state.tokens.issue();
     let created = state
         .repo
-        .create_device(&principal.project, &device, &hash_secret(&token))
+        .create_device(
+            &principal.project,
+            &device,
+            &hash_secret(&issued.token),
+            issued.seed.as_deref(),
+        )
         .await?
         .ok_or_else(|| {
             ApiError::conflict(
@@ -71,9 +77,14 @@ async fn create(
             device.id.as_str(),
         )
         .await;
+    state
+        .broker
+        .put_device(&principal.project, device.id.as_str(), &issued.token)
+        .await;
     Ok(envelope::created(&DeviceCreated {
+        mqtt_username: mqtt_username(&state, &principal.project, &device.id),
         device: created,
-        token,
+        token: issued.token,
     }))
 }
 
@@ -247,13 +258,17 @@ async fn delete(
     {
         return Err(device_not_found(&device_id));
     }
-    // Its token must stop working at once in every service.
+    // Its token must stop working at once in every service, and on the broker.
     state
         .broadcast_invalidation(
             InvalidateKind::Devices,
             &principal.project,
             device_id.as_str(),
         )
+        .await;
+    state
+        .broker
+        .remove_device(&principal.project, device_id.as_str())
         .await;
     tracing::info!(device_id = %device_id, project = %principal.project, by = %principal.id, "device deleted");
     Ok(envelope::no_content())
@@ -267,10 +282,15 @@ async fn rotate_token(
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Write)?;
     let device_id = DeviceId::parse(&path)?;
-    let token = new_device_token();
+    let issued = state.tokens.issue();
     if !state
         .repo
-        .rotate_device_token(&principal.project, device_id.as_str(), &hash_secret(&token))
+        .rotate_device_token(
+            &principal.project,
+            device_id.as_str(),
+            &hash_secret(&issued.token),
+            issued.seed.as_deref(),
+        )
         .await?
     {
         return Err(device_not_found(&device_id));
@@ -282,9 +302,24 @@ async fn rotate_token(
             device_id.as_str(),
         )
         .await;
+    // The broker cuts the session that logged in with the old token.
+    state
+        .broker
+        .put_device(&principal.project, device_id.as_str(), &issued.token)
+        .await;
     tracing::info!(device_id = %device_id, project = %principal.project, by = %principal.id, "device token rotated");
     Ok(envelope::created(&serde_json::json!({
         "device_id": device_id.as_str(),
-        "token": token,
+        "token": issued.token,
+        "mqtt_username": mqtt_username(&state, &principal.project, &device_id),
     })))
+}
+
+/// The device's broker account: its topic prefix, `{root}/{project}/{device}`.
+fn mqtt_username(state: &State, project: &str, device_id: &DeviceId) -> String {
+    BrokerAccounts::username(
+        &state.context.config.mqtt_topic_root,
+        project,
+        device_id.as_str(),
+    )
 }

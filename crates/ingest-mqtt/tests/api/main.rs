@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod downlink;
+mod identity;
 mod ingest;
 mod outages;
 
@@ -17,10 +18,15 @@ use std::{
 use fieldline_testkit::{TestApp, TestEnv};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
+/// The registry and ingest-mqtt on the test's own broker (one is started when `env` has none).
 pub async fn spawn_mqtt(
     env: TestEnv,
     tweak: impl FnOnce(fieldline_common::Config) -> fieldline_common::Config,
 ) -> TestApp {
+    let env = match env.broker {
+        Some(_) => env,
+        None => env.with_broker().await,
+    };
     TestApp::spawn_with(env, tweak, |context| async move {
         Ok(vec![
             device_registry::start(&context).await?,
@@ -53,13 +59,22 @@ pub struct Device {
 }
 
 impl Device {
-    pub async fn connect(port: u16, id: &str) -> Self {
+    /// Logs in as device `id` of project `default` with its token.
+    pub async fn connect(app: &TestApp, id: &str, token: &str) -> Self {
+        let username = format!("{}/default/{id}", app.context.config.mqtt_topic_root);
+        Self::connect_as(mqtt_port(app), &username, token).await
+    }
+
+    /// Logs in with any user and password (another account, or a wrong password).
+    pub async fn connect_as(port: u16, username: &str, password: &str) -> Self {
         let mut options = MqttOptions::new(
-            format!("dev-{id}-{}", fieldline_testkit::unique_suffix()),
+            format!("dev-{}", fieldline_testkit::unique_suffix()),
             "127.0.0.1",
             port,
         );
-        options.set_keep_alive(Duration::from_secs(5));
+        options
+            .set_keep_alive(Duration::from_secs(5))
+            .set_credentials(username, password);
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         let pubacks = Arc::new(AtomicUsize::new(0));
         let counter = pubacks.clone();
@@ -108,26 +123,29 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Connects and subscribes at QoS 1; returns once the broker confirmed the subscription.
-    pub async fn subscribe(port: u16, topic: &str) -> Self {
-        Self::connect(port, topic, true).await
+    /// Connects as the broker's admin (who may read any topic) and subscribes at QoS 1;
+    /// returns once the broker confirmed the subscription.
+    pub async fn subscribe(app: &TestApp, topic: &str) -> Self {
+        Self::connect(app, topic, true).await
     }
 
     /// With a persistent session: the broker queues what arrives while it is away (or the
     /// broker restarts), and it reconnects by itself.
-    pub async fn subscribe_persistent(port: u16, topic: &str) -> Self {
-        Self::connect(port, topic, false).await
+    pub async fn subscribe_persistent(app: &TestApp, topic: &str) -> Self {
+        Self::connect(app, topic, false).await
     }
 
-    async fn connect(port: u16, topic: &str, clean_session: bool) -> Self {
+    async fn connect(app: &TestApp, topic: &str, clean_session: bool) -> Self {
+        let (username, password) = app.env.broker().admin_login();
         let mut options = MqttOptions::new(
             format!("listen-{}", fieldline_testkit::unique_suffix()),
             "127.0.0.1",
-            port,
+            mqtt_port(app),
         );
         options
             .set_keep_alive(Duration::from_secs(5))
-            .set_clean_session(clean_session);
+            .set_clean_session(clean_session)
+            .set_credentials(username, password);
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         let messages: Arc<Mutex<Vec<(serde_json::Value, bool)>>> = Arc::default();
         let subacked = Arc::new(AtomicUsize::new(0));

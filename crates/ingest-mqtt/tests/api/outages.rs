@@ -1,11 +1,8 @@
 use std::time::Duration;
 
-use fieldline_testkit::{
-    TestEnv, eventually,
-    servers::{PrivateMosquitto, PrivateNats},
-};
+use fieldline_testkit::{TestEnv, eventually, servers::PrivateNats};
 
-use crate::{Device, mqtt_port, spawn_mqtt, topic, wait_ready};
+use crate::{Device, spawn_mqtt, topic, wait_ready};
 
 /// ingest-mqtt acknowledges a message to the broker only once JetStream has it. While NATS
 /// is down nothing is acknowledged, so when ingest-mqtt stops in that state the broker keeps
@@ -14,7 +11,7 @@ use crate::{Device, mqtt_port, spawn_mqtt, topic, wait_ready};
 async fn a_message_not_yet_in_jetstream_is_not_acked_to_the_broker() {
     let mut nats = PrivateNats::start().await;
     let url = nats.url();
-    let env = TestEnv::new().await;
+    let env = TestEnv::new().await.with_broker().await;
     let client_id = format!("{}-ingest", env.id);
     let tweak = |url: String, client_id: String| {
         move |config| fieldline_common::Config {
@@ -24,9 +21,9 @@ async fn a_message_not_yet_in_jetstream_is_not_acked_to_the_broker() {
         }
     };
     let app = spawn_mqtt(env, tweak(url.clone(), client_id.clone())).await;
-    app.create_device("d1").await;
+    let token = app.create_device("d1").await;
     wait_ready(&app).await;
-    let device = Device::connect(mqtt_port(&app), "d1").await;
+    let device = Device::connect(&app, "d1", &token).await;
     device
         .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 1, "a": 1}"#)
         .await;
@@ -66,16 +63,10 @@ async fn a_message_not_yet_in_jetstream_is_not_acked_to_the_broker() {
 
 #[tokio::test]
 async fn reconnects_when_the_broker_restarts() {
-    let mut broker = PrivateMosquitto::start().await;
-    let url = broker.url();
-    let app = spawn_mqtt(TestEnv::new().await, |config| fieldline_common::Config {
-        mqtt_url: url,
-        ..config
-    })
-    .await;
-    app.create_device("d1").await;
+    let app = spawn_mqtt(TestEnv::new().await, |config| config).await;
+    let token = app.create_device("d1").await;
     wait_ready(&app).await;
-    let device = Device::connect(broker.port, "d1").await;
+    let device = Device::connect(&app, "d1", &token).await;
     device
         .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 1, "a": 1}"#)
         .await;
@@ -84,9 +75,9 @@ async fn reconnects_when_the_broker_restarts() {
     })
     .await;
 
-    broker.restart().await;
+    app.env.broker().restart().await;
     wait_ready(&app).await;
-    let device = Device::connect(mqtt_port(&app), "d1-again").await;
+    let device = Device::connect(&app, "d1", &token).await;
     device
         .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 2, "a": 2}"#)
         .await;
