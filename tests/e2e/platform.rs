@@ -54,7 +54,7 @@ impl Platform {
 
     /// One process, with extra `FIELDLINE_*` settings.
     pub async fn one_process_with(extra_env: &[(&str, &str)]) -> Self {
-        let env = TestEnv::new().await;
+        let env = TestEnv::new().await.with_broker().await;
         let extra_env = owned(extra_env);
         let port = free_port();
         let child = spawn(&env, &extra_env, "all", port);
@@ -74,7 +74,7 @@ impl Platform {
 
     /// Split, with extra `FIELDLINE_*` settings.
     pub async fn split_with(extra_env: &[(&str, &str)]) -> Self {
-        let env = TestEnv::new().await;
+        let env = TestEnv::new().await.with_broker().await;
         let extra_env = owned(extra_env);
         let mut base = HashMap::new();
         let mut children = Vec::new();

@@ -92,7 +92,7 @@ pub async fn devices_to_history(platform: &Platform) {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["data"]["accepted"], 4);
 
-    let client = mqtt_client(platform);
+    let client = mqtt_client(platform, "greenhouse-1", &token);
     let topic = format!("{}/default/greenhouse-1/telemetry", platform.topic_root());
     client
         .publish(
@@ -328,7 +328,7 @@ pub async fn webhooks_receive_signed_events(platform: &Platform) {
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let mqtt = mqtt_client(platform);
+    let mqtt = mqtt_client(platform, "hooked-1", &token);
     mqtt.publish(
         format!("{}/default/hooked-1/telemetry", platform.topic_root()),
         QoS::AtLeastOnce,
@@ -406,14 +406,17 @@ pub async fn dispatcher_killed_mid_retry(platform: &mut Platform) {
     );
 }
 
-fn mqtt_client(platform: &Platform) -> AsyncClient {
+/// A device's MQTT session: its account is `{root}/{project}/{device}`, its password its token.
+fn mqtt_client(platform: &Platform, device: &str, token: &str) -> AsyncClient {
     let (host, port) = platform.mqtt_host_port();
     let mut options = MqttOptions::new(
         format!("e2e-{}", fieldline_testkit::unique_suffix()),
         host,
         port,
     );
-    options.set_keep_alive(Duration::from_secs(5));
+    options
+        .set_keep_alive(Duration::from_secs(5))
+        .set_credentials(format!("{}/default/{device}", platform.topic_root()), token);
     let (client, mut eventloop) = AsyncClient::new(options, 10);
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     client
@@ -630,7 +633,9 @@ pub async fn config_commands_and_backfill(platform: &Platform) {
             host,
             port,
         );
-        options.set_keep_alive(Duration::from_secs(5));
+        options
+            .set_keep_alive(Duration::from_secs(5))
+            .set_credentials(format!("{}/default/vent-1", platform.topic_root()), &token);
         let (device, mut eventloop) = AsyncClient::new(options, 10);
         device.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
         let window = tokio::time::Instant::now() + Duration::from_secs(2);
