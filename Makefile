@@ -5,6 +5,13 @@ CARGO        ?= cargo
 # FIELDLINE_BOOTSTRAP_ADMIN_KEY sets the platform admin key on first start of an empty
 # registry (local development only; production leaves it unset and stores the printed key).
 DEV_ADMIN_KEY ?= flk_dev_admin_key_change_me
+# The broker's account admin (made by provisioning), ingest-mqtt's own broker account (made by
+# the registry), and the key device tokens derive from: development values, change them for
+# anything else (docs/decisions/2026-12-04-device-identity-on-the-broker.md).
+DEV_MQTT_ADMIN_PASSWORD ?= fieldline-dev-mqtt-admin-change-me
+DEV_MQTT_INGEST_PASSWORD ?= fieldline-dev-mqtt-ingest-change-me
+DEV_DEVICE_TOKEN_KEY ?= fieldline-dev-device-token-key-change-me
+export FIELDLINE_MQTT_ADMIN_PASSWORD ?= $(DEV_MQTT_ADMIN_PASSWORD)
 
 .PHONY: help provision build run test bench bench-quick lint fmt clean-test-data
 
@@ -24,12 +31,15 @@ build:
 run: provision build
 	@echo
 	@echo "Fieldline on http://127.0.0.1:8080  (admin key: $(DEV_ADMIN_KEY))"
-	@echo "  MQTT: mosquitto_pub -h 127.0.0.1 -t 'fl/default/<device>/telemetry' ..."
+	@echo "  MQTT: mosquitto_pub -h 127.0.0.1 -u fl/default/<device> -P <its token> -t 'fl/default/<device>/telemetry' ..."
 	@echo "  Quickstart: README.md; Ctrl-C stops."
 	@echo
 	FIELDLINE_BOOTSTRAP_ADMIN_KEY=$${FIELDLINE_BOOTSTRAP_ADMIN_KEY:-$(DEV_ADMIN_KEY)} \
 	FIELDLINE_LOG_FORMAT=$${FIELDLINE_LOG_FORMAT:-text} \
 	FIELDLINE_WEBHOOK_ALLOW_PRIVATE=$${FIELDLINE_WEBHOOK_ALLOW_PRIVATE:-true} \
+	FIELDLINE_MQTT_URL=$${FIELDLINE_MQTT_URL:-mqtt://fieldline-ingest:$(DEV_MQTT_INGEST_PASSWORD)@127.0.0.1:1883} \
+	FIELDLINE_MQTT_ADMIN_URL=$${FIELDLINE_MQTT_ADMIN_URL:-mqtt://fieldline-admin:$(FIELDLINE_MQTT_ADMIN_PASSWORD)@127.0.0.1:1883} \
+	FIELDLINE_DEVICE_TOKEN_KEY=$${FIELDLINE_DEVICE_TOKEN_KEY:-$(DEV_DEVICE_TOKEN_KEY)} \
 	$(CARGO) run --locked --quiet --bin fieldline -- serve --services all
 
 # The end-to-end tests start the real binary, so it is built first. The quick bench runs once

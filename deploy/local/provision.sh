@@ -5,6 +5,8 @@
 # quick no-op. Debian/Ubuntu only (apt-get, pg_ctlcluster, start-stop-daemon).
 #
 # Env: FIELDLINE_PG_DB  database to create (default: fieldline)
+#      FIELDLINE_MQTT_ADMIN_PASSWORD  password of the broker's account admin, set when the
+#                     account file is first made (default: the development one of the Makefile)
 set -euo pipefail
 
 PG_DB="${FIELDLINE_PG_DB:-fieldline}"
@@ -145,15 +147,23 @@ nats_jetstream() {
 
 # ---------------------------------------------------------------- Mosquitto
 # The broker settings Fieldline needs, taken from deploy/mosquitto/mosquitto.conf (their one
-# home, also mounted by docker-compose.yml).
+# home, also mounted by docker-compose.yml), plus device identity: the Dynamic Security
+# plugin with anonymous clients refused. Every device is a broker account that the
+# device-registry manages through the plugin's admin account, made here once
+# (`mosquitto_ctrl dynsec init`) with FIELDLINE_MQTT_ADMIN_PASSWORD.
 # Mosquitto PUBACKs a device's QoS 1 message on receipt, then drops it if ingest-mqtt's
 # session already has 1000 queued (the default): under load that loses acknowledged
 # readings. A larger in-flight window lets ingest-mqtt pipeline its JetStream publishes.
 # A reload (SIGHUP) did not apply them to the queues (make bench still saw drops), so a
 # running broker is stopped and started again with them; its persistence keeps sessions
 # and retained messages.
-MQTT_TUNING_MARK="# fieldline (deploy/local/provision.sh): do not drop what was acknowledged"
+MQTT_TUNING_MARK="# fieldline (deploy/local/provision.sh): device identity, and do not drop what was acknowledged"
+MQTT_OLD_TUNING_MARK="# fieldline (deploy/local/provision.sh): do not drop what was acknowledged"
 MQTT_FIELDLINE_CONF="$(dirname "${BASH_SOURCE[0]}")/../mosquitto/mosquitto.conf"
+MQTT_STATE_DIR=/var/lib/mosquitto
+MQTT_ACCOUNTS="$MQTT_STATE_DIR/fieldline-dynamic-security.json"
+MQTT_ADMIN_USER=fieldline-admin
+MQTT_ADMIN_PASSWORD="${FIELDLINE_MQTT_ADMIN_PASSWORD:-fieldline-dev-mqtt-admin-change-me}"
 
 # The pid of the mosquitto listening on 1883, or nothing.
 mosquitto_pid() {
@@ -162,18 +172,44 @@ mosquitto_pid() {
     [[ -n $pid && $(ps -o comm= -p "$pid" 2>/dev/null) == mosquitto ]] && printf '%s' "$pid"
 }
 
+dynsec_plugin() {
+    local candidate
+    for candidate in /usr/lib/*-linux-gnu/mosquitto_dynamic_security.so /usr/lib/mosquitto_dynamic_security.so; do
+        [[ -f $candidate ]] && { printf '%s' "$candidate"; return 0; }
+    done
+    return 1
+}
+
+# The admin account of the plugin, made once; the registry creates every other account.
+ensure_mqtt_accounts() {
+    "${SUDO[@]}" test -f "$MQTT_ACCOUNTS" && return 0
+    can_admin || die "cannot create $MQTT_ACCOUNTS (not root, no sudo)"
+    say "creating the broker's account file $MQTT_ACCOUNTS (admin $MQTT_ADMIN_USER)"
+    "${SUDO[@]}" mkdir -p "$MQTT_STATE_DIR"
+    "${SUDO[@]}" mosquitto_ctrl dynsec init "$MQTT_ACCOUNTS" "$MQTT_ADMIN_USER" "$MQTT_ADMIN_PASSWORD" >/dev/null \
+        || die "mosquitto_ctrl dynsec init failed"
+    # The broker drops root for its own user, and the plugin rewrites this file on changes.
+    if id mosquitto >/dev/null 2>&1; then
+        "${SUDO[@]}" chown mosquitto: "$MQTT_STATE_DIR" "$MQTT_ACCOUNTS"
+    fi
+    "${SUDO[@]}" chmod 600 "$MQTT_ACCOUNTS"
+}
+
 tune_mosquitto() {
     [[ -f $MQTT_CONF ]] || return 0
-    local settings line missing=0
+    local settings line missing=0 plugin
     settings=$(grep -E '^max_(queued|inflight)_messages ' "$MQTT_FIELDLINE_CONF") \
         || die "no max_queued_messages/max_inflight_messages in $MQTT_FIELDLINE_CONF"
+    plugin=$(dynsec_plugin) || die "mosquitto_dynamic_security.so not found (Debian's mosquitto package ships it)"
+    settings+=$'\n'"allow_anonymous false"$'\n'"plugin $plugin"$'\n'"plugin_opt_config_file $MQTT_ACCOUNTS"
+    ensure_mqtt_accounts
     while IFS= read -r line; do
         grep -qxF "$line" "$MQTT_CONF" || missing=1
     done <<<"$settings"
+    grep -qE '^allow_anonymous[[:space:]]+true' "$MQTT_CONF" && missing=1
     ((missing)) || return 0
     if ! can_admin; then
-        say "warning: cannot add Fieldline's settings to $MQTT_CONF (not root, no sudo); under load the broker may drop messages"
-        return 0
+        die "cannot add Fieldline's settings to $MQTT_CONF (not root, no sudo)"
     fi
     local pid="" i
     if port_open 1883; then
@@ -183,11 +219,13 @@ tune_mosquitto() {
             return 0
         fi
     fi
-    # Any earlier values of these two (an older Fieldline's included) give way to these.
+    # Any earlier values of these (an older Fieldline's included) give way to these.
     local current kept
     current=$("${SUDO[@]}" cat "$MQTT_CONF") || die "cannot read $MQTT_CONF"
-    kept=$(printf '%s\n' "$current" | grep -vE '^max_(queued|inflight)_messages ' | grep -vxF "$MQTT_TUNING_MARK" || true)
-    say "setting max_queued_messages and max_inflight_messages in $MQTT_CONF"
+    kept=$(printf '%s\n' "$current" \
+        | grep -vE '^(max_(queued|inflight)_messages|allow_anonymous|plugin|plugin_opt_config_file)([[:space:]]|$)' \
+        | grep -vxF -e "$MQTT_TUNING_MARK" -e "$MQTT_OLD_TUNING_MARK" || true)
+    say "setting Fieldline's broker settings (device identity, queues) in $MQTT_CONF"
     printf '%s\n\n%s\n%s\n' "$kept" "$MQTT_TUNING_MARK" "$settings" | "${SUDO[@]}" tee "$MQTT_CONF" >/dev/null
     [[ -n $pid ]] || return 0
     say "restarting mosquitto (pid $pid) to apply them"
@@ -201,6 +239,7 @@ tune_mosquitto() {
 
 ensure_mosquitto() {
     port_open 1883 || ensure_pkg mosquitto
+    ensure_cmd mosquitto mosquitto_ctrl
     tune_mosquitto
     if port_open 1883; then say "mosquitto already up on 127.0.0.1:1883"; return; fi
     can_admin || die "mosquitto is down and not root/no sudo to start it"
@@ -225,4 +264,4 @@ if [[ $(psql -h 127.0.0.1 -U postgres -d postgres -tAc "select 1 from pg_databas
 fi
 
 printf '%-9s %-15s %s\n' postgres 127.0.0.1:5432 "ok (database $PG_DB)" \
-    nats 127.0.0.1:4222 "$JS_NOTE" mosquitto 127.0.0.1:1883 ok
+    nats 127.0.0.1:4222 "$JS_NOTE" mosquitto 127.0.0.1:1883 "ok (dynamic security, admin $MQTT_ADMIN_USER)"
