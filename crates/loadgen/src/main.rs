@@ -17,7 +17,7 @@ use rumqttc::QoS;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::platform::{Platform, Servers};
+use crate::platform::{Broker, Platform, Servers};
 
 #[derive(Parser)]
 #[command(
@@ -71,10 +71,6 @@ struct BenchArgs {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
-    #[arg(long, env = "FIELDLINE_BENCH_MQTT_HOST", default_value = "127.0.0.1")]
-    mqtt_host: String,
-    #[arg(long, env = "FIELDLINE_BENCH_MQTT_PORT", default_value_t = 1883)]
-    mqtt_port: u16,
 }
 
 /// One figure of the report, beside the raw limit it is judged against.
@@ -93,6 +89,9 @@ struct Figure {
 /// `FIELDLINE_MQTT_CONNECTIONS`.
 const INGEST_MQTT_CONNECTIONS: usize = 8;
 const FAN_IN: &str = "Mosquitto QoS 1, the scenario's devices → 8 shared subscribers";
+/// Raw QoS 1 on a broker without Dynamic Security: the figures above are with it, as the
+/// platform runs.
+const QOS1_OPEN: &str = "Mosquitto QoS 1 pub→sub, no access checks";
 
 fn figure(
     scenario: &'static str,
@@ -193,12 +192,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         Some(path) => path.clone(),
         None => sibling_fieldline()?,
     };
-    let servers = Servers {
-        pg_url: args.pg_url.clone(),
-        nats_url: args.nats_url.clone(),
-        mqtt_host: args.mqtt_host.clone(),
-        mqtt_port: args.mqtt_port,
-    };
+    let servers = Servers::start(args.pg_url.clone(), args.nats_url.clone()).await;
     let wanted = |name: &str| {
         args.scenarios
             .as_deref()
@@ -231,7 +225,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     // Idle memory, then the raw limits, on a platform of their own.
     eprintln!("starting the platform ({fieldline}), one process per service");
-    let (idle_memory, raw_jetstream, raw_mqtt_qos0, raw_mqtt_qos1, raw_mqtt_fan_in, raw_http) = runner
+    let (idle_memory, raw_jetstream, raw_mqtt_qos0, raw_mqtt_qos1, raw_mqtt_qos1_open, raw_mqtt_fan_in, raw_http) = runner
         .scenario(async |platform: &Platform| {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let idle = platform.memory();
@@ -239,12 +233,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let jetstream = raw::jetstream(&servers, &platform.id, raw_messages)
                 .await
                 .context("raw jetstream")?;
-            let qos0 = raw::mosquitto(&servers, &platform.id, QoS::AtMostOnce, raw_messages)
+            let qos0 = raw::mosquitto(&servers, Broker::Checked, &platform.id, QoS::AtMostOnce, raw_messages)
                 .await
                 .context("raw mosquitto qos0")?;
-            let qos1 = raw::mosquitto(&servers, &platform.id, QoS::AtLeastOnce, raw_messages)
+            let qos1 = raw::mosquitto(&servers, Broker::Checked, &platform.id, QoS::AtLeastOnce, raw_messages)
                 .await
                 .context("raw mosquitto qos1")?;
+            // The same on a broker without access checks: what device identity costs.
+            let qos1_open = raw::mosquitto(&servers, Broker::Open, &platform.id, QoS::AtLeastOnce, raw_messages)
+                .await
+                .context("raw mosquitto qos1 without access checks")?;
             let fan_in = raw::mosquitto_fan_in(
                 &servers,
                 &platform.id,
@@ -257,7 +255,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let http = raw::http_posts(raw_messages / 2)
                 .await
                 .context("raw http")?;
-            anyhow::Ok((idle, jetstream, qos0, qos1, fan_in, http))
+            anyhow::Ok((idle, jetstream, qos0, qos1, qos1_open, fan_in, http))
         })
         .await?;
     let mut figures = Vec::new();
@@ -266,6 +264,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ("JetStream publish, acked", raw_jetstream, "msg/s"),
         ("Mosquitto QoS 0 pub→sub", raw_mqtt_qos0, "msg/s"),
         ("Mosquitto QoS 1 pub→sub", raw_mqtt_qos1, "msg/s"),
+        (QOS1_OPEN, raw_mqtt_qos1_open, "msg/s"),
         (FAN_IN, raw_mqtt_fan_in, "msg/s"),
         ("HTTP POST to a local receiver", raw_http, "req/s"),
     ] {

@@ -4,10 +4,12 @@
 use std::{
     collections::BTreeMap,
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
+use fieldline_testkit::servers::PrivateMosquitto;
 use serde_json::{Value, json};
 
 pub const SERVICES: [&str; 5] = [
@@ -18,30 +20,102 @@ pub const SERVICES: [&str; 5] = [
     "ingest-mqtt",
 ];
 
-/// Where the servers are.
+/// Where the servers are. The bench runs its own brokers, configured as Fieldline's
+/// (`deploy/mosquitto/mosquitto.conf`), so it needs no account on this machine's.
 #[derive(Debug, Clone)]
 pub struct Servers {
     /// Without a database name: `postgres://postgres@127.0.0.1:5432`.
     pub pg_url: String,
     pub nats_url: String,
-    pub mqtt_host: String,
-    pub mqtt_port: u16,
+    /// The platform's broker: Dynamic Security on, anonymous clients refused.
+    pub broker: Arc<PrivateMosquitto>,
+    /// The same broker settings without access checks, for the raw limit without them.
+    pub open_broker: Arc<PrivateMosquitto>,
+    /// An account of `broker` that may publish and subscribe anywhere (the raw limits').
+    raw_login: (String, String),
+}
+
+/// Which broker a raw client goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    /// The platform's, with access checks.
+    Checked,
+    /// Without them.
+    Open,
 }
 
 impl Servers {
-    /// An MQTT client of the broker, with up to `inflight` QoS 1 messages of its own
+    pub async fn start(pg_url: String, nats_url: String) -> Self {
+        let broker = Arc::new(PrivateMosquitto::start().await);
+        let raw_login = broker.unrestricted_login();
+        Self {
+            pg_url,
+            nats_url,
+            broker,
+            open_broker: Arc::new(PrivateMosquitto::start_open().await),
+            raw_login,
+        }
+    }
+
+    /// A raw MQTT client of `broker`, with up to `inflight` QoS 1 messages of its own
     /// unacknowledged, and its event loop.
     pub fn mqtt_client(
         &self,
+        broker: Broker,
         client_id: String,
         inflight: u16,
         capacity: usize,
     ) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
-        let mut options =
-            rumqttc::MqttOptions::new(client_id, self.mqtt_host.clone(), self.mqtt_port);
+        match broker {
+            Broker::Checked => {
+                let (user, password) = &self.raw_login;
+                self.client_of(
+                    self.broker.port,
+                    Some((user, password)),
+                    client_id,
+                    inflight,
+                    capacity,
+                )
+            }
+            Broker::Open => {
+                self.client_of(self.open_broker.port, None, client_id, inflight, capacity)
+            }
+        }
+    }
+
+    /// A device's client: its account and token on the platform's broker.
+    pub fn device_client(
+        &self,
+        client_id: String,
+        username: &str,
+        token: &str,
+        inflight: u16,
+        capacity: usize,
+    ) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+        self.client_of(
+            self.broker.port,
+            Some((username, token)),
+            client_id,
+            inflight,
+            capacity,
+        )
+    }
+
+    fn client_of(
+        &self,
+        port: u16,
+        login: Option<(&str, &str)>,
+        client_id: String,
+        inflight: u16,
+        capacity: usize,
+    ) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+        let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
         options
             .set_keep_alive(std::time::Duration::from_secs(30))
             .set_inflight(inflight);
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
         rumqttc::AsyncClient::new(options, capacity)
     }
 }
@@ -50,6 +124,8 @@ pub struct Platform {
     pub id: String,
     pub database: String,
     pub admin_key: String,
+    /// Device tokens derive from it (`FIELDLINE_DEVICE_TOKEN_KEY`).
+    token_key: String,
     pub servers: Servers,
     pub http: reqwest::Client,
     ports: BTreeMap<&'static str, u16>,
@@ -91,6 +167,7 @@ impl Platform {
             id,
             database,
             admin_key,
+            token_key: format!("bench-device-token-key-{suffix}-0123456789"),
             servers,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
@@ -138,13 +215,9 @@ impl Platform {
                 format!("{}/{}", self.servers.pg_url, self.database),
             )
             .env("FIELDLINE_NATS_URL", &self.servers.nats_url)
-            .env(
-                "FIELDLINE_MQTT_URL",
-                format!(
-                    "mqtt://{}:{}",
-                    self.servers.mqtt_host, self.servers.mqtt_port
-                ),
-            )
+            .env("FIELDLINE_MQTT_URL", self.servers.broker.url())
+            .env("FIELDLINE_MQTT_ADMIN_URL", self.servers.broker.admin_url())
+            .env("FIELDLINE_DEVICE_TOKEN_KEY", &self.token_key)
             .env("FIELDLINE_BUS_PREFIX", &self.id)
             .env("FIELDLINE_MQTT_TOPIC_ROOT", &self.id)
             .env("FIELDLINE_BOOTSTRAP_ADMIN_KEY", &self.admin_key)

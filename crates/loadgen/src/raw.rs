@@ -12,7 +12,7 @@ use rumqttc::{Event, Packet, QoS};
 use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type};
 
 use crate::{
-    platform::{Servers, pg},
+    platform::{Broker, Servers, pg},
     receiver::Receiver,
 };
 
@@ -63,19 +63,21 @@ pub async fn postgres_copy(servers: &Servers, database: &str, rows: u64) -> anyh
 /// messages per second received.
 pub async fn mosquitto(
     servers: &Servers,
+    broker: Broker,
     id: &str,
     qos: QoS,
     messages: u64,
 ) -> anyhow::Result<f64> {
     let topic = format!("{id}/raw/{qos:?}");
-    let (subscriber, mut sub_loop) = servers.mqtt_client(format!("{id}-raw-sub"), 100, 1000);
+    let (subscriber, mut sub_loop) =
+        servers.mqtt_client(broker, format!("{id}-raw-sub"), 100, 1000);
     subscriber.subscribe(&topic, qos).await?;
     loop {
         if let Event::Incoming(Packet::SubAck(_)) = sub_loop.poll().await? {
             break;
         }
     }
-    let (publisher, mut pub_loop) = servers.mqtt_client(format!("{id}-raw-pub"), 100, 1000);
+    let (publisher, mut pub_loop) = servers.mqtt_client(broker, format!("{id}-raw-pub"), 100, 1000);
     tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
     let started = Instant::now();
     let payload = br#"{"ts": 1735689600000, "temperature": 21.5}"#.to_vec();
@@ -143,8 +145,12 @@ pub async fn mosquitto_fan_in(
     let filter = format!("$share/{id}-raw/{id}/rawfan/+");
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..subscribers {
-        let (client, mut eventloop) =
-            servers.mqtt_client(format!("{id}-rawfan-sub-{index}"), 200, 1000);
+        let (client, mut eventloop) = servers.mqtt_client(
+            Broker::Checked,
+            format!("{id}-rawfan-sub-{index}"),
+            200,
+            1000,
+        );
         client.subscribe(&filter, QoS::AtLeastOnce).await?;
         let subscribed = async {
             loop {
@@ -173,7 +179,8 @@ pub async fn mosquitto_fan_in(
     let start = Arc::new(tokio::sync::Barrier::new(devices + 1));
     let payload = bytes::Bytes::from_static(br#"{"ts": 1735689600000, "temperature": 21.5}"#);
     for index in 0..devices {
-        let (client, mut eventloop) = servers.mqtt_client(format!("{id}-rawfan-{index}"), 20, 64);
+        let (client, mut eventloop) =
+            servers.mqtt_client(Broker::Checked, format!("{id}-rawfan-{index}"), 20, 64);
         let topic = format!("{id}/rawfan/{index}");
         let (window, start, payload) = (window.clone(), start.clone(), payload.clone());
         tasks.spawn(async move {

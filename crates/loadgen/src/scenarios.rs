@@ -115,17 +115,20 @@ pub async fn mqtt_ingest(
     per_device_rate: Option<u64>,
     duration: Duration,
 ) -> anyhow::Result<IngestResult> {
-    platform.create_devices("mqtt-", devices).await?;
+    let tokens = platform.create_devices("mqtt-", devices).await?;
     let progress = Progress::start("mqtt-qos1", "messages acked by the broker");
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for index in 0..devices {
+    for (index, token) in tokens.into_iter().enumerate() {
         let servers = platform.servers.clone();
-        let topic = format!("{}/default/mqtt-{index}/telemetry", platform.id);
+        // Each device logs in with its own broker account: its topic prefix and its token.
+        let username = format!("{}/default/mqtt-{index}", platform.id);
+        let topic = format!("{username}/telemetry");
         let client_id = format!("{}-dev-{index}", platform.id);
         let counter = progress.counter.clone();
         tasks.push(tokio::spawn(async move {
-            let (client, mut eventloop) = servers.mqtt_client(client_id, 20, 64);
+            let (client, mut eventloop) =
+                servers.device_client(client_id, &username, &token, 20, 64);
             let acked = Arc::new(AtomicU64::new(0));
             let publisher_acked = acked.clone();
             let publisher = tokio::spawn(async move {

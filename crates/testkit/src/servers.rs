@@ -138,19 +138,35 @@ impl std::fmt::Debug for PrivateMosquitto {
 
 impl PrivateMosquitto {
     pub async fn start() -> Self {
+        Self::start_with(true).await
+    }
+
+    /// A broker without access checks (anonymous clients, no plugin): what Fieldline ran on
+    /// before device identity, for measuring what the checks cost.
+    pub async fn start_open() -> Self {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(secured: bool) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("fl-mqtt-{}", crate::unique_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
-        let plugin = find_binary("the Mosquitto Dynamic Security plugin", DYNSEC_PLUGIN);
+        let access = if secured {
+            let plugin = find_binary("the Mosquitto Dynamic Security plugin", DYNSEC_PLUGIN);
+            format!(
+                "allow_anonymous false\nplugin {}\nplugin_opt_config_file {}/dynamic-security.json\n",
+                plugin.display(),
+                dir.display()
+            )
+        } else {
+            "allow_anonymous true\n".to_owned()
+        };
         // `user root`: when tests run as root, the broker keeps root's access to its files
-        // (it ignores the option otherwise).
+        // (it ignores the option otherwise). The queue settings are deploy/mosquitto's.
         let config = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous false\nuser root\n\
-             plugin {}\nplugin_opt_config_file {}/dynamic-security.json\n\
+            "listener {port} 127.0.0.1\nuser root\n{access}\
              persistence true\npersistence_location {}/\n\
              max_queued_messages 1000000\nmax_inflight_messages 1000\n",
-            plugin.display(),
-            dir.display(),
             dir.display()
         );
         std::fs::write(dir.join("mosquitto.conf"), config).unwrap();
@@ -161,7 +177,9 @@ impl PrivateMosquitto {
             ingest_password: format!("ingest-{}", crate::unique_suffix()),
             child: std::sync::Mutex::new(None),
         };
-        broker.init_accounts();
+        if secured {
+            broker.init_accounts();
+        }
         broker.restart().await;
         broker
     }
