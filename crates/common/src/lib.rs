@@ -14,6 +14,7 @@ pub mod extract;
 pub mod ids;
 pub mod ingest;
 pub mod openapi;
+pub mod ratelimit;
 pub mod service;
 pub mod telemetry;
 pub mod time;

@@ -2,6 +2,7 @@
 
 pub mod alerts;
 pub mod commands;
+pub mod limits;
 
 use chrono::{DateTime, Utc};
 use fieldline_common::{
