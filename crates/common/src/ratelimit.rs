@@ -560,6 +560,33 @@ mod tests {
     }
 
     #[test]
+    fn the_client_is_the_nearest_untrusted_address() {
+        use actix_web::test::TestRequest;
+        let limits = limits(|config| config.rate_trusted_proxies = "10.0.0.0/8".into());
+        let request = |peer: &str, forwarded: Option<&str>| {
+            let mut request = TestRequest::default().peer_addr(peer.parse().unwrap());
+            if let Some(forwarded) = forwarded {
+                request = request.insert_header(("x-forwarded-for", forwarded));
+            }
+            limits.client_address(&request.to_http_request()).unwrap()
+        };
+        let ip = |address: &str| address.parse::<IpAddr>().unwrap();
+        // A peer that is not a proxy speaks for itself, whatever it forwards.
+        assert_eq!(
+            request("192.0.2.1:5000", Some("203.0.113.9")),
+            ip("192.0.2.1")
+        );
+        // Through the gateway (and a second proxy), the first untrusted hop from the right;
+        // what the client wrote further left is not believed.
+        assert_eq!(
+            request("10.0.0.2:5000", Some("1.1.1.1, 203.0.113.9, 10.0.0.3")),
+            ip("203.0.113.9")
+        );
+        assert_eq!(request("10.0.0.2:5000", None), ip("10.0.0.2"));
+        assert_eq!(request("10.0.0.2:5000", Some("garbage")), ip("10.0.0.2"));
+    }
+
+    #[test]
     fn proxies_parse_and_address_keys_group_ipv6_by_64() {
         assert_eq!(parse_proxies(" 10.0.0.0/8, 127.0.0.1 ,").unwrap().len(), 2);
         assert!(parse_proxies("10.0.0.0/33").is_err());

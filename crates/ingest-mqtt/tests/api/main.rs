@@ -4,6 +4,7 @@
 
 mod downlink;
 mod ingest;
+mod limits;
 mod outages;
 
 use std::{
