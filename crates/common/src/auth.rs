@@ -383,18 +383,21 @@ async fn authenticate(req: &HttpRequest, kind: CredentialKind) -> Result<Princip
         }));
     }
     if let Some(limits) = &limits {
-        let (decision, whose) = match kind {
+        let (decision, whose, limit) = match kind {
             CredentialKind::ApiKey => (
                 limits.check_key(&principal.id, principal.rate_limit),
                 "this API key",
+                "key",
             ),
             CredentialKind::Device => (
                 limits.check_device(&principal.project, &principal.id, principal.rate_limit),
                 "this device",
+                "device",
             ),
         };
         req.extensions_mut().insert(decision);
         if !decision.allowed {
+            metrics::counter!("fieldline_rate_limited_total", "limit" => limit).increment(1);
             return Err(decision.error(whose));
         }
     }
@@ -411,6 +414,7 @@ async fn verify_limited(
 ) -> Result<Principal, ApiError> {
     let address = limits.client_address(req);
     let refuse = |decision: Decision| {
+        metrics::counter!("fieldline_rate_limited_total", "limit" => "auth_failures").increment(1);
         req.extensions_mut().insert(decision);
         decision.error("failed authentications from this address")
     };
