@@ -363,8 +363,9 @@ struct Authenticated(Principal);
 /// for credentials not verified recently (nothing of it reaches the registry), and the
 /// [`Decision`] is left in the request's extensions for the `RateLimit-*` headers.
 async fn authenticate(req: &HttpRequest, kind: CredentialKind) -> Result<Principal, ApiError> {
-    if let Some(Authenticated(principal)) = req.extensions().get::<Authenticated>().cloned() {
-        return Ok(principal);
+    let earlier = req.extensions().get::<Authenticated>().cloned();
+    if let Some(Authenticated(principal)) = earlier {
+        return require_kind(principal, kind);
     }
     let client = req
         .app_data::<web::Data<AuthClient>>()
@@ -376,12 +377,7 @@ async fn authenticate(req: &HttpRequest, kind: CredentialKind) -> Result<Princip
         Some(limits) => verify_limited(req, &client, limits, &secret).await?,
         None => client.verify(&secret).await?,
     };
-    if principal.kind != kind {
-        return Err(ApiError::forbidden(match kind {
-            CredentialKind::ApiKey => "device tokens may only be used on ingest routes",
-            CredentialKind::Device => "ingest routes take a device token (fld_…)",
-        }));
-    }
+    let principal = require_kind(principal, kind)?;
     if let Some(limits) = &limits {
         let (decision, whose, limit) = match kind {
             CredentialKind::ApiKey => (
@@ -404,6 +400,17 @@ async fn authenticate(req: &HttpRequest, kind: CredentialKind) -> Result<Princip
     req.extensions_mut()
         .insert(Authenticated(principal.clone()));
     Ok(principal)
+}
+
+/// 403 for a valid credential of the other kind.
+fn require_kind(principal: Principal, kind: CredentialKind) -> Result<Principal, ApiError> {
+    if principal.kind == kind {
+        return Ok(principal);
+    }
+    Err(ApiError::forbidden(match kind {
+        CredentialKind::ApiKey => "device tokens may only be used on ingest routes",
+        CredentialKind::Device => "ingest routes take a device token (fld_…)",
+    }))
 }
 
 async fn verify_limited(
