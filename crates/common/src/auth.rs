@@ -4,7 +4,7 @@
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use actix_web::{FromRequest, HttpRequest, dev::Payload, http::header, web};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, dev::Payload, http::header, web};
 use fieldline_proto::{
     InvalidateKind, Subjects,
     v1::{
@@ -17,7 +17,12 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::{cache::InvalidatingCache, error::ApiError, time::now_us};
+use crate::{
+    cache::InvalidatingCache,
+    error::ApiError,
+    ratelimit::{Decision, Limit, RateLimits},
+    time::now_us,
+};
 
 /// Who is calling: an API key of a project, or one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +35,9 @@ pub struct Principal {
     pub platform_admin: bool,
     /// Epoch microseconds, 0 when it never expires.
     pub expires_at_us: i64,
+    /// The project's override of this principal's rate limit (its key or device limit);
+    /// `None` keeps the platform default.
+    pub rate_limit: Option<Limit>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +93,7 @@ impl Principal {
         };
         Some(Self {
             kind,
+            rate_limit: Limit::from_proto(principal.rate_limit.as_ref()),
             scope: ScopeLevel::from_proto(principal.scope()),
             project: principal.project,
             id: principal.id,
@@ -127,6 +136,8 @@ impl From<AuthError> for ApiError {
 pub struct DeviceInfo {
     pub device_type: String,
     pub group: String,
+    /// The project's override of its devices' rate limit; `None` keeps the default.
+    pub rate_limit: Option<Limit>,
 }
 
 /// The verifying side of auth, shared by every service in a process.
@@ -223,6 +234,13 @@ impl AuthClient {
         Ok(principal)
     }
 
+    /// The principal of a credential verified recently (in the cache), without asking the
+    /// registry: what an address throttled for failed authentications may still use.
+    pub fn verified(&self, secret: &str) -> Option<Principal> {
+        let principal = self.inner.credentials.get(&hash_secret(secret))?;
+        (!principal.is_expired(now_us())).then_some(principal)
+    }
+
     async fn ask_registry(&self, secret: &str) -> Result<Principal, AuthError> {
         let request = VerifyRequest {
             secret: secret.to_owned(),
@@ -273,6 +291,7 @@ impl AuthClient {
                 DeviceLookupResponse::decode(reply.as_ref()).map_err(|_| AuthError::Unavailable)?;
             Ok(response.found.then(|| {
                 Arc::new(DeviceInfo {
+                    rate_limit: Limit::from_proto(response.rate_limit.as_ref()),
                     device_type: response.device_type,
                     group: response.group,
                 })
@@ -334,13 +353,97 @@ pub fn credential_from(req: &HttpRequest) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-async fn authenticate(req: &HttpRequest) -> Result<Principal, ApiError> {
+/// The principal a request was authenticated as, kept so that a second extractor on the same
+/// request neither asks again nor counts against a limit twice.
+#[derive(Clone)]
+struct Authenticated(Principal);
+
+/// Verifies the request's credential as a `kind` and counts it against its rate limit. With
+/// [`RateLimits`] in the app data, an address that failed authentication too often gets 429
+/// for credentials not verified recently (nothing of it reaches the registry), and the
+/// [`Decision`] is left in the request's extensions for the `RateLimit-*` headers.
+async fn authenticate(req: &HttpRequest, kind: CredentialKind) -> Result<Principal, ApiError> {
+    let earlier = req.extensions().get::<Authenticated>().cloned();
+    if let Some(Authenticated(principal)) = earlier {
+        return require_kind(principal, kind);
+    }
     let client = req
         .app_data::<web::Data<AuthClient>>()
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("AuthClient missing from app data")))?
         .clone();
+    let limits = req.app_data::<web::Data<RateLimits>>().cloned();
     let secret = credential_from(req).ok_or(AuthError::Missing)?;
-    Ok(client.verify(&secret).await?)
+    let principal = match &limits {
+        Some(limits) => verify_limited(req, &client, limits, &secret).await?,
+        None => client.verify(&secret).await?,
+    };
+    let principal = require_kind(principal, kind)?;
+    if let Some(limits) = &limits {
+        let (decision, whose, limit) = match kind {
+            CredentialKind::ApiKey => (
+                limits.check_key(&principal.id, principal.rate_limit),
+                "this API key",
+                "key",
+            ),
+            CredentialKind::Device => (
+                limits.check_device(&principal.project, &principal.id, principal.rate_limit),
+                "this device",
+                "device",
+            ),
+        };
+        req.extensions_mut().insert(decision);
+        if !decision.allowed {
+            metrics::counter!("fieldline_rate_limited_total", "limit" => limit).increment(1);
+            return Err(decision.error(whose));
+        }
+    }
+    req.extensions_mut()
+        .insert(Authenticated(principal.clone()));
+    Ok(principal)
+}
+
+/// 403 for a valid credential of the other kind.
+fn require_kind(principal: Principal, kind: CredentialKind) -> Result<Principal, ApiError> {
+    if principal.kind == kind {
+        return Ok(principal);
+    }
+    Err(ApiError::forbidden(match kind {
+        CredentialKind::ApiKey => "device tokens may only be used on ingest routes",
+        CredentialKind::Device => "ingest routes take a device token (fld_…)",
+    }))
+}
+
+async fn verify_limited(
+    req: &HttpRequest,
+    client: &AuthClient,
+    limits: &RateLimits,
+    secret: &str,
+) -> Result<Principal, ApiError> {
+    let address = limits.client_address(req);
+    let refuse = |decision: Decision| {
+        metrics::counter!("fieldline_rate_limited_total", "limit" => "auth_failures").increment(1);
+        req.extensions_mut().insert(decision);
+        decision.error("failed authentications from this address")
+    };
+    if let Some(blocked) = address.and_then(|address| limits.blocked(address)) {
+        // A credential verified recently still works from here (a shared NAT or gateway must
+        // not lock its honest clients out); anything else waits, without costing the registry.
+        return client.verified(secret).ok_or_else(|| refuse(blocked));
+    }
+    match client.verify(secret).await {
+        Ok(principal) => Ok(principal),
+        Err(AuthError::Unavailable) => Err(AuthError::Unavailable.into()),
+        Err(error) => {
+            if let Some(address) = address {
+                let decision = limits.record_failure(address);
+                if !decision.allowed {
+                    tracing::warn!(%address, "failed authentications over the limit; address throttled");
+                    return Err(refuse(decision));
+                }
+            }
+            Err(error.into())
+        }
+    }
 }
 
 /// An API key, checked on extraction. Handlers call [`ApiKey::require`] for the scope a route
@@ -383,12 +486,7 @@ impl FromRequest for ApiKey {
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let req = req.clone();
         Box::pin(async move {
-            let principal = authenticate(&req).await?;
-            if principal.kind != CredentialKind::ApiKey {
-                return Err(ApiError::forbidden(
-                    "device tokens may only be used on ingest routes",
-                ));
-            }
+            let principal = authenticate(&req, CredentialKind::ApiKey).await?;
             Ok(ApiKey(principal))
         })
     }
@@ -415,12 +513,7 @@ impl FromRequest for DeviceToken {
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let req = req.clone();
         Box::pin(async move {
-            let principal = authenticate(&req).await?;
-            if principal.kind != CredentialKind::Device {
-                return Err(ApiError::forbidden(
-                    "ingest routes take a device token (fld_…)",
-                ));
-            }
+            let principal = authenticate(&req, CredentialKind::Device).await?;
             Ok(DeviceToken(principal))
         })
     }

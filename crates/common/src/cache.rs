@@ -73,6 +73,11 @@ where
         Ok(value)
     }
 
+    /// The cached value, if any, without loading it.
+    pub fn get(&self, key: &K) -> Option<V> {
+        self.cache.get(key)
+    }
+
     pub fn invalidate(&self, key: &K) {
         self.cache.invalidate(key);
     }

@@ -94,6 +94,34 @@ pub struct Config {
     /// Timeout of a request to another service over the bus (auth RPC).
     #[serde(with = "humantime_serde")]
     pub rpc_timeout: Duration,
+    // ---- Rate limits (FIELDLINE_RATE_*), each held by every instance on its own: behind N
+    // instances a client gets up to N times these. A project's override (PUT
+    // /api/v1/projects/{slug}/limits) replaces the key and device limits for its keys and
+    // devices. See docs/decisions/2026-12-04-rate-limits.md.
+    /// Requests one API key may make in `rate_key_period`, all routes together; the whole
+    /// allowance may come at once, then it refills evenly (GCRA). Over it answers 429.
+    pub rate_key_requests: u32,
+    /// The window of `rate_key_requests`.
+    #[serde(with = "humantime_serde")]
+    pub rate_key_period: Duration,
+    /// Requests one device token may make to the HTTP ingest routes, and (counted apart)
+    /// MQTT messages one device may publish, in `rate_device_period`. Over it HTTP answers
+    /// 429 and MQTT drops the message (acknowledged to the broker, counted, never stored).
+    pub rate_device_requests: u32,
+    /// The window of `rate_device_requests`.
+    #[serde(with = "humantime_serde")]
+    pub rate_device_period: Duration,
+    /// Failed authentications (wrong, revoked or expired credentials) one client address may
+    /// make in `rate_auth_failures_period`; past them its unknown credentials answer 429
+    /// without reaching the registry, while credentials already verified keep working.
+    /// IPv6 addresses count by their /64.
+    pub rate_auth_failures: u32,
+    /// The window of `rate_auth_failures`.
+    #[serde(with = "humantime_serde")]
+    pub rate_auth_failures_period: Duration,
+    /// Proxies whose `X-Forwarded-For` names the client, comma-separated addresses or CIDR
+    /// blocks (the gateway's network). Empty: the peer address is the client.
+    pub rate_trusted_proxies: String,
     /// Largest ingest request body, in bytes (after decompression); larger answers 413.
     pub ingest_max_body_bytes: usize,
     /// Most readings in one ingest request or MQTT message; more answers 413. Backfill
@@ -201,6 +229,13 @@ impl Default for Config {
             bootstrap_admin_key: None,
             auth_cache_ttl: Duration::from_secs(30),
             rpc_timeout: Duration::from_secs(2),
+            rate_key_requests: 600,
+            rate_key_period: Duration::from_secs(60),
+            rate_device_requests: 300,
+            rate_device_period: Duration::from_secs(60),
+            rate_auth_failures: 20,
+            rate_auth_failures_period: Duration::from_secs(60),
+            rate_trusted_proxies: String::new(),
             ingest_max_body_bytes: 1024 * 1024,
             ingest_max_readings: 10_000,
             backfill_max_body_bytes: 16 * 1024 * 1024,
@@ -401,6 +436,34 @@ impl Config {
         if self.writer_batch_size == 0 {
             return invalid("writer_batch_size", "must be at least 1".into());
         }
+        if let Err((field, message)) = self.validate_rate_limits() {
+            return invalid(field, message);
+        }
+        Ok(())
+    }
+
+    fn validate_rate_limits(&self) -> Result<(), (&'static str, String)> {
+        for (field, requests, period) in [
+            (
+                "rate_key_requests",
+                self.rate_key_requests,
+                self.rate_key_period,
+            ),
+            (
+                "rate_device_requests",
+                self.rate_device_requests,
+                self.rate_device_period,
+            ),
+            (
+                "rate_auth_failures",
+                self.rate_auth_failures,
+                self.rate_auth_failures_period,
+            ),
+        ] {
+            crate::ratelimit::Limit::new(requests, period).map_err(|message| (field, message))?;
+        }
+        crate::ratelimit::parse_proxies(&self.rate_trusted_proxies)
+            .map_err(|message| ("rate_trusted_proxies", message))?;
         Ok(())
     }
 

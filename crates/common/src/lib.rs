@@ -15,6 +15,7 @@ pub mod ids;
 pub mod ingest;
 pub mod mqtt;
 pub mod openapi;
+pub mod ratelimit;
 pub mod service;
 pub mod telemetry;
 pub mod time;

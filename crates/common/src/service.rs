@@ -8,7 +8,7 @@ use std::{
 };
 
 use actix_web::{
-    App, HttpRequest, HttpResponse, HttpServer,
+    App, HttpMessage, HttpRequest, HttpResponse, HttpServer,
     body::MessageBody,
     dev::{ServerHandle, ServiceRequest, ServiceResponse},
     middleware, web,
@@ -28,6 +28,7 @@ use crate::{
     db,
     error::{ApiError, ErrorKind},
     extract::{self, BodyLimit},
+    ratelimit::{Decision, RateLimits},
     telemetry,
 };
 
@@ -39,6 +40,8 @@ pub struct Context {
     pub nats: async_nats::Client,
     pub jetstream: jetstream::Context,
     pub auth: AuthClient,
+    /// This process's rate limits, shared by its services.
+    pub limits: RateLimits,
     /// Cancelled on SIGTERM / Ctrl-C; every loop watches it.
     pub shutdown: CancellationToken,
     /// Background loops; the process waits for them on shutdown.
@@ -72,6 +75,8 @@ impl Context {
         );
         let _ = auth_slot.set(auth.clone());
         let tasks = TaskTracker::new();
+        let limits = RateLimits::new(&config);
+        limits.spawn_sweeper(&tasks, shutdown.clone());
         let listener = auth.listen_for_invalidations(shutdown.clone()).await?;
         tasks.spawn(async move {
             let _ = listener.await;
@@ -82,6 +87,7 @@ impl Context {
             nats,
             jetstream,
             auth,
+            limits,
             shutdown,
             tasks,
             db: Arc::default(),
@@ -150,6 +156,7 @@ pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<Htt
             .collect(),
     };
     let auth = web::Data::new(context.auth.clone());
+    let limits = web::Data::new(context.limits.clone());
     let metrics = web::Data::new(telemetry::metrics_handle());
     let readiness = web::Data::new(readiness);
     let body_limit = BodyLimit(context.config.ingest_max_body_bytes);
@@ -157,6 +164,7 @@ pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<Htt
     let server = HttpServer::new(move || {
         let mut app = App::new()
             .app_data(auth.clone())
+            .app_data(limits.clone())
             .app_data(metrics.clone())
             .app_data(readiness.clone())
             .app_data(body_limit)
@@ -166,6 +174,7 @@ pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<Htt
                 method_not_allowed,
             ))
             .wrap_fn(record_http_metrics)
+            .wrap_fn(rate_limit_headers)
             .route("/health/live", web::get().to(live))
             .route("/health/ready", web::get().to(ready))
             .route("/metrics", web::get().to(render_metrics));
@@ -279,6 +288,31 @@ where
         metrics::counter!("fieldline_http_requests_total", &labels).increment(1);
         metrics::histogram!("fieldline_http_request_duration_seconds", &labels)
             .record(started.elapsed().as_secs_f64());
+        Ok(response)
+    }
+}
+
+/// Adds the `RateLimit-*` headers (and `Retry-After` on a 429) of the limit the request was
+/// counted against, if any (see `auth::authenticate`).
+fn rate_limit_headers<S, B>(
+    req: ServiceRequest,
+    service: &S,
+) -> impl std::future::Future<Output = Result<ServiceResponse<B>, actix_web::Error>> + use<S, B>
+where
+    S: actix_web::dev::Service<
+            ServiceRequest,
+            Response = ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    B: MessageBody,
+{
+    let response = service.call(req);
+    async move {
+        let mut response = response.await?;
+        let decision = response.request().extensions().get::<Decision>().copied();
+        if let Some(decision) = decision {
+            decision.write_headers(response.headers_mut());
+        }
         Ok(response)
     }
 }

@@ -6,7 +6,7 @@
 pub mod device_rpc;
 pub mod state;
 
-use fieldline_common::{Context, auth::hash_secret, time::now_us};
+use fieldline_common::{Context, auth::hash_secret, ratelimit::Limit, time::now_us};
 use fieldline_proto::v1::{
     AuthError, DeviceLookupRequest, DeviceLookupResponse, Principal, PrincipalKind, VerifyRequest,
     VerifyResponse, verify_response,
@@ -72,15 +72,23 @@ pub async fn start_rpc(context: &Context, repo: Repo) -> anyhow::Result<()> {
                     let Ok(request) = DeviceLookupRequest::decode(message.payload.as_ref()) else {
                         return;
                     };
-                    let response = match repo
+                    let found = repo
                         .device_summary(&request.project, &request.device_id)
-                        .await
-                    {
-                        Ok(Some((device_type, group))) => DeviceLookupResponse {
-                            found: true,
-                            device_type,
-                            group: group.unwrap_or_default(),
-                        },
+                        .await;
+                    let response = match found {
+                        Ok(Some((device_type, group))) => {
+                            let Ok(limits) = repo.project_limits(&request.project).await else {
+                                return;
+                            };
+                            DeviceLookupResponse {
+                                found: true,
+                                device_type,
+                                group: group.unwrap_or_default(),
+                                rate_limit: limits
+                                    .and_then(|limits| limits.device)
+                                    .map(Limit::to_proto),
+                            }
+                        }
                         Ok(None) => DeviceLookupResponse::default(),
                         // No answer: the caller times out and answers 503, rather than
                         // wrongly treating the device as unknown.
@@ -116,12 +124,18 @@ async fn verify(repo: &Repo, secret: &str) -> VerifyResponse {
         Err(_) => return error_response("internal"),
     };
     let principal = match credential {
-        Credential::Device { id, project } => Principal {
-            kind: PrincipalKind::Device.into(),
-            project,
-            id,
-            ..Default::default()
-        },
+        Credential::Device { id, project } => {
+            let Ok(limits) = repo.project_limits(&project).await else {
+                return error_response("internal");
+            };
+            Principal {
+                kind: PrincipalKind::Device.into(),
+                rate_limit: limits.and_then(|limits| limits.device).map(Limit::to_proto),
+                project,
+                id,
+                ..Default::default()
+            }
+        }
         Credential::ApiKey {
             id,
             project,
@@ -138,6 +152,9 @@ async fn verify(repo: &Repo, secret: &str) -> VerifyResponse {
             if expires_at_us != 0 && expires_at_us <= now_us() {
                 return error_response("expired");
             }
+            let Ok(limits) = repo.project_limits(&project).await else {
+                return error_response("internal");
+            };
             tracing::info!(key_id = %id, project = %project, "key used");
             let touch_repo = repo.clone();
             let touch_id = id.clone();
@@ -151,6 +168,9 @@ async fn verify(repo: &Repo, secret: &str) -> VerifyResponse {
                 scope: scope.to_proto().into(),
                 platform_admin,
                 expires_at_us,
+                rate_limit: limits
+                    .and_then(|limits| limits.api_key)
+                    .map(Limit::to_proto),
             }
         }
     };

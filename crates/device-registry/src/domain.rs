@@ -2,6 +2,7 @@
 
 pub mod alerts;
 pub mod commands;
+pub mod limits;
 pub mod tokens;
 
 use chrono::{DateTime, Utc};

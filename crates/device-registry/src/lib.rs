@@ -96,6 +96,7 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
         routes::config::configure(cfg);
         routes::commands::configure(cfg);
         routes::alert_rules::configure(cfg);
+        routes::limits::configure(cfg);
     });
     Ok(Service {
         name: "device-registry",

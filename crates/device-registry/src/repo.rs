@@ -2,6 +2,7 @@
 
 mod alerts;
 pub mod commands;
+mod limits;
 pub mod state;
 
 use chrono::{DateTime, Utc};

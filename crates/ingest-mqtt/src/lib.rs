@@ -18,10 +18,11 @@ use std::{
 
 use fieldline_common::{
     ApiError, Context, ErrorKind, Service,
-    auth::AuthError,
+    auth::{AuthError, DeviceInfo},
     bus::rpc,
     commands::MqttCommandAck,
     ingest::{self, ParseError, Parsed, PublishError, Publisher},
+    ratelimit::Decision,
     service::ReadyCheck,
     time::now_us,
 };
@@ -363,16 +364,31 @@ async fn handle(
             "not {root}/{project}/{device}/{telemetry|heartbeat|commands/ack}",
         );
     };
-    match device_known(context, project.as_str(), device_id.as_str()).await {
+    let device = match device_known(context, project.as_str(), device_id.as_str()).await {
         None => return Outcome::Abandoned,
-        Some(false) => {
+        Some(None) => {
             return drop_message(
                 &publish.topic,
                 "unknown_device",
                 "no such device in that project",
             );
         }
-        Some(true) => {}
+        Some(Some(device)) => device,
+    };
+    // Every uplink message counts; one over the device's limit is acknowledged (so the
+    // device's session does not stall) and dropped, never published.
+    let decision =
+        context
+            .limits
+            .check_device(project.as_str(), device_id.as_str(), device.rate_limit);
+    if !decision.allowed {
+        return rate_limited(
+            context,
+            &publish.topic,
+            project.as_str(),
+            device_id.as_str(),
+            &decision,
+        );
     }
 
     let published = match uplink {
@@ -438,13 +454,40 @@ async fn handle(
     }
 }
 
-/// Is `device_id` one of `project`'s devices? The registry answers (cached); while it cannot,
-/// the message waits rather than being dropped as unknown. `None`: shut down first.
-async fn device_known(context: &Context, project: &str, device_id: &str) -> Option<bool> {
+/// A device over its rate limit: its message is dropped and counted, and a warning logged at
+/// most once per device every few seconds (a flood of drops is a counter, not of lines).
+fn rate_limited(
+    context: &Context,
+    topic: &str,
+    project: &str,
+    device_id: &str,
+    decision: &Decision,
+) -> Outcome {
+    if context.limits.should_log_drop(project, device_id) {
+        tracing::warn!(
+            topic = %topic,
+            project,
+            device_id,
+            limit = decision.limit.requests(),
+            period_s = decision.limit.period().as_secs_f64(),
+            "device over its mqtt rate limit; its messages are dropped"
+        );
+    }
+    Outcome::Dropped("rate_limited")
+}
+
+/// One of `project`'s devices, or `Some(None)` when it has no such device. The registry
+/// answers (cached); while it cannot, the message waits rather than being dropped as
+/// unknown. `None`: shut down first.
+async fn device_known(
+    context: &Context,
+    project: &str,
+    device_id: &str,
+) -> Option<Option<Arc<DeviceInfo>>> {
     let lookup = || async {
         match context.auth.lookup_device(project, device_id).await {
             Err(AuthError::Unavailable) => Err(AuthError::Unavailable),
-            other => Ok(other.is_ok_and(|found| found.is_some())),
+            other => Ok(other.ok().flatten()),
         }
     };
     match lookup().await {

@@ -215,6 +215,13 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ("FIELDLINE_WEBHOOK_RATE_PER_SECOND", "1000000"),
         ("FIELDLINE_WEBHOOK_ENDPOINT_CONCURRENCY", "64"),
         ("FIELDLINE_WEBHOOK_ALLOW_PRIVATE", "true"),
+        // Likewise the per-key and per-device limits: a scenario's device or key sends far
+        // more than a fleet's would. Still checked on every request and message, so their
+        // cost is in the figures.
+        ("FIELDLINE_RATE_KEY_REQUESTS", "1000000"),
+        ("FIELDLINE_RATE_KEY_PERIOD", "1s"),
+        ("FIELDLINE_RATE_DEVICE_REQUESTS", "1000000"),
+        ("FIELDLINE_RATE_DEVICE_PERIOD", "1s"),
     ];
     let runner = Runner {
         fieldline: &fieldline,

@@ -134,6 +134,11 @@ impl TestEnv {
             log_level: std::env::var("FIELDLINE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             bootstrap_admin_key: Some(SecretString::from(self.admin_key.clone())),
             stream_max_bytes: 64 << 20,
+            // Tests not about rate limits must not meet them (bursts of requests and wrong
+            // keys); the rate-limit tests set their own.
+            rate_key_requests: 1_000_000,
+            rate_device_requests: 1_000_000,
+            rate_auth_failures: 1_000_000,
             ..Config::default()
         }
     }
@@ -166,6 +171,9 @@ impl TestEnv {
                 (64u64 << 20).to_string(),
             ),
             ("FIELDLINE_HTTP_WORKERS".into(), "1".into()),
+            ("FIELDLINE_RATE_KEY_REQUESTS".into(), "1000000".into()),
+            ("FIELDLINE_RATE_DEVICE_REQUESTS".into(), "1000000".into()),
+            ("FIELDLINE_RATE_AUTH_FAILURES".into(), "1000000".into()),
             // Test receivers listen on loopback.
             ("FIELDLINE_WEBHOOK_ALLOW_PRIVATE".into(), "true".into()),
             ("FIELDLINE_WEBHOOK_POLL_INTERVAL".into(), "100ms".into()),

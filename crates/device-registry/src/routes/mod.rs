@@ -3,6 +3,7 @@ pub mod commands;
 pub mod config;
 pub mod devices;
 pub mod keys;
+pub mod limits;
 pub mod projects;
 
 use fieldline_common::ApiError;
@@ -30,6 +31,25 @@ pub const ROUTES: &[RouteDoc] = &[
     .body(JSON)
     .success(201),
     RouteDoc::new(Get, "/api/v1/projects", "List projects", PlatformAdmin),
+    RouteDoc::new(
+        Get,
+        "/api/v1/projects/{slug}/limits",
+        "A project's rate limits (per API key, per device), each its override or the default",
+        PlatformAdmin,
+    ),
+    RouteDoc::new(
+        Put,
+        "/api/v1/projects/{slug}/limits",
+        "Override a project's rate limits {api_key?: {requests, period_s}, device?: {…}}; null keeps the default",
+        PlatformAdmin,
+    )
+    .body(JSON),
+    RouteDoc::new(
+        Get,
+        "/api/v1/limits",
+        "The calling key's project's rate limits",
+        Read,
+    ),
     RouteDoc::new(
         Post,
         "/api/v1/keys",

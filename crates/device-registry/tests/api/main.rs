@@ -9,6 +9,7 @@ mod config;
 mod devices;
 mod isolation;
 mod keys;
+mod limits;
 mod presence;
 mod projects;
 

@@ -6,6 +6,7 @@
 mod backfill;
 mod device;
 mod ingest;
+mod limits;
 mod unavailable;
 
 use fieldline_testkit::{TestApp, TestEnv};

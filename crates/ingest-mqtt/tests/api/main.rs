@@ -5,6 +5,7 @@
 mod downlink;
 mod identity;
 mod ingest;
+mod limits;
 mod outages;
 
 use std::{
