@@ -9,7 +9,7 @@ use std::{
 use fieldline_common::{Config, bus, db};
 use fieldline_testkit::{
     TestApp, TestEnv, eventually,
-    secure::{NatsSecurity, SecureNats, TestCa},
+    secure::{NatsSecurity, PrivatePostgres, SecureNats, TestCa},
     servers::free_port,
 };
 use reqwest::StatusCode;
@@ -385,4 +385,92 @@ async fn every_pool_and_the_migrations_of_the_services_run_over_tls() {
     assert!(over_tls >= 2, "{over_tls} connections over TLS");
     assert_eq!(plain, 0, "a service connection without TLS");
     app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_private_tls_postgres_with_a_password_checks_as_each_sslmode_says() {
+    let ca = TestCa::new();
+    let postgres = PrivatePostgres::start(&ca).await;
+    let connect = |url: String, ca_file: Option<std::path::PathBuf>| async move {
+        let config = Config {
+            database_url: SecretString::from(url),
+            database_ca_file: ca_file,
+            database_pool_size: 1,
+            ..Config::default()
+        };
+        config.validate().unwrap();
+        let pool = db::connect(&config)
+            .await
+            .map_err(|error| format!("{error:#}"))?;
+        let client = pool.get().await.unwrap();
+        Ok::<bool, String>(uses_tls(&client).await)
+    };
+    let ca_file = Some(ca.ca_file.clone());
+    // The certificate names `localhost` only.
+    assert_eq!(
+        connect(
+            postgres.url("localhost", "?sslmode=verify-full"),
+            ca_file.clone()
+        )
+        .await,
+        Ok(true)
+    );
+    assert_eq!(
+        connect(
+            postgres.url("127.0.0.1", "?sslmode=verify-ca"),
+            ca_file.clone()
+        )
+        .await,
+        Ok(true)
+    );
+    // sslrootcert in the URL says the same as the setting.
+    let with_root = format!("?sslmode=verify-ca&sslrootcert={}", ca.ca_file.display());
+    assert_eq!(
+        connect(postgres.url("127.0.0.1", &with_root), None).await,
+        Ok(true)
+    );
+    assert_eq!(
+        connect(postgres.url("127.0.0.1", "?sslmode=require"), None).await,
+        Ok(true)
+    );
+    assert_eq!(
+        connect(postgres.url("127.0.0.1", "?sslmode=disable"), None).await,
+        Ok(false)
+    );
+
+    let refused = connect(
+        postgres.url("127.0.0.1", "?sslmode=verify-full"),
+        ca_file.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.contains("connecting to PostgreSQL at"), "{refused}");
+    assert!(!refused.contains(&postgres.password), "{refused}");
+    let stranger = TestCa::new();
+    let refused = connect(
+        postgres.url("localhost", "?sslmode=verify-ca"),
+        Some(stranger.ca_file.clone()),
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.contains("connecting to PostgreSQL at"), "{refused}");
+    // `require` with a CA file checks the chain, as libpq does.
+    assert!(
+        connect(
+            postgres.url("localhost", "?sslmode=require"),
+            Some(stranger.ca_file.clone())
+        )
+        .await
+        .is_err()
+    );
+
+    let wrong = format!(
+        "postgres://postgres:not-the-password@localhost:{}/postgres?sslmode=verify-full",
+        postgres.port
+    );
+    let refused = connect(wrong, ca_file).await.unwrap_err();
+    assert!(
+        refused.contains("password authentication failed") && !refused.contains("not-the-password"),
+        "{refused}"
+    );
 }

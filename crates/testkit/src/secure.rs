@@ -61,6 +61,11 @@ impl TestCa {
         )
     }
 
+    /// A server certificate for exactly `names` (host names or IP addresses).
+    pub fn server_for(&self, name: &str, names: &[&str]) -> Issued {
+        self.issue(name, names, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
     /// A client certificate (mutual TLS).
     pub fn client(&self, name: &str) -> Issued {
         self.issue(name, &[], ExtendedKeyUsagePurpose::ClientAuth)
@@ -243,6 +248,157 @@ impl SecureNats {
 
 impl Drop for SecureNats {
     fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL cluster of its own (initdb into a temporary directory, a random port), with a
+/// password for `postgres` (scram-sha-256 over TCP) and TLS with a certificate of `ca` for
+/// `localhost` only, so `verify-full` to `127.0.0.1` is a name mismatch and to `localhost` is
+/// not. Stopped and removed on drop.
+pub struct PrivatePostgres {
+    pub port: u16,
+    pub password: String,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl PrivatePostgres {
+    const BIN: &'static str = "/usr/lib/postgresql/15/bin";
+
+    pub async fn start(ca: &TestCa) -> Self {
+        use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
+
+        let port = free_port();
+        let password = format!("pg-{}", crate::unique_suffix());
+        let dir = std::env::temp_dir().join(format!("fl-pg-{}", crate::unique_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let certificate = ca.server_for("postgres", &["localhost"]);
+        std::fs::copy(&certificate.cert_file, dir.join("server.crt")).unwrap();
+        std::fs::copy(&certificate.key_file, dir.join("server.key")).unwrap();
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::write(dir.join("password"), &password).unwrap();
+        // initdb and postgres refuse to run as root: as root, they run as `postgres`.
+        let owner = run_as();
+        if let Some((uid, gid)) = owner {
+            for path in ["", "server.crt", "server.key", "password"] {
+                std::os::unix::fs::chown(dir.join(path), Some(uid), Some(gid)).unwrap();
+            }
+        }
+        let command = |binary: &str| {
+            let mut command = Command::new(format!("{}/{binary}", Self::BIN));
+            if let Some((uid, gid)) = owner {
+                command.uid(uid).gid(gid);
+            }
+            command.current_dir(&dir);
+            command
+        };
+        let initdb = command("initdb")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
+            .arg(format!("--pwfile={}", dir.join("password").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap_or_else(|error| panic!("initdb is required for this test: {error}"));
+        assert!(initdb.success(), "initdb failed");
+        let log = std::fs::File::create(dir.join("postgres.log")).unwrap();
+        let child = command("postgres")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-k",
+            ])
+            .arg(&dir)
+            .args(["-c", "ssl=on", "-c", "fsync=off"])
+            .arg("-c")
+            .arg(format!(
+                "ssl_cert_file={}",
+                dir.join("server.crt").display()
+            ))
+            .arg("-c")
+            .arg(format!("ssl_key_file={}", dir.join("server.key").display()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let postgres = Self {
+            port,
+            password,
+            dir,
+            child,
+        };
+        wait_for_port(port, "postgres").await;
+        for _ in 0..200 {
+            let ready = Command::new(format!("{}/pg_isready", Self::BIN))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+                .status()
+                .is_ok_and(|status| status.success());
+            if ready {
+                return postgres;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("postgres did not become ready: {}", postgres.log());
+    }
+
+    /// `postgres://postgres:{password}@{host}:{port}/postgres` plus `query` (`?sslmode=…`).
+    pub fn url(&self, host: &str, query: &str) -> String {
+        format!(
+            "postgres://postgres:{}@{host}:{}/postgres{query}",
+            self.password, self.port
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+    }
+}
+
+/// The `postgres` user's ids when running as root, `None` otherwise.
+fn run_as() -> Option<(u32, u32)> {
+    let id = |flag: &str, user: Option<&str>| {
+        let output = Command::new("id").arg(flag).args(user).output().ok()?;
+        String::from_utf8(output.stdout)
+            .ok()?
+            .trim()
+            .parse::<u32>()
+            .ok()
+    };
+    if id("-u", None)? != 0 {
+        return None;
+    }
+    Some((id("-u", Some("postgres"))?, id("-g", Some("postgres"))?))
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        // SIGINT: PostgreSQL's fast shutdown.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
