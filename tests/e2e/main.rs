@@ -5,6 +5,7 @@
 
 mod platform;
 mod scenarios;
+mod secure;
 
 use platform::Platform;
 

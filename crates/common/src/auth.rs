@@ -156,9 +156,31 @@ struct Inner {
     devices: InvalidatingCache<(String, String), Option<Arc<DeviceInfo>>>,
 }
 
-/// SHA-256 of a secret: how API keys and device tokens are stored and cached.
+/// SHA-256 of a secret: how API keys and device tokens are stored, cached and asked about
+/// over the bus.
 pub fn hash_secret(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Every device token starts with this; anything else is taken for an API key.
+pub const DEVICE_TOKEN_PREFIX: &str = "fld_";
+
+/// Which credential a secret is, from its prefix (which is not secret).
+pub fn credential_kind(secret: &str) -> CredentialKind {
+    if secret.starts_with(DEVICE_TOKEN_PREFIX) {
+        CredentialKind::Device
+    } else {
+        CredentialKind::ApiKey
+    }
+}
+
+impl CredentialKind {
+    pub fn to_proto(self) -> PrincipalKind {
+        match self {
+            CredentialKind::ApiKey => PrincipalKind::ApiKey,
+            CredentialKind::Device => PrincipalKind::Device,
+        }
+    }
 }
 
 impl AuthClient {
@@ -218,13 +240,15 @@ impl AuthClient {
         self.inner.devices.invalidate_all();
     }
 
-    /// Verifies an API key or device token.
+    /// Verifies an API key or device token. Only its digest is kept, and only the digest
+    /// goes to the registry.
     pub async fn verify(&self, secret: &str) -> Result<Principal, AuthError> {
         let inner = &self.inner;
         let digest = hash_secret(secret);
+        let kind = credential_kind(secret);
         let principal = inner
             .credentials
-            .get_or_load(digest, || self.ask_registry(secret))
+            .get_or_load(digest, || self.ask_registry(digest, kind))
             .await?;
         // Expiry is checked at use, so a cached key stops working on time.
         if principal.is_expired(now_us()) {
@@ -241,9 +265,14 @@ impl AuthClient {
         (!principal.is_expired(now_us())).then_some(principal)
     }
 
-    async fn ask_registry(&self, secret: &str) -> Result<Principal, AuthError> {
+    async fn ask_registry(
+        &self,
+        digest: [u8; 32],
+        kind: CredentialKind,
+    ) -> Result<Principal, AuthError> {
         let request = VerifyRequest {
-            secret: secret.to_owned(),
+            secret_sha256: digest.to_vec(),
+            kind: kind.to_proto().into(),
         }
         .encode_to_vec();
         let reply = self

@@ -1,23 +1,249 @@
-//! NATS: a connection that reconnects by itself, and the JetStream streams.
+//! NATS: a connection that logs in, speaks TLS when asked and reconnects by itself, and the
+//! JetStream streams.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use async_nats::{ConnectOptions, Event, jetstream};
+use async_nats::{ConnectErrorKind, ConnectOptions, Event, ServerAddr, jetstream};
 use fieldline_proto::{Stream, StreamLimits, Subjects};
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::Config;
 
-/// Connects to NATS. Fails at start when the server is unreachable; once connected the client
-/// reconnects forever, and `on_reconnect` runs after each reconnection (caches that may have
-/// missed an invalidation while disconnected are cleared there).
+/// How this process reaches NATS: its seed servers (with any credentials taken out of the
+/// URLs, so no URL that is shown or logged carries one), how it logs in, and its TLS.
+pub struct NatsSettings {
+    servers: Vec<ServerAddr>,
+    auth: NatsAuth,
+    ca_file: Option<PathBuf>,
+    client_certificate: Option<(PathBuf, PathBuf)>,
+    tls_required: bool,
+}
+
+enum NatsAuth {
+    None,
+    UserPassword(String, SecretString),
+    Token(SecretString),
+    NKey(SecretString),
+    CredsFile(PathBuf),
+}
+
+impl NatsSettings {
+    /// Reads the `nats_*` settings; an error names the field at fault. Never echoes a URL,
+    /// which may hold a password.
+    pub fn from_config(config: &Config) -> Result<Self, (&'static str, String)> {
+        let mut servers = Vec::new();
+        let mut url_credentials: Option<UrlCredentials> = None;
+        let seeds = config.nats_url.expose_secret();
+        for (index, seed) in seeds.split(',').map(str::trim).enumerate() {
+            if seed.is_empty() {
+                continue;
+            }
+            let invalid = |why: String| ("nats_url", format!("seed {} {why}", index + 1));
+            let address: ServerAddr = seed
+                .parse()
+                .map_err(|_| invalid("is not nats://host:port or tls://host:port".into()))?;
+            if !matches!(address.scheme(), "nats" | "tls") {
+                return Err(invalid("is not nats://host:port or tls://host:port".into()));
+            }
+            let (address, credentials) =
+                without_credentials(address).map_err(|why| invalid(why.into()))?;
+            if let Some(credentials) = credentials {
+                match &url_credentials {
+                    Some(seen) if *seen != credentials => {
+                        return Err(invalid("logs in differently from another seed".into()));
+                    }
+                    _ => url_credentials = Some(credentials),
+                }
+            }
+            servers.push(address);
+        }
+        if servers.is_empty() {
+            return Err(("nats_url", "names no server".into()));
+        }
+
+        let mut ways: Vec<(&'static str, NatsAuth)> = Vec::new();
+        if let Some((user, password)) = url_credentials {
+            ways.push((
+                "nats_url",
+                match password {
+                    Some(password) => NatsAuth::UserPassword(user, SecretString::from(password)),
+                    // `nats://token@host`, as the NATS tools read it.
+                    None => NatsAuth::Token(SecretString::from(user)),
+                },
+            ));
+        }
+        match (&config.nats_user, &config.nats_password) {
+            (Some(user), Some(password)) => ways.push((
+                "nats_user",
+                NatsAuth::UserPassword(user.clone(), password.clone()),
+            )),
+            (Some(_), None) => return Err(("nats_password", "is needed with nats_user".into())),
+            (None, Some(_)) => return Err(("nats_user", "is needed with nats_password".into())),
+            (None, None) => {}
+        }
+        if let Some(token) = &config.nats_token {
+            ways.push(("nats_token", NatsAuth::Token(token.clone())));
+        }
+        if let Some(seed) = &config.nats_nkey_seed {
+            ways.push(("nats_nkey_seed", NatsAuth::NKey(seed.clone())));
+        }
+        if let Some(path) = &config.nats_creds_file {
+            ways.push(("nats_creds_file", NatsAuth::CredsFile(path.clone())));
+        }
+        if ways.len() > 1 {
+            let named: Vec<&str> = ways.iter().map(|(field, _)| *field).collect();
+            return Err((
+                ways[1].0,
+                format!(
+                    "choose one way to log in to NATS, not {}",
+                    named.join(" and ")
+                ),
+            ));
+        }
+        let auth = ways.pop().map_or(NatsAuth::None, |(_, auth)| auth);
+
+        let client_certificate = match (&config.nats_client_cert_file, &config.nats_client_key_file)
+        {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (Some(_), None) => {
+                return Err((
+                    "nats_client_key_file",
+                    "is needed with nats_client_cert_file".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "nats_client_cert_file",
+                    "is needed with nats_client_key_file".into(),
+                ));
+            }
+            (None, None) => None,
+        };
+        for (field, path) in [
+            ("nats_creds_file", config.nats_creds_file.as_ref()),
+            ("nats_ca_file", config.nats_ca_file.as_ref()),
+            (
+                "nats_client_cert_file",
+                config.nats_client_cert_file.as_ref(),
+            ),
+            ("nats_client_key_file", config.nats_client_key_file.as_ref()),
+        ] {
+            if let Some(path) = path.filter(|path| !path.is_file()) {
+                return Err((field, format!("{} is not a readable file", path.display())));
+            }
+        }
+        // A CA or a client certificate means TLS is wanted: never fall back to plain text
+        // because the server did not ask for it.
+        let tls_required = config.nats_tls_required
+            || config.nats_ca_file.is_some()
+            || client_certificate.is_some()
+            || servers.iter().any(ServerAddr::tls_required);
+        Ok(Self {
+            servers,
+            auth,
+            ca_file: config.nats_ca_file.clone(),
+            client_certificate,
+            tls_required,
+        })
+    }
+
+    /// The seed servers, without credentials: what logs and errors show.
+    pub fn servers_shown(&self) -> String {
+        let shown: Vec<&str> = self.servers.iter().map(ServerAddr::as_url_str).collect();
+        shown.join(",")
+    }
+
+    /// How this process logs in, for the start-up log: never the secret.
+    pub fn auth_shown(&self) -> &'static str {
+        match self.auth {
+            NatsAuth::None => "none",
+            NatsAuth::UserPassword(..) => "user_password",
+            NatsAuth::Token(_) => "token",
+            NatsAuth::NKey(_) => "nkey",
+            NatsAuth::CredsFile(_) => "creds_file",
+        }
+    }
+
+    /// `required`, `mutual` (with a client certificate), or `if_offered` by the server.
+    pub fn tls_shown(&self) -> &'static str {
+        match (self.tls_required, self.client_certificate.is_some()) {
+            (_, true) => "mutual",
+            (true, false) => "required",
+            (false, false) => "if_offered",
+        }
+    }
+
+    async fn options(&self) -> anyhow::Result<ConnectOptions> {
+        let mut options = ConnectOptions::new();
+        match &self.auth {
+            NatsAuth::None => {}
+            NatsAuth::UserPassword(user, password) => {
+                options = options.user_and_password(user.clone(), password.expose_secret().into());
+            }
+            NatsAuth::Token(token) => options = options.token(token.expose_secret().into()),
+            NatsAuth::NKey(seed) => options = options.nkey(seed.expose_secret().into()),
+            NatsAuth::CredsFile(path) => {
+                options = options.credentials_file(path).await.with_context(|| {
+                    format!(
+                        "reading the NATS credentials file {} (FIELDLINE_NATS_CREDS_FILE)",
+                        path.display()
+                    )
+                })?;
+            }
+        }
+        if let Some(ca_file) = &self.ca_file {
+            options = options.add_root_certificates(ca_file.clone());
+        }
+        if let Some((cert, key)) = &self.client_certificate {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(options.require_tls(self.tls_required))
+    }
+}
+
+/// A seed's `user:password@` (percent-decoded; the password absent for a token).
+type UrlCredentials = (String, Option<String>);
+
+/// The address without its `user:password@`, and those. The error never quotes the URL.
+fn without_credentials(
+    address: ServerAddr,
+) -> Result<(ServerAddr, Option<UrlCredentials>), &'static str> {
+    let Some(user) = address.username() else {
+        return Ok((address, None));
+    };
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .map(|decoded| decoded.into_owned())
+            .map_err(|_| "has credentials that are not valid UTF-8")
+    };
+    let user = decode(user)?;
+    let password = address.password().map(decode).transpose()?;
+    let mut url = address.into_inner();
+    url.set_username("")
+        .and_then(|()| url.set_password(None))
+        .map_err(|()| "has credentials but no host")?;
+    let address = ServerAddr::from_url(url).map_err(|_| "is not a NATS URL")?;
+    Ok((address, Some((user, password))))
+}
+
+/// Connects to NATS. Fails at start when the server is unreachable or refuses this client,
+/// with a message that says which; once connected the client reconnects forever, and
+/// `on_reconnect` runs after each reconnection (caches that may have missed an invalidation
+/// while disconnected are cleared there).
 pub async fn connect(
     config: &Config,
     name: &str,
     on_reconnect: impl Fn() + Send + Sync + 'static,
 ) -> anyhow::Result<async_nats::Client> {
+    let settings = NatsSettings::from_config(config).map_err(|(field, message)| {
+        anyhow::anyhow!("configuration field `{field}` is invalid: {message}")
+    })?;
     let on_reconnect = std::sync::Arc::new(on_reconnect);
-    let options = ConnectOptions::new()
+    let options = settings
+        .options()
+        .await?
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None)
@@ -34,12 +260,48 @@ pub async fn connect(
                 }
             }
         });
-    options.connect(&config.nats_url).await.with_context(|| {
-        format!(
-            "connecting to NATS at {} (FIELDLINE_NATS_URL)",
-            config.nats_url
-        )
-    })
+    options
+        .connect(settings.servers.clone())
+        .await
+        .map_err(|error| {
+            let kind = if is_tls_failure(&error) {
+                ConnectErrorKind::Tls
+            } else {
+                error.kind()
+            };
+            let why = match kind {
+                ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                    "NATS refused this client's credentials (FIELDLINE_NATS_USER and \
+                     FIELDLINE_NATS_PASSWORD, _TOKEN, _NKEY_SEED, _CREDS_FILE, or the URL's)"
+                }
+                ConnectErrorKind::Tls => {
+                    "TLS with NATS failed (FIELDLINE_NATS_CA_FILE, FIELDLINE_NATS_CLIENT_CERT_FILE \
+                     and _KEY_FILE, FIELDLINE_NATS_TLS_REQUIRED)"
+                }
+                _ => "NATS did not answer (FIELDLINE_NATS_URL)",
+            };
+            anyhow::Error::new(error).context(format!(
+                "connecting to NATS at {}: {why}",
+                settings.servers_shown()
+            ))
+        })
+}
+
+/// async-nats reports a refused certificate as an IO error; rustls's error is inside.
+fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error.is::<rustls::Error>()
+            || error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 /// Creates the platform's streams if they do not exist yet (idempotent; every service calls
@@ -141,4 +403,110 @@ where
         tracing::warn!(error = %error, subject = %subject, "rpc answered garbage");
         unavailable()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn settings(tweak: impl FnOnce(&mut Config)) -> Result<NatsSettings, (&'static str, String)> {
+        let mut config = Config::default();
+        tweak(&mut config);
+        NatsSettings::from_config(&config)
+    }
+
+    #[test]
+    fn credentials_in_the_urls_log_in_and_are_never_shown() {
+        let nats = settings(|config| {
+            config.nats_url =
+                "nats://fieldline:p%40ss%3Aword@10.0.0.1:4222, tls://fieldline:p%40ss%3Aword@10.0.0.2"
+                    .into();
+        })
+        .unwrap();
+        assert_eq!(nats.servers_shown(), "nats://10.0.0.1:4222,tls://10.0.0.2");
+        assert_eq!(nats.auth_shown(), "user_password");
+        match &nats.auth {
+            NatsAuth::UserPassword(user, password) => {
+                assert_eq!(user, "fieldline");
+                assert_eq!(password.expose_secret(), "p@ss:word");
+            }
+            _ => panic!("not a user and password"),
+        }
+        // A `tls://` seed means TLS, to every seed.
+        assert_eq!(nats.tls_shown(), "required");
+
+        let token =
+            settings(|config| config.nats_url = "nats://s3cret@127.0.0.1:4222".into()).unwrap();
+        assert_eq!(token.auth_shown(), "token");
+        assert_eq!(token.servers_shown(), "nats://127.0.0.1:4222");
+        assert_eq!(token.tls_shown(), "if_offered");
+    }
+
+    #[test]
+    fn one_way_to_log_in_and_errors_name_the_field_not_the_secret() {
+        let error = settings(|config| {
+            config.nats_url = "nats://u:hunter2@127.0.0.1:4222".into();
+            config.nats_token = Some("t".into());
+        })
+        .err()
+        .unwrap();
+        assert_eq!(error.0, "nats_token");
+        assert!(!error.1.contains("hunter2"), "{}", error.1);
+
+        let error = settings(|config| config.nats_password = Some("hunter2".into()))
+            .err()
+            .unwrap();
+        assert_eq!(error.0, "nats_user");
+
+        let error = settings(|config| {
+            config.nats_url = "nats://127.0.0.1:4222,http://u:hunter2@x".into();
+        })
+        .err()
+        .unwrap();
+        assert_eq!(error.0, "nats_url");
+        assert!(
+            error.1.contains("seed 2") && !error.1.contains("hunter2"),
+            "{}",
+            error.1
+        );
+
+        let error = settings(|config| {
+            config.nats_url = "nats://a:one@h1:4222,nats://a:two@h2:4222".into();
+        })
+        .err()
+        .unwrap();
+        assert!(
+            !error.1.contains("one") && !error.1.contains("two"),
+            "{}",
+            error.1
+        );
+
+        let error = settings(|config| {
+            config.nats_client_cert_file = Some("/etc/hostname".into());
+        })
+        .err()
+        .unwrap();
+        assert_eq!(error.0, "nats_client_key_file");
+
+        let error = settings(|config| config.nats_ca_file = Some("/nonexistent.pem".into()))
+            .err()
+            .unwrap();
+        assert_eq!(error.0, "nats_ca_file");
+    }
+
+    #[test]
+    fn a_ca_or_a_client_certificate_requires_tls() {
+        let nats = settings(|config| config.nats_ca_file = Some("/etc/hostname".into())).unwrap();
+        assert_eq!(nats.tls_shown(), "required");
+        let nats = settings(|config| {
+            config.nats_client_cert_file = Some("/etc/hostname".into());
+            config.nats_client_key_file = Some("/etc/hostname".into());
+        })
+        .unwrap();
+        assert_eq!(nats.tls_shown(), "mutual");
+        let nats = settings(|config| config.nats_tls_required = true).unwrap();
+        assert_eq!(nats.tls_shown(), "required");
+    }
 }

@@ -1,12 +1,16 @@
 //! Layered configuration: defaults, then an optional TOML file (`FIELDLINE_CONFIG`), then
 //! `FIELDLINE_*` environment variables. Validated once at start with a message naming the field.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use fieldline_proto::{StreamLimits, Subjects};
 use figment::{
     Figment,
-    providers::{Env, Format, Toml},
+    providers::{Env, Format, Serialized, Toml},
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -37,8 +41,37 @@ pub struct Config {
     /// connections among its HTTP workers, each worker reading through its own share (of at
     /// least 4; with fewer per worker, workers share pools).
     pub database_pool_size: usize,
-    /// NATS server URL (JetStream must be enabled).
-    pub nats_url: String,
+    /// NATS server URL (JetStream must be enabled); several seeds comma-separated.
+    /// `nats://user:pass@host:4222` logs in as `nats_user`/`nats_password` would
+    /// (`nats://token@host` with a token); `tls://` requires TLS.
+    pub nats_url: SecretString,
+    // Credentials and TLS of the bus and the database: see
+    // docs/decisions/2026-12-04-bus-and-database-credentials.md.
+    /// NATS user name, with `nats_password`.
+    pub nats_user: Option<String>,
+    /// Password of `nats_user`.
+    pub nats_password: Option<SecretString>,
+    /// NATS token (`authorization { token: … }`), instead of a user and password.
+    pub nats_token: Option<SecretString>,
+    /// NKey seed (`SU…`) of this client's NATS user, instead of a password or token.
+    pub nats_nkey_seed: Option<SecretString>,
+    /// A NATS `.creds` file (user JWT and NKey seed, decentralized auth), instead of the above.
+    pub nats_creds_file: Option<PathBuf>,
+    /// PEM CA certificate(s) the NATS server's certificate is checked against; implies TLS.
+    /// Unset with TLS: the system's roots.
+    pub nats_ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS with NATS, with `nats_client_key_file`.
+    pub nats_client_cert_file: Option<PathBuf>,
+    /// PEM private key of `nats_client_cert_file`.
+    pub nats_client_key_file: Option<PathBuf>,
+    /// Refuse to talk to NATS without TLS (implied by `tls://`, a CA file or a client
+    /// certificate).
+    pub nats_tls_required: bool,
+    /// PEM CA certificate(s) PostgreSQL's certificate is checked against with
+    /// `sslmode=verify-ca` or `verify-full` in `database_url` (`sslrootcert=` in the URL says
+    /// the same); with `require`, a CA file makes it check as `verify-ca`, as libpq does.
+    /// Unset: the system's roots.
+    pub database_ca_file: Option<PathBuf>,
     /// MQTT broker URL and ingest-mqtt's own login: `mqtt://user:password@host:port`, or
     /// `mqtts://…` for TLS. Devices log in with their own accounts (see `mqtt_admin_url`).
     pub mqtt_url: SecretString,
@@ -211,7 +244,17 @@ impl Default for Config {
             http_workers: 0,
             database_url: SecretString::from("postgres://postgres@127.0.0.1:5432/fieldline"),
             database_pool_size: 16,
-            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_url: SecretString::from("nats://127.0.0.1:4222"),
+            nats_user: None,
+            nats_password: None,
+            nats_token: None,
+            nats_nkey_seed: None,
+            nats_creds_file: None,
+            nats_ca_file: None,
+            nats_client_cert_file: None,
+            nats_client_key_file: None,
+            nats_tls_required: false,
+            database_ca_file: None,
             mqtt_url: SecretString::from("mqtt://127.0.0.1:1883"),
             mqtt_ca_file: None,
             mqtt_admin_url: None,
@@ -266,6 +309,21 @@ impl Default for Config {
     }
 }
 
+/// Settings whose variables are taken as written: figment reads `123456` as a number and
+/// `0123` as 123, which no password or URL survives.
+const RAW_STRING_SETTINGS: [&str; 10] = [
+    "database_url",
+    "bootstrap_admin_key",
+    "nats_user",
+    "nats_password",
+    "nats_token",
+    "nats_nkey_seed",
+    "mqtt_url",
+    "mqtt_admin_url",
+    "device_token_key",
+    "mqtt_ca_file",
+];
+
 /// A configuration that cannot start a service.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -300,10 +358,15 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        let config: Config = figment
-            .merge(Env::prefixed("FIELDLINE_").ignore(&["config"]))
-            .extract()
-            .map_err(Box::new)?;
+        let mut ignored = vec!["config"];
+        ignored.extend(RAW_STRING_SETTINGS);
+        figment = figment.merge(Env::prefixed("FIELDLINE_").ignore(&ignored));
+        for key in RAW_STRING_SETTINGS {
+            if let Ok(value) = std::env::var(format!("FIELDLINE_{}", key.to_ascii_uppercase())) {
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
+        let config: Config = figment.extract().map_err(Box::new)?;
         let config = config.without_empty_options();
         config.validate()?;
         Ok(config)
@@ -330,6 +393,33 @@ impl Config {
         if self.mqtt_client_id.as_deref().is_some_and(str::is_empty) {
             self.mqtt_client_id = None;
         }
+        self.without_empty_transport_options()
+    }
+
+    /// Compose passes unset credentials and files as empty variables: unset.
+    fn without_empty_transport_options(mut self) -> Self {
+        use secrecy::ExposeSecret;
+        fn empty_secret(value: &mut Option<SecretString>) {
+            if value.as_ref().is_some_and(|v| v.expose_secret().is_empty()) {
+                *value = None;
+            }
+        }
+        fn empty_path(value: &mut Option<PathBuf>) {
+            if value.as_ref().is_some_and(|v| v.as_os_str().is_empty()) {
+                *value = None;
+            }
+        }
+        if self.nats_user.as_deref().is_some_and(str::is_empty) {
+            self.nats_user = None;
+        }
+        empty_secret(&mut self.nats_password);
+        empty_secret(&mut self.nats_token);
+        empty_secret(&mut self.nats_nkey_seed);
+        empty_path(&mut self.nats_creds_file);
+        empty_path(&mut self.nats_ca_file);
+        empty_path(&mut self.nats_client_cert_file);
+        empty_path(&mut self.nats_client_key_file);
+        empty_path(&mut self.database_ca_file);
         self
     }
 
@@ -379,11 +469,11 @@ impl Config {
         if self.mqtt_reconcile_interval < Duration::from_secs(1) {
             return invalid("mqtt_reconcile_interval", "must be at least 1s".into());
         }
-        if !self.nats_url.starts_with("nats://") && !self.nats_url.starts_with("tls://") {
-            return invalid(
-                "nats_url",
-                format!("{:?} is not nats://host:port", self.nats_url),
-            );
+        if let Err((field, message)) = crate::bus::NatsSettings::from_config(self) {
+            return invalid(field, message);
+        }
+        if let Err(message) = crate::db::DatabaseSettings::from_config(self) {
+            return invalid("database_url", message);
         }
         if self.database_pool_size == 0 {
             return invalid("database_pool_size", "must be at least 1".into());
@@ -625,6 +715,47 @@ mod tests {
             let config = Config::figment(None).unwrap();
             assert!(config.bootstrap_admin_key.is_none());
             assert_eq!(config.mqtt_host_port(), ("broker".to_owned(), 1884));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn nats_and_database_credentials_come_from_the_environment_and_never_print() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "FIELDLINE_NATS_URL",
+                "nats://10.0.0.1:4222,nats://10.0.0.2:4222",
+            );
+            jail.set_env("FIELDLINE_NATS_USER", "fieldline");
+            // Digits only: still a string, not a number figment guessed.
+            jail.set_env("FIELDLINE_NATS_PASSWORD", "0123456789");
+            jail.set_env("FIELDLINE_NATS_TOKEN", "");
+            jail.set_env("FIELDLINE_NATS_CA_FILE", "");
+            jail.set_env(
+                "FIELDLINE_DATABASE_URL",
+                "postgres://fieldline:pgsecret@db:5432/fl?sslmode=require",
+            );
+            let config = Config::figment(None).unwrap();
+            assert_eq!(config.nats_user.as_deref(), Some("fieldline"));
+            assert_eq!(
+                config.nats_password.as_ref().unwrap().expose_secret(),
+                "0123456789"
+            );
+            assert!(config.nats_token.is_none() && config.nats_ca_file.is_none());
+            let shown = format!("{config:?}");
+            assert!(!shown.contains("0123456789"), "{shown}");
+            assert!(!shown.contains("pgsecret"), "{shown}");
+            let nats = crate::bus::NatsSettings::from_config(&config).unwrap();
+            assert_eq!(
+                nats.servers_shown(),
+                "nats://10.0.0.1:4222,nats://10.0.0.2:4222"
+            );
+            jail.set_env("FIELDLINE_NATS_TOKEN", "also");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(
+                error.contains("nats_token") && !error.contains("also"),
+                "{error}"
+            );
             Ok(())
         });
     }

@@ -6,7 +6,7 @@
 pub mod device_rpc;
 pub mod state;
 
-use fieldline_common::{Context, auth::hash_secret, ratelimit::Limit, time::now_us};
+use fieldline_common::{Context, ratelimit::Limit, time::now_us};
 use fieldline_proto::v1::{
     AuthError, DeviceLookupRequest, DeviceLookupResponse, Principal, PrincipalKind, VerifyRequest,
     VerifyResponse, verify_response,
@@ -14,10 +14,7 @@ use fieldline_proto::v1::{
 use futures::StreamExt;
 use prost::Message;
 
-use crate::{
-    domain::DEVICE_TOKEN_PREFIX,
-    repo::{Credential, Repo},
-};
+use crate::repo::{Credential, Repo};
 
 pub(crate) const QUEUE_GROUP: &str = "device-registry";
 /// Requests answered at once per instance; more wait in the subscription's buffer.
@@ -48,7 +45,7 @@ pub async fn start_rpc(context: &Context, repo: Repo) -> anyhow::Result<()> {
                 async move {
                     let Some(reply) = message.reply else { return };
                     let response = match VerifyRequest::decode(message.payload.as_ref()) {
-                        Ok(request) => verify(&repo, &request.secret).await,
+                        Ok(request) => verify(&repo, &request).await,
                         Err(_) => error_response("unknown"),
                     };
                     if let Err(error) = nats.publish(reply, response.encode_to_vec().into()).await {
@@ -112,11 +109,19 @@ fn error_response(reason: &str) -> VerifyResponse {
     }
 }
 
-/// The decision of the auth RPC. The secret itself is never logged.
-async fn verify(repo: &Repo, secret: &str) -> VerifyResponse {
-    let is_device_token = secret.starts_with(DEVICE_TOKEN_PREFIX);
+/// The decision of the auth RPC, from the secret's SHA-256 (as stored): the secret itself
+/// never reaches the registry over the bus.
+async fn verify(repo: &Repo, request: &VerifyRequest) -> VerifyResponse {
+    if request.secret_sha256.len() != 32 {
+        return error_response("unknown");
+    }
+    let is_device_token = match request.kind() {
+        PrincipalKind::Device => true,
+        PrincipalKind::ApiKey => false,
+        PrincipalKind::Unspecified => return error_response("unknown"),
+    };
     let credential = match repo
-        .find_credential(&hash_secret(secret), is_device_token)
+        .find_credential(&request.secret_sha256, is_device_token)
         .await
     {
         Ok(Some(credential)) => credential,

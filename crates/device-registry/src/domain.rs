@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 /// Prefix and length of generated secrets: 40 alphanumerics are ~238 bits.
 pub const API_KEY_PREFIX: &str = "flk_";
-pub const DEVICE_TOKEN_PREFIX: &str = "fld_";
+pub const DEVICE_TOKEN_PREFIX: &str = fieldline_common::auth::DEVICE_TOKEN_PREFIX;
 const SECRET_LEN: usize = 40;
 /// How much of a secret a listing shows.
 const SECRET_SHOWN: usize = 8;

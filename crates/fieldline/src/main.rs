@@ -204,7 +204,22 @@ async fn serve(services: ServiceSet) -> anyhow::Result<()> {
     let config = Config::load()?;
     fieldline_common::telemetry::init_tracing(&config);
     let names: Vec<_> = services.0.iter().map(|kind| kind.name()).collect();
-    tracing::info!(services = ?names, bus_prefix = %config.bus_prefix, "starting");
+    // Where it connects and how, never with a credential (validated at load, so both read).
+    let nats =
+        fieldline_common::bus::NatsSettings::from_config(&config).map_err(|(field, message)| {
+            anyhow::anyhow!("configuration field `{field}` is invalid: {message}")
+        })?;
+    let database = fieldline_common::db::DatabaseSettings::from_config(&config)
+        .map_err(|message| anyhow::anyhow!("FIELDLINE_DATABASE_URL {message}"))?;
+    tracing::info!(
+        services = ?names,
+        bus_prefix = %config.bus_prefix,
+        nats = %nats.servers_shown(),
+        nats_auth = nats.auth_shown(),
+        nats_tls = nats.tls_shown(),
+        database = %database.shown(),
+        "starting"
+    );
     let shutdown_timeout = config.shutdown_timeout;
 
     let shutdown = CancellationToken::new();

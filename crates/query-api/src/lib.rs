@@ -16,7 +16,6 @@ pub use routes::ROUTES;
 pub use writer::CONSUMER as WRITER_CONSUMER;
 
 use std::{
-    str::FromStr,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -26,9 +25,8 @@ use std::{
 
 use actix_web::web;
 use anyhow::Context as _;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Pool, Runtime};
 use fieldline_common::{Config, Context, Service};
-use secrecy::ExposeSecret;
 
 use crate::{reads::Reads, repo::Repo};
 
@@ -109,19 +107,14 @@ fn read_pool_sizes(total: usize, workers: usize) -> Vec<usize> {
 /// The pool of the read routes: its own connections, each with `statement_timeout`, so the
 /// writer (on the process's shared pool) is never cancelled and a heavy read cannot run on.
 fn query_pool(config: &Config, size: usize) -> anyhow::Result<Pool> {
-    let mut pg_config = tokio_postgres::Config::from_str(config.database_url.expose_secret())
-        .context("FIELDLINE_DATABASE_URL is not a valid PostgreSQL URL")?;
-    pg_config.options(format!(
-        "-c statement_timeout={}",
-        config.query_statement_timeout.as_millis().max(1)
-    ));
-    let manager = Manager::from_config(
-        pg_config,
-        tokio_postgres::NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let settings = fieldline_common::db::DatabaseSettings::from_config(config)
+        .map_err(|message| anyhow::anyhow!("FIELDLINE_DATABASE_URL {message}"))?;
+    let manager = settings.manager(|pg_config| {
+        pg_config.options(format!(
+            "-c statement_timeout={}",
+            config.query_statement_timeout.as_millis().max(1)
+        ));
+    })?;
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)

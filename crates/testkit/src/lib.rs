@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod receiver;
+pub mod secure;
 pub mod servers;
 
 use std::{future::Future, time::Duration};
@@ -121,7 +122,7 @@ impl TestEnv {
             http_workers: 1,
             database_url: SecretString::from(self.database_url.clone()),
             database_pool_size: 4,
-            nats_url: nats_url(),
+            nats_url: SecretString::from(nats_url()),
             mqtt_url: SecretString::from(self.mqtt_login_url()),
             mqtt_admin_url: self
                 .broker

@@ -17,7 +17,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-async fn wait_for_port(port: u16, what: &str) {
+pub(crate) async fn wait_for_port(port: u16, what: &str) {
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -30,7 +30,7 @@ async fn wait_for_port(port: u16, what: &str) {
     panic!("{what} did not start on port {port}");
 }
 
-fn find_binary(name: &str, candidates: &[&str]) -> PathBuf {
+pub(crate) fn find_binary(name: &str, candidates: &[&str]) -> PathBuf {
     candidates
         .iter()
         .map(PathBuf::from)

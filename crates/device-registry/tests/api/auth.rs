@@ -1,9 +1,12 @@
 use std::time::Duration;
 
+use fieldline_common::auth::{credential_kind, hash_secret};
 use fieldline_proto::v1::{
-    DeviceLookupRequest, DeviceLookupResponse, VerifyRequest, VerifyResponse, verify_response,
+    DeviceLookupRequest, DeviceLookupResponse, PrincipalKind, VerifyRequest, VerifyResponse,
+    verify_response,
 };
 use fieldline_testkit::assert_error;
+use futures::StreamExt;
 use prost::Message;
 use reqwest::{Method, StatusCode};
 
@@ -51,9 +54,13 @@ async fn the_auth_rpc_answers_on_the_bus() {
     let ask = |secret: String| {
         let nats = nats.clone();
         let subject = subjects.rpc_auth_verify();
+        let request = VerifyRequest {
+            secret_sha256: hash_secret(&secret).to_vec(),
+            kind: credential_kind(&secret).to_proto().into(),
+        };
         async move {
             let reply = nats
-                .request(subject, VerifyRequest { secret }.encode_to_vec().into())
+                .request(subject, request.encode_to_vec().into())
                 .await
                 .unwrap();
             VerifyResponse::decode(reply.payload.as_ref())
@@ -77,6 +84,21 @@ async fn the_auth_rpc_answers_on_the_bus() {
         verify_response::Result::Error(error) => assert_eq!(error.reason, "unknown"),
         other => panic!("unknown token accepted: {other:?}"),
     }
+    // A digest is looked up only among its kind: the admin key's digest is no device token.
+    let as_device = VerifyRequest {
+        secret_sha256: hash_secret(app.admin_key()).to_vec(),
+        kind: PrincipalKind::Device.into(),
+    };
+    let reply = nats
+        .request(subjects.rpc_auth_verify(), as_device.encode_to_vec().into())
+        .await
+        .unwrap();
+    assert!(matches!(
+        VerifyResponse::decode(reply.payload.as_ref())
+            .unwrap()
+            .result,
+        Some(verify_response::Result::Error(_))
+    ));
 
     let lookup = |device_id: &str| {
         let request = DeviceLookupRequest {
@@ -100,5 +122,89 @@ async fn the_auth_rpc_answers_on_the_bus() {
     assert!(found.found);
     assert_eq!(found.device_type, "sensor");
     assert!(!lookup("nope").await.found);
+    app.shutdown().await;
+}
+
+/// Everything on the bus while keys and tokens are verified (requests, replies, invalidations,
+/// whatever else): the auth RPC carries SHA-256 digests, never a secret's bytes.
+#[tokio::test]
+async fn no_secret_crosses_the_bus_in_clear() {
+    let app = spawn_registry().await;
+    let token = app.create_device("bus-watch").await;
+    let (_, key) = app.create_key(&["read"]).await;
+    let secrets = [token.clone(), key.clone(), app.admin_key().to_owned()];
+    // Verified anew, not from the cache that creating them may have filled.
+    app.context.auth.invalidate_all();
+
+    let nats = app.env.nats().await;
+    // The test's own subjects and every reply inbox (not `>`: other tests' streams on the
+    // shared server could overflow the subscription and drop what this test must see).
+    let mut everything = futures::stream::select(
+        nats.subscribe(format!("{}.>", app.env.id)).await.unwrap(),
+        nats.subscribe("_INBOX.>").await.unwrap(),
+    );
+    nats.flush().await.unwrap();
+
+    let (status, _) = app.get("/api/v1/devices", &key).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app.get("/api/v1/devices", &token).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "verified, then refused as no key"
+    );
+    let (status, _) = app.get("/api/v1/devices/bus-watch", app.admin_key()).await;
+    assert_eq!(status, StatusCode::OK);
+    let principal = app.context.auth.verify(&token).await.unwrap();
+    assert_eq!(principal.id, "bus-watch");
+
+    let verify_subject = app.context.subjects.rpc_auth_verify();
+    let mut digests_seen = Vec::new();
+    let mut messages = 0;
+    // Whatever has been published by now has reached this subscriber after a round trip.
+    nats.flush().await.unwrap();
+    // Until half a second passes without a message, or 5 s in all (other tests' replies).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let quiet = tokio::time::Instant::now() + Duration::from_millis(500);
+        let Ok(Some(message)) =
+            tokio::time::timeout_at(quiet.min(deadline), everything.next()).await
+        else {
+            break;
+        };
+        messages += 1;
+        let mut seen = message.payload.to_vec();
+        seen.extend_from_slice(message.subject.as_bytes());
+        if let Some(headers) = &message.headers {
+            for (name, values) in headers.iter() {
+                seen.extend_from_slice(name.to_string().as_bytes());
+                for value in values {
+                    seen.extend_from_slice(value.as_str().as_bytes());
+                }
+            }
+        }
+        for secret in &secrets {
+            // The random part alone, so a prefix match cannot hide a partial leak.
+            let body = &secret.as_bytes()[4..];
+            assert!(
+                !seen.windows(body.len()).any(|window| window == body),
+                "a secret crossed the bus on {}",
+                message.subject
+            );
+        }
+        if message.subject.as_str() == verify_subject {
+            let request = VerifyRequest::decode(message.payload.as_ref()).unwrap();
+            digests_seen.push(request.secret_sha256);
+        }
+    }
+    assert!(messages > 0);
+    // The watch saw the RPC itself: each secret was asked about, by digest.
+    for secret in &secrets {
+        assert!(
+            digests_seen.contains(&hash_secret(secret).to_vec()),
+            "no verify request seen for a secret ({} requests in {messages} messages)",
+            digests_seen.len()
+        );
+    }
     app.shutdown().await;
 }

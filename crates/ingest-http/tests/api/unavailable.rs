@@ -10,7 +10,7 @@ async fn nats_down_answers_503_and_recovers() {
     let app = TestApp::spawn_with(
         TestEnv::new().await,
         |config| fieldline_common::Config {
-            nats_url: url,
+            nats_url: url.into(),
             ..config
         },
         |context| async move {

@@ -15,7 +15,7 @@ async fn a_message_not_yet_in_jetstream_is_not_acked_to_the_broker() {
     let client_id = format!("{}-ingest", env.id);
     let tweak = |url: String, client_id: String| {
         move |config| fieldline_common::Config {
-            nats_url: url,
+            nats_url: url.into(),
             mqtt_client_id: Some(client_id),
             ..config
         }

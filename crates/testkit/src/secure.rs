@@ -1,0 +1,406 @@
+//! Servers that demand credentials and TLS, for the tests of what crosses the wire: a CA made
+//! for the test (rcgen), and a private nats-server with `authorization` and `tls` blocks.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+use crate::servers::{find_binary, free_port, wait_for_port};
+
+/// A certificate authority of one test, its files in a directory of its own (removed on
+/// drop).
+pub struct TestCa {
+    pub dir: PathBuf,
+    /// The CA certificate, PEM: what clients trust.
+    pub ca_file: PathBuf,
+    certificate: rcgen::Certificate,
+    key: KeyPair,
+}
+
+/// A certificate and its key, PEM files.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("fl-ca-{}", crate::unique_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Fieldline test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let certificate = params.self_signed(&key).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, certificate.pem()).unwrap();
+        Self {
+            dir,
+            ca_file,
+            certificate,
+            key,
+        }
+    }
+
+    /// A server certificate for `localhost` and `127.0.0.1`.
+    pub fn server(&self, name: &str) -> Issued {
+        self.issue(
+            name,
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
+    /// A server certificate for exactly `names` (host names or IP addresses).
+    pub fn server_for(&self, name: &str, names: &[&str]) -> Issued {
+        self.issue(name, names, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// A client certificate (mutual TLS).
+    pub fn client(&self, name: &str) -> Issued {
+        self.issue(name, &[], ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn issue(&self, name: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Issued {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![usage];
+        let certificate = params
+            .signed_by(&key, &self.certificate, &self.key)
+            .unwrap();
+        let issued = Issued {
+            cert_file: self.dir.join(format!("{name}.pem")),
+            key_file: self.dir.join(format!("{name}-key.pem")),
+        };
+        std::fs::write(&issued.cert_file, certificate.pem()).unwrap();
+        std::fs::write(&issued.key_file, key.serialize_pem()).unwrap();
+        issued
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a [`SecureNats`] demands of its clients.
+#[derive(Clone, Debug, Default)]
+pub struct NatsSecurity {
+    /// One user and password (`authorization { user, password }`).
+    pub user_password: Option<(String, String)>,
+    /// A token (`authorization { token }`), instead of a user.
+    pub token: Option<String>,
+    /// TLS with a certificate of the test's CA (`tls { … }`); the server then refuses plain
+    /// text.
+    pub tls: bool,
+    /// Clients must show a certificate of the CA too (`verify: true`).
+    pub verify_clients: bool,
+}
+
+/// A nats-server with JetStream on its own port and store, that demands what `security`
+/// says. Stopped and its files removed on drop.
+pub struct SecureNats {
+    pub port: u16,
+    pub ca: TestCa,
+    pub security: NatsSecurity,
+    /// A client certificate of the CA, for mutual TLS.
+    pub client: Issued,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl SecureNats {
+    pub async fn start(security: NatsSecurity) -> Self {
+        let port = free_port();
+        let ca = TestCa::new();
+        let server = ca.server("nats-server");
+        let client = ca.client("fieldline");
+        let dir = std::env::temp_dir().join(format!("fl-nats-tls-{}", crate::unique_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut config = format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {:?} }}\n",
+            dir.join("js")
+        );
+        if let Some((user, password)) = &security.user_password {
+            config.push_str(&format!(
+                "authorization {{ user: {user:?}, password: {password:?} }}\n"
+            ));
+        } else if let Some(token) = &security.token {
+            config.push_str(&format!("authorization {{ token: {token:?} }}\n"));
+        }
+        if security.tls {
+            config.push_str(&format!(
+                "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: {}, timeout: 5 }}\n",
+                server.cert_file, server.key_file, ca.ca_file, security.verify_clients
+            ));
+        }
+        let config_file = dir.join("nats.conf");
+        std::fs::write(&config_file, config).unwrap();
+        let log = std::fs::File::create(dir.join("nats.log")).unwrap();
+        let binary = find_binary(
+            "nats-server",
+            &["/usr/sbin/nats-server", "/usr/bin/nats-server"],
+        );
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config_file)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let nats = Self {
+            port,
+            ca,
+            security,
+            client,
+            dir,
+            child,
+        };
+        wait_for_port(port, "nats-server with auth and TLS").await;
+        nats
+    }
+
+    /// `nats://127.0.0.1:{port}`, without credentials (TLS is negotiated, as the server
+    /// requires it).
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The `FIELDLINE_NATS_*` settings a platform process needs for this server: the URL, the
+    /// credentials, the CA, and a client certificate when the server verifies clients.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        let mut vars = vec![("FIELDLINE_NATS_URL".to_owned(), self.url())];
+        if let Some((user, password)) = &self.security.user_password {
+            vars.push(("FIELDLINE_NATS_USER".into(), user.clone()));
+            vars.push(("FIELDLINE_NATS_PASSWORD".into(), password.clone()));
+        }
+        if let Some(token) = &self.security.token {
+            vars.push(("FIELDLINE_NATS_TOKEN".into(), token.clone()));
+        }
+        if self.security.tls {
+            vars.push((
+                "FIELDLINE_NATS_CA_FILE".into(),
+                self.ca.ca_file.display().to_string(),
+            ));
+        }
+        if self.security.verify_clients {
+            vars.push((
+                "FIELDLINE_NATS_CLIENT_CERT_FILE".into(),
+                self.client.cert_file.display().to_string(),
+            ));
+            vars.push((
+                "FIELDLINE_NATS_CLIENT_KEY_FILE".into(),
+                self.client.key_file.display().to_string(),
+            ));
+        }
+        vars
+    }
+
+    /// The same settings on a [`fieldline_common::Config`].
+    pub fn configure(&self, mut config: fieldline_common::Config) -> fieldline_common::Config {
+        use secrecy::SecretString;
+        config.nats_url = SecretString::from(self.url());
+        if let Some((user, password)) = &self.security.user_password {
+            config.nats_user = Some(user.clone());
+            config.nats_password = Some(SecretString::from(password.clone()));
+        }
+        if let Some(token) = &self.security.token {
+            config.nats_token = Some(SecretString::from(token.clone()));
+        }
+        if self.security.tls {
+            config.nats_ca_file = Some(self.ca.ca_file.clone());
+        }
+        if self.security.verify_clients {
+            config.nats_client_cert_file = Some(self.client.cert_file.clone());
+            config.nats_client_key_file = Some(self.client.key_file.clone());
+        }
+        config
+    }
+
+    /// What the server logged (authorization and TLS errors).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for SecureNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL cluster of its own (initdb into a temporary directory, a random port), with a
+/// password for `postgres` (scram-sha-256 over TCP) and TLS with a certificate of `ca` for
+/// `localhost` only, so `verify-full` to `127.0.0.1` is a name mismatch and to `localhost` is
+/// not. Stopped and removed on drop.
+pub struct PrivatePostgres {
+    pub port: u16,
+    pub password: String,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl PrivatePostgres {
+    const BIN: &'static str = "/usr/lib/postgresql/15/bin";
+
+    pub async fn start(ca: &TestCa) -> Self {
+        use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
+
+        let port = free_port();
+        let password = format!("pg-{}", crate::unique_suffix());
+        let dir = std::env::temp_dir().join(format!("fl-pg-{}", crate::unique_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let certificate = ca.server_for("postgres", &["localhost"]);
+        std::fs::copy(&certificate.cert_file, dir.join("server.crt")).unwrap();
+        std::fs::copy(&certificate.key_file, dir.join("server.key")).unwrap();
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::write(dir.join("password"), &password).unwrap();
+        // initdb and postgres refuse to run as root: as root, they run as `postgres`.
+        let owner = run_as();
+        if let Some((uid, gid)) = owner {
+            for path in ["", "server.crt", "server.key", "password"] {
+                std::os::unix::fs::chown(dir.join(path), Some(uid), Some(gid)).unwrap();
+            }
+        }
+        let command = |binary: &str| {
+            let mut command = Command::new(format!("{}/{binary}", Self::BIN));
+            if let Some((uid, gid)) = owner {
+                command.uid(uid).gid(gid);
+            }
+            command.current_dir(&dir);
+            command
+        };
+        let initdb = command("initdb")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
+            .arg(format!("--pwfile={}", dir.join("password").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap_or_else(|error| panic!("initdb is required for this test: {error}"));
+        assert!(initdb.success(), "initdb failed");
+        let log = std::fs::File::create(dir.join("postgres.log")).unwrap();
+        let child = command("postgres")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-k",
+            ])
+            .arg(&dir)
+            .args(["-c", "ssl=on", "-c", "fsync=off"])
+            .arg("-c")
+            .arg(format!(
+                "ssl_cert_file={}",
+                dir.join("server.crt").display()
+            ))
+            .arg("-c")
+            .arg(format!("ssl_key_file={}", dir.join("server.key").display()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let postgres = Self {
+            port,
+            password,
+            dir,
+            child,
+        };
+        wait_for_port(port, "postgres").await;
+        for _ in 0..200 {
+            let ready = Command::new(format!("{}/pg_isready", Self::BIN))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+                .status()
+                .is_ok_and(|status| status.success());
+            if ready {
+                return postgres;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("postgres did not become ready: {}", postgres.log());
+    }
+
+    /// `postgres://postgres:{password}@{host}:{port}/postgres` plus `query` (`?sslmode=…`).
+    pub fn url(&self, host: &str, query: &str) -> String {
+        format!(
+            "postgres://postgres:{}@{host}:{}/postgres{query}",
+            self.password, self.port
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+    }
+}
+
+/// The `postgres` user's ids when running as root, `None` otherwise.
+fn run_as() -> Option<(u32, u32)> {
+    let id = |flag: &str, user: Option<&str>| {
+        let output = Command::new("id").arg(flag).args(user).output().ok()?;
+        String::from_utf8(output.stdout)
+            .ok()?
+            .trim()
+            .parse::<u32>()
+            .ok()
+    };
+    if id("-u", None)? != 0 {
+        return None;
+    }
+    Some((id("-u", Some("postgres"))?, id("-g", Some("postgres"))?))
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        // SIGINT: PostgreSQL's fast shutdown.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
