@@ -3,12 +3,7 @@
 
 use std::{future::Future, pin::Pin};
 
-use actix_web::{
-    FromRequest, HttpRequest,
-    dev::{Decompress, Payload},
-    http::header,
-    web,
-};
+use actix_web::{FromRequest, HttpRequest, dev::Payload, http::header, web};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
@@ -25,36 +20,173 @@ impl Default for BodyLimit {
     }
 }
 
-/// Reads the whole body (decompressing `Content-Encoding: gzip`), refusing more than `limit`
-/// bytes with 413 whether or not a Content-Length was sent.
+/// A body's content coding (RFC 9110 §8.4.1): what [`read_body`] can undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coding {
+    Identity,
+    Gzip,
+    /// HTTP's `deflate` is the zlib format (RFC 1950).
+    Deflate,
+}
+
+/// The request's `Content-Encoding`; any coding other than identity, gzip (`x-gzip`) or
+/// deflate, or more than one, is a 415 (a body in an unknown coding read as identity would
+/// be parsed as garbage, or worse, as something it is not).
+fn content_coding(req: &HttpRequest) -> Result<Coding, ApiError> {
+    let unsupported = |value: &str| {
+        ApiError::new(
+            ErrorKind::UnsupportedMediaType,
+            "unsupported_content_encoding",
+            format!("Content-Encoding {value:?} is not supported: use gzip, deflate or identity"),
+        )
+    };
+    let mut coding = Coding::Identity;
+    for value in req.headers().get_all(header::CONTENT_ENCODING) {
+        let value = value.to_str().map_err(|_| unsupported("(not text)"))?;
+        for token in value.split(',').map(str::trim) {
+            let next = if token.is_empty() || token.eq_ignore_ascii_case("identity") {
+                continue;
+            } else if token.eq_ignore_ascii_case("gzip") || token.eq_ignore_ascii_case("x-gzip") {
+                Coding::Gzip
+            } else if token.eq_ignore_ascii_case("deflate") {
+                Coding::Deflate
+            } else {
+                return Err(unsupported(token));
+            };
+            if coding != Coding::Identity {
+                return Err(unsupported(value));
+            }
+            coding = next;
+        }
+    }
+    Ok(coding)
+}
+
+/// Where inflated bytes go: refuses to grow past `limit`, so a decoder that writes into it
+/// stops at the limit instead of inflating a whole input chunk (a 64 KiB chunk of a gzip bomb
+/// is 64 MiB).
+struct Capped {
+    body: BytesMut,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.body.len() + bytes.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("body exceeds the limit"));
+        }
+        self.body.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Inflates as the body streams in, holding at most the limit plus the decoder's own 32 KiB
+/// window and buffer.
+enum Inflater {
+    Identity(Capped),
+    Gzip(Box<flate2::write::MultiGzDecoder<Capped>>),
+    Deflate(Box<flate2::write::ZlibDecoder<Capped>>),
+}
+
+impl Inflater {
+    fn new(coding: Coding, limit: usize) -> Self {
+        let sink = Capped {
+            body: BytesMut::new(),
+            limit,
+            overflowed: false,
+        };
+        match coding {
+            Coding::Identity => Inflater::Identity(sink),
+            Coding::Gzip => Inflater::Gzip(Box::new(flate2::write::MultiGzDecoder::new(sink))),
+            Coding::Deflate => Inflater::Deflate(Box::new(flate2::write::ZlibDecoder::new(sink))),
+        }
+    }
+
+    fn sink(&self) -> &Capped {
+        match self {
+            Inflater::Identity(sink) => sink,
+            Inflater::Gzip(decoder) => decoder.get_ref(),
+            Inflater::Deflate(decoder) => decoder.get_ref(),
+        }
+    }
+
+    fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        use std::io::Write as _;
+        match self {
+            Inflater::Identity(sink) => sink.write_all(chunk),
+            Inflater::Gzip(decoder) => decoder.write_all(chunk),
+            Inflater::Deflate(decoder) => decoder.write_all(chunk),
+        }
+    }
+
+    /// Checks the stream's end (a truncated stream or a bad checksum is an error).
+    fn finish(self) -> std::io::Result<Capped> {
+        match self {
+            Inflater::Identity(sink) => Ok(sink),
+            Inflater::Gzip(decoder) => decoder.finish(),
+            Inflater::Deflate(decoder) => decoder.finish(),
+        }
+    }
+}
+
+/// Reads the whole body, inflating `Content-Encoding: gzip` or `deflate` as it streams in,
+/// and refuses more than `limit` bytes (received, or once inflated) with 413 whether or not a
+/// Content-Length was sent. An unknown coding is a 415.
 pub async fn read_body(
     req: &HttpRequest,
     payload: &mut Payload,
     limit: usize,
 ) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::payload_too_large(format!("body exceeds {limit} bytes"));
+    let coding = content_coding(req)?;
     if let Some(length) = req.headers().get(header::CONTENT_LENGTH) {
         let declared = length
             .to_str()
             .ok()
             .and_then(|value| value.parse::<usize>().ok());
-        let is_compressed = req.headers().contains_key(header::CONTENT_ENCODING);
-        if !is_compressed && declared.is_some_and(|declared| declared > limit) {
+        // A compressed body is bounded here too: it is never larger than what it inflates to
+        // but for a few bytes of framing.
+        if declared.is_some_and(|declared| declared > limit) {
             return Err(too_large());
         }
     }
-    let mut stream = Decompress::from_headers(payload.take(), req.headers());
-    let mut body = BytesMut::new();
+    let corrupt = |error: std::io::Error| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("body could not be decompressed: {error}"),
+        )
+    };
+    let mut stream = payload.take();
+    let mut inflater = Inflater::new(coding, limit);
+    let mut received = 0usize;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|error| {
             ApiError::bad_request("invalid_body", format!("body could not be read: {error}"))
         })?;
-        if body.len() + chunk.len() > limit {
+        received += chunk.len();
+        if received > limit {
             return Err(too_large());
         }
-        body.extend_from_slice(&chunk);
+        if let Err(error) = inflater.write(&chunk) {
+            return Err(if inflater.sink().overflowed {
+                too_large()
+            } else {
+                corrupt(error)
+            });
+        }
     }
-    Ok(body.freeze())
+    let overflowed = inflater.sink().overflowed;
+    match inflater.finish() {
+        Ok(sink) => Ok(sink.body.freeze()),
+        Err(_) if overflowed => Err(too_large()),
+        Err(error) => Err(corrupt(error)),
+    }
 }
 
 /// Is the request's content type JSON (`application/json` or `application/*+json`)?
