@@ -216,18 +216,108 @@ pub fn unsupported_media_type(expected: &str) -> ApiError {
     )
 }
 
-/// Parses JSON into `T`, naming the path of the first bad field in the 400.
+/// Parses JSON into `T`, naming the path of the first bad field in the 400. A NUL anywhere
+/// in a string or key (however deep, in config, metadata or params) is a 400 too.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     // Tell malformed JSON from a well-formed body with a bad field: serde reports some type
     // errors (an enum given a number) as syntax errors.
-    if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-        return Err(ApiError::bad_request(
-            "malformed_json",
-            format!("body is not valid JSON: {error}"),
-        ));
-    }
+    check_json(body)?;
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(deserializer).map_err(field_error)
+}
+
+/// The first pass over a JSON body: well-formed, and no NUL in any string or key.
+fn check_json(body: &[u8]) -> Result<(), ApiError> {
+    let malformed = |error: serde_json::Error| {
+        ApiError::bad_request("malformed_json", format!("body is not valid JSON: {error}"))
+    };
+    let deserializer = &mut serde_json::Deserializer::from_slice(body);
+    match serde_path_to_error::deserialize::<_, NulFree>(&mut *deserializer) {
+        Ok(NulFree) => deserializer.end().map_err(malformed),
+        Err(error) if error.inner().classify() == serde_json::error::Category::Data => {
+            let path = error.path().to_string();
+            let field = if path == "." { "body".to_owned() } else { path };
+            Err(nul_error(&field))
+        }
+        Err(error) => Err(malformed(error.into_inner())),
+    }
+}
+
+/// A NUL character in `field`: Postgres text cannot store one, and no id, name or value of
+/// the API needs one.
+pub fn nul_error(field: &str) -> ApiError {
+    ApiError::bad_request(
+        "invalid_character",
+        format!("{field}: NUL characters are not allowed"),
+    )
+}
+
+/// Any JSON value whose strings and keys hold no NUL.
+struct NulFree;
+
+impl<'de> serde::Deserialize<'de> for NulFree {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(NulFreeVisitor)
+    }
+}
+
+struct NulFreeKey;
+
+impl<'de> serde::Deserialize<'de> for NulFreeKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_str(NulFreeVisitor)
+            .map(|NulFree| NulFreeKey)
+    }
+}
+
+struct NulFreeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NulFreeVisitor {
+    type Value = NulFree;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<NulFree, E> {
+        Ok(NulFree)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<NulFree, E> {
+        Ok(NulFree)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<NulFree, E> {
+        Ok(NulFree)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<NulFree, E> {
+        Ok(NulFree)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<NulFree, E> {
+        Ok(NulFree)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<NulFree, E> {
+        if text.contains('\0') {
+            return Err(E::custom("NUL characters are not allowed"));
+        }
+        Ok(NulFree)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<NulFree, A::Error> {
+        while seq.next_element::<NulFree>()?.is_some() {}
+        Ok(NulFree)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NulFree, A::Error> {
+        while map.next_key::<NulFreeKey>()?.is_some() {
+            map.next_value::<NulFree>()?;
+        }
+        Ok(NulFree)
+    }
 }
 
 /// Like [`parse_json`], for a document already parsed (a merge patch applied to a resource).
@@ -348,5 +438,39 @@ impl FromRequest for MergePatch {
             }
             Ok(MergePatch(patch))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_anywhere_in_a_json_body_is_refused_with_its_path() {
+        for (body, field) in [
+            (r#"{"name": "a\u0000b"}"#, "name"),
+            (
+                r#"{"config": {"wifi": {"ssid": "x\u0000"}}}"#,
+                "config.wifi.ssid",
+            ),
+            (r#"{"tags": ["ok", "\u0000"]}"#, "tags[1]"),
+            (r#""\u0000""#, "body"),
+        ] {
+            let error = parse_json::<serde_json::Value>(body.as_bytes()).unwrap_err();
+            assert_eq!(error.reason, "invalid_character", "{body}");
+            assert!(
+                error.message.starts_with(&format!("{field}:")),
+                "{body}: {error}"
+            );
+        }
+        let error = parse_json::<serde_json::Value>(br#"{"a\u0000": 1}"#).unwrap_err();
+        assert_eq!(error.reason, "invalid_character");
+        // An escaped backslash followed by "u0000" is text, not NUL.
+        let value: serde_json::Value = parse_json(br#"{"a": "\\u0000"}"#).unwrap();
+        assert_eq!(value["a"], "\\u0000");
+        for malformed in [&b"{"[..], b"{} x", b"[1,]"] {
+            let error = parse_json::<serde_json::Value>(malformed).unwrap_err();
+            assert_eq!(error.reason, "malformed_json");
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use actix_web::{
     App, HttpRequest, HttpResponse, HttpServer,
-    body::MessageBody,
+    body::{EitherBody, MessageBody},
     dev::{ServerHandle, ServiceRequest, ServiceResponse},
     middleware, web,
 };
@@ -165,6 +165,7 @@ pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<Htt
                 actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
                 method_not_allowed,
             ))
+            .wrap_fn(refuse_nul_in_uri)
             .wrap_fn(record_http_metrics)
             .route("/health/live", web::get().to(live))
             .route("/health/ready", web::get().to(ready))
@@ -252,6 +253,42 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
         "route_not_found",
         format!("no route for {} {}", req.method(), req.path()),
     ))
+}
+
+/// A NUL (`%00`) in the path or the query string is refused before routing, for every path
+/// and query parameter at once: no id, name or parameter of the API holds one, and Postgres
+/// text cannot (it reached the registry and made it fall silent).
+fn refuse_nul_in_uri<S, B>(
+    req: ServiceRequest,
+    service: &S,
+) -> futures::future::LocalBoxFuture<
+    'static,
+    Result<ServiceResponse<EitherBody<B>>, actix_web::Error>,
+>
+where
+    S: actix_web::dev::Service<
+            ServiceRequest,
+            Response = ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    S::Future: 'static,
+    B: MessageBody + 'static,
+{
+    let field = if req.path().contains("%00") {
+        Some("path")
+    } else if req.query_string().contains("%00") {
+        Some("query")
+    } else {
+        None
+    };
+    if let Some(field) = field {
+        let response = req
+            .error_response(extract::nul_error(field))
+            .map_into_right_body();
+        return Box::pin(std::future::ready(Ok(response)));
+    }
+    let response = service.call(req);
+    Box::pin(async move { Ok(response.await?.map_into_left_body()) })
 }
 
 fn record_http_metrics<S, B>(

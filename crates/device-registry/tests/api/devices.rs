@@ -187,14 +187,45 @@ async fn a_wrong_method_and_a_nul_character_get_the_envelope() {
     );
     let (status, body) = app.get("/api/v1/nothing-here", app.admin_key()).await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "route_not_found");
+    // A NUL anywhere is refused at the edge, naming where: a name, a nested config or
+    // metadata value, a key, a path or query parameter.
+    for (device, field) in [
+        (json!({"id": "x", "name": "a\u{0}b"}), "name"),
+        (
+            json!({"id": "x", "config": {"wifi": {"ssid": "home\u{0}"}}}),
+            "config.wifi.ssid",
+        ),
+        (
+            json!({"id": "x", "metadata": {"site": ["a", "\u{0}"]}}),
+            "metadata.site[1]",
+        ),
+    ] {
+        let (status, body) = app.post("/api/v1/devices", app.admin_key(), &device).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_character");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with(&format!("{field}:")), "{body}");
+    }
+    app.create_device("d1").await;
     let (status, body) = app
-        .post(
-            "/api/v1/devices",
-            app.admin_key(),
-            &json!({"id": "x", "name": "a\u{0}b"}),
+        .request(
+            reqwest::Method::PATCH,
+            "/api/v1/devices/d1/config",
+            Some(app.admin_key()),
+            Some(&json!({"mode\u{0}": 1})),
         )
         .await;
-    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_value");
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_character");
+    for path in [
+        "/api/v1/devices/d1%00",
+        "/api/v1/devices?group=%00",
+        "/api/v1/devices/d1/commands?status=pending%00",
+    ] {
+        let (status, body) = app.get(path, app.admin_key()).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_character");
+    }
+    let (status, body) = app.get("/api/v1/devices", app.admin_key()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"].as_array().unwrap().len(), 1, "{body}");
     app.shutdown().await;
 }
 
