@@ -13,6 +13,7 @@ pub mod error;
 pub mod extract;
 pub mod ids;
 pub mod ingest;
+pub mod names;
 pub mod openapi;
 pub mod service;
 pub mod telemetry;

@@ -367,3 +367,111 @@ async fn listing_filters_by_group_tag_and_status() {
     assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_parameter");
     app.shutdown().await;
 }
+
+/// Names with CR, LF, ESC or another control character, and blank names, are refused with
+/// 400 `invalid_name` naming the field, wherever a name is given; nothing is stored.
+#[tokio::test]
+async fn control_characters_and_blank_names_are_refused() {
+    let app = spawn_registry().await;
+    let admin = app.admin_key().to_owned();
+    let bad_names = [
+        "line\r\nInjected: yes",
+        "bell\u{7}",
+        "\u{1b}[2J\u{1b}[31mred",
+        "del\u{7f}",
+        "c1\u{85}",
+        "   ",
+        "",
+        "\t",
+    ];
+    for name in bad_names {
+        for (method, path, body) in [
+            (
+                reqwest::Method::POST,
+                "/api/v1/devices",
+                json!({"id": "d-new", "name": name}),
+            ),
+            (
+                reqwest::Method::POST,
+                "/api/v1/keys",
+                json!({"name": name, "scopes": ["read"]}),
+            ),
+            (
+                reqwest::Method::POST,
+                "/api/v1/projects",
+                json!({"slug": "acme", "name": name}),
+            ),
+            (
+                reqwest::Method::POST,
+                "/api/v1/alert-rules",
+                json!({"name": name, "device_id": "d1", "metric": "t", "op": "gt", "threshold": 1}),
+            ),
+        ] {
+            let (status, answer) = app.request(method, path, Some(&admin), Some(&body)).await;
+            assert_error(status, &answer, StatusCode::BAD_REQUEST, "invalid_name");
+            assert!(
+                answer["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("name:"),
+                "{path} {name:?}: {answer}"
+            );
+        }
+    }
+    // An existing device cannot be renamed to one either.
+    app.create_device("d1").await;
+    for name in bad_names {
+        let (status, answer) = app
+            .request(
+                reqwest::Method::PATCH,
+                "/api/v1/devices/d1",
+                Some(&admin),
+                Some(&json!({"name": name})),
+            )
+            .await;
+        assert_error(status, &answer, StatusCode::BAD_REQUEST, "invalid_name");
+    }
+    // Labels were already a small alphabet; a control character there names its field.
+    let (status, answer) = app
+        .post(
+            "/api/v1/devices",
+            &admin,
+            &json!({"id": "d2", "tags": ["ok", "x\ny"]}),
+        )
+        .await;
+    assert_error(status, &answer, StatusCode::BAD_REQUEST, "invalid_field");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("tags[1]:")
+    );
+
+    // Names are trimmed; anything printable is fine.
+    let (status, answer) = app
+        .post(
+            "/api/v1/devices",
+            &admin,
+            &json!({"id": "d3", "name": "  Küche – Fenster 🚪 "}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert_eq!(answer["data"]["name"], "Küche – Fenster 🚪");
+
+    let (_, devices) = app.get("/api/v1/devices", &admin).await;
+    let ids: Vec<_> = devices["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|device| device["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["d1", "d3"], "{devices}");
+    assert_eq!(devices["data"][0]["name"], serde_json::Value::Null);
+    let (_, keys) = app.get("/api/v1/keys", &admin).await;
+    assert_eq!(keys["data"].as_array().unwrap().len(), 1, "{keys}");
+    let (_, projects) = app.get("/api/v1/projects", &admin).await;
+    assert_eq!(projects["data"].as_array().unwrap().len(), 1, "{projects}");
+    let (_, rules) = app.get("/api/v1/alert-rules", &admin).await;
+    assert_eq!(rules["data"].as_array().unwrap().len(), 0, "{rules}");
+    app.shutdown().await;
+}
