@@ -8,6 +8,7 @@ pub mod cache;
 pub mod commands;
 pub mod config;
 pub mod db;
+pub mod edge;
 pub mod envelope;
 pub mod error;
 pub mod extract;

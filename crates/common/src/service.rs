@@ -7,8 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use actix_service::{IntoServiceFactory as _, ServiceFactoryExt as _};
 use actix_web::{
-    App, HttpRequest, HttpResponse, HttpServer,
+    App, HttpRequest, HttpResponse,
     body::{EitherBody, MessageBody},
     dev::{ServerHandle, ServiceRequest, ServiceResponse},
     middleware, web,
@@ -26,6 +27,7 @@ use crate::{
     bus,
     config::Config,
     db,
+    edge::EdgeIo,
     error::{ApiError, ErrorKind},
     extract::{self, BodyLimit},
     telemetry,
@@ -154,7 +156,7 @@ pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<Htt
     let readiness = web::Data::new(readiness);
     let body_limit = BodyLimit(context.config.ingest_max_body_bytes);
     let workers = context.config.http_worker_count();
-    let server = HttpServer::new(move || {
+    let app = move || {
         let mut app = App::new()
             .app_data(auth.clone())
             .app_data(metrics.clone())
@@ -175,12 +177,39 @@ pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<Htt
             app = app.configure(move |cfg| configure(cfg));
         }
         app.default_service(web::to(not_found))
-    })
-    .workers(workers)
-    .disable_signals()
-    .shutdown_timeout(context.config.shutdown_timeout.as_secs().max(1))
-    .listen(listener)?
-    .run();
+    };
+    // What `HttpServer::listen` builds, with the socket wrapped in `EdgeIo` so that heads the
+    // codec refuses are answered in the envelope (HttpServer takes no IO wrapper).
+    let builder = actix_web::dev::Server::build()
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(context.config.shutdown_timeout.as_secs().max(1));
+    let graceful_shutdown = builder.graceful_shutdown_signal();
+    let server = builder
+        .listen("fieldline-http", listener, move || {
+            let graceful_shutdown = graceful_shutdown.clone();
+            let app = app().into_factory().map_err(|error| error.error_response());
+            let http = actix_http::HttpService::build()
+                // Idle keep-alive connections close at once on a graceful stop, as HttpServer
+                // has them do.
+                .graceful_shutdown_signal(move || {
+                    let signal = graceful_shutdown.clone();
+                    async move { signal.notified().await }
+                })
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .local_addr(addr)
+                // The app's config gives a host for URL generation and requests without a
+                // Host header; neither is used here.
+                .h1(actix_service::map_config(app, |_| {
+                    actix_web::dev::AppConfig::default()
+                }));
+            actix_service::fn_service(|stream: tokio::net::TcpStream| async move {
+                let peer = stream.peer_addr().ok();
+                Ok::<_, actix_http::error::DispatchError>((EdgeIo::new(stream), peer))
+            })
+            .and_then(http)
+        })?
+        .run();
     let handle = server.handle();
     let join = tokio::spawn(server);
     tracing::info!(%addr, "http listening");

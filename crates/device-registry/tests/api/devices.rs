@@ -475,3 +475,112 @@ async fn control_characters_and_blank_names_are_refused() {
     assert_eq!(rules["data"].as_array().unwrap().len(), 0, "{rules}");
     app.shutdown().await;
 }
+
+/// Sends raw bytes on a new connection and reads until the server closes it: each response's
+/// status and JSON body, in order.
+async fn raw_exchange(
+    app: &fieldline_testkit::TestApp,
+    request: &[u8],
+) -> Vec<(u16, serde_json::Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.base_url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The server may answer and close before it has read everything: a write error is fine.
+    let _ = stream.write_all(request).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the server closes the connection")
+    .ok();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let mut responses = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(head_end) = rest.find("\r\n\r\n") {
+        let head = &rest[..head_end];
+        let status: u16 = head[9..12].parse().unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                line.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_owned)
+            })
+            .map_or(0, |length| length.trim().parse().unwrap());
+        let body = &rest[head_end + 4..head_end + 4 + length];
+        responses.push((
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        ));
+        rest = &rest[head_end + 4 + length..];
+    }
+    responses
+}
+
+/// Heads the HTTP codec refuses before any application code runs get the envelope, not an
+/// empty 400 or 431.
+#[tokio::test]
+async fn an_over_long_uri_or_head_answers_the_envelope() {
+    let app = spawn_registry().await;
+    for length in [100_000, 200_000] {
+        let request = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(length));
+        let responses = raw_exchange(&app, request.as_bytes()).await;
+        assert_eq!(responses.len(), 1, "{responses:?}");
+        let (status, body) = &responses[0];
+        assert_error(
+            StatusCode::from_u16(*status).unwrap(),
+            body,
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+        );
+    }
+    // On a connection already used for a request, too.
+    let request = format!(
+        "GET /health/live HTTP/1.1\r\nHost: x\r\n\r\nGET /api/v1/devices?q={} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "b".repeat(70_000)
+    );
+    let responses = raw_exchange(&app, request.as_bytes()).await;
+    assert_eq!(responses.len(), 2, "{responses:?}");
+    assert_eq!(responses[0].0, 200, "{responses:?}");
+    assert_eq!(
+        responses[1].1["error"]["reason"], "uri_too_long",
+        "{responses:?}"
+    );
+
+    let request = format!(
+        "GET /health/live HTTP/1.1\r\nHost: x\r\nX-Long: {}\r\n\r\n",
+        "c".repeat(140_000)
+    );
+    let responses = raw_exchange(&app, request.as_bytes()).await;
+    let (status, body) = &responses[0];
+    assert_error(
+        StatusCode::from_u16(*status).unwrap(),
+        body,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "headers_too_large",
+    );
+
+    let responses = raw_exchange(&app, b"GET /health/live HTTP/1.1\r\n\r\n").await;
+    let (status, body) = &responses[0];
+    assert_error(
+        StatusCode::from_u16(*status).unwrap(),
+        body,
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+    );
+
+    // A long but parseable URI still reaches the application.
+    let responses = raw_exchange(
+        &app,
+        format!(
+            "GET /api/v1/devices/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "d".repeat(60_000)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(responses[0].0, 401, "{responses:?}");
+    app.shutdown().await;
+}
