@@ -17,6 +17,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The longest URI actix-http (the `http` crate) takes: a request line longer than this
 /// with its method and version cannot be parsed.
 const MAX_URI_BYTES: usize = u16::MAX as usize - 1;
+/// The most bytes of a bare codec error response searched for at the end of a write.
+const BARE_HEAD_MAX: usize = 512;
 
 /// A socket whose bare codec errors are answered in the envelope.
 pub struct EdgeIo<T> {
@@ -122,7 +124,13 @@ fn bare_codec_error(buf: &[u8]) -> Option<(usize, &[u8], u16)> {
     if !buf.ends_with(b"\r\n\r\n") {
         return None;
     }
-    let start = buf.windows(7).rposition(|window| window == b"HTTP/1.")?;
+    // Such a head is under 200 bytes: a long body that happens to end with a blank line is
+    // not searched through.
+    let tail = buf.len().saturating_sub(BARE_HEAD_MAX);
+    let start = tail
+        + buf[tail..]
+            .windows(7)
+            .rposition(|window| window == b"HTTP/1.")?;
     let head = &buf[start..];
     // One head only: no blank line before the end.
     if head[..head.len() - 4].windows(4).any(|w| w == b"\r\n\r\n") {
