@@ -354,12 +354,17 @@ impl<'de> Visitor<'de> for OneMessage<'_, '_> {
                     ts_us = Some(parsed);
                 }
                 "msg_id" => match map.next_value()? {
-                    Value::String(id) if !id.is_empty() && id.len() <= MAX_MESSAGE_ID_LEN => {
+                    // It becomes a bus header value: no NUL, CR, LF or other control.
+                    Value::String(id)
+                        if !id.is_empty()
+                            && id.len() <= MAX_MESSAGE_ID_LEN
+                            && !id.contains(char::is_control) =>
+                    {
                         sink.out.message_id = Some(id);
                     }
                     _ => {
                         return Err(sink.fail(invalid(format!(
-                            "{}: must be a string of 1 to {MAX_MESSAGE_ID_LEN} bytes",
+                            "{}: must be a string of 1 to {MAX_MESSAGE_ID_LEN} bytes without control characters",
                             field_path(&prefix(), "msg_id")
                         ))));
                     }
@@ -781,6 +786,8 @@ mod tests {
             (r#"[{"a": 1}, {"values": {"a": 1}, "b": 2}]"#, "[1].b:"),
             (r#"[{"a": 1}, {"ts": 1}]"#, "[1]: no readings"),
             (r#"[{"a": 1}, {"msg_id": 7, "a": 1}]"#, "[1].msg_id:"),
+            (r#"{"msg_id": "a\u0000b", "a": 1}"#, "msg_id:"),
+            (r#"{"msg_id": "a\r\nb", "a": 1}"#, "msg_id:"),
             (r#"{"b": 2, "values": {"a": 1}}"#, "b:"),
             (r#"{"a": 1, "a": 2}"#, "a: given twice"),
             (

@@ -7,9 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use actix_service::{IntoServiceFactory as _, ServiceFactoryExt as _};
 use actix_web::{
-    App, HttpMessage, HttpRequest, HttpResponse, HttpServer,
-    body::MessageBody,
+    App, HttpMessage, HttpRequest, HttpResponse,
+    body::{EitherBody, MessageBody},
     dev::{ServerHandle, ServiceRequest, ServiceResponse},
     middleware, web,
 };
@@ -26,6 +27,7 @@ use crate::{
     bus,
     config::Config,
     db,
+    edge::EdgeIo,
     error::{ApiError, ErrorKind},
     extract::{self, BodyLimit},
     ratelimit::{Decision, RateLimits},
@@ -161,7 +163,7 @@ pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<Htt
     let readiness = web::Data::new(readiness);
     let body_limit = BodyLimit(context.config.ingest_max_body_bytes);
     let workers = context.config.http_worker_count();
-    let server = HttpServer::new(move || {
+    let app = move || {
         let mut app = App::new()
             .app_data(auth.clone())
             .app_data(limits.clone())
@@ -173,6 +175,7 @@ pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<Htt
                 actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
                 method_not_allowed,
             ))
+            .wrap_fn(refuse_nul_in_uri)
             .wrap_fn(record_http_metrics)
             .wrap_fn(rate_limit_headers)
             .route("/health/live", web::get().to(live))
@@ -183,12 +186,39 @@ pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<Htt
             app = app.configure(move |cfg| configure(cfg));
         }
         app.default_service(web::to(not_found))
-    })
-    .workers(workers)
-    .disable_signals()
-    .shutdown_timeout(context.config.shutdown_timeout.as_secs().max(1))
-    .listen(listener)?
-    .run();
+    };
+    // What `HttpServer::listen` builds, with the socket wrapped in `EdgeIo` so that heads the
+    // codec refuses are answered in the envelope (HttpServer takes no IO wrapper).
+    let builder = actix_web::dev::Server::build()
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(context.config.shutdown_timeout.as_secs().max(1));
+    let graceful_shutdown = builder.graceful_shutdown_signal();
+    let server = builder
+        .listen("fieldline-http", listener, move || {
+            let graceful_shutdown = graceful_shutdown.clone();
+            let app = app().into_factory().map_err(|error| error.error_response());
+            let http = actix_http::HttpService::build()
+                // Idle keep-alive connections close at once on a graceful stop, as HttpServer
+                // has them do.
+                .graceful_shutdown_signal(move || {
+                    let signal = graceful_shutdown.clone();
+                    async move { signal.notified().await }
+                })
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .local_addr(addr)
+                // The app's config gives a host for URL generation and requests without a
+                // Host header; neither is used here.
+                .h1(actix_service::map_config(app, |_| {
+                    actix_web::dev::AppConfig::default()
+                }));
+            actix_service::fn_service(|stream: tokio::net::TcpStream| async move {
+                let peer = stream.peer_addr().ok();
+                Ok::<_, actix_http::error::DispatchError>((EdgeIo::new(stream), peer))
+            })
+            .and_then(http)
+        })?
+        .run();
     let handle = server.handle();
     let join = tokio::spawn(server);
     tracing::info!(%addr, "http listening");
@@ -261,6 +291,42 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
         "route_not_found",
         format!("no route for {} {}", req.method(), req.path()),
     ))
+}
+
+/// A NUL (`%00`) in the path or the query string is refused before routing, for every path
+/// and query parameter at once: no id, name or parameter of the API holds one, and Postgres
+/// text cannot (it reached the registry and made it fall silent).
+fn refuse_nul_in_uri<S, B>(
+    req: ServiceRequest,
+    service: &S,
+) -> futures::future::LocalBoxFuture<
+    'static,
+    Result<ServiceResponse<EitherBody<B>>, actix_web::Error>,
+>
+where
+    S: actix_web::dev::Service<
+            ServiceRequest,
+            Response = ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    S::Future: 'static,
+    B: MessageBody + 'static,
+{
+    let field = if req.path().contains("%00") {
+        Some("path")
+    } else if req.query_string().contains("%00") {
+        Some("query")
+    } else {
+        None
+    };
+    if let Some(field) = field {
+        let response = req
+            .error_response(extract::nul_error(field))
+            .map_into_right_body();
+        return Box::pin(std::future::ready(Ok(response)));
+    }
+    let response = service.call(req);
+    Box::pin(async move { Ok(response.await?.map_into_left_body()) })
 }
 
 fn record_http_metrics<S, B>(

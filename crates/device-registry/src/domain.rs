@@ -10,6 +10,7 @@ use fieldline_common::{
     ApiError,
     auth::ScopeLevel,
     ids::{DeviceId, random_id},
+    names::{Label, Name},
     time::format_rfc3339,
 };
 use serde::{Deserialize, Serialize};
@@ -94,19 +95,7 @@ pub struct NewDevice {
 }
 
 pub(crate) fn check_label(field: &str, value: &str) -> Result<(), ApiError> {
-    let valid = !value.is_empty()
-        && value.len() <= 64
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(
-            "invalid_field",
-            format!("{field}: {value:?} must be 1 to 64 of [A-Za-z0-9_.-]"),
-        ))
-    }
+    Label::parse(field, value).map(drop)
 }
 
 impl DeviceIn {
@@ -114,14 +103,7 @@ impl DeviceIn {
         let id = DeviceId::parse(&self.id).map_err(|error| {
             ApiError::bad_request("invalid_field", format!("id: {}", error.message))
         })?;
-        if let Some(name) = &self.name
-            && name.chars().count() > 200
-        {
-            return Err(ApiError::bad_request(
-                "invalid_field",
-                "name: at most 200 characters",
-            ));
-        }
+        let name = Name::parse_optional("name", self.name.as_deref())?;
         if let Some(group) = &self.group {
             check_label("group", group)?;
         }
@@ -153,7 +135,7 @@ impl DeviceIn {
         Ok(NewDevice {
             config,
             id,
-            name: self.name,
+            name: name.map(Name::into_string),
             device_type: self.device_type.unwrap_or(DeviceType::Sensor),
             group: self.group,
             tags: self.tags,
@@ -226,13 +208,7 @@ pub struct NewKey {
 
 impl KeyIn {
     pub fn parse(self, now: DateTime<Utc>) -> Result<NewKey, ApiError> {
-        let name = self.name.trim();
-        if name.is_empty() || name.chars().count() > 200 {
-            return Err(ApiError::bad_request(
-                "invalid_field",
-                "name: 1 to 200 characters",
-            ));
-        }
+        let name = Name::parse("name", &self.name)?;
         let scope = self.scopes.iter().copied().max().ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_field",
@@ -248,7 +224,7 @@ impl KeyIn {
             ));
         }
         Ok(NewKey {
-            name: name.to_owned(),
+            name: name.into_string(),
             scope,
             expires_at: self.expires_at,
         })

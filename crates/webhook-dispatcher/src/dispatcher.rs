@@ -404,6 +404,23 @@ impl Dispatcher {
     async fn send(&self, delivery: &Claimed) -> (AttemptRecord, Next) {
         let attempted_at = Utc::now();
         let started = Instant::now();
+        // A URL stored while private targets were allowed (or by an older release) is checked
+        // again here: the resolver only sees host names, never IP literals. Refused is
+        // final; it would be refused the same way on every retry.
+        let refused = reqwest::Url::parse(&delivery.url)
+            .map_err(|error| format!("refused: the URL does not parse ({error})"))
+            .and_then(|url| ssrf::check_target(&url, self.context.config.webhook_allow_private));
+        if let Err(reason) = refused {
+            tracing::warn!(webhook_id = %delivery.webhook_id, reason = %reason, "delivery refused");
+            let record = AttemptRecord {
+                attempted_at,
+                status_code: None,
+                latency_ms: 0,
+                error: Some(reason),
+                snippet: None,
+            };
+            return (record, Next::Failed);
+        }
         let body = delivery.body.as_bytes();
         let mut request = self
             .http

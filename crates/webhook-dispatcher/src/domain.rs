@@ -3,7 +3,12 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use fieldline_common::{ApiError, ids::DeviceId, time::format_rfc3339};
+use fieldline_common::{
+    ApiError,
+    ids::DeviceId,
+    names::{Label, Name},
+    time::format_rfc3339,
+};
 use serde::{Deserialize, Serialize};
 
 /// Events a webhook can subscribe to.
@@ -122,25 +127,14 @@ pub fn parse_secret(secret: Option<String>) -> Result<Option<String>, ApiError> 
 }
 
 pub fn parse_group(group: Option<String>) -> Result<Option<String>, ApiError> {
-    if let Some(group) = &group
-        && (group.is_empty()
-            || group.len() > 64
-            || !group
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')))
-    {
-        return Err(invalid("group", "1 to 64 of [A-Za-z0-9_.-]"));
-    }
-    Ok(group)
+    group
+        .map(|group| Label::parse("group", &group).map(Label::into_string))
+        .transpose()
 }
 
 impl WebhookIn {
     pub fn parse(self) -> Result<NewWebhook, ApiError> {
-        if let Some(name) = &self.name
-            && name.chars().count() > 200
-        {
-            return Err(invalid("name", "at most 200 characters"));
-        }
+        let name = Name::parse_optional("name", self.name.as_deref())?;
         let device_ids = self.device_ids.unwrap_or_default();
         if device_ids.len() > MAX_DEVICE_IDS {
             return Err(invalid("device_ids", format!("at most {MAX_DEVICE_IDS}")));
@@ -154,7 +148,7 @@ impl WebhookIn {
             return Err(invalid("metadata", "at most 16 KiB of JSON"));
         }
         Ok(NewWebhook {
-            name: self.name,
+            name: name.map(Name::into_string),
             url: self.url,
             events: parse_events(self.events)?,
             device_ids,

@@ -1,10 +1,11 @@
 //! The RPCs the ingest edges ask on behalf of a device: its configuration, its commands, and
 //! reports on those commands. A registry that cannot reach Postgres stays silent, so the edge
-//! times out and answers 503 rather than a wrong "not found".
+//! times out and answers 503 rather than a wrong "not found"; a report it cannot store (a
+//! value Postgres refuses) is answered as invalid, so the edge answers 400 at once.
 
 use std::future::Future;
 
-use fieldline_common::Context;
+use fieldline_common::{Context, error::ErrorKind};
 use fieldline_proto::v1::{
     CommandReport, CommandReportResponse, CommandsFetchRequest, CommandsFetchResponse,
     ConfigRequest, ConfigResponse,
@@ -68,7 +69,7 @@ pub async fn start(context: &Context, repo: Repo) -> anyhow::Result<()> {
                     return Some(CommandReportResponse::default());
                 }
                 let detail: String = report.detail.chars().take(1024).collect();
-                let reported = repo
+                let reported = match repo
                     .report_command(
                         &report.project,
                         &report.device_id,
@@ -77,7 +78,17 @@ pub async fn start(context: &Context, repo: Repo) -> anyhow::Result<()> {
                         (!detail.is_empty()).then_some(detail.as_str()),
                     )
                     .await
-                    .ok()?;
+                {
+                    Ok(reported) => reported,
+                    // A value Postgres refuses: the report is bad, not the database down.
+                    Err(error) if error.kind == ErrorKind::BadRequest => {
+                        return Some(CommandReportResponse {
+                            invalid: error.message,
+                            ..CommandReportResponse::default()
+                        });
+                    }
+                    Err(_) => return None,
+                };
                 if report.status != "delivered" {
                     tracing::info!(
                         project = %report.project,
@@ -93,6 +104,7 @@ pub async fn start(context: &Context, repo: Repo) -> anyhow::Result<()> {
                     Reported::Status(status) => CommandReportResponse {
                         found: true,
                         status,
+                        ..CommandReportResponse::default()
                     },
                 })
             }

@@ -113,13 +113,7 @@ pub const MAX_FOR_S: i32 = 86_400;
 
 impl RuleIn {
     pub fn parse(self) -> Result<NewRule, ApiError> {
-        let name = self.name.trim();
-        if name.is_empty() || name.chars().count() > 200 {
-            return Err(ApiError::bad_request(
-                "invalid_field",
-                "name: 1 to 200 characters",
-            ));
-        }
+        let name = fieldline_common::names::Name::parse("name", &self.name)?;
         if let Some(device_id) = &self.device_id {
             fieldline_common::ids::DeviceId::parse(device_id).map_err(|error| {
                 ApiError::bad_request("invalid_field", format!("device_id: {}", error.message))
@@ -165,7 +159,7 @@ impl RuleIn {
             ));
         }
         Ok(NewRule {
-            name: name.to_owned(),
+            name: name.into_string(),
             device_id: self.device_id,
             group: self.group,
             metric: self.metric,

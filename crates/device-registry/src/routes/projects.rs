@@ -7,6 +7,7 @@ use fieldline_common::{
     envelope,
     extract::Json,
     ids::{ProjectSlug, random_id},
+    names::Name,
 };
 
 use crate::{
@@ -31,20 +32,17 @@ async fn create(
     let slug = ProjectSlug::parse(&body.slug).map_err(|error| {
         ApiError::bad_request("invalid_field", format!("slug: {}", error.message))
     })?;
-    let name = body.name.unwrap_or_else(|| slug.to_string());
-    if name.trim().is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            "name: 1 to 200 characters",
-        ));
-    }
+    let name = match &body.name {
+        Some(name) => Name::parse("name", name)?,
+        None => Name::parse("name", slug.as_str())?,
+    };
     let secret = new_api_key_secret();
     let key_id = random_id("key_", 20);
     let (project, key) = state
         .repo
         .create_project(
             slug.as_str(),
-            name.trim(),
+            name.as_str(),
             &key_id,
             &hash_secret(&secret),
             &secret_prefix(&secret),

@@ -51,6 +51,48 @@ async fn report(
     .unwrap()
 }
 
+/// A report the registry cannot store (Postgres refuses a NUL in text) is answered as
+/// invalid, not left without an answer for the edge to time out on as if the registry were
+/// down (as an ack sent over MQTT, which no HTTP edge checks, still can carry one).
+#[tokio::test]
+async fn a_report_that_cannot_be_stored_is_answered_invalid_at_once() {
+    let app = spawn_registry().await;
+    app.create_device("valve-1").await;
+    let (status, body) = app
+        .post(
+            "/api/v1/devices/valve-1/commands",
+            app.admin_key(),
+            &json!({"name": "open"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let command_id = body["data"]["id"].as_str().unwrap().to_owned();
+    for (command_id, detail) in [(command_id.as_str(), "stuck\0"), ("cmd_\0", "")] {
+        let answer: CommandReportResponse = rpc(
+            &app.context.nats,
+            app.context.subjects.rpc_commands_report(),
+            &CommandReport {
+                project: "default".into(),
+                device_id: "valve-1".into(),
+                command_id: command_id.into(),
+                status: "error".into(),
+                detail: detail.into(),
+                via: "mqtt".into(),
+            },
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert!(!answer.found, "{answer:?}");
+        assert!(answer.invalid.contains("cannot be stored"), "{answer:?}");
+    }
+    let (_, body) = app
+        .get("/api/v1/devices/valve-1/commands", app.admin_key())
+        .await;
+    assert_eq!(body["data"][0]["status"], "pending", "{body}");
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_command_is_pushed_handed_over_once_and_acknowledged() {
     let app = spawn_registry().await;

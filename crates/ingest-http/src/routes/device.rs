@@ -200,6 +200,9 @@ async fn ack(
         context.config.rpc_timeout,
     )
     .await?;
+    if !response.invalid.is_empty() {
+        return Err(ApiError::bad_request("invalid_value", response.invalid));
+    }
     if !response.found {
         return Err(ApiError::not_found(
             "command_not_found",

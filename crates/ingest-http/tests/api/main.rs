@@ -5,6 +5,7 @@
 
 mod backfill;
 mod device;
+mod encoding;
 mod ingest;
 mod limits;
 mod unavailable;

@@ -6,6 +6,7 @@
 mod delivery;
 mod registration;
 mod signatures;
+mod ssrf;
 
 use std::time::Duration;
 

@@ -377,3 +377,37 @@ async fn event_device_and_group_filters_hold() {
     assert_eq!(devices("/g1"), ["d1"]);
     app.shutdown().await;
 }
+
+/// A webhook's name with a control character, or a blank one, is a 400 naming the field.
+#[tokio::test]
+async fn control_characters_and_blank_names_are_refused() {
+    let app = spawn().await;
+    let receiver = Receiver::start().await;
+    for name in ["a\r\nb", "\u{1b}]0;title\u{7}", "  ", "", "x\u{0}"] {
+        let (status, body) = app
+            .post(
+                "/api/v1/webhooks",
+                app.admin_key(),
+                &json!({"name": name, "url": receiver.url("/n")}),
+            )
+            .await;
+        let reason = if name.contains('\0') {
+            "invalid_character"
+        } else {
+            "invalid_name"
+        };
+        assert_error(status, &body, StatusCode::BAD_REQUEST, reason);
+    }
+    app.create_device("d1").await;
+    let (status, body) = app
+        .post(
+            "/api/v1/devices/d1/webhooks",
+            app.admin_key(),
+            &json!([{"name": "fine", "url": receiver.url("/n")}, {"name": "\n", "url": receiver.url("/n")}]),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_name");
+    let (_, body) = app.get("/api/v1/webhooks", app.admin_key()).await;
+    assert!(body["data"].as_array().unwrap().is_empty(), "{body}");
+    app.shutdown().await;
+}
