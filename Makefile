@@ -11,7 +11,6 @@ DEV_ADMIN_KEY ?= flk_dev_admin_key_change_me
 DEV_MQTT_ADMIN_PASSWORD ?= fieldline-dev-mqtt-admin-change-me
 DEV_MQTT_INGEST_PASSWORD ?= fieldline-dev-mqtt-ingest-change-me
 DEV_DEVICE_TOKEN_KEY ?= fieldline-dev-device-token-key-change-me
-export FIELDLINE_MQTT_ADMIN_PASSWORD ?= $(DEV_MQTT_ADMIN_PASSWORD)
 
 .PHONY: help provision build run test bench bench-quick lint fmt clean-test-data
 
@@ -22,8 +21,9 @@ help:
 	@echo "make lint    clippy with warnings as errors, rustfmt check"
 	@echo "make fmt     format the code"
 
+# Not FIELDLINE_*: the services refuse settings they do not know.
 provision:
-	@bash deploy/local/provision.sh
+	@FL_MQTT_ADMIN_PASSWORD='$(DEV_MQTT_ADMIN_PASSWORD)' bash deploy/local/provision.sh
 
 build:
 	$(CARGO) build --locked --bin fieldline
@@ -38,7 +38,7 @@ run: provision build
 	FIELDLINE_LOG_FORMAT=$${FIELDLINE_LOG_FORMAT:-text} \
 	FIELDLINE_WEBHOOK_ALLOW_PRIVATE=$${FIELDLINE_WEBHOOK_ALLOW_PRIVATE:-true} \
 	FIELDLINE_MQTT_URL=$${FIELDLINE_MQTT_URL:-mqtt://fieldline-ingest:$(DEV_MQTT_INGEST_PASSWORD)@127.0.0.1:1883} \
-	FIELDLINE_MQTT_ADMIN_URL=$${FIELDLINE_MQTT_ADMIN_URL:-mqtt://fieldline-admin:$(FIELDLINE_MQTT_ADMIN_PASSWORD)@127.0.0.1:1883} \
+	FIELDLINE_MQTT_ADMIN_URL=$${FIELDLINE_MQTT_ADMIN_URL:-mqtt://fieldline-admin:$(DEV_MQTT_ADMIN_PASSWORD)@127.0.0.1:1883} \
 	FIELDLINE_DEVICE_TOKEN_KEY=$${FIELDLINE_DEVICE_TOKEN_KEY:-$(DEV_DEVICE_TOKEN_KEY)} \
 	$(CARGO) run --locked --quiet --bin fieldline -- serve --services all
 

@@ -5,8 +5,8 @@
 # quick no-op. Debian/Ubuntu only (apt-get, pg_ctlcluster, start-stop-daemon).
 #
 # Env: FIELDLINE_PG_DB  database to create (default: fieldline)
-#      FIELDLINE_MQTT_ADMIN_PASSWORD  password of the broker's account admin, set when the
-#                     account file is first made (default: the development one of the Makefile)
+#      FL_MQTT_ADMIN_PASSWORD  password of the broker's account admin, set when the account
+#                     file is first made (default: the development one of the Makefile)
 set -euo pipefail
 
 PG_DB="${FIELDLINE_PG_DB:-fieldline}"
@@ -150,7 +150,7 @@ nats_jetstream() {
 # home, also mounted by docker-compose.yml), plus device identity: the Dynamic Security
 # plugin with anonymous clients refused. Every device is a broker account that the
 # device-registry manages through the plugin's admin account, made here once
-# (`mosquitto_ctrl dynsec init`) with FIELDLINE_MQTT_ADMIN_PASSWORD.
+# (`mosquitto_ctrl dynsec init`) with FL_MQTT_ADMIN_PASSWORD.
 # Mosquitto PUBACKs a device's QoS 1 message on receipt, then drops it if ingest-mqtt's
 # session already has 1000 queued (the default): under load that loses acknowledged
 # readings. A larger in-flight window lets ingest-mqtt pipeline its JetStream publishes.
@@ -163,7 +163,7 @@ MQTT_FIELDLINE_CONF="$(dirname "${BASH_SOURCE[0]}")/../mosquitto/mosquitto.conf"
 MQTT_STATE_DIR=/var/lib/mosquitto
 MQTT_ACCOUNTS="$MQTT_STATE_DIR/fieldline-dynamic-security.json"
 MQTT_ADMIN_USER=fieldline-admin
-MQTT_ADMIN_PASSWORD="${FIELDLINE_MQTT_ADMIN_PASSWORD:-fieldline-dev-mqtt-admin-change-me}"
+MQTT_ADMIN_PASSWORD="${FL_MQTT_ADMIN_PASSWORD:-fieldline-dev-mqtt-admin-change-me}"
 
 # The pid of the mosquitto listening on 1883, or nothing.
 mosquitto_pid() {
