@@ -162,7 +162,17 @@ impl Runner<'_> {
         &self,
         run: impl AsyncFnOnce(&Platform) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        let platform = Platform::start(self.fieldline, self.servers.clone(), self.env).await?;
+        self.scenario_on(false, run).await
+    }
+
+    /// A scenario on the broker without access checks when `open_broker`.
+    async fn scenario_on<T>(
+        &self,
+        open_broker: bool,
+        run: impl AsyncFnOnce(&Platform) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let platform =
+            Platform::start_on(self.fieldline, self.servers.clone(), self.env, open_broker).await?;
         let outcome = run(&platform).await;
         {
             let mut peaks = self.peaks.borrow_mut();
@@ -174,6 +184,32 @@ impl Runner<'_> {
         platform.stop().await?;
         outcome
     }
+}
+
+/// Nanoseconds per check of the per-key and per-device limiters, as the services run them
+/// (keyed GCRA state, fleet-sized key sets, nothing over its limit).
+fn limiter_cost() -> (f64, f64) {
+    let config = fieldline_common::Config {
+        rate_key_requests: 1_000_000,
+        rate_device_requests: 1_000_000,
+        ..fieldline_common::Config::default()
+    };
+    let limits = fieldline_common::ratelimit::RateLimits::new(&config);
+    let keys: Vec<String> = (0..10_000)
+        .map(|index| format!("key_{index:020}"))
+        .collect();
+    let checks = 1_000_000usize;
+    let started = std::time::Instant::now();
+    for index in 0..checks {
+        std::hint::black_box(limits.check_key(&keys[index % keys.len()], None));
+    }
+    let key_ns = started.elapsed().as_nanos() as f64 / checks as f64;
+    let started = std::time::Instant::now();
+    for index in 0..checks {
+        std::hint::black_box(limits.check_device("default", &keys[index % keys.len()], None));
+    }
+    let device_ns = started.elapsed().as_nanos() as f64 / checks as f64;
+    (key_ns, device_ns)
 }
 
 fn sibling_fieldline() -> anyhow::Result<String> {
@@ -447,7 +483,38 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             None,
         ));
         details.insert("mqtt-qos1".into(), serde_json::to_value(&result)?);
+        // The same load on a broker without access checks (anonymous devices, no accounts):
+        // what device identity on the broker costs, in this run.
+        let open = runner
+            .scenario_on(true, async |platform: &Platform| {
+                scenarios::mqtt_ingest(platform, mqtt_devices, mqtt_rate, duration).await
+            })
+            .await?;
+        figures.push(figure(
+            "mqtt-qos1",
+            "messages durable in Postgres, broker without access checks",
+            open.durable_per_second,
+            "msg/s",
+            Some((QOS1_OPEN, raw_mqtt_qos1_open)),
+        ));
+        details.insert("mqtt-qos1-open-broker".into(), serde_json::to_value(&open)?);
     }
+    // What one rate-limit check costs, beside a request's time in http-single.
+    let (key_check_ns, device_check_ns) = limiter_cost();
+    figures.push(figure(
+        "rate-limits",
+        "one API-key check (10,000 keys)",
+        key_check_ns,
+        "ns",
+        None,
+    ));
+    figures.push(figure(
+        "rate-limits",
+        "one device check (10,000 devices)",
+        device_check_ns,
+        "ns",
+        None,
+    ));
     if wanted("queries") {
         let seed = if args.quick {
             queries::Seed::quick()

@@ -86,12 +86,16 @@ impl Servers {
     /// A device's client: its account and token on the platform's broker.
     pub fn device_client(
         &self,
+        open_broker: bool,
         client_id: String,
         username: &str,
         token: &str,
         inflight: u16,
         capacity: usize,
     ) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+        if open_broker {
+            return self.client_of(self.open_broker.port, None, client_id, inflight, capacity);
+        }
         self.client_of(
             self.broker.port,
             Some((username, token)),
@@ -126,6 +130,9 @@ pub struct Platform {
     pub admin_key: String,
     /// Device tokens derive from it (`FIELDLINE_DEVICE_TOKEN_KEY`).
     token_key: String,
+    /// On the broker without access checks: no device accounts, devices anonymous (what
+    /// Fieldline ran on before device identity, to measure what the checks cost).
+    pub open_broker: bool,
     pub servers: Servers,
     pub http: reqwest::Client,
     ports: BTreeMap<&'static str, u16>,
@@ -147,11 +154,13 @@ pub async fn pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 }
 
 impl Platform {
-    /// Creates the database and starts every service as its own process.
-    pub async fn start(
+    /// Creates the database and starts every service as its own process, on the broker
+    /// without access checks when `open_broker`.
+    pub async fn start_on(
         binary: &str,
         servers: Servers,
         extra_env: &[(&str, &str)],
+        open_broker: bool,
     ) -> anyhow::Result<Self> {
         let suffix: String = (0..8)
             .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
@@ -168,6 +177,7 @@ impl Platform {
             database,
             admin_key,
             token_key: format!("bench-device-token-key-{suffix}-0123456789"),
+            open_broker,
             servers,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
@@ -215,8 +225,6 @@ impl Platform {
                 format!("{}/{}", self.servers.pg_url, self.database),
             )
             .env("FIELDLINE_NATS_URL", &self.servers.nats_url)
-            .env("FIELDLINE_MQTT_URL", self.servers.broker.url())
-            .env("FIELDLINE_MQTT_ADMIN_URL", self.servers.broker.admin_url())
             .env("FIELDLINE_DEVICE_TOKEN_KEY", &self.token_key)
             .env("FIELDLINE_BUS_PREFIX", &self.id)
             .env("FIELDLINE_MQTT_TOPIC_ROOT", &self.id)
@@ -225,6 +233,16 @@ impl Platform {
             .env("FIELDLINE_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        if self.open_broker {
+            command.env(
+                "FIELDLINE_MQTT_URL",
+                format!("mqtt://127.0.0.1:{}", self.servers.open_broker.port),
+            );
+        } else {
+            command
+                .env("FIELDLINE_MQTT_URL", self.servers.broker.url())
+                .env("FIELDLINE_MQTT_ADMIN_URL", self.servers.broker.admin_url());
+        }
         for (key, value) in extra_env {
             command.env(key, value);
         }

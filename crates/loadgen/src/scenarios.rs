@@ -126,9 +126,10 @@ pub async fn mqtt_ingest(
         let topic = format!("{username}/telemetry");
         let client_id = format!("{}-dev-{index}", platform.id);
         let counter = progress.counter.clone();
+        let open_broker = platform.open_broker;
         tasks.push(tokio::spawn(async move {
             let (client, mut eventloop) =
-                servers.device_client(client_id, &username, &token, 20, 64);
+                servers.device_client(open_broker, client_id, &username, &token, 20, 64);
             let acked = Arc::new(AtomicU64::new(0));
             let publisher_acked = acked.clone();
             let publisher = tokio::spawn(async move {
