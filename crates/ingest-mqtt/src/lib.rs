@@ -561,6 +561,11 @@ async fn forward_ack(
             }
             Outcome::Forwarded
         }
+        // The registry could not store it (a NUL in the detail, say): a data error that no
+        // retry would pass.
+        Some(Ok(response)) if !response.invalid.is_empty() => {
+            drop_message(topic, "malformed", &response.invalid)
+        }
         Some(Ok(_)) => drop_message(topic, "unknown_command", "the device has no such command"),
         Some(Err(error)) => drop_message(topic, "refused", &error.message),
     }

@@ -295,6 +295,32 @@ impl PrivateMosquitto {
         (MQTT_ADMIN_USER.to_owned(), self.admin_password.clone())
     }
 
+    /// Adds a TLS listener with `certificate` (made for `127.0.0.1`/`localhost`) beside the
+    /// plain one, and restarts the broker; returns its port. Accounts and access rules are
+    /// the same on both listeners.
+    pub async fn add_tls_listener(&self, certificate: &crate::secure::Issued) -> u16 {
+        let port = free_port();
+        let config_file = self.dir.join("mosquitto.conf");
+        let mut config = std::fs::read_to_string(&config_file).unwrap();
+        config.push_str(&format!(
+            "listener {port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+            certificate.cert_file.display(),
+            certificate.key_file.display()
+        ));
+        std::fs::write(&config_file, config).unwrap();
+        self.restart().await;
+        wait_for_port(port, "mosquitto's TLS listener").await;
+        port
+    }
+
+    /// ingest-mqtt's login over TLS on `tls_port` ([`PrivateMosquitto::add_tls_listener`]).
+    pub fn tls_url(&self, tls_port: u16) -> String {
+        format!(
+            "mqtts://{MQTT_INGEST_USER}:{}@localhost:{tls_port}",
+            self.ingest_password
+        )
+    }
+
     /// Restarts the broker with an account file that has only the admin in it, as a broker
     /// that lost its state (sessions and retained messages are kept).
     pub async fn restart_without_accounts(&self) {

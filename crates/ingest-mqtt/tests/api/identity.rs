@@ -371,3 +371,59 @@ async fn an_account_of_a_device_deleted_while_the_broker_was_down_is_removed() {
     .await;
     app.shutdown().await;
 }
+
+/// ingest-mqtt logs in over `mqtts://`, trusting the CA file it is given; with a CA that did
+/// not sign the broker's certificate it does not connect.
+#[tokio::test]
+async fn ingest_mqtt_logs_in_over_tls_with_a_ca_file() {
+    let env = TestEnv::new().await.with_broker().await;
+    let ca = fieldline_testkit::secure::TestCa::new();
+    let tls_port = env
+        .broker()
+        .add_tls_listener(&ca.server("broker"))
+        .await;
+    let tls_url = env.broker().tls_url(tls_port);
+    let ca_file = ca.ca_file.display().to_string();
+    let app = spawn_mqtt(env, |config| fieldline_common::Config {
+        mqtt_url: tls_url.into(),
+        mqtt_ca_file: Some(ca_file),
+        ..config
+    })
+    .await;
+    let token = app.create_device("d1").await;
+    wait_ready(&app).await;
+    let device = Device::connect(&app, "d1", &token).await;
+    device
+        .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 1, "a": 1}"#)
+        .await;
+    eventually("telemetry through the TLS login", Duration::from_secs(10), || async {
+        (app.telemetry_batches().await.len() == 1).then_some(())
+    })
+    .await;
+    app.shutdown().await;
+
+    // Another CA: the broker's certificate is refused and ingest-mqtt never becomes ready.
+    let env = TestEnv::new().await.with_broker().await;
+    let tls_port = env
+        .broker()
+        .add_tls_listener(&ca.server("broker-2"))
+        .await;
+    let tls_url = env.broker().tls_url(tls_port);
+    let stranger = fieldline_testkit::secure::TestCa::new();
+    let stranger_file = stranger.ca_file.display().to_string();
+    let app = spawn_mqtt(env, |config| fieldline_common::Config {
+        mqtt_url: tls_url.into(),
+        mqtt_ca_file: Some(stranger_file),
+        ..config
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ready = app
+        .http
+        .get(format!("{}/health/ready", app.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "connected to a broker it should not trust");
+    app.shutdown().await;
+}
