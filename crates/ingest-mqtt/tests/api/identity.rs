@@ -16,7 +16,7 @@ use rumqttc::{
 };
 use serde_json::json;
 
-use crate::{Device, Listener, mqtt_port, spawn_mqtt, topic, wait_ready};
+use crate::{Device, Listener, batches_in_jetstream, mqtt_port, spawn_mqtt, topic, wait_ready};
 
 fn username(app: &TestApp, device: &str) -> String {
     format!("{}/default/{device}", app.context.config.mqtt_topic_root)
@@ -139,10 +139,7 @@ async fn a_device_speaks_only_for_itself() {
     device
         .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 1, "a": 1}"#)
         .await;
-    eventually("own telemetry", Duration::from_secs(10), || async {
-        (app.telemetry_batches().await.len() == 1).then_some(())
-    })
-    .await;
+    batches_in_jetstream(&app, 1, "own telemetry").await;
 
     // As another device, and onto its own downlink: the broker drops them (MQTT 3.1.1 still
     // PUBACKs), so neither reaches anyone.
@@ -165,10 +162,7 @@ async fn a_device_speaks_only_for_itself() {
     device
         .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 3, "a": 3}"#)
         .await;
-    eventually("the later own message", Duration::from_secs(10), || async {
-        (app.telemetry_batches().await.len() == 2).then_some(())
-    })
-    .await;
+    batches_in_jetstream(&app, 2, "the later own message").await;
     eventually(
         "every publish answered",
         Duration::from_secs(10),
@@ -256,12 +250,7 @@ async fn rotation_cuts_the_old_session_and_the_new_token_logs_in() {
     device
         .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 1, "a": 1}"#)
         .await;
-    eventually(
-        "telemetry with the new token",
-        Duration::from_secs(10),
-        || async { (app.telemetry_batches().await.len() == 1).then_some(()) },
-    )
-    .await;
+    batches_in_jetstream(&app, 1, "telemetry with the new token").await;
     app.shutdown().await;
 }
 
@@ -333,12 +322,7 @@ async fn a_broker_that_lost_its_accounts_is_reconciled() {
     device
         .publish(&topic(&app, "d2", "telemetry"), r#"{"ts": 7, "a": 7}"#)
         .await;
-    eventually(
-        "telemetry after the repair",
-        Duration::from_secs(20),
-        || async { (app.telemetry_batches().await.len() == 1).then_some(()) },
-    )
-    .await;
+    batches_in_jetstream(&app, 1, "telemetry after the repair").await;
     app.shutdown().await;
 }
 
@@ -372,51 +356,45 @@ async fn an_account_of_a_device_deleted_while_the_broker_was_down_is_removed() {
     app.shutdown().await;
 }
 
-/// ingest-mqtt logs in over `mqtts://`, trusting the CA file it is given; with a CA that did
-/// not sign the broker's certificate it does not connect.
-#[tokio::test]
-async fn ingest_mqtt_logs_in_over_tls_with_a_ca_file() {
+/// The registry and ingest-mqtt on a broker of their own with a TLS listener whose certificate
+/// `broker_ca` signed; ingest-mqtt logs in over `mqtts://` trusting `trusted_ca`'s file.
+async fn spawn_over_tls(
+    broker_ca: &fieldline_testkit::secure::TestCa,
+    trusted_ca: &fieldline_testkit::secure::TestCa,
+) -> TestApp {
     let env = TestEnv::new().await.with_broker().await;
-    let ca = fieldline_testkit::secure::TestCa::new();
     let tls_port = env
         .broker()
-        .add_tls_listener(&ca.server("broker"))
+        .add_tls_listener(&broker_ca.server("broker"))
         .await;
     let tls_url = env.broker().tls_url(tls_port);
-    let ca_file = ca.ca_file.display().to_string();
-    let app = spawn_mqtt(env, |config| fieldline_common::Config {
+    let ca_file = trusted_ca.ca_file.display().to_string();
+    spawn_mqtt(env, |config| fieldline_common::Config {
         mqtt_url: tls_url.into(),
         mqtt_ca_file: Some(ca_file),
         ..config
     })
-    .await;
+    .await
+}
+
+/// ingest-mqtt logs in over `mqtts://`, trusting the CA file it is given; with a CA that did
+/// not sign the broker's certificate it does not connect.
+#[tokio::test]
+async fn ingest_mqtt_logs_in_over_tls_with_a_ca_file() {
+    let ca = fieldline_testkit::secure::TestCa::new();
+    let app = spawn_over_tls(&ca, &ca).await;
     let token = app.create_device("d1").await;
     wait_ready(&app).await;
     let device = Device::connect(&app, "d1", &token).await;
     device
         .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 1, "a": 1}"#)
         .await;
-    eventually("telemetry through the TLS login", Duration::from_secs(10), || async {
-        (app.telemetry_batches().await.len() == 1).then_some(())
-    })
-    .await;
+    batches_in_jetstream(&app, 1, "telemetry through the TLS login").await;
     app.shutdown().await;
 
     // Another CA: the broker's certificate is refused and ingest-mqtt never becomes ready.
-    let env = TestEnv::new().await.with_broker().await;
-    let tls_port = env
-        .broker()
-        .add_tls_listener(&ca.server("broker-2"))
-        .await;
-    let tls_url = env.broker().tls_url(tls_port);
     let stranger = fieldline_testkit::secure::TestCa::new();
-    let stranger_file = stranger.ca_file.display().to_string();
-    let app = spawn_mqtt(env, |config| fieldline_common::Config {
-        mqtt_url: tls_url.into(),
-        mqtt_ca_file: Some(stranger_file),
-        ..config
-    })
-    .await;
+    let app = spawn_over_tls(&ca, &stranger).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ready = app
         .http
@@ -424,6 +402,10 @@ async fn ingest_mqtt_logs_in_over_tls_with_a_ca_file() {
         .send()
         .await
         .unwrap();
-    assert_eq!(ready.status(), 503, "connected to a broker it should not trust");
+    assert_eq!(
+        ready.status(),
+        503,
+        "connected to a broker it should not trust"
+    );
     app.shutdown().await;
 }

@@ -53,6 +53,14 @@ pub async fn wait_ready(app: &TestApp) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
+/// Waits until `count` telemetry batches are in JetStream.
+pub async fn batches_in_jetstream(app: &TestApp, count: usize, what: &str) {
+    fieldline_testkit::eventually(what, Duration::from_secs(20), || async {
+        (app.telemetry_batches().await.len() == count).then_some(())
+    })
+    .await;
+}
+
 /// A device on the broker: publishes and counts the PUBACKs it gets back.
 pub struct Device {
     pub client: AsyncClient,
@@ -105,8 +113,10 @@ impl Device {
     }
 }
 
+/// The plain listener of the test's broker, where test clients connect (ingest-mqtt may log
+/// in over another, TLS, listener).
 pub fn mqtt_port(app: &TestApp) -> u16 {
-    app.context.config.mqtt_host_port().1
+    app.env.broker().port
 }
 
 pub fn topic(app: &TestApp, device: &str, kind: &str) -> String {
