@@ -409,14 +409,12 @@ pub async fn dispatcher_killed_mid_retry(platform: &mut Platform) {
 /// A device's MQTT session: its account is `{root}/{project}/{device}`, its password its token.
 fn mqtt_client(platform: &Platform, device: &str, token: &str) -> AsyncClient {
     let (host, port) = platform.mqtt_host_port();
-    let mut options = MqttOptions::new(
-        format!("e2e-{}", fieldline_testkit::unique_suffix()),
-        host,
-        port,
-    );
+    // A device's user name and client id are both its topic prefix.
+    let username = format!("{}/default/{device}", platform.topic_root());
+    let mut options = MqttOptions::new(username.clone(), host, port);
     options
         .set_keep_alive(Duration::from_secs(5))
-        .set_credentials(format!("{}/default/{device}", platform.topic_root()), token);
+        .set_credentials(username, token);
     let (client, mut eventloop) = AsyncClient::new(options, 10);
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     client
@@ -628,14 +626,11 @@ pub async fn config_commands_and_backfill(platform: &Platform) {
     let retained = loop {
         assert!(tokio::time::Instant::now() < deadline, "no retained config");
         let (host, port) = platform.mqtt_host_port();
-        let mut options = MqttOptions::new(
-            format!("e2e-dev-{}", fieldline_testkit::unique_suffix()),
-            host,
-            port,
-        );
+        let username = format!("{}/default/vent-1", platform.topic_root());
+        let mut options = MqttOptions::new(username.clone(), host, port);
         options
             .set_keep_alive(Duration::from_secs(5))
-            .set_credentials(format!("{}/default/vent-1", platform.topic_root()), &token);
+            .set_credentials(username, &token);
         let (device, mut eventloop) = AsyncClient::new(options, 10);
         device.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
         let window = tokio::time::Instant::now() + Duration::from_secs(2);

@@ -415,7 +415,12 @@ async fn authenticate(req: &HttpRequest, kind: CredentialKind) -> Result<Princip
                 "key",
             ),
             CredentialKind::Device => (
-                limits.check_device(&principal.project, &principal.id, principal.rate_limit),
+                limits.check_device(
+                    crate::ratelimit::Channel::Http,
+                    &principal.project,
+                    &principal.id,
+                    principal.rate_limit,
+                ),
                 "this device",
                 "device",
             ),

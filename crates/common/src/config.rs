@@ -86,7 +86,8 @@ pub struct Config {
     /// Key from which device tokens are derived (with a random seed per token, kept in the
     /// registry), so the registry can restore every device's broker password to a broker that
     /// lost its state while storing only hashes. At least 32 characters; required with
-    /// `mqtt_admin_url`; changing it invalidates every token issued under it.
+    /// `mqtt_admin_url`. Keep it for good: the registry records a digest of the first key it
+    /// ran with and refuses to start with another.
     pub device_token_key: Option<SecretString>,
     /// How often the registry compares the broker's accounts with its devices and repairs
     /// the difference (it also does on every reconnect to the broker).

@@ -264,6 +264,14 @@ impl Limiters {
     }
 }
 
+/// Where a device's traffic is counted: its HTTP requests and its MQTT messages each have
+/// the device limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    Http,
+    Mqtt,
+}
+
 /// The limits of one process, shared by its services. Cheap to clone.
 #[derive(Clone)]
 pub struct RateLimits {
@@ -364,9 +372,12 @@ impl RateLimits {
         self.inner.keys.check(self.hash(key_id), limit)
     }
 
-    /// Counts one request (HTTP) or message (MQTT) of a device.
+    /// Counts one request of a device on the HTTP ingest routes, or (`channel`
+    /// [`Channel::Mqtt`]) one of its MQTT messages: the two are counted apart, also when one
+    /// process runs both edges.
     pub fn check_device(
         &self,
+        channel: Channel,
         project: &str,
         device_id: &str,
         project_override: Option<Limit>,
@@ -374,7 +385,7 @@ impl RateLimits {
         let limit = self.device_limit(project_override);
         self.inner
             .devices
-            .check(self.hash((project, device_id)), limit)
+            .check(self.hash((channel, project, device_id)), limit)
     }
 
     /// Whether a drop of this device's message should be logged: once per
@@ -551,7 +562,7 @@ mod tests {
             config.rate_device_period = Duration::from_secs(1);
         });
         for device in 0..1000 {
-            limits.check_device("p", &device.to_string(), None);
+            limits.check_device(Channel::Http, "p", &device.to_string(), None);
         }
         assert_eq!(limits.inner.devices.sweep(), 1000);
         std::thread::sleep(Duration::from_millis(1100));

@@ -35,8 +35,13 @@ const COMMAND_TOPIC: &str = "$CONTROL/dynamic-security/v1";
 const RESPONSE_TOPIC: &str = "$CONTROL/dynamic-security/v1/response";
 /// How long the broker has to answer one message of commands.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Commands in one control message, and devices and accounts read per page.
+/// Devices read, and accounts listed, per page.
 const BATCH: usize = 200;
+/// The largest control message sent: a page's commands go out in several of these.
+const MAX_COMMAND_BYTES: usize = 64 << 10;
+/// How long a create, rotation or deletion waits for the broker before it answers; the
+/// change goes on in the background, and the repair loop catches a failure.
+const REQUEST_WAIT: Duration = Duration::from_secs(3);
 /// The largest answer taken from the broker: a page of accounts is far smaller.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
 
@@ -76,6 +81,10 @@ struct Inner {
     repo: Repo,
     /// Asks the repair loop for a full comparison now.
     repair: Notify,
+    /// Held by a change (create, rotation, deletion) and by the repair of one page of devices
+    /// from reading them to the broker's answer: a rotation cannot land between a page's read
+    /// and its repair, which would set the old password again.
+    changes: tokio::sync::Mutex<()>,
 }
 
 impl BrokerAccounts {
@@ -100,7 +109,7 @@ impl BrokerAccounts {
         )?;
         options
             .set_clean_session(true)
-            .set_max_packet_size(MAX_ANSWER_BYTES, config.mqtt_max_packet_bytes.max(64 << 10));
+            .set_max_packet_size(MAX_ANSWER_BYTES, MAX_COMMAND_BYTES * 2);
         let (client, eventloop) = AsyncClient::new(options, 64);
         let ingest_login = config.mqtt_login();
         let ingest = match (&ingest_login.username, ingest_login.password()) {
@@ -117,6 +126,7 @@ impl BrokerAccounts {
             ingest,
             repo,
             repair: Notify::new(),
+            changes: tokio::sync::Mutex::new(()),
         });
         context.tasks.spawn(poll_broker(
             inner.clone(),
@@ -138,23 +148,47 @@ impl BrokerAccounts {
     }
 
     /// Gives the device an account whose password is `token` (a new device, or a rotated
-    /// token: the broker then cuts the session that used the old one). A failure is logged and
-    /// left to the repair loop: the device exists, and gets its account once the broker is back.
+    /// token: the broker then cuts the session that used the old one). Waits for the broker
+    /// at most [`REQUEST_WAIT`]; the change runs in a task of its own, so a caller that goes
+    /// away (an HTTP client hanging up) does not cancel it. A failure is logged and left to
+    /// the repair loop: the device exists, and gets its account once the broker is back.
     pub async fn put_device(&self, project: &str, device_id: &str, token: &str) {
         let Some(inner) = &self.inner else { return };
-        if let Err(error) = inner.put_device(project, device_id, token).await {
-            tracing::warn!(error = %error, project, device_id, "broker account not updated; repairing later");
-            inner.repair.notify_one();
-        }
+        let (inner, project, device_id, token) = (
+            inner.clone(),
+            project.to_owned(),
+            device_id.to_owned(),
+            token.to_owned(),
+        );
+        Self::in_background(tokio::spawn(async move {
+            let _change = inner.changes.lock().await;
+            if let Err(error) = inner.put_device(&project, &device_id, &token).await {
+                tracing::warn!(error = %error, project, device_id, "broker account not updated; repairing later");
+                inner.repair.notify_one();
+            }
+        }))
+        .await;
     }
 
-    /// Removes the device's account (the broker cuts its session at once).
+    /// Removes the device's account (the broker cuts its session at once), as
+    /// [`BrokerAccounts::put_device`] does its change.
     pub async fn remove_device(&self, project: &str, device_id: &str) {
         let Some(inner) = &self.inner else { return };
+        let inner = inner.clone();
         let username = Self::username(&inner.root, project, device_id);
-        if let Err(error) = inner.remove_accounts(&[username]).await {
-            tracing::warn!(error = %error, project, device_id, "broker account not removed; repairing later");
-            inner.repair.notify_one();
+        Self::in_background(tokio::spawn(async move {
+            let _change = inner.changes.lock().await;
+            if let Err(error) = inner.remove_accounts(std::slice::from_ref(&username)).await {
+                tracing::warn!(error = %error, username, "broker account not removed; repairing later");
+                inner.repair.notify_one();
+            }
+        }))
+        .await;
+    }
+
+    async fn in_background(change: tokio::task::JoinHandle<()>) {
+        if tokio::time::timeout(REQUEST_WAIT, change).await.is_err() {
+            tracing::info!("the broker has not answered yet; the change goes on in the background");
         }
     }
 }
@@ -182,6 +216,16 @@ async fn poll_broker(
                 if let Err(error) = inner.client.try_subscribe(RESPONSE_TOPIC, QoS::AtLeastOnce) {
                     tracing::warn!(error = %error, "could not subscribe to the broker's answers");
                 }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack)))
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|code| matches!(code, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                tracing::error!(
+                    "the broker refused the answers' topic to the admin account: it needs the Dynamic Security admin role"
+                );
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 failures = 0;
@@ -266,6 +310,7 @@ impl Repairs {
 /// One account as the broker lists it.
 struct Listed {
     fingerprint: Option<String>,
+    clientid: Option<String>,
 }
 
 impl Inner {
@@ -364,6 +409,8 @@ impl Inner {
             {"acltype": "publishClientSend", "topic": format!("{username}/commands/ack"), "allow": true},
             {"acltype": "subscribeLiteral", "topic": format!("{username}/config"), "allow": true},
             {"acltype": "subscribeLiteral", "topic": format!("{username}/commands"), "allow": true},
+            {"acltype": "publishClientReceive", "topic": format!("{username}/config"), "allow": true},
+            {"acltype": "publishClientReceive", "topic": format!("{username}/commands"), "allow": true},
         ])
     }
 
@@ -379,6 +426,9 @@ impl Inner {
             json!({
                 "command": "createClient",
                 "username": username,
+                // The account connects with this client id only: no device can take over
+                // another's session (or ingest-mqtt's) by connecting with its client id.
+                "clientid": username,
                 "password": token,
                 "textname": "fieldline device",
                 "textdescription": self.tokens.fingerprint(token),
@@ -387,14 +437,23 @@ impl Inner {
         ]
     }
 
-    /// The commands that give an existing account a new password (cutting its session).
+    /// The commands that give an existing device account a new password (cutting its
+    /// session), and its client id.
     fn set_password_commands(&self, username: &str, token: &str) -> Vec<Value> {
+        let mut commands = self.set_service_password_commands(username, token);
+        commands[1]["clientid"] = json!(username);
+        commands
+    }
+
+    /// The commands that give ingest-mqtt's account a new password: it connects with several
+    /// client ids, so none is bound to it.
+    fn set_service_password_commands(&self, username: &str, password: &str) -> Vec<Value> {
         vec![
-            json!({"command": "setClientPassword", "username": username, "password": token}),
+            json!({"command": "setClientPassword", "username": username, "password": password}),
             json!({
                 "command": "modifyClient",
                 "username": username,
-                "textdescription": self.tokens.fingerprint(token),
+                "textdescription": self.tokens.fingerprint(password),
             }),
         ]
     }
@@ -431,7 +490,7 @@ impl Inner {
                 ]
             })
             .collect();
-        self.run_checked(commands, not_found).await?;
+        self.run_chunked(commands, not_found).await?;
         Ok(())
     }
 
@@ -444,13 +503,14 @@ impl Inner {
             {"acltype": "unsubscribePattern", "topic": format!("$share/{}/{}/+/+/#", self.share_group, self.root), "allow": true},
             {"acltype": "publishClientSend", "topic": format!("{}/+/+/config", self.root), "allow": true},
             {"acltype": "publishClientSend", "topic": format!("{}/+/+/commands", self.root), "allow": true},
+            {"acltype": "publishClientReceive", "topic": format!("{}/#", self.root), "allow": true},
         ]);
         let mut commands = vec![
             json!({
                 "command": "setDefaultACLAccess",
                 "acls": [
                     {"acltype": "publishClientSend", "allow": false},
-                    {"acltype": "publishClientReceive", "allow": true},
+                    {"acltype": "publishClientReceive", "allow": false},
                     {"acltype": "subscribe", "allow": false},
                     {"acltype": "unsubscribe", "allow": true},
                 ],
@@ -502,7 +562,8 @@ impl Inner {
             if client["textdescription"].as_str()
                 != self.tokens.fingerprint(password.expose_secret()).as_deref()
             {
-                fixes.extend(self.set_password_commands(username, password.expose_secret()));
+                fixes
+                    .extend(self.set_service_password_commands(username, password.expose_secret()));
             }
             let has_role = client["roles"].as_array().is_some_and(|roles| {
                 roles
@@ -545,6 +606,7 @@ impl Inner {
                         username.to_owned(),
                         Listed {
                             fingerprint: client["textdescription"].as_str().map(str::to_owned),
+                            clientid: client["clientid"].as_str().map(str::to_owned),
                         },
                     );
                 }
@@ -557,20 +619,55 @@ impl Inner {
         }
     }
 
+    /// Runs `commands` in as many control messages as their size needs (a message stays
+    /// under [`MAX_COMMAND_BYTES`]); answers in order.
+    async fn run_chunked(
+        &self,
+        commands: Vec<Value>,
+        tolerated: impl Fn(&str) -> bool + Copy,
+    ) -> Result<Vec<Answer>, BrokerError> {
+        let mut answers = Vec::with_capacity(commands.len());
+        let mut chunk = Vec::new();
+        let mut chunk_bytes = 0;
+        for command in commands {
+            let size = command.to_string().len() + 64;
+            if !chunk.is_empty() && chunk_bytes + size > MAX_COMMAND_BYTES {
+                answers.extend(
+                    self.run_checked(std::mem::take(&mut chunk), tolerated)
+                        .await?,
+                );
+                chunk_bytes = 0;
+            }
+            chunk_bytes += size;
+            chunk.push(command);
+        }
+        if !chunk.is_empty() {
+            answers.extend(self.run_checked(chunk, tolerated).await?);
+        }
+        Ok(answers)
+    }
+
     /// Makes the broker's accounts what the registry says: service accounts first, then every
-    /// device's (created, or given its current password), then accounts of devices that no
-    /// longer exist removed. The broker is listed before the devices are read, so a device
-    /// created meanwhile is never taken for one that is gone.
+    /// device's (created, or given its current password and client id), then accounts of
+    /// devices that no longer exist removed. The broker is listed before the devices are read,
+    /// so a device created meanwhile is never taken for one that is gone; each page is
+    /// repaired under [`Inner::changes`], so a rotation never lands between a page's read and
+    /// its repair; accounts that look gone are checked against the database once more, under
+    /// the same lock, before they are removed. A page the broker refuses is counted and the
+    /// rest goes on; the pass then fails, and is tried again.
     async fn reconcile(&self) -> Result<Repairs, anyhow::Error> {
         self.ensure_service_accounts().await?;
         let mut listed = self.listed_device_accounts().await?;
         let mut repairs = Repairs::default();
+        let mut failed_pages = 0usize;
         let mut after: Option<(String, String)> = None;
         loop {
+            let _change = self.changes.lock().await;
             let page = self.repo.device_seeds(after.as_ref(), BATCH as i64).await?;
             let Some(last) = page.last() else { break };
             after = Some((last.project.clone(), last.device_id.clone()));
-            let mut commands = Vec::new();
+            let mut creates = Vec::new();
+            let mut updates = Vec::new();
             for device in &page {
                 let username =
                     BrokerAccounts::username(&self.root, &device.project, &device.device_id);
@@ -584,26 +681,35 @@ impl Inner {
                     continue;
                 };
                 match on_broker {
-                    None => {
-                        repairs.created += 1;
-                        commands.extend(self.create_device_commands(&username, &token));
-                    }
-                    Some(account) if account.fingerprint != self.tokens.fingerprint(&token) => {
+                    None => creates.push((username, token)),
+                    Some(account)
+                        if account.fingerprint != self.tokens.fingerprint(&token)
+                            || account.clientid.as_deref() != Some(username.as_str()) =>
+                    {
+                        updates.extend(self.set_password_commands(&username, &token));
                         repairs.updated += 1;
-                        commands.extend(self.set_password_commands(&username, &token));
                     }
                     Some(_) => {}
                 }
             }
-            if !commands.is_empty() {
-                // A device created by a request since the listing already has its account.
-                self.run_checked(commands, already_exists).await?;
+            if let Err(error) = self.repair_page(creates, updates, &mut repairs).await {
+                tracing::warn!(error = %error, "broker accounts of one page of devices not repaired");
+                failed_pages += 1;
             }
         }
-        let gone: Vec<String> = listed.into_keys().collect();
-        repairs.removed = gone.len();
-        for chunk in gone.chunks(BATCH / 2) {
-            self.remove_accounts(chunk).await?;
+        if !listed.is_empty() {
+            let _change = self.changes.lock().await;
+            let candidates: Vec<String> = listed.into_keys().collect();
+            let still_there = self.repo.existing_devices(&self.root, &candidates).await?;
+            let gone: Vec<String> = candidates
+                .into_iter()
+                .filter(|username| !still_there.contains(username))
+                .collect();
+            repairs.removed = gone.len();
+            if let Err(error) = self.remove_accounts(&gone).await {
+                tracing::warn!(error = %error, "broker accounts of deleted devices not removed");
+                failed_pages += 1;
+            }
         }
         for (action, count) in [
             ("created", repairs.created),
@@ -613,7 +719,38 @@ impl Inner {
             metrics::counter!("fieldline_mqtt_accounts_repaired_total", "action" => action)
                 .increment(count as u64);
         }
+        anyhow::ensure!(
+            failed_pages == 0,
+            "{failed_pages} pages of broker accounts not repaired"
+        );
         Ok(repairs)
+    }
+
+    /// Creates the missing accounts of one page and updates the stale ones. An account that
+    /// turns out to exist (the listing moved while accounts changed) is given its current
+    /// password as well.
+    async fn repair_page(
+        &self,
+        creates: Vec<(String, String)>,
+        updates: Vec<Value>,
+        repairs: &mut Repairs,
+    ) -> Result<(), BrokerError> {
+        let commands: Vec<Value> = creates
+            .iter()
+            .flat_map(|(username, token)| self.create_device_commands(username, token))
+            .collect();
+        let answers = self.run_chunked(commands, already_exists).await?;
+        let mut follow_up = updates;
+        for ((username, token), pair) in creates.iter().zip(answers.chunks(2)) {
+            match pair.get(1).and_then(|answer| answer.error.as_deref()) {
+                Some(_) => follow_up.extend(self.set_password_commands(username, token)),
+                None => repairs.created += 1,
+            }
+        }
+        if !follow_up.is_empty() {
+            self.run_chunked(follow_up, |_| false).await?;
+        }
+        Ok(())
     }
 }
 

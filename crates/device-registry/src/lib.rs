@@ -79,13 +79,15 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let outbox_wake = Arc::new(Notify::new());
     outbox::start_relay(context, repo.clone(), outbox_wake.clone());
     consumer::state::start(context, repo.clone(), outbox_wake.clone()).await?;
+    let tokens = DeviceTokens::new(context.config.device_token_key.clone());
+    check_token_key(&tokens, &repo).await?;
     let broker = BrokerAccounts::start(context, repo.clone())?;
 
     let state = web::Data::new(State {
         repo,
         context: context.clone(),
         outbox_wake,
-        tokens: DeviceTokens::new(context.config.device_token_key.clone()),
+        tokens,
         broker,
     });
     let routes = Arc::new(move |cfg: &mut web::ServiceConfig| {
@@ -103,6 +105,20 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
         routes: Some(routes),
         ready: None,
     })
+}
+
+/// Refuses a token key other than the one this registry's tokens were derived from: with
+/// it, every device's broker account would get a password its device does not have.
+async fn check_token_key(tokens: &DeviceTokens, repo: &Repo) -> anyhow::Result<()> {
+    let Some(digest) = tokens.fingerprint("fieldline token key check") else {
+        return Ok(());
+    };
+    let recorded = repo.token_key_digest(&digest).await?;
+    anyhow::ensure!(
+        recorded == digest,
+        "FIELDLINE_DEVICE_TOKEN_KEY is not the key this registry's device tokens were derived from; start it with that key"
+    );
+    Ok(())
 }
 
 async fn bootstrap(context: &Context, repo: &Repo) -> anyhow::Result<()> {

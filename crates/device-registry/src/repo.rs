@@ -498,6 +498,56 @@ impl Repo {
         Ok(updated == 1)
     }
 
+    /// The digest of the token key recorded by the first start with a key, recording
+    /// `digest` if there is none yet.
+    pub async fn token_key_digest(&self, digest: &str) -> Result<String, ApiError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO registry.token_key_check (digest) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&digest],
+            )
+            .await?;
+        let row = client
+            .query_one("SELECT digest FROM registry.token_key_check", &[])
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Which of the broker accounts `usernames` (`{root}/{project}/{device}`) belong to a
+    /// device that exists now.
+    pub async fn existing_devices(
+        &self,
+        root: &str,
+        usernames: &[String],
+    ) -> Result<std::collections::HashSet<String>, ApiError> {
+        let (projects, ids): (Vec<&str>, Vec<&str>) = usernames
+            .iter()
+            .filter_map(|username| {
+                username
+                    .strip_prefix(root)?
+                    .strip_prefix('/')?
+                    .split_once('/')
+            })
+            .unzip();
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT d.project, d.id FROM registry.devices d
+                 JOIN unnest($1::text[], $2::text[]) AS wanted(project, id)
+                   ON d.project = wanted.project AND d.id = wanted.id",
+                &[&projects, &ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let (project, id): (String, String) = (row.get(0), row.get(1));
+                format!("{root}/{project}/{id}")
+            })
+            .collect())
+    }
+
     /// One page of every project's devices with their token seeds, in (project, id) order
     /// after `after`: what the broker's accounts should be.
     pub async fn device_seeds(

@@ -377,10 +377,12 @@ async fn handle(
     };
     // Every uplink message counts; one over the device's limit is acknowledged (so the
     // device's session does not stall) and dropped, never published.
-    let decision =
-        context
-            .limits
-            .check_device(project.as_str(), device_id.as_str(), device.rate_limit);
+    let decision = context.limits.check_device(
+        fieldline_common::ratelimit::Channel::Mqtt,
+        project.as_str(),
+        device_id.as_str(),
+        device.rate_limit,
+    );
     if !decision.allowed {
         return rate_limited(
             context,

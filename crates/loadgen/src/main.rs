@@ -206,7 +206,12 @@ fn limiter_cost() -> (f64, f64) {
     let key_ns = started.elapsed().as_nanos() as f64 / checks as f64;
     let started = std::time::Instant::now();
     for index in 0..checks {
-        std::hint::black_box(limits.check_device("default", &keys[index % keys.len()], None));
+        std::hint::black_box(limits.check_device(
+            fieldline_common::ratelimit::Channel::Mqtt,
+            "default",
+            &keys[index % keys.len()],
+            None,
+        ));
     }
     let device_ns = started.elapsed().as_nanos() as f64 / checks as f64;
     (key_ns, device_ns)

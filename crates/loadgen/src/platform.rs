@@ -96,6 +96,8 @@ impl Servers {
         if open_broker {
             return self.client_of(self.open_broker.port, None, client_id, inflight, capacity);
         }
+        // On the platform's broker a device connects with its user name as client id.
+        let client_id = username.to_owned();
         self.client_of(
             self.broker.port,
             Some((username, token)),
@@ -239,8 +241,14 @@ impl Platform {
                 format!("mqtt://127.0.0.1:{}", self.servers.open_broker.port),
             );
         } else {
+            // An ingest-mqtt account of this platform's own: the platforms of one bench
+            // share the broker, one after the other.
+            let ingest_url = self
+                .servers
+                .broker
+                .login_url(&format!("{}-ingest", self.id), &self.token_key);
             command
-                .env("FIELDLINE_MQTT_URL", self.servers.broker.url())
+                .env("FIELDLINE_MQTT_URL", ingest_url)
                 .env("FIELDLINE_MQTT_ADMIN_URL", self.servers.broker.admin_url());
         }
         for (key, value) in extra_env {

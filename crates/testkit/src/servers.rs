@@ -211,6 +211,12 @@ impl PrivateMosquitto {
         )
     }
 
+    /// Another ingest-mqtt login (`mqtt_url`), for several platforms on one broker: the
+    /// registry creates the account.
+    pub fn login_url(&self, user: &str, password: &str) -> String {
+        format!("mqtt://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+
     /// The registry's login to the Dynamic Security plugin (`mqtt_admin_url`).
     pub fn admin_url(&self) -> String {
         format!(
@@ -261,9 +267,10 @@ impl PrivateMosquitto {
             &["/usr/bin/mosquitto_ctrl", "/usr/sbin/mosquitto_ctrl"],
         );
         let port = self.port.to_string();
-        let steps: [&[&str]; 5] = [
+        let steps: [&[&str]; 6] = [
             &["createRole", user],
             &["addRoleACL", user, "publishClientSend", "#", "allow"],
+            &["addRoleACL", user, "publishClientReceive", "#", "allow"],
             &["addRoleACL", user, "subscribePattern", "#", "allow"],
             &["createClient", user, "-p", password],
             &["addClientRole", user, user],

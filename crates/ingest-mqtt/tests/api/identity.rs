@@ -22,13 +22,22 @@ fn username(app: &TestApp, device: &str) -> String {
     format!("{}/default/{device}", app.context.config.mqtt_topic_root)
 }
 
-/// How a login ends: accepted, or the CONNACK's refusal.
+/// How a login ends: accepted, or the CONNACK's refusal. A device's client id is its user
+/// name.
 async fn login(app: &TestApp, user: Option<(&str, &str)>) -> Result<(), ConnectReturnCode> {
-    let mut options = MqttOptions::new(
-        format!("probe-{}", fieldline_testkit::unique_suffix()),
-        "127.0.0.1",
-        mqtt_port(app),
+    let client_id = user.map_or_else(
+        || format!("probe-{}", fieldline_testkit::unique_suffix()),
+        |(user, _)| user.to_owned(),
     );
+    login_as(app, &client_id, user).await
+}
+
+async fn login_as(
+    app: &TestApp,
+    client_id: &str,
+    user: Option<(&str, &str)>,
+) -> Result<(), ConnectReturnCode> {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", mqtt_port(app));
     if let Some((user, password)) = user {
         options.set_credentials(user, password);
     }
@@ -57,11 +66,7 @@ struct Session {
 
 impl Session {
     async fn open(app: &TestApp, user: &str, password: &str) -> Self {
-        let mut options = MqttOptions::new(
-            format!("session-{}", fieldline_testkit::unique_suffix()),
-            "127.0.0.1",
-            mqtt_port(app),
-        );
+        let mut options = MqttOptions::new(user, "127.0.0.1", mqtt_port(app));
         options
             .set_keep_alive(Duration::from_secs(5))
             .set_credentials(user, password);
@@ -180,6 +185,8 @@ async fn a_device_speaks_only_for_itself() {
     assert!(app.heartbeats().await.is_empty());
 
     // Reading: its own config and commands only; never another's, never the ingest share.
+    // (One connection per device: its client id is its user name.)
+    device.close().await;
     let session = Session::open(&app, &username(&app, "d1"), &token).await;
     assert!(!refused(
         &session.subscribe(&topic(&app, "d1", "config")).await
@@ -222,6 +229,18 @@ async fn anonymous_and_wrong_logins_are_refused() {
     let other = app.create_device("d2").await;
     assert!(login(&app, Some((&user, &other))).await.is_err());
     assert!(login(&app, Some((&user, &token))).await.is_ok());
+    // A device connects with its own client id only: not another device's, not ingest-mqtt's
+    // (whose persistent session holds the share of everybody's readings).
+    let other_user = username(&app, "d2");
+    let ingest_id = app.context.config.ingest_mqtt_client_id();
+    for client_id in [other_user.as_str(), ingest_id.as_str(), "any-id"] {
+        assert!(
+            login_as(&app, client_id, Some((&user, &token)))
+                .await
+                .is_err(),
+            "{client_id} accepted for {user}"
+        );
+    }
     app.shutdown().await;
 }
 

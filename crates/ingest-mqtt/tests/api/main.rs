@@ -65,29 +65,32 @@ pub async fn batches_in_jetstream(app: &TestApp, count: usize, what: &str) {
 pub struct Device {
     pub client: AsyncClient,
     pub pubacks: Arc<AtomicUsize>,
+    events: tokio::task::JoinHandle<()>,
 }
 
 impl Device {
-    /// Logs in as device `id` of project `default` with its token.
+    /// Logs in as device `id` of project `default` with its token (a device's client id is
+    /// its user name).
     pub async fn connect(app: &TestApp, id: &str, token: &str) -> Self {
         let username = format!("{}/default/{id}", app.context.config.mqtt_topic_root);
-        Self::connect_as(mqtt_port(app), &username, token).await
+        Self::connect_with_id(mqtt_port(app), &username, &username, token).await
     }
 
     /// Logs in with any user and password (another account, or a wrong password).
     pub async fn connect_as(port: u16, username: &str, password: &str) -> Self {
-        let mut options = MqttOptions::new(
-            format!("dev-{}", fieldline_testkit::unique_suffix()),
-            "127.0.0.1",
-            port,
-        );
+        let client_id = format!("dev-{}", fieldline_testkit::unique_suffix());
+        Self::connect_with_id(port, &client_id, username, password).await
+    }
+
+    async fn connect_with_id(port: u16, client_id: &str, username: &str, password: &str) -> Self {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options
             .set_keep_alive(Duration::from_secs(5))
             .set_credentials(username, password);
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         let pubacks = Arc::new(AtomicUsize::new(0));
         let counter = pubacks.clone();
-        tokio::spawn(async move {
+        let events = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
@@ -98,7 +101,11 @@ impl Device {
                 }
             }
         });
-        Self { client, pubacks }
+        Self {
+            client,
+            pubacks,
+            events,
+        }
     }
 
     pub async fn publish(&self, topic: &str, payload: &str) {
@@ -110,6 +117,13 @@ impl Device {
 
     pub fn pubacks(&self) -> usize {
         self.pubacks.load(Ordering::SeqCst)
+    }
+
+    /// Disconnects for good (the event loop would otherwise connect again).
+    pub async fn close(self) {
+        let _ = self.client.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.events.abort();
     }
 }
 
