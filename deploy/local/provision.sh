@@ -154,6 +154,8 @@ nats_jetstream() {
 # Mosquitto PUBACKs a device's QoS 1 message on receipt, then drops it if ingest-mqtt's
 # session already has 1000 queued (the default): under load that loses acknowledged
 # readings. A larger in-flight window lets ingest-mqtt pipeline its JetStream publishes.
+# max_packet_size keeps every packet within what ingest-mqtt's client reads (a larger one
+# would end its connection, again on every reconnect).
 # A reload (SIGHUP) did not apply them to the queues (make bench still saw drops), so a
 # running broker is stopped and started again with them; its persistence keeps sessions
 # and retained messages.
@@ -198,8 +200,9 @@ ensure_mqtt_accounts() {
 tune_mosquitto() {
     [[ -f $MQTT_CONF ]] || return 0
     local settings line missing=0 plugin
-    settings=$(grep -E '^max_(queued|inflight)_messages ' "$MQTT_FIELDLINE_CONF") \
-        || die "no max_queued_messages/max_inflight_messages in $MQTT_FIELDLINE_CONF"
+    settings=$(grep -E '^(max_(queued|inflight)_messages|max_packet_size) ' "$MQTT_FIELDLINE_CONF") \
+        || die "no max_queued_messages/max_inflight_messages/max_packet_size in $MQTT_FIELDLINE_CONF"
+    [[ $settings == *max_packet_size* ]] || die "no max_packet_size in $MQTT_FIELDLINE_CONF"
     plugin=$(dynsec_plugin) || die "mosquitto_dynamic_security.so not found (Debian's mosquitto package ships it)"
     settings+=$'\n'"allow_anonymous false"$'\n'"plugin $plugin"$'\n'"plugin_opt_config_file $MQTT_ACCOUNTS"
     ensure_mqtt_accounts
@@ -223,7 +226,7 @@ tune_mosquitto() {
     local current kept
     current=$("${SUDO[@]}" cat "$MQTT_CONF") || die "cannot read $MQTT_CONF"
     kept=$(printf '%s\n' "$current" \
-        | grep -vE '^(max_(queued|inflight)_messages|allow_anonymous|plugin|plugin_opt_config_file)([[:space:]]|$)' \
+        | grep -vE '^(max_(queued|inflight)_messages|max_packet_size|allow_anonymous|plugin|plugin_opt_config_file)([[:space:]]|$)' \
         | grep -vxF -e "$MQTT_TUNING_MARK" -e "$MQTT_OLD_TUNING_MARK" || true)
     say "setting Fieldline's broker settings (device identity, queues) in $MQTT_CONF"
     printf '%s\n\n%s\n%s\n' "$kept" "$MQTT_TUNING_MARK" "$settings" | "${SUDO[@]}" tee "$MQTT_CONF" >/dev/null

@@ -100,8 +100,22 @@ pub struct Config {
     pub mqtt_topic_root: String,
     /// Shared-subscription group that all ingest-mqtt instances join.
     pub mqtt_share_group: String,
-    /// Largest MQTT packet accepted or sent, in bytes.
+    // ---- MQTT oversize and junk: see docs/decisions/2026-12-04-mqtt-oversize-and-junk.md.
+    /// Largest MQTT packet, in bytes, whole (headers, topic and payload): what ingest-mqtt's
+    /// connections read and send. The broker must refuse larger packets itself (Mosquitto
+    /// `max_packet_size`, the same figure, as deploy/mosquitto/mosquitto.conf sets it): a
+    /// packet over the client's limit ends its connection, so one the broker still sends (a
+    /// broker without the limit, a session stored before it) is read once on a connection of
+    /// its own and dropped as too large.
     pub mqtt_max_packet_bytes: usize,
+    /// Largest MQTT message payload ingest-mqtt takes, in bytes (at most
+    /// `mqtt_max_packet_bytes`). A larger one is acknowledged to the broker, dropped and
+    /// counted (`fieldline_mqtt_dropped_total{reason="too_large"}`); the connection goes on.
+    pub mqtt_max_message_bytes: usize,
+    /// QoS 0 messages each ingest-mqtt connection holds waiting for its pipeline. The broker
+    /// bounds QoS 1 by its in-flight window, but sends QoS 0 as fast as it comes: past this
+    /// many, a QoS 0 message is dropped and counted (`reason="overload"`).
+    pub mqtt_qos0_backlog: usize,
     /// Connections each ingest-mqtt instance opens into the shared subscription. The broker
     /// bounds the unacknowledged messages per connection (Mosquitto: `max_inflight_messages`,
     /// 20 by default), and ingest-mqtt acks only once JetStream has a message, so its
@@ -264,7 +278,9 @@ impl Default for Config {
             mqtt_client_id: None,
             mqtt_topic_root: "fl".into(),
             mqtt_share_group: "fieldline-ingest".into(),
-            mqtt_max_packet_bytes: 256 * 1024,
+            mqtt_max_packet_bytes: 1024 * 1024,
+            mqtt_max_message_bytes: 256 * 1024,
+            mqtt_qos0_backlog: 1024,
             mqtt_connections: 8,
             mqtt_publishes_in_flight: 256,
             bus_prefix: "fl".into(),
@@ -448,6 +464,9 @@ impl Config {
         if !(1..=65_536).contains(&self.mqtt_publishes_in_flight) {
             return invalid("mqtt_publishes_in_flight", "use 1 to 65536".into());
         }
+        if let Err((field, message)) = self.validate_mqtt_sizes() {
+            return invalid(field, message);
+        }
         if let Err(message) = BrokerLogin::parse(self.mqtt_url.expose_secret()) {
             return invalid("mqtt_url", message);
         }
@@ -529,6 +548,27 @@ impl Config {
         }
         if let Err((field, message)) = self.validate_rate_limits() {
             return invalid(field, message);
+        }
+        Ok(())
+    }
+
+    fn validate_mqtt_sizes(&self) -> Result<(), (&'static str, String)> {
+        // The MQTT protocol's own maximum (a remaining length of four bytes).
+        const MQTT_MAX_PACKET: usize = 268_435_455;
+        if !(4096..=MQTT_MAX_PACKET).contains(&self.mqtt_max_packet_bytes) {
+            return Err((
+                "mqtt_max_packet_bytes",
+                format!("use 4096 to {MQTT_MAX_PACKET}"),
+            ));
+        }
+        if !(1024..=self.mqtt_max_packet_bytes).contains(&self.mqtt_max_message_bytes) {
+            return Err((
+                "mqtt_max_message_bytes",
+                "use 1024 up to mqtt_max_packet_bytes".into(),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.mqtt_qos0_backlog) {
+            return Err(("mqtt_qos0_backlog", "use 1 to 1000000".into()));
         }
         Ok(())
     }
@@ -700,6 +740,14 @@ mod tests {
             let error = Config::figment(None).unwrap_err().to_string();
             assert!(error.contains("mqtt_url"), "{error}");
             jail.set_env("FIELDLINE_MQTT_URL", "mqtt://broker:1884");
+            jail.set_env("FIELDLINE_MQTT_MAX_MESSAGE_BYTES", "2000000");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("mqtt_max_message_bytes"), "{error}");
+            jail.set_env("FIELDLINE_MQTT_MAX_MESSAGE_BYTES", "262144");
+            jail.set_env("FIELDLINE_MQTT_QOS0_BACKLOG", "0");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("mqtt_qos0_backlog"), "{error}");
+            jail.set_env("FIELDLINE_MQTT_QOS0_BACKLOG", "1024");
             jail.set_env("FIELDLINE_WEBHOOK_RETRY_SCHEDULE", "5s,soon");
             let error = Config::figment(None).unwrap_err().to_string();
             assert!(error.contains("webhook_retry_schedule"), "{error}");

@@ -14,6 +14,7 @@ pub mod error;
 pub mod extract;
 pub mod ids;
 pub mod ingest;
+pub mod logthrottle;
 pub mod mqtt;
 pub mod names;
 pub mod openapi;

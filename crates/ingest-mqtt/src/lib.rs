@@ -6,14 +6,17 @@
 
 mod coalesce;
 mod downlink;
+mod handover;
+mod poison;
 mod topic;
 
 use std::{
+    panic::AssertUnwindSafe,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use fieldline_common::{
@@ -22,6 +25,7 @@ use fieldline_common::{
     bus::rpc,
     commands::MqttCommandAck,
     ingest::{self, ParseError, Parsed, PublishError, Publisher},
+    logthrottle::LogThrottle,
     ratelimit::Decision,
     service::ReadyCheck,
     time::now_us,
@@ -29,13 +33,18 @@ use fieldline_common::{
 use fieldline_proto::v1::{CommandReport, CommandReportResponse};
 use futures::{FutureExt, StreamExt, stream::FuturesOrdered};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     coalesce::{Coalescer, PublishFn, Sent},
+    poison::Remedy,
     topic::Uplink,
 };
+
+/// Warnings that come once per message (drops, retries while a server is down) are written
+/// once per reason every 10 s with the count left out: a NATS outage wrote 1,700 lines a
+/// second. Per process, as the log is.
+static WARNINGS: LogThrottle = LogThrottle::new(Duration::from_secs(10));
 
 /// Tries to hand a device's command ack to the registry before leaving it to the broker's
 /// redelivery.
@@ -127,23 +136,29 @@ fn connect(
         .set_inflight(IN_FLIGHT as u16);
     let (client, eventloop) = AsyncClient::new(options, 1024);
     let connected = Arc::new(AtomicBool::new(false));
-    // Unbounded on purpose: `process` acks through the event loop that `poll_broker` drives,
-    // so a bounded hand-over can deadlock (poll_broker waits for room, process waits for its
-    // acks to be sent, nobody polls, and the broker drops the silent connection after 1.5
-    // keep-alives: seen under `make bench`). What is held here is bounded by the broker's
-    // in-flight window, since nothing is acked before it is published.
-    let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
+    let session = Arc::new(AtomicU64::new(0));
+    // Never waits (`process` acks through the event loop `poll_broker` drives): QoS 1 is
+    // bounded by the broker's in-flight window, QoS 0 by the backlog.
+    let (incoming_tx, incoming_rx) = handover::channel(config.mqtt_qos0_backlog);
     context.tasks.spawn(poll_broker(
         eventloop,
-        client.clone(),
-        filters,
-        connected.clone(),
+        Connection {
+            client: client.clone(),
+            filters,
+            connected: connected.clone(),
+            session: session.clone(),
+            max_message_bytes: config.mqtt_max_message_bytes,
+        },
         incoming_tx,
         context.shutdown.clone(),
     ));
-    context
-        .tasks
-        .spawn(process(context.clone(), client, coalescer, incoming_rx));
+    context.tasks.spawn(process(
+        context.clone(),
+        client,
+        coalescer,
+        incoming_rx,
+        session,
+    ));
     connected
 }
 
@@ -188,17 +203,45 @@ fn telemetry_coalescer(context: &Context) -> Coalescer {
 struct Arrival {
     publish: Publish,
     received_at_us: i64,
+    /// The payload's size when over `mqtt_max_message_bytes`; the payload itself is let go
+    /// at once, and the message is acked and dropped in its turn.
+    too_large: Option<usize>,
+    /// The broker session it came in: acked only in that one, as a packet id of another
+    /// session may name another message.
+    session: u64,
 }
 
-/// Drives the connection: subscribes on every (re)connect, hands publishes to `process`.
-async fn poll_broker(
-    mut eventloop: EventLoop,
+/// What `poll_broker` shares with the rest of its connection.
+struct Connection {
     client: AsyncClient,
     filters: Vec<String>,
+    /// Connected and subscribed (readiness).
     connected: Arc<AtomicBool>,
-    incoming: mpsc::UnboundedSender<Arrival>,
+    /// Counts the sessions the broker started afresh (CONNACK without a session present).
+    session: Arc<AtomicU64>,
+    max_message_bytes: usize,
+}
+
+/// Drives the connection: subscribes on every (re)connect, hands publishes to `process`
+/// (dropping QoS 0 ones it has no room for), and breaks a loop of connections ended by the
+/// same message ([`poison`]).
+async fn poll_broker(
+    mut eventloop: EventLoop,
+    connection: Connection,
+    incoming: handover::Sender<Arrival>,
     shutdown: CancellationToken,
 ) {
+    let Connection {
+        client,
+        filters,
+        connected,
+        session,
+        max_message_bytes,
+    } = connection;
+    // A remedy changes the options of the next connection only; these come back after it.
+    let max_packet_bytes = eventloop.mqtt_options.max_packet_size();
+    let mut breaker = poison::Breaker::default();
+    let mut discarding_session = false;
     let mut backoff = Duration::from_millis(200);
     loop {
         let event = tokio::select! {
@@ -207,8 +250,25 @@ async fn poll_broker(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                tracing::info!(session_present = ack.session_present, "mqtt connected");
+                metrics::counter!("fieldline_mqtt_connects_total").increment(1);
+                breaker.connected(Instant::now());
                 backoff = Duration::from_millis(200);
+                eventloop
+                    .mqtt_options
+                    .set_max_packet_size(max_packet_bytes, max_packet_bytes);
+                if !ack.session_present {
+                    session.fetch_add(1, Ordering::Relaxed);
+                }
+                if discarding_session {
+                    // The clean connect discarded the session. Leave at once and come back
+                    // with a persistent one, rather than run on one that dies with the
+                    // connection.
+                    discarding_session = false;
+                    eventloop.mqtt_options.set_clean_session(false);
+                    eventloop.clean();
+                    continue;
+                }
+                tracing::info!(session_present = ack.session_present, "mqtt connected");
                 let client = client.clone();
                 let filters = filters.clone();
                 // Not awaited here: the request goes through the event loop this task polls.
@@ -224,17 +284,62 @@ async fn poll_broker(
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 connected.store(true, Ordering::Relaxed);
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Ok(Event::Incoming(Packet::Publish(mut publish))) => {
+                let size = publish.payload.len();
+                let too_large = (size > max_message_bytes).then(|| {
+                    drop(std::mem::take(&mut publish.payload));
+                    size
+                });
+                let qos = publish.qos;
                 let arrival = Arrival {
                     publish,
                     received_at_us: now_us(),
+                    too_large,
+                    session: session.load(Ordering::Relaxed),
                 };
-                if incoming.send(arrival).is_err() {
-                    break;
+                let handed = match qos {
+                    QoS::AtMostOnce => incoming.offer(arrival),
+                    QoS::AtLeastOnce | QoS::ExactlyOnce => incoming.send(arrival),
+                };
+                match handed {
+                    Ok(()) => {}
+                    Err(handover::Refused::Full) => {
+                        count_dropped("overload");
+                        if let Some(left_out) = WARNINGS.admit("overload") {
+                            tracing::warn!(
+                                left_out,
+                                "qos 0 message dropped: the pipeline is behind and its backlog full"
+                            );
+                        }
+                    }
+                    Err(handover::Refused::Closed) => break,
                 }
             }
             Ok(_) => {}
             Err(error) => {
+                match breaker.failed(&error, Instant::now()) {
+                    Remedy::None => {}
+                    Remedy::ReadLarger(size) => {
+                        tracing::warn!(
+                            size,
+                            max = max_packet_bytes,
+                            "mqtt packet over mqtt_max_packet_bytes (the broker's max_packet_size should be the same); reading it on a connection of its own to drop it"
+                        );
+                        eventloop
+                            .mqtt_options
+                            .set_max_packet_size(poison::LARGEST_READ_ONCE, max_packet_bytes);
+                    }
+                    Remedy::DiscardSession => {
+                        count_dropped("poison");
+                        tracing::error!(
+                            error = %error,
+                            connections = poison::STRIKES,
+                            "mqtt connections keep failing on a message that cannot be read; discarding this client's broker session, and with it every message the broker held for it"
+                        );
+                        eventloop.mqtt_options.set_clean_session(true);
+                        discarding_session = true;
+                    }
+                }
                 if connected.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %error, "mqtt connection lost; reconnecting");
                 } else {
@@ -270,7 +375,8 @@ async fn process(
     context: Context,
     client: AsyncClient,
     coalescer: Coalescer,
-    mut incoming: mpsc::UnboundedReceiver<Arrival>,
+    mut incoming: handover::Receiver<Arrival>,
+    session: Arc<AtomicU64>,
 ) {
     let publisher = Publisher::new(&context);
     let shared = Arc::new((context, publisher, coalescer));
@@ -282,13 +388,23 @@ async fn process(
                     let shared = shared.clone();
                     pending.push_back(async move {
                         let (context, publisher, coalescer) = &*shared;
-                        let outcome = handle(context, publisher, coalescer, &arrival).await;
-                        (arrival.publish, outcome)
+                        // A message that makes the handler panic would do it again when the
+                        // broker resends it: it is dropped, and the rest go on.
+                        let handled = AssertUnwindSafe(handle(context, publisher, coalescer, &arrival))
+                            .catch_unwind()
+                            .await;
+                        let outcome = handled.unwrap_or_else(|_| {
+                            if let Some(left_out) = WARNINGS.admit("poison") {
+                                tracing::error!(topic = %arrival.publish.topic, left_out, "mqtt message dropped: handling it panicked");
+                            }
+                            Outcome::Dropped("poison")
+                        });
+                        (arrival, outcome)
                     });
                 }
                 None => break,
             },
-            Some((publish, outcome)) = pending.next(), if !pending.is_empty() => {
+            Some((arrival, outcome)) = pending.next(), if !pending.is_empty() => {
                 let ack = match outcome {
                     Outcome::Published => {
                         metrics::counter!("fieldline_mqtt_messages_total", "outcome" => "published").increment(1);
@@ -299,23 +415,34 @@ async fn process(
                         true
                     }
                     Outcome::Dropped(reason) => {
-                        metrics::counter!("fieldline_mqtt_messages_total", "outcome" => "dropped").increment(1);
-                        metrics::counter!("fieldline_mqtt_dropped_total", "reason" => reason).increment(1);
+                        count_dropped(reason);
                         true
                     }
                     Outcome::Abandoned => false,
                 };
+                // A session started afresh since (the broker lost it, or it was discarded)
+                // does not have this message, and its packet id may name another.
                 if ack
-                    && let Err(error) = client.ack(&publish).await {
-                        tracing::warn!(error = %error, "mqtt ack failed; the broker will resend");
-                    }
+                    && arrival.session == session.load(Ordering::Relaxed)
+                    && let Err(error) = client.ack(&arrival.publish).await
+                    && let Some(left_out) = WARNINGS.admit("mqtt ack")
+                {
+                    tracing::warn!(error = %error, left_out, "mqtt ack failed; the broker will resend");
+                }
             }
         }
     }
 }
 
+fn count_dropped(reason: &'static str) {
+    metrics::counter!("fieldline_mqtt_messages_total", "outcome" => "dropped").increment(1);
+    metrics::counter!("fieldline_mqtt_dropped_total", "reason" => reason).increment(1);
+}
+
 fn drop_message(topic: &str, reason: &'static str, detail: &str) -> Outcome {
-    tracing::warn!(topic = %topic, reason, detail, "mqtt message dropped");
+    if let Some(left_out) = WARNINGS.admit(reason) {
+        tracing::warn!(topic = %topic, reason, detail, left_out, "mqtt message dropped");
+    }
     Outcome::Dropped(reason)
 }
 
@@ -325,7 +452,7 @@ const RETRY_FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Retries `attempt` with backoff until it succeeds or the service shuts down.
 async fn retry<T, E: std::fmt::Display, F, Fut>(
     shutdown: &CancellationToken,
-    what: &str,
+    what: &'static str,
     mut attempt: F,
 ) -> Option<T>
 where
@@ -337,7 +464,9 @@ where
         match attempt().await {
             Ok(value) => return Some(value),
             Err(error) => {
-                tracing::warn!(error = %error, "{what} failed; retrying");
+                if let Some(left_out) = WARNINGS.admit(what) {
+                    tracing::warn!(error = %error, left_out, "{what} failed; retrying");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(backoff) => {}
@@ -356,6 +485,13 @@ async fn handle(
 ) -> Outcome {
     let publish = &arrival.publish;
     let config = &context.config;
+    if let Some(size) = arrival.too_large {
+        let detail = format!(
+            "{size} bytes, over mqtt_max_message_bytes ({})",
+            config.mqtt_max_message_bytes
+        );
+        return drop_message(&publish.topic, "too_large", &detail);
+    }
     let Some((project, device_id, uplink)) = topic::parse(&config.mqtt_topic_root, &publish.topic)
     else {
         return drop_message(
@@ -497,7 +633,9 @@ async fn device_known(
         // Boxed: only a registry that cannot answer needs the retry loop and its timers.
         Err(error) => {
             Box::pin(async {
-                tracing::warn!(error = %error, "device lookup failed; retrying");
+                if let Some(left_out) = WARNINGS.admit("device lookup") {
+                    tracing::warn!(error = %error, left_out, "device lookup failed; retrying");
+                }
                 tokio::select! {
                     _ = context.shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(RETRY_FIRST_BACKOFF) => {}
@@ -543,7 +681,9 @@ async fn forward_ack(
         .await;
         match result {
             Err(error) if error.kind == ErrorKind::Unavailable => {
-                tracing::warn!(error = %error, attempt, "command ack report failed");
+                if let Some(left_out) = WARNINGS.admit("command ack report") {
+                    tracing::warn!(error = %error, attempt, left_out, "command ack report failed");
+                }
                 tokio::select! {
                     _ = context.shutdown.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(200 << attempt)) => {}

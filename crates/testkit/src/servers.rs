@@ -162,12 +162,15 @@ impl PrivateMosquitto {
             "allow_anonymous true\n".to_owned()
         };
         // `user root`: when tests run as root, the broker keeps root's access to its files
-        // (it ignores the option otherwise). The queue settings are deploy/mosquitto's.
+        // (it ignores the option otherwise). The queue and size settings are deploy/mosquitto's
+        // (the packet limit is ingest-mqtt's default `mqtt_max_packet_bytes`).
         let config = format!(
             "listener {port} 127.0.0.1\nuser root\n{access}\
              persistence true\npersistence_location {}/\n\
-             max_queued_messages 1000000\nmax_inflight_messages 1000\n",
-            dir.display()
+             max_queued_messages 1000000\nmax_inflight_messages 1000\n\
+             max_packet_size {}\n",
+            dir.display(),
+            fieldline_common::Config::default().mqtt_max_packet_bytes,
         );
         std::fs::write(dir.join("mosquitto.conf"), config).unwrap();
         let broker = Self {

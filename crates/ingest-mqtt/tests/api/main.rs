@@ -5,6 +5,7 @@
 mod downlink;
 mod identity;
 mod ingest;
+mod junk;
 mod limits;
 mod outages;
 
@@ -86,7 +87,10 @@ impl Device {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options
             .set_keep_alive(Duration::from_secs(5))
-            .set_credentials(username, password);
+            .set_credentials(username, password)
+            // Devices may send more than the platform takes: what the broker or ingest-mqtt
+            // then does is under test.
+            .set_max_packet_size(4 << 20, 4 << 20);
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         let pubacks = Arc::new(AtomicUsize::new(0));
         let counter = pubacks.clone();
@@ -111,6 +115,13 @@ impl Device {
     pub async fn publish(&self, topic: &str, payload: &str) {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish_qos0(&self, topic: &str, payload: &str) {
+        self.client
+            .publish(topic, QoS::AtMostOnce, false, payload.as_bytes().to_vec())
             .await
             .unwrap();
     }
