@@ -1,6 +1,6 @@
 //! webhook-dispatcher: third parties register webhooks and receive signed events
 //! (`device.data`, `device.alert`, `device.status`, `config.update`) with durable retries,
-//! auto-disable, delivery logs and replay.
+//! auto-disable by time spent failing, delivery logs and replay.
 
 mod dispatcher;
 mod domain;
