@@ -214,6 +214,18 @@ pub struct Config {
     /// busy webhook within seconds of an outage. Refused at start when set, so that an old
     /// setting is not silently ignored.
     pub webhook_disable_after: Option<u32>,
+    /// Webhook events, deliveries and attempts are kept this long after a delivery finished
+    /// (succeeded or failed), then deleted in batches. Pending deliveries are never deleted;
+    /// those of a webhook disabled longer than this, not tried within it, are failed as
+    /// expired (and deleted a window later).
+    #[serde(with = "humantime_serde")]
+    pub webhook_retention: Duration,
+    /// How often each dispatcher applies `webhook_retention` (also once at start).
+    #[serde(with = "humantime_serde")]
+    pub webhook_retention_interval: Duration,
+    /// Rows one retention statement deletes at most: each batch is its own short
+    /// transaction, so delivery never waits long behind it.
+    pub webhook_retention_batch: usize,
     /// Allow webhook URLs that resolve to private, loopback or link-local addresses (local
     /// development and tests only).
     pub webhook_allow_private: bool,
@@ -303,6 +315,9 @@ impl Default for Config {
             webhook_timeout: Duration::from_secs(10),
             webhook_disable_after_failing: Duration::from_secs(5 * 24 * 3600),
             webhook_disable_after: None,
+            webhook_retention: Duration::from_secs(30 * 24 * 3600),
+            webhook_retention_interval: Duration::from_secs(60),
+            webhook_retention_batch: 1000,
             webhook_allow_private: false,
             webhook_concurrency: 256,
             webhook_endpoint_concurrency: 8,
@@ -560,6 +575,15 @@ impl Config {
                 "must be more than 0".into(),
             ));
         }
+        if self.webhook_retention < Duration::from_secs(1) {
+            return Err(("webhook_retention", "must be at least 1s".into()));
+        }
+        if self.webhook_retention_interval < Duration::from_millis(10) {
+            return Err(("webhook_retention_interval", "must be at least 10ms".into()));
+        }
+        if !(1..=100_000).contains(&self.webhook_retention_batch) {
+            return Err(("webhook_retention_batch", "use 1 to 100000".into()));
+        }
         Ok(())
     }
 
@@ -736,11 +760,13 @@ mod tests {
             let error = Config::figment(None).unwrap_err().to_string();
             assert!(error.contains("webhook_disable_after_failing"), "{error}");
             jail.set_env("FIELDLINE_WEBHOOK_DISABLE_AFTER_FAILING", "5d");
+            jail.set_env("FIELDLINE_WEBHOOK_RETENTION", "90d");
             let config = Config::figment(None).unwrap();
             assert_eq!(
                 config.webhook_disable_after_failing,
                 Duration::from_secs(5 * 86_400)
             );
+            assert_eq!(config.webhook_retention, Duration::from_secs(90 * 86_400));
             Ok(())
         });
     }

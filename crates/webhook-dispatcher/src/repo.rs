@@ -897,6 +897,107 @@ impl Repo {
         }))
     }
 
+    /// Retention, step 1: pending deliveries of webhooks not enabled, not tried since
+    /// `cutoff`, end as failed (expired); a disabled webhook's queue is bounded by the
+    /// window. Rows another worker holds, or still leased, are left. Returns how many.
+    pub async fn expire_disabled(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<u64, ApiError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .execute(
+                "WITH due AS (
+                    SELECT p.id FROM webhooks.webhooks w
+                    CROSS JOIN LATERAL (
+                        SELECT p.id FROM webhooks.deliveries p
+                        WHERE p.webhook_id = w.id AND p.status = 'pending' AND p.next_attempt_at < $1
+                          AND (p.locked_until IS NULL OR p.locked_until < now())
+                        ORDER BY p.next_attempt_at
+                        LIMIT $2
+                        FOR UPDATE SKIP LOCKED) p
+                    WHERE NOT w.enabled
+                    LIMIT $2
+                 )
+                 UPDATE webhooks.deliveries d SET status = 'failed', next_attempt_at = NULL,
+                   locked_until = NULL, completed_at = now(), updated_at = now(),
+                   last_error = 'expired: the webhook stayed disabled past the retention window'
+                 FROM due WHERE d.id = due.id AND d.status = 'pending'",
+                &[&cutoff, &batch],
+            )
+            .await?)
+    }
+
+    /// Retention, step 2: up to `batch` deliveries finished before `cutoff`, oldest first,
+    /// with their attempts, in one short statement. Pending deliveries are never touched, and
+    /// rows another transaction holds are skipped. Returns (deliveries, attempts) deleted.
+    pub async fn delete_finished(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<(u64, u64), ApiError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "WITH batch AS (
+                    SELECT id FROM webhooks.deliveries
+                    WHERE status <> 'pending' AND completed_at < $1
+                    ORDER BY completed_at LIMIT $2
+                    FOR UPDATE SKIP LOCKED
+                 ), gone AS (
+                    DELETE FROM webhooks.deliveries d USING batch
+                    WHERE d.id = batch.id AND d.status <> 'pending'
+                    RETURNING d.id
+                 ), attempts AS (
+                    DELETE FROM webhooks.attempts a USING gone WHERE a.delivery_id = gone.id
+                    RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM attempts)",
+                &[&cutoff, &batch],
+            )
+            .await?;
+        Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+    }
+
+    /// Retention, step 3: of the next `batch` events created before `cutoff` after `after`
+    /// (keyset on created_at, id), deletes those no delivery refers to any more. Returns how
+    /// many were looked at, how many deleted, and where the next batch starts.
+    pub async fn delete_unreferenced_events(
+        &self,
+        cutoff: DateTime<Utc>,
+        after: &(DateTime<Utc>, String),
+        batch: i64,
+    ) -> Result<(u64, u64, Option<(DateTime<Utc>, String)>), ApiError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "WITH candidates AS (
+                    SELECT e.id, e.created_at FROM webhooks.events e
+                    WHERE e.created_at < $1 AND (e.created_at, e.id) > ($2::timestamptz, $3::text)
+                    ORDER BY e.created_at, e.id LIMIT $4
+                 ), gone AS (
+                    DELETE FROM webhooks.events e USING candidates c
+                    WHERE e.id = c.id
+                      AND NOT EXISTS (SELECT 1 FROM webhooks.deliveries d WHERE d.event_id = e.id)
+                    RETURNING e.id
+                 ), last AS (
+                    SELECT created_at, id FROM candidates ORDER BY created_at DESC, id DESC LIMIT 1
+                 )
+                 SELECT (SELECT count(*) FROM candidates), (SELECT count(*) FROM gone),
+                        (SELECT created_at FROM last), (SELECT id FROM last)",
+                &[&cutoff, &after.0, &after.1, &batch],
+            )
+            .await?;
+        let last_time: Option<DateTime<Utc>> = row.get(2);
+        let last_id: Option<String> = row.get(3);
+        Ok((
+            row.get::<_, i64>(0) as u64,
+            row.get::<_, i64>(1) as u64,
+            last_time.zip(last_id),
+        ))
+    }
+
     /// Deliveries waiting to be sent (the queue depth gauge).
     pub async fn pending_count(&self) -> Result<i64, ApiError> {
         let client = self.pool.get().await?;

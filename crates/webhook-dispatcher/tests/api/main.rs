@@ -6,6 +6,7 @@
 mod delivery;
 mod disabled;
 mod registration;
+mod retention;
 mod signatures;
 mod ssrf;
 
