@@ -187,6 +187,7 @@ impl Platform {
         } else if (path.starts_with("/api/v1/devices/")
             && (path.contains("/readings") || path.ends_with("/metrics")))
             || path == "/api/v1/query"
+            || path == "/api/v1/retention"
         {
             "query-api"
         } else {

@@ -220,8 +220,27 @@ pub struct Config {
     /// Timeout of one webhook POST.
     #[serde(with = "humantime_serde")]
     pub webhook_timeout: Duration,
-    /// Consecutive failed deliveries (retries exhausted) after which a webhook is disabled.
-    pub webhook_disable_after: u32,
+    /// A webhook whose attempts have all failed (no success in between) for this long is
+    /// disabled, as Svix does after 5 days; its pending deliveries wait for `enable`. A 410
+    /// still disables at once. (docs/decisions/2026-12-04-retention-and-disabled-webhooks.md)
+    #[serde(with = "humantime_serde")]
+    pub webhook_disable_after_failing: Duration,
+    /// Replaced by `webhook_disable_after_failing`: a count of failed deliveries disabled a
+    /// busy webhook within seconds of an outage. Refused at start when set, so that an old
+    /// setting is not silently ignored.
+    pub webhook_disable_after: Option<u32>,
+    /// Webhook events, deliveries and attempts are kept this long after a delivery finished
+    /// (succeeded or failed), then deleted in batches. Pending deliveries are never deleted;
+    /// those of a webhook disabled longer than this, not tried within it, are failed as
+    /// expired (and deleted a window later).
+    #[serde(with = "humantime_serde")]
+    pub webhook_retention: Duration,
+    /// How often each dispatcher applies `webhook_retention` (also once at start).
+    #[serde(with = "humantime_serde")]
+    pub webhook_retention_interval: Duration,
+    /// Rows one retention statement deletes at most: each batch is its own short
+    /// transaction, so delivery never waits long behind it.
+    pub webhook_retention_batch: usize,
     /// Allow webhook URLs that resolve to private, loopback or link-local addresses (local
     /// development and tests only).
     pub webhook_allow_private: bool,
@@ -311,7 +330,11 @@ impl Default for Config {
             partition_maintenance_interval: Duration::from_secs(3600),
             webhook_retry_schedule: "5s,30s,2m,10m,30m".into(),
             webhook_timeout: Duration::from_secs(10),
-            webhook_disable_after: 5,
+            webhook_disable_after_failing: Duration::from_secs(5 * 24 * 3600),
+            webhook_disable_after: None,
+            webhook_retention: Duration::from_secs(30 * 24 * 3600),
+            webhook_retention_interval: Duration::from_secs(60),
+            webhook_retention_batch: 1000,
             webhook_allow_private: false,
             webhook_concurrency: 256,
             webhook_endpoint_concurrency: 8,
@@ -531,6 +554,9 @@ impl Config {
         if self.webhook_timeout.is_zero() {
             return invalid("webhook_timeout", "must be more than 0".into());
         }
+        if let Err((field, message)) = self.validate_webhook_lifetimes() {
+            return invalid(field, message);
+        }
         if self.query_statement_timeout.is_zero() {
             return invalid("query_statement_timeout", "must be more than 0".into());
         }
@@ -569,6 +595,35 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&self.mqtt_qos0_backlog) {
             return Err(("mqtt_qos0_backlog", "use 1 to 1000000".into()));
+        }
+        Ok(())
+    }
+
+    fn validate_webhook_lifetimes(&self) -> Result<(), (&'static str, String)> {
+        if let Some(count) = self.webhook_disable_after {
+            return Err((
+                "webhook_disable_after",
+                format!(
+                    "no longer read (it was {count} failed deliveries): webhooks are disabled after \
+                     failing for a time, set FIELDLINE_WEBHOOK_DISABLE_AFTER_FAILING (default 5d) \
+                     and remove FIELDLINE_WEBHOOK_DISABLE_AFTER"
+                ),
+            ));
+        }
+        if self.webhook_disable_after_failing.is_zero() {
+            return Err((
+                "webhook_disable_after_failing",
+                "must be more than 0".into(),
+            ));
+        }
+        if self.webhook_retention < Duration::from_secs(1) {
+            return Err(("webhook_retention", "must be at least 1s".into()));
+        }
+        if self.webhook_retention_interval < Duration::from_millis(10) {
+            return Err(("webhook_retention_interval", "must be at least 10ms".into()));
+        }
+        if !(1..=100_000).contains(&self.webhook_retention_batch) {
+            return Err(("webhook_retention_batch", "use 1 to 100000".into()));
         }
         Ok(())
     }
@@ -725,6 +780,34 @@ mod tests {
                 config.database_url.expose_secret(),
                 "postgres://postgres@127.0.0.1:5432/fieldline"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn webhooks_are_disabled_after_a_time_and_the_old_count_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FIELDLINE_WEBHOOK_DISABLE_AFTER", "5");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(
+                error.contains("`webhook_disable_after`")
+                    && error.contains("FIELDLINE_WEBHOOK_DISABLE_AFTER_FAILING"),
+                "{error}"
+            );
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FIELDLINE_WEBHOOK_DISABLE_AFTER_FAILING", "0s");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("webhook_disable_after_failing"), "{error}");
+            jail.set_env("FIELDLINE_WEBHOOK_DISABLE_AFTER_FAILING", "5d");
+            jail.set_env("FIELDLINE_WEBHOOK_RETENTION", "90d");
+            let config = Config::figment(None).unwrap();
+            assert_eq!(
+                config.webhook_disable_after_failing,
+                Duration::from_secs(5 * 86_400)
+            );
+            assert_eq!(config.webhook_retention, Duration::from_secs(90 * 86_400));
             Ok(())
         });
     }

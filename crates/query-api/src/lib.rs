@@ -9,6 +9,7 @@ mod maintenance;
 mod moves;
 mod reads;
 mod repo;
+mod retention;
 mod routes;
 mod writer;
 

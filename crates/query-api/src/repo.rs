@@ -29,6 +29,7 @@ use crate::{
     domain::{Interval, Order, Position, ReadingOut, ReadingsQuery},
     moves::{Moves, Stored},
     reads::Reads,
+    retention::Period,
 };
 
 /// Series ids cached by the writer; past this many the cache starts again (ids never change,
@@ -781,5 +782,61 @@ impl Repo {
             .iter()
             .map(|row| ((row.get(0), row.get(1)), row.get(2)))
             .collect())
+    }
+}
+
+/// A project's retention row (`telemetry.retention`), which the maintenance task reads.
+impl Repo {
+    /// The project's own periods (None: the default).
+    pub async fn retention(
+        &self,
+        project: &str,
+    ) -> Result<(Option<Period>, Option<Period>), ApiError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT extract(epoch FROM readings)::int8, extract(epoch FROM rollups)::int8
+                 FROM telemetry.retention WHERE project = $1",
+                &[&project],
+            )
+            .await?;
+        Ok(row.map_or((None, None), |row| {
+            (
+                row.get::<_, Option<i64>>(0).map(Period::from_seconds),
+                row.get::<_, Option<i64>>(1).map(Period::from_seconds),
+            )
+        }))
+    }
+
+    /// Replaces the project's periods; both None removes its row (the defaults apply).
+    pub async fn set_retention(
+        &self,
+        project: &str,
+        readings: Option<Period>,
+        rollups: Option<Period>,
+    ) -> Result<(), ApiError> {
+        let client = self.pool.get().await?;
+        if readings.is_none() && rollups.is_none() {
+            client
+                .execute(
+                    "DELETE FROM telemetry.retention WHERE project = $1",
+                    &[&project],
+                )
+                .await?;
+            return Ok(());
+        }
+        client
+            .execute(
+                "INSERT INTO telemetry.retention (project, readings, rollups)
+                 VALUES ($1, $2::int8 * interval '1 second', $3::int8 * interval '1 second')
+                 ON CONFLICT (project) DO UPDATE SET readings = EXCLUDED.readings, rollups = EXCLUDED.rollups",
+                &[
+                    &project,
+                    &readings.map(Period::seconds),
+                    &rollups.map(Period::seconds),
+                ],
+            )
+            .await?;
+        Ok(())
     }
 }

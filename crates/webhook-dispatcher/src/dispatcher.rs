@@ -13,7 +13,7 @@ use std::{
 };
 
 use chrono::Utc;
-use fieldline_common::Context;
+use fieldline_common::{Context, ids::random_id};
 use fieldline_proto::{InvalidateKind, v1::Invalidate};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prost::Message;
@@ -22,8 +22,9 @@ use reqwest::{StatusCode, header::HeaderMap};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::{
+    domain::{DISABLED_EVENT, EventBody, rfc3339},
     fanout::Targets,
-    repo::{AttemptRecord, Claimed, Next, Repo},
+    repo::{AttemptRecord, Claimed, NewDelivery, NewEvent, Next, Repo},
     signing, ssrf,
 };
 
@@ -236,13 +237,12 @@ impl Dispatcher {
         }
         match self
             .repo
-            .finish_attempts(batch, self.context.config.webhook_disable_after)
+            .finish_attempts(batch, self.context.config.webhook_disable_after_failing)
             .await
         {
             Ok(disabled) => {
                 for (project, webhook_id) in disabled {
-                    tracing::warn!(webhook_id = %webhook_id, project = %project, "webhook disabled");
-                    self.broadcast_change(&project, &webhook_id).await;
+                    self.disabled(&project, &webhook_id).await;
                 }
             }
             // The leases run out and the deliveries are claimed again: at least once.
@@ -375,12 +375,80 @@ impl Dispatcher {
         let outcome = [(delivery.clone(), record.clone(), next)];
         let disabled = self
             .repo
-            .finish_attempts(&outcome, self.context.config.webhook_disable_after)
+            .finish_attempts(&outcome, self.context.config.webhook_disable_after_failing)
             .await?;
         for (project, webhook_id) in disabled {
-            self.broadcast_change(&project, &webhook_id).await;
+            self.disabled(&project, &webhook_id).await;
         }
         Ok(record)
+    }
+
+    /// A webhook was just disabled here: every dispatcher hears of it, and the project's
+    /// other webhooks that subscribe to `webhook.disabled` get that event. The event is
+    /// stored after the disable committed; a crash in between loses the notice, never a
+    /// delivery.
+    async fn disabled(&self, project: &str, webhook_id: &str) {
+        tracing::warn!(webhook_id = %webhook_id, project = %project, "webhook disabled");
+        self.broadcast_change(project, webhook_id).await;
+        if let Err(error) = self.announce_disabled(project, webhook_id).await {
+            tracing::warn!(error = %error, webhook_id = %webhook_id, "could not queue webhook.disabled");
+        }
+    }
+
+    async fn announce_disabled(
+        &self,
+        project: &str,
+        webhook_id: &str,
+    ) -> Result<(), fieldline_common::ApiError> {
+        let Some(notice) = self.repo.disabled_notice(project, webhook_id).await? else {
+            return Ok(());
+        };
+        if notice.targets.is_empty() {
+            return Ok(());
+        }
+        let event_id = random_id("evt_", 24);
+        let disabled_at = notice.disabled_at.unwrap_or_else(Utc::now);
+        let payload = serde_json::json!({
+            "webhook_id": webhook_id,
+            "name": notice.name,
+            "reason": notice.reason,
+            "disabled_at": rfc3339(disabled_at),
+            "failing_since": notice.failing_since.map(rfc3339),
+        });
+        let body = EventBody {
+            id: &event_id,
+            event: DISABLED_EVENT,
+            timestamp: rfc3339(disabled_at),
+            project,
+            device_id: None,
+            payload: &payload,
+        }
+        .to_json();
+        let deliveries: Vec<NewDelivery> = notice
+            .targets
+            .into_iter()
+            .map(|target| NewDelivery {
+                id: random_id("dlv_", 24),
+                webhook_id: target,
+                project: project.to_owned(),
+                event_id: event_id.clone(),
+                event_type: DISABLED_EVENT.to_owned(),
+                webhook_enabled: true,
+                leased: false,
+            })
+            .collect();
+        let event = NewEvent {
+            id: event_id.clone(),
+            project: project.to_owned(),
+            event_type: DISABLED_EVENT.to_owned(),
+            device_id: None,
+            body,
+        };
+        self.repo
+            .enqueue(&[event], &deliveries, self.lease())
+            .await?;
+        self.wake();
+        Ok(())
     }
 
     /// Drops the cached webhook sets here at once and tells every other dispatcher to.

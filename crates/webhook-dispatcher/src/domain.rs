@@ -12,12 +12,25 @@ use fieldline_common::{
 use serde::{Deserialize, Serialize};
 
 /// Events a webhook can subscribe to.
-pub const EVENT_TYPES: [&str; 4] = [
+pub const EVENT_TYPES: [&str; 5] = [
+    "device.data",
+    "device.alert",
+    "device.status",
+    "config.update",
+    DISABLED_EVENT,
+];
+/// What a webhook created without `events` gets: the device events only. `webhook.disabled`
+/// is asked for by name, so that no receiver written before it meets an event it does not
+/// know.
+pub const DEFAULT_EVENT_TYPES: [&str; 4] = [
     "device.data",
     "device.alert",
     "device.status",
     "config.update",
 ];
+/// Sent to a project's other webhooks when the dispatcher disables one (failing too long,
+/// or 410).
+pub const DISABLED_EVENT: &str = "webhook.disabled";
 /// The event `POST …/test` sends.
 pub const TEST_EVENT: &str = "webhook.test";
 const MAX_HEADERS: usize = 20;
@@ -70,7 +83,7 @@ fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
 
 pub fn parse_events(events: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
     let Some(events) = events else {
-        return Ok(EVENT_TYPES
+        return Ok(DEFAULT_EVENT_TYPES
             .iter()
             .map(|event| (*event).to_owned())
             .collect());

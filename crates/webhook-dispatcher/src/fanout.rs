@@ -267,7 +267,7 @@ impl Fanout {
                 // Deliveries whose webhook has a free slot here are stored with a lease and
                 // sent as soon as they are committed: their first attempt needs no claim.
                 let mut slots = HashMap::new();
-                for delivery in deliveries.iter_mut().filter(|d| d.status == "pending") {
+                for delivery in deliveries.iter_mut().filter(|d| d.webhook_enabled) {
                     if let Some(slot) = self.dispatcher.try_slot(&delivery.webhook_id) {
                         delivery.leased = true;
                         slots.insert(delivery.id.clone(), slot);
@@ -360,7 +360,7 @@ impl Fanout {
                     project: incoming.project.clone(),
                     event_id: id.clone(),
                     event_type: incoming.event_type.clone(),
-                    status: if target.enabled { "pending" } else { "failed" },
+                    webhook_enabled: target.enabled,
                     leased: false,
                 });
             }

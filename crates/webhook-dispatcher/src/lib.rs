@@ -1,11 +1,12 @@
 //! webhook-dispatcher: third parties register webhooks and receive signed events
 //! (`device.data`, `device.alert`, `device.status`, `config.update`) with durable retries,
-//! auto-disable, delivery logs and replay.
+//! auto-disable by time spent failing, delivery logs, replay and retention.
 
 mod dispatcher;
 mod domain;
 mod fanout;
 mod repo;
+mod retention;
 mod routes;
 pub mod signing;
 mod ssrf;
@@ -53,6 +54,9 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     context
         .tasks
         .spawn(report_queue_depth(context.clone(), repo.clone()));
+    context
+        .tasks
+        .spawn(retention::run(context.clone(), repo.clone()));
 
     let state = web::Data::new(State {
         repo,

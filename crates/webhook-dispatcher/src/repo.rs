@@ -8,7 +8,7 @@ use deadpool_postgres::Pool;
 use fieldline_common::ApiError;
 use tokio_postgres::Row;
 
-use crate::domain::{AttemptOut, DeliveryOut, NewWebhook, WebhookOut, rfc3339};
+use crate::domain::{AttemptOut, DISABLED_EVENT, DeliveryOut, NewWebhook, WebhookOut, rfc3339};
 
 #[derive(Clone)]
 pub struct Repo {
@@ -83,9 +83,9 @@ pub struct Target {
     pub events: Vec<String>,
     pub device_ids: Vec<String>,
     pub group: Option<String>,
-    /// False when the dispatcher disabled it (410, too many failures): its events are still
-    /// recorded, as failed, so `recover` can deliver them once it is enabled again. Webhooks
-    /// their owner turned off are not targets at all.
+    /// False when the dispatcher disabled it (410, failing too long): its events are still
+    /// queued, pending and not tried, and go out once it is enabled again. Webhooks their
+    /// owner turned off are not targets at all.
     pub enabled: bool,
 }
 
@@ -103,8 +103,9 @@ pub struct NewDelivery {
     pub project: String,
     pub event_id: String,
     pub event_type: String,
-    /// `pending`, or `failed` for an auto-disabled webhook.
-    pub status: &'static str,
+    /// False for a webhook the dispatcher disabled: the delivery is queued all the same and
+    /// waits, never leased, for `enable`.
+    pub webhook_enabled: bool,
     /// Stored with a lease and its first attempt counted: this process sends it now.
     pub leased: bool,
 }
@@ -143,6 +144,17 @@ pub struct AttemptRecord {
     pub latency_ms: i32,
     pub error: Option<String>,
     pub snippet: Option<String>,
+}
+
+/// What `webhook.disabled` tells, and to which webhooks.
+#[derive(Debug, Clone)]
+pub struct DisabledNotice {
+    pub name: Option<String>,
+    pub reason: Option<String>,
+    pub disabled_at: Option<DateTime<Utc>>,
+    pub failing_since: Option<DateTime<Utc>>,
+    /// The project's other enabled webhooks subscribed to `webhook.disabled`.
+    pub targets: Vec<String>,
 }
 
 /// Filters of `GET /api/v1/webhooks`.
@@ -303,7 +315,7 @@ impl Repo {
                        headers = $8, metadata = $9, secret = coalesce($10, secret), enabled = $11,
                        disabled_reason = CASE WHEN $11 THEN NULL ELSE disabled_reason END,
                        disabled_at = CASE WHEN $11 THEN NULL ELSE disabled_at END,
-                       consecutive_failures = CASE WHEN $11 AND NOT enabled THEN 0 ELSE consecutive_failures END,
+                       failing_since = CASE WHEN $11 AND NOT enabled THEN NULL ELSE failing_since END,
                        updated_at = now()
                      WHERE project = $1 AND id = $2 RETURNING {WEBHOOK_COLUMNS}"
                 ),
@@ -406,7 +418,7 @@ impl Repo {
             .query_opt(
                 &format!(
                     "UPDATE webhooks.webhooks SET enabled = true, disabled_reason = NULL, disabled_at = NULL,
-                       consecutive_failures = 0, updated_at = now()
+                       failing_since = NULL, updated_at = now()
                      WHERE project = $1 AND id = $2 RETURNING {WEBHOOK_COLUMNS}"
                 ),
                 &[&project, &id],
@@ -468,7 +480,6 @@ impl Repo {
         let projects: Vec<&str> = deliveries.iter().map(|d| d.project.as_str()).collect();
         let event_ids: Vec<&str> = deliveries.iter().map(|d| d.event_id.as_str()).collect();
         let types: Vec<&str> = deliveries.iter().map(|d| d.event_type.as_str()).collect();
-        let statuses: Vec<&str> = deliveries.iter().map(|d| d.status).collect();
         let leased: Vec<bool> = deliveries.iter().map(|d| d.leased).collect();
         let lease_seconds = lease.as_secs_f64();
         let rows = tx
@@ -477,15 +488,14 @@ impl Repo {
                     "WITH stored AS (
                    INSERT INTO webhooks.deliveries
                      (id, webhook_id, project, event_id, event_type, status, next_attempt_at,
-                      last_error, completed_at, attempts, locked_until)
-                   SELECT d.id, d.webhook_id, d.project, d.event_id, d.event_type, d.status,
-                          CASE WHEN d.status = 'pending' THEN now() END,
-                          CASE WHEN d.status = 'failed' THEN 'webhook disabled' END,
-                          CASE WHEN d.status = 'failed' THEN now() END,
+                      attempts, locked_until)
+                   -- A disabled webhook's deliveries are queued too: the claim leaves them be
+                   -- until it is enabled again.
+                   SELECT d.id, d.webhook_id, d.project, d.event_id, d.event_type, 'pending', now(),
                           CASE WHEN d.leased AND w.enabled THEN 1 ELSE 0 END,
-                          CASE WHEN d.leased AND w.enabled THEN now() + make_interval(secs => $8) END
-                   FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bool[])
-                        AS d(id, webhook_id, project, event_id, event_type, status, leased)
+                          CASE WHEN d.leased AND w.enabled THEN now() + make_interval(secs => $7) END
+                   FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
+                        AS d(id, webhook_id, project, event_id, event_type, leased)
                    JOIN webhooks.webhooks w ON w.id = d.webhook_id
                    -- In place of a foreign key: a webhook being deleted waits for this.
                    FOR KEY SHARE OF w
@@ -500,7 +510,7 @@ impl Repo {
                  JOIN webhooks.events e ON e.id = d.event_id
                  WHERE d.locked_until IS NOT NULL"
                 ),
-                &[&ids, &webhooks, &projects, &event_ids, &types, &statuses, &leased, &lease_seconds],
+                &[&ids, &webhooks, &projects, &event_ids, &types, &leased, &lease_seconds],
             )
             .await?;
         tx.commit().await?;
@@ -618,86 +628,80 @@ impl Repo {
     }
 
     /// Records attempts and moves their deliveries on, all in one transaction (one commit for
-    /// many deliveries is what lets a dispatcher keep up). A delivery that ends failed counts
-    /// against its webhook, which is disabled at `disable_after` in a row (or at once on 410);
-    /// any success resets the count. Returns the (project, webhook) pairs disabled here.
+    /// many deliveries is what lets a dispatcher keep up). A failed attempt starts or extends
+    /// its webhook's time spent failing (`failing_since`), any success ends it; a webhook
+    /// failing for `disable_after_failing` is disabled, as is one answering 410. Returns the
+    /// (project, webhook) pairs disabled here.
     pub async fn finish_attempts(
         &self,
         outcomes: &[(Claimed, AttemptRecord, Next)],
-        disable_after: u32,
+        disable_after_failing: Duration,
     ) -> Result<Vec<(String, String)>, ApiError> {
         if outcomes.is_empty() {
             return Ok(Vec::new());
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        // Per webhook, in attempt order: a success resets the run of failures, each failure
-        // after the last success extends it.
-        let mut runs: Vec<(&str, &str, bool, i32, bool)> = Vec::new(); // (webhook, project, reset, failures, gone)
-        for (claimed, _, next) in outcomes {
-            let index = match runs.iter().position(|(id, ..)| *id == claimed.webhook_id) {
-                Some(index) => index,
-                None => {
-                    runs.push((&claimed.webhook_id, &claimed.project, false, 0, false));
-                    runs.len() - 1
-                }
-            };
-            let run = &mut runs[index];
-            match next {
-                Next::Succeeded => {
-                    run.2 = true;
-                    run.3 = 0;
-                }
-                Next::Failed => run.3 += 1,
-                Next::Gone => run.4 = true,
-                Next::RetryAt(_) => {}
-            }
-        }
+        let mut runs = failing_runs(outcomes);
         // Webhook rows are locked first, in id order (bytes, as `delete_webhooks` sorts them
         // with `COLLATE "C"`), and only then their deliveries: the order in which deleting
         // webhooks takes them. Two recorders, or a recorder and a deletion, cannot then wait
         // on each other.
-        runs.sort_by(|a, b| a.0.cmp(b.0));
+        runs.sort_by(|a, b| a.webhook_id.cmp(b.webhook_id));
         let mut disabled = Vec::new();
-        let reason = format!("disabled after {disable_after} consecutive failed deliveries");
-        for (webhook_id, project, reset, failures, gone) in runs {
-            if reset && failures == 0 && !gone {
+        let window_seconds = disable_after_failing.as_secs_f64();
+        let reason = format!(
+            "disabled after failing for {} without a success",
+            humantime_serde::re::humantime::format_duration(disable_after_failing)
+        );
+        for run in runs {
+            let Some((first_failure, last_failure)) = run.failures else {
                 tx.execute(
-                    "UPDATE webhooks.webhooks SET consecutive_failures = 0 WHERE id = $1 AND consecutive_failures <> 0",
-                    &[&webhook_id],
+                    "UPDATE webhooks.webhooks SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
+                    &[&run.webhook_id],
                 )
                 .await?;
                 continue;
-            }
-            if failures > 0 {
-                let row = tx
-                    .query_opt(
+            };
+            // `since`: when this run of failures began (a success in the batch starts a new
+            // one); the webhook goes once its last failure is `window` past that.
+            let since = "CASE WHEN $2 THEN $3::timestamptz ELSE coalesce(failing_since, $3::timestamptz) END";
+            let reached = format!("({since}) <= $4::timestamptz - make_interval(secs => $5)");
+            let row = tx
+                .query_opt(
+                    &format!(
                         "UPDATE webhooks.webhooks SET
-                           consecutive_failures = CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5,
-                           enabled = CASE WHEN (CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5) >= $2 THEN false ELSE enabled END,
-                           disabled_reason = CASE WHEN enabled AND (CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5) >= $2 THEN $3 ELSE disabled_reason END,
-                           disabled_at = CASE WHEN enabled AND (CASE WHEN $4 THEN 0 ELSE consecutive_failures END + $5) >= $2 THEN now() ELSE disabled_at END
-                         WHERE id = $1 RETURNING enabled, disabled_at = now()",
-                        &[&webhook_id, &(disable_after as i32), &reason, &reset, &failures],
-                    )
-                    .await?;
-                if row.is_some_and(|row| {
-                    !row.get::<_, bool>(0) && row.get::<_, Option<bool>>(1).unwrap_or(false)
-                }) {
-                    disabled.push((project.to_owned(), webhook_id.to_owned()));
-                }
+                           failing_since = {since},
+                           enabled = enabled AND NOT {reached},
+                           disabled_reason = CASE WHEN enabled AND {reached} THEN $6 ELSE disabled_reason END,
+                           disabled_at = CASE WHEN enabled AND {reached} THEN now() ELSE disabled_at END,
+                           updated_at = CASE WHEN enabled AND {reached} THEN now() ELSE updated_at END
+                         WHERE id = $1 RETURNING NOT enabled AND disabled_at = now()"
+                    ),
+                    &[
+                        &run.webhook_id,
+                        &run.succeeded,
+                        &first_failure,
+                        &last_failure,
+                        &window_seconds,
+                        &reason,
+                    ],
+                )
+                .await?;
+            if row.is_some_and(|row| row.get::<_, Option<bool>>(0).unwrap_or(false)) {
+                disabled.push((run.project.to_owned(), run.webhook_id.to_owned()));
             }
-            if gone {
+            if run.gone {
                 let updated = tx
                     .execute(
                         "UPDATE webhooks.webhooks SET enabled = false, disabled_at = now(),
                            disabled_reason = 'endpoint answered 410 Gone', updated_at = now()
                          WHERE id = $1 AND enabled",
-                        &[&webhook_id],
+                        &[&run.webhook_id],
                     )
                     .await?;
                 if updated == 1 {
-                    disabled.push((project.to_owned(), webhook_id.to_owned()));
+                    disabled.push((run.project.to_owned(), run.webhook_id.to_owned()));
                 }
             }
         }
@@ -856,6 +860,144 @@ impl Repo {
         Ok(count)
     }
 
+    /// A webhook the dispatcher just disabled, and the project's other enabled webhooks
+    /// that subscribe to `webhook.disabled`. None when it is enabled again (or gone).
+    pub async fn disabled_notice(
+        &self,
+        project: &str,
+        webhook_id: &str,
+    ) -> Result<Option<DisabledNotice>, ApiError> {
+        let client = self.pool.get().await?;
+        let Some(row) = client
+            .query_opt(
+                "SELECT name, disabled_reason, disabled_at, failing_since FROM webhooks.webhooks
+                 WHERE project = $1 AND id = $2 AND NOT enabled",
+                &[&project, &webhook_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let targets = client
+            .query(
+                "SELECT id FROM webhooks.webhooks
+                 WHERE project = $1 AND id <> $2 AND enabled AND $3 = ANY(events)",
+                &[&project, &webhook_id, &DISABLED_EVENT],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        Ok(Some(DisabledNotice {
+            name: row.get(0),
+            reason: row.get(1),
+            disabled_at: row.get(2),
+            failing_since: row.get(3),
+            targets,
+        }))
+    }
+
+    /// Retention, step 1: pending deliveries of webhooks not enabled, not tried since
+    /// `cutoff`, end as failed (expired); a disabled webhook's queue is bounded by the
+    /// window. Rows another worker holds, or still leased, are left. Returns how many.
+    pub async fn expire_disabled(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<u64, ApiError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .execute(
+                "WITH due AS (
+                    SELECT p.id FROM webhooks.webhooks w
+                    CROSS JOIN LATERAL (
+                        SELECT p.id FROM webhooks.deliveries p
+                        WHERE p.webhook_id = w.id AND p.status = 'pending' AND p.next_attempt_at < $1
+                          AND (p.locked_until IS NULL OR p.locked_until < now())
+                        ORDER BY p.next_attempt_at
+                        LIMIT $2
+                        FOR UPDATE SKIP LOCKED) p
+                    WHERE NOT w.enabled
+                    LIMIT $2
+                 )
+                 UPDATE webhooks.deliveries d SET status = 'failed', next_attempt_at = NULL,
+                   locked_until = NULL, completed_at = now(), updated_at = now(),
+                   last_error = 'expired: the webhook stayed disabled past the retention window'
+                 FROM due WHERE d.id = due.id AND d.status = 'pending'",
+                &[&cutoff, &batch],
+            )
+            .await?)
+    }
+
+    /// Retention, step 2: up to `batch` deliveries finished before `cutoff`, oldest first,
+    /// with their attempts, in one short statement. Pending deliveries are never touched, and
+    /// rows another transaction holds are skipped. Returns (deliveries, attempts) deleted.
+    pub async fn delete_finished(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<(u64, u64), ApiError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "WITH batch AS (
+                    SELECT id FROM webhooks.deliveries
+                    WHERE status <> 'pending' AND completed_at < $1
+                    ORDER BY completed_at LIMIT $2
+                    FOR UPDATE SKIP LOCKED
+                 ), gone AS (
+                    DELETE FROM webhooks.deliveries d USING batch
+                    WHERE d.id = batch.id AND d.status <> 'pending'
+                    RETURNING d.id
+                 ), attempts AS (
+                    DELETE FROM webhooks.attempts a USING gone WHERE a.delivery_id = gone.id
+                    RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM attempts)",
+                &[&cutoff, &batch],
+            )
+            .await?;
+        Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+    }
+
+    /// Retention, step 3: of the next `batch` events created before `cutoff` after `after`
+    /// (keyset on created_at, id), deletes those no delivery refers to any more. Returns how
+    /// many were looked at, how many deleted, and where the next batch starts.
+    pub async fn delete_unreferenced_events(
+        &self,
+        cutoff: DateTime<Utc>,
+        after: &(DateTime<Utc>, String),
+        batch: i64,
+    ) -> Result<(u64, u64, Option<(DateTime<Utc>, String)>), ApiError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "WITH candidates AS (
+                    SELECT e.id, e.created_at FROM webhooks.events e
+                    WHERE e.created_at < $1 AND (e.created_at, e.id) > ($2::timestamptz, $3::text)
+                    ORDER BY e.created_at, e.id LIMIT $4
+                 ), gone AS (
+                    DELETE FROM webhooks.events e USING candidates c
+                    WHERE e.id = c.id
+                      AND NOT EXISTS (SELECT 1 FROM webhooks.deliveries d WHERE d.event_id = e.id)
+                    RETURNING e.id
+                 ), last AS (
+                    SELECT created_at, id FROM candidates ORDER BY created_at DESC, id DESC LIMIT 1
+                 )
+                 SELECT (SELECT count(*) FROM candidates), (SELECT count(*) FROM gone),
+                        (SELECT created_at FROM last), (SELECT id FROM last)",
+                &[&cutoff, &after.0, &after.1, &batch],
+            )
+            .await?;
+        let last_time: Option<DateTime<Utc>> = row.get(2);
+        let last_id: Option<String> = row.get(3);
+        Ok((
+            row.get::<_, i64>(0) as u64,
+            row.get::<_, i64>(1) as u64,
+            last_time.zip(last_id),
+        ))
+    }
+
     /// Deliveries waiting to be sent (the queue depth gauge).
     pub async fn pending_count(&self) -> Result<i64, ApiError> {
         let client = self.pool.get().await?;
@@ -867,6 +1009,58 @@ impl Repo {
             .await?
             .get(0))
     }
+}
+
+/// What a batch of outcomes says about one webhook's time spent failing.
+struct FailingRun<'a> {
+    webhook_id: &'a str,
+    project: &'a str,
+    /// Some attempt succeeded: a failing run before it is over.
+    succeeded: bool,
+    /// First and last failed attempt after the last success.
+    failures: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// Answered 410.
+    gone: bool,
+}
+
+/// Per webhook, in batch order: a success ends the run of failures, each failure after the
+/// last success starts or extends it.
+fn failing_runs(outcomes: &[(Claimed, AttemptRecord, Next)]) -> Vec<FailingRun<'_>> {
+    let mut runs: Vec<FailingRun<'_>> = Vec::new();
+    for (claimed, record, next) in outcomes {
+        let index = match runs
+            .iter()
+            .position(|run| run.webhook_id == claimed.webhook_id)
+        {
+            Some(index) => index,
+            None => {
+                runs.push(FailingRun {
+                    webhook_id: &claimed.webhook_id,
+                    project: &claimed.project,
+                    succeeded: false,
+                    failures: None,
+                    gone: false,
+                });
+                runs.len() - 1
+            }
+        };
+        let run = &mut runs[index];
+        let at = record.attempted_at;
+        match next {
+            Next::Succeeded => {
+                run.succeeded = true;
+                run.failures = None;
+            }
+            Next::Failed | Next::RetryAt(_) | Next::Gone => {
+                run.gone |= *next == Next::Gone;
+                run.failures = Some(match run.failures {
+                    Some((first, last)) => (first.min(at), last.max(at)),
+                    None => (at, at),
+                });
+            }
+        }
+    }
+    runs
 }
 
 /// A row read with `claimed_columns!`.
@@ -985,7 +1179,7 @@ mod tests {
             project: "p".into(),
             event_id: "e_new".into(),
             event_type: "device.data".into(),
-            status: "pending",
+            webhook_enabled: true,
             leased,
         };
         let deliveries = [delivery("n_a", "a", true), delivery("n_b", "b", false)];
@@ -1086,7 +1280,10 @@ mod tests {
         lock_waits(1).await;
         let recorder = tokio::spawn({
             let repo = repo.clone();
-            async move { repo.finish_attempts(&outcomes, 10).await }
+            async move {
+                repo.finish_attempts(&outcomes, Duration::from_secs(3600))
+                    .await
+            }
         });
         lock_waits(2).await;
         hold.commit().await.unwrap();
@@ -1171,6 +1368,57 @@ mod tests {
             .unwrap();
         assert_eq!(left.get::<_, i64>(0), 0);
         env.cleanup().await;
+    }
+
+    #[test]
+    fn a_success_ends_a_failing_run_and_later_failures_start_the_next() {
+        let at = |seconds: i64| DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::seconds(seconds);
+        let outcome = |webhook: &str, seconds: i64, next: Next| {
+            (
+                Claimed {
+                    delivery_id: format!("{webhook}{seconds}"),
+                    webhook_id: webhook.into(),
+                    project: "p".into(),
+                    attempts: 1,
+                    url: String::new(),
+                    headers: serde_json::Value::Null,
+                    secret: String::new(),
+                    previous_secret: None,
+                    event_id: String::new(),
+                    body: String::new(),
+                },
+                AttemptRecord {
+                    attempted_at: at(seconds),
+                    status_code: None,
+                    latency_ms: 0,
+                    error: None,
+                    snippet: None,
+                },
+                next,
+            )
+        };
+        let outcomes = [
+            outcome("a", 1, Next::Failed),
+            outcome("b", 2, Next::RetryAt(at(9))),
+            outcome("a", 3, Next::Succeeded),
+            outcome("a", 4, Next::RetryAt(at(9))),
+            outcome("b", 5, Next::Gone),
+            outcome("a", 6, Next::Failed),
+            outcome("c", 7, Next::Succeeded),
+        ];
+        let runs = failing_runs(&outcomes);
+        let summary: Vec<_> = runs
+            .iter()
+            .map(|run| (run.webhook_id, run.succeeded, run.failures, run.gone))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("a", true, Some((at(4), at(6))), false),
+                ("b", false, Some((at(2), at(5))), true),
+                ("c", true, None, false),
+            ]
+        );
     }
 
     #[tokio::test]

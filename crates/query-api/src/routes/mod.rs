@@ -1,17 +1,19 @@
 pub mod query;
 pub mod readings;
+pub mod retention;
 
 use actix_web::web;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     readings::configure(cfg);
     query::configure(cfg);
+    retention::configure(cfg);
 }
 
 use fieldline_common::openapi::{
-    Access::Read,
+    Access::{Admin, Read},
     JSON,
-    Method::{Get, Post},
+    Method::{Get, Post, Put},
     RouteDoc,
 };
 
@@ -77,6 +79,19 @@ pub const ROUTES: &[RouteDoc] = &[
         "/api/v1/query",
         "Readings or aggregates of up to 100 devices at once",
         Read,
+    )
+    .body(JSON),
+    RouteDoc::new(
+        Get,
+        "/api/v1/retention",
+        "How long the project keeps raw readings and rollups (its own, the defaults, the effective)",
+        Admin,
+    ),
+    RouteDoc::new(
+        Put,
+        "/api/v1/retention",
+        "Set the project's retention: {readings, rollups}, each a period (`90d`, `36h`, `4w`, `2y`) or null for the default",
+        Admin,
     )
     .body(JSON),
 ];

@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use fieldline_testkit::{TestApp, eventually};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::{number, publish, spawn_query_with, stored};
+use crate::{create_project, number, publish, spawn_query_with, stored};
 
 const HOUR: i64 = 3_600_000_000;
 const DAY: i64 = 24 * HOUR;
@@ -168,5 +168,111 @@ async fn retention_drops_old_partitions_and_keeps_rollups() {
             .then_some(())
     })
     .await;
+    app.shutdown().await;
+}
+
+async fn put_retention(app: &TestApp, key: &str, body: Value) -> (StatusCode, Value) {
+    app.request(Method::PUT, "/api/v1/retention", Some(key), Some(&body))
+        .await
+}
+
+#[tokio::test]
+async fn a_projects_retention_is_set_through_the_api_and_applied_to_it_alone() {
+    let app = spawn_query_with(|mut config| {
+        config.partition_maintenance_interval = Duration::from_millis(100);
+        config.rollups_retention = Some(Duration::from_secs(400 * 24 * 3600));
+        config
+    })
+    .await;
+    let other_key = create_project(&app, "other").await;
+    let admin = app.admin_key();
+
+    let (status, body) = app.get("/api/v1/retention", admin).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["data"],
+        json!({"project": "default", "readings": null, "rollups": null,
+               "defaults": {"readings": null, "rollups": "400d"},
+               "effective": {"readings": null, "rollups": "400d"}})
+    );
+
+    // Each bad value is a 400 naming its field; nothing is stored.
+    for (body, field) in [
+        (json!({"readings": "soon"}), "readings"),
+        (json!({"readings": "0d"}), "readings"),
+        (json!({"readings": "5m"}), "readings"),
+        (json!({"readings": "90d", "rollups": 30}), "rollups"),
+        (json!({"rollups": "1001y"}), "rollups"),
+        (json!({"readings": "90d", "raw": "1d"}), "raw"),
+    ] {
+        let (status, answer) = put_retention(&app, admin, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+        assert!(
+            answer["error"]["message"].as_str().unwrap().contains(field),
+            "{body}: {answer}"
+        );
+    }
+    let (_, read_key) = app.create_key(&["read"]).await;
+    let (status, answer) = put_retention(&app, &read_key, json!({"readings": "1d"})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    let (_, body) = app.get("/api/v1/retention", admin).await;
+    assert_eq!(body["data"]["readings"], Value::Null);
+
+    // Each project has readings from 3 days ago and from now.
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let old_us = now_us - 3 * DAY;
+    publish(
+        &app,
+        "default",
+        "d1",
+        vec![number("t", old_us, 1.0), number("t", now_us, 2.0)],
+    )
+    .await;
+    publish(
+        &app,
+        "other",
+        "d2",
+        vec![number("t", old_us, 1.0), number("t", now_us, 2.0)],
+    )
+    .await;
+    eventually("readings stored", Duration::from_secs(10), || async {
+        (stored(&app, "d1").await == 2 && stored(&app, "d2").await == 2).then_some(())
+    })
+    .await;
+
+    let (status, body) =
+        put_retention(&app, admin, json!({"readings": "48h", "rollups": "2y"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["data"],
+        json!({"project": "default", "readings": "2d", "rollups": "2y",
+               "defaults": {"readings": null, "rollups": "400d"},
+               "effective": {"readings": "2d", "rollups": "2y"}})
+    );
+    let (_, body) = app.get("/api/v1/retention", admin).await;
+    assert_eq!(body["data"]["readings"], "2d");
+    let (_, body) = app.get("/api/v1/retention", &other_key).await;
+    assert_eq!(body["data"]["project"], "other");
+    assert_eq!(body["data"]["readings"], Value::Null);
+
+    eventually(
+        "the old reading of this project removed",
+        Duration::from_secs(10),
+        || async { (stored(&app, "d1").await == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        stored(&app, "d2").await,
+        2,
+        "another project's readings went too"
+    );
+
+    // null goes back to the defaults.
+    let (status, body) = put_retention(&app, admin, json!({"readings": null})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["data"]["effective"],
+        json!({"readings": null, "rollups": "400d"})
+    );
     app.shutdown().await;
 }

@@ -68,7 +68,7 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc::new(
         Post,
         "/api/v1/webhooks/{id}/enable",
-        "Enable a webhook again after auto-disable",
+        "Enable a webhook again after auto-disable; the deliveries queued meanwhile go out",
         Admin,
     ),
     RouteDoc::new(

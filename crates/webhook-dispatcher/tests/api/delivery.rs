@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::{ingest, register, spawn, spawn_with, wait_received};
 
-async fn deliveries(app: &TestApp, webhook_id: &str, query: &str) -> Vec<Value> {
+pub async fn deliveries(app: &TestApp, webhook_id: &str, query: &str) -> Vec<Value> {
     let (status, body) = app
         .get(
             &format!("/api/v1/webhooks/{webhook_id}/deliveries{query}"),
@@ -22,7 +22,7 @@ async fn deliveries(app: &TestApp, webhook_id: &str, query: &str) -> Vec<Value> 
     body["data"].as_array().unwrap().clone()
 }
 
-async fn webhook(app: &TestApp, id: &str) -> Value {
+pub async fn webhook(app: &TestApp, id: &str) -> Value {
     let (status, body) = app
         .get(&format!("/api/v1/webhooks/{id}"), app.admin_key())
         .await;
@@ -160,10 +160,9 @@ async fn retry_after_is_honoured() {
 }
 
 #[tokio::test]
-async fn disable_after_then_enable_and_recover_delivers_what_was_missed() {
+async fn failed_deliveries_are_recovered_and_retried_on_demand() {
     let app = spawn_with(|config| fieldline_common::Config {
         webhook_retry_schedule: "200ms".into(),
-        webhook_disable_after: 2,
         ..config
     })
     .await;
@@ -180,40 +179,16 @@ async fn disable_after_then_enable_and_recover_delivers_what_was_missed() {
 
     ingest(&app, &token, json!({"ts": 1, "a": 1})).await;
     ingest(&app, &token, json!({"ts": 2, "a": 2})).await;
-    let disabled = eventually(
-        "auto-disabled after two failed deliveries",
-        Duration::from_secs(10),
-        || async {
-            let webhook = webhook(&app, &id).await;
-            (webhook["enabled"] == false).then_some(webhook)
-        },
-    )
-    .await;
-    assert!(
-        disabled["disabled_reason"]
-            .as_str()
-            .unwrap()
-            .contains("2 consecutive"),
-        "{disabled}"
-    );
-    // While disabled, events are kept for recovery, not sent.
-    ingest(&app, &token, json!({"ts": 3, "a": 3})).await;
     eventually(
-        "the missed event recorded",
-        Duration::from_secs(5),
-        || async { (deliveries(&app, &id, "?status=failed").await.len() == 3).then_some(()) },
+        "both deliveries failed after their two attempts",
+        Duration::from_secs(10),
+        || async { (deliveries(&app, &id, "?status=failed").await.len() == 2).then_some(()) },
     )
     .await;
     assert_eq!(receiver.received("/down").len(), 4);
+    // Failing for less than `webhook_disable_after_failing` (5 days) keeps it enabled.
+    assert_eq!(webhook(&app, &id).await["enabled"], true);
 
-    let (status, _) = app
-        .post(
-            &format!("/api/v1/webhooks/{id}/enable"),
-            app.admin_key(),
-            &json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
     let (status, body) = app
         .post(
             &format!("/api/v1/webhooks/{id}/recover"),
@@ -222,8 +197,8 @@ async fn disable_after_then_enable_and_recover_delivers_what_was_missed() {
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    assert_eq!(body["data"]["requeued"], 3);
-    let requests = wait_received(&receiver, "/down", 7, Duration::from_secs(10)).await;
+    assert_eq!(body["data"]["requeued"], 2);
+    let requests = wait_received(&receiver, "/down", 6, Duration::from_secs(10)).await;
     let mut values: Vec<f64> = requests[4..]
         .iter()
         .map(|r| {
@@ -233,9 +208,9 @@ async fn disable_after_then_enable_and_recover_delivers_what_was_missed() {
         })
         .collect();
     values.sort_by(f64::total_cmp);
-    assert_eq!(values, vec![1.0, 2.0, 3.0]);
+    assert_eq!(values, vec![1.0, 2.0]);
     eventually("all succeeded", Duration::from_secs(5), || async {
-        (deliveries(&app, &id, "?status=succeeded").await.len() == 3).then_some(())
+        (deliveries(&app, &id, "?status=succeeded").await.len() == 2).then_some(())
     })
     .await;
 
@@ -252,7 +227,7 @@ async fn disable_after_then_enable_and_recover_delivers_what_was_missed() {
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    wait_received(&receiver, "/down", 8, Duration::from_secs(5)).await;
+    wait_received(&receiver, "/down", 7, Duration::from_secs(5)).await;
     app.shutdown().await;
 }
 

@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod delivery;
+mod disabled;
 mod registration;
+mod retention;
 mod signatures;
 mod ssrf;
 
