@@ -6,6 +6,7 @@ mod downlink;
 mod identity;
 mod ingest;
 mod limits;
+mod livetime;
 mod outages;
 
 use std::{
