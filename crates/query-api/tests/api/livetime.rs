@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use fieldline_common::time::now_us;
+use fieldline_common::{Config, time::now_us};
 use fieldline_testkit::{TestApp, eventually, live_time_defaults};
 use reqwest::StatusCode;
+use serde_json::json;
 
 use crate::{number, publish, spawn_query_with, stored};
 
@@ -162,5 +163,93 @@ async fn a_batch_of_many_days_is_stored_in_transactions_of_few_days() {
         .unwrap()
         .get(0);
     assert_eq!(count, days);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn reads_touch_only_the_partitions_of_their_range() {
+    let app = spawn_query_with(|config| Config {
+        query_statement_timeout: Duration::from_secs(2),
+        ..live_time_defaults(config)
+    })
+    .await;
+    app.create_device("d1").await;
+    wait_for_partitions_ahead(&app).await;
+    let now = now_us();
+    let hour_us = 3_600_000_000;
+    let readings = (1..=3)
+        .map(|hours| number("temp", now - hours * hour_us, hours as f64))
+        .collect();
+    publish(&app, "default", "d1", readings).await;
+    eventually("the readings", Duration::from_secs(15), || async {
+        (stored(&app, "d1").await == 3).then_some(())
+    })
+    .await;
+
+    // A partition outside every range read below, held by another session the way a DROP
+    // or a long maintenance statement holds one: a read that plans or locks every partition
+    // (a generic plan, a phase without the range, an open range) waits for it and is
+    // cancelled after the statement timeout.
+    let mut pg = app.env.pg().await;
+    pg.execute(
+        "SELECT telemetry.ensure_readings_partition('2001-01-01')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let holder = pg.transaction().await.unwrap();
+    holder
+        .batch_execute("LOCK TABLE telemetry.readings_20010101 IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // More than five times each: PostgreSQL may switch a prepared statement to a generic
+    // plan after five runs.
+    for _ in 0..7 {
+        for path in [
+            "/api/v1/devices/d1/readings?start=-1d",
+            "/api/v1/devices/d1/readings",
+            "/api/v1/devices/d1/readings?order=desc&limit=2",
+        ] {
+            let (status, body) = app.get(path, app.admin_key()).await;
+            assert_eq!(status, StatusCode::OK, "{path}: {body}");
+            let expected = if path.contains("limit=2") { 2 } else { 3 };
+            assert_eq!(body["data"].as_array().unwrap().len(), expected, "{path}");
+        }
+        let (status, body) = app
+            .get(
+                "/api/v1/devices/d1/readings/aggregate?metric=temp&interval=1h",
+                app.admin_key(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, body) = app
+            .post(
+                "/api/v1/query",
+                app.admin_key(),
+                &json!({"devices": ["d1"], "metrics": ["temp"]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            body["data"]["readings"].as_array().unwrap().len(),
+            3,
+            "{body}"
+        );
+    }
+    let csv = app
+        .http
+        .get(format!(
+            "{}/api/v1/devices/d1/readings?format=csv",
+            app.base_url
+        ))
+        .bearer_auth(app.admin_key())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    holder.rollback().await.unwrap();
     app.shutdown().await;
 }
