@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use fieldline_common::ingest::parse_json_message;
+use fieldline_common::ingest::{TimeWindow, parse_json_message};
 
 fn main() {
     let messages: Vec<String> = (0..100)
@@ -23,7 +23,7 @@ fn main() {
     let started = Instant::now();
     let mut readings = 0;
     for _ in 0..rounds {
-        readings += parse_json_message(body.as_bytes(), 0, 10_000)
+        readings += parse_json_message(body.as_bytes(), 0, 10_000, TimeWindow::ANY)
             .expect("the body parses")
             .readings
             .len();

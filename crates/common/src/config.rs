@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use chrono::{DateTime, Utc};
 use fieldline_proto::{StreamLimits, Subjects};
 use figment::{
     Figment,
@@ -181,6 +182,22 @@ pub struct Config {
     /// How long ingest waits for JetStream to acknowledge before answering 503.
     #[serde(with = "humantime_serde")]
     pub ingest_publish_timeout: Duration,
+    // ---- Live time: which reading times are stored, so that no message can make
+    // partitions without limit. See docs/decisions/2026-12-04-live-time-window.md.
+    /// How far back a reading's time may lie when it arrives over `POST /api/v1/ingest` or
+    /// MQTT (a device that buffered while offline); older answers 400 (MQTT: dropped and
+    /// counted). Older history goes through backfill.
+    #[serde(with = "humantime_serde")]
+    pub ingest_max_age: Duration,
+    /// How far ahead of the server's clock a reading's time may lie (device clock drift), over
+    /// every path, backfill included; the writer allows a day more for skew between hosts.
+    /// At most 7 days: the partitions made ahead.
+    #[serde(with = "humantime_serde")]
+    pub ingest_max_future: Duration,
+    /// The earliest reading time stored at all (RFC 3339): backfill's lower bound (or now
+    /// less `readings_retention`, when later), and the writer's for whatever reaches it over
+    /// the bus.
+    pub readings_earliest: DateTime<Utc>,
     /// Messages older than this are dropped from every stream.
     #[serde(with = "humantime_serde")]
     pub stream_max_age: Duration,
@@ -319,6 +336,9 @@ impl Default for Config {
             ingest_max_readings: 10_000,
             backfill_max_body_bytes: 16 * 1024 * 1024,
             ingest_publish_timeout: Duration::from_secs(5),
+            ingest_max_age: Duration::from_secs(30 * 24 * 3600),
+            ingest_max_future: Duration::from_secs(3600),
+            readings_earliest: DateTime::from_timestamp(946_684_800, 0).unwrap_or_default(),
             stream_max_age: Duration::from_secs(7 * 24 * 3600),
             stream_max_bytes: 1 << 30,
             stream_duplicate_window: Duration::from_secs(120),
@@ -539,6 +559,9 @@ impl Config {
         if self.backfill_max_body_bytes < 1024 {
             return invalid("backfill_max_body_bytes", "must be at least 1024".into());
         }
+        if let Err((field, message)) = self.validate_live_time() {
+            return invalid(field, message);
+        }
         if let Err(message) = parse_schedule(&self.webhook_retry_schedule) {
             return invalid("webhook_retry_schedule", message);
         }
@@ -624,6 +647,27 @@ impl Config {
         }
         if !(1..=100_000).contains(&self.webhook_retention_batch) {
             return Err(("webhook_retention_batch", "use 1 to 100000".into()));
+        }
+        Ok(())
+    }
+
+    fn validate_live_time(&self) -> Result<(), (&'static str, String)> {
+        if self.ingest_max_age < Duration::from_secs(60) {
+            return Err(("ingest_max_age", "must be at least 1m".into()));
+        }
+        if self.ingest_max_future > Duration::from_secs(7 * 24 * 3600) {
+            return Err((
+                "ingest_max_future",
+                "must be at most 7d (the partitions created ahead)".into(),
+            ));
+        }
+        if self.readings_earliest.timestamp_micros() < crate::time::MIN_TIME_US
+            || self.readings_earliest >= Utc::now()
+        {
+            return Err((
+                "readings_earliest",
+                "must lie between 1970-01-01T00:00:00Z and now".into(),
+            ));
         }
         Ok(())
     }
@@ -888,6 +932,47 @@ mod tests {
                 error.contains("nats_token") && !error.contains("also"),
                 "{error}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn live_time_settings_load_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            let config = Config::figment(None).unwrap();
+            assert_eq!(config.ingest_max_age, Duration::from_secs(30 * 24 * 3600));
+            assert_eq!(config.ingest_max_future, Duration::from_secs(3600));
+            assert_eq!(
+                config.readings_earliest.to_rfc3339(),
+                "2000-01-01T00:00:00+00:00"
+            );
+            jail.set_env("FIELDLINE_INGEST_MAX_AGE", "90days");
+            jail.set_env("FIELDLINE_READINGS_EARLIEST", "2015-06-01T00:00:00Z");
+            let config = Config::figment(None).unwrap();
+            assert_eq!(config.ingest_max_age, Duration::from_secs(90 * 24 * 3600));
+            assert_eq!(config.readings_earliest.timestamp(), 1_433_116_800);
+            for (variable, value, field) in [
+                ("FIELDLINE_INGEST_MAX_FUTURE", "8days", "ingest_max_future"),
+                ("FIELDLINE_INGEST_MAX_AGE", "10s", "ingest_max_age"),
+                (
+                    "FIELDLINE_READINGS_EARLIEST",
+                    "2999-01-01T00:00:00Z",
+                    "readings_earliest",
+                ),
+                (
+                    "FIELDLINE_READINGS_EARLIEST",
+                    "last year",
+                    "readings_earliest",
+                ),
+            ] {
+                jail.set_env(variable, value);
+                let error = Config::figment(None).unwrap_err().to_string();
+                // figment names a key it could not parse as the variable spells it.
+                assert!(error.to_lowercase().contains(field), "{value}: {error}");
+                jail.set_env("FIELDLINE_INGEST_MAX_FUTURE", "1h");
+                jail.set_env("FIELDLINE_INGEST_MAX_AGE", "30days");
+                jail.set_env("FIELDLINE_READINGS_EARLIEST", "2000-01-01T00:00:00Z");
+            }
             Ok(())
         });
     }

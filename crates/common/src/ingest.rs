@@ -17,9 +17,10 @@ use serde_json::Value;
 
 use crate::{
     bus,
+    config::Config,
     error::ApiError,
     service::Context,
-    time::{MAX_TIME_US, MIN_TIME_US, parse_reading_time},
+    time::{MAX_TIME_US, MIN_TIME_US, format_rfc3339, from_us, parse_reading_time},
 };
 
 /// Longest text value stored.
@@ -36,6 +37,21 @@ pub enum ParseError {
     Invalid(String),
     #[error("{count} readings exceed the limit of {limit} per message")]
     TooMany { count: usize, limit: usize },
+    /// A reading's time outside the [`TimeWindow`] of the path it came by.
+    #[error("{0}")]
+    OutOfWindow(String),
+}
+
+impl ParseError {
+    /// Why a message is dropped, as the edges count it
+    /// (`fieldline_mqtt_dropped_total{reason}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ParseError::Malformed(_) | ParseError::Invalid(_) => "malformed",
+            ParseError::TooMany { .. } => "too_many_readings",
+            ParseError::OutOfWindow(_) => "out_of_window",
+        }
+    }
 }
 
 impl From<ParseError> for ApiError {
@@ -44,7 +60,100 @@ impl From<ParseError> for ApiError {
             ParseError::Malformed(_) => ApiError::bad_request("malformed_json", error.to_string()),
             ParseError::Invalid(_) => ApiError::bad_request("invalid_field", error.to_string()),
             ParseError::TooMany { .. } => ApiError::payload_too_large(error.to_string()),
+            ParseError::OutOfWindow(_) => ApiError::bad_request("out_of_window", error.to_string()),
         }
+    }
+}
+
+/// The reading times one path stores, `[earliest_us, latest_us]` in epoch µs. Every time
+/// outside it is refused, so that no message can make daily partitions without limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeWindow {
+    pub earliest_us: i64,
+    pub latest_us: i64,
+    /// What a refusal adds, for the sender.
+    hint: &'static str,
+}
+
+/// The writer's allowance, past `ingest_max_future`, for clocks of different hosts.
+const WRITER_CLOCK_SKEW_US: i64 = 24 * 3600 * 1_000_000;
+
+fn duration_us(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl TimeWindow {
+    /// Every time the platform can represent (1970 to 9999).
+    pub const ANY: TimeWindow = TimeWindow {
+        earliest_us: MIN_TIME_US,
+        latest_us: MAX_TIME_US,
+        hint: "",
+    };
+
+    fn new(earliest_us: i64, latest_us: i64, hint: &'static str) -> Self {
+        Self {
+            earliest_us: earliest_us.clamp(MIN_TIME_US, MAX_TIME_US),
+            latest_us: latest_us.clamp(MIN_TIME_US, MAX_TIME_US),
+            hint,
+        }
+    }
+
+    fn earliest_stored_us(config: &Config) -> i64 {
+        config.readings_earliest.timestamp_micros()
+    }
+
+    /// Live ingest (`POST /api/v1/ingest`, MQTT): `ingest_max_age` back to
+    /// `ingest_max_future` ahead of `now_us`.
+    pub fn live(config: &Config, now_us: i64) -> Self {
+        let earliest = now_us
+            .saturating_sub(duration_us(config.ingest_max_age))
+            .max(Self::earliest_stored_us(config));
+        Self::new(
+            earliest,
+            now_us.saturating_add(duration_us(config.ingest_max_future)),
+            "; older readings go through backfill (POST /api/v1/devices/{id}/readings)",
+        )
+    }
+
+    /// Backfill: down to `readings_retention` (when set) or `readings_earliest`, and no
+    /// further ahead than live ingest.
+    pub fn backfill(config: &Config, now_us: i64) -> Self {
+        let retained = config.readings_retention.map_or(MIN_TIME_US, |retention| {
+            now_us.saturating_sub(duration_us(retention))
+        });
+        Self::new(
+            retained.max(Self::earliest_stored_us(config)),
+            now_us.saturating_add(duration_us(config.ingest_max_future)),
+            "",
+        )
+    }
+
+    /// What the query-api writer stores, whatever sent it over the bus (an older edge, a
+    /// message that waited in the stream): `readings_earliest` to a day past
+    /// `ingest_max_future`. Retention's horizon is the writer's own business.
+    pub fn stored(config: &Config, now_us: i64) -> Self {
+        Self::new(
+            Self::earliest_stored_us(config),
+            now_us
+                .saturating_add(duration_us(config.ingest_max_future))
+                .saturating_add(WRITER_CLOCK_SKEW_US),
+            "",
+        )
+    }
+
+    pub fn contains(&self, ts_us: i64) -> bool {
+        (self.earliest_us..=self.latest_us).contains(&ts_us)
+    }
+
+    /// The refusal of `ts_us` at `path` (`[3].ts`).
+    pub fn refusal(&self, path: &str, ts_us: i64) -> ParseError {
+        ParseError::OutOfWindow(format!(
+            "{path}: {} is outside the times accepted here, {} to {}{}",
+            format_rfc3339(&from_us(ts_us)),
+            format_rfc3339(&from_us(self.earliest_us)),
+            format_rfc3339(&from_us(self.latest_us)),
+            self.hint
+        ))
     }
 }
 
@@ -194,6 +303,7 @@ struct Sink<'a> {
     failure: &'a Failure,
     received_at_us: i64,
     limit: usize,
+    window: TimeWindow,
 }
 
 impl Sink<'_> {
@@ -351,6 +461,10 @@ impl<'de> Visitor<'de> for OneMessage<'_, '_> {
                             field_path(&prefix(), "ts")
                         )))
                     })?;
+                    if !sink.window.contains(parsed) {
+                        let path = field_path(&prefix(), "ts");
+                        return Err(sink.fail(sink.window.refusal(&path, parsed)));
+                    }
                     ts_us = Some(parsed);
                 }
                 "msg_id" => match map.next_value()? {
@@ -451,11 +565,14 @@ impl OneMessage<'_, '_> {
 }
 
 /// Parses a device message (one JSON object or an array of them) into readings. The body
-/// is read once, straight into readings, without a JSON tree in between.
+/// is read once, straight into readings, without a JSON tree in between. A `ts` outside
+/// `window` refuses the whole message, naming it; a message without one takes
+/// `received_at_us`.
 pub fn parse_json_message(
     body: &[u8],
     received_at_us: i64,
     limit: usize,
+    window: TimeWindow,
 ) -> Result<Parsed, ParseError> {
     let failure = Failure::default();
     let mut parsed = Parsed::default();
@@ -464,6 +581,7 @@ pub fn parse_json_message(
         failure: &failure,
         received_at_us,
         limit,
+        window,
     };
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let read = deserializer
@@ -478,8 +596,14 @@ pub fn parse_json_message(
 }
 
 /// Parses SenML JSON (RFC 8428): base name and base time apply to the records that follow;
-/// times are seconds (absolute, or relative to now when small, as the RFC says).
-pub fn parse_senml(body: &[u8], received_at_us: i64, limit: usize) -> Result<Parsed, ParseError> {
+/// times are seconds (absolute, or relative to now when small, as the RFC says), and must lie
+/// in `window`.
+pub fn parse_senml(
+    body: &[u8],
+    received_at_us: i64,
+    limit: usize,
+    window: TimeWindow,
+) -> Result<Parsed, ParseError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|error| ParseError::Malformed(error.to_string()))?;
     let Value::Array(records) = value else {
@@ -548,6 +672,9 @@ pub fn parse_senml(body: &[u8], received_at_us: i64, limit: usize) -> Result<Par
             )));
         }
         let ts_us = micros as i64;
+        if !window.contains(ts_us) {
+            return Err(window.refusal(&path("t"), ts_us));
+        }
         parsed.readings.push(Reading {
             metric: name,
             ts_us,
@@ -735,7 +862,7 @@ mod tests {
     const NOW: i64 = 1_700_000_000_000_000;
 
     fn parse(body: &str) -> Result<Parsed, ParseError> {
-        parse_json_message(body.as_bytes(), NOW, 100)
+        parse_json_message(body.as_bytes(), NOW, 100, TimeWindow::ANY)
     }
 
     fn value(reading: &Reading) -> reading::Value {
@@ -824,7 +951,7 @@ mod tests {
         // A repeat is found in a message of many metrics too.
         let many: Vec<String> = (0..40).map(|index| format!(r#""m{index}": 1"#)).collect();
         let body = format!(r#"{{{}, "m7": 2}}"#, many.join(","));
-        match parse_json_message(body.as_bytes(), NOW, 1000) {
+        match parse_json_message(body.as_bytes(), NOW, 1000, TimeWindow::ANY) {
             Err(ParseError::Invalid(message)) => assert!(message.starts_with("m7:"), "{message}"),
             other => panic!("{other:?}"),
         }
@@ -874,20 +1001,114 @@ mod tests {
     fn senml_records_resolve_base_name_and_time() {
         let body = r#"[{"bn": "dev1.", "bt": 1700000000, "n": "temp", "v": 21.5},
                        {"n": "door", "vb": true, "t": 2}, {"n": "fw", "vs": "1.0", "t": -1000000000}]"#;
-        let parsed = parse_senml(body.as_bytes(), NOW, 100).unwrap();
+        let parsed = parse_senml(body.as_bytes(), NOW, 100, TimeWindow::ANY).unwrap();
         assert_eq!(parsed.readings.len(), 3);
         assert_eq!(parsed.readings[0].metric, "dev1.temp");
         assert_eq!(parsed.readings[0].ts_us, 1_700_000_000_000_000);
         assert_eq!(parsed.readings[1].ts_us, 1_700_000_002_000_000);
-        assert!(parse_senml(br#"[{"n": "x"}]"#, NOW, 100).is_err());
+        assert!(parse_senml(br#"[{"n": "x"}]"#, NOW, 100, TimeWindow::ANY).is_err());
         for bad in [
             r#"[{"n": "x", "v": 1, "bt": 1e300}]"#,
             r#"[{"n": "x", "v": 1, "t": "soon"}]"#,
             r#"[{"n": "x", "v": 1, "bt": 1e12}]"#,
         ] {
-            assert!(parse_senml(bad.as_bytes(), NOW, 100).is_err(), "{bad}");
+            assert!(
+                parse_senml(bad.as_bytes(), NOW, 100, TimeWindow::ANY).is_err(),
+                "{bad}"
+            );
         }
-        let relative = parse_senml(br#"[{"n": "x", "v": 1, "t": -10}]"#, NOW, 100).unwrap();
+        let relative = parse_senml(
+            br#"[{"n": "x", "v": 1, "t": -10}]"#,
+            NOW,
+            100,
+            TimeWindow::ANY,
+        )
+        .unwrap();
         assert_eq!(relative.readings[0].ts_us, NOW - 10_000_000);
+    }
+
+    #[test]
+    fn the_live_window_refuses_what_lies_outside_naming_the_field() {
+        let config = Config::default();
+        let live = TimeWindow::live(&config, NOW);
+        let ms = |us: i64| us / 1000;
+        let minute_us = 60_000_000;
+        let day_us = 24 * 60 * minute_us;
+        let accepted = format!(
+            r#"[{{"ts": {}, "a": 1}}, {{"ts": {}, "a": 2}}]"#,
+            ms(NOW - minute_us),
+            ms(NOW + 30 * minute_us)
+        );
+        let parsed = parse_json_message(accepted.as_bytes(), NOW, 100, live).unwrap();
+        assert_eq!(parsed.readings.len(), 2);
+        for (body, expected) in [
+            (
+                format!(
+                    r#"[{{"a": 1}}, {{"ts": {}, "a": 2}}]"#,
+                    ms(NOW + 2 * day_us)
+                ),
+                "[1].ts: ",
+            ),
+            (
+                format!(r#"{{"ts": {}, "a": 1}}"#, ms(NOW - 31 * day_us)),
+                "ts: ",
+            ),
+            (
+                r#"{"ts": 1000, "a": 1}"#.to_owned(),
+                "ts: 1970-01-01T00:00:01Z",
+            ),
+            (
+                r#"[{"a": 1}, {"a": 1}, {"a": 1}, {"ts": "2300-01-01T12:00:00Z", "a": 1}]"#
+                    .to_owned(),
+                "[3].ts: 2300-01-01T12:00:00Z is outside",
+            ),
+        ] {
+            match parse_json_message(body.as_bytes(), NOW, 100, live) {
+                Err(error @ ParseError::OutOfWindow(_)) => {
+                    assert!(error.to_string().starts_with(expected), "{body}: {error}");
+                    assert_eq!(error.reason(), "out_of_window");
+                    let api = ApiError::from(error);
+                    assert_eq!(api.reason, "out_of_window");
+                    assert_eq!(api.kind, crate::ErrorKind::BadRequest);
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        // A message without ts takes its arrival time, inside any live window.
+        assert!(parse_json_message(br#"{"a": 1}"#, NOW, 100, live).is_ok());
+        let senml = format!(
+            r#"[{{"n": "x", "v": 1, "bt": {}}}]"#,
+            (NOW + 2 * day_us) / 1_000_000
+        );
+        match parse_senml(senml.as_bytes(), NOW, 100, live) {
+            Err(ParseError::OutOfWindow(message)) => {
+                assert!(message.starts_with("[0].t:"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn backfill_reaches_back_to_retention_or_the_floor_and_never_far_ahead() {
+        let day = Duration::from_secs(24 * 3600);
+        let day_us = 86_400_000_000;
+        let config = Config::default();
+        let backfill = TimeWindow::backfill(&config, NOW);
+        assert_eq!(
+            backfill.earliest_us,
+            config.readings_earliest.timestamp_micros()
+        );
+        assert!(backfill.contains(NOW - 365 * day_us));
+        assert!(!backfill.contains(NOW + 2 * day_us));
+        let retained = Config {
+            readings_retention: Some(90 * day),
+            ..Config::default()
+        };
+        let backfill = TimeWindow::backfill(&retained, NOW);
+        assert!(backfill.contains(NOW - 89 * day_us) && !backfill.contains(NOW - 91 * day_us));
+        let stored = TimeWindow::stored(&config, NOW);
+        assert!(stored.contains(NOW + 2 * day_us - 3_600_000_000 * 24));
+        assert!(!stored.contains(NOW + 2 * day_us));
+        assert!(!stored.contains(0));
     }
 }

@@ -24,7 +24,7 @@ use fieldline_common::{
     auth::{AuthError, DeviceInfo},
     bus::rpc,
     commands::MqttCommandAck,
-    ingest::{self, ParseError, Parsed, PublishError, Publisher},
+    ingest::{self, Parsed, PublishError, Publisher, TimeWindow},
     logthrottle::LogThrottle,
     ratelimit::Decision,
     service::ReadyCheck,
@@ -531,16 +531,18 @@ async fn handle(
 
     let published = match uplink {
         Uplink::Telemetry => {
+            // Live time only, as over HTTP: a reading far from now drops the message
+            // (`out_of_window`), acknowledged so that the broker does not resend it.
             let parsed = match ingest::parse_json_message(
                 &publish.payload,
                 arrival.received_at_us,
                 config.ingest_max_readings,
+                TimeWindow::live(config, arrival.received_at_us),
             ) {
                 Ok(parsed) => parsed,
-                Err(error @ ParseError::TooMany { .. }) => {
-                    return drop_message(&publish.topic, "too_many_readings", &error.to_string());
+                Err(error) => {
+                    return drop_message(&publish.topic, error.reason(), &error.to_string());
                 }
-                Err(error) => return drop_message(&publish.topic, "malformed", &error.to_string()),
             };
             let readings = parsed.readings.len() as u64;
             let device = (project.as_str().to_owned(), device_id.as_str().to_owned());

@@ -263,6 +263,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ("FIELDLINE_RATE_KEY_PERIOD", "1s"),
         ("FIELDLINE_RATE_DEVICE_REQUESTS", "1000000"),
         ("FIELDLINE_RATE_DEVICE_PERIOD", "1s"),
+        // The scenarios send fixed times from 2025 on (BASE_MS), older than live ingest's
+        // default window.
+        ("FIELDLINE_INGEST_MAX_AGE", "3650days"),
     ];
     let runner = Runner {
         fieldline: &fieldline,

@@ -13,6 +13,7 @@ mod retention;
 mod routes;
 mod writer;
 
+pub use repo::MAX_DAYS_PER_TRANSACTION;
 pub use routes::ROUTES;
 pub use writer::CONSUMER as WRITER_CONSUMER;
 
@@ -61,7 +62,7 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
         )))
     })
     .collect::<anyhow::Result<Vec<_>>>()?;
-    let repo = Repo::new(pool, Arc::clone(&reads[0]));
+    let repo = Repo::new(pool, Arc::clone(&reads[0]), Arc::clone(&context.config));
     maintenance::start(context, repo.clone());
     writer::start(context, repo.clone()).await?;
 
@@ -111,8 +112,13 @@ fn query_pool(config: &Config, size: usize) -> anyhow::Result<Pool> {
     let settings = fieldline_common::db::DatabaseSettings::from_config(config)
         .map_err(|message| anyhow::anyhow!("FIELDLINE_DATABASE_URL {message}"))?;
     let manager = settings.manager(|pg_config| {
+        // Custom plans always: reads are prepared once per connection and run with new
+        // times each time. A generic plan prunes partitions only when it runs, and
+        // PostgreSQL 15 first locks every partition it names, all of them for a range it
+        // cannot see: with thousands of daily partitions, "out of shared memory". A custom
+        // plan prunes by the actual range while planning and locks the survivors only.
         pg_config.options(format!(
-            "-c statement_timeout={}",
+            "-c statement_timeout={} -c plan_cache_mode=force_custom_plan",
             config.query_statement_timeout.as_millis().max(1)
         ));
     })?;

@@ -6,6 +6,7 @@
 //! a few of a read pool's connections, pipelined.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet},
     pin::pin,
     sync::{
@@ -17,8 +18,9 @@ use std::{
 use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::Pool;
 use fieldline_common::{
-    ApiError,
-    time::{MAX_TIME_US, MIN_TIME_US, format_rfc3339, from_us},
+    ApiError, Config,
+    ingest::TimeWindow,
+    time::{MAX_TIME_US, MIN_TIME_US, format_rfc3339, from_us, now_us},
 };
 use fieldline_proto::v1::{TelemetryBatch, reading};
 use serde::Serialize;
@@ -50,7 +52,23 @@ pub struct Repo {
     /// Raw readings before this (epoch µs) have been dropped by retention; the writer does
     /// not bring them back.
     expired_before_us: Arc<AtomicI64>,
+    /// The live-time settings: what the writer stores at all ([`TimeWindow::stored`]).
+    config: Arc<Config>,
 }
+
+/// Most daily partitions one writer transaction writes into. A batch whose readings span
+/// more days is stored in several transactions, each of at most this many days (acked once
+/// all have committed; a redelivery after a partial store inserts only what is missing).
+/// Each partition written costs a transaction two locks (the partition and its key), so
+/// this keeps a batch far below `max_locks_per_transaction` (64) whatever it holds.
+pub const MAX_DAYS_PER_TRANSACTION: usize = 8;
+
+/// Wider than this, a read's range is first narrowed to what its series hold
+/// ([`Repo::narrow_range`]).
+const NARROW_RANGES_OVER_US: i64 = 8 * 86_400_000_000;
+
+/// Seconds between two warnings about refused readings: a flood is a counter, not lines.
+const REFUSED_LOG_INTERVAL_S: i64 = 10;
 
 /// A query error: a statement cancelled by `statement_timeout` is 503 `query_timeout`, the
 /// rest as the common table says.
@@ -218,6 +236,52 @@ async fn store_skipping_stored(
     transaction.commit().await
 }
 
+/// A reading the writer stores: the index of its series key, its time, its value.
+type WriteRow<'v> = (usize, i64, &'v reading::Value);
+
+/// `rows` (in series and time order) cut into groups of at most `max_days` days each, every
+/// group keeping that order: the earliest days first. One group, without copying, in the
+/// common case of a batch of a few days.
+fn by_days<'a, 'v>(rows: &'a [WriteRow<'v>], max_days: usize) -> Vec<Cow<'a, [WriteRow<'v>]>> {
+    let mut days: Vec<NaiveDate> = rows.iter().map(|(_, ts, _)| day_of(*ts)).collect();
+    days.sort_unstable();
+    days.dedup();
+    if days.len() <= max_days {
+        return vec![Cow::Borrowed(rows)];
+    }
+    let mut groups = vec![Vec::new(); days.len().div_ceil(max_days)];
+    for row in rows {
+        let day = days.binary_search(&day_of(row.1)).unwrap_or_default();
+        groups[day / max_days].push(*row);
+    }
+    groups.into_iter().map(Cow::Owned).collect()
+}
+
+/// Warns about readings the writer refused, at most once every [`REFUSED_LOG_INTERVAL_S`]
+/// (the counter has them all).
+fn log_refused(batch: &TelemetryBatch, ts_us: i64, refused: u64, window: &TimeWindow) {
+    static LAST_LOGGED_S: AtomicI64 = AtomicI64::new(i64::MIN);
+    let now_s = now_us() / 1_000_000;
+    let last = LAST_LOGGED_S.load(Ordering::Relaxed);
+    if now_s.saturating_sub(last) < REFUSED_LOG_INTERVAL_S
+        || LAST_LOGGED_S
+            .compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    tracing::warn!(
+        project = %batch.project,
+        device_id = %batch.device_id,
+        source = %batch.source,
+        ts = %format_rfc3339(&from_us(ts_us)),
+        refused,
+        earliest = %format_rfc3339(&from_us(window.earliest_us)),
+        latest = %format_rfc3339(&from_us(window.latest_us)),
+        "readings outside the stored time window refused"
+    );
+}
+
 /// A series of a device: its id and metric name.
 #[derive(Debug, Clone)]
 pub struct DeviceSeries {
@@ -235,13 +299,14 @@ pub struct MetricOut {
 }
 
 impl Repo {
-    pub fn new(pool: Pool, reads: Arc<Reads>) -> Self {
+    pub fn new(pool: Pool, reads: Arc<Reads>, config: Arc<Config>) -> Self {
         Self {
             pool,
             reads,
             series: Arc::default(),
             partitions: Arc::default(),
             expired_before_us: Arc::new(AtomicI64::new(MIN_TIME_US)),
+            config,
         }
     }
 
@@ -331,16 +396,21 @@ impl Repo {
         Ok(())
     }
 
-    /// Stores the readings of `batches` in one statement and moves each series' statistics,
-    /// latest value and rollups forward. Idempotent: a batch stored twice changes nothing the
-    /// second time. Returns the number of readings given (readings older than retention are
-    /// skipped and counted as dropped).
+    /// Stores the readings of `batches` and moves each series' statistics, latest value and
+    /// rollups forward, in one transaction per [`MAX_DAYS_PER_TRANSACTION`] days of
+    /// readings. Idempotent: a batch stored twice changes nothing the second time. Returns
+    /// the number of readings stored; readings older than retention, or outside
+    /// [`TimeWindow::stored`] (sent by an edge that does not check live time), are refused,
+    /// counted in `fieldline_writer_dropped_total{reason}` and logged, never stored.
     pub async fn store(&self, batches: &[TelemetryBatch]) -> Result<usize, ApiError> {
         let expired_before = self.expired_before_us.load(Ordering::Relaxed);
+        let window = TimeWindow::stored(&self.config, now_us());
         let mut keys: Vec<SeriesKey> = Vec::new();
         let mut key_index: HashMap<(&str, &str, &str), usize> = HashMap::new();
-        let mut rows: Vec<(usize, i64, &reading::Value)> = Vec::new();
+        let mut rows: Vec<WriteRow> = Vec::new();
         let mut expired = 0u64;
+        let mut refused = 0u64;
+        let mut first_refused = None;
         for batch in batches {
             for reading in &batch.readings {
                 let Some(value) = &reading.value else {
@@ -348,6 +418,11 @@ impl Repo {
                 };
                 if reading.ts_us < expired_before {
                     expired += 1;
+                    continue;
+                }
+                if !window.contains(reading.ts_us) {
+                    refused += 1;
+                    first_refused.get_or_insert((batch, reading.ts_us));
                     continue;
                 }
                 let key = (
@@ -366,17 +441,31 @@ impl Repo {
             metrics::counter!("fieldline_writer_dropped_total", "reason" => "expired")
                 .increment(expired);
         }
+        if let Some((batch, ts_us)) = first_refused {
+            metrics::counter!("fieldline_writer_dropped_total", "reason" => "out_of_window")
+                .increment(refused);
+            log_refused(batch, ts_us, refused, &window);
+        }
         if rows.is_empty() {
             return Ok(0);
         }
         let ids = self.series_ids(&keys).await?;
-        let days: HashSet<NaiveDate> = rows.iter().map(|(_, ts, _)| day_of(*ts)).collect();
         // In (series, time) order: index inserts go in order, and row locks are taken in one
         // order by every writer.
         rows.sort_unstable_by_key(|(index, ts_us, _)| (ids[*index], *ts_us));
+        for chunk in by_days(&rows, MAX_DAYS_PER_TRANSACTION) {
+            self.store_rows(&ids, &chunk).await?;
+        }
+        Ok(rows.len())
+    }
+
+    /// One transaction: `rows` (of at most [`MAX_DAYS_PER_TRANSACTION`] days, in series and
+    /// time order) and the moves they make.
+    async fn store_rows(&self, ids: &[i32], rows: &[WriteRow<'_>]) -> Result<(), ApiError> {
+        let days: HashSet<NaiveDate> = rows.iter().map(|(_, ts, _)| day_of(*ts)).collect();
         let mut columns = Columns::default();
         let mut moves = Moves::default();
-        for (index, ts_us, value) in &rows {
+        for (index, ts_us, value) in rows {
             let series_id = ids[*index];
             columns.series_id.push(series_id);
             columns.ts.push(from_us(*ts_us));
@@ -409,7 +498,10 @@ impl Repo {
                 other => other,
             };
             match result {
-                Ok(()) => return Ok(rows.len()),
+                Ok(()) => {
+                    metrics::counter!("fieldline_writer_transactions_total").increment(1);
+                    return Ok(());
+                }
                 // "no partition of relation found for row": retention (of another instance)
                 // dropped a partition this process thought it had.
                 Err(error) if attempt == 0 && error.code() == Some(&SqlState::CHECK_VIOLATION) => {
@@ -500,7 +592,6 @@ impl Repo {
         device_id: &str,
         query: &ReadingsQuery,
     ) -> Result<Vec<(ReadingOut, Position)>, ApiError> {
-        let client = self.reads.client().await?;
         let mut start = query.start.unwrap_or_else(|| from_us(MIN_TIME_US));
         let mut end = query.end.unwrap_or_else(|| from_us(MAX_TIME_US));
         let (after_ts, after_metric) = match &query.after {
@@ -528,8 +619,23 @@ impl Repo {
                 "keys.ts DESC, keys.metric COLLATE \"C\" DESC",
             ),
         };
+        let (start_us, end_us) = (start.timestamp_micros(), end.timestamp_micros());
+        if end_us.saturating_sub(start_us) > NARROW_RANGES_OVER_US {
+            let series = self
+                .device_series(project, device_id, query.metrics.as_deref())
+                .await?;
+            let series: Vec<i32> = series.iter().map(|series| series.series_id).collect();
+            let Some((narrow_start, narrow_end)) =
+                self.narrow_range(&series, start_us, end_us).await?
+            else {
+                return Ok(Vec::new());
+            };
+            (start, end) = (from_us(narrow_start), from_us(narrow_end));
+        }
+        let client = self.reads.client().await?;
         // Two phases: the page's keys from the index alone (index-only scans, each series'
-        // next rows), then the values of just those rows.
+        // next rows), then the values of just those rows. Both name the range, so that
+        // planning prunes both to its partitions.
         let sql = format!(
             "WITH keys AS (
                  SELECT s.series_id, s.metric, k.ts
@@ -544,7 +650,8 @@ impl Repo {
                  ORDER BY {keys_order} LIMIT $7
              )
              SELECT keys.metric, keys.ts, r.value_num, r.value_bool, r.value_text
-             FROM keys JOIN telemetry.readings r ON r.series_id = keys.series_id AND r.ts = keys.ts
+             FROM keys JOIN telemetry.readings r
+               ON r.series_id = keys.series_id AND r.ts = keys.ts AND r.ts >= $3 AND r.ts < $4
              ORDER BY {page_order}"
         );
         let limit = query.limit as i64 + 1;
@@ -730,6 +837,42 @@ impl Repo {
             .collect())
     }
 
+    /// `[start_us, end_us)` narrowed to the times `series` hold (their first and last
+    /// reading, from the dictionary), or `None` when they hold none in it. A read names its
+    /// range so that planning keeps only the partitions that can hold its rows; an open or
+    /// wide range (a page without `start`, an export of everything) would otherwise plan and
+    /// lock every daily partition there is. Ranges of a few days are taken as they are.
+    pub async fn narrow_range(
+        &self,
+        series: &[i32],
+        start_us: i64,
+        end_us: i64,
+    ) -> Result<Option<(i64, i64)>, ApiError> {
+        if end_us.saturating_sub(start_us) <= NARROW_RANGES_OVER_US {
+            return Ok(Some((start_us, end_us)));
+        }
+        let client = self.reads.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT min(first_ts), max(last_ts) FROM telemetry.series
+                 WHERE series_id = ANY($1) AND count > 0",
+            )
+            .await
+            .map_err(read_error)?;
+        let row = client
+            .query_one(&statement, &[&series])
+            .await
+            .map_err(read_error)?;
+        let first: Option<DateTime<Utc>> = row.get(0);
+        let last: Option<DateTime<Utc>> = row.get(1);
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(None);
+        };
+        let start_us = start_us.max(first.timestamp_micros());
+        let end_us = end_us.min(last.timestamp_micros().saturating_add(1));
+        Ok((start_us < end_us).then_some((start_us, end_us)))
+    }
+
     /// Up to `limit` raw readings of one series in `[start, end)`, in time order.
     pub async fn series_readings(
         &self,
@@ -738,6 +881,10 @@ impl Repo {
         end_us: i64,
         limit: i64,
     ) -> Result<Vec<(String, serde_json::Value)>, ApiError> {
+        let Some((start_us, end_us)) = self.narrow_range(&[series_id], start_us, end_us).await?
+        else {
+            return Ok(Vec::new());
+        };
         let client = self.reads.client().await?;
         let statement = client
             .prepare_cached(
@@ -838,5 +985,37 @@ impl Repo {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_of_many_days_is_cut_into_groups_of_few() {
+        let number = reading::Value::Number(1.0);
+        let value = &number;
+        let day_us = 86_400_000_000;
+        // Two series, 20 days each, in (series, time) order as the writer sorts them.
+        let rows: Vec<WriteRow> = (0..2)
+            .flat_map(|series| (0..20).map(move |day| (series, day * day_us + 5, value)))
+            .collect();
+        let groups = by_days(&rows, 8);
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [16, 16, 8]
+        );
+        for group in &groups {
+            let days: HashSet<NaiveDate> = group.iter().map(|row| day_of(row.1)).collect();
+            assert!(days.len() <= 8);
+            assert!(
+                group
+                    .windows(2)
+                    .all(|pair| (pair[0].0, pair[0].1) < (pair[1].0, pair[1].1))
+            );
+        }
+        assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), rows.len());
+        assert!(matches!(by_days(&rows[..8], 8)[0], Cow::Borrowed(_)));
     }
 }

@@ -140,6 +140,10 @@ impl TestEnv {
             rate_key_requests: 1_000_000,
             rate_device_requests: 1_000_000,
             rate_auth_failures: 1_000_000,
+            // Likewise live time: tests not about it send fixed times from 1970 on; the
+            // live-time tests put the defaults back (`live_time_defaults`).
+            ingest_max_age: TESTS_INGEST_MAX_AGE,
+            readings_earliest: fieldline_common::time::from_us(0),
             ..Config::default()
         }
     }
@@ -175,6 +179,11 @@ impl TestEnv {
             ("FIELDLINE_RATE_KEY_REQUESTS".into(), "1000000".into()),
             ("FIELDLINE_RATE_DEVICE_REQUESTS".into(), "1000000".into()),
             ("FIELDLINE_RATE_AUTH_FAILURES".into(), "1000000".into()),
+            ("FIELDLINE_INGEST_MAX_AGE".into(), "36500days".into()),
+            (
+                "FIELDLINE_READINGS_EARLIEST".into(),
+                "1970-01-01T00:00:00Z".into(),
+            ),
             // Test receivers listen on loopback.
             ("FIELDLINE_WEBHOOK_ALLOW_PRIVATE".into(), "true".into()),
             ("FIELDLINE_WEBHOOK_POLL_INTERVAL".into(), "100ms".into()),
@@ -416,6 +425,20 @@ pub async fn read(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// What [`TestEnv::config`] lets live ingest reach back (a hundred years, so 1970 too).
+const TESTS_INGEST_MAX_AGE: Duration = Duration::from_secs(36_500 * 24 * 3600);
+
+/// `config` with the live-time settings of production (`TestEnv::config` widens them).
+pub fn live_time_defaults(config: Config) -> Config {
+    let defaults = Config::default();
+    Config {
+        ingest_max_age: defaults.ingest_max_age,
+        ingest_max_future: defaults.ingest_max_future,
+        readings_earliest: defaults.readings_earliest,
+        ..config
+    }
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout` with `what`.

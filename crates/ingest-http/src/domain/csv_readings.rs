@@ -5,7 +5,7 @@
 
 use fieldline_common::{
     ApiError,
-    ingest::{MAX_TEXT_LEN, valid_metric},
+    ingest::{MAX_TEXT_LEN, TimeWindow, valid_metric},
     time::parse_reading_time,
 };
 use fieldline_proto::v1::{Reading, reading};
@@ -72,7 +72,7 @@ fn shape(headers: &csv::StringRecord) -> Result<Shape, ApiError> {
     Ok(Shape::Wide(metrics))
 }
 
-fn parse_ts(cell: &str, line: u64) -> Result<i64, ApiError> {
+fn parse_ts(cell: &str, line: u64, window: TimeWindow) -> Result<i64, ApiError> {
     let where_ = at(line, 0, "ts");
     if cell.is_empty() {
         return Err(invalid(format!("{where_}: required")));
@@ -83,11 +83,15 @@ fn parse_ts(cell: &str, line: u64) -> Result<i64, ApiError> {
             .unwrap_or(serde_json::Value::Null),
         Err(_) => serde_json::Value::String(cell.to_owned()),
     };
-    parse_reading_time(&value).ok_or_else(|| {
+    let ts_us = parse_reading_time(&value).ok_or_else(|| {
         invalid(format!(
             "{where_}: must be RFC 3339 or epoch milliseconds between 1970 and 9999"
         ))
-    })
+    })?;
+    if !window.contains(ts_us) {
+        return Err(window.refusal(&where_, ts_us).into());
+    }
+    Ok(ts_us)
 }
 
 fn parse_value(cell: &str, where_: impl Fn() -> String) -> Result<reading::Value, ApiError> {
@@ -116,8 +120,9 @@ fn parse_value(cell: &str, where_: impl Fn() -> String) -> Result<reading::Value
     Ok(reading::Value::Text(cell.to_owned()))
 }
 
-/// Every reading of a CSV body, or the first error (nothing is taken from a body with one).
-pub fn parse(body: &[u8]) -> Result<Vec<Reading>, ApiError> {
+/// Every reading of a CSV body, or the first error (nothing is taken from a body with one);
+/// a time outside `window` is one.
+pub fn parse(body: &[u8], window: TimeWindow) -> Result<Vec<Reading>, ApiError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .trim(csv::Trim::All)
@@ -136,7 +141,7 @@ pub fn parse(body: &[u8]) -> Result<Vec<Reading>, ApiError> {
             Err(error) => return Err(csv_error(&error)),
         }
         let line = record.position().map_or(0, |position| position.line());
-        let ts_us = parse_ts(record.get(0).unwrap_or_default(), line)?;
+        let ts_us = parse_ts(record.get(0).unwrap_or_default(), line, window)?;
         match &shape {
             Shape::Long => {
                 let metric = record.get(1).unwrap_or_default();
@@ -183,6 +188,25 @@ pub fn parse(body: &[u8]) -> Result<Vec<Reading>, ApiError> {
 mod tests {
     use super::*;
 
+    fn parse_any(body: &[u8]) -> Result<Vec<Reading>, ApiError> {
+        parse(body, TimeWindow::ANY)
+    }
+
+    #[test]
+    fn a_time_outside_the_window_names_its_cell() {
+        let window =
+            TimeWindow::backfill(&fieldline_common::Config::default(), 1_700_000_000_000_000);
+        let error = parse(b"ts,temp\n1600000000000,1\n1000,2\n", window).unwrap_err();
+        assert_eq!(error.reason, "out_of_window");
+        assert!(
+            error
+                .message
+                .starts_with("line 3, column 1 (ts): 1970-01-01T00:00:01Z"),
+            "{}",
+            error.message
+        );
+    }
+
     fn values(readings: &[Reading]) -> Vec<(String, i64, reading::Value)> {
         readings
             .iter()
@@ -192,7 +216,7 @@ mod tests {
 
     #[test]
     fn long_and_wide_forms_give_readings() {
-        let long = parse(
+        let long = parse_any(
             b"ts,metric,value\n2026-01-01T00:00:00Z,temp,21.5\n1000,door,true\n1000,fw,1.2.0\n1000,empty,\n",
         )
         .unwrap();
@@ -208,7 +232,7 @@ mod tests {
                 ("fw".into(), 1_000_000, reading::Value::Text("1.2.0".into())),
             ]
         );
-        let wide = parse(b"ts,temp,hum\n1000,21.5,40\n2000,,41\n").unwrap();
+        let wide = parse_any(b"ts,temp,hum\n1000,21.5,40\n2000,,41\n").unwrap();
         assert_eq!(
             values(&wide),
             [
@@ -235,7 +259,7 @@ mod tests {
             (b"ts,temp\n", "body:"),
         ];
         for (body, expected) in cases {
-            let error = parse(body).unwrap_err();
+            let error = parse_any(body).unwrap_err();
             assert!(
                 error.message.starts_with(expected),
                 "{}: {}",
@@ -243,7 +267,7 @@ mod tests {
                 error.message
             );
         }
-        let error = parse(b"ts,temp\n1000,a\xffb\n").unwrap_err();
+        let error = parse_any(b"ts,temp\n1000,a\xffb\n").unwrap_err();
         assert!(error.message.starts_with("line 2:"), "{}", error.message);
     }
 }

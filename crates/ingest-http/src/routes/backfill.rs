@@ -1,8 +1,9 @@
 //! `POST /api/v1/devices/{id}/readings`: backfill or import with a write API key, for any
 //! device of the key's project. JSON (the /ingest message shapes, `ts` required) or
-//! `text/csv`. Nothing is published unless the whole body parses; the readings then go out in
-//! batches (at most `ingest_max_readings` each, and small enough for the bus) with source
-//! `backfill`, and the 202 comes once JetStream has every batch.
+//! `text/csv`, times from now less `readings_retention` (or from `readings_earliest`) to
+//! `ingest_max_future` ahead. Nothing is published unless the whole body parses; the readings
+//! then go out in time order, in batches (at most `ingest_max_readings` each, and small enough
+//! for the bus) with source `backfill`, and the 202 comes once JetStream has every batch.
 
 use actix_web::{HttpRequest, HttpResponse, guard, http::header, web};
 use fieldline_common::{
@@ -10,7 +11,7 @@ use fieldline_common::{
     auth::{ApiKey, ScopeLevel},
     envelope,
     extract::{is_json_content_type, read_body, unsupported_media_type},
-    ingest::{self, Parsed},
+    ingest::{self, Parsed, TimeWindow},
     time::now_us,
 };
 use fieldline_proto::v1::Reading;
@@ -112,13 +113,17 @@ async fn backfill(
     )
     .await?;
     let received_at_us = now_us();
-    let readings = if csv {
-        csv_readings::parse(&body)?
+    let window = TimeWindow::backfill(config, received_at_us);
+    let mut readings = if csv {
+        csv_readings::parse(&body, window)?
     } else {
         require_ts(&body)?;
         // The body size bounds the count; batches bound each bus message.
-        ingest::parse_json_message(&body, received_at_us, usize::MAX)?.readings
+        ingest::parse_json_message(&body, received_at_us, usize::MAX, window)?.readings
     };
+    // In time order, each batch spans as few days (partitions) as its readings allow. Stable,
+    // so a retried body makes the same batches under the same ids.
+    readings.sort_by_key(|reading| reading.ts_us);
     let accepted = readings.len();
     let max_payload = match context.nats.server_info().max_payload {
         0 => 1024 * 1024,

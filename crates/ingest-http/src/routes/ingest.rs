@@ -6,7 +6,7 @@ use fieldline_common::{
     auth::DeviceToken,
     envelope,
     extract::{is_json_content_type, read_body, unsupported_media_type},
-    ingest::{self, MAX_MESSAGE_ID_LEN, Parsed},
+    ingest::{self, MAX_MESSAGE_ID_LEN, Parsed, TimeWindow},
     time::now_us,
 };
 use serde_json::json;
@@ -68,10 +68,13 @@ async fn ingest(
     )
     .await?;
     let received_at_us = now_us();
+    // Live time only: a reading far from now answers 400 naming it, and nothing of the
+    // request is published.
+    let window = TimeWindow::live(config, received_at_us);
     let mut parsed: Parsed = if is_senml(&req) {
-        ingest::parse_senml(&body, received_at_us, config.ingest_max_readings)?
+        ingest::parse_senml(&body, received_at_us, config.ingest_max_readings, window)?
     } else {
-        ingest::parse_json_message(&body, received_at_us, config.ingest_max_readings)?
+        ingest::parse_json_message(&body, received_at_us, config.ingest_max_readings, window)?
     };
     // The header wins over a msg_id inside the body.
     if key.is_some() {

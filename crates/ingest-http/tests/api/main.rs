@@ -8,6 +8,7 @@ mod device;
 mod encoding;
 mod ingest;
 mod limits;
+mod livetime;
 mod unavailable;
 
 use fieldline_testkit::{TestApp, TestEnv};

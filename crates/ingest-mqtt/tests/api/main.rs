@@ -7,6 +7,7 @@ mod identity;
 mod ingest;
 mod junk;
 mod limits;
+mod livetime;
 mod outages;
 
 use std::{

@@ -75,12 +75,21 @@ async fn readings(
             query.metrics.as_deref(),
         )
         .await?;
+    let ids: Vec<i32> = series.iter().map(|series| series.series_id).collect();
+    let start_us = query.start.map_or(MIN_TIME_US, |t| t.timestamp_micros());
+    let end_us = query.end.map_or(MAX_TIME_US, |t| t.timestamp_micros());
+    // What the series hold of the range: an empty range when nothing.
+    let (start_us, end_us) = state
+        .repo
+        .narrow_range(&ids, start_us, end_us)
+        .await?
+        .unwrap_or((start_us, start_us));
     let body = export::start(
         state.repo.query_pool().clone(),
         Export {
             series,
-            start_us: query.start.map_or(MIN_TIME_US, |t| t.timestamp_micros()),
-            end_us: query.end.map_or(MAX_TIME_US, |t| t.timestamp_micros()),
+            start_us,
+            end_us,
             order: query.order,
             format,
         },

@@ -5,6 +5,7 @@
 
 mod aggregate;
 mod export;
+mod livetime;
 mod query;
 mod readings;
 mod retention;
