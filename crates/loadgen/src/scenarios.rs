@@ -79,7 +79,11 @@ pub async fn http_ingest(
                         let _ = latencies.record(sent.elapsed().as_micros() as u64);
                         counter.fetch_add(per_request as u64, Ordering::Relaxed);
                     }
-                    Ok(response) => anyhow::bail!("ingest answered {}", response.status()),
+                    Ok(response) => {
+                        let status = response.status();
+                        let body = response.text().await.unwrap_or_default();
+                        anyhow::bail!("ingest answered {status}: {body}")
+                    }
                     Err(error) => anyhow::bail!("ingest failed: {error}"),
                 }
             }
@@ -307,8 +311,10 @@ pub async fn webhooks(
                         sent.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(response) => {
+                        let status = response.status();
+                        let body = response.text().await.unwrap_or_default();
                         *errors.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(format!("ingest answered {}", response.status()))
+                            Some(format!("ingest answered {status}: {body}"))
                     }
                     Err(error) => {
                         *errors.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string())
@@ -339,7 +345,9 @@ pub async fn webhooks(
                 let token = token.clone();
                 let per_client = max_events / clients.max(1) as u64;
                 tasks.push(tokio::spawn(async move {
-                    let mut sequence = (index as u64) << 32;
+                    // Each client's own millisecond range, 11.6 days apart: in the past (from
+                    // BASE_MS), inside the bench's live window, never ahead of now.
+                    let mut sequence = index as u64 * 1_000_000_000;
                     for _ in 0..per_client {
                         sequence += 1;
                         send_one(token.clone(), sequence).await;

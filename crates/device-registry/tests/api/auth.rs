@@ -163,13 +163,23 @@ async fn no_secret_crosses_the_bus_in_clear() {
     let mut messages = 0;
     // Whatever has been published by now has reached this subscriber after a round trip.
     nats.flush().await.unwrap();
-    // Until half a second passes without a message, or 5 s in all (other tests' replies).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    // Until every secret's request was seen and half a second passes without a message, or
+    // 20 s in all: other tests' replies share the inbox subscription, and on a busy machine
+    // they can come first.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let all_seen = |digests: &Vec<Vec<u8>>| {
+        secrets
+            .iter()
+            .all(|secret| digests.contains(&hash_secret(secret).to_vec()))
+    };
     loop {
         let quiet = tokio::time::Instant::now() + Duration::from_millis(500);
-        let Ok(Some(message)) =
-            tokio::time::timeout_at(quiet.min(deadline), everything.next()).await
-        else {
+        let wait_until = if all_seen(&digests_seen) {
+            quiet.min(deadline)
+        } else {
+            deadline
+        };
+        let Ok(Some(message)) = tokio::time::timeout_at(wait_until, everything.next()).await else {
             break;
         };
         messages += 1;
