@@ -45,6 +45,11 @@ const REQUEST_WAIT: Duration = Duration::from_secs(3);
 /// The largest answer taken from the broker: a page of accounts is far smaller.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
 
+/// The version of a device account's rules (its role's ACLs and its client id binding),
+/// kept beside its password's fingerprint: an account made by an older Fieldline is brought
+/// to today's rules by the next repair.
+const DEVICE_RULES: &str = "rules-2";
+
 /// What the broker answered to one command.
 #[derive(Debug)]
 struct Answer {
@@ -431,10 +436,36 @@ impl Inner {
                 "clientid": username,
                 "password": token,
                 "textname": "fieldline device",
-                "textdescription": self.tokens.fingerprint(token),
+                "textdescription": self.device_description(token),
                 "roles": [{"rolename": username}],
             }),
         ]
+    }
+
+    /// What a device account carries in its description: its password's fingerprint and the
+    /// version of its rules.
+    fn device_description(&self, token: &str) -> Option<String> {
+        self.tokens
+            .fingerprint(token)
+            .map(|fingerprint| format!("{fingerprint} {DEVICE_RULES}"))
+    }
+
+    /// The commands that make an existing device account today's: its role's rules made
+    /// again (the role is dropped and created, then given back to the account), its client
+    /// id, its password (which cuts its session).
+    fn renew_device_commands(&self, username: &str, token: &str) -> Vec<Value> {
+        let mut commands = vec![
+            json!({"command": "deleteRole", "rolename": username}),
+            json!({
+                "command": "createRole",
+                "rolename": username,
+                "textname": "fieldline device",
+                "acls": self.device_role_acls(username),
+            }),
+            json!({"command": "addClientRole", "username": username, "rolename": username}),
+        ];
+        commands.extend(self.set_password_commands(username, token));
+        commands
     }
 
     /// The commands that give an existing device account a new password (cutting its
@@ -442,6 +473,7 @@ impl Inner {
     fn set_password_commands(&self, username: &str, token: &str) -> Vec<Value> {
         let mut commands = self.set_service_password_commands(username, token);
         commands[1]["clientid"] = json!(username);
+        commands[1]["textdescription"] = json!(self.device_description(token));
         commands
     }
 
@@ -683,10 +715,10 @@ impl Inner {
                 match on_broker {
                     None => creates.push((username, token)),
                     Some(account)
-                        if account.fingerprint != self.tokens.fingerprint(&token)
+                        if account.fingerprint != self.device_description(&token)
                             || account.clientid.as_deref() != Some(username.as_str()) =>
                     {
-                        updates.extend(self.set_password_commands(&username, &token));
+                        updates.extend(self.renew_device_commands(&username, &token));
                         repairs.updated += 1;
                     }
                     Some(_) => {}
@@ -748,7 +780,7 @@ impl Inner {
             }
         }
         if !follow_up.is_empty() {
-            self.run_chunked(follow_up, |_| false).await?;
+            self.run_chunked(follow_up, not_found).await?;
         }
         Ok(())
     }

@@ -428,3 +428,66 @@ async fn ingest_mqtt_logs_in_over_tls_with_a_ca_file() {
     );
     app.shutdown().await;
 }
+
+/// An account made under older rules (its description says so) is made today's by the next
+/// repair: here its role lost the right to publish telemetry, as under a rule since added.
+#[tokio::test]
+async fn an_account_under_older_rules_is_brought_to_todays() {
+    let app = spawn_mqtt(TestEnv::new().await, |config| fieldline_common::Config {
+        mqtt_reconcile_interval: Duration::from_secs(3600),
+        ..config
+    })
+    .await;
+    let token = app.create_device("d1").await;
+    wait_ready(&app).await;
+    let user = username(&app, "d1");
+    let (admin, password) = app.env.broker().admin_login();
+    let older = serde_json::json!({"commands": [
+        {"command": "removeRoleACL", "rolename": user, "acltype": "publishClientSend",
+         "topic": format!("{user}/telemetry")},
+        {"command": "modifyClient", "username": user, "textdescription": "0000 rules-1"},
+    ]});
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt_port(&app).to_string()])
+        .args(["-u", &admin, "-P", &password, "-q", "1"])
+        .args([
+            "-t",
+            "$CONTROL/dynamic-security/v1",
+            "-m",
+            &older.to_string(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Under the older rules its telemetry goes nowhere.
+    let device = Device::connect(&app, "d1", &token).await;
+    device
+        .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 1, "a": 1}"#)
+        .await;
+    eventually("the publish answered", Duration::from_secs(5), || async {
+        (device.pubacks() >= 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(app.telemetry_batches().await.is_empty());
+    device.close().await;
+
+    // A reconnect of the registry to the broker repairs it.
+    app.env.broker().restart().await;
+    wait_ready(&app).await;
+    eventually(
+        "telemetry under today's rules",
+        Duration::from_secs(20),
+        || async {
+            let device = Device::connect(&app, "d1", &token).await;
+            device
+                .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 2, "a": 2}"#)
+                .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            device.close().await;
+            (!app.telemetry_batches().await.is_empty()).then_some(())
+        },
+    )
+    .await;
+    app.shutdown().await;
+}
