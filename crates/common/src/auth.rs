@@ -352,6 +352,13 @@ impl AuthClient {
     }
 
     async fn request(&self, subject: String, payload: Vec<u8>) -> Result<bytes::Bytes, AuthError> {
+        // With the bus down no answer can come: 503 at once, not after the RPC timeout.
+        if self.inner.nats.connection_state() != async_nats::connection::State::Connected {
+            if let Some(left_out) = AUTH_RPC_WARNINGS.admit("auth rpc: bus not connected") {
+                tracing::warn!(left_out, "auth rpc not sent: the bus is not connected");
+            }
+            return Err(AuthError::Unavailable);
+        }
         let request = self.inner.nats.request(subject, payload.into());
         match tokio::time::timeout(self.inner.timeout, request).await {
             Ok(Ok(message)) => Ok(message.payload),

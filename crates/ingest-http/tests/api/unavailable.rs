@@ -22,6 +22,7 @@ async fn nats_down_answers_503_and_recovers() {
     )
     .await;
     let token = app.create_device("dev-1").await;
+    let uncached = app.create_device("dev-2").await;
     let (status, _) = app.post("/api/v1/ingest", &token, &json!({"a": 1})).await;
     assert_eq!(status, StatusCode::ACCEPTED);
 
@@ -32,6 +33,34 @@ async fn nats_down_answers_503_and_recovers() {
         &body,
         StatusCode::SERVICE_UNAVAILABLE,
         "service_unavailable",
+    );
+
+    // A token no process has cached answers 503 at once too: no wait for the auth RPC's
+    // timeout while the bus is down.
+    app.context.auth.invalidate_all();
+    fieldline_testkit::eventually(
+        "the client to see the bus down",
+        std::time::Duration::from_secs(10),
+        || async {
+            (app.context.nats.connection_state() != async_nats::connection::State::Connected)
+                .then_some(())
+        },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (status, body) = app
+        .post("/api/v1/ingest", &uncached, &json!({"a": 2}))
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(500),
+        "503 after {:?}, not at once",
+        started.elapsed()
     );
 
     nats.restart().await;
