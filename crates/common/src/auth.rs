@@ -8,7 +8,7 @@ use actix_web::{FromRequest, HttpMessage, HttpRequest, dev::Payload, http::heade
 use fieldline_proto::{
     InvalidateKind, Subjects,
     v1::{
-        DeviceLookupRequest, DeviceLookupResponse, PrincipalKind, Scope, VerifyRequest,
+        DeviceLookupRequest, DeviceLookupResponse, Invalidate, PrincipalKind, Scope, VerifyRequest,
         VerifyResponse, verify_response,
     },
 };
@@ -225,18 +225,64 @@ impl AuthClient {
             .await?;
         inner.nats.flush().await?;
         let client = self.clone();
-        let mut merged = futures::stream::select(keys, devices);
+        let mut merged = futures::stream::select(
+            keys.map(|message| (InvalidateKind::Keys, message)),
+            devices.map(|message| (InvalidateKind::Devices, message)),
+        );
         Ok(tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     message = merged.next() => match message {
-                        Some(_) => client.invalidate_all(),
+                        Some((kind, message)) => match Invalidate::decode(message.payload.as_ref()) {
+                            Ok(what) => client.invalidate(kind, &what.project, &what.id),
+                            Err(_) => client.invalidate_all(),
+                        },
                         None => break,
                     },
                 }
             }
         }))
+    }
+
+    /// Drops what an invalidation names, and only that: a device (its lookup and its token's
+    /// principal), an API key (its principal), or with an empty id everything of the project
+    /// (its limits changed, say). Without a project, everything.
+    pub fn invalidate(&self, kind: InvalidateKind, project: &str, id: &str) {
+        let (project, id) = (project.to_owned(), id.to_owned());
+        if project.is_empty() {
+            return self.invalidate_all();
+        }
+        let inner = &self.inner;
+        match kind {
+            InvalidateKind::Devices if !id.is_empty() => {
+                let (lookup_project, lookup_id) = (project.clone(), id.clone());
+                inner
+                    .devices
+                    .invalidate_if(move |(p, d), _| *p == lookup_project && *d == lookup_id);
+                inner.credentials.invalidate_if(move |_, principal| {
+                    principal.kind == CredentialKind::Device
+                        && principal.project == project
+                        && principal.id == id
+                });
+            }
+            InvalidateKind::Keys if !id.is_empty() => {
+                inner.credentials.invalidate_if(move |_, principal| {
+                    principal.kind == CredentialKind::ApiKey
+                        && principal.project == project
+                        && principal.id == id
+                });
+            }
+            _ => {
+                let lookup_project = project.clone();
+                inner
+                    .devices
+                    .invalidate_if(move |(p, _), _| *p == lookup_project);
+                inner
+                    .credentials
+                    .invalidate_if(move |_, principal| principal.project == project);
+            }
+        }
     }
 
     /// Drops every cached credential and device.

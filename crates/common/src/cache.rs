@@ -38,6 +38,7 @@ where
             cache: moka::sync::Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(ttl)
+                .support_invalidation_closures()
                 .build(),
             generation: Arc::default(),
         }
@@ -85,6 +86,15 @@ where
     pub fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate_all();
+    }
+
+    /// Drops the entries `matches` selects, and keeps no value of a load in flight (its key
+    /// may be one of them).
+    pub fn invalidate_if(&self, matches: impl Fn(&K, &V) -> bool + Send + Sync + 'static) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if self.cache.invalidate_entries_if(matches).is_err() {
+            self.cache.invalidate_all();
+        }
     }
 }
 

@@ -49,7 +49,7 @@ impl State {
     pub async fn broadcast_invalidation(&self, kind: InvalidateKind, project: &str, id: &str) {
         // This process answers next, so its own cache is cleared before the response rather than
         // when its subscription gets round to the broadcast; other processes follow the bus.
-        self.context.auth.invalidate_all();
+        self.context.auth.invalidate(kind, project, id);
         let message = Invalidate {
             project: project.to_owned(),
             id: id.to_owned(),

@@ -61,7 +61,7 @@ async fn put(
     }
     // Limits travel with the cached principals and device lookups: drop them everywhere.
     state
-        .broadcast_invalidation(InvalidateKind::Keys, slug.as_str(), "limits")
+        .broadcast_invalidation(InvalidateKind::Keys, slug.as_str(), "")
         .await;
     tracing::info!(project = %slug, by = %principal.id, ?limits, "project rate limits set");
     Ok(envelope::ok(&limits_out(&state, slug.as_str(), limits)))

@@ -218,3 +218,52 @@ async fn no_secret_crosses_the_bus_in_clear() {
     }
     app.shutdown().await;
 }
+
+/// A change drops what it names from every cache and nothing else: creating a device does not
+/// send every other cached key and token back to the registry, while a revoked key is
+/// refused at once.
+#[tokio::test]
+async fn a_change_drops_only_what_it_names_from_the_caches() {
+    let app = spawn_registry().await;
+    let (key_id, key) = app.create_key(&["read"]).await;
+    let token = app.create_device("d1").await;
+    // Cached now.
+    let (status, _) = app.get("/api/v1/devices", &key).await;
+    assert_eq!(status, StatusCode::OK);
+    app.context.auth.verify(&token).await.unwrap();
+
+    let nats = app.env.nats().await;
+    let mut requests = nats
+        .subscribe(app.context.subjects.rpc_auth_verify())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    app.create_device("d2").await;
+    let (status, _) = app.get("/api/v1/devices", &key).await;
+    assert_eq!(status, StatusCode::OK);
+    app.context.auth.verify(&token).await.unwrap();
+    let cached = [hash_secret(&key).to_vec(), hash_secret(&token).to_vec()];
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(500), requests.next()).await
+    {
+        let request = VerifyRequest::decode(message.payload.as_ref()).unwrap();
+        assert!(
+            !cached.contains(&request.secret_sha256),
+            "a credential the new device has nothing to do with was asked for again"
+        );
+    }
+
+    let (status, _) = app
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/keys/{key_id}"),
+            Some(app.admin_key()),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = app.get("/api/v1/devices", &key).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    app.context.auth.verify(&token).await.unwrap();
+    app.shutdown().await;
+}
