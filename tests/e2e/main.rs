@@ -6,6 +6,7 @@
 mod platform;
 mod scenarios;
 mod secure;
+mod streams;
 
 use platform::Platform;
 

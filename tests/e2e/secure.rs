@@ -191,6 +191,27 @@ async fn a_wrong_nats_password_stops_the_start_with_a_message_naming_nats() {
     assert!(!log.contains(wrong), "the password was logged:\n{log}");
 }
 
+/// JetStream reserves each stream's bytes up front: a server without room for them stops the
+/// start with a message that says so and what to change, not "is JetStream enabled?".
+#[tokio::test]
+async fn a_jetstream_without_room_for_the_streams_stops_the_start_saying_so() {
+    let nats = SecureNats::start(NatsSecurity {
+        max_file_store: Some(100 << 20),
+        ..NatsSecurity::default()
+    })
+    .await;
+    // The tests' streams take 64 MiB each: the second does not fit in 100 MiB.
+    let (exited, log) = run_briefly(|_| nats.env_vars()).await;
+    let status = exited.unwrap_or_else(|| panic!("started without room for its streams:\n{log}"));
+    assert!(!status.success());
+    assert!(
+        log.contains("JetStream has no room for stream")
+            && log.contains("FIELDLINE_STREAM_MAX_BYTES")
+            && !log.contains("is JetStream enabled"),
+        "{log}"
+    );
+}
+
 #[tokio::test]
 async fn a_nats_server_certificate_of_another_ca_is_refused_clearly() {
     let nats = nats_with_password_and_tls().await;

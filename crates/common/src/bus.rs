@@ -304,8 +304,9 @@ fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Creates the platform's streams if they do not exist yet (idempotent; every service calls
-/// it at start, so start order does not matter).
+/// Creates the platform's streams if they do not exist yet, and brings the bounds of those
+/// that do (age, bytes, duplicate window) to the configured ones (idempotent; every service
+/// calls it at start, so start order does not matter).
 pub async fn ensure_streams(
     jetstream: &jetstream::Context,
     subjects: &Subjects,
@@ -314,14 +315,64 @@ pub async fn ensure_streams(
     for stream in Stream::ALL {
         let config = subjects.stream_config(stream, limits);
         let name = config.name.clone();
-        jetstream
-            .get_or_create_stream(config)
+        let existing = jetstream
+            .get_or_create_stream(config.clone())
             .await
-            .with_context(|| {
-                format!("creating JetStream stream {name} (is JetStream enabled, -js?)")
-            })?;
+            .map_err(|error| explain_stream_error(&name, &config, error))?;
+        let current = &existing.cached_info().config;
+        let drifted = current.max_age != config.max_age
+            || current.max_bytes != config.max_bytes
+            || current.duplicate_window != config.duplicate_window
+            || current.subjects != config.subjects;
+        if drifted {
+            jetstream
+                .update_stream(&config)
+                .await
+                .map_err(|error| explain_stream_error(&name, &config, error))?;
+            tracing::info!(stream = %name, max_age = ?config.max_age, max_bytes = config.max_bytes, "stream bounds brought to the configured ones");
+        }
     }
     Ok(())
+}
+
+/// What an operator should read when a stream cannot be made: JetStream reserves each
+/// stream's `max_bytes` of its storage up front, so a server with many platforms (or test
+/// prefixes) on it runs out of room long before its disk does.
+fn explain_stream_error(
+    name: &str,
+    config: &jetstream::stream::Config,
+    error: jetstream::context::CreateStreamError,
+) -> anyhow::Error {
+    use async_nats::jetstream::{ErrorCode, context::CreateStreamErrorKind};
+    let hint = match error.kind() {
+        CreateStreamErrorKind::JetStream(inner)
+            if inner.error_code() == ErrorCode::STORAGE_RESOURCES_EXCEEDED
+                || inner.error_code() == ErrorCode::INSUFFICIENT_RESOURCES
+                || inner.error_code() == ErrorCode::ACCOUNT_RESOURCES_EXCEEDED =>
+        {
+            format!(
+                "JetStream has no room for stream {name}: it reserves max_bytes ({} MiB) up front. \
+                 Lower FIELDLINE_STREAM_MAX_BYTES / FIELDLINE_DEAD_LETTER_MAX_BYTES, raise the server's \
+                 max_file_store, or delete streams no longer used",
+                config.max_bytes >> 20
+            )
+        }
+        CreateStreamErrorKind::JetStream(inner)
+            if inner.error_code() == ErrorCode::JETSTREAM_NOT_ENABLED
+                || inner.error_code() == ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT =>
+        {
+            format!(
+                "creating JetStream stream {name}: JetStream is not enabled (start nats-server with -js)"
+            )
+        }
+        CreateStreamErrorKind::JetStreamUnavailable | CreateStreamErrorKind::TimedOut => {
+            format!(
+                "creating JetStream stream {name}: no JetStream answered (is JetStream enabled, -js?)"
+            )
+        }
+        _ => format!("creating JetStream stream {name}"),
+    };
+    anyhow::Error::new(error).context(hint)
 }
 
 /// Is the client connected right now? Ingest answers 503 at once rather than queueing

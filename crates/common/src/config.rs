@@ -206,6 +206,14 @@ pub struct Config {
     /// Window in which a repeated `Nats-Msg-Id` (Idempotency-Key) is dropped.
     #[serde(with = "humantime_serde")]
     pub stream_duplicate_window: Duration,
+    /// Dead letters older than this are dropped from the dead-letter stream.
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_max_age: Duration,
+    /// Size bound of the dead-letter stream, in bytes (the oldest go first).
+    pub dead_letter_max_bytes: i64,
+    /// Deliveries a message that keeps failing gets before it goes to the dead letters
+    /// (failures because a server is down do not end its tries: it waits).
+    pub consumer_max_deliveries: i64,
     /// Most telemetry messages the query-api writer stores in one transaction (it takes
     /// what is waiting, up to this, without delaying a lone message).
     pub writer_batch_size: usize,
@@ -342,6 +350,9 @@ impl Default for Config {
             stream_max_age: Duration::from_secs(7 * 24 * 3600),
             stream_max_bytes: 1 << 30,
             stream_duplicate_window: Duration::from_secs(120),
+            dead_letter_max_age: Duration::from_secs(14 * 24 * 3600),
+            dead_letter_max_bytes: 256 << 20,
+            consumer_max_deliveries: 5,
             writer_batch_size: 1000,
             query_statement_timeout: Duration::from_secs(10),
             query_shared_connections: 1,
@@ -592,6 +603,12 @@ impl Config {
                 "must be more than 0".into(),
             );
         }
+        if !(1..=1000).contains(&self.consumer_max_deliveries) {
+            return invalid("consumer_max_deliveries", "use 1 to 1000".into());
+        }
+        if self.dead_letter_max_bytes < 1 << 20 {
+            return invalid("dead_letter_max_bytes", "must be at least 1 MiB".into());
+        }
         if self.writer_batch_size == 0 {
             return invalid("writer_batch_size", "must be at least 1".into());
         }
@@ -712,6 +729,8 @@ impl Config {
             max_age: self.stream_max_age,
             max_bytes: self.stream_max_bytes,
             duplicate_window: self.stream_duplicate_window,
+            dead_max_age: self.dead_letter_max_age,
+            dead_max_bytes: self.dead_letter_max_bytes,
         }
     }
 

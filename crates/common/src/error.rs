@@ -53,6 +53,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds, for 429 and 503.
     pub retry_after: Option<u64>,
+    /// An internal error's cause, for logs and dead letters; never answered to a client.
+    pub cause: Option<std::sync::Arc<str>>,
 }
 
 impl ApiError {
@@ -66,6 +68,7 @@ impl ApiError {
             reason: reason.into(),
             message: message.into(),
             retry_after: None,
+            cause: None,
         }
     }
 
@@ -109,8 +112,12 @@ impl ApiError {
     /// message.
     pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
         let cause = cause.into();
-        tracing::error!(error = format!("{cause:#}"), "internal error");
-        Self::new(ErrorKind::Internal, "internal_error", "internal error")
+        let cause = format!("{cause:#}");
+        tracing::error!(error = %cause, "internal error");
+        Self {
+            cause: Some(cause.into()),
+            ..Self::new(ErrorKind::Internal, "internal_error", "internal error")
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -166,6 +173,19 @@ impl From<tokio_postgres::Error> for ApiError {
         if error.is_closed() || error.as_db_error().is_none() && error.code().is_none() {
             tracing::warn!(error = %error, "postgres unavailable");
             return ApiError::unavailable("database unavailable");
+        }
+        // A transaction that lost a race (serialization failure, deadlock) or a server going
+        // away or not yet up: nothing wrong with the request, it may simply be tried again.
+        if let Some(db) = error.as_db_error() {
+            let code = db.code().code();
+            if matches!(
+                code,
+                "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300"
+            ) || code.starts_with("08")
+            {
+                tracing::warn!(code, error = %db.message(), "postgres busy or going away");
+                return ApiError::unavailable("database busy or unavailable; try again");
+            }
         }
         // Class 22 is "data exception": a value Postgres cannot take (NUL in text, a number
         // out of range). The parsers refuse what they know of; this catches the rest as the

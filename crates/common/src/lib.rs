@@ -7,6 +7,7 @@ pub mod bus;
 pub mod cache;
 pub mod commands;
 pub mod config;
+pub mod consume;
 pub mod db;
 pub mod edge;
 pub mod envelope;

@@ -99,6 +99,7 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
         routes::commands::configure(cfg);
         routes::alert_rules::configure(cfg);
         routes::limits::configure(cfg);
+        routes::dead_letters::configure(cfg);
     });
     Ok(Service {
         name: "device-registry",

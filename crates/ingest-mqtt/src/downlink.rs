@@ -14,18 +14,16 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
-use async_nats::jetstream::{
-    self, AckKind,
-    consumer::{AckPolicy, DeliverPolicy, pull},
-};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use fieldline_common::{
     Context,
     bus::rpc,
     commands::{command_json, config_json},
+    consume::{self, Delivery},
     ids::{DeviceId, ProjectSlug},
     time::now_us,
 };
@@ -33,7 +31,6 @@ use fieldline_proto::{
     Stream,
     v1::{CommandReport, CommandReportResponse, DeviceCommand},
 };
-use futures::StreamExt;
 use prost::Message as _;
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
 use tokio::sync::{Semaphore, oneshot, watch};
@@ -69,24 +66,6 @@ pub async fn start(context: &Context, client_id: &str) -> anyhow::Result<watch::
         context.shutdown.clone(),
     ));
 
-    let stream = context
-        .jetstream
-        .get_stream(context.subjects.stream_name(Stream::Commands))
-        .await?;
-    let consumer = stream
-        .get_or_create_consumer(
-            CONSUMER,
-            pull::Config {
-                durable_name: Some(CONSUMER.to_owned()),
-                description: Some("ingest-mqtt: config and commands to the broker".to_owned()),
-                filter_subject: context.subjects.commands_all(),
-                ack_policy: AckPolicy::Explicit,
-                deliver_policy: DeliverPolicy::All,
-                ack_wait: Duration::from_secs(30),
-                ..Default::default()
-            },
-        )
-        .await?;
     let downlink = Downlink {
         context: context.clone(),
         broker: Broker {
@@ -94,10 +73,22 @@ pub async fn start(context: &Context, client_id: &str) -> anyhow::Result<watch::
             awaiting,
             connected: connected_rx.clone(),
         },
-        versions: HashMap::new(),
+        versions: Mutex::new(HashMap::new()),
         reports: Arc::new(Semaphore::new(REPORTS_IN_FLIGHT)),
     };
-    context.tasks.spawn(downlink.run(consumer));
+    let spec = consume::Spec {
+        stream: Stream::Commands,
+        name: CONSUMER,
+        description: "ingest-mqtt: config and commands to the broker",
+        filter_subject: context.subjects.commands_all(),
+        deliver_policy: DeliverPolicy::All,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 1_000,
+        // Small batches, handled one message at a time (one publish in flight).
+        batch: 16,
+        in_flight: 1,
+    };
+    consume::start(context, spec, downlink).await?;
     Ok(connected_rx)
 }
 
@@ -253,65 +244,39 @@ struct Downlink {
     /// one. In memory only: two instances sharing the consumer, or a restart, can still let
     /// an old version through in the rare case where it is redelivered after a newer one was
     /// published by another instance (or before the restart).
-    versions: HashMap<(String, String), i64>,
+    versions: Mutex<HashMap<(String, String), i64>>,
     reports: Arc<Semaphore>,
 }
 
-impl Downlink {
-    async fn run(mut self, consumer: jetstream::consumer::Consumer<pull::Config>) {
-        let shutdown = self.context.shutdown.clone();
-        loop {
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                result = self.consume(&consumer) => result,
-            };
-            if let Err(error) = result {
-                tracing::warn!(error = %error, "mqtt downlink consumer failed; restarting");
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
-    }
-
-    async fn consume(
-        &mut self,
-        consumer: &jetstream::consumer::Consumer<pull::Config>,
-    ) -> anyhow::Result<()> {
-        // Small batches: messages are handled one at a time, and those pulled must not
-        // outwait the ack wait while the broker is slow.
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(16)
-            .messages()
-            .await?;
-        while let Some(message) = messages.next().await {
-            let message = message?;
-            let outcome = self.handle(&message).await;
-            let (kind, label) = match outcome {
-                Outcome::Published => (Some(AckKind::Ack), "published"),
-                Outcome::Skipped(reason) => (Some(AckKind::Ack), reason),
-                Outcome::Dropped(reason) => (Some(AckKind::Term), reason),
-                Outcome::Retry => (Some(AckKind::Nak(Some(Duration::from_secs(1)))), "retry"),
-                Outcome::Abandoned => (None, "abandoned"),
+impl consume::Handler for Downlink {
+    async fn handle(&self, batch: &[Delivery]) -> Vec<consume::Outcome> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            let outcome = self.send(delivery).await;
+            let label = match outcome {
+                Outcome::Published => "published",
+                Outcome::Skipped(reason) | Outcome::Dropped(reason) => reason,
+                Outcome::Retry => "retry",
+                Outcome::Abandoned => "abandoned",
             };
             metrics::counter!("fieldline_mqtt_downlink_total", "outcome" => label).increment(1);
-            if let Some(kind) = kind
-                && let Err(error) = message.ack_with(kind).await
-            {
-                tracing::warn!(error = %error, "downlink ack failed; it will be delivered again");
-            }
-            if outcome == Outcome::Abandoned {
-                break;
-            }
+            outcomes.push(match outcome {
+                Outcome::Published | Outcome::Skipped(_) => consume::Outcome::Done,
+                Outcome::Dropped(reason) => consume::Outcome::Poison(reason.to_owned()),
+                Outcome::Retry => {
+                    consume::Outcome::Wait("broker did not acknowledge the publish".into())
+                }
+                Outcome::Abandoned => consume::Outcome::Wait("shutting down".into()),
+            });
         }
-        Ok(())
+        outcomes
     }
+}
 
-    async fn handle(&mut self, message: &jetstream::Message) -> Outcome {
-        let Ok(command) = DeviceCommand::decode(message.payload.as_ref()) else {
-            tracing::error!(subject = %message.subject, "undecodable downlink message dropped");
+impl Downlink {
+    async fn send(&self, message: &Delivery) -> Outcome {
+        let Ok(command) = DeviceCommand::decode(message.payload()) else {
+            tracing::error!(subject = %message.subject(), "undecodable downlink message dropped");
             return Outcome::Dropped("undecodable");
         };
         // The registry made these; they become topic levels, so check them anyway.
@@ -319,7 +284,7 @@ impl Downlink {
             ProjectSlug::parse(&command.project),
             DeviceId::parse(&command.device_id),
         ) else {
-            tracing::error!(subject = %message.subject, "downlink message with invalid ids dropped");
+            tracing::error!(subject = %message.subject(), "downlink message with invalid ids dropped");
             return Outcome::Dropped("invalid_ids");
         };
         let root = &self.context.config.mqtt_topic_root;
@@ -334,17 +299,12 @@ impl Downlink {
             "config" => {
                 let key = (project.to_string(), device_id.to_string());
                 if self
-                    .versions
-                    .get(&key)
-                    .is_some_and(|&published| published >= command.version)
+                    .published_version(&key)
+                    .is_some_and(|published| published >= command.version)
                 {
                     return Outcome::Skipped("stale_config");
                 }
-                let updated_at_us = message
-                    .info()
-                    .ok()
-                    .map(|info| (info.published.unix_timestamp_nanos() / 1000) as i64)
-                    .unwrap_or_else(now_us);
+                let updated_at_us = message.published_us().unwrap_or_else(now_us);
                 let payload =
                     config_json(command.version, &command.params_json, updated_at_us).to_string();
                 let topic = topic::config(root, project.as_str(), device_id.as_str());
@@ -354,7 +314,10 @@ impl Downlink {
                     .await
                 {
                     Ok(()) => {
-                        self.versions.insert(key, command.version);
+                        self.versions
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(key, command.version);
                         Outcome::Published
                     }
                     Err(error) => {
@@ -391,6 +354,8 @@ impl Downlink {
                 match self.broker.publish_confirmed(topic, Vec::new(), true).await {
                     Ok(()) => {
                         self.versions
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
                             .remove(&(project.to_string(), device_id.to_string()));
                         Outcome::Published
                     }
@@ -405,6 +370,14 @@ impl Downlink {
                 Outcome::Dropped("unknown_kind")
             }
         }
+    }
+
+    fn published_version(&self, key: &(String, String)) -> Option<i64> {
+        self.versions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
     }
 
     /// Tells the registry the command reached the broker; best effort, in the background (a

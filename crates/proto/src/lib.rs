@@ -24,17 +24,26 @@ pub enum Stream {
     Events,
     /// `{prefix}.commands.>`: commands and config pushed toward devices.
     Commands,
+    /// `{prefix}.dead.{consumer}`: messages a consumer gave up on, with the reason, kept to
+    /// be inspected, replayed or purged.
+    DeadLetters,
 }
 
 impl Stream {
     /// Every stream, in the order services create them.
-    pub const ALL: [Stream; 3] = [Stream::Telemetry, Stream::Events, Stream::Commands];
+    pub const ALL: [Stream; 4] = [
+        Stream::Telemetry,
+        Stream::Events,
+        Stream::Commands,
+        Stream::DeadLetters,
+    ];
 
     fn suffix(self) -> &'static str {
         match self {
             Stream::Telemetry => "TELEMETRY",
             Stream::Events => "EVENTS",
             Stream::Commands => "COMMANDS",
+            Stream::DeadLetters => "DEAD",
         }
     }
 }
@@ -45,6 +54,9 @@ pub struct StreamLimits {
     pub max_age: Duration,
     pub max_bytes: i64,
     pub duplicate_window: Duration,
+    /// The dead-letter stream's own bounds: kept longer (someone has to look), far smaller.
+    pub dead_max_age: Duration,
+    pub dead_max_bytes: i64,
 }
 
 impl Default for StreamLimits {
@@ -53,6 +65,8 @@ impl Default for StreamLimits {
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_bytes: 1 << 30,
             duplicate_window: Duration::from_secs(120),
+            dead_max_age: Duration::from_secs(14 * 24 * 3600),
+            dead_max_bytes: 256 << 20,
         }
     }
 }
@@ -171,6 +185,15 @@ impl Subjects {
         format!("{}.commands.>", self.prefix)
     }
 
+    /// Where a consumer's dead letters go: `fl.dead.query-writer`.
+    pub fn dead_letter(&self, consumer: &str) -> String {
+        format!("{}.dead.{consumer}", self.prefix)
+    }
+
+    pub fn dead_letters_all(&self) -> String {
+        format!("{}.dead.>", self.prefix)
+    }
+
     /// Request/reply: API key or device token to principal.
     pub fn rpc_auth_verify(&self) -> String {
         format!("{}.rpc.auth.verify", self.prefix)
@@ -213,6 +236,11 @@ impl Subjects {
             Stream::Telemetry => vec![self.telemetry_all(), self.heartbeat_all()],
             Stream::Events => vec![self.events_all()],
             Stream::Commands => vec![self.commands_all()],
+            Stream::DeadLetters => vec![self.dead_letters_all()],
+        };
+        let (max_age, max_bytes) = match stream {
+            Stream::DeadLetters => (limits.dead_max_age, limits.dead_max_bytes),
+            _ => (limits.max_age, limits.max_bytes),
         };
         stream::Config {
             name: self.stream_name(stream),
@@ -220,8 +248,8 @@ impl Subjects {
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::Old,
-            max_age: limits.max_age,
-            max_bytes: limits.max_bytes,
+            max_age,
+            max_bytes,
             duplicate_window: limits.duplicate_window,
             ..Default::default()
         }

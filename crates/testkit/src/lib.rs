@@ -135,6 +135,7 @@ impl TestEnv {
             log_level: std::env::var("FIELDLINE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             bootstrap_admin_key: Some(SecretString::from(self.admin_key.clone())),
             stream_max_bytes: 64 << 20,
+            dead_letter_max_bytes: 8 << 20,
             // Tests not about rate limits must not meet them (bursts of requests and wrong
             // keys); the rate-limit tests set their own.
             rate_key_requests: 1_000_000,
@@ -174,6 +175,10 @@ impl TestEnv {
             (
                 "FIELDLINE_STREAM_MAX_BYTES".into(),
                 (64u64 << 20).to_string(),
+            ),
+            (
+                "FIELDLINE_DEAD_LETTER_MAX_BYTES".into(),
+                (8u64 << 20).to_string(),
             ),
             ("FIELDLINE_HTTP_WORKERS".into(), "1".into()),
             ("FIELDLINE_RATE_KEY_REQUESTS".into(), "1000000".into()),

@@ -118,6 +118,8 @@ pub struct NatsSecurity {
     pub tls: bool,
     /// Clients must show a certificate of the CA too (`verify: true`).
     pub verify_clients: bool,
+    /// JetStream's file storage limit (`max_file_store`), to run out of it on purpose.
+    pub max_file_store: Option<u64>,
 }
 
 /// A nats-server with JetStream on its own port and store, that demands what `security`
@@ -140,8 +142,12 @@ impl SecureNats {
         let client = ca.client("fieldline");
         let dir = std::env::temp_dir().join(format!("fl-nats-tls-{}", crate::unique_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
+        let max_file_store = security
+            .max_file_store
+            .map(|bytes| format!(", max_file_store: {bytes}"))
+            .unwrap_or_default();
         let mut config = format!(
-            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {:?} }}\n",
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {:?}{max_file_store} }}\n",
             dir.join("js")
         );
         if let Some((user, password)) = &security.user_password {

@@ -4,13 +4,11 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use async_nats::jetstream::{
-    self, AckKind,
-    consumer::{AckPolicy, DeliverPolicy, pull},
-};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use fieldline_common::{
     ApiError, Context,
     cache::InvalidatingCache,
+    consume::{self, Delivery, Outcome},
     ids::random_id,
     time::{format_rfc3339, from_us},
 };
@@ -103,8 +101,8 @@ enum Body {
 }
 
 impl Incoming {
-    /// The event id and payload.
-    fn finish(self, message: &jetstream::Message) -> Option<(String, Incoming, Value)> {
+    /// The event id and payload; `sequence` is the bus message's stream sequence.
+    fn finish(self, sequence: u64, raw: &[u8]) -> (String, Incoming, Value) {
         let (id, payload) = match &self.body {
             Body::Telemetry(batch) => {
                 let readings: Vec<Value> = batch
@@ -113,13 +111,13 @@ impl Incoming {
                     .map(|r| json!({"metric": r.metric, "ts": format_rfc3339(&from_us(r.ts_us)), "value": reading_json(&r.value)}))
                     .collect();
                 (
-                    event_id(message.info().ok()?.stream_sequence, &message.payload),
+                    event_id(sequence, raw),
                     json!({"readings": readings, "source": batch.source}),
                 )
             }
             Body::Device { id, payload_json } => {
                 let id = if id.is_empty() {
-                    event_id(message.info().ok()?.stream_sequence, &message.payload)
+                    event_id(sequence, raw)
                 } else {
                     id.clone()
                 };
@@ -128,7 +126,7 @@ impl Incoming {
                 (id, payload)
             }
         };
-        Some((id, self, payload))
+        (id, self, payload)
     }
 }
 
@@ -150,8 +148,8 @@ fn reading_json(value: &Option<reading::Value>) -> Value {
     }
 }
 
-fn telemetry_event(message: &jetstream::Message) -> Option<Incoming> {
-    let mut batch = TelemetryBatch::decode(message.payload.as_ref()).ok()?;
+fn telemetry_event(payload: &[u8]) -> Option<Incoming> {
+    let mut batch = TelemetryBatch::decode(payload).ok()?;
     Some(Incoming {
         project: std::mem::take(&mut batch.project),
         device_id: std::mem::take(&mut batch.device_id),
@@ -161,8 +159,8 @@ fn telemetry_event(message: &jetstream::Message) -> Option<Incoming> {
     })
 }
 
-fn device_event(message: &jetstream::Message) -> Option<Incoming> {
-    let event = DeviceEvent::decode(message.payload.as_ref()).ok()?;
+fn device_event(payload: &[u8]) -> Option<Incoming> {
+    let event = DeviceEvent::decode(payload).ok()?;
     Some(Incoming {
         project: event.project,
         event_type: event.event_type,
@@ -186,7 +184,7 @@ pub async fn start(
             Stream::Telemetry,
             DATA_CONSUMER,
             context.subjects.telemetry_all(),
-            telemetry_event as fn(&jetstream::Message) -> Option<Incoming>,
+            telemetry_event as fn(&[u8]) -> Option<Incoming>,
         ),
         (
             Stream::Events,
@@ -196,25 +194,18 @@ pub async fn start(
         ),
     ];
     for (stream, name, filter, decode) in sources {
-        let consumer = context
-            .jetstream
-            .get_stream(context.subjects.stream_name(stream))
-            .await?
-            .get_or_create_consumer(
-                name,
-                pull::Config {
-                    durable_name: Some(name.to_owned()),
-                    description: Some("webhook-dispatcher fan-out".to_owned()),
-                    filter_subject: filter,
-                    ack_policy: AckPolicy::Explicit,
-                    // Webhooks see what happens from the moment the dispatcher first runs.
-                    deliver_policy: DeliverPolicy::New,
-                    ack_wait: Duration::from_secs(30),
-                    max_ack_pending: 20_000,
-                    ..Default::default()
-                },
-            )
-            .await?;
+        let spec = consume::Spec {
+            stream,
+            name,
+            description: "webhook-dispatcher fan-out",
+            filter_subject: filter,
+            // Webhooks see what happens from the moment the dispatcher first runs.
+            deliver_policy: DeliverPolicy::New,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 20_000,
+            batch: BATCH,
+            in_flight: 1,
+        };
         let fanout = Fanout {
             context: context.clone(),
             repo: repo.clone(),
@@ -222,20 +213,7 @@ pub async fn start(
             dispatcher: dispatcher.clone(),
             decode,
         };
-        let shutdown = context.shutdown.clone();
-        context.tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    result = fanout.run(&consumer) => {
-                        if let Err(error) = result {
-                            tracing::warn!(error = %error, consumer = name, "fan-out consumer failed; restarting");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    }
-                }
-            }
-        });
+        consume::start(context, spec, fanout).await?;
     }
     Ok(())
 }
@@ -245,134 +223,152 @@ struct Fanout {
     repo: Repo,
     targets: Targets,
     dispatcher: Arc<Dispatcher>,
-    decode: fn(&jetstream::Message) -> Option<Incoming>,
+    decode: fn(&[u8]) -> Option<Incoming>,
+}
+
+/// What one bus message makes: its event and a delivery per matching webhook.
+struct Planned {
+    position: usize,
+    event: NewEvent,
+    deliveries: Vec<NewDelivery>,
+}
+
+impl consume::Handler for Fanout {
+    /// Each message is matched on its own: one whose webhooks or device cannot be looked up
+    /// waits alone, and the rest of the batch (every other project's events) goes on.
+    async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let mut outcomes = vec![Outcome::Done; batch.len()];
+        let mut planned = Vec::new();
+        for (position, delivery) in batch.iter().enumerate() {
+            match self.plan(delivery).await {
+                Ok(Some((event, deliveries))) => planned.push(Planned {
+                    position,
+                    event,
+                    deliveries,
+                }),
+                Ok(None) => {}
+                Err(outcome) => outcomes[position] = outcome,
+            }
+        }
+        if planned.is_empty() {
+            return outcomes;
+        }
+        if let Err(error) = self.enqueue(&planned).await {
+            let outcome = Outcome::of_error(&error);
+            if matches!(outcome, Outcome::Wait(_)) || planned.len() == 1 {
+                for plan in &planned {
+                    outcomes[plan.position] = outcome.clone();
+                }
+                return outcomes;
+            }
+            // Find the event that cannot be stored, so it holds back nothing else.
+            for plan in planned {
+                if let Err(error) = self.enqueue(std::slice::from_ref(&plan)).await {
+                    outcomes[plan.position] = Outcome::of_error(&error);
+                }
+            }
+        }
+        outcomes
+    }
 }
 
 impl Fanout {
-    async fn run(
-        &self,
-        consumer: &jetstream::consumer::Consumer<pull::Config>,
-    ) -> anyhow::Result<()> {
-        let mut messages = fieldline_common::bus::pull_messages(consumer, BATCH).await?;
-        while let Some(batch) = fieldline_common::bus::next_batch(&mut messages, BATCH).await {
-            let batch = batch?;
-            self.handle(batch).await;
+    /// Stores the events and their deliveries in one transaction, then starts at once the
+    /// deliveries whose webhook has a free slot here: their first attempt needs no claim.
+    async fn enqueue(&self, planned: &[Planned]) -> Result<(), ApiError> {
+        let events: Vec<NewEvent> = planned.iter().map(|plan| plan.event.clone()).collect();
+        let mut deliveries: Vec<NewDelivery> = planned
+            .iter()
+            .flat_map(|plan| plan.deliveries.iter().cloned())
+            .collect();
+        let mut slots = HashMap::new();
+        for delivery in deliveries.iter_mut().filter(|d| d.webhook_enabled) {
+            if let Some(slot) = self.dispatcher.try_slot(&delivery.webhook_id) {
+                delivery.leased = true;
+                slots.insert(delivery.id.clone(), slot);
+            }
+        }
+        let lease = self.dispatcher.lease();
+        let leased = self.repo.enqueue(&events, &deliveries, lease).await?;
+        let unleased = deliveries.len() - leased.len();
+        for delivery in leased {
+            if let Some(slot) = slots.remove(&delivery.delivery_id) {
+                self.dispatcher.start(delivery, slot);
+            }
+        }
+        // Slots not used (a redelivered message, a webhook just disabled) are given back here.
+        drop(slots);
+        if !deliveries.is_empty() {
+            metrics::counter!("fieldline_webhook_enqueued_total")
+                .increment(deliveries.len() as u64);
+        }
+        if unleased > 0 {
+            self.dispatcher.wake();
         }
         Ok(())
     }
 
-    async fn handle(&self, messages: Vec<jetstream::Message>) {
-        match self.plan(&messages).await {
-            Ok((events, mut deliveries)) => {
-                // Deliveries whose webhook has a free slot here are stored with a lease and
-                // sent as soon as they are committed: their first attempt needs no claim.
-                let mut slots = HashMap::new();
-                for delivery in deliveries.iter_mut().filter(|d| d.webhook_enabled) {
-                    if let Some(slot) = self.dispatcher.try_slot(&delivery.webhook_id) {
-                        delivery.leased = true;
-                        slots.insert(delivery.id.clone(), slot);
-                    }
-                }
-                let lease = self.dispatcher.lease();
-                match self.repo.enqueue(&events, &deliveries, lease).await {
-                    Ok(leased) => {
-                        let unleased = deliveries.len() - leased.len();
-                        for delivery in leased {
-                            if let Some(slot) = slots.remove(&delivery.delivery_id) {
-                                self.dispatcher.start(delivery, slot);
-                            }
-                        }
-                        // Slots not used (a redelivered message, a webhook just disabled)
-                        // are given back here.
-                        drop(slots);
-                        for message in &messages {
-                            if let Err(error) = message.ack().await {
-                                tracing::warn!(error = %error, "ack after enqueue failed; the redelivery is a no-op");
-                            }
-                        }
-                        if !deliveries.is_empty() {
-                            metrics::counter!("fieldline_webhook_enqueued_total")
-                                .increment(deliveries.len() as u64);
-                        }
-                        if unleased > 0 {
-                            self.dispatcher.wake();
-                        }
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::warn!(error = %error, "enqueuing deliveries failed; will redeliver")
-                    }
-                }
-            }
-            Err(error) => {
-                tracing::warn!(error = %error, "matching webhooks failed; will redeliver")
-            }
-        }
-        for message in &messages {
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-
-    /// The events and deliveries a set of bus messages make.
+    /// The event and deliveries one bus message makes, or none when no webhook wants it.
     async fn plan(
         &self,
-        messages: &[jetstream::Message],
-    ) -> Result<(Vec<NewEvent>, Vec<NewDelivery>), ApiError> {
-        let mut events = Vec::new();
-        let mut deliveries = Vec::new();
-        for message in messages {
-            let Some(incoming) = (self.decode)(message) else {
-                tracing::error!(subject = %message.subject, "undecodable bus message skipped by fan-out");
-                continue;
-            };
-            let targets = self.targets.of(&incoming.project).await?;
-            let mut matched = Vec::new();
-            for target in targets.iter() {
-                if self.matches(target, &incoming).await? {
-                    matched.push(target);
-                }
+        delivery: &Delivery,
+    ) -> Result<Option<(NewEvent, Vec<NewDelivery>)>, Outcome> {
+        let Some(incoming) = (self.decode)(delivery.payload()) else {
+            return Err(Outcome::Poison(format!(
+                "undecodable bus message on {}",
+                delivery.subject()
+            )));
+        };
+        let targets = self
+            .targets
+            .of(&incoming.project)
+            .await
+            .map_err(|error| Outcome::of_error(&error))?;
+        let mut matched = Vec::new();
+        for target in targets.iter() {
+            if self
+                .matches(target, &incoming)
+                .await
+                .map_err(|error| Outcome::of_error(&error))?
+            {
+                matched.push(target);
             }
-            if matched.is_empty() {
-                continue;
-            }
-            let Some((id, incoming, payload)) = incoming.finish(message) else {
-                tracing::error!(subject = %message.subject, "bus message without stream info skipped by fan-out");
-                continue;
-            };
-            let body = EventBody {
-                id: &id,
-                event: &incoming.event_type,
-                timestamp: format_rfc3339(&from_us(incoming.occurred_at_us)),
-                project: &incoming.project,
-                device_id: Some(&incoming.device_id)
-                    .filter(|id| !id.is_empty())
-                    .map(String::as_str),
-                payload: &payload,
-            }
-            .to_json();
-            for target in matched {
-                deliveries.push(NewDelivery {
-                    id: random_id("dlv_", 24),
-                    webhook_id: target.id.clone(),
-                    project: incoming.project.clone(),
-                    event_id: id.clone(),
-                    event_type: incoming.event_type.clone(),
-                    webhook_enabled: target.enabled,
-                    leased: false,
-                });
-            }
-            events.push(NewEvent {
-                id,
-                project: incoming.project,
-                event_type: incoming.event_type,
-                device_id: Some(incoming.device_id).filter(|id| !id.is_empty()),
-                body,
-            });
         }
-        Ok((events, deliveries))
+        if matched.is_empty() {
+            return Ok(None);
+        }
+        let (id, incoming, payload) = incoming.finish(delivery.sequence(), delivery.payload());
+        let body = EventBody {
+            id: &id,
+            event: &incoming.event_type,
+            timestamp: format_rfc3339(&from_us(incoming.occurred_at_us)),
+            project: &incoming.project,
+            device_id: Some(&incoming.device_id)
+                .filter(|id| !id.is_empty())
+                .map(String::as_str),
+            payload: &payload,
+        }
+        .to_json();
+        let deliveries = matched
+            .into_iter()
+            .map(|target| NewDelivery {
+                id: random_id("dlv_", 24),
+                webhook_id: target.id.clone(),
+                project: incoming.project.clone(),
+                event_id: id.clone(),
+                event_type: incoming.event_type.clone(),
+                webhook_enabled: target.enabled,
+                leased: false,
+            })
+            .collect();
+        let event = NewEvent {
+            id,
+            project: incoming.project,
+            event_type: incoming.event_type,
+            device_id: Some(incoming.device_id).filter(|id| !id.is_empty()),
+            body,
+        };
+        Ok(Some((event, deliveries)))
     }
 
     async fn matches(&self, target: &Target, incoming: &Incoming) -> Result<bool, ApiError> {

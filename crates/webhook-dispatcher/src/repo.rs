@@ -89,6 +89,7 @@ pub struct Target {
     pub enabled: bool,
 }
 
+#[derive(Clone)]
 pub struct NewEvent {
     pub id: String,
     pub project: String,
@@ -97,6 +98,7 @@ pub struct NewEvent {
     pub body: String,
 }
 
+#[derive(Clone)]
 pub struct NewDelivery {
     pub id: String,
     pub webhook_id: String,

@@ -4,12 +4,10 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use async_nats::jetstream::{
-    self, AckKind,
-    consumer::{AckPolicy, DeliverPolicy, pull},
-};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use fieldline_common::{
-    Context,
+    ApiError, Context,
+    consume::{self, Delivery, Outcome},
     time::{from_us, now_us},
 };
 use fieldline_proto::{
@@ -44,50 +42,32 @@ pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::
         .jetstream
         .get_stream(context.subjects.stream_name(Stream::Telemetry))
         .await?;
-    let consumer = stream
-        .get_or_create_consumer(
-            REGISTRY_STATE,
-            pull::Config {
-                durable_name: Some(REGISTRY_STATE.to_owned()),
-                description: Some("device-registry: presence and alert rules".to_owned()),
-                ack_policy: AckPolicy::Explicit,
-                // Presence and alerts are about now: a new registry does not replay history.
-                deliver_policy: DeliverPolicy::New,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: 20_000,
-                ..Default::default()
-            },
-        )
-        .await?;
     let default_interval_s = context.config.device_heartbeat_interval.as_secs().max(1) as i32;
     let telemetry_all = context.subjects.telemetry_all();
     let telemetry_prefix = telemetry_all.trim_end_matches('>').to_owned();
-    let shutdown = context.shutdown.clone();
-    let consume_repo = repo.clone();
-    let consume_wake = wake.clone();
-    context.tasks.spawn(async move {
-        let apply = Apply {
-            repo: consume_repo,
-            wake: consume_wake,
-            default_interval_s,
-            telemetry_prefix,
-            written: moka::future::Cache::builder()
-                .max_capacity(PRESENCE_CAPACITY)
-                .time_to_live(Duration::from_secs(10))
-                .build(),
-        };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                result = apply.run(&consumer) => {
-                    if let Err(error) = result {
-                        tracing::warn!(error = %error, "registry state consumer failed; restarting");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        }
-    });
+    let apply = Apply {
+        repo: repo.clone(),
+        wake: wake.clone(),
+        default_interval_s,
+        telemetry_prefix,
+        written: moka::future::Cache::builder()
+            .max_capacity(PRESENCE_CAPACITY)
+            .time_to_live(Duration::from_secs(10))
+            .build(),
+    };
+    let spec = consume::Spec {
+        stream: Stream::Telemetry,
+        name: REGISTRY_STATE,
+        description: "device-registry: presence and alert rules",
+        filter_subject: String::new(),
+        // Presence and alerts are about now: a new registry does not replay history.
+        deliver_policy: DeliverPolicy::New,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 20_000,
+        batch: BATCH,
+        in_flight: 1,
+    };
+    consume::start(context, spec, apply).await?;
 
     let every = context.config.registry_sweep_interval;
     let shutdown = context.shutdown.clone();
@@ -146,50 +126,68 @@ struct Apply {
     written: moka::future::Cache<(String, String), (i64, i64)>,
 }
 
-impl Apply {
-    async fn run(
-        &self,
-        consumer: &jetstream::consumer::Consumer<pull::Config>,
-    ) -> anyhow::Result<()> {
-        let mut messages = fieldline_common::bus::pull_messages(consumer, BATCH).await?;
-        while let Some(batch) = fieldline_common::bus::next_batch(&mut messages, BATCH).await {
-            self.apply(batch?).await;
+impl consume::Handler for Apply {
+    async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let all: Vec<&Delivery> = batch.iter().collect();
+        let (mut outcomes, result) = self.apply(&all).await;
+        let Err(error) = result else {
+            return outcomes;
+        };
+        let outcome = Outcome::of_error(&error);
+        let applied: Vec<usize> = (0..batch.len())
+            .filter(|&position| outcomes[position] == Outcome::Done)
+            .collect();
+        if matches!(outcome, Outcome::Wait(_)) || applied.len() <= 1 {
+            for position in applied {
+                outcomes[position] = outcome.clone();
+            }
+            return outcomes;
         }
-        Ok(())
+        // Find the message the database refuses, so it holds back nothing else.
+        tracing::warn!(error = %error, messages = applied.len(), "applying device state failed; applying its messages one by one");
+        for position in applied {
+            if let (_, Err(error)) = self.apply(&[&batch[position]]).await {
+                outcomes[position] = Outcome::of_error(&error);
+            }
+        }
+        outcomes
     }
+}
 
-    async fn apply(&self, messages: Vec<jetstream::Message>) {
+impl Apply {
+    /// Applies what the messages say in one transaction. The outcomes name the messages
+    /// that do not decode (poison); the others share the result.
+    async fn apply(&self, messages: &[&Delivery]) -> (Vec<Outcome>, Result<(), ApiError>) {
+        let mut outcomes = vec![Outcome::Done; messages.len()];
         let mut seen: HashMap<(String, String), i64> = HashMap::new();
         let mut batches = Vec::new();
-        for message in &messages {
-            let (project, device_id, received_at_us) = if message
-                .subject
-                .as_str()
-                .starts_with(&self.telemetry_prefix)
-            {
-                let Ok(batch) = TelemetryBatch::decode(message.payload.as_ref()) else {
-                    tracing::error!(subject = %message.subject, "undecodable telemetry message skipped");
-                    continue;
+        for (position, message) in messages.iter().enumerate() {
+            let (project, device_id, received_at_us) =
+                if message.subject().starts_with(&self.telemetry_prefix) {
+                    let Ok(batch) = TelemetryBatch::decode(message.payload()) else {
+                        outcomes[position] =
+                            Outcome::Poison("undecodable telemetry message".into());
+                        continue;
+                    };
+                    // An import of the past says nothing about the device now.
+                    if batch.source == "backfill" {
+                        continue;
+                    }
+                    let device = (batch.project.clone(), batch.device_id.clone());
+                    let received_at_us = batch.received_at_us;
+                    batches.push(batch);
+                    (device.0, device.1, received_at_us)
+                } else {
+                    let Ok(heartbeat) = Heartbeat::decode(message.payload()) else {
+                        outcomes[position] = Outcome::Poison("undecodable heartbeat".into());
+                        continue;
+                    };
+                    (
+                        heartbeat.project,
+                        heartbeat.device_id,
+                        heartbeat.received_at_us,
+                    )
                 };
-                // An import of the past says nothing about the device now.
-                if batch.source == "backfill" {
-                    continue;
-                }
-                let device = (batch.project.clone(), batch.device_id.clone());
-                let received_at_us = batch.received_at_us;
-                batches.push(batch);
-                (device.0, device.1, received_at_us)
-            } else {
-                let Ok(heartbeat) = Heartbeat::decode(message.payload.as_ref()) else {
-                    tracing::error!(subject = %message.subject, "undecodable heartbeat skipped");
-                    continue;
-                };
-                (
-                    heartbeat.project,
-                    heartbeat.device_id,
-                    heartbeat.received_at_us,
-                )
-            };
             let latest = seen.entry((project, device_id)).or_insert(received_at_us);
             *latest = (*latest).max(received_at_us);
         }
@@ -247,21 +245,9 @@ impl Apply {
                         )
                         .await;
                 }
-                let acks = messages.iter().map(|message| message.ack());
-                for result in futures::future::join_all(acks).await {
-                    if let Err(error) = result {
-                        tracing::warn!(error = %error, "ack after commit failed");
-                    }
-                }
+                (outcomes, Ok(()))
             }
-            Err(error) => {
-                tracing::warn!(error = %error, messages = messages.len(), "applying device state failed; will redeliver");
-                let naks = messages
-                    .iter()
-                    .map(|message| message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))));
-                futures::future::join_all(naks).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+            Err(error) => (outcomes, Err(error)),
         }
     }
 }

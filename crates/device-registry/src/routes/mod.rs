@@ -1,6 +1,7 @@
 pub mod alert_rules;
 pub mod commands;
 pub mod config;
+pub mod dead_letters;
 pub mod devices;
 pub mod keys;
 pub mod limits;
@@ -31,6 +32,38 @@ pub const ROUTES: &[RouteDoc] = &[
     .body(JSON)
     .success(201),
     RouteDoc::new(Get, "/api/v1/projects", "List projects", PlatformAdmin),
+    RouteDoc::new(
+        Get,
+        "/api/v1/admin/dead-letters",
+        "Messages a consumer gave up on, with the reason, oldest first (?consumer=query-writer)",
+        PlatformAdmin,
+    )
+    .query(&PAGING),
+    RouteDoc::new(
+        Delete,
+        "/api/v1/admin/dead-letters",
+        "Purge the dead letters of one consumer (?consumer=) or all (?all=true)",
+        PlatformAdmin,
+    ),
+    RouteDoc::new(
+        Get,
+        "/api/v1/admin/dead-letters/{sequence}",
+        "One dead letter: reason, headers, payload (base64) and the payload decoded",
+        PlatformAdmin,
+    ),
+    RouteDoc::new(
+        Delete,
+        "/api/v1/admin/dead-letters/{sequence}",
+        "Delete one dead letter",
+        PlatformAdmin,
+    )
+    .success(204),
+    RouteDoc::new(
+        Post,
+        "/api/v1/admin/dead-letters/{sequence}/replay",
+        "Publish a dead letter again, for the consumer that gave up on it only",
+        PlatformAdmin,
+    ),
     RouteDoc::new(
         Get,
         "/api/v1/projects/{slug}/limits",

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod aggregate;
+mod dead_letters;
 mod export;
 mod livetime;
 mod query;

@@ -5,6 +5,7 @@
 
 mod delivery;
 mod disabled;
+mod fanout;
 mod registration;
 mod retention;
 mod signatures;
