@@ -487,9 +487,9 @@ impl Repo {
         }
         let ids = self.series_ids(&keys).await?;
         // In (day, series, time) order, the one order every writer inserts in: a partition's
-        // index takes its rows in order, and a row stored by another transaction still
-        // running (a redelivery) is waited for in that order too, whichever partition
-        // `COPY` flushes first.
+        // index takes its rows in order, and a row another running transaction has stored (a
+        // redelivery) is waited for in that order too. `COPY` buffers rows per partition and
+        // flushes the partitions in the order it first met them: day by day, sorted so.
         rows.sort_unstable_by_key(|(index, ts_us, _)| {
             (ts_us.div_euclid(DAY_US), ids[*index], *ts_us)
         });
