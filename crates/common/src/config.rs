@@ -182,6 +182,10 @@ pub struct Config {
     /// How long ingest waits for JetStream to acknowledge before answering 503.
     #[serde(with = "humantime_serde")]
     pub ingest_publish_timeout: Duration,
+    /// Most long-polls (`GET /api/v1/ingest/commands?wait=N`) one ingest-http process holds
+    /// at once, each with a bus subscription; past it a long-poll answers 503
+    /// `too_many_long_polls` with `Retry-After`, at once.
+    pub long_poll_max: usize,
     // ---- Live time: which reading times are stored, so that no message can make
     // partitions without limit. See docs/decisions/2026-12-04-live-time-window.md.
     /// How far back a reading's time may lie when it arrives over `POST /api/v1/ingest` or
@@ -344,6 +348,7 @@ impl Default for Config {
             ingest_max_readings: 10_000,
             backfill_max_body_bytes: 16 * 1024 * 1024,
             ingest_publish_timeout: Duration::from_secs(5),
+            long_poll_max: 1000,
             ingest_max_age: Duration::from_secs(30 * 24 * 3600),
             ingest_max_future: Duration::from_secs(3600),
             readings_earliest: DateTime::from_timestamp(946_684_800, 0).unwrap_or_default(),
@@ -611,6 +616,9 @@ impl Config {
         }
         if self.writer_batch_size == 0 {
             return invalid("writer_batch_size", "must be at least 1".into());
+        }
+        if self.long_poll_max == 0 {
+            return invalid("long_poll_max", "must be at least 1".into());
         }
         if let Err((field, message)) = self.validate_rate_limits() {
             return invalid(field, message);

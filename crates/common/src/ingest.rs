@@ -304,6 +304,8 @@ struct Sink<'a> {
     received_at_us: i64,
     limit: usize,
     window: TimeWindow,
+    /// Every message must carry its own `ts` (backfill: arrival time means nothing there).
+    ts_required: bool,
 }
 
 impl Sink<'_> {
@@ -516,6 +518,10 @@ impl<'de> Visitor<'de> for OneMessage<'_, '_> {
                 }
             }
         }
+        if ts_us.is_none() && sink.ts_required {
+            let path = field_path(&prefix(), "ts");
+            return Err(sink.fail(invalid(format!("{path}: required for backfill"))));
+        }
         let readings = &mut sink.out.readings[before..];
         if readings.is_empty() {
             let at = match index {
@@ -574,6 +580,23 @@ pub fn parse_json_message(
     limit: usize,
     window: TimeWindow,
 ) -> Result<Parsed, ParseError> {
+    parse_messages(body, received_at_us, limit, window, false)
+}
+
+/// Parses a backfill body: the messages of [`parse_json_message`], each with its own `ts` (a
+/// message without one is refused, naming it: `[3].ts`), as many as the body holds. One
+/// pass, like the live path: no JSON tree to check `ts` first.
+pub fn parse_backfill_json(body: &[u8], window: TimeWindow) -> Result<Parsed, ParseError> {
+    parse_messages(body, 0, usize::MAX, window, true)
+}
+
+fn parse_messages(
+    body: &[u8],
+    received_at_us: i64,
+    limit: usize,
+    window: TimeWindow,
+    ts_required: bool,
+) -> Result<Parsed, ParseError> {
     let failure = Failure::default();
     let mut parsed = Parsed::default();
     let mut sink = Sink {
@@ -582,6 +605,7 @@ pub fn parse_json_message(
         received_at_us,
         limit,
         window,
+        ts_required,
     };
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let read = deserializer
@@ -1025,6 +1049,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(relative.readings[0].ts_us, NOW - 10_000_000);
+    }
+
+    #[test]
+    fn a_backfill_message_without_its_own_ts_is_refused_by_name() {
+        let parse = |body: &str| parse_backfill_json(body.as_bytes(), TimeWindow::ANY);
+        let parsed = parse(r#"[{"ts": 1, "a": 1}, {"ts": 2, "values": {"a": 2}}]"#).unwrap();
+        assert_eq!(parsed.readings.len(), 2);
+        assert_eq!(parsed.readings[1].ts_us, 2000);
+        for (body, path) in [
+            (r#"{"a": 1}"#, "ts"),
+            ("{}", "ts"),
+            (r#"[{"ts": 1, "a": 1}, {"ts": null, "a": 2}]"#, "[1].ts"),
+            (r#"[{"ts": 1, "a": 1}, {"values": {"a": 2}}]"#, "[1].ts"),
+        ] {
+            assert_eq!(
+                parse(body).unwrap_err(),
+                ParseError::Invalid(format!("{path}: required for backfill")),
+                "{body}"
+            );
+        }
+        // The live path still takes arrival time.
+        let live = parse_json_message(br#"{"a": 1}"#, NOW, 100, TimeWindow::ANY).unwrap();
+        assert_eq!(live.readings[0].ts_us, NOW);
     }
 
     #[test]

@@ -10,19 +10,24 @@ use std::sync::Arc;
 
 use actix_web::web;
 use fieldline_common::{Context, Service, ingest::Publisher};
+use tokio::sync::Semaphore;
 
 pub use crate::routes::ROUTES;
 
-/// Shared by the handlers.
+/// Shared by the handlers (of every HTTP worker: one per process).
 pub(crate) struct State {
     pub context: Context,
     pub publisher: Publisher,
+    /// Places for long-polls waiting at once (`long_poll_max`): each holds a bus
+    /// subscription, a connection and a task for up to a minute.
+    pub long_polls: Semaphore,
 }
 
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let state = web::Data::new(State {
         context: context.clone(),
         publisher: Publisher::new(context),
+        long_polls: Semaphore::new(context.config.long_poll_max),
     });
     let routes = Arc::new(move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(state.clone());

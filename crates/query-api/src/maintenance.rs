@@ -144,13 +144,16 @@ async fn round(
             }
             let day_start = day.and_hms_opt(0, 0, 0).map(|t| t.and_utc());
             // The dictionary's counts and first times lose what the partition held: the
-            // daily rollup knows how many rows that was.
+            // daily rollup knows how many rows that was. The partition goes first: dropping
+            // it locks `readings` whole, which waits for the writers' transactions to end and
+            // holds off new ones, so no writer holds a series row updated after it. (Series
+            // rows first and `readings` after is the writer's order reversed: a deadlock.)
             let sql = format!(
                 "BEGIN;
+                 DROP TABLE telemetry.{name};
                  UPDATE telemetry.series s SET count = s.count - d.count
                    FROM telemetry.rollup_1d d
                   WHERE d.series_id = s.series_id AND d.bucket = '{}';
-                 DROP TABLE telemetry.{name};
                  UPDATE telemetry.series s
                     SET first_ts = (SELECT min(ts) FROM telemetry.readings r WHERE r.series_id = s.series_id)
                   WHERE s.first_ts < '{}';
@@ -182,36 +185,45 @@ async fn round(
     if let Some(cutoff) = readings_cutoff {
         client.batch_execute("BEGIN").await?;
         let deleted = async {
-            let row = client
-                .query_one(
+            // Rows first, then the series rows they counted in, locked in id order before
+            // they are updated: the writer's order, so neither waits for the other in a
+            // cycle. (An update joined to the deleted rows would lock series rows in the
+            // join's order.)
+            let gone = client
+                .query(
                     "WITH gone AS (
                         DELETE FROM telemetry.readings r
                          USING telemetry.series s LEFT JOIN telemetry.retention t USING (project)
                          WHERE r.series_id = s.series_id AND r.ts < $2
                            AND r.ts < now() - COALESCE(t.readings, make_interval(secs => $1))
                         RETURNING r.series_id
-                     ), counted AS (
-                        SELECT series_id, count(*) AS n FROM gone GROUP BY series_id
-                     ), fixed AS (
-                        UPDATE telemetry.series s SET count = s.count - c.n
-                          FROM counted c WHERE c.series_id = s.series_id
                      )
-                     SELECT count(*), array_agg(DISTINCT series_id) FROM gone",
+                     SELECT series_id, count(*) FROM gone GROUP BY series_id ORDER BY series_id",
                     &[&seconds(readings_retention), &cutoff],
                 )
                 .await?;
-            let ids: Option<Vec<i32>> = row.get(1);
-            if let Some(ids) = ids {
+            let ids: Vec<i32> = gone.iter().map(|row| row.get(0)).collect();
+            let counts: Vec<i64> = gone.iter().map(|row| row.get(1)).collect();
+            if !ids.is_empty() {
                 client
                     .execute(
-                        "UPDATE telemetry.series s
-                            SET first_ts = (SELECT min(ts) FROM telemetry.readings r WHERE r.series_id = s.series_id)
-                          WHERE s.series_id = ANY($1)",
+                        "SELECT series_id FROM telemetry.series WHERE series_id = ANY($1)
+                         ORDER BY series_id FOR NO KEY UPDATE",
                         &[&ids],
                     )
                     .await?;
+                client
+                    .execute(
+                        "UPDATE telemetry.series s
+                            SET count = s.count - c.n,
+                                first_ts = (SELECT min(ts) FROM telemetry.readings r WHERE r.series_id = s.series_id)
+                           FROM UNNEST($1::int4[], $2::int8[]) AS c(series_id, n)
+                          WHERE s.series_id = c.series_id",
+                        &[&ids, &counts],
+                    )
+                    .await?;
             }
-            Ok::<_, tokio_postgres::Error>(row.get::<_, i64>(0) as u64)
+            Ok::<_, tokio_postgres::Error>(counts.iter().sum::<i64>() as u64)
         }
         .await;
         match deleted {

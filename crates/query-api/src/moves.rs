@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::LazyLock};
 
 use chrono::{DateTime, Utc};
 use fieldline_common::time::from_us;
-use tokio_postgres::{GenericClient, types::ToSql};
+use tokio_postgres::{GenericClient, Statement, types::ToSql};
 
 use crate::aggregate::Partial;
 
@@ -100,9 +100,21 @@ impl Moves {
             .merge(&reading);
     }
 
-    /// Merges everything taken in into the series statistics and both rollups: series, then
-    /// hours, then days, each in key order, so concurrent writers lock rows in one order.
+    /// Merges everything taken in into the series statistics and both rollups, taking every
+    /// row lock in one global order: first the series rows, in id order, in one statement
+    /// awaited alone; then the series update (rows already held); then the hourly, then the
+    /// daily rollups, each in (series, bucket) order. A rollup row belongs to a series row
+    /// this transaction holds, so no other writer holds it or waits for it in between.
+    ///
+    /// Each statement is sent once the one before it has answered. Issued together, each
+    /// would go out when its future happened to be polled after its prepare, the lock as
+    /// often after the update as before it, and two writers deadlocked (see
+    /// `docs/decisions/2026-12-05-writer-lock-order.md`). One by one, the error returned is
+    /// also the first, not the "current transaction is aborted" of a statement behind it.
     pub async fn apply(&self, client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+        if self.series.is_empty() {
+            return Ok(());
+        }
         let mut series: Vec<(&i32, &SeriesMove)> = self.series.iter().collect();
         series.sort_unstable_by_key(|(id, _)| **id);
         let ids: Vec<i32> = series.iter().map(|(id, _)| **id).collect();
@@ -114,35 +126,40 @@ impl Moves {
         let texts: Vec<Option<&str>> = series.iter().map(|(_, s)| s.last_text.as_deref()).collect();
         let params: [&(dyn ToSql + Sync); 7] =
             [&ids, &counts, &firsts, &lasts, &nums, &flags, &texts];
-        // Series rows first, locked in id order: the update's join need not visit them in
-        // that order, and two writers must not take them in different ones.
-        let lock_params: [&(dyn ToSql + Sync); 1] = [&ids];
-        let lock = client.query(
-            "SELECT series_id FROM telemetry.series WHERE series_id = ANY($1)
-             ORDER BY series_id FOR UPDATE",
-            &lock_params,
-        );
-        let series_update = client.execute(
-            "UPDATE telemetry.series s
-                SET count = s.count + u.n,
-                    first_ts = LEAST(s.first_ts, u.first_ts),
-                    last_ts = GREATEST(s.last_ts, u.last_ts),
-                    last_num = CASE WHEN s.last_ts IS NULL OR u.last_ts > s.last_ts THEN u.last_num ELSE s.last_num END,
-                    last_bool = CASE WHEN s.last_ts IS NULL OR u.last_ts > s.last_ts THEN u.last_bool ELSE s.last_bool END,
-                    last_text = CASE WHEN s.last_ts IS NULL OR u.last_ts > s.last_ts THEN u.last_text ELSE s.last_text END
-               FROM UNNEST($1::int4[], $2::int8[], $3::timestamptz[], $4::timestamptz[],
-                           $5::float8[], $6::bool[], $7::text[])
-                    AS u(series_id, n, first_ts, last_ts, last_num, last_bool, last_text)
-              WHERE s.series_id = u.series_id",
-            &params,
-        );
-        let hourly = merge_rollup(client, &HOURLY_SQL, &self.hourly);
-        let daily = merge_rollup(client, &DAILY_SQL, &self.daily);
-        // One round trip: tokio-postgres pipelines statements issued together.
-        tokio::try_join!(lock, series_update, hourly, daily)?;
+        // Preparing takes no lock: the four together, in one round trip.
+        let (lock, series_update, hourly, daily) = tokio::try_join!(
+            client.prepare(LOCK_SERIES_SQL),
+            client.prepare(UPDATE_SERIES_SQL),
+            client.prepare(&HOURLY_SQL),
+            client.prepare(&DAILY_SQL),
+        )?;
+        // The lock sits above the sort in the plan: rows are locked in id order. NO KEY
+        // UPDATE is what the update itself takes, so it needs no stronger lock after.
+        client.execute(&lock, &[&ids]).await?;
+        client.execute(&series_update, &params).await?;
+        merge_rollup(client, &hourly, &self.hourly).await?;
+        merge_rollup(client, &daily, &self.daily).await?;
         Ok(())
     }
 }
+
+/// The series rows a transaction moves, locked in id order before anything is updated.
+const LOCK_SERIES_SQL: &str = "SELECT series_id FROM telemetry.series WHERE series_id = ANY($1)
+     ORDER BY series_id FOR NO KEY UPDATE";
+
+/// Each series' count, first and last time, and latest value, moved by its new rows. The
+/// join may visit rows in any order: they are locked already ([`LOCK_SERIES_SQL`]).
+const UPDATE_SERIES_SQL: &str = "UPDATE telemetry.series s
+    SET count = s.count + u.n,
+        first_ts = LEAST(s.first_ts, u.first_ts),
+        last_ts = GREATEST(s.last_ts, u.last_ts),
+        last_num = CASE WHEN s.last_ts IS NULL OR u.last_ts > s.last_ts THEN u.last_num ELSE s.last_num END,
+        last_bool = CASE WHEN s.last_ts IS NULL OR u.last_ts > s.last_ts THEN u.last_bool ELSE s.last_bool END,
+        last_text = CASE WHEN s.last_ts IS NULL OR u.last_ts > s.last_ts THEN u.last_text ELSE s.last_text END
+   FROM UNNEST($1::int4[], $2::int8[], $3::timestamptz[], $4::timestamptz[],
+               $5::float8[], $6::bool[], $7::text[])
+        AS u(series_id, n, first_ts, last_ts, last_num, last_bool, last_text)
+  WHERE s.series_id = u.series_id";
 
 /// Partials of `table`'s buckets merged into it, one array per column.
 fn rollup_sql(table: &str) -> String {
@@ -158,9 +175,11 @@ fn rollup_sql(table: &str) -> String {
 static HOURLY_SQL: LazyLock<String> = LazyLock::new(|| rollup_sql("rollup_1h"));
 static DAILY_SQL: LazyLock<String> = LazyLock::new(|| rollup_sql("rollup_1d"));
 
+/// Merges `buckets` into a rollup in (series, bucket) order: `INSERT … SELECT` takes its
+/// input rows in order, and the arrays are sorted.
 async fn merge_rollup(
     client: &impl GenericClient,
-    sql: &str,
+    statement: &Statement,
     buckets: &HashMap<(i32, i64), Partial>,
 ) -> Result<(), tokio_postgres::Error> {
     let mut rows: Vec<(&(i32, i64), &Partial)> = buckets.iter().collect();
@@ -185,7 +204,7 @@ async fn merge_rollup(
         let last_num: Vec<Option<f64>> = slice.iter().map(|(_, p)| p.last.map(|l| l.1)).collect();
         client
             .execute(
-                sql,
+                statement,
                 &[
                     &series_id, &bucket, &count, &num_count, &sum, &min, &max, &first_ts,
                     &first_num, &last_ts, &last_num,

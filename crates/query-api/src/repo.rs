@@ -6,7 +6,6 @@
 //! a few of a read pool's connections, pipelined.
 
 use std::{
-    borrow::Cow,
     collections::{HashMap, HashSet},
     pin::pin,
     sync::{
@@ -18,7 +17,7 @@ use std::{
 use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::Pool;
 use fieldline_common::{
-    ApiError, Config,
+    ApiError, Config, ErrorKind,
     ingest::TimeWindow,
     time::{MAX_TIME_US, MIN_TIME_US, format_rfc3339, from_us, now_us},
 };
@@ -67,6 +66,9 @@ pub const MAX_DAYS_PER_TRANSACTION: usize = 8;
 /// ([`Repo::narrow_range`]).
 const NARROW_RANGES_OVER_US: i64 = 8 * 86_400_000_000;
 
+/// A day in µs: the readings partitions' width.
+const DAY_US: i64 = 86_400_000_000;
+
 /// Seconds between two warnings about refused readings: a flood is a counter, not lines.
 const REFUSED_LOG_INTERVAL_S: i64 = 10;
 
@@ -105,10 +107,17 @@ pub async fn ensure_partition(
     client: &tokio_postgres::Client,
     day: NaiveDate,
 ) -> Result<(), tokio_postgres::Error> {
-    client
+    match client
         .execute("SELECT telemetry.ensure_readings_partition($1)", &[&day])
-        .await?;
-    Ok(())
+        .await
+    {
+        // Another writer created it between this one's check and its `CREATE`: the
+        // function's second look after the advisory lock can miss a table just committed
+        // (its catalog cache is not refreshed by an advisory lock).
+        Err(error) if error.code() == Some(&SqlState::DUPLICATE_TABLE) => Ok(()),
+        Err(error) => Err(error),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// The series ids of `keys`, in order, creating the series that do not exist yet.
@@ -136,6 +145,28 @@ pub async fn upsert_series(
         )
         .await?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// A writer transaction's failure, logged as Postgres reported it: its SQLSTATE, message and
+/// detail (which, for a deadlock, names the statements of both sides), and counted by code.
+/// The messages are redelivered, so a failure the next attempt gets past is a warning.
+fn transaction_error(error: tokio_postgres::Error) -> ApiError {
+    let Some(db) = error.as_db_error() else {
+        return ApiError::from(error);
+    };
+    tracing::warn!(
+        code = db.code().code(),
+        message = db.message(),
+        detail = db.detail().unwrap_or_default(),
+        "a writer transaction failed"
+    );
+    metrics::counter!("fieldline_writer_transaction_errors_total", "code" => db.code().code().to_owned())
+        .increment(1);
+    // A value Postgres refuses (class 22) is the batch's, and the writer looks for it.
+    if db.code().code().starts_with("22") {
+        return ApiError::from(error);
+    }
+    ApiError::new(ErrorKind::Internal, "internal_error", "internal error")
 }
 
 /// Readings as columns, for the one `UNNEST` statement that stores a batch.
@@ -239,22 +270,27 @@ async fn store_skipping_stored(
 /// A reading the writer stores: the index of its series key, its time, its value.
 type WriteRow<'v> = (usize, i64, &'v reading::Value);
 
-/// `rows` (in series and time order) cut into groups of at most `max_days` days each, every
-/// group keeping that order: the earliest days first. One group, without copying, in the
-/// common case of a batch of a few days.
-fn by_days<'a, 'v>(rows: &'a [WriteRow<'v>], max_days: usize) -> Vec<Cow<'a, [WriteRow<'v>]>> {
-    let mut days: Vec<NaiveDate> = rows.iter().map(|(_, ts, _)| day_of(*ts)).collect();
-    days.sort_unstable();
-    days.dedup();
-    if days.len() <= max_days {
-        return vec![Cow::Borrowed(rows)];
+/// `rows` (in day, series and time order) cut into runs of at most `max_days` days each,
+/// the earliest days first: slices of `rows`, so each keeps its order.
+fn by_days<'a, 'v>(rows: &'a [WriteRow<'v>], max_days: usize) -> Vec<&'a [WriteRow<'v>]> {
+    let mut groups = Vec::new();
+    let (mut start, mut days, mut current) = (0, 0, None);
+    for (index, (_, ts_us, _)) in rows.iter().enumerate() {
+        let day = ts_us.div_euclid(DAY_US);
+        if current == Some(day) {
+            continue;
+        }
+        if days == max_days.max(1) {
+            groups.push(&rows[start..index]);
+            (start, days) = (index, 0);
+        }
+        current = Some(day);
+        days += 1;
     }
-    let mut groups = vec![Vec::new(); days.len().div_ceil(max_days)];
-    for row in rows {
-        let day = days.binary_search(&day_of(row.1)).unwrap_or_default();
-        groups[day / max_days].push(*row);
+    if start < rows.len() {
+        groups.push(&rows[start..]);
     }
-    groups.into_iter().map(Cow::Owned).collect()
+    groups
 }
 
 /// Warns about readings the writer refused, at most once every [`REFUSED_LOG_INTERVAL_S`]
@@ -450,11 +486,15 @@ impl Repo {
             return Ok(0);
         }
         let ids = self.series_ids(&keys).await?;
-        // In (series, time) order: index inserts go in order, and row locks are taken in one
-        // order by every writer.
-        rows.sort_unstable_by_key(|(index, ts_us, _)| (ids[*index], *ts_us));
+        // In (day, series, time) order, the one order every writer inserts in: a partition's
+        // index takes its rows in order, and a row another running transaction has stored (a
+        // redelivery) is waited for in that order too. `COPY` buffers rows per partition and
+        // flushes the partitions in the order it first met them: day by day, sorted so.
+        rows.sort_unstable_by_key(|(index, ts_us, _)| {
+            (ts_us.div_euclid(DAY_US), ids[*index], *ts_us)
+        });
         for chunk in by_days(&rows, MAX_DAYS_PER_TRANSACTION) {
-            self.store_rows(&ids, &chunk).await?;
+            self.store_rows(&ids, chunk).await?;
         }
         Ok(rows.len())
     }
@@ -508,7 +548,7 @@ impl Repo {
                     tracing::info!(error = %error, "a partition was missing; creating it");
                     self.forget_partitions();
                 }
-                Err(error) => return Err(error.into()),
+                Err(error) => return Err(transaction_error(error)),
             }
         }
         Err(ApiError::internal(anyhow::anyhow!(
@@ -997,9 +1037,9 @@ mod tests {
         let number = reading::Value::Number(1.0);
         let value = &number;
         let day_us = 86_400_000_000;
-        // Two series, 20 days each, in (series, time) order as the writer sorts them.
-        let rows: Vec<WriteRow> = (0..2)
-            .flat_map(|series| (0..20).map(move |day| (series, day * day_us + 5, value)))
+        // Two series, 20 days each, in (day, series, time) order as the writer sorts them.
+        let rows: Vec<WriteRow> = (0..20)
+            .flat_map(|day| (0..2).map(move |series| (series, day * day_us + 5, value)))
             .collect();
         let groups = by_days(&rows, 8);
         assert_eq!(
@@ -1012,10 +1052,11 @@ mod tests {
             assert!(
                 group
                     .windows(2)
-                    .all(|pair| (pair[0].0, pair[0].1) < (pair[1].0, pair[1].1))
+                    .all(|pair| (day_of(pair[0].1), pair[0].0) < (day_of(pair[1].1), pair[1].0))
             );
         }
         assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), rows.len());
-        assert!(matches!(by_days(&rows[..8], 8)[0], Cow::Borrowed(_)));
+        assert_eq!(by_days(&rows[..16], 8), [&rows[..16]]);
+        assert!(by_days(&[], 8).is_empty());
     }
 }

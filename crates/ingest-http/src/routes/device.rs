@@ -1,13 +1,14 @@
 //! What a device asks for with its token: `GET /api/v1/ingest/config`,
 //! `GET /api/v1/ingest/commands?wait=N` (long-poll) and
 //! `POST /api/v1/ingest/commands/{id}/ack`. The registry answers over the bus; no answer in
-//! time is a 503.
+//! time is a 503. A process holds at most `long_poll_max` long-polls; past them a long-poll
+//! is a 503 at once.
 
 use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
 use fieldline_common::{
-    ApiError,
+    ApiError, ErrorKind,
     auth::DeviceToken,
     bus::rpc,
     commands::{CommandAckIn, MAX_COMMAND_ID_LEN, command_json, config_json},
@@ -26,6 +27,10 @@ use crate::State;
 
 /// Longest long-poll, in seconds (the gateway's read timeout is longer).
 pub const MAX_WAIT_S: u64 = 60;
+
+/// `Retry-After` of a long-poll refused because the process holds `long_poll_max` already:
+/// long enough that refused devices do not come straight back as a crowd.
+const LONG_POLL_RETRY_AFTER_S: u64 = 5;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/api/v1/ingest/config").route(web::get().to(config)))
@@ -115,6 +120,11 @@ async fn commands(
         return Ok(envelope::ok(&fetch(&state, &device).await?));
     }
     let context = &state.context;
+    // Held until the answer: a long-poll past the cap waits for nothing, not even a place.
+    let Ok(_place) = state.long_polls.try_acquire() else {
+        metrics::counter!("fieldline_ingest_long_polls_refused_total").increment(1);
+        return Err(too_many_long_polls(context.config.long_poll_max));
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     // Subscribe before the first fetch, and make sure the server has the subscription: a
     // command stored after that fetch is pushed on this subject after it, so it wakes us.
@@ -150,6 +160,17 @@ async fn commands(
         if !woken {
             return Ok(envelope::ok(&commands));
         }
+    }
+}
+
+fn too_many_long_polls(max: usize) -> ApiError {
+    ApiError {
+        retry_after: Some(LONG_POLL_RETRY_AFTER_S),
+        ..ApiError::new(
+            ErrorKind::Unavailable,
+            "too_many_long_polls",
+            format!("this server holds {max} long-polls already; retry later, or ask without wait"),
+        )
     }
 }
 

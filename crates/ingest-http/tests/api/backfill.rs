@@ -256,3 +256,93 @@ async fn bad_backfills_are_refused_and_nothing_is_published() {
     assert!(app.telemetry_batches().await.is_empty());
     app.shutdown().await;
 }
+
+/// A backfill body of `messages` messages of ten metrics each, a second apart from 2020 on,
+/// the last without its `ts`: valid up to its very end, so that it is parsed whole and then
+/// refused (nothing published; the request lasts as long as the parse).
+fn large_backfill_refused_at_the_end(messages: usize) -> String {
+    let mut body = String::with_capacity(messages * 230 + 2);
+    body.push('[');
+    for index in 0..messages {
+        if index > 0 {
+            body.push(',');
+        }
+        let ts_ms = 1_577_836_800_000u64 + index as u64 * 1000;
+        if index + 1 < messages {
+            body.push_str(&format!("{{\"ts\":{ts_ms},"));
+        } else {
+            body.push('{');
+        }
+        for metric in 0..10 {
+            if metric > 0 {
+                body.push(',');
+            }
+            body.push_str(&format!("\"metric_{metric}\":{index}.{metric}5"));
+        }
+        body.push('}');
+    }
+    body.push(']');
+    body
+}
+
+/// The parse of a large backfill runs off the HTTP worker: while it runs, the same (single)
+/// worker answers other requests at once. Parsed on the worker, a health check waited for
+/// the whole parse, which is most of this request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backfill_leaves_the_worker_free_while_it_parses() {
+    let app = spawn_all(TestEnv::new().await, |config| config).await;
+    assert_eq!(app.context.config.http_workers, 1);
+    app.create_device("d1").await;
+    let (_, key) = app.create_key(&["write"]).await;
+    let messages = 72_000;
+    let body = large_backfill_refused_at_the_end(messages);
+    assert!(
+        body.len() > 15 << 20 && body.len() <= 16 << 20,
+        "{}",
+        body.len()
+    );
+
+    let started = std::time::Instant::now();
+    let backfill = {
+        let request = app
+            .http
+            .post(format!("{}/api/v1/devices/d1/readings", app.base_url))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send();
+        tokio::spawn(async move { read(request.await.unwrap()).await })
+    };
+    let mut slowest = Duration::ZERO;
+    while !backfill.is_finished() {
+        let asked = std::time::Instant::now();
+        let response = app
+            .http
+            .get(format!("{}/health/live", app.base_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        slowest = slowest.max(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = started.elapsed();
+    let (status, body) = backfill.await.unwrap();
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_field");
+    let message = body["error"]["message"].as_str().unwrap();
+    let last = format!("[{}].ts: required", messages - 1);
+    assert!(message.starts_with(&last), "{message}");
+    // Only meaningful when the parse itself takes a while (it does in a debug build).
+    assert!(
+        took > Duration::from_millis(250),
+        "the backfill took only {took:?}"
+    );
+    // On the worker, one health check lasted about the whole request; off it, a health
+    // check lasts what the machine's load makes it, far less.
+    assert!(
+        slowest < took / 3,
+        "a health check took {slowest:?} during a backfill of {took:?}"
+    );
+    assert!(app.telemetry_batches().await.is_empty());
+    app.shutdown().await;
+}

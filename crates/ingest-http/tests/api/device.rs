@@ -237,6 +237,92 @@ async fn a_long_poll_returns_as_soon_as_a_command_is_sent() {
     app.shutdown().await;
 }
 
+/// A long-poll waits in `tokio::spawn`ed reads, so it holds the place it took while the test
+/// goes on.
+fn start_long_poll(
+    app: &TestApp,
+    token: &str,
+    wait_s: u64,
+) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+    let request = app
+        .http
+        .get(format!(
+            "{}/api/v1/ingest/commands?wait={wait_s}",
+            app.base_url
+        ))
+        .bearer_auth(token)
+        .send();
+    tokio::spawn(async move { fieldline_testkit::read(request.await.unwrap()).await })
+}
+
+#[tokio::test]
+async fn past_the_long_poll_cap_a_long_poll_is_503_at_once_until_a_place_frees() {
+    let app = TestApp::spawn_with(
+        TestEnv::new().await,
+        |config| fieldline_common::Config {
+            long_poll_max: 2,
+            ..config
+        },
+        |context| async move {
+            Ok(vec![
+                device_registry::start(&context).await?,
+                ingest_http::start(&context).await?,
+            ])
+        },
+    )
+    .await;
+    let first = app.create_device("d1").await;
+    let second = app.create_device("d2").await;
+    let polls = [
+        start_long_poll(&app, &first, 30),
+        start_long_poll(&app, &second, 30),
+    ];
+    eventually("two polls to wait", Duration::from_secs(10), || async {
+        (metric(&app, "fieldline_ingest_long_polls_waiting").await >= 2.0).then_some(())
+    })
+    .await;
+
+    let started = Instant::now();
+    let response = app
+        .http
+        .get(format!("{}/api/v1/ingest/commands?wait=30", app.base_url))
+        .bearer_auth(&first)
+        .send()
+        .await
+        .unwrap();
+    let retry_after = response.headers().get("retry-after").cloned();
+    let (status, body) = fieldline_testkit::read(response).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_long_polls",
+    );
+    assert!(started.elapsed() < Duration::from_secs(2), "not at once");
+    assert_eq!(retry_after.unwrap().to_str().unwrap(), "5");
+    assert_eq!(
+        metric(&app, "fieldline_ingest_long_polls_refused_total").await,
+        1.0
+    );
+    // Asking without waiting takes no place.
+    let (status, _) = app.get("/api/v1/ingest/commands?wait=0", &first).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // One poll ends (a command for its device); its place takes a new long-poll.
+    let [first_poll, second_poll] = polls;
+    let id = send_command(&app, "d1", json!({"name": "blink"})).await;
+    let (status, body) = first_poll.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"][0]["id"], id.as_str(), "{body}");
+    let started = Instant::now();
+    let (status, body) = app.get("/api/v1/ingest/commands?wait=1", &first).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"], json!([]));
+    assert!(started.elapsed() >= Duration::from_secs(1), "did not wait");
+    second_poll.abort();
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn acking_an_expired_command_is_409() {
     let app = spawn_ingest(TestEnv::new().await).await;

@@ -266,6 +266,20 @@ async fn a_projects_retention_is_set_through_the_api_and_applied_to_it_alone() {
         2,
         "another project's readings went too"
     );
+    // The dictionary counts what is left, from the oldest row left.
+    let pg = app.env.pg().await;
+    for (device, count, first_us) in [("d1", 1, now_us), ("d2", 2, old_us)] {
+        let row = pg
+            .query_one(
+                "SELECT count, first_ts FROM telemetry.series WHERE device_id = $1",
+                &[&device],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0), count, "{device}");
+        let first_ts: chrono::DateTime<chrono::Utc> = row.get(1);
+        assert_eq!(first_ts.timestamp_micros(), first_us, "{device}");
+    }
 
     // null goes back to the defaults.
     let (status, body) = put_retention(&app, admin, json!({"readings": null})).await;

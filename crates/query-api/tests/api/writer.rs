@@ -1,9 +1,14 @@
 use std::time::Duration;
 
-use fieldline_proto::Stream;
-use fieldline_testkit::eventually;
+use fieldline_common::Config;
+use fieldline_proto::{
+    Stream,
+    v1::{Reading, TelemetryBatch},
+};
+use fieldline_testkit::{TestApp, TestEnv, eventually};
+use prost::Message;
 
-use crate::{number, publish, spawn_query, stored};
+use crate::{number, publish, spawn_query, stored, stored_total};
 
 const T0: i64 = 1_767_225_600_000_000;
 
@@ -112,4 +117,147 @@ async fn nothing_is_acked_before_it_is_committed() {
     })
     .await;
     app.shutdown().await;
+}
+
+
+/// Deadlocks PostgreSQL has broken in `database` since its statistics were last reset. The
+/// count is per database, so other tests running at the same time do not move it.
+async fn deadlocks(pg: &tokio_postgres::Client, database: &str) -> i64 {
+    pg.query_one(
+        "SELECT deadlocks FROM pg_stat_database WHERE datname = $1",
+        &[&database],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// A query-api process of `env` with small writer batches: many short transactions.
+async fn spawn_writer(env: &TestEnv) -> TestApp {
+    TestApp::spawn_with(
+        env.clone(),
+        |config| Config {
+            writer_batch_size: 10,
+            ..config
+        },
+        |context| async move { Ok(vec![query_api::start(&context).await?]) },
+    )
+    .await
+}
+
+/// Two query-api processes share the writer consumer, each with two stores in flight: four
+/// transactions at once, every one over many of the same series (and some over the same
+/// readings, redelivered). None may wait on another in a cycle: PostgreSQL would break it
+/// (after `deadlock_timeout`) and count it in `pg_stat_database.deadlocks`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_on_the_same_series_never_deadlock() {
+    const DEVICES: usize = 10;
+    const METRICS: usize = 20;
+    const MESSAGES: usize = 8_000;
+    const MINUTE_US: i64 = 60_000_000;
+    let env = TestEnv::new().await;
+    // Streams and schema first, with every message on the stream before the writers start:
+    // they then store as fast as they can.
+    let publisher = TestApp::spawn(env.clone(), |_| async { Ok(Vec::new()) }).await;
+    let subjects = &publisher.context.subjects;
+    let messages: Vec<(String, Vec<u8>)> = (0..MESSAGES)
+        .map(|index| {
+            let device_id = format!("d{}", index % DEVICES);
+            // A day and a half of readings (two partitions), each message a new time of its
+            // device.
+            let ts_us = T0 + (index / DEVICES) as i64 * MINUTE_US;
+            let readings: Vec<Reading> = (0..METRICS)
+                .map(|metric| number(&format!("m{metric}"), ts_us, index as f64))
+                .collect();
+            let batch = TelemetryBatch {
+                project: "default".into(),
+                device_id: device_id.clone(),
+                readings,
+                received_at_us: 0,
+                source: "test".into(),
+                message_id: String::new(),
+            };
+            (
+                subjects.telemetry("default", &device_id),
+                batch.encode_to_vec(),
+            )
+        })
+        .collect();
+    // Every tenth message once more, as after a retried publish.
+    let again = messages.iter().step_by(10).cloned();
+    let acks = futures::future::join_all(messages.iter().cloned().chain(again).map(
+        |(subject, payload)| async {
+            publisher
+                .context
+                .jetstream
+                .publish(subject, payload.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        },
+    ))
+    .await;
+    assert_eq!(acks.len(), MESSAGES + MESSAGES / 10);
+
+    let pg = env.pg().await;
+    let before = deadlocks(&pg, &env.database).await;
+    let first = spawn_writer(&env).await;
+    let second = spawn_writer(&env).await;
+    let expected = (MESSAGES * METRICS) as i64;
+    eventually("every reading stored", Duration::from_secs(120), || async {
+        (stored_total(&first).await == expected).then_some(())
+    })
+    .await;
+    first.stop().await;
+    second.stop().await;
+    publisher.stop().await;
+    // A backend reports its deadlocks to the statistics when it goes idle or exits: wait
+    // for the writers' connections to close.
+    eventually("the writers disconnected", Duration::from_secs(30), || async {
+        let others: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&env.database],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (others == 0).then_some(())
+    })
+    .await;
+    let deadlocks_seen = deadlocks(&pg, &env.database).await - before;
+
+    // Each reading once, and counted once by the series and both rollups.
+    let stored: i64 = pg
+        .query_one("SELECT count(*) FROM telemetry.readings", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let counted: i64 = pg
+        .query_one("SELECT sum(count)::int8 FROM telemetry.series", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut rollups = Vec::new();
+    for table in ["rollup_1h", "rollup_1d"] {
+        let rollup: i64 = pg
+            .query_one(
+                &format!("SELECT sum(count)::int8 FROM telemetry.{table}"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        rollups.push(rollup);
+    }
+    env.cleanup().await;
+    assert_eq!(deadlocks_seen, 0, "deadlocks between the writers");
+    assert_eq!(stored, expected, "readings stored");
+    assert_eq!(counted, expected, "readings counted by the series");
+    assert_eq!(
+        rollups,
+        [expected, expected],
+        "readings counted by the rollups"
+    );
 }
