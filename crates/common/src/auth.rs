@@ -141,6 +141,7 @@ impl From<AuthError> for ApiError {
 pub struct DeviceInfo {
     pub device_type: String,
     pub group: String,
+    pub tags: Vec<String>,
     /// The project's override of its devices' rate limit; `None` keeps the default.
     pub rate_limit: Option<Limit>,
 }
@@ -374,6 +375,7 @@ impl AuthClient {
                     rate_limit: Limit::from_proto(response.rate_limit.as_ref()),
                     device_type: response.device_type,
                     group: response.group,
+                    tags: response.tags,
                 })
             }))
         };

@@ -73,7 +73,7 @@ pub async fn start_rpc(context: &Context, repo: Repo) -> anyhow::Result<()> {
                         .device_summary(&request.project, &request.device_id)
                         .await;
                     let response = match found {
-                        Ok(Some((device_type, group))) => {
+                        Ok(Some((device_type, group, tags))) => {
                             let Ok(limits) = repo.project_limits(&request.project).await else {
                                 return;
                             };
@@ -84,6 +84,7 @@ pub async fn start_rpc(context: &Context, repo: Repo) -> anyhow::Result<()> {
                                 rate_limit: limits
                                     .and_then(|limits| limits.device)
                                     .map(Limit::to_proto),
+                                tags,
                             }
                         }
                         Ok(None) => DeviceLookupResponse::default(),

@@ -817,14 +817,14 @@ impl Repo {
         &self,
         project: &str,
         device_id: &str,
-    ) -> Result<Option<(String, Option<String>)>, ApiError> {
+    ) -> Result<Option<(String, Option<String>, Vec<String>)>, ApiError> {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
-                "SELECT device_type, device_group FROM registry.devices WHERE project = $1 AND id = $2",
+                "SELECT device_type, device_group, tags FROM registry.devices WHERE project = $1 AND id = $2",
                 &[&project, &device_id],
             )
             .await?;
-        Ok(row.map(|row| (row.get(0), row.get(1))))
+        Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
     }
 }

@@ -143,6 +143,31 @@ impl Dispatcher {
         });
     }
 
+    /// Sends a batch of one webhook's leased deliveries in the background, as one request.
+    fn start_batch(&self, deliveries: Vec<Claimed>, slot: Slot) {
+        let dispatcher = slot.dispatcher.clone();
+        self.context.tasks.spawn(async move {
+            dispatcher
+                .limiter
+                .until_key_ready(&deliveries[0].webhook_id)
+                .await;
+            let results = dispatcher.send_batch(&deliveries).await;
+            for (delivery, (record, next)) in deliveries.into_iter().zip(results) {
+                if dispatcher
+                    .outcomes
+                    .send((delivery, record, next))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "attempt recorder gone; the lease runs out and the delivery is retried"
+                    );
+                }
+            }
+            drop(slot);
+        });
+    }
+
     /// The lease a claim takes: long enough for the request, its rate-limit wait and the
     /// bookkeeping; a dispatcher killed mid-attempt gives the delivery back when it runs out.
     pub fn lease(&self) -> Duration {
@@ -325,11 +350,34 @@ impl Dispatcher {
                 continue;
             }
             let mut over_cap = Vec::new();
+            let mut batched: HashMap<String, Vec<Claimed>> = HashMap::new();
             for delivery in claimed {
+                if delivery.options.batch.is_some() {
+                    batched
+                        .entry(delivery.webhook_id.clone())
+                        .or_default()
+                        .push(delivery);
+                    continue;
+                }
                 // Fan-out may have taken the slots since the claim; past them rows go back.
                 match self.try_slot(&delivery.webhook_id) {
                     Some(slot) => self.start(delivery, slot),
                     None => over_cap.push(delivery.delivery_id),
+                }
+            }
+            // A batched webhook's rows go out a batch per slot.
+            for (webhook_id, deliveries) in batched {
+                let size = deliveries[0]
+                    .options
+                    .batch
+                    .map_or(1, |batch| batch.max_events.max(1) as usize);
+                let mut rest = deliveries.into_iter().peekable();
+                while rest.peek().is_some() {
+                    let batch: Vec<Claimed> = rest.by_ref().take(size).collect();
+                    match self.try_slot(&webhook_id) {
+                        Some(slot) => self.start_batch(batch, slot),
+                        None => over_cap.extend(batch.into_iter().map(|d| d.delivery_id)),
+                    }
                 }
             }
             if !over_cap.is_empty()
@@ -433,6 +481,8 @@ impl Dispatcher {
                 project: project.to_owned(),
                 event_id: event_id.clone(),
                 event_type: DISABLED_EVENT.to_owned(),
+                device_id: None,
+                immediate: false,
                 webhook_enabled: true,
                 leased: false,
             })
@@ -470,31 +520,103 @@ impl Dispatcher {
     }
 
     async fn send(&self, delivery: &Claimed) -> (AttemptRecord, Next) {
+        let rendered = crate::shape::render(&delivery.options, &delivery.body);
+        let (record, status, retry_after) = self
+            .request(delivery, rendered, &delivery.event_id, None)
+            .await;
+        // Refused before sending (a private address, a template that fails): final.
+        let next = if status.is_none() && self.refused(&record) {
+            Next::Failed
+        } else {
+            self.next_step(status, retry_after, delivery.attempts)
+        };
+        (record, next)
+    }
+
+    /// Sends several deliveries of one webhook as one request (a batch): one body, one
+    /// `webhook-id` of its own, signed once; every delivery gets the request's outcome.
+    async fn send_batch(&self, deliveries: &[Claimed]) -> Vec<(AttemptRecord, Next)> {
+        let Some(first) = deliveries.first() else {
+            return Vec::new();
+        };
+        let batch_id = random_id("bat_", 24);
+        let bodies: Vec<&str> = deliveries.iter().map(|d| d.body.as_str()).collect();
+        let rendered = crate::shape::render_batch(&first.options, &bodies);
+        let (record, status, retry_after) = self
+            .request(first, rendered, &batch_id, Some(batch_id.clone()))
+            .await;
+        let refused = status.is_none() && self.refused(&record);
+        metrics::histogram!("fieldline_webhook_batch_events").record(deliveries.len() as f64);
+        // One retry time for the whole batch, so that it is retried whole; a member whose
+        // own retries are spent ends failed.
+        let youngest = deliveries.iter().map(|d| d.attempts).min().unwrap_or(1);
+        let shared = self.next_step(status, retry_after, youngest);
+        deliveries
+            .iter()
+            .map(|delivery| {
+                let next = if refused {
+                    Next::Failed
+                } else {
+                    match self.next_step(status, retry_after, delivery.attempts) {
+                        Next::RetryAt(_) => shared.clone(),
+                        other => other,
+                    }
+                };
+                (record.clone(), next)
+            })
+            .collect()
+    }
+
+    /// Whether an attempt was refused before any request (see [`Dispatcher::request`]).
+    fn refused(&self, record: &AttemptRecord) -> bool {
+        record
+            .error
+            .as_deref()
+            .is_some_and(|error| error.starts_with("refused:") || error.starts_with("template:"))
+    }
+
+    /// One POST of a rendered body, signed with `message_id`. Returns the attempt, the
+    /// status (none when no answer came) and the receiver's `Retry-After`.
+    async fn request(
+        &self,
+        delivery: &Claimed,
+        rendered: Result<crate::shape::Rendered, String>,
+        message_id: &str,
+        batch_id: Option<String>,
+    ) -> (AttemptRecord, Option<StatusCode>, Option<Duration>) {
         let attempted_at = Utc::now();
         let started = Instant::now();
         // A URL stored while private targets were allowed (or by an older release) is checked
         // again here: the resolver only sees host names, never IP literals. Refused is
-        // final; it would be refused the same way on every retry.
+        // final; it would be refused the same way on every retry. So is a body the webhook's
+        // template cannot make.
         let refused = reqwest::Url::parse(&delivery.url)
             .map_err(|error| format!("refused: the URL does not parse ({error})"))
-            .and_then(|url| ssrf::check_target(&url, self.context.config.webhook_allow_private));
-        if let Err(reason) = refused {
-            tracing::warn!(webhook_id = %delivery.webhook_id, reason = %reason, "delivery refused");
-            let record = AttemptRecord {
-                attempted_at,
-                status_code: None,
-                latency_ms: 0,
-                error: Some(reason),
-                snippet: None,
-            };
-            return (record, Next::Failed);
-        }
-        let body = delivery.body.as_bytes();
+            .and_then(|url| ssrf::check_target(&url, self.context.config.webhook_allow_private))
+            .and(rendered);
+        let rendered = match refused {
+            Ok(rendered) => rendered,
+            Err(reason) => {
+                tracing::warn!(webhook_id = %delivery.webhook_id, reason = %reason, "delivery refused");
+                let record = AttemptRecord {
+                    attempted_at,
+                    status_code: None,
+                    latency_ms: 0,
+                    error: Some(reason),
+                    snippet: None,
+                    batch_id,
+                };
+                return (record, None, None);
+            }
+        };
+        let body = rendered.body.into_bytes();
         let mut request = self
             .http
             .post(&delivery.url)
-            .header("content-type", "application/json")
-            .body(delivery.body.clone());
+            .header("content-type", rendered.content_type.as_str());
+        for (name, value) in &rendered.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
         if let Some(custom) = delivery.headers.as_object() {
             for (name, value) in custom {
                 if let Some(value) = value.as_str() {
@@ -505,14 +627,14 @@ impl Dispatcher {
         let signatures = signing::headers(
             &delivery.secret,
             delivery.previous_secret.as_deref(),
-            &delivery.event_id,
+            message_id,
             attempted_at.timestamp(),
-            body,
+            &body,
         );
         for (name, value) in signatures {
             request = request.header(name, value);
         }
-        let result = request.send().await;
+        let result = request.body(body).send().await;
         let (status, snippet, retry_after, error) = match result {
             Ok(response) => {
                 let status = response.status();
@@ -529,9 +651,9 @@ impl Dispatcher {
             latency_ms: started.elapsed().as_millis().min(i32::MAX as u128) as i32,
             error,
             snippet,
+            batch_id,
         };
-        let next = self.next_step(status, retry_after, delivery.attempts);
-        (record, next)
+        (record, status, retry_after)
     }
 
     /// The retry rules of API.md: 2xx done; 410 disables; network errors, timeouts, 408, 425,

@@ -11,6 +11,8 @@ use fieldline_common::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::shape::{self, Options};
+
 /// Events a webhook can subscribe to.
 pub const EVENT_TYPES: [&str; 5] = [
     "device.data",
@@ -49,7 +51,7 @@ const RESERVED_HEADERS: [&str; 9] = [
 ];
 
 /// `POST /api/v1/webhooks` (and each element of the device-scoped array).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookIn {
     pub name: Option<String>,
@@ -61,6 +63,16 @@ pub struct WebhookIn {
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     pub secret: Option<String>,
     pub enabled: Option<bool>,
+    // The shape of deliveries (`shape::Options`), each absent the default.
+    pub batch: Option<shape::Batch>,
+    pub ordering: Option<shape::Ordering>,
+    pub min_severity: Option<shape::Severity>,
+    pub tags: Option<Vec<String>>,
+    pub metrics: Option<Vec<String>>,
+    pub format: Option<shape::Format>,
+    pub cloudevents_mode: Option<shape::CloudEventsMode>,
+    pub template: Option<String>,
+    pub template_content_type: Option<String>,
 }
 
 /// A webhook ready to store (its URL is checked separately, it needs DNS).
@@ -75,6 +87,7 @@ pub struct NewWebhook {
     pub metadata: serde_json::Value,
     pub secret: Option<String>,
     pub enabled: bool,
+    pub options: Options,
 }
 
 fn invalid(field: &str, message: impl std::fmt::Display) -> ApiError {
@@ -170,6 +183,18 @@ impl WebhookIn {
             metadata,
             secret: parse_secret(self.secret)?,
             enabled: self.enabled.unwrap_or(true),
+            options: Options {
+                batch: self.batch,
+                ordering: self.ordering.unwrap_or_default(),
+                min_severity: self.min_severity,
+                tags: self.tags.unwrap_or_default(),
+                metrics: self.metrics.unwrap_or_default(),
+                format: self.format.unwrap_or_default(),
+                cloudevents_mode: self.cloudevents_mode,
+                template: self.template,
+                template_content_type: self.template_content_type,
+            }
+            .validate()?,
         })
     }
 }
@@ -190,16 +215,24 @@ pub struct WebhookOut {
     pub disabled_reason: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    #[serde(flatten)]
+    pub options: Options,
 }
 
 impl WebhookOut {
     /// The JSON merge patch base: the fields PATCH may change.
     pub fn as_patchable(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut patchable = serde_json::json!({
             "name": self.name, "url": self.url, "events": self.events,
             "device_ids": self.device_ids, "group": self.group, "headers": self.headers,
             "metadata": self.metadata, "enabled": self.enabled,
-        })
+        });
+        if let (Some(fields), serde_json::Value::Object(options)) =
+            (patchable.as_object_mut(), self.options.to_json())
+        {
+            fields.extend(options);
+        }
+        patchable
     }
 }
 
@@ -241,6 +274,9 @@ pub struct AttemptOut {
     pub latency_ms: i32,
     pub error: Option<String>,
     pub response: Option<String>,
+    /// The batch it was part of (the `webhook-id` the receiver saw for it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -256,6 +292,12 @@ pub struct DeliveryOut {
     pub last_error: Option<String>,
     pub created_at: String,
     pub completed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// With `ordering: "device"`: the earlier delivery of the same device this one waits
+    /// behind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     pub attempt_log: Vec<AttemptOut>,
 }
 

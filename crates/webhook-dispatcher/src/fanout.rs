@@ -101,6 +101,18 @@ enum Body {
 }
 
 impl Incoming {
+    /// What the filters look at: a registry event's payload, or a batch's metric names.
+    fn filter_view(&self) -> Value {
+        match &self.body {
+            Body::Telemetry(batch) => json!({
+                "readings": batch.readings.iter().map(|r| json!({"metric": r.metric})).collect::<Vec<_>>(),
+            }),
+            Body::Device { payload_json, .. } => {
+                serde_json::from_str(payload_json).unwrap_or(Value::Null)
+            }
+        }
+    }
+
     /// The event id and payload; `sequence` is the bus message's stream sequence.
     fn finish(self, sequence: u64, raw: &[u8]) -> (String, Incoming, Value) {
         let (id, payload) = match &self.body {
@@ -282,7 +294,10 @@ impl Fanout {
             .flat_map(|plan| plan.deliveries.iter().cloned())
             .collect();
         let mut slots = HashMap::new();
-        for delivery in deliveries.iter_mut().filter(|d| d.webhook_enabled) {
+        for delivery in deliveries
+            .iter_mut()
+            .filter(|d| d.webhook_enabled && d.immediate)
+        {
             if let Some(slot) = self.dispatcher.try_slot(&delivery.webhook_id) {
                 delivery.leased = true;
                 slots.insert(delivery.id.clone(), slot);
@@ -357,6 +372,8 @@ impl Fanout {
                 project: incoming.project.clone(),
                 event_id: id.clone(),
                 event_type: incoming.event_type.clone(),
+                device_id: Some(incoming.device_id.clone()).filter(|id| !id.is_empty()),
+                immediate: target.options.sends_at_once(),
                 webhook_enabled: target.enabled,
                 leased: false,
             })
@@ -378,14 +395,28 @@ impl Fanout {
         if !target.device_ids.is_empty() && !target.device_ids.contains(&incoming.device_id) {
             return Ok(false);
         }
-        if let Some(group) = &target.group {
-            let device = self
-                .context
+        let options = &target.options;
+        let wants_tags = !options.tags.is_empty();
+        let device = if target.group.is_some() || wants_tags {
+            if incoming.device_id.is_empty() {
+                return Ok(false);
+            }
+            self.context
                 .auth
                 .lookup_device(&incoming.project, &incoming.device_id)
                 .await
-                .map_err(ApiError::from)?;
-            if device.is_none_or(|device| device.group != *group) {
+                .map_err(ApiError::from)?
+        } else {
+            None
+        };
+        if let Some(group) = &target.group
+            && device.as_ref().is_none_or(|device| device.group != *group)
+        {
+            return Ok(false);
+        }
+        if options.min_severity.is_some() || !options.metrics.is_empty() || wants_tags {
+            let tags = device.as_ref().map(|device| device.tags.as_slice());
+            if !options.passes(&incoming.event_type, &incoming.filter_view(), tags) {
                 return Ok(false);
             }
         }

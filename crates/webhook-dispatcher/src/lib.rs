@@ -8,6 +8,7 @@ mod fanout;
 mod repo;
 mod retention;
 mod routes;
+mod shape;
 pub mod signing;
 mod ssrf;
 

@@ -8,7 +8,10 @@ use deadpool_postgres::Pool;
 use fieldline_common::ApiError;
 use tokio_postgres::Row;
 
-use crate::domain::{AttemptOut, DISABLED_EVENT, DeliveryOut, NewWebhook, WebhookOut, rfc3339};
+use crate::{
+    domain::{AttemptOut, DISABLED_EVENT, DeliveryOut, NewWebhook, WebhookOut, rfc3339},
+    shape::Options,
+};
 
 #[derive(Clone)]
 pub struct Repo {
@@ -21,7 +24,7 @@ macro_rules! claimed_columns {
     () => {
         "d.id, d.webhook_id, d.project, d.attempts, w.url, w.headers, w.secret,
          CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
-         e.id, e.body"
+         e.id, e.body, w.options"
     };
 }
 
@@ -44,27 +47,50 @@ WITH RECURSIVE hooks (id, oldest) AS (
         ORDER BY p.webhook_id, p.next_attempt_at LIMIT 1) n
 ),
 chosen AS (
-    SELECT h.id, coalesce((SELECT u.free FROM UNNEST($5::text[], $6::bigint[]) AS u(id, free)
-                           WHERE u.id = h.id), $4::bigint) AS free
+    -- A batched webhook takes up to a batch per free slot, and only once a batch is full or
+    -- its oldest event has waited `max_wait_ms`.
+    SELECT h.id, w.options -> 'batch' IS NOT NULL AS batched,
+           coalesce((w.options -> 'batch' ->> 'max_events')::bigint, 1) AS batch,
+           coalesce(w.options ->> 'ordering', 'none') = 'device' AS ordered,
+           coalesce((SELECT u.free FROM UNNEST($5::text[], $6::bigint[]) AS u(id, free)
+                     WHERE u.id = h.id), $4::bigint) AS free
     FROM hooks h JOIN webhooks.webhooks w ON w.id = h.id AND w.enabled
     WHERE h.oldest <= now() AND NOT (h.id = ANY($2))
+      AND (w.options -> 'batch' IS NULL
+           OR h.oldest <= now() - make_interval(secs => coalesce((w.options -> 'batch' ->> 'max_wait_ms')::float8, 1000) / 1000)
+           OR (SELECT count(*) FROM (
+                   SELECT 1 FROM webhooks.deliveries p
+                   WHERE p.webhook_id = h.id AND p.status = 'pending' AND p.next_attempt_at <= now()
+                     AND (p.locked_until IS NULL OR p.locked_until < now())
+                   LIMIT (w.options -> 'batch' ->> 'max_events')::bigint) full_batch)
+              >= (w.options -> 'batch' ->> 'max_events')::bigint)
     ORDER BY h.oldest
 ),
 due AS (
-    SELECT c.id FROM chosen ch
+    SELECT c.id, ch.batch FROM chosen ch
     CROSS JOIN LATERAL (
         SELECT p.id FROM webhooks.deliveries p
         WHERE p.webhook_id = ch.id AND p.status = 'pending' AND p.next_attempt_at <= now()
           AND (p.locked_until IS NULL OR p.locked_until < now())
-        ORDER BY p.next_attempt_at
-        LIMIT ch.free
+          -- Ordered by device: only the head of each device's line, and none while the head
+          -- is in flight (it is pending, so the line waits behind it).
+          AND (NOT ch.ordered OR p.device_id IS NULL OR NOT EXISTS (
+                SELECT 1 FROM webhooks.deliveries q
+                WHERE q.webhook_id = p.webhook_id AND q.device_id = p.device_id
+                  AND q.status = 'pending' AND q.seq < p.seq))
+        ORDER BY p.next_attempt_at, p.seq
+        LIMIT ch.free * ch.batch
         FOR UPDATE SKIP LOCKED) c
-    LIMIT $1
+),
+-- `$1` is requests, not rows: a batch of n rows counts as one request.
+capped AS (
+    SELECT id FROM (SELECT id, sum(1.0 / batch) OVER (ROWS UNBOUNDED PRECEDING) AS requests FROM due) r
+    WHERE requests <= $1::bigint
 )
 UPDATE webhooks.deliveries d
 SET locked_until = now() + make_interval(secs => $3), attempts = d.attempts + 1, updated_at = now()
-FROM due, webhooks.webhooks w, webhooks.events e
-WHERE d.id = due.id AND w.id = d.webhook_id AND e.id = d.event_id
+FROM capped, webhooks.webhooks w, webhooks.events e
+WHERE d.id = capped.id AND w.id = d.webhook_id AND e.id = d.event_id
 RETURNING ",
     claimed_columns!()
 );
@@ -83,6 +109,7 @@ pub struct Target {
     pub events: Vec<String>,
     pub device_ids: Vec<String>,
     pub group: Option<String>,
+    pub options: Options,
     /// False when the dispatcher disabled it (410, failing too long): its events are still
     /// queued, pending and not tried, and go out once it is enabled again. Webhooks their
     /// owner turned off are not targets at all.
@@ -105,6 +132,10 @@ pub struct NewDelivery {
     pub project: String,
     pub event_id: String,
     pub event_type: String,
+    pub device_id: Option<String>,
+    /// Its webhook takes it as soon as it is stored (not batched, not ordered): fan-out may
+    /// lease it and send it at once.
+    pub immediate: bool,
     /// False for a webhook the dispatcher disabled: the delivery is queued all the same and
     /// waits, never leased, for `enable`.
     pub webhook_enabled: bool,
@@ -126,6 +157,7 @@ pub struct Claimed {
     pub previous_secret: Option<String>,
     pub event_id: String,
     pub body: String,
+    pub options: Options,
 }
 
 /// What happens to a delivery after an attempt.
@@ -146,6 +178,8 @@ pub struct AttemptRecord {
     pub latency_ms: i32,
     pub error: Option<String>,
     pub snippet: Option<String>,
+    /// The batch it was sent in, if any.
+    pub batch_id: Option<String>,
 }
 
 /// What `webhook.disabled` tells, and to which webhooks.
@@ -169,7 +203,7 @@ pub struct WebhookFilter {
 }
 
 const WEBHOOK_COLUMNS: &str = "id, project, name, url, events, device_ids, device_group, headers, \
-                               metadata, enabled, disabled_reason, created_at, updated_at";
+                               metadata, enabled, disabled_reason, created_at, updated_at, options";
 
 fn webhook_out(row: &Row) -> WebhookOut {
     WebhookOut {
@@ -186,6 +220,7 @@ fn webhook_out(row: &Row) -> WebhookOut {
         disabled_reason: row.get("disabled_reason"),
         created_at: rfc3339(row.get("created_at")),
         updated_at: rfc3339(row.get("updated_at")),
+        options: Options::from_json(&row.get::<_, serde_json::Value>("options")),
     }
 }
 
@@ -209,6 +244,8 @@ fn delivery_out(row: &Row) -> DeliveryOut {
         completed_at: row
             .get::<_, Option<DateTime<Utc>>>("completed_at")
             .map(rfc3339),
+        device_id: None,
+        waiting_for: None,
         attempt_log: Vec::new(),
     }
 }
@@ -227,16 +264,17 @@ impl Repo {
     ) -> Result<WebhookOut, ApiError> {
         let client = self.pool.get().await?;
         let headers = serde_json::to_value(&webhook.headers).unwrap_or_default();
+        let options = webhook.options.to_json();
         let row = client
             .query_one(
                 &format!(
                     "INSERT INTO webhooks.webhooks
-                       (id, project, name, url, events, device_ids, device_group, headers, metadata, secret, enabled)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {WEBHOOK_COLUMNS}"
+                       (id, project, name, url, events, device_ids, device_group, headers, metadata, secret, enabled, options)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {WEBHOOK_COLUMNS}"
                 ),
                 &[
                     &id, &project, &webhook.name, &webhook.url, &webhook.events, &webhook.device_ids,
-                    &webhook.group, &headers, &webhook.metadata, &secret, &webhook.enabled,
+                    &webhook.group, &headers, &webhook.metadata, &secret, &webhook.enabled, &options,
                 ],
             )
             .await?;
@@ -309,12 +347,14 @@ impl Repo {
     ) -> Result<Option<WebhookOut>, ApiError> {
         let client = self.pool.get().await?;
         let headers = serde_json::to_value(&webhook.headers).unwrap_or_default();
+        let options = webhook.options.to_json();
         let row = client
             .query_opt(
                 &format!(
                     "UPDATE webhooks.webhooks SET
                        name = $3, url = $4, events = $5, device_ids = $6, device_group = $7,
                        headers = $8, metadata = $9, secret = coalesce($10, secret), enabled = $11,
+                       options = $12,
                        disabled_reason = CASE WHEN $11 THEN NULL ELSE disabled_reason END,
                        disabled_at = CASE WHEN $11 THEN NULL ELSE disabled_at END,
                        failing_since = CASE WHEN $11 AND NOT enabled THEN NULL ELSE failing_since END,
@@ -324,6 +364,7 @@ impl Repo {
                 &[
                     &project, &id, &webhook.name, &webhook.url, &webhook.events, &webhook.device_ids,
                     &webhook.group, &headers, &webhook.metadata, &webhook.secret, &webhook.enabled,
+                    &options,
                 ],
             )
             .await?;
@@ -434,7 +475,7 @@ impl Repo {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "SELECT id, events, device_ids, device_group, enabled
+                "SELECT id, events, device_ids, device_group, enabled, options
                  FROM webhooks.webhooks WHERE project = $1 AND (enabled OR disabled_reason IS NOT NULL)",
                 &[&project],
             )
@@ -447,6 +488,7 @@ impl Repo {
                 device_ids: row.get(2),
                 group: row.get(3),
                 enabled: row.get(4),
+                options: Options::from_json(&row.get::<_, serde_json::Value>(5)),
             })
             .collect())
     }
@@ -483,6 +525,8 @@ impl Repo {
         let event_ids: Vec<&str> = deliveries.iter().map(|d| d.event_id.as_str()).collect();
         let types: Vec<&str> = deliveries.iter().map(|d| d.event_type.as_str()).collect();
         let leased: Vec<bool> = deliveries.iter().map(|d| d.leased).collect();
+        let device_ids: Vec<Option<&str>> =
+            deliveries.iter().map(|d| d.device_id.as_deref()).collect();
         let lease_seconds = lease.as_secs_f64();
         let rows = tx
             .query(
@@ -490,14 +534,15 @@ impl Repo {
                     "WITH stored AS (
                    INSERT INTO webhooks.deliveries
                      (id, webhook_id, project, event_id, event_type, status, next_attempt_at,
-                      attempts, locked_until)
+                      attempts, locked_until, device_id)
                    -- A disabled webhook's deliveries are queued too: the claim leaves them be
                    -- until it is enabled again.
                    SELECT d.id, d.webhook_id, d.project, d.event_id, d.event_type, 'pending', now(),
                           CASE WHEN d.leased AND w.enabled THEN 1 ELSE 0 END,
-                          CASE WHEN d.leased AND w.enabled THEN now() + make_interval(secs => $7) END
-                   FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
-                        AS d(id, webhook_id, project, event_id, event_type, leased)
+                          CASE WHEN d.leased AND w.enabled THEN now() + make_interval(secs => $7) END,
+                          d.device_id
+                   FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $8::text[])
+                          WITH ORDINALITY AS d(id, webhook_id, project, event_id, event_type, leased, device_id, position)
                    JOIN webhooks.webhooks w ON w.id = d.webhook_id
                    -- In place of a foreign key: a webhook being deleted waits for this.
                    FOR KEY SHARE OF w
@@ -512,7 +557,7 @@ impl Repo {
                  JOIN webhooks.events e ON e.id = d.event_id
                  WHERE d.locked_until IS NOT NULL"
                 ),
-                &[&ids, &webhooks, &projects, &event_ids, &types, &leased, &lease_seconds],
+                &[&ids, &webhooks, &projects, &event_ids, &types, &leased, &lease_seconds, &device_ids],
             )
             .await?;
         tx.commit().await?;
@@ -723,15 +768,19 @@ impl Repo {
             .iter()
             .map(|(_, a, _)| a.snippet.as_deref())
             .collect();
+        let batch_ids: Vec<Option<&str>> = outcomes
+            .iter()
+            .map(|(_, a, _)| a.batch_id.as_deref())
+            .collect();
         tx.execute(
             // A delivery deleted with its webhook while in flight is skipped, not an error
             // that would roll back every other outcome of the batch.
-            "INSERT INTO webhooks.attempts (delivery_id, attempted_at, status_code, latency_ms, error, response_snippet)
-             SELECT u.* FROM UNNEST($1::text[], $2::timestamptz[], $3::int4[], $4::int4[], $5::text[], $6::text[])
-                  AS u(delivery_id, attempted_at, status_code, latency_ms, error, snippet)
+            "INSERT INTO webhooks.attempts (delivery_id, attempted_at, status_code, latency_ms, error, response_snippet, batch_id)
+             SELECT u.* FROM UNNEST($1::text[], $2::timestamptz[], $3::int4[], $4::int4[], $5::text[], $6::text[], $7::text[])
+                  AS u(delivery_id, attempted_at, status_code, latency_ms, error, snippet, batch_id)
              JOIN webhooks.deliveries d ON d.id = u.delivery_id
              FOR KEY SHARE OF d",
-            &[&ids, &attempted_at, &codes, &latencies, &errors, &snippets],
+            &[&ids, &attempted_at, &codes, &latencies, &errors, &snippets, &batch_ids],
         )
         .await?;
         let statuses: Vec<&str> = outcomes
@@ -777,7 +826,18 @@ impl Repo {
         let rows = client
             .query(
                 &format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM webhooks.deliveries
+                    // Of an ordered webhook's pending delivery: the delivery of the same device
+                    // it waits behind, if any (the head of the device's line).
+                    "SELECT {DELIVERY_COLUMNS}, device_id,
+                       CASE WHEN status = 'pending' AND device_id IS NOT NULL THEN
+                         (SELECT q.id FROM webhooks.deliveries q
+                          WHERE q.webhook_id = d.webhook_id AND q.device_id = d.device_id
+                            AND q.status = 'pending' AND q.seq < d.seq
+                            AND EXISTS (SELECT 1 FROM webhooks.webhooks w
+                                        WHERE w.id = d.webhook_id AND w.options ->> 'ordering' = 'device')
+                          ORDER BY q.seq LIMIT 1)
+                       END AS waiting_for
+                     FROM webhooks.deliveries d
                      WHERE project = $1 AND webhook_id = $2 AND ($3::text IS NULL OR status = $3)
                        AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5))
                      ORDER BY created_at DESC, id DESC LIMIT $6"
@@ -794,12 +854,17 @@ impl Repo {
             .await?;
         let mut deliveries: Vec<(DeliveryOut, DateTime<Utc>)> = rows
             .iter()
-            .map(|row| (delivery_out(row), row.get("created_at")))
+            .map(|row| {
+                let mut delivery = delivery_out(row);
+                delivery.device_id = row.get("device_id");
+                delivery.waiting_for = row.get("waiting_for");
+                (delivery, row.get("created_at"))
+            })
             .collect();
         let ids: Vec<&str> = deliveries.iter().map(|(d, _)| d.id.as_str()).collect();
         let attempts = client
             .query(
-                "SELECT delivery_id, attempted_at, status_code, latency_ms, error, response_snippet
+                "SELECT delivery_id, attempted_at, status_code, latency_ms, error, response_snippet, batch_id
                  FROM webhooks.attempts WHERE delivery_id = ANY($1) ORDER BY id",
                 &[&ids],
             )
@@ -812,6 +877,7 @@ impl Repo {
                 latency_ms: row.get(3),
                 error: row.get(4),
                 response: row.get(5),
+                batch_id: row.get(6),
             });
         }
         for (delivery, _) in &mut deliveries {
@@ -1078,6 +1144,7 @@ fn claimed(row: &Row) -> Claimed {
         previous_secret: row.get(7),
         event_id: row.get(8),
         body: row.get(9),
+        options: Options::from_json(&row.get::<_, serde_json::Value>(10)),
     }
 }
 
@@ -1181,6 +1248,8 @@ mod tests {
             project: "p".into(),
             event_id: "e_new".into(),
             event_type: "device.data".into(),
+            device_id: None,
+            immediate: true,
             webhook_enabled: true,
             leased,
         };
@@ -1299,6 +1368,7 @@ mod tests {
             latency_ms: 3,
             error: None,
             snippet: None,
+            batch_id: None,
         }
     }
 
@@ -1388,6 +1458,7 @@ mod tests {
                     previous_secret: None,
                     event_id: String::new(),
                     body: String::new(),
+                    options: Options::default(),
                 },
                 AttemptRecord {
                     attempted_at: at(seconds),
@@ -1395,6 +1466,7 @@ mod tests {
                     latency_ms: 0,
                     error: None,
                     snippet: None,
+                    batch_id: None,
                 },
                 next,
             )

@@ -119,7 +119,6 @@ async fn nothing_is_acked_before_it_is_committed() {
     app.shutdown().await;
 }
 
-
 /// Deadlocks PostgreSQL has broken in `database` since its statistics were last reset. The
 /// count is per database, so other tests running at the same time do not move it.
 async fn deadlocks(pg: &tokio_postgres::Client, database: &str) -> i64 {

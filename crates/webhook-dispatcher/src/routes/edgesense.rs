@@ -40,15 +40,10 @@ async fn register(
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Admin)?;
     let webhook = WebhookIn {
-        name: None,
         url: body.url,
         events: body.events,
-        device_ids: None,
-        group: None,
-        headers: None,
-        metadata: None,
         secret: body.secret,
-        enabled: None,
+        ..WebhookIn::default()
     }
     .parse()?;
     let created = create_webhook(&state, &principal.project, webhook).await?;

@@ -95,6 +95,7 @@ async fn a_failed_lookup_for_one_event_delays_only_that_event() {
                     device_type: String::new(),
                     group: "g1".into(),
                     rate_limit: None,
+                    tags: Vec::new(),
                 };
                 if let Some(reply) = message.reply {
                     nats.publish(reply, response.encode_to_vec().into())
