@@ -251,8 +251,23 @@ ensure_mosquitto() {
     wait_for mosquitto "$MQTT_LOG" port_open 1883
 }
 
+# The tests check CloudEvents bodies with the CloudEvents SDK (PyPI), as a receiver would.
+CLOUDEVENTS_VERSION=2.2.0
+ensure_cloudevents() {
+    command -v python3 >/dev/null 2>&1 || ensure_cmd python3 python3
+    if python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('cloudevents') != '$CLOUDEVENTS_VERSION')" 2>/dev/null; then
+        return
+    fi
+    python3 -m pip --version >/dev/null 2>&1 || ensure_pkg python3-pip
+    say "installing the CloudEvents SDK $CLOUDEVENTS_VERSION (PyPI) for the webhook format tests"
+    python3 -m pip install --quiet --disable-pip-version-check "cloudevents==$CLOUDEVENTS_VERSION" 2>/dev/null \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "cloudevents==$CLOUDEVENTS_VERSION" \
+        || die "could not install cloudevents==$CLOUDEVENTS_VERSION with pip"
+}
+
 # ---------------------------------------------------------------- main
 ensure_cmd postgresql-client psql pg_isready createdb
+ensure_cloudevents
 ensure_cmd mosquitto-clients mosquitto_pub mosquitto_sub
 ensure_postgres
 ensure_nats

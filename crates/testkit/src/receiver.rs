@@ -45,6 +45,8 @@ impl Received {
 #[derive(Default)]
 struct Inner {
     scripts: HashMap<String, VecDeque<Reply>>,
+    /// (path, text the body contains, answers left, status): checked before the scripts.
+    failures: Vec<(String, String, usize, u16)>,
     received: Vec<Received>,
 }
 
@@ -77,11 +79,20 @@ async fn answer(
             body: body.to_vec(),
             at: Instant::now(),
         });
-        inner
-            .scripts
-            .get_mut(&path)
-            .and_then(VecDeque::pop_front)
-            .unwrap_or(Reply::Status(200))
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let failure = inner.failures.iter_mut().find(|(on, needle, left, _)| {
+            *on == path && *left > 0 && text.contains(needle.as_str())
+        });
+        if let Some((_, _, left, status)) = failure {
+            *left -= 1;
+            Reply::Status(*status)
+        } else {
+            inner
+                .scripts
+                .get_mut(&path)
+                .and_then(VecDeque::pop_front)
+                .unwrap_or(Reply::Status(200))
+        }
     };
     match reply {
         Reply::Status(code) => {
@@ -136,6 +147,17 @@ impl Receiver {
             .unwrap()
             .scripts
             .insert(path.to_owned(), replies.into());
+    }
+
+    /// The next `times` requests on `path` whose body contains `needle` are answered
+    /// `status`, whatever the script says.
+    pub fn fail_matching(&self, path: &str, needle: &str, times: usize, status: u16) {
+        self.inner.lock().unwrap().failures.push((
+            path.to_owned(),
+            needle.to_owned(),
+            times,
+            status,
+        ));
     }
 
     /// Every request received on `path`, in arrival order.

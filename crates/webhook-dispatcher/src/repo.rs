@@ -534,18 +534,23 @@ impl Repo {
                     "WITH stored AS (
                    INSERT INTO webhooks.deliveries
                      (id, webhook_id, project, event_id, event_type, status, next_attempt_at,
-                      attempts, locked_until, device_id)
+                      attempts, locked_until, device_id, seq)
                    -- A disabled webhook's deliveries are queued too: the claim leaves them be
-                   -- until it is enabled again.
+                   -- until it is enabled again. `seq` is taken in the order given (the order
+                   -- the events were stored in), which per-device ordering follows.
                    SELECT d.id, d.webhook_id, d.project, d.event_id, d.event_type, 'pending', now(),
-                          CASE WHEN d.leased AND w.enabled THEN 1 ELSE 0 END,
-                          CASE WHEN d.leased AND w.enabled THEN now() + make_interval(secs => $7) END,
-                          d.device_id
-                   FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $8::text[])
-                          WITH ORDINALITY AS d(id, webhook_id, project, event_id, event_type, leased, device_id, position)
-                   JOIN webhooks.webhooks w ON w.id = d.webhook_id
-                   -- In place of a foreign key: a webhook being deleted waits for this.
-                   FOR KEY SHARE OF w
+                          CASE WHEN d.leased AND d.enabled THEN 1 ELSE 0 END,
+                          CASE WHEN d.leased AND d.enabled THEN now() + make_interval(secs => $7) END,
+                          d.device_id, nextval('webhooks.deliveries_seq')
+                   FROM (
+                     SELECT u.*, w.enabled
+                     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $8::text[])
+                            WITH ORDINALITY AS u(id, webhook_id, project, event_id, event_type, leased, device_id, position)
+                     JOIN webhooks.webhooks w ON w.id = u.webhook_id
+                     ORDER BY u.position
+                     -- In place of a foreign key: a webhook being deleted waits for this.
+                     FOR KEY SHARE OF w
+                   ) d
                    ON CONFLICT (webhook_id, event_id) DO NOTHING
                    RETURNING id, webhook_id, project, attempts, event_id, locked_until
                  )

@@ -8,6 +8,7 @@ mod disabled;
 mod fanout;
 mod registration;
 mod retention;
+mod shapes;
 mod signatures;
 mod ssrf;
 

@@ -9,7 +9,7 @@ use crate::{ingest, register, spawn, wait_received};
 
 /// The receiver code of the seed lessons: hex HMAC-SHA256 of the raw body, keyed with the
 /// secret as registered, compared to `X-Webhook-Signature: sha256=<hex>`.
-fn seed_receiver_accepts(secret: &str, received: &Received) -> bool {
+pub fn seed_receiver_accepts(secret: &str, received: &Received) -> bool {
     let header = received.header("X-Webhook-Signature").unwrap_or_default();
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(&received.body);
@@ -18,7 +18,7 @@ fn seed_receiver_accepts(secret: &str, received: &Received) -> bool {
 }
 
 /// The Standard Webhooks reference verifier (the `standardwebhooks` crate).
-fn standard_verifier_accepts(secret: &str, received: &Received) -> bool {
+pub fn standard_verifier_accepts(secret: &str, received: &Received) -> bool {
     let mut headers = reqwest::header::HeaderMap::new();
     for (name, value) in &received.headers {
         headers.append(
