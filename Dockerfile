@@ -3,6 +3,9 @@
 
 FROM rust:1-bookworm AS builder
 WORKDIR /src
+# Shown by fieldline_build_info{commit}: `docker build --build-arg FL_BUILD_COMMIT=$(git rev-parse --short HEAD)`.
+ARG FL_BUILD_COMMIT=unknown
+ENV FL_BUILD_COMMIT=${FL_BUILD_COMMIT}
 COPY . .
 # The registry and target dirs are cache mounts, so they are gone after this RUN:
 # copy the binary out of the target dir inside the same step.

@@ -25,6 +25,10 @@ help:
 provision:
 	@FL_MQTT_ADMIN_PASSWORD='$(DEV_MQTT_ADMIN_PASSWORD)' bash deploy/local/provision.sh
 
+# fieldline_build_info{commit} shows this (not FIELDLINE_*: the services refuse unknown settings).
+FL_BUILD_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+export FL_BUILD_COMMIT
+
 build:
 	$(CARGO) build --locked --bin fieldline
 

@@ -269,6 +269,9 @@ ensure_cloudevents() {
 ensure_cmd postgresql-client psql pg_isready createdb
 ensure_cloudevents
 ensure_cmd mosquitto-clients mosquitto_pub mosquitto_sub
+# promtool lints each service's /metrics and the alerting rules in the tests (the package's
+# server is not started).
+ensure_cmd prometheus promtool
 ensure_postgres
 ensure_nats
 ensure_mosquitto

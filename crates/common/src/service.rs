@@ -265,6 +265,7 @@ async fn ready(readiness: web::Data<Readiness>) -> HttpResponse {
 async fn render_metrics(
     handle: web::Data<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> HttpResponse {
+    telemetry::process_collector().collect();
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(handle.render())

@@ -30,6 +30,224 @@ pub fn init_tracing(config: &Config) {
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Every metric family Fieldline records, with its kind and HELP text. A test reads the
+/// sources and fails on a family missing here, so none goes out without HELP.
+pub const FAMILIES: &[(&str, Kind, &str)] = &[
+    (
+        "fieldline_build_info",
+        Kind::Gauge,
+        "Always 1; the labels say which release and commit this process runs",
+    ),
+    (
+        "fieldline_http_requests_total",
+        Kind::Counter,
+        "HTTP requests answered, by method, route template and status",
+    ),
+    (
+        "fieldline_http_request_duration_seconds",
+        Kind::Histogram,
+        "HTTP request duration in seconds, by method, route template and status",
+    ),
+    (
+        "fieldline_ingest_readings_total",
+        Kind::Counter,
+        "Readings accepted by ingest (acknowledged once in JetStream), by source",
+    ),
+    (
+        "fieldline_ingest_duplicates_total",
+        Kind::Counter,
+        "Ingest requests or messages dropped as repeats of an Idempotency-Key or msg_id, by source",
+    ),
+    (
+        "fieldline_ingest_long_polls_waiting",
+        Kind::Gauge,
+        "Command long-polls waiting in this process",
+    ),
+    (
+        "fieldline_ingest_long_polls_refused_total",
+        Kind::Counter,
+        "Command long-polls refused with 503 because this process held its maximum",
+    ),
+    (
+        "fieldline_mqtt_messages_total",
+        Kind::Counter,
+        "MQTT messages handled by ingest-mqtt, by outcome",
+    ),
+    (
+        "fieldline_mqtt_dropped_total",
+        Kind::Counter,
+        "MQTT messages acknowledged to the broker and dropped, by reason",
+    ),
+    (
+        "fieldline_mqtt_connects_total",
+        Kind::Counter,
+        "MQTT connections ingest-mqtt established (first connects and reconnects)",
+    ),
+    (
+        "fieldline_mqtt_downlink_total",
+        Kind::Counter,
+        "Config and command messages handled by the MQTT downlink, by outcome",
+    ),
+    (
+        "fieldline_mqtt_admin_connected",
+        Kind::Gauge,
+        "1 while the registry's broker admin session is connected",
+    ),
+    (
+        "fieldline_mqtt_accounts_repaired_total",
+        Kind::Counter,
+        "Broker device accounts created, updated or removed by the registry's repair, by action",
+    ),
+    (
+        "fieldline_rate_limited_total",
+        Kind::Counter,
+        "Requests or messages refused by a rate limit, by limit",
+    ),
+    (
+        "fieldline_rate_limit_tracked",
+        Kind::Gauge,
+        "Keys, devices and addresses whose rate-limit state this process holds, by kind",
+    ),
+    (
+        "fieldline_registry_offline_total",
+        Kind::Counter,
+        "Devices the registry's sweep turned offline",
+    ),
+    (
+        "fieldline_registry_outbox_published_total",
+        Kind::Counter,
+        "Registry events published from the outbox to the bus",
+    ),
+    (
+        "fieldline_registry_outbox_failures_total",
+        Kind::Counter,
+        "Failed attempts to publish the registry's outbox",
+    ),
+    (
+        "fieldline_registry_state_lag_messages",
+        Kind::Gauge,
+        "Telemetry messages the registry's state consumer has not yet applied",
+    ),
+    (
+        "fieldline_writer_readings_total",
+        Kind::Counter,
+        "Readings stored by the query-api writer",
+    ),
+    (
+        "fieldline_writer_batch_seconds",
+        Kind::Histogram,
+        "Time to store one batch of telemetry messages, in seconds",
+    ),
+    (
+        "fieldline_writer_failures_total",
+        Kind::Counter,
+        "Writer batches that failed and were tried again",
+    ),
+    (
+        "fieldline_writer_dropped_total",
+        Kind::Counter,
+        "Readings the writer did not store, by reason (out of the stored time range, expired)",
+    ),
+    (
+        "fieldline_writer_redelivered_batches_total",
+        Kind::Counter,
+        "Writer batches that met rows already stored (a redelivery) and skipped them",
+    ),
+    (
+        "fieldline_writer_transactions_total",
+        Kind::Counter,
+        "Writer transactions, by outcome",
+    ),
+    (
+        "fieldline_writer_transaction_errors_total",
+        Kind::Counter,
+        "Writer transactions that failed, by PostgreSQL error code",
+    ),
+    (
+        "fieldline_consumer_messages_total",
+        Kind::Counter,
+        "Bus messages settled by each JetStream consumer, by outcome (done, wait, failed, poison)",
+    ),
+    (
+        "fieldline_dead_letters_total",
+        Kind::Counter,
+        "Messages a consumer gave up on and moved to the dead-letter stream, by consumer",
+    ),
+    (
+        "fieldline_webhook_enqueued_total",
+        Kind::Counter,
+        "Webhook deliveries queued by fan-out",
+    ),
+    (
+        "fieldline_webhook_attempts_total",
+        Kind::Counter,
+        "Webhook delivery attempts, by outcome",
+    ),
+    (
+        "fieldline_webhook_attempt_seconds",
+        Kind::Histogram,
+        "Webhook attempt duration in seconds (request to answer)",
+    ),
+    (
+        "fieldline_webhook_deliveries_total",
+        Kind::Counter,
+        "Webhook deliveries finished, by result",
+    ),
+    (
+        "fieldline_webhook_batch_events",
+        Kind::Histogram,
+        "Events per batched webhook request",
+    ),
+    (
+        "fieldline_webhook_queue_depth",
+        Kind::Gauge,
+        "Webhook deliveries pending (queued or waiting for a retry)",
+    ),
+    (
+        "fieldline_webhook_retention_deleted_total",
+        Kind::Counter,
+        "Webhook rows removed by retention, by table",
+    ),
+    (
+        "fieldline_webhook_retention_expired_total",
+        Kind::Counter,
+        "Untried deliveries of disabled webhooks expired by retention",
+    ),
+];
+
+/// The kind of a metric family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Registers the HELP text of every family, the build info, and the process collector.
+fn describe() {
+    for &(name, kind, help) in FAMILIES {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+    metrics::gauge!(
+        "fieldline_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => option_env!("FL_BUILD_COMMIT").unwrap_or("unknown"),
+    )
+    .set(1.0);
+    process_collector().describe();
+}
+
+/// CPU, memory, file descriptors and threads of this process (`process_*`, the names every
+/// Prometheus client library uses), read at each scrape.
+pub fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
 /// The process's Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> PrometheusHandle {
     PROMETHEUS
@@ -44,7 +262,54 @@ pub fn metrics_handle() -> PrometheusHandle {
             let handle = recorder.handle();
             // Fails only if another recorder is installed, in which case ours renders empty.
             let _ = metrics::set_global_recorder(recorder);
+            describe();
             handle
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `fieldline_*` name the sources record is described here (with HELP), and every
+    /// name described is still recorded somewhere.
+    #[test]
+    fn every_metric_the_code_records_has_help() {
+        let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut recorded = std::collections::BTreeSet::new();
+        let mut stack = vec![crates];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                let name = path.file_name().unwrap().to_string_lossy().to_string();
+                if path.is_dir() && name != "tests" && name != "target" && name != "loadgen" {
+                    stack.push(path);
+                } else if name.ends_with(".rs") && !path.ends_with("telemetry.rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    for macro_call in ["counter!(", "gauge!(", "histogram!("] {
+                        for (at, _) in text.match_indices(macro_call) {
+                            let rest = &text[at + macro_call.len()..];
+                            let Some(open) = rest.find('"') else { continue };
+                            let name: String =
+                                rest[open + 1..].chars().take_while(|c| *c != '"').collect();
+                            if name.starts_with("fieldline_") {
+                                recorded.insert(name);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(recorded.len() > 30, "found only {recorded:?}");
+        let described: std::collections::BTreeSet<String> = FAMILIES
+            .iter()
+            .map(|(name, _, _)| (*name).to_owned())
+            .collect();
+        let missing: Vec<_> = recorded.difference(&described).collect();
+        assert!(missing.is_empty(), "recorded without HELP: {missing:?}");
+        for (name, _, help) in FAMILIES {
+            assert!(!help.is_empty() && !help.ends_with('.'), "{name}");
+        }
+    }
 }
