@@ -176,6 +176,7 @@ pub async fn start<H: Handler>(context: &Context, spec: Spec, handler: H) -> any
             },
         )
         .await?;
+    watch_lag(context, &spec, consumer.clone());
     let looped = Arc::new(Loop {
         context: context.clone(),
         spec,
@@ -200,6 +201,73 @@ pub async fn start<H: Handler>(context: &Context, spec: Spec, handler: H) -> any
         }
     });
     Ok(())
+}
+
+/// Every 10 s, the consumer's backlog as JetStream counts it (shared by every instance, so
+/// each reports the same): messages not yet delivered, delivered and not yet acknowledged,
+/// and the age of the oldest message not yet acknowledged (the writer's lag is its lag).
+fn watch_lag(
+    context: &Context,
+    spec: &Spec,
+    mut consumer: jetstream::consumer::Consumer<pull::Config>,
+) {
+    let name = spec.name;
+    let filter = if spec.filter_subject.is_empty() {
+        ">".to_owned()
+    } else {
+        spec.filter_subject.clone()
+    };
+    let jetstream = context.jetstream.clone();
+    let stream_name = context.subjects.stream_name(spec.stream);
+    let shutdown = context.shutdown.clone();
+    context.tasks.spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            let Ok(info) = consumer.info().await.cloned() else {
+                continue;
+            };
+            metrics::gauge!("fieldline_consumer_pending_messages", "consumer" => name)
+                .set(info.num_pending as f64);
+            metrics::gauge!("fieldline_consumer_ack_pending_messages", "consumer" => name)
+                .set(info.num_ack_pending as f64);
+            let lag = if info.num_pending == 0 && info.num_ack_pending == 0 {
+                Some(0.0)
+            } else {
+                oldest_unacknowledged_age(
+                    &jetstream,
+                    &stream_name,
+                    &filter,
+                    info.ack_floor.stream_sequence + 1,
+                )
+                .await
+            };
+            if let Some(lag) = lag {
+                metrics::gauge!("fieldline_consumer_lag_seconds", "consumer" => name).set(lag);
+            }
+        }
+    });
+}
+
+async fn oldest_unacknowledged_age(
+    jetstream: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    from: u64,
+) -> Option<f64> {
+    let stream = jetstream.get_stream_no_info(stream).await.ok()?;
+    let message = stream
+        .raw_message_builder()
+        .sequence(from)
+        .next_by_subject(filter.to_owned())
+        .send()
+        .await
+        .ok()?;
+    let published_us = (message.time.unix_timestamp_nanos() / 1000) as i64;
+    Some(((crate::time::now_us() - published_us) as f64 / 1e6).max(0.0))
 }
 
 struct Loop<H> {

@@ -99,9 +99,34 @@ impl Context {
     /// The process's Postgres pool, connected on first call.
     pub async fn db(&self) -> anyhow::Result<Pool> {
         self.db
-            .get_or_try_init(|| db::connect(&self.config))
+            .get_or_try_init(|| async {
+                let pool = db::connect(&self.config).await?;
+                self.watch_pool(pool.clone());
+                Ok::<_, anyhow::Error>(pool)
+            })
             .await
             .cloned()
+    }
+
+    /// The pool's use every 5 s: connections in use, idle, and requests waiting for one.
+    fn watch_pool(&self, pool: Pool) {
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let mut ticker = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = ticker.tick() => {}
+                }
+                let status = pool.status();
+                let idle = status.available as f64;
+                metrics::gauge!("fieldline_db_pool_connections", "state" => "in_use")
+                    .set(status.size as f64 - idle);
+                metrics::gauge!("fieldline_db_pool_connections", "state" => "idle").set(idle);
+                metrics::gauge!("fieldline_db_pool_max_connections").set(status.max_size as f64);
+                metrics::gauge!("fieldline_db_pool_waiting").set(status.waiting as f64);
+            }
+        });
     }
 
     fn db_if_connected(&self) -> Option<Pool> {

@@ -169,6 +169,36 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Bus messages settled by each JetStream consumer, by outcome (done, wait, failed, poison)",
     ),
     (
+        "fieldline_consumer_pending_messages",
+        Kind::Gauge,
+        "Messages of a JetStream consumer's stream not yet delivered to it, by consumer",
+    ),
+    (
+        "fieldline_consumer_ack_pending_messages",
+        Kind::Gauge,
+        "Messages delivered to a JetStream consumer and not yet acknowledged, by consumer",
+    ),
+    (
+        "fieldline_consumer_lag_seconds",
+        Kind::Gauge,
+        "Age of the oldest message a JetStream consumer has not acknowledged (0 when caught up), by consumer; query-writer's is the writer's lag",
+    ),
+    (
+        "fieldline_db_pool_connections",
+        Kind::Gauge,
+        "PostgreSQL pool connections, by state (in_use, idle)",
+    ),
+    (
+        "fieldline_db_pool_max_connections",
+        Kind::Gauge,
+        "PostgreSQL pool size limit",
+    ),
+    (
+        "fieldline_db_pool_waiting",
+        Kind::Gauge,
+        "Requests waiting for a PostgreSQL pool connection",
+    ),
+    (
         "fieldline_dead_letters_total",
         Kind::Counter,
         "Messages a consumer gave up on and moved to the dead-letter stream, by consumer",
