@@ -8,6 +8,7 @@ mod coalesce;
 mod downlink;
 mod handover;
 mod poison;
+mod slots;
 mod topic;
 
 use std::{
@@ -33,6 +34,7 @@ use fieldline_common::{
 use fieldline_proto::v1::{CommandReport, CommandReportResponse};
 use futures::{FutureExt, StreamExt, stream::FuturesOrdered};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -56,57 +58,58 @@ const ACK_REPORT_ATTEMPTS: u32 = 3;
 /// device has waiting, the more of it the [`coalesce`] puts in one bus message.
 const IN_FLIGHT: usize = 1024;
 
-/// Starts the MQTT loops. Returns at once: the broker may be down at start, and each loop
-/// connects (and reconnects) by itself; readiness reports whether all are connected.
+/// Starts the MQTT loops. Returns at once: the broker may be down at start, and each slot's
+/// connection connects (and reconnects) by itself; readiness reports whether this instance
+/// holds its slots and all are connected.
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let config = &context.config;
-    let client_id = config.ingest_mqtt_client_id();
+    let name = config.ingest_mqtt_client_id();
     let filters: Vec<String> = Uplink::ALL
         .iter()
         .map(|uplink| {
             topic::shared_filter(&config.mqtt_share_group, &config.mqtt_topic_root, *uplink)
         })
         .collect();
-    tracing::info!(client_id = %client_id, filters = ?filters, connections = config.mqtt_connections, "mqtt ingest starting");
+    // Refused here rather than when a slot is first leased.
+    config.mqtt_options(config.ingest_mqtt_slot_client_id(0))?;
+    tracing::info!(name = %name, filters = ?filters, slots = config.mqtt_slots, "mqtt ingest starting");
     // One for all the connections: the broker spreads a device's messages over them.
     let coalescer = telemetry_coalescer(context);
-    // Several connections into the same shared subscription: the broker spreads messages
-    // over them, and each brings its own window of unacknowledged messages. The first keeps
-    // the plain client id, so a single-connection deployment's session carries over; the
-    // others add `_1`…`_7`.
-    let connected: Vec<Arc<AtomicBool>> = (0..config.mqtt_connections)
-        .map(|index| {
-            // `_` cannot appear in a hostname, so no other instance's id can be this one.
-            let client_id = match index {
-                0 => client_id.clone(),
-                _ => format!("{client_id}_{index}"),
-            };
-            let options = config.mqtt_options(client_id)?;
-            Ok(connect(
-                context,
-                options,
-                filters.clone(),
-                coalescer.clone(),
-            ))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let downlink_connected = downlink::start(context, &client_id).await?;
+    // The uplink connects under the slots this instance leases ([`slots`]), each slot a
+    // persistent session into the shared subscription with its own window of unacknowledged
+    // messages.
+    let slot_context = context.clone();
+    let connect: Box<slots::Connect> = Box::new(move |slot, stop, lease_end| {
+        let config = &slot_context.config;
+        let client_id = config.ingest_mqtt_slot_client_id(slot);
+        // Checked at start: the login and CA file do not change.
+        let options = config
+            .mqtt_options(client_id)
+            .unwrap_or_else(|_| MqttOptions::new("unreachable", "127.0.0.1", 1883));
+        connect(
+            &slot_context,
+            options,
+            filters.clone(),
+            coalescer.clone(),
+            stop,
+            lease_end,
+        )
+    });
+    let slots = slots::Slots::start(context, &name, connect).await?;
+    let downlink_connected = downlink::start(context, &name).await?;
 
     let ready: ReadyCheck = Arc::new(move || {
-        let down = connected
-            .iter()
-            .filter(|flag| !flag.load(Ordering::Relaxed))
-            .count();
+        let uplink = slots
+            .lock()
+            .map_err(|_| "uplink status unreadable".to_owned())
+            .and_then(|status| status.check());
         let downlink_connected = *downlink_connected.borrow();
         async move {
-            if down > 0 {
-                Err(format!(
-                    "{down} of the uplink connections not connected to the broker"
-                ))
-            } else if !downlink_connected {
-                Err("downlink not connected to the broker".to_owned())
-            } else {
+            uplink?;
+            if downlink_connected {
                 Ok(())
+            } else {
+                Err("downlink not connected to the broker".to_owned())
             }
         }
         .boxed()
@@ -118,18 +121,21 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     })
 }
 
-/// One uplink connection: its event loop and the pipeline that publishes and acks what it
-/// receives. Returns whether it is connected and subscribed.
+/// One uplink connection, under a slot's client id: its event loop and the pipeline that
+/// publishes and acks what it receives. It ends when `stop` is cancelled, and does not
+/// reconnect once `lease_end` has passed.
 fn connect(
     context: &Context,
     mut options: MqttOptions,
     filters: Vec<String>,
     coalescer: Coalescer,
-) -> Arc<AtomicBool> {
+    stop: CancellationToken,
+    lease_end: watch::Receiver<tokio::time::Instant>,
+) -> slots::Started {
     let config = &context.config;
     options
-        // A persistent session: while we are away the broker keeps our subscription and the
-        // messages we have not acknowledged, and sends them again when we return.
+        // A persistent session: while no instance holds the slot the broker keeps its
+        // subscription and the messages not acknowledged, and sends them to the next holder.
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_max_packet_size(config.mqtt_max_packet_bytes, config.mqtt_max_packet_bytes)
@@ -140,7 +146,7 @@ fn connect(
     // Never waits (`process` acks through the event loop `poll_broker` drives): QoS 1 is
     // bounded by the broker's in-flight window, QoS 0 by the backlog.
     let (incoming_tx, incoming_rx) = handover::channel(config.mqtt_qos0_backlog);
-    context.tasks.spawn(poll_broker(
+    let done = context.tasks.spawn(poll_broker(
         eventloop,
         Connection {
             client: client.clone(),
@@ -148,9 +154,10 @@ fn connect(
             connected: connected.clone(),
             session: session.clone(),
             max_message_bytes: config.mqtt_max_message_bytes,
+            lease_end,
         },
         incoming_tx,
-        context.shutdown.clone(),
+        stop,
     ));
     context.tasks.spawn(process(
         context.clone(),
@@ -159,7 +166,7 @@ fn connect(
         incoming_rx,
         session,
     ));
-    connected
+    slots::Started { connected, done }
 }
 
 /// Telemetry goes to JetStream through a [`Coalescer`]: retried until it is there or the
@@ -220,6 +227,8 @@ struct Connection {
     /// Counts the sessions the broker started afresh (CONNACK without a session present).
     session: Arc<AtomicU64>,
     max_message_bytes: usize,
+    /// The slot's lease: past it another instance may hold the slot, so no reconnect.
+    lease_end: watch::Receiver<tokio::time::Instant>,
 }
 
 /// Drives the connection: subscribes on every (re)connect, hands publishes to `process`
@@ -229,7 +238,7 @@ async fn poll_broker(
     mut eventloop: EventLoop,
     connection: Connection,
     incoming: handover::Sender<Arrival>,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
     let Connection {
         client,
@@ -237,19 +246,23 @@ async fn poll_broker(
         connected,
         session,
         max_message_bytes,
+        lease_end,
     } = connection;
     // A remedy changes the options of the next connection only; these come back after it.
     let max_packet_bytes = eventloop.mqtt_options.max_packet_size();
     let mut breaker = poison::Breaker::default();
     let mut discarding_session = false;
     let mut backoff = Duration::from_millis(200);
+    // Whether the event loop has a connection: polling one without would connect again.
+    let mut linked = false;
     loop {
         let event = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             event = eventloop.poll() => event,
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                linked = true;
                 metrics::counter!("fieldline_mqtt_connects_total").increment(1);
                 breaker.connected(Instant::now());
                 backoff = Duration::from_millis(200);
@@ -317,6 +330,7 @@ async fn poll_broker(
             }
             Ok(_) => {}
             Err(error) => {
+                linked = false;
                 match breaker.failed(&error, Instant::now()) {
                     Remedy::None => {}
                     Remedy::ReadLarger(size) => {
@@ -340,22 +354,31 @@ async fn poll_broker(
                         discarding_session = true;
                     }
                 }
+                let lease_over = *lease_end.borrow() <= tokio::time::Instant::now();
                 if connected.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(error = %error, "mqtt connection lost; reconnecting");
+                    tracing::warn!(error = %error, lease_over, "mqtt connection lost; reconnecting");
                 } else {
                     tracing::debug!(error = %error, "mqtt connect failed; retrying");
                 }
+                // Another instance may hold the slot now: connecting under its id would take
+                // the session from it.
+                if lease_over {
+                    break;
+                }
                 tokio::select! {
-                    _ = shutdown.cancelled() => break,
+                    _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
-    // Unacknowledged messages stay with the broker (persistent session) for the next start.
-    let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    // Unacknowledged messages stay with the broker (persistent session) for the slot's next
+    // holder.
+    if linked {
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    }
     connected.store(false, Ordering::Relaxed);
 }
 

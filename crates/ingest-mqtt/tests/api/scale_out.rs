@@ -1,0 +1,330 @@
+//! Several ingest-mqtt instances on one broker, one of them killed for good
+//! (docs/decisions/2026-12-05-mqtt-scale-out.md).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use fieldline_common::service::ReadyCheck;
+use fieldline_testkit::{TestApp, TestEnv, eventually};
+use tokio::runtime::Runtime;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Device, topic};
+
+/// Devices publishing at once, and the gap between one device's messages: 200 msg/s in all.
+const DEVICES: usize = 10;
+const PUBLISH_EVERY: Duration = Duration::from_millis(50);
+
+/// One of two instances killed under load: every message the broker acknowledged to its
+/// device reaches JetStream, the killed instance's share included.
+#[tokio::test]
+async fn one_of_two_ingest_mqtt_instances_killed_for_good_leaves_0_acknowledged_messages_unstored()
+{
+    let app = spawn_registry().await;
+    let devices = Devices::connect(&app).await;
+    let first = Instance::start(&app.env, "first").await;
+    let second = Instance::start(&app.env, "second").await;
+    first.wait_ready().await;
+    second.wait_ready().await;
+    wait_for_slots(&app, "second").await;
+
+    let load = devices.publish(&app);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    second.kill();
+    let killed = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let sent = load.stop().await;
+
+    let lost = unstored(&app, &devices, &sent, Duration::from_secs(45)).await;
+    let total: i64 = sent.values().sum();
+    eprintln!(
+        "{total} messages acknowledged by the broker, {lost} not stored; all in {:.1?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(
+        lost, 0,
+        "{lost} of {total} acknowledged messages never stored"
+    );
+    first.stop().await;
+    app.shutdown().await;
+}
+
+/// The killed instance's slots go to an instance started after it under another name, which
+/// then holds its share of them; nothing is lost while they move.
+#[tokio::test]
+async fn a_replacement_under_a_new_name_takes_over_a_killed_instances_share() {
+    let app = spawn_registry().await;
+    let devices = Devices::connect(&app).await;
+    let first = Instance::start(&app.env, "first").await;
+    let second = Instance::start(&app.env, "second").await;
+    first.wait_ready().await;
+    second.wait_ready().await;
+    wait_for_slots(&app, "second").await;
+
+    let load = devices.publish(&app);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    second.kill();
+    let replacement = Instance::start(&app.env, "replacement").await;
+    replacement.wait_ready().await;
+    let slots = app.context.config.mqtt_slots;
+    let holders = eventually(
+        "the replacement holding half the slots",
+        Duration::from_secs(30),
+        || async {
+            let holders = slot_holders(&app).await;
+            let count = |name: &str| holders.values().filter(|h| h.starts_with(name)).count();
+            (count("replacement") == slots / 2 && count("first") == slots / 2).then_some(holders)
+        },
+    )
+    .await;
+    assert!(
+        !holders.values().any(|holder| holder.starts_with("second")),
+        "{holders:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sent = load.stop().await;
+
+    let lost = unstored(&app, &devices, &sent, Duration::from_secs(30)).await;
+    assert_eq!(lost, 0);
+    first.stop().await;
+    replacement.stop().await;
+    app.shutdown().await;
+}
+
+/// The registry alone (devices and their broker accounts); ingest-mqtt runs in [`Instance`]s.
+async fn spawn_registry() -> TestApp {
+    let env = TestEnv::new().await.with_broker().await;
+    TestApp::spawn(env, |context| async move {
+        Ok(vec![device_registry::start(&context).await?])
+    })
+    .await
+}
+
+/// One ingest-mqtt instance on a runtime of its own, as a process of its own would be: killing
+/// it drops its connections to the broker and to NATS without a word, as `kill -9` does.
+struct Instance {
+    runtime: Option<Runtime>,
+    ready: ReadyCheck,
+    shutdown: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Instance {
+    /// Starts ingest-mqtt named `name` (its `mqtt_client_id`, as a pod's name would be).
+    async fn start(env: &TestEnv, name: &str) -> Self {
+        let config = fieldline_common::Config {
+            mqtt_client_id: Some(format!("{name}-{}", env.id)),
+            ..env.config()
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let (ready, tasks) = runtime
+            .spawn(async move {
+                let context = fieldline_common::Context::connect(config, token)
+                    .await
+                    .unwrap();
+                let service = ingest_mqtt::start(&context).await.unwrap();
+                (service.ready.unwrap(), context.tasks.clone())
+            })
+            .await
+            .unwrap();
+        Self {
+            runtime: Some(runtime),
+            ready,
+            shutdown,
+            tasks,
+        }
+    }
+
+    async fn wait_ready(&self) {
+        eventually("ingest-mqtt ready", Duration::from_secs(30), || async {
+            (self.ready)().await.ok()
+        })
+        .await;
+    }
+
+    /// Ends the instance at once: no DISCONNECT to the broker, no lease given back.
+    fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    /// Shuts the instance down as SIGTERM does.
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await;
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The slot leases now in the bucket: slot key → holder (its instance's name first).
+async fn slot_holders(app: &TestApp) -> HashMap<String, String> {
+    use futures::TryStreamExt;
+    let Ok(store) = app
+        .context
+        .jetstream
+        .get_key_value(app.context.subjects.mqtt_slots_bucket())
+        .await
+    else {
+        return HashMap::new();
+    };
+    let Ok(keys) = store.keys().await else {
+        return HashMap::new();
+    };
+    let keys: Vec<String> = keys.try_collect().await.unwrap_or_default();
+    let mut holders = HashMap::new();
+    for key in keys.into_iter().filter(|key| key.starts_with("slot.")) {
+        if let Ok(Some(value)) = store.get(&key).await {
+            holders.insert(key, String::from_utf8_lossy(&value).into_owned());
+        }
+    }
+    holders
+}
+
+/// Waits until the instance named `name` holds a slot (the first to start holds them all
+/// until the second joins).
+async fn wait_for_slots(app: &TestApp, name: &str) {
+    eventually(
+        &format!("{name} holding slots"),
+        Duration::from_secs(30),
+        || async {
+            slot_holders(app)
+                .await
+                .values()
+                .any(|holder| holder.starts_with(name))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// The test's devices, each logged in with its own account.
+struct Devices {
+    devices: Vec<(String, Arc<Device>)>,
+}
+
+impl Devices {
+    async fn connect(app: &TestApp) -> Self {
+        let mut devices = Vec::new();
+        for index in 0..DEVICES {
+            let id = format!("d{index}");
+            let token = app.create_device(&id).await;
+            devices.push((
+                id.clone(),
+                Arc::new(Device::connect(app, &id, &token).await),
+            ));
+        }
+        Self { devices }
+    }
+
+    /// Every device publishes `{"ts": n}` with n = 1, 2, … every [`PUBLISH_EVERY`] at QoS 1
+    /// until the load is stopped.
+    fn publish(&self, app: &TestApp) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = self
+            .devices
+            .iter()
+            .map(|(id, device)| {
+                let (publisher, stop) = (device.clone(), stop.clone());
+                let telemetry = topic(app, id, "telemetry");
+                let sent = Arc::new(AtomicI64::new(0));
+                let counter = sent.clone();
+                let task = tokio::spawn(async move {
+                    let mut ticks = tokio::time::interval(PUBLISH_EVERY);
+                    while !stop.load(Ordering::SeqCst) {
+                        ticks.tick().await;
+                        let n = counter.load(Ordering::SeqCst) + 1;
+                        publisher
+                            .publish(&telemetry, &format!(r#"{{"ts": {n}, "n": {n}}}"#))
+                            .await;
+                        counter.store(n, Ordering::SeqCst);
+                    }
+                });
+                (id.clone(), device.clone(), sent, task)
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+}
+
+/// One device's publisher: its id, its client, how many it sent, and the task.
+type Publisher = (
+    String,
+    Arc<Device>,
+    Arc<AtomicI64>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// Devices publishing ([`Devices::publish`]).
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<Publisher>,
+}
+
+impl Load {
+    /// Stops publishing and waits until the broker acknowledged every message sent; returns
+    /// how many each device sent (its messages are `ts` 1 to that).
+    async fn stop(self) -> HashMap<String, i64> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut sent = HashMap::new();
+        for (id, device, count, task) in self.tasks {
+            task.await.unwrap();
+            let count = count.load(Ordering::SeqCst);
+            eventually(
+                "the broker's PUBACK for every message",
+                Duration::from_secs(20),
+                || async { (device.pubacks() as i64 == count).then_some(()) },
+            )
+            .await;
+            sent.insert(id, count);
+        }
+        sent
+    }
+}
+
+/// Waits up to `patience` for every message `sent` to be in JetStream; returns how many are
+/// still missing then.
+async fn unstored(
+    app: &TestApp,
+    devices: &Devices,
+    sent: &HashMap<String, i64>,
+    patience: Duration,
+) -> usize {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let mut stored: HashMap<String, BTreeSet<i64>> = HashMap::new();
+        for (_, batch) in app.telemetry_batches().await {
+            let seen = stored.entry(batch.device_id.clone()).or_default();
+            seen.extend(batch.readings.iter().map(|reading| reading.ts_us / 1_000));
+        }
+        let missing: usize = devices
+            .devices
+            .iter()
+            .map(|(id, _)| {
+                let seen = stored.get(id);
+                (1..=sent[id])
+                    .filter(|n| !seen.is_some_and(|seen| seen.contains(n)))
+                    .count()
+            })
+            .sum();
+        if missing == 0 || tokio::time::Instant::now() >= deadline {
+            return missing;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
