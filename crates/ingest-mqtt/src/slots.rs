@@ -252,7 +252,10 @@ impl Slots {
                 Err(_) => tracing::warn!(slot, "mqtt slot lease not refreshed in time"),
             }
         }
-        // Stopped: lost above, or by the watchdog when refreshes failed for too long.
+        // Stopped: lost above, or by the watchdog when refreshes failed for too long. A
+        // lease refreshed since (NATS was slow, not gone) is given back rather than left to
+        // expire with no connection under it; one another instance holds is not touched (the
+        // delete checks the revision).
         let stopped: Vec<usize> = held
             .iter()
             .filter(|(_, held)| held.stop.is_cancelled())
@@ -260,7 +263,7 @@ impl Slots {
             .collect();
         for slot in stopped {
             if let Some(lost) = held.remove(&slot) {
-                let _ = lost.done.await;
+                self.release(slot, lost).await;
             }
         }
         if shutdown.is_cancelled() || !matches!(member, Ok(Ok(_))) {
