@@ -133,6 +133,12 @@ pub struct Config {
     /// lease bucket is created with it (its `max_age`); a bucket that exists keeps its own.
     #[serde(with = "humantime_serde")]
     pub mqtt_slot_lease: Duration,
+    /// Client ids, comma-separated, whose persistent sessions in the shared subscription no
+    /// instance uses any more: those of ingest-mqtt before slots (`{bus_prefix}-ingest-mqtt-
+    /// {hostname}` and `…_1`…), or slots past a shrunk `mqtt_slots`. The holder of slot 0
+    /// connects under each, takes what its session holds and removes its subscription, so
+    /// that it takes no more of the messages. Safe to leave set.
+    pub mqtt_retired_client_ids: String,
     /// Bus messages ingest-mqtt publishes at once, all devices together. A device's messages
     /// that arrive while every place is taken go out together, so under load bus messages
     /// carry more readings; the ceiling is this ÷ the JetStream publish time, for devices
@@ -330,6 +336,7 @@ impl Default for Config {
             mqtt_qos0_backlog: 1024,
             mqtt_slots: 8,
             mqtt_slot_lease: Duration::from_secs(12),
+            mqtt_retired_client_ids: String::new(),
             mqtt_publishes_in_flight: 256,
             bus_prefix: "fl".into(),
             log_format: LogFormat::Json,
@@ -383,7 +390,7 @@ impl Default for Config {
 
 /// Settings whose variables are taken as written: figment reads `123456` as a number and
 /// `0123` as 123, which no password or URL survives.
-const RAW_STRING_SETTINGS: [&str; 10] = [
+const RAW_STRING_SETTINGS: [&str; 11] = [
     "database_url",
     "bootstrap_admin_key",
     "nats_user",
@@ -394,6 +401,7 @@ const RAW_STRING_SETTINGS: [&str; 10] = [
     "mqtt_admin_url",
     "device_token_key",
     "mqtt_ca_file",
+    "mqtt_retired_client_ids",
 ];
 
 /// A configuration that cannot start a service.
@@ -518,6 +526,19 @@ impl Config {
         }
         if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&self.mqtt_slot_lease) {
             return invalid("mqtt_slot_lease", "use 2s to 5m".into());
+        }
+        let slot_ids: Vec<String> = (0..self.mqtt_slots)
+            .map(|slot| self.ingest_mqtt_slot_client_id(slot))
+            .collect();
+        if let Some(in_use) = self
+            .ingest_mqtt_retired_client_ids()
+            .into_iter()
+            .find(|id| slot_ids.contains(id) || id.len() > 1024)
+        {
+            return invalid(
+                "mqtt_retired_client_ids",
+                format!("{in_use:?} is a slot in use (or over 1024 bytes)"),
+            );
         }
         if !(1..=65_536).contains(&self.mqtt_publishes_in_flight) {
             return invalid("mqtt_publishes_in_flight", "use 1 to 65536".into());
@@ -750,6 +771,16 @@ impl Config {
         format!("{}-ingest-mqtt-slot-{slot}", self.bus_prefix)
     }
 
+    /// `mqtt_retired_client_ids`, split and trimmed.
+    pub fn ingest_mqtt_retired_client_ids(&self) -> Vec<String> {
+        self.mqtt_retired_client_ids
+            .split(',')
+            .map(str::trim)
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// ingest-mqtt's login to the broker (`mqtt_url`, validated at load).
     pub fn mqtt_login(&self) -> BrokerLogin {
         BrokerLogin::parse(self.mqtt_url.expose_secret()).unwrap_or_else(|_| unreachable_mqtt_url())
@@ -912,6 +943,29 @@ mod tests {
             let config = Config::figment(None).unwrap();
             assert!(config.bootstrap_admin_key.is_none());
             assert_eq!(config.mqtt_host_port(), ("broker".to_owned(), 1884));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_slot_in_use_cannot_be_retired_and_one_past_the_slots_can() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FIELDLINE_MQTT_SLOTS", "4");
+            jail.set_env("FIELDLINE_MQTT_RETIRED_CLIENT_IDS", "fl-ingest-mqtt-slot-3");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("mqtt_retired_client_ids"), "{error}");
+            jail.set_env(
+                "FIELDLINE_MQTT_RETIRED_CLIENT_IDS",
+                " fl-ingest-mqtt-pod-a, fl-ingest-mqtt-slot-4,,",
+            );
+            let config = Config::figment(None).unwrap();
+            assert_eq!(
+                config.ingest_mqtt_retired_client_ids(),
+                ["fl-ingest-mqtt-pod-a", "fl-ingest-mqtt-slot-4"]
+            );
+            jail.set_env("FIELDLINE_MQTT_SLOT_LEASE", "1s");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("mqtt_slot_lease"), "{error}");
             Ok(())
         });
     }

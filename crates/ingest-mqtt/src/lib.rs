@@ -32,7 +32,7 @@ use fieldline_common::{
     time::now_us,
 };
 use fieldline_proto::v1::{CommandReport, CommandReportResponse};
-use futures::{FutureExt, StreamExt, stream::FuturesOrdered};
+use futures::{FutureExt, StreamExt, future::join_all, stream::FuturesOrdered};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -80,20 +80,39 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     // messages.
     let slot_context = context.clone();
     let connect: Box<slots::Connect> = Box::new(move |slot, stop, lease_end| {
-        let config = &slot_context.config;
-        let client_id = config.ingest_mqtt_slot_client_id(slot);
-        // Checked at start: the login and CA file do not change.
-        let options = config
-            .mqtt_options(client_id)
-            .unwrap_or_else(|_| MqttOptions::new("unreachable", "127.0.0.1", 1883));
-        connect(
-            &slot_context,
-            options,
+        let context = &slot_context;
+        let started = connect(
+            context,
+            Session::Slot(slot),
             filters.clone(),
             coalescer.clone(),
-            stop,
-            lease_end,
-        )
+            stop.clone(),
+            lease_end.clone(),
+        );
+        // The holder of slot 0 drains the retired client ids' sessions too, under the
+        // same lease, so that one instance at a time is connected under each.
+        let retired = context.config.ingest_mqtt_retired_client_ids();
+        if slot != 0 || retired.is_empty() {
+            return started;
+        }
+        let mut done = vec![started.done];
+        for client_id in retired {
+            let drain = connect(
+                context,
+                Session::Retired(client_id),
+                filters.clone(),
+                coalescer.clone(),
+                stop.child_token(),
+                lease_end.clone(),
+            );
+            done.push(drain.done);
+        }
+        slots::Started {
+            connected: started.connected,
+            done: tokio::spawn(async move {
+                join_all(done).await;
+            }),
+        }
     });
     let slots = slots::Slots::start(context, &name, connect).await?;
     let downlink_connected = downlink::start(context, &name).await?;
@@ -121,18 +140,35 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     })
 }
 
-/// One uplink connection, under a slot's client id: its event loop and the pipeline that
-/// publishes and acks what it receives. It ends when `stop` is cancelled, and does not
-/// reconnect once `lease_end` has passed.
+/// The broker session an uplink connection resumes.
+enum Session {
+    /// Slot `k` of `mqtt_slots`: subscribed into the shared subscription.
+    Slot(usize),
+    /// A client id of `mqtt_retired_client_ids`: what its session holds is taken, and its
+    /// subscription removed.
+    Retired(String),
+}
+
+/// One uplink connection: its event loop and the pipeline that publishes and acks what it
+/// receives. It ends when `stop` is cancelled, and does not reconnect once `lease_end` (the
+/// lease of the slot it is under) has passed.
 fn connect(
     context: &Context,
-    mut options: MqttOptions,
+    session_of: Session,
     filters: Vec<String>,
     coalescer: Coalescer,
     stop: CancellationToken,
     lease_end: watch::Receiver<tokio::time::Instant>,
 ) -> slots::Started {
     let config = &context.config;
+    let (client_id, retired) = match session_of {
+        Session::Slot(slot) => (config.ingest_mqtt_slot_client_id(slot), false),
+        Session::Retired(client_id) => (client_id, true),
+    };
+    // Checked at start: the login and CA file do not change.
+    let mut options = config
+        .mqtt_options(client_id)
+        .unwrap_or_else(|_| MqttOptions::new("unreachable", "127.0.0.1", 1883));
     options
         // A persistent session: while no instance holds the slot the broker keeps its
         // subscription and the messages not acknowledged, and sends them to the next holder.
@@ -155,6 +191,7 @@ fn connect(
             session: session.clone(),
             max_message_bytes: config.mqtt_max_message_bytes,
             lease_end,
+            retired,
         },
         incoming_tx,
         stop,
@@ -229,6 +266,8 @@ struct Connection {
     max_message_bytes: usize,
     /// The slot's lease: past it another instance may hold the slot, so no reconnect.
     lease_end: watch::Receiver<tokio::time::Instant>,
+    /// A retired client id's session, drained: unsubscribed instead of subscribed.
+    retired: bool,
 }
 
 /// Drives the connection: subscribes on every (re)connect, hands publishes to `process`
@@ -247,6 +286,7 @@ async fn poll_broker(
         session,
         max_message_bytes,
         lease_end,
+        retired,
     } = connection;
     // A remedy changes the options of the next connection only; these come back after it.
     let max_packet_bytes = eventloop.mqtt_options.max_packet_size();
@@ -279,16 +319,28 @@ async fn poll_broker(
                     discarding_session = false;
                     eventloop.mqtt_options.set_clean_session(false);
                     eventloop.clean();
+                    linked = false;
                     continue;
                 }
-                tracing::info!(session_present = ack.session_present, "mqtt connected");
+                tracing::info!(
+                    session_present = ack.session_present,
+                    retired,
+                    "mqtt connected"
+                );
                 let client = client.clone();
                 let filters = filters.clone();
                 // Not awaited here: the request goes through the event loop this task polls.
                 tokio::spawn(async move {
                     for filter in filters {
-                        if let Err(error) = client.subscribe(filter, QoS::AtLeastOnce).await {
-                            tracing::warn!(error = %error, "mqtt subscribe failed");
+                        // A retired session gets what it holds on connect; without its
+                        // subscription it is given no more.
+                        let sent = if retired {
+                            client.unsubscribe(filter).await
+                        } else {
+                            client.subscribe(filter, QoS::AtLeastOnce).await
+                        };
+                        if let Err(error) = sent {
+                            tracing::warn!(error = %error, retired, "mqtt subscribe failed");
                         }
                     }
                 });

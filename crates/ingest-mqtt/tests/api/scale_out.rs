@@ -97,6 +97,132 @@ async fn a_replacement_under_a_new_name_takes_over_a_killed_instances_share() {
     app.shutdown().await;
 }
 
+/// A session left by ingest-mqtt before slots (its client id was its host's): named in
+/// `mqtt_retired_client_ids`, what it queued is stored, and it is given no more.
+#[tokio::test]
+async fn a_retired_client_ids_session_is_drained_and_takes_no_more() {
+    let app = spawn_registry().await;
+    let devices = Devices::connect(&app).await;
+    let (id, device) = &devices.devices[0];
+    let telemetry = topic(&app, id, "telemetry");
+    let old_id = format!("{}-ingest-mqtt-old-host", app.env.id);
+    let old = OldSession::subscribe(&app, &old_id).await;
+    old.leave().await;
+    for n in 1..=20 {
+        device
+            .publish(&telemetry, &format!(r#"{{"ts": {n}, "n": {n}}}"#))
+            .await;
+    }
+    eventually("pubacks", Duration::from_secs(10), || async {
+        (device.pubacks() == 20).then_some(())
+    })
+    .await;
+
+    let instance = Instance::start_with(&app.env, "new", |config| fieldline_common::Config {
+        mqtt_retired_client_ids: format!("someone-else, {old_id}"),
+        ..config
+    })
+    .await;
+    instance.wait_ready().await;
+    let sent = HashMap::from([(id.clone(), 20)]);
+    let single = Devices {
+        devices: vec![devices.devices[0].clone()],
+    };
+    assert_eq!(
+        unstored(&app, &single, &sent, Duration::from_secs(20)).await,
+        0
+    );
+    instance.stop().await;
+
+    // Back under its id, the old session is no longer in the share group: of 20 messages
+    // the slots' sessions (offline) take all.
+    let old = OldSession::resume(&app, &old_id).await;
+    for n in 21..=40 {
+        device
+            .publish(&telemetry, &format!(r#"{{"ts": {n}, "n": {n}}}"#))
+            .await;
+    }
+    eventually("pubacks", Duration::from_secs(10), || async {
+        (device.pubacks() == 40).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(old.received(), 0);
+    old.leave().await;
+    app.shutdown().await;
+}
+
+/// A persistent session under ingest-mqtt's account, as ingest-mqtt before slots left one.
+struct OldSession {
+    client: rumqttc::AsyncClient,
+    received: Arc<AtomicI64>,
+    events: tokio::task::JoinHandle<()>,
+}
+
+impl OldSession {
+    /// Joins the telemetry share group under `client_id` and waits for the SUBACK.
+    async fn subscribe(app: &TestApp, client_id: &str) -> Self {
+        let session = Self::resume(app, client_id).await;
+        let config = &app.context.config;
+        let filter = format!(
+            "$share/{}/{}/+/+/telemetry",
+            config.mqtt_share_group, config.mqtt_topic_root
+        );
+        session
+            .client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        session
+    }
+
+    /// Connects under `client_id` with a persistent session (once the registry made
+    /// ingest-mqtt's account), counting what it is sent.
+    async fn resume(app: &TestApp, client_id: &str) -> Self {
+        let mut options = app.context.config.mqtt_options(client_id).unwrap();
+        options.set_clean_session(false);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+        let received = Arc::new(AtomicI64::new(0));
+        let counter = received.clone();
+        let (connected_tx, connected) = tokio::sync::watch::channel(false);
+        let events = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let _ = connected_tx.send(true);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        eventually("ingest account login", Duration::from_secs(10), || async {
+            (*connected.borrow()).then_some(())
+        })
+        .await;
+        Self {
+            client,
+            received,
+            events,
+        }
+    }
+
+    fn received(&self) -> i64 {
+        self.received.load(Ordering::SeqCst)
+    }
+
+    /// Disconnects, leaving the session at the broker.
+    async fn leave(self) {
+        let _ = self.client.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.events.abort();
+    }
+}
+
 /// The registry alone (devices and their broker accounts); ingest-mqtt runs in [`Instance`]s.
 async fn spawn_registry() -> TestApp {
     let env = TestEnv::new().await.with_broker().await;
@@ -118,10 +244,18 @@ struct Instance {
 impl Instance {
     /// Starts ingest-mqtt named `name` (its `mqtt_client_id`, as a pod's name would be).
     async fn start(env: &TestEnv, name: &str) -> Self {
-        let config = fieldline_common::Config {
+        Self::start_with(env, name, |config| config).await
+    }
+
+    async fn start_with(
+        env: &TestEnv,
+        name: &str,
+        tweak: impl FnOnce(fieldline_common::Config) -> fieldline_common::Config,
+    ) -> Self {
+        let config = tweak(fieldline_common::Config {
             mqtt_client_id: Some(format!("{name}-{}", env.id)),
             ..env.config()
-        };
+        });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
