@@ -33,7 +33,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use async_nats::jetstream::{kv, stream};
+use async_nats::jetstream::{self, kv, stream};
 use fieldline_common::Context;
 use futures::{TryStreamExt, future::join_all};
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
@@ -111,6 +111,9 @@ struct Held {
 /// The leasing loop of one instance.
 pub struct Slots {
     store: kv::Store,
+    jetstream: jetstream::Context,
+    /// The bucket's stream, made again if it is gone (a NATS that lost its store).
+    bucket_stream: stream::Config,
     /// Written as the holder of every lease: the instance's name and its member id.
     holder: bytes::Bytes,
     member_key: String,
@@ -129,26 +132,10 @@ impl Slots {
     ) -> anyhow::Result<Arc<Mutex<Status>>> {
         let config = &context.config;
         let bucket = context.subjects.mqtt_slots_bucket();
-        // The bucket's stream, as `create_key_value` defines one (which asks for account
-        // details that nats-server 2.9 answers in a form async-nats does not read).
+        let bucket_stream = bucket_stream(&bucket, config.mqtt_slot_lease);
         context
             .jetstream
-            .get_or_create_stream(stream::Config {
-                name: format!("KV_{bucket}"),
-                description: Some("ingest-mqtt: leases of the uplink slots".to_owned()),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: 1,
-                max_bytes: -1,
-                max_message_size: -1,
-                max_age: config.mqtt_slot_lease,
-                // Lost with a NATS restart, like the leases' holders' connections.
-                storage: stream::StorageType::Memory,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                discard: stream::DiscardPolicy::New,
-                ..Default::default()
-            })
+            .get_or_create_stream(bucket_stream.clone())
             .await
             .with_context(|| format!("creating the KV bucket {bucket}"))?;
         let store = context
@@ -170,6 +157,8 @@ impl Slots {
         }));
         let slots = Self {
             store,
+            jetstream: context.jetstream.clone(),
+            bucket_stream,
             holder: format!("{name} {member_id}").into(),
             member_key: format!("{MEMBER_PREFIX}{member_id}"),
             slots: config.mqtt_slots,
@@ -266,12 +255,23 @@ impl Slots {
                 self.release(slot, lost).await;
             }
         }
-        if shutdown.is_cancelled() || !matches!(member, Ok(Ok(_))) {
-            self.publish_status(held, None);
+        if shutdown.is_cancelled() {
             return;
         }
-        let Ok(Ok((members, taken))) = tokio::time::timeout(bound, self.view()).await else {
+        let view = match member {
+            Ok(Ok(_)) => tokio::time::timeout(bound, self.view()).await.ok(),
+            _ => None,
+        };
+        let Some(Ok((members, taken))) = view else {
             self.publish_status(held, None);
+            // A NATS that lost its store lost the bucket too (not found, or the requests
+            // time out); a failure in passing costs one lookup.
+            let _ = tokio::time::timeout(
+                bound,
+                self.jetstream
+                    .get_or_create_stream(self.bucket_stream.clone()),
+            )
+            .await;
             return;
         };
         let share = self.slots.div_ceil(members.max(1));
@@ -364,6 +364,29 @@ impl Slots {
             status.members = members;
         }
         status.held = held.values().map(|held| held.connected.clone()).collect();
+    }
+}
+
+/// The stream of the lease bucket, as `create_key_value` defines a bucket's (which asks for
+/// account details that nats-server 2.9 answers in a form async-nats does not read), with
+/// `max_age` the lease.
+fn bucket_stream(bucket: &str, lease: Duration) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some("ingest-mqtt: leases of the uplink slots".to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_bytes: -1,
+        max_message_size: -1,
+        max_age: lease,
+        // On file, as the streams are: a NATS restart shorter than a lease keeps every
+        // holder's leases, so nothing moves.
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
     }
 }
 
