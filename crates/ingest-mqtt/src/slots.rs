@@ -250,11 +250,11 @@ impl Slots {
             .filter(|(_, held)| held.stop.is_cancelled())
             .map(|(slot, _)| *slot)
             .collect();
-        for slot in stopped {
-            if let Some(lost) = held.remove(&slot) {
-                self.release(slot, lost).await;
-            }
-        }
+        let lost = stopped
+            .into_iter()
+            .filter_map(|slot| Some((slot, held.remove(&slot)?)));
+        // All at once: the leases still held wait for the next round to be refreshed.
+        join_all(lost.map(|(slot, lost)| self.release(slot, lost))).await;
         if shutdown.is_cancelled() {
             return;
         }
@@ -276,13 +276,15 @@ impl Slots {
         };
         let share = self.slots.div_ceil(members.max(1));
         // Extras go highest first, so that the instances agree on which to take.
+        let mut extras = Vec::new();
         while held.len() > share {
             let Some((slot, extra)) = held.pop_last() else {
                 break;
             };
             tracing::info!(slot, share, members, "giving back an mqtt slot");
-            self.release(slot, extra).await;
+            extras.push(self.release(slot, extra));
         }
+        join_all(extras).await;
         for slot in 0..self.slots {
             if held.len() >= share {
                 break;
@@ -296,9 +298,13 @@ impl Slots {
                 self.store.create(slot_key(slot), self.holder.clone()),
             )
             .await;
-            // Another instance was first, or the bucket did not answer: next round.
-            let Ok(Ok(revision)) = created else {
-                continue;
+            let revision = match created {
+                Ok(Ok(revision)) => revision,
+                // Another instance was first.
+                Ok(Err(_)) => continue,
+                // The bucket does not answer: the next round, rather than hold up the
+                // refreshes behind more of these.
+                Err(_) => break,
             };
             tracing::info!(slot, share, members, "mqtt slot leased; connecting");
             held.insert(slot, self.take(slot, revision, sent, shutdown));
