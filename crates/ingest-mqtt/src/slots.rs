@@ -413,3 +413,30 @@ async fn watchdog(slot: usize, stop: CancellationToken, mut lease_end: watch::Re
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(joined: bool, members: usize, held: &[bool]) -> Status {
+        Status {
+            joined,
+            members,
+            slots: 8,
+            held: held
+                .iter()
+                .map(|connected| Arc::new(AtomicBool::new(*connected)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn ready_once_it_holds_slots_all_connected_or_there_are_more_instances_than_slots() {
+        assert!(status(false, 0, &[]).check().is_err());
+        assert!(status(true, 2, &[]).check().is_err());
+        assert!(status(true, 2, &[true, false]).check().is_err());
+        assert!(status(true, 2, &[true, true, true, true]).check().is_ok());
+        // A ninth instance of eight slots holds none and serves the downlink.
+        assert!(status(true, 9, &[]).check().is_ok());
+    }
+}
