@@ -97,6 +97,51 @@ async fn a_replacement_under_a_new_name_takes_over_a_killed_instances_share() {
     app.shutdown().await;
 }
 
+/// A rolling update: an instance stopped as SIGTERM stops it closes its slots' connections
+/// and gives the leases back, so the other takes them within a round instead of a lease, and
+/// nothing is lost on the way.
+#[tokio::test]
+async fn a_stopped_instance_hands_its_slots_over_within_a_round() {
+    let app = spawn_registry().await;
+    let devices = Devices::connect(&app).await;
+    let first = Instance::start(&app.env, "first").await;
+    let second = Instance::start(&app.env, "second").await;
+    first.wait_ready().await;
+    second.wait_ready().await;
+    wait_for_slots(&app, "second").await;
+
+    let load = devices.publish(&app);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopped = tokio::time::Instant::now();
+    second.stop().await;
+    let slots = app.context.config.mqtt_slots;
+    eventually(
+        "the first holding every slot",
+        Duration::from_secs(30),
+        || async {
+            let holders = slot_holders(&app).await;
+            (holders.len() == slots && holders.values().all(|holder| holder.starts_with("first")))
+                .then_some(())
+        },
+    )
+    .await;
+    let handed_over = stopped.elapsed();
+    // A round is a quarter lease (3 s); a lease (12 s) would mean the leases expired.
+    assert!(
+        handed_over < app.context.config.mqtt_slot_lease / 2,
+        "slots taken after {handed_over:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sent = load.stop().await;
+    assert_eq!(
+        unstored(&app, &devices, &sent, Duration::from_secs(20)).await,
+        0
+    );
+    eprintln!("slots handed over {handed_over:.1?} after the stop");
+    first.stop().await;
+    app.shutdown().await;
+}
+
 /// A session left by ingest-mqtt before slots (its client id was its host's): named in
 /// `mqtt_retired_client_ids`, what it queued is stored, and it is given no more.
 #[tokio::test]
