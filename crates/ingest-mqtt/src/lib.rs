@@ -70,8 +70,16 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
             topic::shared_filter(&config.mqtt_share_group, &config.mqtt_topic_root, *uplink)
         })
         .collect();
-    // Refused here rather than when a slot is first leased.
-    config.mqtt_options(config.ingest_mqtt_slot_client_id(0))?;
+    // Built here, so that a login or CA file that cannot be used stops the start rather
+    // than the first lease.
+    let slot_options: Vec<MqttOptions> = (0..config.mqtt_slots)
+        .map(|slot| config.mqtt_options(config.ingest_mqtt_slot_client_id(slot)))
+        .collect::<anyhow::Result<_>>()?;
+    let retired_options: Vec<MqttOptions> = config
+        .ingest_mqtt_retired_client_ids()
+        .into_iter()
+        .map(|client_id| config.mqtt_options(client_id))
+        .collect::<anyhow::Result<_>>()?;
     tracing::info!(name = %name, filters = ?filters, slots = config.mqtt_slots, "mqtt ingest starting");
     // One for all the connections: the broker spreads a device's messages over them.
     let coalescer = telemetry_coalescer(context);
@@ -83,7 +91,7 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
         let context = &slot_context;
         let started = connect(
             context,
-            Session::Slot(slot),
+            Session::Slot(slot_options[slot].clone()),
             filters.clone(),
             coalescer.clone(),
             stop.clone(),
@@ -91,15 +99,14 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
         );
         // The holder of slot 0 drains the retired client ids' sessions too, under the
         // same lease, so that one instance at a time is connected under each.
-        let retired = context.config.ingest_mqtt_retired_client_ids();
-        if slot != 0 || retired.is_empty() {
+        if slot != 0 || retired_options.is_empty() {
             return started;
         }
         let mut done = vec![started.done];
-        for client_id in retired {
+        for options in &retired_options {
             let drain = connect(
                 context,
-                Session::Retired(client_id),
+                Session::Retired(options.clone()),
                 filters.clone(),
                 coalescer.clone(),
                 stop.child_token(),
@@ -140,13 +147,14 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     })
 }
 
-/// The broker session an uplink connection resumes.
+/// The broker session an uplink connection resumes, with the options (client id) of its
+/// login.
 enum Session {
-    /// Slot `k` of `mqtt_slots`: subscribed into the shared subscription.
-    Slot(usize),
+    /// A slot of `mqtt_slots`: subscribed into the shared subscription.
+    Slot(MqttOptions),
     /// A client id of `mqtt_retired_client_ids`: what its session holds is taken, and its
     /// subscription removed.
-    Retired(String),
+    Retired(MqttOptions),
 }
 
 /// One uplink connection: its event loop and the pipeline that publishes and acks what it
@@ -161,14 +169,10 @@ fn connect(
     lease_end: watch::Receiver<tokio::time::Instant>,
 ) -> slots::Started {
     let config = &context.config;
-    let (client_id, retired) = match session_of {
-        Session::Slot(slot) => (config.ingest_mqtt_slot_client_id(slot), false),
-        Session::Retired(client_id) => (client_id, true),
+    let (mut options, retired) = match session_of {
+        Session::Slot(options) => (options, false),
+        Session::Retired(options) => (options, true),
     };
-    // Checked at start: the login and CA file do not change.
-    let mut options = config
-        .mqtt_options(client_id)
-        .unwrap_or_else(|_| MqttOptions::new("unreachable", "127.0.0.1", 1883));
     options
         // A persistent session: while no instance holds the slot the broker keeps its
         // subscription and the messages not acknowledged, and sends them to the next holder.
@@ -406,16 +410,17 @@ async fn poll_broker(
                         discarding_session = true;
                     }
                 }
-                let lease_over = *lease_end.borrow() <= tokio::time::Instant::now();
-                if connected.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(error = %error, lease_over, "mqtt connection lost; reconnecting");
-                } else {
-                    tracing::debug!(error = %error, "mqtt connect failed; retrying");
-                }
+                let was_connected = connected.swap(false, Ordering::Relaxed);
                 // Another instance may hold the slot now: connecting under its id would take
                 // the session from it.
-                if lease_over {
+                if *lease_end.borrow() <= tokio::time::Instant::now() {
+                    tracing::warn!(error = %error, "mqtt connection lost past the slot's lease; not reconnecting");
                     break;
+                }
+                if was_connected {
+                    tracing::warn!(error = %error, "mqtt connection lost; reconnecting");
+                } else {
+                    tracing::debug!(error = %error, "mqtt connect failed; retrying");
                 }
                 tokio::select! {
                     _ = stop.cancelled() => break,
