@@ -5,6 +5,7 @@
 
 mod observability;
 mod platform;
+mod scale_out;
 mod scenarios;
 mod secure;
 mod streams;
@@ -103,5 +104,13 @@ async fn one_process_config_commands_and_backfill() {
 async fn split_config_commands_and_backfill() {
     let platform = Platform::split().await;
     scenarios::config_commands_and_backfill(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn split_one_of_two_ingest_mqtt_processes_killed_for_good_leaves_0_acknowledged_readings_unstored()
+ {
+    let mut platform = Platform::split().await;
+    scale_out::one_of_two_ingest_mqtt_killed_for_good(&mut platform).await;
     platform.stop().await;
 }

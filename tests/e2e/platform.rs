@@ -130,6 +130,36 @@ impl Platform {
         let _ = child.wait();
     }
 
+    /// Starts another process of `service` named `name`, with its own port and extra
+    /// settings, and waits until it is ready; [`Platform::kill`] and `stop` know it by `name`.
+    pub async fn spawn_another(&mut self, service: &str, name: &str, extra_env: &[(&str, &str)]) {
+        let port = free_port();
+        let extra_env: Vec<(String, String)> = self
+            .extra_env
+            .iter()
+            .cloned()
+            .chain(owned(extra_env))
+            .collect();
+        let child = spawn(&self.env, &extra_env, service, port);
+        self.children.push((name.to_owned(), child));
+        let url = format!("http://127.0.0.1:{port}/health/ready");
+        let http = self.http.clone();
+        eventually(&format!("{name} ready"), Duration::from_secs(60), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let response = http.get(url).send().await.ok()?;
+                response.status().is_success().then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// SIGKILL to a process for good: it is not started again, nor stopped at the end.
+    pub fn kill_for_good(&mut self, name: &str) {
+        self.kill(name);
+        self.children.retain(|(child, _)| child != name);
+    }
+
     /// Starts a killed service again on its port and waits until it is ready.
     pub async fn restart(&mut self, service: &'static str) {
         let port: u16 = self.base[service]

@@ -94,8 +94,10 @@ pub struct Config {
     /// the difference (it also does on every reconnect to the broker).
     #[serde(with = "humantime_serde")]
     pub mqtt_reconcile_interval: Duration,
-    /// MQTT client id of ingest-mqtt; defaults to `{bus_prefix}-ingest-mqtt-{hostname}`, stable
-    /// across restarts so the broker keeps the persistent session.
+    /// Name of this ingest-mqtt instance: its downlink connection's client id (with
+    /// `-downlink`) and what its slot leases name as their holder. Defaults to
+    /// `{bus_prefix}-ingest-mqtt-{hostname}`. The uplink connects under slot ids instead
+    /// (`mqtt_slots`).
     pub mqtt_client_id: Option<String>,
     /// First level of every MQTT topic: `{root}/{project}/{device}/telemetry`.
     pub mqtt_topic_root: String,
@@ -117,11 +119,26 @@ pub struct Config {
     /// bounds QoS 1 by its in-flight window, but sends QoS 0 as fast as it comes: past this
     /// many, a QoS 0 message is dropped and counted (`reason="overload"`).
     pub mqtt_qos0_backlog: usize,
-    /// Connections each ingest-mqtt instance opens into the shared subscription. The broker
-    /// bounds the unacknowledged messages per connection (Mosquitto: `max_inflight_messages`,
-    /// 20 by default), and ingest-mqtt acks only once JetStream has a message, so its
-    /// throughput is at most connections × in-flight ÷ JetStream round trip.
-    pub mqtt_connections: usize,
+    // ---- MQTT scale-out: see docs/decisions/2026-12-05-mqtt-scale-out.md.
+    /// Persistent broker sessions in the shared subscription, all instances together: client
+    /// ids `{bus_prefix}-ingest-mqtt-slot-{k}`, k < this, leased by the live instances
+    /// through NATS, each holding about slots ÷ instances. Every instance must have the same
+    /// figure, and it should never shrink: a slot no longer leased keeps its share of the
+    /// messages at the broker. The broker bounds the unacknowledged messages per session
+    /// (Mosquitto: `max_inflight_messages`), and ingest-mqtt acks only once JetStream has a
+    /// message, so throughput is at most slots × in-flight ÷ JetStream round trip.
+    pub mqtt_slots: usize,
+    /// How long a slot's lease lasts without being refreshed (refreshed every quarter of
+    /// it): a killed instance's slots are taken over this long after its last refresh. The
+    /// lease bucket is created with it (its `max_age`); a bucket that exists keeps its own.
+    #[serde(with = "humantime_serde")]
+    pub mqtt_slot_lease: Duration,
+    /// Client ids, comma-separated, whose persistent sessions in the shared subscription no
+    /// instance uses any more: those of ingest-mqtt before slots (`{bus_prefix}-ingest-mqtt-
+    /// {hostname}` and `…_1`…), or slots past a shrunk `mqtt_slots`. The holder of slot 0
+    /// connects under each, takes what its session holds and removes its subscription, so
+    /// that it takes no more of the messages. Safe to leave set.
+    pub mqtt_retired_client_ids: String,
     /// Bus messages ingest-mqtt publishes at once, all devices together. A device's messages
     /// that arrive while every place is taken go out together, so under load bus messages
     /// carry more readings; the ceiling is this ÷ the JetStream publish time, for devices
@@ -329,7 +346,9 @@ impl Default for Config {
             mqtt_max_packet_bytes: 1024 * 1024,
             mqtt_max_message_bytes: 256 * 1024,
             mqtt_qos0_backlog: 1024,
-            mqtt_connections: 8,
+            mqtt_slots: 8,
+            mqtt_slot_lease: Duration::from_secs(12),
+            mqtt_retired_client_ids: String::new(),
             mqtt_publishes_in_flight: 256,
             bus_prefix: "fl".into(),
             log_format: LogFormat::Json,
@@ -387,7 +406,7 @@ impl Default for Config {
 
 /// Settings whose variables are taken as written: figment reads `123456` as a number and
 /// `0123` as 123, which no password or URL survives.
-const RAW_STRING_SETTINGS: [&str; 10] = [
+const RAW_STRING_SETTINGS: [&str; 11] = [
     "database_url",
     "bootstrap_admin_key",
     "nats_user",
@@ -398,6 +417,7 @@ const RAW_STRING_SETTINGS: [&str; 10] = [
     "mqtt_admin_url",
     "device_token_key",
     "mqtt_ca_file",
+    "mqtt_retired_client_ids",
 ];
 
 /// A configuration that cannot start a service.
@@ -517,8 +537,24 @@ impl Config {
         if !valid_topic_level(&self.mqtt_share_group) {
             return invalid("mqtt_share_group", "use 1 to 64 of [A-Za-z0-9_-]".into());
         }
-        if !(1..=64).contains(&self.mqtt_connections) {
-            return invalid("mqtt_connections", "use 1 to 64".into());
+        if !(1..=64).contains(&self.mqtt_slots) {
+            return invalid("mqtt_slots", "use 1 to 64".into());
+        }
+        if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&self.mqtt_slot_lease) {
+            return invalid("mqtt_slot_lease", "use 2s to 5m".into());
+        }
+        let slot_ids: Vec<String> = (0..self.mqtt_slots)
+            .map(|slot| self.ingest_mqtt_slot_client_id(slot))
+            .collect();
+        if let Some(in_use) = self
+            .ingest_mqtt_retired_client_ids()
+            .into_iter()
+            .find(|id| slot_ids.contains(id) || id.len() > 1024)
+        {
+            return invalid(
+                "mqtt_retired_client_ids",
+                format!("{in_use:?} is a slot in use (or over 1024 bytes)"),
+            );
         }
         if !(1..=65_536).contains(&self.mqtt_publishes_in_flight) {
             return invalid("mqtt_publishes_in_flight", "use 1 to 65536".into());
@@ -742,9 +778,9 @@ impl Config {
         }
     }
 
-    /// The MQTT client id of ingest-mqtt: `mqtt_client_id`, or
-    /// `{bus_prefix}-ingest-mqtt-{hostname}` (stable across restarts, distinct per pod or
-    /// container; two instances on one host need `FIELDLINE_MQTT_CLIENT_ID` each).
+    /// The name of this ingest-mqtt instance: `mqtt_client_id`, or
+    /// `{bus_prefix}-ingest-mqtt-{hostname}` (distinct per pod or container; two instances
+    /// on one host need `FIELDLINE_MQTT_CLIENT_ID` each, for their downlink connections).
     pub fn ingest_mqtt_client_id(&self) -> String {
         self.mqtt_client_id.clone().unwrap_or_else(|| {
             let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -754,6 +790,22 @@ impl Config {
                 .unwrap_or_else(|| "local".to_owned());
             format!("{}-ingest-mqtt-{hostname}", self.bus_prefix)
         })
+    }
+
+    /// The client id of uplink slot `slot` (`mqtt_slots`): the same in every instance, so
+    /// whichever instance leases the slot resumes its broker session.
+    pub fn ingest_mqtt_slot_client_id(&self, slot: usize) -> String {
+        format!("{}-ingest-mqtt-slot-{slot}", self.bus_prefix)
+    }
+
+    /// `mqtt_retired_client_ids`, split and trimmed.
+    pub fn ingest_mqtt_retired_client_ids(&self) -> Vec<String> {
+        self.mqtt_retired_client_ids
+            .split(',')
+            .map(str::trim)
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// ingest-mqtt's login to the broker (`mqtt_url`, validated at load).
@@ -918,6 +970,29 @@ mod tests {
             let config = Config::figment(None).unwrap();
             assert!(config.bootstrap_admin_key.is_none());
             assert_eq!(config.mqtt_host_port(), ("broker".to_owned(), 1884));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_slot_in_use_cannot_be_retired_and_one_past_the_slots_can() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FIELDLINE_MQTT_SLOTS", "4");
+            jail.set_env("FIELDLINE_MQTT_RETIRED_CLIENT_IDS", "fl-ingest-mqtt-slot-3");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("mqtt_retired_client_ids"), "{error}");
+            jail.set_env(
+                "FIELDLINE_MQTT_RETIRED_CLIENT_IDS",
+                " fl-ingest-mqtt-pod-a, fl-ingest-mqtt-slot-4,,",
+            );
+            let config = Config::figment(None).unwrap();
+            assert_eq!(
+                config.ingest_mqtt_retired_client_ids(),
+                ["fl-ingest-mqtt-pod-a", "fl-ingest-mqtt-slot-4"]
+            );
+            jail.set_env("FIELDLINE_MQTT_SLOT_LEASE", "1s");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("mqtt_slot_lease"), "{error}");
             Ok(())
         });
     }

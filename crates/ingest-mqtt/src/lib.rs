@@ -8,6 +8,7 @@ mod coalesce;
 mod downlink;
 mod handover;
 mod poison;
+mod slots;
 mod topic;
 
 use std::{
@@ -31,8 +32,9 @@ use fieldline_common::{
     time::now_us,
 };
 use fieldline_proto::v1::{CommandReport, CommandReportResponse};
-use futures::{FutureExt, StreamExt, stream::FuturesOrdered};
+use futures::{FutureExt, StreamExt, future::join_all, stream::FuturesOrdered};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -56,57 +58,84 @@ const ACK_REPORT_ATTEMPTS: u32 = 3;
 /// device has waiting, the more of it the [`coalesce`] puts in one bus message.
 const IN_FLIGHT: usize = 1024;
 
-/// Starts the MQTT loops. Returns at once: the broker may be down at start, and each loop
-/// connects (and reconnects) by itself; readiness reports whether all are connected.
+/// Starts the MQTT loops. Returns at once: the broker may be down at start, and each slot's
+/// connection connects (and reconnects) by itself; readiness reports whether this instance
+/// holds its slots and all are connected.
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let config = &context.config;
-    let client_id = config.ingest_mqtt_client_id();
+    let name = config.ingest_mqtt_client_id();
     let filters: Vec<String> = Uplink::ALL
         .iter()
         .map(|uplink| {
             topic::shared_filter(&config.mqtt_share_group, &config.mqtt_topic_root, *uplink)
         })
         .collect();
-    tracing::info!(client_id = %client_id, filters = ?filters, connections = config.mqtt_connections, "mqtt ingest starting");
+    // Built here, so that a login or CA file that cannot be used stops the start rather
+    // than the first lease.
+    let slot_options: Vec<MqttOptions> = (0..config.mqtt_slots)
+        .map(|slot| config.mqtt_options(config.ingest_mqtt_slot_client_id(slot)))
+        .collect::<anyhow::Result<_>>()?;
+    let retired_options: Vec<MqttOptions> = config
+        .ingest_mqtt_retired_client_ids()
+        .into_iter()
+        .map(|client_id| config.mqtt_options(client_id))
+        .collect::<anyhow::Result<_>>()?;
+    tracing::info!(name = %name, filters = ?filters, slots = config.mqtt_slots, "mqtt ingest starting");
     // One for all the connections: the broker spreads a device's messages over them.
     let coalescer = telemetry_coalescer(context);
-    // Several connections into the same shared subscription: the broker spreads messages
-    // over them, and each brings its own window of unacknowledged messages. The first keeps
-    // the plain client id, so a single-connection deployment's session carries over; the
-    // others add `_1`…`_7`.
-    let connected: Vec<Arc<AtomicBool>> = (0..config.mqtt_connections)
-        .map(|index| {
-            // `_` cannot appear in a hostname, so no other instance's id can be this one.
-            let client_id = match index {
-                0 => client_id.clone(),
-                _ => format!("{client_id}_{index}"),
-            };
-            let options = config.mqtt_options(client_id)?;
-            Ok(connect(
+    // The uplink connects under the slots this instance leases ([`slots`]), each slot a
+    // persistent session into the shared subscription with its own window of unacknowledged
+    // messages.
+    let slot_context = context.clone();
+    let connect: Box<slots::Connect> = Box::new(move |slot, stop, lease_end| {
+        let context = &slot_context;
+        let started = connect(
+            context,
+            Session::Slot(slot_options[slot].clone()),
+            filters.clone(),
+            coalescer.clone(),
+            stop.clone(),
+            lease_end.clone(),
+        );
+        // The holder of slot 0 drains the retired client ids' sessions too, under the
+        // same lease, so that one instance at a time is connected under each.
+        if slot != 0 || retired_options.is_empty() {
+            return started;
+        }
+        let mut done = vec![started.done];
+        for options in &retired_options {
+            let drain = connect(
                 context,
-                options,
+                Session::Retired(options.clone()),
                 filters.clone(),
                 coalescer.clone(),
-            ))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let downlink_connected = downlink::start(context, &client_id).await?;
+                stop.child_token(),
+                lease_end.clone(),
+            );
+            done.push(drain.done);
+        }
+        slots::Started {
+            connected: started.connected,
+            done: tokio::spawn(async move {
+                join_all(done).await;
+            }),
+        }
+    });
+    let slots = slots::Slots::start(context, &name, connect).await?;
+    let downlink_connected = downlink::start(context, &name).await?;
 
     let ready: ReadyCheck = Arc::new(move || {
-        let down = connected
-            .iter()
-            .filter(|flag| !flag.load(Ordering::Relaxed))
-            .count();
+        let uplink = slots
+            .lock()
+            .map_err(|_| "uplink status unreadable".to_owned())
+            .and_then(|status| status.check());
         let downlink_connected = *downlink_connected.borrow();
         async move {
-            if down > 0 {
-                Err(format!(
-                    "{down} of the uplink connections not connected to the broker"
-                ))
-            } else if !downlink_connected {
-                Err("downlink not connected to the broker".to_owned())
-            } else {
+            uplink?;
+            if downlink_connected {
                 Ok(())
+            } else {
+                Err("downlink not connected to the broker".to_owned())
             }
         }
         .boxed()
@@ -118,18 +147,35 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     })
 }
 
+/// The broker session an uplink connection resumes, with the options (client id) of its
+/// login.
+enum Session {
+    /// A slot of `mqtt_slots`: subscribed into the shared subscription.
+    Slot(MqttOptions),
+    /// A client id of `mqtt_retired_client_ids`: what its session holds is taken, and its
+    /// subscription removed.
+    Retired(MqttOptions),
+}
+
 /// One uplink connection: its event loop and the pipeline that publishes and acks what it
-/// receives. Returns whether it is connected and subscribed.
+/// receives. It ends when `stop` is cancelled, and does not reconnect once `lease_end` (the
+/// lease of the slot it is under) has passed.
 fn connect(
     context: &Context,
-    mut options: MqttOptions,
+    session_of: Session,
     filters: Vec<String>,
     coalescer: Coalescer,
-) -> Arc<AtomicBool> {
+    stop: CancellationToken,
+    lease_end: watch::Receiver<tokio::time::Instant>,
+) -> slots::Started {
     let config = &context.config;
+    let (mut options, retired) = match session_of {
+        Session::Slot(options) => (options, false),
+        Session::Retired(options) => (options, true),
+    };
     options
-        // A persistent session: while we are away the broker keeps our subscription and the
-        // messages we have not acknowledged, and sends them again when we return.
+        // A persistent session: while no instance holds the slot the broker keeps its
+        // subscription and the messages not acknowledged, and sends them to the next holder.
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_max_packet_size(config.mqtt_max_packet_bytes, config.mqtt_max_packet_bytes)
@@ -140,7 +186,7 @@ fn connect(
     // Never waits (`process` acks through the event loop `poll_broker` drives): QoS 1 is
     // bounded by the broker's in-flight window, QoS 0 by the backlog.
     let (incoming_tx, incoming_rx) = handover::channel(config.mqtt_qos0_backlog);
-    context.tasks.spawn(poll_broker(
+    let done = context.tasks.spawn(poll_broker(
         eventloop,
         Connection {
             client: client.clone(),
@@ -148,9 +194,11 @@ fn connect(
             connected: connected.clone(),
             session: session.clone(),
             max_message_bytes: config.mqtt_max_message_bytes,
+            lease_end,
+            retired,
         },
         incoming_tx,
-        context.shutdown.clone(),
+        stop,
     ));
     context.tasks.spawn(process(
         context.clone(),
@@ -159,7 +207,7 @@ fn connect(
         incoming_rx,
         session,
     ));
-    connected
+    slots::Started { connected, done }
 }
 
 /// Telemetry goes to JetStream through a [`Coalescer`]: retried until it is there or the
@@ -220,6 +268,10 @@ struct Connection {
     /// Counts the sessions the broker started afresh (CONNACK without a session present).
     session: Arc<AtomicU64>,
     max_message_bytes: usize,
+    /// The slot's lease: past it another instance may hold the slot, so no reconnect.
+    lease_end: watch::Receiver<tokio::time::Instant>,
+    /// A retired client id's session, drained: unsubscribed instead of subscribed.
+    retired: bool,
 }
 
 /// Drives the connection: subscribes on every (re)connect, hands publishes to `process`
@@ -229,7 +281,7 @@ async fn poll_broker(
     mut eventloop: EventLoop,
     connection: Connection,
     incoming: handover::Sender<Arrival>,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
     let Connection {
         client,
@@ -237,19 +289,24 @@ async fn poll_broker(
         connected,
         session,
         max_message_bytes,
+        lease_end,
+        retired,
     } = connection;
     // A remedy changes the options of the next connection only; these come back after it.
     let max_packet_bytes = eventloop.mqtt_options.max_packet_size();
     let mut breaker = poison::Breaker::default();
     let mut discarding_session = false;
     let mut backoff = Duration::from_millis(200);
+    // Whether the event loop has a connection: polling one without would connect again.
+    let mut linked = false;
     loop {
         let event = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             event = eventloop.poll() => event,
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                linked = true;
                 metrics::counter!("fieldline_mqtt_connects_total").increment(1);
                 breaker.connected(Instant::now());
                 backoff = Duration::from_millis(200);
@@ -266,16 +323,28 @@ async fn poll_broker(
                     discarding_session = false;
                     eventloop.mqtt_options.set_clean_session(false);
                     eventloop.clean();
+                    linked = false;
                     continue;
                 }
-                tracing::info!(session_present = ack.session_present, "mqtt connected");
+                tracing::info!(
+                    session_present = ack.session_present,
+                    retired,
+                    "mqtt connected"
+                );
                 let client = client.clone();
                 let filters = filters.clone();
                 // Not awaited here: the request goes through the event loop this task polls.
                 tokio::spawn(async move {
                     for filter in filters {
-                        if let Err(error) = client.subscribe(filter, QoS::AtLeastOnce).await {
-                            tracing::warn!(error = %error, "mqtt subscribe failed");
+                        // A retired session gets what it holds on connect; without its
+                        // subscription it is given no more.
+                        let sent = if retired {
+                            client.unsubscribe(filter).await
+                        } else {
+                            client.subscribe(filter, QoS::AtLeastOnce).await
+                        };
+                        if let Err(error) = sent {
+                            tracing::warn!(error = %error, retired, "mqtt subscribe failed");
                         }
                     }
                 });
@@ -317,6 +386,7 @@ async fn poll_broker(
             }
             Ok(_) => {}
             Err(error) => {
+                linked = false;
                 match breaker.failed(&error, Instant::now()) {
                     Remedy::None => {}
                     Remedy::ReadLarger(size) => {
@@ -340,22 +410,32 @@ async fn poll_broker(
                         discarding_session = true;
                     }
                 }
-                if connected.swap(false, Ordering::Relaxed) {
+                let was_connected = connected.swap(false, Ordering::Relaxed);
+                // Another instance may hold the slot now: connecting under its id would take
+                // the session from it.
+                if *lease_end.borrow() <= tokio::time::Instant::now() {
+                    tracing::warn!(error = %error, "mqtt connection lost past the slot's lease; not reconnecting");
+                    break;
+                }
+                if was_connected {
                     tracing::warn!(error = %error, "mqtt connection lost; reconnecting");
                 } else {
                     tracing::debug!(error = %error, "mqtt connect failed; retrying");
                 }
                 tokio::select! {
-                    _ = shutdown.cancelled() => break,
+                    _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
-    // Unacknowledged messages stay with the broker (persistent session) for the next start.
-    let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    // Unacknowledged messages stay with the broker (persistent session) for the slot's next
+    // holder.
+    if linked {
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    }
     connected.store(false, Ordering::Relaxed);
 }
 

@@ -86,7 +86,7 @@ struct Figure {
 }
 
 /// The shared subscription's connections in the raw fan-in: ingest-mqtt's default
-/// `FIELDLINE_MQTT_CONNECTIONS`.
+/// `FIELDLINE_MQTT_SLOTS`.
 const INGEST_MQTT_CONNECTIONS: usize = 8;
 const FAN_IN: &str = "Mosquitto QoS 1, the scenario's devices → 8 shared subscribers";
 /// Raw QoS 1 on a broker without Dynamic Security: the figures above are with it, as the

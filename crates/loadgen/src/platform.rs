@@ -376,6 +376,9 @@ impl Platform {
         for stream in fieldline_proto::Stream::ALL {
             let _ = jetstream.delete_stream(subjects.stream_name(stream)).await;
         }
+        let _ = jetstream
+            .delete_key_value(subjects.mqtt_slots_bucket())
+            .await;
         pg(&format!("{}/postgres", self.servers.pg_url))
             .await?
             .batch_execute(&format!(

@@ -229,6 +229,11 @@ impl Subjects {
         format!("{}_{}", self.prefix.to_ascii_uppercase(), stream.suffix())
     }
 
+    /// `FL_MQTT_SLOTS`: the KV bucket in which ingest-mqtt instances lease the uplink slots.
+    pub fn mqtt_slots_bucket(&self) -> String {
+        format!("{}_MQTT_SLOTS", self.prefix.to_ascii_uppercase())
+    }
+
     /// The full definition of a stream: file storage, bounded by age and bytes, with a
     /// duplicate window on `Nats-Msg-Id`.
     pub fn stream_config(&self, stream: Stream, limits: StreamLimits) -> stream::Config {

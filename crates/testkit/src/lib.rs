@@ -222,6 +222,9 @@ impl TestEnv {
         for stream in Stream::ALL {
             let _ = jetstream.delete_stream(subjects.stream_name(stream)).await;
         }
+        let _ = jetstream
+            .delete_key_value(subjects.mqtt_slots_bucket())
+            .await;
         let _ = pg_admin()
             .await
             .batch_execute(&format!(

@@ -233,7 +233,13 @@ async fn anonymous_and_wrong_logins_are_refused() {
     // (whose persistent session holds the share of everybody's readings).
     let other_user = username(&app, "d2");
     let ingest_id = app.context.config.ingest_mqtt_client_id();
-    for client_id in [other_user.as_str(), ingest_id.as_str(), "any-id"] {
+    let slot_id = app.context.config.ingest_mqtt_slot_client_id(0);
+    for client_id in [
+        other_user.as_str(),
+        ingest_id.as_str(),
+        slot_id.as_str(),
+        "any-id",
+    ] {
         assert!(
             login_as(&app, client_id, Some((&user, &token)))
                 .await

@@ -68,10 +68,10 @@ async fn ready(app: &TestApp) -> bool {
         .is_ok_and(|response| response.status().is_success())
 }
 
-/// One uplink connection, so its reconnects are the ones counted.
+/// One uplink connection (one slot), so its reconnects are the ones counted.
 fn one_connection(config: Config) -> Config {
     Config {
-        mqtt_connections: 1,
+        mqtt_slots: 1,
         ..config
     }
 }

@@ -9,6 +9,7 @@ mod junk;
 mod limits;
 mod livetime;
 mod outages;
+mod scale_out;
 
 use std::{
     sync::{

@@ -89,3 +89,84 @@ async fn reconnects_when_the_broker_restarts() {
     .await;
     app.shutdown().await;
 }
+
+/// A NATS outage longer than a slot's lease lets every slot go (no instance may hold one it
+/// cannot refresh); when NATS is back the slots are leased again and messages flow.
+#[tokio::test]
+async fn slots_let_go_during_a_nats_outage_are_leased_again_after_it() {
+    let mut nats = PrivateNats::start().await;
+    let url = nats.url();
+    let env = TestEnv::new().await.with_broker().await;
+    let app = spawn_mqtt(env, move |config| fieldline_common::Config {
+        nats_url: url.into(),
+        mqtt_slot_lease: Duration::from_secs(4),
+        ..config
+    })
+    .await;
+    let token = app.create_device("d1").await;
+    wait_ready(&app).await;
+
+    nats.kill();
+    // Three quarters of the lease, then the watchdogs close the slots' connections.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    nats.restart().await;
+    wait_ready(&app).await;
+    let device = Device::connect(&app, "d1", &token).await;
+    device
+        .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 1, "a": 1}"#)
+        .await;
+    eventually(
+        "the message after the outage",
+        Duration::from_secs(20),
+        || async { (app.telemetry_batches().await.len() == 1).then_some(()) },
+    )
+    .await;
+    app.shutdown().await;
+}
+
+/// The lease bucket removed under a running instance (a NATS that lost its store): the
+/// instance lets its slots go, makes the bucket again and leases them anew.
+#[tokio::test]
+async fn a_lost_lease_bucket_is_made_again_and_the_slots_leased_anew() {
+    let app = spawn_mqtt(TestEnv::new().await, |config| fieldline_common::Config {
+        mqtt_slot_lease: Duration::from_secs(4),
+        ..config
+    })
+    .await;
+    let token = app.create_device("d1").await;
+    wait_ready(&app).await;
+    let bucket = app.context.subjects.mqtt_slots_bucket();
+    app.context
+        .jetstream
+        .delete_stream(format!("KV_{bucket}"))
+        .await
+        .unwrap();
+    eventually(
+        "the bucket made again and every slot leased",
+        Duration::from_secs(20),
+        || async {
+            let store = app.context.jetstream.get_key_value(&bucket).await.ok()?;
+            let mut leased = 0;
+            for slot in 0..app.context.config.mqtt_slots {
+                if store.get(format!("slot.{slot}")).await.ok()??.is_empty() {
+                    return None;
+                }
+                leased += 1;
+            }
+            (leased == app.context.config.mqtt_slots).then_some(())
+        },
+    )
+    .await;
+    wait_ready(&app).await;
+    let device = Device::connect(&app, "d1", &token).await;
+    device
+        .publish(&topic(&app, "d1", "telemetry"), r#"{"ts": 1, "a": 1}"#)
+        .await;
+    eventually(
+        "the message afterwards",
+        Duration::from_secs(20),
+        || async { (app.telemetry_batches().await.len() == 1).then_some(()) },
+    )
+    .await;
+    app.shutdown().await;
+}
