@@ -199,6 +199,16 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Requests waiting for a PostgreSQL pool connection",
     ),
     (
+        "fieldline_mqtt_slots_held",
+        Kind::Gauge,
+        "Uplink slots (shared-subscription sessions) this ingest-mqtt instance holds",
+    ),
+    (
+        "fieldline_mqtt_connections_up",
+        Kind::Gauge,
+        "Uplink slot connections of this instance connected and subscribed to the broker",
+    ),
+    (
         "fieldline_dead_letters_total",
         Kind::Counter,
         "Messages a consumer gave up on and moved to the dead-letter stream, by consumer",

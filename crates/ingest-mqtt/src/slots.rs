@@ -182,6 +182,11 @@ impl Slots {
             }
             self.round(&mut held, &shutdown).await;
             metrics::gauge!("fieldline_mqtt_slots_held").set(held.len() as f64);
+            let up = held
+                .values()
+                .filter(|held| held.connected.load(Ordering::Relaxed))
+                .count();
+            metrics::gauge!("fieldline_mqtt_connections_up").set(up as f64);
         }
         // Given back at once, so that the other instances need not wait for the leases to
         // expire. The connections stop with the shutdown; each lease goes once its
