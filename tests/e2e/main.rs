@@ -9,6 +9,7 @@ mod scale_out;
 mod scenarios;
 mod secure;
 mod streams;
+mod traces;
 
 use platform::Platform;
 

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{
     cache::InvalidatingCache,
@@ -407,7 +408,20 @@ impl AuthClient {
             }
             return Err(AuthError::Unavailable);
         }
-        let request = self.inner.nats.request(subject, payload.into());
+        let span = tracing::info_span!(
+            "auth rpc",
+            otel.name = %format!("{subject} request"),
+            otel.kind = "client",
+            messaging.system = "nats",
+            messaging.destination.name = %subject,
+        );
+        let mut headers = async_nats::HeaderMap::new();
+        crate::trace::inject_nats(&span, &mut headers);
+        let request = self
+            .inner
+            .nats
+            .request_with_headers(subject, headers, payload.into())
+            .instrument(span);
         match tokio::time::timeout(self.inner.timeout, request).await {
             Ok(Ok(message)) => Ok(message.payload),
             Ok(Err(error)) => {

@@ -141,6 +141,13 @@ impl Delivery {
         self.delivered
     }
 
+    /// The W3C `traceparent` it carries, if any.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.headers()
+            .and_then(|headers| headers.get("traceparent"))
+            .map(|value| value.as_str())
+    }
+
     /// When JetStream stored it, in microseconds since the epoch.
     pub fn published_us(&self) -> Option<i64> {
         self.message
@@ -344,7 +351,34 @@ impl<H: Handler> Loop<H> {
         if deliveries.is_empty() {
             return;
         }
-        let mut outcomes = self.with_progress(&deliveries).await;
+        // One span for the batch: child of its first message's context (so that a message
+        // handled alone continues its trace) and linked to every message's.
+        let span = tracing::info_span!(
+            "process",
+            otel.name = %format!("{} process", self.spec.name),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.consumer.group.name = self.spec.name,
+            messaging.batch.message_count = deliveries.len(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        if crate::trace::enabled() {
+            let contexts: Vec<_> = deliveries
+                .iter()
+                .map(|delivery| crate::trace::extract_nats(delivery.headers()))
+                .collect();
+            if let Some(first) = contexts.first() {
+                crate::trace::set_parent(&span, first.clone());
+            }
+            for context in &contexts {
+                crate::trace::add_link(&span, context);
+            }
+            crate::trace::record_ids(&span);
+        }
+        let mut outcomes =
+            tracing::Instrument::instrument(self.with_progress(&deliveries), span).await;
         if outcomes.len() != deliveries.len() {
             tracing::error!(
                 consumer = self.spec.name,

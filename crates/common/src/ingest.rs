@@ -777,6 +777,17 @@ pub async fn publish_durable(
     if let Some(id) = message_id {
         headers.insert("Nats-Msg-Id", id);
     }
+    // The message's own span (a producer), whose context it carries to its consumers.
+    let kind = subject.split('.').nth(1).unwrap_or("bus").to_owned();
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = %format!("{kind} publish"),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "publish",
+        messaging.destination.name = %subject,
+    );
+    crate::trace::inject_nats(&span, &mut headers);
     let acked = async {
         let ack_future = jetstream
             .publish_with_headers(subject, headers, payload.into())
@@ -786,7 +797,7 @@ pub async fn publish_durable(
             .await
             .map_err(|error| PublishError::Refused(error.to_string()))
     };
-    match tokio::time::timeout(timeout, acked).await {
+    match tokio::time::timeout(timeout, tracing::Instrument::instrument(acked, span)).await {
         Ok(Ok(ack)) => Ok(ack.duplicate),
         Ok(Err(error)) => Err(error),
         Err(_) => Err(PublishError::Timeout),

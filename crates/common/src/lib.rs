@@ -23,6 +23,7 @@ pub mod ratelimit;
 pub mod service;
 pub mod telemetry;
 pub mod time;
+pub mod trace;
 
 pub use config::Config;
 pub use error::{ApiError, ErrorKind};

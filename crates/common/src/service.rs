@@ -367,21 +367,44 @@ where
         >,
     B: MessageBody,
 {
+    use tracing::Instrument as _;
     let started = Instant::now();
     let method = req.method().to_string();
     let route = req
         .match_pattern()
         .unwrap_or_else(|| "unmatched".to_owned());
-    let response = service.call(req);
+    // The request's span, child of the caller's `traceparent` if it sent one; every span of
+    // its handling (auth, publish) is a child of it.
+    let span = tracing::info_span!(
+        "http request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    crate::trace::set_parent(&span, crate::trace::extract_http(req.headers()));
+    crate::trace::record_ids(&span);
+    let response = span.in_scope(|| service.call(req));
+    let request_span = span.clone();
     async move {
         let response = response.await?;
-        let status = response.status().as_u16().to_string();
+        let code = response.status().as_u16();
+        request_span.record("http.response.status_code", code);
+        if code >= 500 {
+            request_span.record("otel.status_code", "ERROR");
+        }
+        let status = code.to_string();
         let labels = [("method", method), ("route", route), ("status", status)];
         metrics::counter!("fieldline_http_requests_total", &labels).increment(1);
         metrics::histogram!("fieldline_http_request_duration_seconds", &labels)
             .record(started.elapsed().as_secs_f64());
         Ok(response)
     }
+    .instrument(span)
 }
 
 /// Adds the `RateLimit-*` headers (and `Retry-After` on a 429) of the limit the request was

@@ -7,23 +7,68 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::{Config, LogFormat};
 
-/// Installs the global subscriber once; later calls (tests) are no-ops.
+/// Installs the global subscriber once; later calls (tests) are no-ops. No traces are
+/// exported (see [`init`]).
 pub fn init_tracing(config: &Config) {
+    install(config, None);
+}
+
+/// Logs, and traces when an OTLP endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT`, see
+/// [`crate::trace`]); `service` is the default `service.name`. Keep the guard until exit: it
+/// flushes the last spans.
+pub fn init(config: &Config, service: &str) -> anyhow::Result<crate::trace::TracerGuard> {
+    if !crate::trace::configured() {
+        install(config, None);
+        return Ok(crate::trace::no_tracer());
+    }
+    let (provider, guard) = crate::trace::provider(service)?;
+    install(config, Some(provider));
+    Ok(guard)
+}
+
+/// The crates whose spans are exported: Fieldline's own, not its dependencies'.
+const TRACED: [&str; 7] = [
+    "fieldline",
+    "fieldline_common",
+    "device_registry",
+    "ingest_http",
+    "ingest_mqtt",
+    "query_api",
+    "webhook_dispatcher",
+];
+
+fn install(config: &Config, traces: Option<opentelemetry_sdk::trace::SdkTracerProvider>) {
+    use tracing_subscriber::{Layer, filter::Targets};
     let filter = EnvFilter::try_from_env("RUST_LOG")
         .or_else(|_| EnvFilter::try_new(&config.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match config.log_format {
-        LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false),
-            )
-            .try_init(),
-        LogFormat::Text => registry.with(fmt::layer().compact()).try_init(),
+    let traced = traces.is_some();
+    let logs: Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync> = match config.log_format {
+        // With traces, each line carries the current span's fields: its trace_id and span_id.
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(traced)
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Text => fmt::layer().compact().with_filter(filter).boxed(),
     };
+    let otel = traces.map(|provider| {
+        use opentelemetry::trace::TracerProvider as _;
+        let tracer = provider.tracer("fieldline");
+        opentelemetry::global::set_tracer_provider(provider);
+        let targets = TRACED.iter().fold(Targets::new(), |targets, crate_name| {
+            targets.with_target(*crate_name, tracing::Level::INFO)
+        });
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(targets)
+    });
+    let result = tracing_subscriber::registry()
+        .with(logs)
+        .with(otel)
+        .try_init();
     // Already installed by an earlier call in this process: keep that one.
     let _ = result;
 }

@@ -5,6 +5,7 @@
 //! `FIELDLINE_TEST_NATS_URL` and `FIELDLINE_TEST_MQTT_URL` point elsewhere.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod otlp;
 pub mod receiver;
 pub mod secure;
 pub mod servers;

@@ -493,6 +493,7 @@ impl Dispatcher {
             event_type: DISABLED_EVENT.to_owned(),
             device_id: None,
             body,
+            traceparent: None,
         };
         self.repo
             .enqueue(&[event], &deliveries, self.lease())
@@ -522,7 +523,7 @@ impl Dispatcher {
     async fn send(&self, delivery: &Claimed) -> (AttemptRecord, Next) {
         let rendered = crate::shape::render(&delivery.options, &delivery.body);
         let (record, status, retry_after) = self
-            .request(delivery, rendered, &delivery.event_id, None)
+            .request(delivery, &[], rendered, &delivery.event_id, None)
             .await;
         // Refused before sending (a private address, a template that fails): final.
         let next = if status.is_none() && self.refused(&record) {
@@ -543,7 +544,13 @@ impl Dispatcher {
         let bodies: Vec<&str> = deliveries.iter().map(|d| d.body.as_str()).collect();
         let rendered = crate::shape::render_batch(&first.options, &bodies);
         let (record, status, retry_after) = self
-            .request(first, rendered, &batch_id, Some(batch_id.clone()))
+            .request(
+                first,
+                &deliveries[1..],
+                rendered,
+                &batch_id,
+                Some(batch_id.clone()),
+            )
             .await;
         let refused = status.is_none() && self.refused(&record);
         metrics::histogram!("fieldline_webhook_batch_events").record(deliveries.len() as f64);
@@ -580,9 +587,61 @@ impl Dispatcher {
     async fn request(
         &self,
         delivery: &Claimed,
+        also: &[Claimed],
         rendered: Result<crate::shape::Rendered, String>,
         message_id: &str,
         batch_id: Option<String>,
+    ) -> (AttemptRecord, Option<StatusCode>, Option<Duration>) {
+        // The attempt's span joins its event's trace (a batch: the first event's, linked to
+        // the others'); the receiver gets its `traceparent` to continue it.
+        let span = tracing::info_span!(
+            "webhook attempt",
+            otel.name = "webhook attempt",
+            otel.kind = "client",
+            http.request.method = "POST",
+            webhook.id = %delivery.webhook_id,
+            webhook.delivery.id = %delivery.delivery_id,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        if fieldline_common::trace::enabled() {
+            fieldline_common::trace::set_parent(
+                &span,
+                fieldline_common::trace::from_traceparent(delivery.traceparent.as_deref()),
+            );
+            for other in also {
+                fieldline_common::trace::add_link(
+                    &span,
+                    &fieldline_common::trace::from_traceparent(other.traceparent.as_deref()),
+                );
+            }
+        }
+        let outcome = tracing::Instrument::instrument(
+            self.attempt_in(delivery, rendered, message_id, batch_id, span.clone()),
+            span.clone(),
+        )
+        .await;
+        match outcome.1 {
+            Some(status) => {
+                span.record("http.response.status_code", status.as_u16());
+                if !status.is_success() {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
+            None => {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        outcome
+    }
+
+    async fn attempt_in(
+        &self,
+        delivery: &Claimed,
+        rendered: Result<crate::shape::Rendered, String>,
+        message_id: &str,
+        batch_id: Option<String>,
+        span: tracing::Span,
     ) -> (AttemptRecord, Option<StatusCode>, Option<Duration>) {
         let attempted_at = Utc::now();
         let started = Instant::now();
@@ -616,6 +675,9 @@ impl Dispatcher {
             .header("content-type", rendered.content_type.as_str());
         for (name, value) in &rendered.headers {
             request = request.header(name.as_str(), value.as_str());
+        }
+        for (name, value) in fieldline_common::trace::headers_of(&span) {
+            request = request.header(name, value);
         }
         if let Some(custom) = delivery.headers.as_object() {
             for (name, value) in custom {

@@ -38,7 +38,7 @@ pub const TEST_EVENT: &str = "webhook.test";
 const MAX_HEADERS: usize = 20;
 const MAX_DEVICE_IDS: usize = 1000;
 /// Headers a webhook cannot set: ours, or the transport's.
-const RESERVED_HEADERS: [&str; 9] = [
+const RESERVED_HEADERS: [&str; 11] = [
     "content-type",
     "content-length",
     "host",
@@ -48,6 +48,8 @@ const RESERVED_HEADERS: [&str; 9] = [
     "webhook-timestamp",
     "webhook-signature",
     "x-webhook-signature",
+    "traceparent",
+    "tracestate",
 ];
 
 /// `POST /api/v1/webhooks` (and each element of the device-scoped array).

@@ -384,6 +384,7 @@ impl Fanout {
             event_type: incoming.event_type,
             device_id: Some(incoming.device_id).filter(|id| !id.is_empty()),
             body,
+            traceparent: delivery.traceparent().map(str::to_owned),
         };
         Ok(Some((event, deliveries)))
     }

@@ -24,7 +24,7 @@ macro_rules! claimed_columns {
     () => {
         "d.id, d.webhook_id, d.project, d.attempts, w.url, w.headers, w.secret,
          CASE WHEN w.previous_secret_expires_at > now() THEN w.previous_secret END,
-         e.id, e.body, w.options"
+         e.id, e.body, w.options, e.traceparent"
     };
 }
 
@@ -123,6 +123,7 @@ pub struct NewEvent {
     pub event_type: String,
     pub device_id: Option<String>,
     pub body: String,
+    pub traceparent: Option<String>,
 }
 
 #[derive(Clone)]
@@ -158,6 +159,8 @@ pub struct Claimed {
     pub event_id: String,
     pub body: String,
     pub options: Options,
+    /// The trace the event belongs to (its bus message's `traceparent`).
+    pub traceparent: Option<String>,
 }
 
 /// What happens to a delivery after an attempt.
@@ -512,11 +515,12 @@ impl Repo {
         let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
         let devices: Vec<Option<&str>> = events.iter().map(|e| e.device_id.as_deref()).collect();
         let bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
+        let traces: Vec<Option<&str>> = events.iter().map(|e| e.traceparent.as_deref()).collect();
         tx.execute(
-            "INSERT INTO webhooks.events (id, project, event_type, device_id, body)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+            "INSERT INTO webhooks.events (id, project, event_type, device_id, body, traceparent)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
              ON CONFLICT (id) DO NOTHING",
-            &[&ids, &projects, &types, &devices, &bodies],
+            &[&ids, &projects, &types, &devices, &bodies, &traces],
         )
         .await?;
         let ids: Vec<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
@@ -1150,6 +1154,7 @@ fn claimed(row: &Row) -> Claimed {
         event_id: row.get(8),
         body: row.get(9),
         options: Options::from_json(&row.get::<_, serde_json::Value>(10)),
+        traceparent: row.get(11),
     }
 }
 
@@ -1246,6 +1251,7 @@ mod tests {
             event_type: "device.data".into(),
             device_id: Some("d1".into()),
             body: "{\"n\":1}".into(),
+            traceparent: None,
         }];
         let delivery = |id: &str, webhook: &str, leased: bool| NewDelivery {
             id: id.into(),
@@ -1464,6 +1470,7 @@ mod tests {
                     event_id: String::new(),
                     body: String::new(),
                     options: Options::default(),
+                    traceparent: None,
                 },
                 AttemptRecord {
                     attempted_at: at(seconds),
