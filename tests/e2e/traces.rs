@@ -82,6 +82,30 @@ async fn the_path_is_one_trace(
         traceparent.split('-').nth(2),
         Some(attempt.span_id.as_str())
     );
+    eprintln!("trace {trace}:\n{}", tree(&spans));
+}
+
+/// The trace as an indented tree (`service: span name (links)`), for the eye.
+fn tree(spans: &[ReceivedSpan]) -> String {
+    fn walk(spans: &[ReceivedSpan], parent: &str, depth: usize, out: &mut String) {
+        for span in spans.iter().filter(|s| s.parent_span_id == parent) {
+            let links = if span.links.is_empty() {
+                String::new()
+            } else {
+                format!(" (links: {})", span.links.len())
+            };
+            out.push_str(&format!(
+                "{}{}: {}{links}\n",
+                "  ".repeat(depth),
+                span.service,
+                span.name
+            ));
+            walk(spans, &span.span_id, depth + 1, out);
+        }
+    }
+    let mut out = String::new();
+    walk(spans, "", 0, &mut out);
+    out
 }
 
 #[tokio::test]
