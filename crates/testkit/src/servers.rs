@@ -246,6 +246,16 @@ impl PrivateMosquitto {
         }
     }
 
+    /// Stops the broker with SIGKILL: it saves nothing, so what it held in memory (sessions,
+    /// queued messages) is gone unless an earlier save kept it.
+    pub fn kill(&self) {
+        let taken = self.child.lock().unwrap().take();
+        if let Some(mut child) = taken {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub async fn restart(&self) {
         self.stop();
         let binary = find_binary("mosquitto", &["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]);
