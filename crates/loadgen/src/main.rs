@@ -1,7 +1,10 @@
 //! `loadgen bench`: starts the real platform (one process per service), drives the standard
 //! scenarios against it, measures the machine's raw limits in the same run, and writes a
-//! report (Markdown and JSON) with every figure beside its limit.
+//! report (Markdown and JSON) with every figure beside its limit. `loadgen chaos` runs the
+//! fault suite on the same platform.
 
+mod chaos;
+mod load;
 mod platform;
 mod queries;
 mod raw;
@@ -33,6 +36,9 @@ struct Cli {
 enum Command {
     /// Run the standard scenarios and write the report.
     Bench(BenchArgs),
+    /// Inject faults under a fixed load and count what was lost, duplicated and how fast it
+    /// recovered.
+    Chaos(chaos::ChaosArgs),
 }
 
 #[derive(clap::Args)]
@@ -113,8 +119,10 @@ fn figure(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Command::Bench(args) = Cli::parse().command;
-    bench(args).await
+    match Cli::parse().command {
+        Command::Bench(args) => bench(args).await,
+        Command::Chaos(args) => chaos::chaos(args).await,
+    }
 }
 
 fn machine() -> Value {
