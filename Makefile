@@ -12,13 +12,14 @@ DEV_MQTT_ADMIN_PASSWORD ?= fieldline-dev-mqtt-admin-change-me
 DEV_MQTT_INGEST_PASSWORD ?= fieldline-dev-mqtt-ingest-change-me
 DEV_DEVICE_TOKEN_KEY ?= fieldline-dev-device-token-key-change-me
 
-.PHONY: help provision build run test bench bench-quick chaos lint fmt clean-test-data
+.PHONY: help provision build run test bench bench-quick chaos soak lint fmt clean-test-data
 
 help:
 	@echo "make run     provision the servers, build, and serve every service on http://127.0.0.1:8080"
 	@echo "make test    provision the servers and run every test against them"
 	@echo "make bench   release build, every benchmark scenario beside the machine's raw limits -> bench/report.md"
 	@echo "make chaos   the fault suite: kill each service and server under load, count what is lost -> chaos/report.md"
+	@echo "make soak    30 minutes of steady load: memory and table sizes at the start and the end -> chaos/soak.md"
 	@echo "make lint    clippy with warnings as errors, rustfmt check"
 	@echo "make fmt     format the code"
 
@@ -73,6 +74,11 @@ bench-quick: provision
 chaos: provision
 	$(CARGO) build --locked --release -p fieldline -p loadgen
 	$(CARGO) run --locked --release --quiet -p loadgen --bin loadgen -- chaos --out chaos
+
+SOAK_MINUTES ?= 30
+soak: provision
+	$(CARGO) build --locked --release -p fieldline -p loadgen
+	$(CARGO) run --locked --release --quiet -p loadgen --bin loadgen -- soak --minutes $(SOAK_MINUTES) --out chaos
 
 lint:
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
