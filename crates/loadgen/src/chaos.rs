@@ -36,6 +36,9 @@ pub struct ChaosArgs {
     /// Comma list of faults to run (default: all of the mode), by name as in the report.
     #[arg(long)]
     faults: Option<String>,
+    /// Messages a second of each MQTT device at full rate (default 5).
+    #[arg(long)]
+    mqtt_rate: Option<f64>,
 }
 
 /// The servers a fault may kill: the suite's own, never the machine's.
@@ -404,6 +407,10 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         None => faults,
     };
     anyhow::ensure!(!faults.is_empty(), "no such fault: {:?}", args.faults);
+    let full = Shape {
+        mqtt_rate: args.mqtt_rate.unwrap_or(FULL.mqtt_rate),
+        ..FULL
+    };
     let started_at = chrono::Utc::now();
     let logs = args.out.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -412,7 +419,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for fault in faults {
         eprintln!("[{}] {}", fault.name(), fault.description(&timing));
-        let result = run_fault(&fieldline, &mut servers, fault, &timing, &logs)
+        let result = run_fault(&fieldline, &mut servers, fault, &timing, &full, &logs)
             .await
             .with_context(|| fault.name())?;
         eprintln!(
@@ -430,7 +437,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         "mode": if args.quick { "quick" } else { "full" },
         "fieldline": fieldline,
         "machine": crate::machine(),
-        "load": {"full": FULL, "low": FULL.scaled(1.0 / 20.0), "readings_per_second_full": FULL.readings_per_second()},
+        "load": {"full": full, "low": full.scaled(1.0 / 20.0), "readings_per_second_full": full.readings_per_second()},
         "timing_seconds": {
             "before": timing.before.as_secs(),
             "down": timing.down.as_secs(),
@@ -480,6 +487,7 @@ async fn run_fault(
     private: &mut PrivateServers,
     fault: Fault,
     timing: &Timing,
+    full: &Shape,
     logs: &Path,
 ) -> anyhow::Result<FaultResult> {
     if fault == (Fault::KillBroker { saved: false }) {
@@ -498,8 +506,8 @@ async fn run_fault(
         platform.add_instance(service).await?;
     }
     let shape = match fault {
-        Fault::Receiver503 { low: true } => FULL.scaled(1.0 / 20.0),
-        _ => FULL,
+        Fault::Receiver503 { low: true } => full.scaled(1.0 / 20.0),
+        _ => *full,
     };
     let receiver = Receiver::start_tracking().await?;
     platform
