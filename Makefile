@@ -12,12 +12,14 @@ DEV_MQTT_ADMIN_PASSWORD ?= fieldline-dev-mqtt-admin-change-me
 DEV_MQTT_INGEST_PASSWORD ?= fieldline-dev-mqtt-ingest-change-me
 DEV_DEVICE_TOKEN_KEY ?= fieldline-dev-device-token-key-change-me
 
-.PHONY: help provision build run test bench bench-quick lint fmt clean-test-data
+.PHONY: help provision build run test bench bench-quick chaos soak lint fmt clean-test-data
 
 help:
 	@echo "make run     provision the servers, build, and serve every service on http://127.0.0.1:8080"
 	@echo "make test    provision the servers and run every test against them"
 	@echo "make bench   release build, every benchmark scenario beside the machine's raw limits -> bench/report.md"
+	@echo "make chaos   the fault suite: kill each service and server under load, count what is lost -> chaos/report.md"
+	@echo "make soak    30 minutes of steady load: memory and table sizes at the start and the end -> chaos/soak.md"
 	@echo "make lint    clippy with warnings as errors, rustfmt check"
 	@echo "make fmt     format the code"
 
@@ -47,7 +49,9 @@ run: provision build
 	$(CARGO) run --locked --quiet --bin fieldline -- serve --services all
 
 # The end-to-end tests start the real binary, so it is built first. The quick bench runs once
-# at the end so the harness cannot rot (it checks that figures are produced, not their size).
+# at the end so the harness cannot rot (it checks that figures are produced, not their size);
+# so does the quick fault suite (kill -9 of query-api and of NATS), which fails if an
+# acknowledged reading is lost.
 test: provision
 	$(CARGO) build --locked -p fieldline -p loadgen
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
@@ -56,6 +60,7 @@ test: provision
 		$(CARGO) test --locked --workspace; \
 	fi
 	$(CARGO) run --locked --quiet -p loadgen --bin loadgen -- bench --quick --out target/bench-quick
+	$(CARGO) run --locked --quiet -p loadgen --bin loadgen -- chaos --quick --out target/chaos-quick
 
 # Figures worth comparing: release build, 20 s per scenario. Writes bench/report.{md,json}.
 bench: provision
@@ -66,6 +71,18 @@ bench: provision
 bench-quick: provision
 	$(CARGO) build --locked -p fieldline -p loadgen
 	$(CARGO) run --locked --quiet -p loadgen --bin loadgen -- bench --quick --out target/bench-quick
+
+# The fault suite on its own PostgreSQL, NATS and Mosquitto (it kills them; provisioning only
+# installs them), one process per service. Writes chaos/report.{md,json}; the services' logs
+# go to chaos/logs/ (not committed).
+chaos: provision
+	$(CARGO) build --locked --release -p fieldline -p loadgen
+	$(CARGO) run --locked --release --quiet -p loadgen --bin loadgen -- chaos --out chaos
+
+SOAK_MINUTES ?= 30
+soak: provision
+	$(CARGO) build --locked --release -p fieldline -p loadgen
+	$(CARGO) run --locked --release --quiet -p loadgen --bin loadgen -- soak --minutes $(SOAK_MINUTES) --out chaos
 
 lint:
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings

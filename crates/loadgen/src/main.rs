@@ -1,12 +1,16 @@
 //! `loadgen bench`: starts the real platform (one process per service), drives the standard
 //! scenarios against it, measures the machine's raw limits in the same run, and writes a
-//! report (Markdown and JSON) with every figure beside its limit.
+//! report (Markdown and JSON) with every figure beside its limit. `loadgen chaos` runs the
+//! fault suite on the same platform, `loadgen soak` a steady load for many minutes.
 
+mod chaos;
+mod load;
 mod platform;
 mod queries;
 mod raw;
 mod receiver;
 mod scenarios;
+mod soak;
 mod stats;
 
 use std::{cell::RefCell, collections::BTreeMap, path::PathBuf, time::Duration};
@@ -33,6 +37,11 @@ struct Cli {
 enum Command {
     /// Run the standard scenarios and write the report.
     Bench(BenchArgs),
+    /// Inject faults under a fixed load and count what was lost, duplicated and how fast it
+    /// recovered.
+    Chaos(chaos::ChaosArgs),
+    /// A steady mixed load for many minutes: memory and table sizes at the start and the end.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(clap::Args)]
@@ -113,8 +122,11 @@ fn figure(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Command::Bench(args) = Cli::parse().command;
-    bench(args).await
+    match Cli::parse().command {
+        Command::Bench(args) => bench(args).await,
+        Command::Chaos(args) => chaos::chaos(args).await,
+        Command::Soak(args) => soak::soak(args).await,
+    }
 }
 
 fn machine() -> Value {

@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::Arc,
     time::Duration,
@@ -137,8 +138,21 @@ pub struct Platform {
     pub open_broker: bool,
     pub servers: Servers,
     pub http: reqwest::Client,
+    /// The port `url(service)` answers on: the first instance's, or a survivor's.
     ports: BTreeMap<&'static str, u16>,
-    children: Vec<(&'static str, Child)>,
+    instances: Vec<Instance>,
+    /// What a restarted or added instance is started with.
+    binary: String,
+    /// Where the processes' logs go (the terminal when unset).
+    log: Option<PathBuf>,
+    extra_env: Vec<(String, String)>,
+}
+
+/// One process of the platform.
+struct Instance {
+    service: &'static str,
+    port: u16,
+    child: Child,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -164,6 +178,27 @@ impl Platform {
         extra_env: &[(&str, &str)],
         open_broker: bool,
     ) -> anyhow::Result<Self> {
+        Self::start_with(binary, servers, extra_env, open_broker, None).await
+    }
+
+    /// Every service on the checked broker, their logs appended to `log` (the fault suite's
+    /// kills make more log than a terminal wants).
+    pub async fn start_logged(
+        binary: &str,
+        servers: Servers,
+        extra_env: &[(&str, &str)],
+        log: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(binary, servers, extra_env, false, log).await
+    }
+
+    async fn start_with(
+        binary: &str,
+        servers: Servers,
+        extra_env: &[(&str, &str)],
+        open_broker: bool,
+        log: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
         let suffix: String = (0..8)
             .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
             .collect();
@@ -186,13 +221,23 @@ impl Platform {
                 .timeout(Duration::from_secs(30))
                 .build()?,
             ports: BTreeMap::new(),
-            children: Vec::new(),
+            instances: Vec::new(),
+            binary: binary.to_owned(),
+            log,
+            extra_env: extra_env
+                .iter()
+                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                .collect(),
         };
         for service in SERVICES {
             let port = free_port()?;
-            let child = platform.spawn(binary, service, port, extra_env)?;
+            let child = platform.spawn(service, port)?;
             platform.ports.insert(service, port);
-            platform.children.push((service, child));
+            platform.instances.push(Instance {
+                service,
+                port,
+                child,
+            });
             // The registry first: the others ask it about keys as soon as they serve.
             if service == "device-registry" {
                 platform.wait_ready(service).await?;
@@ -204,13 +249,8 @@ impl Platform {
         Ok(platform)
     }
 
-    fn spawn(
-        &self,
-        binary: &str,
-        service: &str,
-        port: u16,
-        extra_env: &[(&str, &str)],
-    ) -> anyhow::Result<Child> {
+    fn spawn(&self, service: &str, port: u16) -> anyhow::Result<Child> {
+        let binary = &self.binary;
         let mut command = Command::new(binary);
         // The load generator's own settings are not the platform's: its configuration
         // refuses FIELDLINE_ variables it does not know.
@@ -251,16 +291,28 @@ impl Platform {
                 .env("FIELDLINE_MQTT_URL", ingest_url)
                 .env("FIELDLINE_MQTT_ADMIN_URL", self.servers.broker.admin_url());
         }
-        for (key, value) in extra_env {
+        for (key, value) in &self.extra_env {
             command.env(key, value);
+        }
+        if let Some(log) = &self.log {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .with_context(|| format!("opening {}", log.display()))?;
+            command.stdout(file.try_clone()?).stderr(file);
         }
         command
             .spawn()
             .with_context(|| format!("starting {binary} (build it with `cargo build --release`)"))
     }
 
-    async fn wait_ready(&self, service: &str) -> anyhow::Result<()> {
-        let url = format!("{}/health/ready", self.url(service));
+    pub async fn wait_ready(&self, service: &str) -> anyhow::Result<()> {
+        self.wait_ready_on(service, self.ports[service]).await
+    }
+
+    async fn wait_ready_on(&self, service: &str, port: u16) -> anyhow::Result<()> {
+        let url = format!("http://127.0.0.1:{port}/health/ready");
         for _ in 0..600 {
             if let Ok(response) = self.http.get(&url).send().await
                 && response.status().is_success()
@@ -276,13 +328,66 @@ impl Platform {
         format!("http://127.0.0.1:{}", self.ports[service])
     }
 
-    /// Resident and peak memory of each service process, in MiB (from /proc).
-    pub fn memory(&self) -> BTreeMap<String, (f64, f64)> {
-        self.children
+    /// Starts one more process of `service` (beside the first, on a port of its own) and
+    /// waits until it is ready.
+    pub async fn add_instance(&mut self, service: &'static str) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let child = self.spawn(service, port)?;
+        self.instances.push(Instance {
+            service,
+            port,
+            child,
+        });
+        self.wait_ready_on(service, port).await
+    }
+
+    /// Kills the oldest process of `service` with SIGKILL. `url(service)` moves to a surviving
+    /// instance if there is one.
+    pub fn kill(&mut self, service: &str) -> anyhow::Result<()> {
+        let index = self
+            .instances
             .iter()
-            .filter_map(|(service, child)| {
+            .position(|instance| instance.service == service)
+            .with_context(|| format!("no {service} process to kill"))?;
+        let mut instance = self.instances.remove(index);
+        instance.child.kill()?;
+        instance.child.wait()?;
+        if let Some(survivor) = self.instances.iter().find(|i| i.service == service) {
+            self.ports.insert(survivor.service, survivor.port);
+        }
+        Ok(())
+    }
+
+    /// Starts a new process of `service` on its port (after [`Platform::kill`]) without
+    /// waiting for it.
+    pub fn restart(&mut self, service: &'static str) -> anyhow::Result<()> {
+        let port = self.ports[service];
+        let child = self.spawn(service, port)?;
+        self.instances.push(Instance {
+            service,
+            port,
+            child,
+        });
+        Ok(())
+    }
+
+    /// Resident and peak memory of each service process, in MiB (from /proc); a second
+    /// instance of a service is `service#2`.
+    pub fn memory(&self) -> BTreeMap<String, (f64, f64)> {
+        let mut seen = BTreeMap::<&str, usize>::new();
+        self.instances
+            .iter()
+            .filter_map(|instance| {
+                let count = seen.entry(instance.service).or_default();
+                *count += 1;
+                let name = if *count == 1 {
+                    instance.service.to_owned()
+                } else {
+                    format!("{}#{count}", instance.service)
+                };
                 let status =
-                    std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+                    std::fs::read_to_string(format!("/proc/{}/status", instance.child.id()))
+                        .ok()?;
                 let field = |name: &str| {
                     status
                         .lines()
@@ -291,7 +396,7 @@ impl Platform {
                         .map(|kib| kib / 1024.0)
                         .unwrap_or(0.0)
                 };
-                Some(((*service).to_owned(), (field("VmRSS:"), field("VmHWM:"))))
+                Some((name, (field("VmRSS:"), field("VmHWM:"))))
             })
             .collect()
     }
@@ -335,17 +440,7 @@ impl Platform {
 
     /// Waits until the query-api writer has stored everything published so far.
     pub async fn wait_durable(&self, timeout: Duration) -> anyhow::Result<()> {
-        let nats = async_nats::connect(&self.servers.nats_url).await?;
-        let jetstream = async_nats::jetstream::new(nats);
-        let subjects = fieldline_proto::Subjects::new(&self.id)?;
-        let mut consumer = jetstream
-            .get_stream(subjects.stream_name(fieldline_proto::Stream::Telemetry))
-            .await?
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
-                fieldline_proto::consumers::QUERY_WRITER,
-            )
-            .await
-            .map_err(|error| anyhow::anyhow!("query-writer consumer: {error}"))?;
+        let mut consumer = self.writer_consumer().await?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let info = consumer.info().await?;
@@ -359,17 +454,42 @@ impl Platform {
         }
     }
 
+    /// Whether the query-api writer has nothing waiting and nothing unacknowledged.
+    pub async fn writer_idle(&self) -> anyhow::Result<bool> {
+        let mut consumer = self.writer_consumer().await?;
+        let info = consumer.info().await?;
+        Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+    }
+
+    async fn writer_consumer(
+        &self,
+    ) -> anyhow::Result<
+        async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>,
+    > {
+        let nats = async_nats::connect(&self.servers.nats_url).await?;
+        let jetstream = async_nats::jetstream::new(nats);
+        let subjects = fieldline_proto::Subjects::new(&self.id)?;
+        jetstream
+            .get_stream(subjects.stream_name(fieldline_proto::Stream::Telemetry))
+            .await?
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                fieldline_proto::consumers::QUERY_WRITER,
+            )
+            .await
+            .map_err(|error| anyhow::anyhow!("query-writer consumer: {error}"))
+    }
+
     /// Stops every process (SIGTERM), drops the database and the streams.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        for (_, child) in &self.children {
+        for instance in &self.instances {
             let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
+                .args(["-TERM", &instance.child.id().to_string()])
                 .status();
         }
-        for (_, child) in &mut self.children {
-            let _ = child.wait();
+        for instance in &mut self.instances {
+            let _ = instance.child.wait();
         }
-        self.children.clear();
+        self.instances.clear();
         let nats = async_nats::connect(&self.servers.nats_url).await?;
         let jetstream = async_nats::jetstream::new(nats);
         let subjects = fieldline_proto::Subjects::new(&self.id)?;
@@ -392,9 +512,9 @@ impl Platform {
 
 impl Drop for Platform {
     fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
+        for instance in &mut self.instances {
+            let _ = instance.child.kill();
+            let _ = instance.child.wait();
         }
     }
 }

@@ -260,27 +260,30 @@ impl Drop for SecureNats {
     }
 }
 
-/// A PostgreSQL cluster of its own (initdb into a temporary directory, a random port), with a
-/// password for `postgres` (scram-sha-256 over TCP) and TLS with a certificate of `ca` for
-/// `localhost` only, so `verify-full` to `127.0.0.1` is a name mismatch and to `localhost` is
-/// not. Stopped and removed on drop.
+/// A PostgreSQL cluster of its own (initdb into a temporary directory, a random port). From
+/// [`PrivatePostgres::start`]: a password for `postgres` (scram-sha-256 over TCP) and TLS with
+/// a certificate of `ca` for `localhost` only, so `verify-full` to `127.0.0.1` is a name
+/// mismatch and to `localhost` is not. From [`PrivatePostgres::start_plain`]: trust, no TLS, for
+/// a harness that stops and restarts it. Stopped and removed on drop.
 pub struct PrivatePostgres {
     pub port: u16,
+    /// Empty on a plain cluster (trust).
     pub password: String,
     dir: PathBuf,
-    child: Child,
+    /// `-c` settings beyond the port and socket (TLS files), kept for a restart.
+    settings: Vec<String>,
+    child: Option<Child>,
 }
 
 impl PrivatePostgres {
     const BIN: &'static str = "/usr/lib/postgresql/15/bin";
 
     pub async fn start(ca: &TestCa) -> Self {
-        use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
+        use std::os::unix::fs::PermissionsExt as _;
 
-        let port = free_port();
-        let password = format!("pg-{}", crate::unique_suffix());
         let dir = std::env::temp_dir().join(format!("fl-pg-{}", crate::unique_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
+        let password = format!("pg-{}", crate::unique_suffix());
         let certificate = ca.server_for("postgres", &["localhost"]);
         std::fs::copy(&certificate.cert_file, dir.join("server.crt")).unwrap();
         std::fs::copy(&certificate.key_file, dir.join("server.key")).unwrap();
@@ -290,78 +293,134 @@ impl PrivatePostgres {
         )
         .unwrap();
         std::fs::write(dir.join("password"), &password).unwrap();
+        let settings = vec![
+            "ssl=on".to_owned(),
+            format!("ssl_cert_file={}", dir.join("server.crt").display()),
+            format!("ssl_key_file={}", dir.join("server.key").display()),
+        ];
+        Self::init(dir, password, settings).await
+    }
+
+    /// A cluster that trusts every local connection, without TLS: what a harness that kills
+    /// the database needs, and nothing more.
+    pub async fn start_plain() -> Self {
+        let dir = std::env::temp_dir().join(format!("fl-pg-{}", crate::unique_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self::init(dir, String::new(), Vec::new()).await
+    }
+
+    async fn init(dir: PathBuf, password: String, settings: Vec<String>) -> Self {
         // initdb and postgres refuse to run as root: as root, they run as `postgres`.
-        let owner = run_as();
-        if let Some((uid, gid)) = owner {
+        if let Some((uid, gid)) = run_as() {
             for path in ["", "server.crt", "server.key", "password"] {
-                std::os::unix::fs::chown(dir.join(path), Some(uid), Some(gid)).unwrap();
+                if dir.join(path).exists() {
+                    std::os::unix::fs::chown(dir.join(path), Some(uid), Some(gid)).unwrap();
+                }
             }
         }
-        let command = |binary: &str| {
-            let mut command = Command::new(format!("{}/{binary}", Self::BIN));
-            if let Some((uid, gid)) = owner {
-                command.uid(uid).gid(gid);
-            }
-            command.current_dir(&dir);
-            command
-        };
-        let initdb = command("initdb")
+        let mut initdb = Self::command(&dir, "initdb");
+        initdb
             .arg("-D")
             .arg(dir.join("data"))
-            .args([
-                "-U",
-                "postgres",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-            ])
-            .arg(format!("--pwfile={}", dir.join("password").display()))
+            .args(["-U", "postgres", "--auth-local=trust"]);
+        if password.is_empty() {
+            initdb.arg("--auth-host=trust");
+        } else {
+            initdb
+                .arg("--auth-host=scram-sha-256")
+                .arg(format!("--pwfile={}", dir.join("password").display()));
+        }
+        let status = initdb
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .unwrap_or_else(|error| panic!("initdb is required for this test: {error}"));
-        assert!(initdb.success(), "initdb failed");
-        let log = std::fs::File::create(dir.join("postgres.log")).unwrap();
-        let child = command("postgres")
+        assert!(status.success(), "initdb failed");
+        let mut postgres = Self {
+            port: free_port(),
+            password,
+            dir,
+            settings,
+            child: None,
+        };
+        postgres.restart().await;
+        postgres
+    }
+
+    /// A command of the cluster's binaries, as its owner.
+    fn command(dir: &std::path::Path, binary: &str) -> Command {
+        use std::os::unix::process::CommandExt as _;
+
+        let mut command = Command::new(format!("{}/{binary}", Self::BIN));
+        if let Some((uid, gid)) = run_as() {
+            command.uid(uid).gid(gid);
+        }
+        command.current_dir(dir);
+        command
+    }
+
+    /// Starts the server (again) on the same port and data, and waits until it takes
+    /// connections (after crash recovery, when it was stopped abruptly).
+    pub async fn restart(&mut self) {
+        self.stop_immediate();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("postgres.log"))
+            .unwrap();
+        let mut command = Self::command(&self.dir, "postgres");
+        command
             .arg("-D")
-            .arg(dir.join("data"))
+            .arg(self.dir.join("data"))
             .args([
                 "-p",
-                &port.to_string(),
+                &self.port.to_string(),
                 "-c",
                 "listen_addresses=127.0.0.1",
                 "-k",
             ])
-            .arg(&dir)
-            .args(["-c", "ssl=on", "-c", "fsync=off"])
-            .arg("-c")
-            .arg(format!(
-                "ssl_cert_file={}",
-                dir.join("server.crt").display()
-            ))
-            .arg("-c")
-            .arg(format!("ssl_key_file={}", dir.join("server.key").display()))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let postgres = Self {
-            port,
-            password,
-            dir,
-            child,
-        };
-        wait_for_port(port, "postgres").await;
-        for _ in 0..200 {
+            .arg(&self.dir)
+            .args(["-c", "fsync=off"]);
+        for setting in &self.settings {
+            command.arg("-c").arg(setting);
+        }
+        let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        self.child = Some(child);
+        wait_for_port(self.port, "postgres").await;
+        for _ in 0..600 {
             let ready = Command::new(format!("{}/pg_isready", Self::BIN))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q"])
                 .status()
                 .is_ok_and(|status| status.success());
             if ready {
-                return postgres;
+                return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        panic!("postgres did not become ready: {}", postgres.log());
+        panic!("postgres did not become ready: {}", self.log());
+    }
+
+    /// PostgreSQL's immediate shutdown (SIGQUIT, what `pg_ctl stop -m immediate` sends): every
+    /// backend ends at once, no checkpoint; the next start recovers from the WAL.
+    pub fn stop_immediate(&mut self) {
+        self.signal_and_wait("-QUIT");
+    }
+
+    fn signal_and_wait(&mut self, signal: &str) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status();
+        for _ in 0..500 {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// `postgres://postgres:{password}@{host}:{port}/postgres` plus `query` (`?sslmode=…`).
@@ -370,6 +429,11 @@ impl PrivatePostgres {
             "postgres://postgres:{}@{host}:{}/postgres{query}",
             self.password, self.port
         )
+    }
+
+    /// `postgres://postgres@127.0.0.1:{port}`, without a database: a plain cluster's.
+    pub fn server_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
     }
 
     pub fn log(&self) -> String {
@@ -396,17 +460,7 @@ fn run_as() -> Option<(u32, u32)> {
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         // SIGINT: PostgreSQL's fast shutdown.
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.signal_and_wait("-INT");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

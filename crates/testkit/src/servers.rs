@@ -162,11 +162,12 @@ impl PrivateMosquitto {
             "allow_anonymous true\n".to_owned()
         };
         // `user root`: when tests run as root, the broker keeps root's access to its files
-        // (it ignores the option otherwise). The queue and size settings are deploy/mosquitto's
-        // (the packet limit is ingest-mqtt's default `mqtt_max_packet_bytes`).
+        // (it ignores the option otherwise). The persistence, queue and size settings are
+        // deploy/mosquitto's (the packet limit is ingest-mqtt's default `mqtt_max_packet_bytes`):
+        // a broker killed with SIGKILL comes back with its last autosave.
         let config = format!(
             "listener {port} 127.0.0.1\nuser root\n{access}\
-             persistence true\npersistence_location {}/\n\
+             persistence true\npersistence_location {}/\nautosave_interval 30\n\
              max_queued_messages 1000000\nmax_inflight_messages 1000\n\
              max_packet_size {}\n",
             dir.display(),
@@ -241,6 +242,16 @@ impl PrivateMosquitto {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the broker with SIGKILL: it saves nothing, so what it held in memory (sessions,
+    /// queued messages) is gone unless an earlier save kept it.
+    pub fn kill(&self) {
+        let taken = self.child.lock().unwrap().take();
+        if let Some(mut child) = taken {
             let _ = child.kill();
             let _ = child.wait();
         }
