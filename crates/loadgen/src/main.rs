@@ -183,8 +183,24 @@ impl Runner<'_> {
         open_broker: bool,
         run: impl AsyncFnOnce(&Platform) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
+        self.scenario_with(open_broker, &[], run).await
+    }
+
+    /// A scenario whose processes get `extra` settings too.
+    async fn scenario_with<T>(
+        &self,
+        open_broker: bool,
+        extra: &[(&str, &str)],
+        run: impl AsyncFnOnce(&Platform) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .copied()
+            .chain(extra.iter().copied())
+            .collect();
         let platform =
-            Platform::start_on(self.fieldline, self.servers.clone(), self.env, open_broker).await?;
+            Platform::start_on(self.fieldline, self.servers.clone(), &env, open_broker).await?;
         let outcome = run(&platform).await;
         {
             let mut peaks = self.peaks.borrow_mut();
@@ -391,6 +407,121 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             None,
         ));
         details.insert("webhooks-latency".into(), serde_json::to_value(&result)?);
+    }
+    if wanted("webhooks-batched") {
+        let events = if args.quick { 500 } else { 20_000 };
+        let result = runner
+            .scenario(async |platform: &Platform| {
+                scenarios::webhooks_shaped(
+                    platform,
+                    "webhooks-batched",
+                    10,
+                    32,
+                    None,
+                    duration,
+                    events,
+                    json!({"batch": {"max_events": 100, "max_wait_ms": 100}}),
+                )
+                .await
+            })
+            .await?;
+        figures.push(figure(
+            "webhooks-batched",
+            "events delivered in batches of up to 100",
+            result.deliveries_per_second,
+            "events/s",
+            Some(("HTTP POST to a local receiver", raw_http)),
+        ));
+        details.insert("webhooks-batched".into(), serde_json::to_value(&result)?);
+    }
+    if wanted("webhooks-ordered") {
+        let result = runner
+            .scenario(async |platform: &Platform| {
+                scenarios::webhooks_shaped(
+                    platform,
+                    "webhooks-ordered",
+                    1,
+                    8,
+                    Some(webhook_rate),
+                    duration,
+                    u64::MAX,
+                    json!({"ordering": "device"}),
+                )
+                .await
+            })
+            .await?;
+        figures.push(figure(
+            "webhooks-ordered",
+            "send→delivery p50, ordered by device",
+            result.latency.p50_ms,
+            "ms",
+            None,
+        ));
+        figures.push(figure(
+            "webhooks-ordered",
+            "send→delivery p99, ordered by device",
+            result.latency.p99_ms,
+            "ms",
+            None,
+        ));
+        details.insert("webhooks-ordered".into(), serde_json::to_value(&result)?);
+    }
+    if wanted("tracing") {
+        // The same two scenarios with traces off, sampled at 1 % and at 100 %, exported over
+        // OTLP/HTTP to a receiver in this process (a collector on the same machine).
+        let otlp = fieldline_testkit::otlp::OtlpReceiver::start().await;
+        for (http_name, mqtt_name, ratio) in [
+            (
+                "http-batched readings durable, traces off",
+                "mqtt-qos1 messages durable, traces off",
+                None,
+            ),
+            (
+                "http-batched readings durable, traces at 1 %",
+                "mqtt-qos1 messages durable, traces at 1 %",
+                Some("0.01"),
+            ),
+            (
+                "http-batched readings durable, traces at 100 %",
+                "mqtt-qos1 messages durable, traces at 100 %",
+                Some("1.0"),
+            ),
+        ] {
+            let mut extra: Vec<(&str, &str)> = Vec::new();
+            if let Some(ratio) = ratio {
+                extra.extend([
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint.as_str()),
+                    ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                    ("OTEL_TRACES_SAMPLER_ARG", ratio),
+                ]);
+            }
+            let http = runner
+                .scenario_with(false, &extra, async |platform: &Platform| {
+                    scenarios::http_ingest(platform, "tracing-http-batched", 8, 100, duration).await
+                })
+                .await?;
+            figures.push(figure(
+                "tracing",
+                http_name,
+                http.durable_per_second,
+                "readings/s",
+                None,
+            ));
+            let mqtt = runner
+                .scenario_with(false, &extra, async |platform: &Platform| {
+                    scenarios::mqtt_ingest(platform, mqtt_devices, mqtt_rate, duration).await
+                })
+                .await?;
+            figures.push(figure(
+                "tracing",
+                mqtt_name,
+                mqtt.durable_per_second,
+                "msg/s",
+                None,
+            ));
+        }
+        details.insert("tracing-spans-received".into(), json!(otlp.spans().len()));
+        otlp.stop().await;
     }
     if wanted("http-batched") {
         let (result, raw_copy) = runner

@@ -56,21 +56,27 @@ async fn receive(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
-    if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&body) {
-        let sent = event["payload"]["readings"]
-            .as_array()
-            .and_then(|readings| readings.iter().find(|r| r["metric"] == "sent_us"))
-            .and_then(|reading| reading["value"].as_f64());
-        if let Some(sent) = sent {
-            let latency = now_us.saturating_sub(sent as u64).max(1);
-            let _ = inner
-                .latencies
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .record(latency);
+    // One event, or a batch of them (a JSON array): each event counts, with its latency.
+    let mut events = 1;
+    if let Ok(body) = serde_json::from_slice::<serde_json::Value>(&body) {
+        let batch = match body {
+            serde_json::Value::Array(items) => items,
+            single => vec![single],
+        };
+        events = batch.len().max(1) as u64;
+        let mut latencies = inner.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        for event in &batch {
+            let sent = event["payload"]["readings"]
+                .as_array()
+                .and_then(|readings| readings.iter().find(|r| r["metric"] == "sent_us"))
+                .and_then(|reading| reading["value"].as_f64());
+            if let Some(sent) = sent {
+                let latency = now_us.saturating_sub(sent as u64).max(1);
+                let _ = latencies.record(latency);
+            }
         }
     }
-    inner.count.fetch_add(1, Ordering::Relaxed);
+    inner.count.fetch_add(events, Ordering::Relaxed);
     *inner.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     HttpResponse::NoContent().finish()
 }

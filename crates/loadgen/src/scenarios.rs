@@ -264,10 +264,40 @@ pub async fn webhooks(
     duration: Duration,
     max_events: u64,
 ) -> anyhow::Result<WebhookResult> {
+    webhooks_shaped(
+        platform,
+        name,
+        webhooks,
+        clients,
+        rate,
+        duration,
+        max_events,
+        json!({}),
+    )
+    .await
+}
+
+/// [`webhooks`] with shape options on every webhook (`batch`, `ordering`, …).
+#[allow(clippy::too_many_arguments)]
+pub async fn webhooks_shaped(
+    platform: &Platform,
+    name: &str,
+    webhooks: usize,
+    clients: usize,
+    rate: Option<u64>,
+    duration: Duration,
+    max_events: u64,
+    options: Value,
+) -> anyhow::Result<WebhookResult> {
     let receiver = Receiver::start().await?;
     for index in 0..webhooks {
+        let mut body =
+            json!({"url": receiver.url(&format!("/{name}/{index}")), "events": ["device.data"]});
+        if let (Some(body), Some(options)) = (body.as_object_mut(), options.as_object()) {
+            body.extend(options.clone());
+        }
         platform
-            .post("webhook-dispatcher", "/api/v1/webhooks", &json!({"url": receiver.url(&format!("/{name}/{index}")), "events": ["device.data"]}))
+            .post("webhook-dispatcher", "/api/v1/webhooks", &body)
             .await
             .context("registering a webhook")?;
     }
