@@ -437,11 +437,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if wanted("webhooks-ordered") {
         let result = runner
             .scenario(async |platform: &Platform| {
+                // One in flight per device: the rate is spread over many devices, as a fleet's is.
                 scenarios::webhooks_shaped(
                     platform,
                     "webhooks-ordered",
                     1,
-                    8,
+                    200,
                     Some(webhook_rate),
                     duration,
                     u64::MAX,
