@@ -203,6 +203,9 @@ async fn main() -> anyhow::Result<()> {
 async fn serve(services: ServiceSet) -> anyhow::Result<()> {
     let config = Config::load()?;
     fieldline_common::telemetry::init_tracing(&config);
+    // The recorder before the services start: what they record while starting (counters
+    // set to 0 for dashboards and alerts) would otherwise go nowhere.
+    fieldline_common::telemetry::metrics_handle();
     let names: Vec<_> = services.0.iter().map(|kind| kind.name()).collect();
     // Where it connects and how, never with a credential (validated at load, so both read).
     let nats =
