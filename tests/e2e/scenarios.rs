@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::platform::Platform;
 
-async fn create_device(platform: &Platform, id: &str) -> String {
+pub async fn create_device(platform: &Platform, id: &str) -> String {
     let (status, body) = platform
         .post(
             "/api/v1/devices",
@@ -407,7 +407,7 @@ pub async fn dispatcher_killed_mid_retry(platform: &mut Platform) {
 }
 
 /// A device's MQTT session: its account is `{root}/{project}/{device}`, its password its token.
-fn mqtt_client(platform: &Platform, device: &str, token: &str) -> AsyncClient {
+pub fn mqtt_client(platform: &Platform, device: &str, token: &str) -> AsyncClient {
     let (host, port) = platform.mqtt_host_port();
     // A device's user name and client id are both its topic prefix.
     let username = format!("{}/default/{device}", platform.topic_root());
