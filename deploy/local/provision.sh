@@ -284,5 +284,12 @@ if [[ $(psql -h 127.0.0.1 -U postgres -d postgres -tAc "select 1 from pg_databas
     createdb -h 127.0.0.1 -U postgres -O postgres "$PG_DB"
 fi
 
+# Grafana's read-only role on the readings (deploy/grafana/dashboards-role.sql): it grants on
+# the tables that exist, so on a new database the grants come with the next provision, once
+# the services have made their schemas. Trust on loopback: no password needed here.
+psql -h 127.0.0.1 -U postgres -d "$PG_DB" -qX -v ON_ERROR_STOP=1 \
+    -f "$(dirname "${BASH_SOURCE[0]}")/../grafana/dashboards-role.sql" >/dev/null \
+    || die "creating the fieldline_dashboards role (deploy/grafana/dashboards-role.sql) failed"
+
 printf '%-9s %-15s %s\n' postgres 127.0.0.1:5432 "ok (database $PG_DB)" \
     nats 127.0.0.1:4222 "$JS_NOTE" mosquitto 127.0.0.1:1883 "ok (dynamic security, admin $MQTT_ADMIN_USER)"

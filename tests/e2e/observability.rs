@@ -70,7 +70,7 @@ async fn every_services_metrics_pass_promtool_and_carry_build_and_process_famili
 }
 
 /// promtool comes with Debian's `prometheus` package, which `make test` provisions.
-fn which(binary: &str) -> String {
+pub fn which(binary: &str) -> String {
     for dir in std::env::var("PATH")
         .unwrap_or_default()
         .split(':')

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::platform::Platform;
 
-async fn create_device(platform: &Platform, id: &str) -> String {
+pub async fn create_device(platform: &Platform, id: &str) -> String {
     let (status, body) = platform
         .post(
             "/api/v1/devices",

@@ -184,6 +184,8 @@ pub async fn start<H: Handler>(context: &Context, spec: Spec, handler: H) -> any
         )
         .await?;
     watch_lag(context, &spec, consumer.clone());
+    // From 0, so that the first dead letter is an increase an alert sees.
+    metrics::counter!("fieldline_dead_letters_total", "consumer" => spec.name).increment(0);
     let looped = Arc::new(Loop {
         context: context.clone(),
         spec,

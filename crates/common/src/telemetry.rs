@@ -289,6 +289,11 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Webhook deliveries pending (queued or waiting for a retry)",
     ),
     (
+        "fieldline_webhooks_disabled",
+        Kind::Gauge,
+        "Webhooks the dispatcher disabled for failing, until enabled again (their events stay queued)",
+    ),
+    (
         "fieldline_webhook_retention_deleted_total",
         Kind::Counter,
         "Webhook rows removed by retention, by table",

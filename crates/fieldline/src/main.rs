@@ -209,6 +209,9 @@ async fn serve(services: ServiceSet) -> anyhow::Result<()> {
         _ => "fieldline",
     };
     let tracer = fieldline_common::telemetry::init(&config, service_name)?;
+    // The recorder before the services start: what they record while starting (counters
+    // set to 0 for dashboards and alerts) would otherwise go nowhere.
+    fieldline_common::telemetry::metrics_handle();
     // Where it connects and how, never with a credential (validated at load, so both read).
     let nats =
         fieldline_common::bus::NatsSettings::from_config(&config).map_err(|(field, message)| {

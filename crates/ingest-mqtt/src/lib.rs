@@ -58,12 +58,30 @@ const ACK_REPORT_ATTEMPTS: u32 = 3;
 /// device has waiting, the more of it the [`coalesce`] puts in one bus message.
 const IN_FLIGHT: usize = 1024;
 
+/// Every reason a message is dropped for (`fieldline_mqtt_dropped_total{reason}`), counted
+/// from 0 at start so that dashboards and alerts see the first drop of each as an increase.
+const DROP_REASONS: [&str; 10] = [
+    "too_large",
+    "invalid_topic",
+    "unknown_device",
+    "rate_limited",
+    "malformed",
+    "too_many_readings",
+    "out_of_window",
+    "unknown_command",
+    "refused",
+    "poison",
+];
+
 /// Starts the MQTT loops. Returns at once: the broker may be down at start, and each slot's
 /// connection connects (and reconnects) by itself; readiness reports whether this instance
 /// holds its slots and all are connected.
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let config = &context.config;
     let name = config.ingest_mqtt_client_id();
+    for reason in DROP_REASONS {
+        metrics::counter!("fieldline_mqtt_dropped_total", "reason" => reason).increment(0);
+    }
     let filters: Vec<String> = Uplink::ALL
         .iter()
         .map(|uplink| {
@@ -792,5 +810,46 @@ async fn forward_ack(
         }
         Some(Ok(_)) => drop_message(topic, "unknown_command", "the device has no such command"),
         Some(Err(error)) => drop_message(topic, "refused", &error.message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fieldline_common::ingest::ParseError;
+
+    use super::DROP_REASONS;
+
+    /// A reason left out of [`DROP_REASONS`] would be missing from dashboards and alerts until
+    /// its first drop.
+    #[test]
+    fn every_drop_reason_is_counted_from_zero() {
+        let source = include_str!("lib.rs");
+        let mut reasons: Vec<String> = [
+            ParseError::Malformed(String::new()),
+            ParseError::Invalid(String::new()),
+            ParseError::TooMany { count: 2, limit: 1 },
+            ParseError::OutOfWindow(String::new()),
+        ]
+        .iter()
+        .map(|error| error.reason().to_owned())
+        .collect();
+        for (at, _) in source.match_indices("Dropped(\"") {
+            let rest = &source[at + "Dropped(\"".len()..];
+            reasons.push(rest.chars().take_while(|c| *c != '"').collect());
+        }
+        for (at, _) in source.match_indices("drop_message(") {
+            let rest = &source[at + "drop_message(".len()..];
+            let Some(comma) = rest.find(',') else {
+                continue;
+            };
+            let argument = rest[comma + 1..].trim_start();
+            if let Some(literal) = argument.strip_prefix('"') {
+                reasons.push(literal.chars().take_while(|c| *c != '"').collect());
+            }
+        }
+        assert!(reasons.len() > 8, "{reasons:?}");
+        for reason in reasons {
+            assert!(DROP_REASONS.contains(&reason.as_str()), "{reason}");
+        }
     }
 }

@@ -75,11 +75,19 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     })
 }
 
-/// `fieldline_webhook_queue_depth`: deliveries waiting, every 5 s.
+/// `fieldline_webhook_queue_depth` (deliveries waiting) and `fieldline_webhooks_disabled`,
+/// every 5 s; each instance reports the same, as both are counted in the database.
 async fn report_queue_depth(context: Context, repo: Repo) {
+    // From 0, so that the first failed delivery is an increase an alert sees.
+    for result in ["succeeded", "failed"] {
+        metrics::counter!("fieldline_webhook_deliveries_total", "result" => result).increment(0);
+    }
     loop {
         if let Ok(depth) = repo.pending_count().await {
             metrics::gauge!("fieldline_webhook_queue_depth").set(depth as f64);
+        }
+        if let Ok(disabled) = repo.disabled_count().await {
+            metrics::gauge!("fieldline_webhooks_disabled").set(disabled as f64);
         }
         tokio::select! {
             _ = context.shutdown.cancelled() => break,

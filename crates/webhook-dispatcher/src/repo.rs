@@ -1086,6 +1086,19 @@ impl Repo {
             .await?
             .get(0))
     }
+
+    /// Webhooks the dispatcher disabled for failing (a webhook paused by its owner has no
+    /// disabled reason).
+    pub async fn disabled_count(&self) -> Result<i64, ApiError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_one(
+                "SELECT count(*) FROM webhooks.webhooks WHERE NOT enabled AND disabled_reason IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0))
+    }
 }
 
 /// What a batch of outcomes says about one webhook's time spent failing.
