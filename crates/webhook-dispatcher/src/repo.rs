@@ -78,7 +78,10 @@ due AS (
                 SELECT 1 FROM webhooks.deliveries q
                 WHERE q.webhook_id = p.webhook_id AND q.device_id = p.device_id
                   AND q.status = 'pending' AND q.seq < p.seq))
-        ORDER BY p.next_attempt_at, p.seq
+        -- Time order alone: the index gives it, so a webhook's backlog costs a claim nothing
+        -- (a tie-break on seq made every claim sort the whole backlog). Ordered webhooks need
+        -- none: of each device's line only the head is eligible.
+        ORDER BY p.next_attempt_at
         LIMIT ch.free * ch.batch
         FOR UPDATE SKIP LOCKED) c
 ),
