@@ -184,15 +184,7 @@ async fn drive_traffic(platform: &Platform, receiver: &Receiver) {
 async fn scrape(platform: &Platform) -> BTreeMap<String, Vec<String>> {
     let mut exposed: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for service in SERVICES {
-        let text = platform
-            .http
-            .get(format!("{}/metrics", platform.service_url(service)))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = platform.metrics(service).await;
         for line in text.lines().filter(|line| !line.starts_with('#')) {
             let name: String = line
                 .chars()

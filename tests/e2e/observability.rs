@@ -27,15 +27,7 @@ async fn every_services_metrics_pass_promtool_and_carry_build_and_process_famili
     assert!(status.is_success(), "{body}");
     let promtool = which("promtool");
     for service in SERVICES {
-        let text = platform
-            .http
-            .get(format!("{}/metrics", platform.service_url(service)))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = platform.metrics(service).await;
         for family in [
             "# HELP fieldline_build_info ",
             "fieldline_build_info{",

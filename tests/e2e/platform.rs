@@ -234,6 +234,18 @@ impl Platform {
         &self.base[service]
     }
 
+    /// One service's `/metrics`, as Prometheus scrapes it.
+    pub async fn metrics(&self, service: &str) -> String {
+        self.http
+            .get(format!("{}/metrics", self.service_url(service)))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn request(
         &self,
         method: Method,

@@ -289,6 +289,18 @@ impl TestApp {
         &self.env.admin_key
     }
 
+    /// This process's `/metrics`, as Prometheus scrapes it.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Sends a request with an optional bearer credential and JSON body; returns the status
     /// and the parsed body (`Value::Null` when empty or not JSON).
     pub async fn request(

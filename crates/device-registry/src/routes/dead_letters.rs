@@ -203,10 +203,13 @@ async fn next(
     }
 }
 
-async fn get(stream: &JsStream, state: &State, sequence: u64) -> Result<StreamMessage, ApiError> {
+/// The dead letter a path names, with its stream and sequence (404 when it is gone).
+async fn named(state: &State, path: &str) -> Result<(JsStream, u64, StreamMessage), ApiError> {
+    let sequence = parse_sequence(path)?;
+    let stream = dead_stream(state).await?;
     let filter = state.context.subjects.dead_letters_all();
-    match next(stream, &filter, sequence).await? {
-        Some(message) if message.sequence == sequence => Ok(message),
+    match next(&stream, &filter, sequence).await? {
+        Some(message) if message.sequence == sequence => Ok((stream, sequence, message)),
         _ => Err(not_found(sequence)),
     }
 }
@@ -245,9 +248,7 @@ async fn inspect(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     key.require_platform_admin()?;
-    let sequence = parse_sequence(&path)?;
-    let stream = dead_stream(&state).await?;
-    let message = get(&stream, &state, sequence).await?;
+    let (_, _, message) = named(&state, &path).await?;
     let letter = summary(&message);
     let decoded = decode(&letter.subject, &message.payload);
     let headers = message
@@ -274,9 +275,7 @@ async fn replay(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require_platform_admin()?;
-    let sequence = parse_sequence(&path)?;
-    let stream = dead_stream(&state).await?;
-    let message = get(&stream, &state, sequence).await?;
+    let (stream, sequence, message) = named(&state, &path).await?;
     let letter = summary(&message);
     let bus_root = format!("{}.", state.context.config.bus_prefix);
     if letter.consumer.is_empty() || !letter.subject.starts_with(&bus_root) {
@@ -325,9 +324,7 @@ async fn remove(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require_platform_admin()?;
-    let sequence = parse_sequence(&path)?;
-    let stream = dead_stream(&state).await?;
-    get(&stream, &state, sequence).await?;
+    let (stream, sequence, _) = named(&state, &path).await?;
     stream.delete_message(sequence).await.map_err(unavailable)?;
     tracing::info!(sequence, by = %principal.id, "dead letter deleted");
     Ok(envelope::no_content())

@@ -123,15 +123,7 @@ async fn a_poison_message_reaches_the_dead_letters_after_its_tries_while_the_nex
         "{decoded}"
     );
     assert!(!body["data"]["payload_base64"].as_str().unwrap().is_empty());
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("fieldline_dead_letters_total{consumer=\"query-writer\"} 1"),
         "{metrics}"
