@@ -410,11 +410,12 @@ impl AuthClient {
         }
         let span = tracing::info_span!(
             "auth rpc",
-            otel.name = %format!("{subject} request"),
+            otel.name = tracing::field::Empty,
             otel.kind = "client",
             messaging.system = "nats",
             messaging.destination.name = %subject,
         );
+        crate::trace::name(&span, || format!("{subject} request"));
         let mut headers = async_nats::HeaderMap::new();
         crate::trace::inject_nats(&span, &mut headers);
         let request = self

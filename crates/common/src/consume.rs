@@ -54,6 +54,25 @@ pub mod headers {
     /// On a replayed message: its original stream sequence, so a handler that derives ids
     /// from it (fan-out's event ids) derives the same ones.
     pub const REPLAY_SEQUENCE: &str = "Fieldline-Replay-Sequence";
+
+    /// A message's own headers (a `traceparent`, say): all but its `Nats-Msg-Id` and the
+    /// dead-letter and replay headers above, which each copy sets anew.
+    pub fn own(from: &async_nats::HeaderMap) -> async_nats::HeaderMap {
+        let mut own = async_nats::HeaderMap::new();
+        for (name, values) in from.iter() {
+            let name: &str = name.as_ref();
+            if name.eq_ignore_ascii_case("Nats-Msg-Id")
+                || name.starts_with("Fieldline-Dead-")
+                || name.starts_with("Fieldline-Replay-")
+            {
+                continue;
+            }
+            for value in values {
+                own.append(name, value.as_str());
+            }
+        }
+        own
+    }
 }
 
 /// How a consumer is set up. The consumer is durable and shared by every instance of the
@@ -357,7 +376,7 @@ impl<H: Handler> Loop<H> {
         // handled alone continues its trace) and linked to every message's.
         let span = tracing::info_span!(
             "process",
-            otel.name = %format!("{} process", self.spec.name),
+            otel.name = tracing::field::Empty,
             otel.kind = "consumer",
             messaging.system = "nats",
             messaging.operation.type = "process",
@@ -366,6 +385,7 @@ impl<H: Handler> Loop<H> {
             trace_id = tracing::field::Empty,
             span_id = tracing::field::Empty,
         );
+        crate::trace::name(&span, || format!("{} process", self.spec.name));
         if crate::trace::enabled() {
             let contexts: Vec<_> = deliveries
                 .iter()
@@ -464,19 +484,9 @@ impl<H: Handler> Loop<H> {
         let stream = self.context.subjects.stream_name(self.spec.stream);
         let mut headers = HeaderMap::new();
         if let Some(original) = &message.headers {
-            for (name, values) in original.iter() {
-                let name: &str = name.as_ref();
-                if name.eq_ignore_ascii_case("Nats-Msg-Id") {
-                    for value in values {
-                        headers.insert(headers::MSG_ID, value.as_str());
-                    }
-                } else if !name.starts_with("Fieldline-Dead-")
-                    && !name.starts_with("Fieldline-Replay-")
-                {
-                    for value in values {
-                        headers.append(name, value.as_str());
-                    }
-                }
+            headers = headers::own(original);
+            if let Some(id) = original.get("Nats-Msg-Id") {
+                headers.insert(headers::MSG_ID, id.as_str());
             }
         }
         // The same message given up on twice (two instances, a lost ack) is one dead letter.

@@ -778,15 +778,17 @@ pub async fn publish_durable(
         headers.insert("Nats-Msg-Id", id);
     }
     // The message's own span (a producer), whose context it carries to its consumers.
-    let kind = subject.split('.').nth(1).unwrap_or("bus").to_owned();
     let span = tracing::info_span!(
         "publish",
-        otel.name = %format!("{kind} publish"),
+        otel.name = tracing::field::Empty,
         otel.kind = "producer",
         messaging.system = "nats",
         messaging.operation.type = "publish",
         messaging.destination.name = %subject,
     );
+    crate::trace::name(&span, || {
+        format!("{} publish", subject.split('.').nth(1).unwrap_or("bus"))
+    });
     crate::trace::inject_nats(&span, &mut headers);
     let acked = async {
         let ack_future = jetstream

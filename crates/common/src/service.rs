@@ -377,7 +377,7 @@ where
     // its handling (auth, publish) is a child of it.
     let span = tracing::info_span!(
         "http request",
-        otel.name = %format!("{method} {route}"),
+        otel.name = tracing::field::Empty,
         otel.kind = "server",
         http.request.method = %method,
         http.route = %route,
@@ -386,6 +386,7 @@ where
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
     );
+    crate::trace::name(&span, || format!("{method} {route}"));
     crate::trace::set_parent(&span, crate::trace::extract_http(req.headers()));
     crate::trace::record_ids(&span);
     let response = span.in_scope(|| service.call(req));

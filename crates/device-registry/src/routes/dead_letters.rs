@@ -285,16 +285,7 @@ async fn replay(
         ));
     }
     // The original's headers, less the dead letter's own; marked for its consumer.
-    let mut replayed = HeaderMap::new();
-    for (name, values) in message.headers.iter() {
-        let name: &str = name.as_ref();
-        if name.starts_with("Fieldline-Dead-") || name.eq_ignore_ascii_case("Nats-Msg-Id") {
-            continue;
-        }
-        for value in values {
-            replayed.append(name, value.as_str());
-        }
-    }
+    let mut replayed = headers::own(&message.headers);
     replayed.insert(headers::REPLAY_FOR, letter.consumer.as_str());
     if let Some(original) = letter.original_sequence {
         replayed.insert(headers::REPLAY_SEQUENCE, original.to_string().as_str());
