@@ -159,6 +159,11 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Devices the registry's sweep turned offline",
     ),
     (
+        "fieldline_registry_alerts_fired_by_sweep_total",
+        Kind::Counter,
+        "Pending alerts the registry's sweep fired once their for_s passed with no new reading",
+    ),
+    (
         "fieldline_registry_outbox_published_total",
         Kind::Counter,
         "Registry events published from the outbox to the bus",

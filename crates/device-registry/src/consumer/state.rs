@@ -1,6 +1,6 @@
 //! Device state from the telemetry stream (readings and heartbeats): a durable pull consumer
-//! shared by every registry instance, and the sweep that finds devices gone silent and
-//! commands past their TTL.
+//! shared by every registry instance, and the sweep that finds devices gone silent, pending
+//! alerts whose `for_s` has passed and commands past their TTL.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -88,7 +88,10 @@ pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::
             };
             metrics::gauge!("fieldline_registry_state_lag_messages").set(lag as f64);
             if lag > SWEEP_LAG_LIMIT {
-                tracing::warn!(lag, "state consumer behind; offline sweep postponed");
+                tracing::warn!(
+                    lag,
+                    "state consumer behind; offline and alert sweeps postponed"
+                );
             } else {
                 loop {
                     match repo.sweep_offline(SWEEP_BATCH).await {
@@ -103,6 +106,25 @@ pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::
                         }
                         Err(error) => {
                             tracing::warn!(error = %error, "offline sweep failed");
+                            break;
+                        }
+                    }
+                }
+                // Behind on readings, a pending alert may already have cooled in a message
+                // not yet applied: it waits with the offline sweep.
+                loop {
+                    match repo.fire_due_alerts(SWEEP_BATCH).await {
+                        Ok(0) => break,
+                        Ok(count) => {
+                            metrics::counter!("fieldline_registry_alerts_fired_by_sweep_total")
+                                .increment(count as u64);
+                            wake.notify_one();
+                            if (count as i64) < SWEEP_BATCH {
+                                break;
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(error = %error, "alert sweep failed");
                             break;
                         }
                     }

@@ -375,6 +375,69 @@ impl Repo {
         tx.commit().await?;
         Ok(messages.len())
     }
+    /// Pending alerts whose `for_s` has passed while no reading came to fire them (a device
+    /// that went quiet while hot) fire now, each announced once. The wait runs from when the
+    /// breach was first seen by the reading's clock or by ours, whichever is later: a backlog
+    /// of old readings is judged on reading time alone, and a reading stamped far in the past
+    /// does not fire the moment it lands. SKIP LOCKED lets several instances sweep side by side
+    /// and skips a state the consumer is changing; the update's own `state = 'pending'` check
+    /// makes a second sweep that reads it afterwards change nothing. Returns how many fired.
+    pub async fn fire_due_alerts(&self, limit: i64) -> Result<usize, ApiError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "WITH due AS (
+                   SELECT a.rule_id, a.device_id FROM registry.alert_states a
+                   JOIN registry.alert_rules r ON r.id = a.rule_id
+                   JOIN registry.devices d ON d.project = a.project AND d.id = a.device_id
+                   WHERE a.state = 'pending' AND r.enabled
+                     AND (r.device_id = d.id OR r.device_group = d.device_group)
+                     AND greatest(a.pending_since, a.changed_at)
+                         + make_interval(secs => r.for_s) <= now()
+                   ORDER BY a.changed_at LIMIT $1 FOR UPDATE OF a SKIP LOCKED
+                 )
+                 UPDATE registry.alert_states a SET state = 'firing', changed_at = now()
+                 FROM due, registry.alert_rules r
+                 WHERE a.rule_id = due.rule_id AND a.device_id = due.device_id
+                   AND a.state = 'pending' AND r.id = a.rule_id
+                 RETURNING a.rule_id, a.project, a.device_id, r.name, r.metric, r.op,
+                           r.threshold, r.clear_threshold, r.for_s, r.severity, a.last_value",
+                &[&limit],
+            )
+            .await?;
+        let now = fieldline_common::time::now_us();
+        let messages: Vec<OutboxMessage> = rows
+            .iter()
+            .map(|row| {
+                let rule = RuleMatch {
+                    rule_id: row.get(0),
+                    project: row.get(1),
+                    device_id: row.get(2),
+                    name: row.get(3),
+                    metric: row.get(4),
+                    severity: row.get(9),
+                    condition: Condition {
+                        op: Op::from_db(row.get(5)),
+                        threshold: row.get(6),
+                        clear_threshold: row.get(7),
+                        for_us: i64::from(row.get::<_, i32>(8)) * 1_000_000,
+                    },
+                };
+                let value: Option<f64> = row.get(10);
+                self.messages.event(
+                    EventKind::Alert,
+                    &rule.project,
+                    &rule.device_id,
+                    now,
+                    &alert_payload(&rule, Transition::Firing, now, value.unwrap_or(f64::NAN)),
+                )
+            })
+            .collect();
+        enqueue(&tx, &messages).await?;
+        tx.commit().await?;
+        Ok(messages.len())
+    }
 }
 
 fn alert_payload(

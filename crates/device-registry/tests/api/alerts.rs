@@ -287,3 +287,123 @@ async fn rules_have_crud_and_refuse_bad_input() {
     assert_error(status, &body, StatusCode::NOT_FOUND, "rule_not_found");
     app.shutdown().await;
 }
+
+/// A device that sends one hot reading and goes quiet still fires once `for_s` has passed,
+/// fired by the sweep rather than by a next reading. Two registry instances sweep the same
+/// database, and each of a dozen such devices fires exactly once; a cool reading afterwards
+/// resolves it once.
+#[tokio::test]
+async fn a_quiet_device_fires_when_for_s_passes_once_across_two_registries() {
+    let env = fieldline_testkit::TestEnv::new().await;
+    let app = crate::spawn_registry_in(env.clone(), |config| config).await;
+    let second = crate::spawn_registry_in(env, |config| config).await;
+    let devices: Vec<String> = (0..12).map(|n| format!("boiler-{n}")).collect();
+    for id in &devices {
+        let (status, body) = app
+            .post(
+                "/api/v1/devices",
+                app.admin_key(),
+                &json!({"id": id, "group": "boilers"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let rule_id = create_rule(
+        &app,
+        json!({"name": "boiling", "group": "boilers", "metric": "temp", "op": "gt",
+               "threshold": 90, "for_s": 2, "severity": "critical"}),
+    )
+    .await;
+    let sent = std::time::Instant::now();
+    for id in &devices {
+        publish_reading(
+            &app,
+            "default",
+            id,
+            "temp",
+            fieldline_common::time::now_us(),
+            95.0,
+        )
+        .await;
+    }
+    // Pending, not firing, before for_s.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let early: Vec<Value> = events(&app, "device.alert")
+        .await
+        .into_iter()
+        .map(|e| e.1)
+        .collect();
+    assert!(early.is_empty(), "fired before for_s: {early:?}");
+
+    let alerts = alerts_of(&app, &rule_id, devices.len()).await;
+    assert!(
+        sent.elapsed() >= Duration::from_secs(2),
+        "fired after {:?}, before for_s",
+        sent.elapsed()
+    );
+    // Several more sweeps of both instances: still one event per device.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let all = events(&app, "device.alert").await;
+    let mut fired: Vec<String> = all
+        .iter()
+        .map(|(event, _)| event.device_id.clone())
+        .collect();
+    fired.sort();
+    let mut expected = devices.clone();
+    expected.sort();
+    assert_eq!(fired, expected, "one firing per device: {alerts:?}");
+    for (_, payload) in &all {
+        assert_eq!(payload["state"], "firing");
+        assert_eq!(payload["value"], 95.0);
+        assert_eq!(payload["for_s"], 2);
+        assert_eq!(payload["severity"], "critical");
+    }
+
+    // The next reading finds it firing: a cool one resolves it, once.
+    publish_reading(
+        &app,
+        "default",
+        "boiler-0",
+        "temp",
+        fieldline_common::time::now_us(),
+        70.0,
+    )
+    .await;
+    let alerts = alerts_of(&app, &rule_id, devices.len() + 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let alerts_after = alerts_of(&app, &rule_id, alerts.len()).await;
+    assert_eq!(alerts_after.len(), devices.len() + 1, "{alerts_after:?}");
+    assert_eq!(alerts_after.last().unwrap()["state"], "resolved");
+    second.shutdown().await;
+    app.shutdown().await;
+}
+
+/// A reading that breached long ago (stamped 10 minutes back, arriving now) does not fire the
+/// moment it lands: the sweep waits `for_s` from when the breach was seen.
+#[tokio::test]
+async fn an_old_breach_arriving_late_waits_for_s_from_its_arrival() {
+    let app = spawn_registry().await;
+    app.create_device("still").await;
+    let rule_id = create_rule(
+        &app,
+        json!({"name": "hot", "device_id": "still", "metric": "temp", "op": "gt",
+               "threshold": 50, "for_s": 2}),
+    )
+    .await;
+    let sent = std::time::Instant::now();
+    publish_reading(
+        &app,
+        "default",
+        "still",
+        "temp",
+        fieldline_common::time::now_us() - 600 * SECOND,
+        60.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(events(&app, "device.alert").await.is_empty());
+    let alerts = alerts_of(&app, &rule_id, 1).await;
+    assert!(sent.elapsed() >= Duration::from_secs(2));
+    assert_eq!(alerts[0]["state"], "firing");
+    app.shutdown().await;
+}
