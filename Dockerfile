@@ -28,5 +28,9 @@ COPY --from=builder /out/fieldline /usr/local/bin/fieldline
 ENV FIELDLINE_HTTP_ADDR=0.0.0.0:8080
 USER 10001
 EXPOSE 8080
+# Ready means NATS, PostgreSQL and the service's own checks pass; the binary checks itself
+# (the slim image has no curl), on the port of FIELDLINE_HTTP_ADDR.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["fieldline", "healthcheck"]
 ENTRYPOINT ["fieldline"]
 CMD ["serve", "--services", "all"]

@@ -454,7 +454,9 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        let mut ignored = vec!["config"];
+        // FIELDLINE_URL and FIELDLINE_API_KEY are the admin commands' (`fieldline devices …`),
+        // not a service's: a shell that sets them may still run `fieldline serve`.
+        let mut ignored = vec!["config", "url", "api_key"];
         ignored.extend(RAW_STRING_SETTINGS);
         figment = figment.merge(Env::prefixed("FIELDLINE_").ignore(&ignored));
         for key in RAW_STRING_SETTINGS {
@@ -903,6 +905,18 @@ mod tests {
                 config.database_url.expose_secret(),
                 "postgres://postgres@127.0.0.1:5432/fieldline"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_admin_commands_settings_are_not_refused_but_a_typo_is() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FIELDLINE_URL", "http://127.0.0.1:8080");
+            jail.set_env("FIELDLINE_API_KEY", "flk_x");
+            Config::figment(None).unwrap();
+            jail.set_env("FIELDLINE_UR", "http://127.0.0.1:8080");
+            assert!(Config::figment(None).is_err());
             Ok(())
         });
     }

@@ -31,6 +31,12 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
+/// Applies the `registry` schema's migrations: what `start` does first, and what
+/// `fieldline migrate` does for every service without starting any.
+pub async fn migrate(pool: &deadpool_postgres::Pool) -> anyhow::Result<()> {
+    fieldline_common::db::migrate(pool, "registry", embedded::migrations::runner()).await
+}
+
 /// Shared by the registry's handlers.
 pub(crate) struct State {
     pub repo: Repo,
@@ -71,7 +77,7 @@ impl State {
 /// returns the routes.
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let pool = context.db().await?;
-    fieldline_common::db::migrate(&pool, "registry", embedded::migrations::runner()).await?;
+    migrate(&pool).await?;
     let repo = Repo::new(pool, Messages::new(context.subjects.clone()));
     bootstrap(context, &repo).await?;
     consumer::start_rpc(context, repo.clone()).await?;

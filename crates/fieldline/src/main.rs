@@ -1,7 +1,10 @@
 //! `fieldline serve --services all|<list>`: runs any set of the platform's services in one
-//! process on one HTTP listener. Even in one process they talk over NATS only.
+//! process on one HTTP listener. Even in one process they talk over NATS only. The admin
+//! commands (devices, keys, webhooks, alerts, readings, migrate, healthcheck) are in `cli`.
 
-use std::{str::FromStr, sync::Arc, time::Duration};
+mod cli;
+
+use std::{process::ExitCode, str::FromStr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -31,6 +34,8 @@ enum Command {
     },
     /// Print the OpenAPI document of the whole platform (as `GET /api/v1/openapi.json`).
     Openapi,
+    #[command(flatten)]
+    Admin(Box<cli::Admin>),
 }
 
 /// What every process serves, whatever its services.
@@ -186,17 +191,18 @@ impl FromStr for ServiceSet {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { services } => serve(services).await,
+        Command::Serve { services } => serve(services).await.map(|()| ExitCode::SUCCESS),
         Command::Openapi => {
             use std::io::Write as _;
             let mut stdout = std::io::stdout().lock();
             serde_json::to_writer_pretty(&mut stdout, &api_document())?;
             writeln!(stdout)?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Admin(admin) => Ok(cli::run(*admin).await),
     }
 }
 

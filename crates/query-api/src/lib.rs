@@ -36,6 +36,12 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
+/// Applies the `telemetry` schema's migrations: what `start` does first, and what
+/// `fieldline migrate` does for every service without starting any.
+pub async fn migrate(pool: &deadpool_postgres::Pool) -> anyhow::Result<()> {
+    fieldline_common::db::migrate(pool, "telemetry", embedded::migrations::runner()).await
+}
+
 pub(crate) struct State {
     pub repo: Repo,
     pub context: Context,
@@ -44,7 +50,7 @@ pub(crate) struct State {
 /// Migrates the `telemetry` schema, starts the writer and returns the routes.
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let pool = context.db().await?;
-    fieldline_common::db::migrate(&pool, "telemetry", embedded::migrations::runner()).await?;
+    migrate(&pool).await?;
     let reads = read_pool_sizes(
         context.config.database_pool_size,
         context.config.http_worker_count(),

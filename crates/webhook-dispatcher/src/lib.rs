@@ -27,6 +27,12 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
+/// Applies the `webhooks` schema's migrations: what `start` does first, and what
+/// `fieldline migrate` does for every service without starting any.
+pub async fn migrate(pool: &deadpool_postgres::Pool) -> anyhow::Result<()> {
+    fieldline_common::db::migrate(pool, "webhooks", embedded::migrations::runner()).await
+}
+
 pub(crate) struct State {
     pub repo: Repo,
     pub context: Context,
@@ -44,7 +50,7 @@ impl State {
 /// Migrates the `webhooks` schema, starts fan-out and the delivery loop, returns the routes.
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let pool = context.db().await?;
-    fieldline_common::db::migrate(&pool, "webhooks", embedded::migrations::runner()).await?;
+    migrate(&pool).await?;
     let repo = Repo::new(pool);
     let targets = Targets::new(repo.clone(), context.config.auth_cache_ttl);
     let dispatcher = Dispatcher::new(context, repo.clone(), targets.clone())?;
