@@ -7,6 +7,9 @@
 # Env: FIELDLINE_PG_DB  database to create (default: fieldline)
 #      FL_MQTT_ADMIN_PASSWORD  password of the broker's account admin, set when the account
 #                     file is first made (default: the development one of the Makefile)
+#      FL_MQTT_CONF, FL_MQTT_PORT, FL_MQTT_STATE_DIR  another broker than the machine's
+#                     (its configuration file, port and state directory; the tests use them)
+#      FL_PROVISION_ONLY=mosquitto  only the broker
 set -euo pipefail
 
 PG_DB="${FIELDLINE_PG_DB:-fieldline}"
@@ -15,7 +18,9 @@ PG_DB="${FIELDLINE_PG_DB:-fieldline}"
 PG_LOG_DIR=/var/log/postgresql
 NATS_STORE=/var/lib/nats-server
 NATS_LOG=/var/log/nats-server.log
-MQTT_CONF=/etc/mosquitto/mosquitto.conf
+MQTT_CONF="${FL_MQTT_CONF:-/etc/mosquitto/mosquitto.conf}"
+MQTT_PORT="${FL_MQTT_PORT:-1883}"
+[[ $MQTT_PORT =~ ^[0-9]{1,5}$ ]] || { echo "provision: bad FL_MQTT_PORT '$MQTT_PORT'" >&2; exit 1; }
 MQTT_LOG=/var/log/mosquitto/mosquitto.log
 WAIT_SECS=30
 
@@ -157,21 +162,71 @@ nats_jetstream() {
 # max_packet_size keeps every packet within what ingest-mqtt's client reads (a larger one
 # would end its connection, again on every reconnect).
 # A reload (SIGHUP) did not apply them to the queues (make bench still saw drops), so a
-# running broker is stopped and started again with them; its persistence keeps sessions
-# and retained messages.
+# running broker that lacks them is stopped and started again with them; its persistence
+# keeps sessions and retained messages. A running broker that has them (in the file it was
+# started with, or a file that file includes, unchanged since it started) is left alone.
 MQTT_TUNING_MARK="# fieldline (deploy/local/provision.sh): device identity, and do not drop what was acknowledged"
 MQTT_OLD_TUNING_MARK="# fieldline (deploy/local/provision.sh): do not drop what was acknowledged"
 MQTT_FIELDLINE_CONF="$(dirname "${BASH_SOURCE[0]}")/../mosquitto/mosquitto.conf"
-MQTT_STATE_DIR=/var/lib/mosquitto
+MQTT_STATE_DIR="${FL_MQTT_STATE_DIR:-/var/lib/mosquitto}"
 MQTT_ACCOUNTS="$MQTT_STATE_DIR/fieldline-dynamic-security.json"
 MQTT_ADMIN_USER=fieldline-admin
 MQTT_ADMIN_PASSWORD="${FL_MQTT_ADMIN_PASSWORD:-fieldline-dev-mqtt-admin-change-me}"
 
-# The pid of the mosquitto listening on 1883, or nothing.
+# The pid of the mosquitto listening on the broker's port, or nothing.
 mosquitto_pid() {
     local pid
-    pid=$(ss -ltnpH 'sport = :1883' 2>/dev/null | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2 || true)
+    pid=$(ss -ltnpH "sport = :$MQTT_PORT" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2 || true)
     [[ -n $pid && $(ps -o comm= -p "$pid" 2>/dev/null) == mosquitto ]] && printf '%s' "$pid"
+}
+
+# The configuration file a running mosquitto was started with (`-c FILE`), or nothing.
+mosquitto_conf_of() {
+    local pid=$1 previous="" arg file=""
+    while IFS= read -r -d '' arg; do
+        if [[ $previous == -c || $previous == --config-file ]]; then file=$arg; fi
+        previous=$arg
+    done < <("${SUDO[@]}" cat "/proc/$pid/cmdline" 2>/dev/null)
+    [[ -n $file ]] || return 0
+    [[ $file == /* ]] || file="$("${SUDO[@]}" readlink "/proc/$pid/cwd")/$file"
+    printf '%s' "$file"
+}
+
+# A configuration's lines with their spaces normalised, and those of the files its
+# include_dir lines name (as mosquitto reads them: *.conf).
+conf_lines() {
+    local file=$1 dir included
+    "${SUDO[@]}" test -r "$file" || return 0
+    "${SUDO[@]}" cat "$file" | sed -E 's/[[:space:]]+/ /g; s/^ //; s/ $//'
+    while IFS= read -r dir; do
+        for included in "$dir"/*.conf; do
+            "${SUDO[@]}" test -f "$included" || continue
+            "${SUDO[@]}" cat "$included" | sed -E 's/[[:space:]]+/ /g; s/^ //; s/ $//'
+        done
+    done < <("${SUDO[@]}" cat "$file" | awk '$1 == "include_dir" { print $2 }')
+}
+
+# Whether a configuration lacks one of the settings (or lets anonymous clients in).
+conf_lacks() { # conf_lacks <file> <settings>
+    local lines line
+    lines=$(conf_lines "$1")
+    while IFS= read -r line; do
+        grep -qxF "$line" <<<"$lines" || return 0
+    done <<<"$2"
+    grep -qE '^allow_anonymous true$' <<<"$lines" && return 0
+    return 1
+}
+
+# Whether a running mosquitto has the settings: the file it was started with has them and
+# has not changed since it started.
+running_with() { # running_with <pid> <settings>
+    local pid=$1 conf started changed
+    conf=$(mosquitto_conf_of "$pid")
+    [[ -n $conf ]] || return 1
+    conf_lacks "$conf" "$2" && return 1
+    started=$(( $(date +%s) - $(ps -o etimes= -p "$pid" | tr -d ' ') ))
+    changed=$("${SUDO[@]}" stat -c %Y "$conf") || return 1
+    (( changed <= started ))
 }
 
 dynsec_plugin() {
@@ -199,38 +254,39 @@ ensure_mqtt_accounts() {
 
 tune_mosquitto() {
     [[ -f $MQTT_CONF ]] || return 0
-    local settings line missing=0 plugin
+    local settings plugin
     settings=$(grep -E '^(max_(queued|inflight)_messages|max_packet_size) ' "$MQTT_FIELDLINE_CONF") \
         || die "no max_queued_messages/max_inflight_messages/max_packet_size in $MQTT_FIELDLINE_CONF"
     [[ $settings == *max_packet_size* ]] || die "no max_packet_size in $MQTT_FIELDLINE_CONF"
     plugin=$(dynsec_plugin) || die "mosquitto_dynamic_security.so not found (Debian's mosquitto package ships it)"
     settings+=$'\n'"allow_anonymous false"$'\n'"plugin $plugin"$'\n'"plugin_opt_config_file $MQTT_ACCOUNTS"
     ensure_mqtt_accounts
-    while IFS= read -r line; do
-        grep -qxF "$line" "$MQTT_CONF" || missing=1
-    done <<<"$settings"
-    grep -qE '^allow_anonymous[[:space:]]+true' "$MQTT_CONF" && missing=1
-    ((missing)) || return 0
-    if ! can_admin; then
-        die "cannot add Fieldline's settings to $MQTT_CONF (not root, no sudo)"
-    fi
     local pid="" i
-    if port_open 1883; then
+    if port_open "$MQTT_PORT"; then
         pid=$(mosquitto_pid || true)
         if [[ -z $pid ]]; then
-            say "warning: port 1883 is not this machine's mosquitto; $MQTT_CONF left as it is"
+            say "warning: port $MQTT_PORT is not this machine's mosquitto; $MQTT_CONF left as it is"
+            return 0
+        fi
+        if running_with "$pid" "$settings"; then
+            say "mosquitto (pid $pid) already runs with Fieldline's settings; left alone"
             return 0
         fi
     fi
-    # Any earlier values of these (an older Fieldline's included) give way to these.
-    local current kept
-    current=$("${SUDO[@]}" cat "$MQTT_CONF") || die "cannot read $MQTT_CONF"
-    kept=$(printf '%s\n' "$current" \
-        | grep -vE '^(max_(queued|inflight)_messages|max_packet_size|allow_anonymous|plugin|plugin_opt_config_file)([[:space:]]|$)' \
-        | grep -vxF -e "$MQTT_TUNING_MARK" -e "$MQTT_OLD_TUNING_MARK" || true)
-    say "setting Fieldline's broker settings (device identity, queues) in $MQTT_CONF"
-    printf '%s\n\n%s\n%s\n' "$kept" "$MQTT_TUNING_MARK" "$settings" | "${SUDO[@]}" tee "$MQTT_CONF" >/dev/null
+    if conf_lacks "$MQTT_CONF" "$settings"; then
+        can_admin || die "cannot add Fieldline's settings to $MQTT_CONF (not root, no sudo)"
+        # Any earlier values of these (an older Fieldline's included) give way to these.
+        local current kept
+        current=$("${SUDO[@]}" cat "$MQTT_CONF") || die "cannot read $MQTT_CONF"
+        kept=$(printf '%s\n' "$current" \
+            | grep -vE '^(max_(queued|inflight)_messages|max_packet_size|allow_anonymous|plugin|plugin_opt_config_file)([[:space:]]|$)' \
+            | grep -vxF -e "$MQTT_TUNING_MARK" -e "$MQTT_OLD_TUNING_MARK" || true)
+        say "setting Fieldline's broker settings (device identity, queues) in $MQTT_CONF"
+        printf '%s\n\n%s\n%s\n' "$kept" "$MQTT_TUNING_MARK" "$settings" | "${SUDO[@]}" tee "$MQTT_CONF" >/dev/null
+    fi
+    # A broker started from another file, or before the file had them, restarts with it.
     [[ -n $pid ]] || return 0
+    can_admin || die "mosquitto (pid $pid) lacks Fieldline's settings and cannot be restarted (not root, no sudo)"
     say "restarting mosquitto (pid $pid) to apply them"
     "${SUDO[@]}" kill "$pid" || true
     for ((i = 0; i < WAIT_SECS * 2; i++)); do
@@ -241,14 +297,14 @@ tune_mosquitto() {
 }
 
 ensure_mosquitto() {
-    port_open 1883 || ensure_pkg mosquitto
+    port_open "$MQTT_PORT" || ensure_pkg mosquitto
     ensure_cmd mosquitto mosquitto_ctrl
     tune_mosquitto
-    if port_open 1883; then say "mosquitto already up on 127.0.0.1:1883"; return; fi
+    if port_open "$MQTT_PORT"; then say "mosquitto already up on 127.0.0.1:$MQTT_PORT"; return; fi
     can_admin || die "mosquitto is down and not root/no sudo to start it"
     say "starting mosquitto ($MQTT_CONF)"
     "${SUDO[@]}" mosquitto -d -c "$MQTT_CONF" || die "mosquitto failed to start; see $MQTT_LOG"
-    wait_for mosquitto "$MQTT_LOG" port_open 1883
+    wait_for mosquitto "$MQTT_LOG" port_open "$MQTT_PORT"
 }
 
 # The tests check CloudEvents bodies with the CloudEvents SDK (PyPI), as a receiver would.
@@ -266,7 +322,13 @@ ensure_cloudevents() {
 }
 
 # ---------------------------------------------------------------- main
+if [[ ${FL_PROVISION_ONLY:-} == mosquitto ]]; then
+    ensure_mosquitto
+    exit 0
+fi
 ensure_cmd postgresql-client psql pg_isready createdb
+# The README's quickstart reads ids and tokens out of answers with jq.
+ensure_cmd jq jq
 ensure_cloudevents
 ensure_cmd mosquitto-clients mosquitto_pub mosquitto_sub
 # promtool lints each service's /metrics and the alerting rules in the tests (the package's

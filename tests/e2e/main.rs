@@ -7,6 +7,7 @@ mod cli;
 mod dashboards;
 mod observability;
 mod platform;
+mod provision;
 mod scale_out;
 mod scenarios;
 mod secure;
