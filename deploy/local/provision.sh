@@ -307,18 +307,26 @@ ensure_mosquitto() {
     wait_for mosquitto "$MQTT_LOG" port_open "$MQTT_PORT"
 }
 
-# The tests check CloudEvents bodies with the CloudEvents SDK (PyPI), as a receiver would.
-CLOUDEVENTS_VERSION=2.2.0
-ensure_cloudevents() {
+# A PyPI package at a pinned version, for the tests that check what receivers get with the
+# libraries receivers use.
+ensure_pip() { # ensure_pip <package> <version> <what for>
+    local package=$1 version=$2
     command -v python3 >/dev/null 2>&1 || ensure_cmd python3 python3
-    if python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('cloudevents') != '$CLOUDEVENTS_VERSION')" 2>/dev/null; then
+    if python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('$package') != '$version')" 2>/dev/null; then
         return
     fi
     python3 -m pip --version >/dev/null 2>&1 || ensure_pkg python3-pip
-    say "installing the CloudEvents SDK $CLOUDEVENTS_VERSION (PyPI) for the webhook format tests"
-    python3 -m pip install --quiet --disable-pip-version-check "cloudevents==$CLOUDEVENTS_VERSION" 2>/dev/null \
-        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "cloudevents==$CLOUDEVENTS_VERSION" \
-        || die "could not install cloudevents==$CLOUDEVENTS_VERSION with pip"
+    say "installing $package $version (PyPI) for $3"
+    python3 -m pip install --quiet --disable-pip-version-check "$package==$version" 2>/dev/null \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$package==$version" \
+        || die "could not install $package==$version with pip"
+}
+
+# The tests check CloudEvents bodies with the CloudEvents SDK, and the README's webhook
+# receiver with the Standard Webhooks library, as receivers would.
+ensure_cloudevents() {
+    ensure_pip cloudevents 2.2.0 "the webhook format tests"
+    ensure_pip standardwebhooks 1.1.0 "the README's webhook receiver test"
 }
 
 # ---------------------------------------------------------------- main

@@ -147,3 +147,92 @@ async fn during_a_rotation_both_secrets_sign() {
     );
     app.shutdown().await;
 }
+
+/// What the README's receiver does with the Python Standard Webhooks library
+/// (`standardwebhooks`, which provisioning installs): `Webhook(secret).verify(body, headers)`.
+/// True when it verifies.
+fn python_standard_verifier_accepts(secret: &str, received: &Received) -> bool {
+    let headers: serde_json::Map<String, serde_json::Value> = received
+        .headers
+        .iter()
+        .map(|(name, value)| (name.clone(), json!(value)))
+        .collect();
+    let script = r#"
+import json, sys
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+message = json.load(sys.stdin)
+try:
+    Webhook(message["secret"]).verify(message["body"].encode(), message["headers"])
+except WebhookVerificationError:
+    sys.exit(3)
+"#;
+    let input = json!({"secret": secret, "headers": headers, "body": String::from_utf8_lossy(&received.body)});
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (make test provisions it)");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    match output.status.code() {
+        Some(0) => true,
+        Some(3) => false,
+        _ => panic!(
+            "the Python verifier did not run (provision installs standardwebhooks):\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
+}
+
+/// The README's promise: a generated `whsec_` secret verifies with the Python library as it
+/// is, and a secret of your own once given as `whsec_` + its base64; the body signature is
+/// keyed with the whole secret string either way.
+#[tokio::test]
+async fn the_readme_receiver_verifies_generated_and_own_secrets_with_the_python_library() {
+    use base64::Engine as _;
+    let app = spawn().await;
+    let receiver = Receiver::start().await;
+    let token = app.create_device("greenhouse-1").await;
+    let (_, generated) = register(
+        &app,
+        app.admin_key(),
+        json!({"url": receiver.url("/generated"), "events": ["device.data"]}),
+    )
+    .await;
+    let own = "my-shared-secret-123";
+    register(
+        &app,
+        app.admin_key(),
+        json!({"url": receiver.url("/own"), "events": ["device.data"], "secret": own}),
+    )
+    .await;
+    ingest(&app, &token, json!({"temperature": 21.5})).await;
+    let generated_request = wait_received(&receiver, "/generated", 1, Duration::from_secs(10))
+        .await
+        .remove(0);
+    let own_request = wait_received(&receiver, "/own", 1, Duration::from_secs(10))
+        .await
+        .remove(0);
+
+    assert!(python_standard_verifier_accepts(
+        &generated,
+        &generated_request
+    ));
+    let keyed = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(own)
+    );
+    assert!(python_standard_verifier_accepts(&keyed, &own_request));
+    // Another webhook's secret is refused, so the checks above can fail.
+    assert!(!python_standard_verifier_accepts(&generated, &own_request));
+    assert!(seed_receiver_accepts(&generated, &generated_request));
+    assert!(seed_receiver_accepts(own, &own_request));
+    app.shutdown().await;
+}
