@@ -9,6 +9,7 @@ mod export;
 mod livetime;
 mod query;
 mod readings;
+mod replicas;
 mod retention;
 mod writer;
 
