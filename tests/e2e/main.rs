@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod dashboards;
+mod k8s;
 mod observability;
 mod platform;
 mod scale_out;
