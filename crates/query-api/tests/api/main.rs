@@ -5,6 +5,7 @@
 
 mod aggregate;
 mod dead_letters;
+mod distribution;
 mod export;
 mod livetime;
 mod query;

@@ -37,7 +37,10 @@ async fn temperatures(app: &TestApp) -> Vec<f64> {
 
 async fn latest_temperature(app: &TestApp) -> Value {
     let (status, body) = app
-        .get("/api/v1/devices/d1/readings/latest?metric=temp", app.admin_key())
+        .get(
+            "/api/v1/devices/d1/readings/latest?metric=temp",
+            app.admin_key(),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body["data"][0]["value"].clone()
