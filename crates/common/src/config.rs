@@ -40,7 +40,8 @@ pub struct Config {
     pub database_url: SecretString,
     /// Maximum connections in each process's Postgres pool. query-api splits its read
     /// connections among its HTTP workers, each worker reading through its own share (of at
-    /// least 4; with fewer per worker, workers share pools).
+    /// least 4; with fewer per worker, workers share pools), as many again on each replica of
+    /// `database_read_url`.
     pub database_pool_size: usize,
     /// NATS server URL (JetStream must be enabled); several seeds comma-separated.
     /// `nats://user:pass@host:4222` logs in as `nats_user`/`nats_password` would

@@ -3,7 +3,8 @@
 //! Two kinds of pool: the process's shared pool for the writer and maintenance, and read pools
 //! (one per HTTP worker, see [`Reads`]) whose connections carry `statement_timeout`, so one
 //! heavy query cannot hold a connection (or the database) for long. One-statement reads share
-//! a few of a read pool's connections, pipelined.
+//! a few of a read pool's connections, pipelined. History reads go to a fit replica's read
+//! pool when there is one (see [`crate::replicas`]), to the primary's otherwise.
 
 use std::{
     collections::{HashMap, HashSet},
