@@ -157,7 +157,8 @@ impl WalSamples {
     }
 }
 
-/// The pool of one replica for `url` (the read pools' settings, `statement_timeout` and all).
+/// The probe's connection to one replica: one connection, every wait bounded by the probe's
+/// timeout.
 pub fn probe_pool(settings: &fieldline_common::db::DatabaseSettings) -> anyhow::Result<Pool> {
     let manager = settings.manager(|pg_config| {
         pg_config.connect_timeout(PROBE_TIMEOUT);
