@@ -329,6 +329,26 @@ ensure_cloudevents() {
     ensure_pip standardwebhooks 1.1.0 "the README's webhook receiver test"
 }
 
+# The Kubernetes manifests are rendered with kustomize and checked against the Kubernetes
+# schemas in the tests (tests/e2e/k8s.rs, deploy/validate-k8s.py). kustomize is not in Debian
+# 12: pykustomize (PyPI) ships its Go library, called from Python. Its wheel asks for Python
+# 3.14 in its metadata but is Python 3.8+ code and a native library, hence
+# --ignore-requires-python (the test proves it renders). Both go into a virtualenv of their own.
+PYKUSTOMIZE_VERSION=0.1.4
+KUBERNETES_VALIDATE_VERSION=1.37.0
+K8S_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/fieldline/k8s-venv"
+ensure_k8s_tools() {
+    if "$K8S_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('pykustomize') != '$PYKUSTOMIZE_VERSION' or m.version('kubernetes-validate') != '$KUBERNETES_VALIDATE_VERSION')" 2>/dev/null; then
+        return
+    fi
+    python3 -c 'import ensurepip' 2>/dev/null || ensure_pkg python3-venv
+    say "installing kustomize (pykustomize $PYKUSTOMIZE_VERSION) and kubernetes-validate $KUBERNETES_VALIDATE_VERSION (PyPI) into $K8S_VENV"
+    python3 -m venv "$K8S_VENV" || die "could not make the virtualenv $K8S_VENV"
+    "$K8S_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --ignore-requires-python \
+        "pykustomize==$PYKUSTOMIZE_VERSION" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
+        || die "could not install pykustomize and kubernetes-validate into $K8S_VENV"
+}
+
 # ---------------------------------------------------------------- main
 if [[ ${FL_PROVISION_ONLY:-} == mosquitto ]]; then
     ensure_mosquitto
@@ -338,6 +358,7 @@ ensure_cmd postgresql-client psql pg_isready createdb
 # The README's quickstart reads ids and tokens out of answers with jq.
 ensure_cmd jq jq
 ensure_cloudevents
+ensure_k8s_tools
 ensure_cmd mosquitto-clients mosquitto_pub mosquitto_sub
 # promtool lints each service's /metrics and the alerting rules in the tests (the package's
 # server is not started).

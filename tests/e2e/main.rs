@@ -5,6 +5,7 @@
 
 mod cli;
 mod dashboards;
+mod k8s;
 mod observability;
 mod platform;
 mod provision;

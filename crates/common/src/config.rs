@@ -40,7 +40,8 @@ pub struct Config {
     pub database_url: SecretString,
     /// Maximum connections in each process's Postgres pool. query-api splits its read
     /// connections among its HTTP workers, each worker reading through its own share (of at
-    /// least 4; with fewer per worker, workers share pools).
+    /// least 4; with fewer per worker, workers share pools), as many again on each replica of
+    /// `database_read_url`.
     pub database_pool_size: usize,
     /// NATS server URL (JetStream must be enabled); several seeds comma-separated.
     /// `nats://user:pass@host:4222` logs in as `nats_user`/`nats_password` would
@@ -73,6 +74,20 @@ pub struct Config {
     /// the same); with `require`, a CA file makes it check as `verify-ca`, as libpq does.
     /// Unset: the system's roots.
     pub database_ca_file: Option<PathBuf>,
+    // ---- Read replicas: see docs/decisions/2026-12-06-read-replicas.md.
+    /// PostgreSQL streaming replicas query-api reads history from (pages, latest values,
+    /// metrics, aggregates, exports), several comma-separated, each `postgres://…` (a URL
+    /// may name several hosts itself). Same TLS settings as `database_url`. Unset: every
+    /// read goes to the primary. Writes and the reads that must see them go to the primary.
+    pub database_read_url: Option<SecretString>,
+    /// A replica further behind the primary than this is skipped (reads go to the primary,
+    /// or another replica) until it has caught up; so is one that does not answer.
+    #[serde(with = "humantime_serde")]
+    pub database_read_max_lag: Duration,
+    /// How often query-api measures each replica's lag (`fieldline_db_replica_lag_seconds`)
+    /// and whether it answers.
+    #[serde(with = "humantime_serde")]
+    pub database_read_probe_interval: Duration,
     /// MQTT broker URL and ingest-mqtt's own login: `mqtt://user:password@host:port`, or
     /// `mqtts://…` for TLS. Devices log in with their own accounts (see `mqtt_admin_url`).
     pub mqtt_url: SecretString,
@@ -335,6 +350,9 @@ impl Default for Config {
             nats_client_key_file: None,
             nats_tls_required: false,
             database_ca_file: None,
+            database_read_url: None,
+            database_read_max_lag: Duration::from_secs(5),
+            database_read_probe_interval: Duration::from_secs(1),
             mqtt_url: SecretString::from("mqtt://127.0.0.1:1883"),
             mqtt_ca_file: None,
             mqtt_admin_url: None,
@@ -406,8 +424,9 @@ impl Default for Config {
 
 /// Settings whose variables are taken as written: figment reads `123456` as a number and
 /// `0123` as 123, which no password or URL survives.
-const RAW_STRING_SETTINGS: [&str; 11] = [
+const RAW_STRING_SETTINGS: [&str; 12] = [
     "database_url",
+    "database_read_url",
     "bootstrap_admin_key",
     "nats_user",
     "nats_password",
@@ -477,6 +496,7 @@ impl Config {
             &mut self.bootstrap_admin_key,
             &mut self.mqtt_admin_url,
             &mut self.device_token_key,
+            &mut self.database_read_url,
         ] {
             if secret
                 .as_ref()
@@ -591,6 +611,22 @@ impl Config {
         }
         if let Err(message) = crate::db::DatabaseSettings::from_config(self) {
             return invalid("database_url", message);
+        }
+        for url in self.database_read_urls() {
+            if let Err(message) = crate::db::DatabaseSettings::from_url(&url, self) {
+                return invalid("database_read_url", message);
+            }
+        }
+        if self.database_read_max_lag < Duration::from_millis(100) {
+            return invalid("database_read_max_lag", "must be at least 100ms".into());
+        }
+        if self.database_read_probe_interval < Duration::from_millis(50)
+            || self.database_read_probe_interval > self.database_read_max_lag
+        {
+            return invalid(
+                "database_read_probe_interval",
+                "use 50ms up to database_read_max_lag".into(),
+            );
         }
         if self.database_pool_size == 0 {
             return invalid("database_pool_size", "must be at least 1".into());
@@ -758,6 +794,33 @@ impl Config {
         crate::ratelimit::parse_proxies(&self.rate_trusted_proxies)
             .map_err(|message| ("rate_trusted_proxies", message))?;
         Ok(())
+    }
+
+    /// `database_read_url` split into its replicas' URLs. A comma starts a new URL only where
+    /// `postgres://` or `postgresql://` follows it: a multi-host URL keeps its commas.
+    pub fn database_read_urls(&self) -> Vec<SecretString> {
+        let Some(urls) = &self.database_read_url else {
+            return Vec::new();
+        };
+        let mut split: Vec<String> = Vec::new();
+        for piece in urls.expose_secret().split(',') {
+            let trimmed = piece.trim();
+            let starts_url =
+                trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://");
+            match split.last_mut() {
+                Some(last) if !starts_url => {
+                    last.push(',');
+                    last.push_str(piece);
+                }
+                _ => split.push(trimmed.to_owned()),
+            }
+        }
+        split
+            .into_iter()
+            .map(|url| url.trim().to_owned())
+            .filter(|url| !url.is_empty())
+            .map(SecretString::from)
+            .collect()
     }
 
     /// The subject builder for `bus_prefix` (validated at load).
@@ -1089,6 +1152,48 @@ mod tests {
                 jail.set_env("FIELDLINE_INGEST_MAX_AGE", "30days");
                 jail.set_env("FIELDLINE_READINGS_EARLIEST", "2000-01-01T00:00:00Z");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn read_replicas_split_on_urls_and_keep_multi_host_commas() {
+        figment::Jail::expect_with(|jail| {
+            let config = Config::figment(None).unwrap();
+            assert!(config.database_read_urls().is_empty());
+            assert_eq!(config.database_read_max_lag, Duration::from_secs(5));
+            jail.set_env(
+                "FIELDLINE_DATABASE_READ_URL",
+                "postgres://ro:secret1@r1:5432/fl, postgresql://ro@r2a:5432,r2b:5433/fl?sslmode=require,postgres://r3/fl",
+            );
+            jail.set_env("FIELDLINE_DATABASE_READ_MAX_LAG", "2s");
+            let config = Config::figment(None).unwrap();
+            let urls: Vec<String> = config
+                .database_read_urls()
+                .iter()
+                .map(|url| url.expose_secret().to_owned())
+                .collect();
+            assert_eq!(
+                urls,
+                [
+                    "postgres://ro:secret1@r1:5432/fl",
+                    "postgresql://ro@r2a:5432,r2b:5433/fl?sslmode=require",
+                    "postgres://r3/fl"
+                ]
+            );
+            assert_eq!(config.database_read_max_lag, Duration::from_secs(2));
+            let shown = format!("{config:?}");
+            assert!(!shown.contains("secret1"), "{shown}");
+            jail.set_env(
+                "FIELDLINE_DATABASE_READ_URL",
+                "postgres://r1/fl?sslmode=sometimes",
+            );
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("database_read_url"), "{error}");
+            jail.set_env("FIELDLINE_DATABASE_READ_URL", "");
+            jail.set_env("FIELDLINE_DATABASE_READ_PROBE_INTERVAL", "10s");
+            let error = Config::figment(None).unwrap_err().to_string();
+            assert!(error.contains("database_read_probe_interval"), "{error}");
             Ok(())
         });
     }

@@ -69,8 +69,12 @@ impl DatabaseSettings {
     /// Reads `database_url` and `database_ca_file`. The error never quotes the URL, which
     /// may hold a password.
     pub fn from_config(config: &Config) -> Result<Self, String> {
-        let (url, ssl_mode, root_cert) =
-            without_ssl_parameters(config.database_url.expose_secret())?;
+        Self::from_url(&config.database_url, config)
+    }
+
+    /// `url` (a replica's, say) with the TLS settings of `config`.
+    pub fn from_url(url: &secrecy::SecretString, config: &Config) -> Result<Self, String> {
+        let (url, ssl_mode, root_cert) = without_ssl_parameters(url.expose_secret())?;
         let mut pg_config = tokio_postgres::Config::from_str(&url)
             .map_err(|error| format!("is not a PostgreSQL URL ({error})"))?;
         // Without `sslmode`, plain text, as before TLS support: libpq would `prefer`, which
@@ -99,8 +103,8 @@ impl DatabaseSettings {
         self.ssl_mode
     }
 
-    /// Where the process connects, for the start-up log: never the password.
-    pub fn shown(&self) -> String {
+    /// `host:port`, comma-separated when the URL names several: a replica's name in metrics.
+    pub fn hosts(&self) -> String {
         let hosts: Vec<String> = self
             .pg_config
             .get_hosts()
@@ -117,10 +121,15 @@ impl DatabaseSettings {
                 tokio_postgres::config::Host::Unix(path) => format!("{}:{port}", path.display()),
             })
             .collect();
+        hosts.join(",")
+    }
+
+    /// Where the process connects, for the start-up log: never the password.
+    pub fn shown(&self) -> String {
         format!(
             "postgres://{}@{}/{}?sslmode={}",
             self.pg_config.get_user().unwrap_or_default(),
-            hosts.join(","),
+            self.hosts(),
             self.pg_config.get_dbname().unwrap_or_default(),
             self.ssl_mode.as_str()
         )

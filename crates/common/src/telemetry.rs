@@ -244,6 +244,21 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "PostgreSQL pool size limit",
     ),
     (
+        "fieldline_db_replica_lag_seconds",
+        Kind::Gauge,
+        "How far a PostgreSQL read replica's replay is behind the primary, by replica (host:port): 0 when it has replayed what the primary had written at the last probe, also when the primary is idle",
+    ),
+    (
+        "fieldline_db_replica_usable",
+        Kind::Gauge,
+        "1 when query-api reads history from this replica, 0 when it is skipped (behind FIELDLINE_DATABASE_READ_MAX_LAG, not answering, or not in recovery)",
+    ),
+    (
+        "fieldline_db_replica_fallbacks_total",
+        Kind::Counter,
+        "Reads that failed on a replica (connection lost, conflict with recovery) and were served by the primary, by replica",
+    ),
+    (
         "fieldline_db_pool_waiting",
         Kind::Gauge,
         "Requests waiting for a PostgreSQL pool connection",

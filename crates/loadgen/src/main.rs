@@ -57,7 +57,7 @@ struct BenchArgs {
     #[arg(long, default_value = "bench")]
     out: PathBuf,
     /// Comma list of scenarios (default: all): http-batched, http-single, mqtt-qos1,
-    /// webhooks-throughput, webhooks-latency, queries.
+    /// webhooks-throughput, webhooks-latency, queries, queries-replica.
     #[arg(long)]
     scenarios: Option<String>,
     /// Events per second of the webhook latency scenario (default 1000; 200 with --quick).
@@ -193,14 +193,25 @@ impl Runner<'_> {
         extra: &[(&str, &str)],
         run: impl AsyncFnOnce(&Platform) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
+        self.scenario_on_servers(self.servers.clone(), open_broker, extra, run)
+            .await
+    }
+
+    /// A scenario on other servers (a private PostgreSQL with a replica).
+    async fn scenario_on_servers<T>(
+        &self,
+        servers: Servers,
+        open_broker: bool,
+        extra: &[(&str, &str)],
+        run: impl AsyncFnOnce(&Platform) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let env: Vec<(&str, &str)> = self
             .env
             .iter()
             .copied()
             .chain(extra.iter().copied())
             .collect();
-        let platform =
-            Platform::start_on(self.fieldline, self.servers.clone(), &env, open_broker).await?;
+        let platform = Platform::start_on(self.fieldline, servers, &env, open_broker).await?;
         let outcome = run(&platform).await;
         {
             let mut peaks = self.peaks.borrow_mut();
@@ -212,6 +223,93 @@ impl Runner<'_> {
         platform.stop().await?;
         outcome
     }
+}
+
+/// The figures of a query scenario (`queries`, or `queries-replica` with reads on a replica).
+fn query_figures(
+    figures: &mut Vec<Figure>,
+    scenario: &'static str,
+    result: &queries::QueriesResult,
+) {
+    let limits = [
+        None,
+        Some((
+            "same SQL straight to PostgreSQL, 32 connections",
+            result.raw_latest.requests_per_second,
+        )),
+        Some((
+            "same SQL straight to PostgreSQL, 32 connections",
+            result.raw_aggregate.requests_per_second,
+        )),
+    ];
+    for ((labels, result), limit) in [
+        (
+            [
+                "1,000-row page p50",
+                "1,000-row page p99",
+                "1,000-row page p99.9",
+                "1,000-row pages per second",
+            ],
+            &result.page,
+        ),
+        (
+            [
+                "latest values p50",
+                "latest values p99",
+                "latest values p99.9",
+                "latest values per second",
+            ],
+            &result.latest,
+        ),
+        (
+            [
+                "24h aggregate, 5-min buckets p50",
+                "24h aggregate, 5-min buckets p99",
+                "24h aggregate, 5-min buckets p99.9",
+                "24h aggregates per second",
+            ],
+            &result.aggregate,
+        ),
+    ]
+    .into_iter()
+    .zip(limits)
+    {
+        let latency = &result.latency;
+        for (label, value) in labels
+            .iter()
+            .zip([latency.p50_ms, latency.p99_ms, latency.p999_ms])
+        {
+            figures.push(figure(scenario, label, value, "ms", None));
+        }
+        figures.push(figure(
+            scenario,
+            labels[3],
+            result.requests_per_second,
+            "req/s",
+            limit,
+        ));
+    }
+    figures.push(figure(
+        scenario,
+        "latest values p99, same SQL straight to PostgreSQL",
+        result.raw_latest.latency.p99_ms,
+        "ms",
+        None,
+    ));
+    figures.push(figure(
+        scenario,
+        "24h aggregate p99, same SQL straight to PostgreSQL",
+        result.raw_aggregate.latency.p99_ms,
+        "ms",
+        None,
+    ));
+    figures.push(figure(
+        scenario,
+        "readings seeded (binary COPY, series stats and rollups)",
+        result.seeded_readings as f64 / result.seed_seconds,
+        "readings/s",
+        None,
+    ));
 }
 
 /// Nanoseconds per check of the per-key and per-device limiters, as the services run them
@@ -674,89 +772,36 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             queries::Seed::full()
         };
         let result = runner
-            .scenario(async |platform: &Platform| queries::run(platform, seed, 32, duration).await)
+            .scenario(async |platform: &Platform| {
+                queries::run(platform, seed, 32, duration, false).await
+            })
             .await?;
-        let limits = [
-            None,
-            Some((
-                "same SQL straight to PostgreSQL, 32 connections",
-                result.raw_latest.requests_per_second,
-            )),
-            Some((
-                "same SQL straight to PostgreSQL, 32 connections",
-                result.raw_aggregate.requests_per_second,
-            )),
-        ];
-        for ((labels, result), limit) in [
-            (
-                [
-                    "1,000-row page p50",
-                    "1,000-row page p99",
-                    "1,000-row page p99.9",
-                    "1,000-row pages per second",
-                ],
-                &result.page,
-            ),
-            (
-                [
-                    "latest values p50",
-                    "latest values p99",
-                    "latest values p99.9",
-                    "latest values per second",
-                ],
-                &result.latest,
-            ),
-            (
-                [
-                    "24h aggregate, 5-min buckets p50",
-                    "24h aggregate, 5-min buckets p99",
-                    "24h aggregate, 5-min buckets p99.9",
-                    "24h aggregates per second",
-                ],
-                &result.aggregate,
-            ),
-        ]
-        .into_iter()
-        .zip(limits)
-        {
-            let latency = &result.latency;
-            for (label, value) in
-                labels
-                    .iter()
-                    .zip([latency.p50_ms, latency.p99_ms, latency.p999_ms])
-            {
-                figures.push(figure("queries", label, value, "ms", None));
-            }
-            figures.push(figure(
-                "queries",
-                labels[3],
-                result.requests_per_second,
-                "req/s",
-                limit,
-            ));
-        }
-        figures.push(figure(
-            "queries",
-            "latest values p99, same SQL straight to PostgreSQL",
-            result.raw_latest.latency.p99_ms,
-            "ms",
-            None,
-        ));
-        figures.push(figure(
-            "queries",
-            "24h aggregate p99, same SQL straight to PostgreSQL",
-            result.raw_aggregate.latency.p99_ms,
-            "ms",
-            None,
-        ));
-        figures.push(figure(
-            "queries",
-            "readings seeded (binary COPY, series stats and rollups)",
-            result.seeded_readings as f64 / result.seed_seconds,
-            "readings/s",
-            None,
-        ));
+        query_figures(&mut figures, "queries", &result);
         details.insert("queries".into(), serde_json::to_value(&result)?);
+    }
+    // The same queries with history read from a streaming replica: a private primary and a
+    // `pg_basebackup -R` replica of it on this machine, query-api given the replica in
+    // FIELDLINE_DATABASE_READ_URL. Beside the primary's figures above (one machine: the
+    // replica takes the reads, not more CPU).
+    if wanted("queries-replica") {
+        let seed = if args.quick {
+            queries::Seed::quick()
+        } else {
+            queries::Seed::full()
+        };
+        let primary = fieldline_testkit::secure::PrivatePostgres::start_plain().await;
+        let replica = primary.start_replica().await;
+        let read_url = format!("{}/{{database}}", replica.server_url());
+        let result = runner
+            .scenario_on_servers(
+                runner.servers.with_pg_url(primary.server_url()),
+                false,
+                &[("FIELDLINE_DATABASE_READ_URL", read_url.as_str())],
+                async |platform: &Platform| queries::run(platform, seed, 32, duration, true).await,
+            )
+            .await?;
+        query_figures(&mut figures, "queries-replica", &result);
+        details.insert("queries-replica".into(), serde_json::to_value(&result)?);
     }
     let peak_memory = runner.peaks.into_inner();
     let memory: Vec<Value> = idle_memory

@@ -58,6 +58,14 @@ impl Servers {
         }
     }
 
+    /// The same servers with another PostgreSQL (`postgres://user@host:port`).
+    pub fn with_pg_url(&self, pg_url: String) -> Self {
+        Self {
+            pg_url,
+            ..self.clone()
+        }
+    }
+
     /// A raw MQTT client of `broker`, with up to `inflight` QoS 1 messages of its own
     /// unacknowledged, and its event loop.
     pub fn mqtt_client(
@@ -291,8 +299,9 @@ impl Platform {
                 .env("FIELDLINE_MQTT_URL", ingest_url)
                 .env("FIELDLINE_MQTT_ADMIN_URL", self.servers.broker.admin_url());
         }
+        // `{database}` in a setting is this platform's database (a replica's URL names it).
         for (key, value) in &self.extra_env {
-            command.env(key, value);
+            command.env(key, value.replace("{database}", &self.database));
         }
         if let Some(log) = &self.log {
             let file = std::fs::OpenOptions::new()

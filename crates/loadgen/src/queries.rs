@@ -59,6 +59,8 @@ pub struct QueryFigures {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct QueriesResult {
+    /// With a read replica: reads it failed that the primary served (0: it took them all).
+    pub replica_fallbacks: Option<f64>,
     pub seed: Seed,
     pub seeded_readings: u64,
     pub seed_seconds: f64,
@@ -147,11 +149,43 @@ async fn measure_sql(
     })
 }
 
+/// Waits until query-api reads from its replica: the probe found it caught up (after the
+/// seed, whose WAL the replica replays first).
+async fn replica_in_use(platform: &Platform) -> anyhow::Result<()> {
+    let metrics = format!("{}/metrics", platform.url("query-api"));
+    for _ in 0..1200 {
+        let text = platform.http.get(&metrics).send().await?.text().await?;
+        if text
+            .lines()
+            .any(|line| line.starts_with("fieldline_db_replica_usable{") && line.ends_with(" 1"))
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("query-api never found its replica fit (fieldline_db_replica_usable)")
+}
+
+/// The fallbacks from the replica to the primary so far (0 when every read it took was
+/// served by it).
+async fn replica_fallbacks(platform: &Platform) -> anyhow::Result<f64> {
+    let metrics = format!("{}/metrics", platform.url("query-api"));
+    let text = platform.http.get(&metrics).send().await?.text().await?;
+    Ok(text
+        .lines()
+        .filter(|line| line.starts_with("fieldline_db_replica_fallbacks_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |total, value| total + value))
+}
+
+/// `replica`: query-api has a read replica (`FIELDLINE_DATABASE_READ_URL`); the measures
+/// start once it is in use (the raw SQL limits still go to the primary).
 pub async fn run(
     platform: &Platform,
     seed: Seed,
     clients: usize,
     duration: Duration,
+    replica: bool,
 ) -> anyhow::Result<QueriesResult> {
     let prefix = "q-";
     eprintln!("[queries] registering {} devices", seed.devices);
@@ -198,6 +232,10 @@ pub async fn run(
         .context("seeding readings")?;
     let seed_seconds = seeding.elapsed().as_secs_f64();
     eprintln!("[queries] seeded {seeded} readings in {seed_seconds:.1} s");
+    if replica {
+        eprintln!("[queries] waiting for the replica to catch up");
+        replica_in_use(platform).await?;
+    }
 
     let base = platform.url("query-api");
     let rfc = |us: i64| {
@@ -276,7 +314,15 @@ pub async fn run(
         Some((end_us - 24 * 3_600_000_000, end_us)),
     )
     .await?;
+    let fallbacks = if replica {
+        let fallbacks = replica_fallbacks(platform).await?;
+        replica_in_use(platform).await?;
+        Some(fallbacks)
+    } else {
+        None
+    };
     Ok(QueriesResult {
+        replica_fallbacks: fallbacks,
         seed,
         seeded_readings: seeded,
         seed_seconds,

@@ -8,6 +8,7 @@ mod export;
 mod maintenance;
 mod moves;
 mod reads;
+mod replicas;
 mod repo;
 mod retention;
 mod routes;
@@ -28,9 +29,13 @@ use std::{
 use actix_web::web;
 use anyhow::Context as _;
 use deadpool_postgres::{Pool, Runtime};
-use fieldline_common::{Config, Context, Service};
+use fieldline_common::{Config, Context, Service, db::DatabaseSettings};
 
-use crate::{reads::Reads, repo::Repo};
+use crate::{
+    reads::Reads,
+    replicas::{Replica, Targets},
+    repo::Repo,
+};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -51,36 +56,57 @@ pub(crate) struct State {
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
     let pool = context.db().await?;
     migrate(&pool).await?;
-    let reads = read_pool_sizes(
-        context.config.database_pool_size,
-        context.config.http_worker_count(),
-    )
-    .into_iter()
-    .map(|size| {
-        // A pool of one keeps its connection for exports and shares none.
-        let shared = context
-            .config
-            .query_shared_connections
-            .min(size.saturating_sub(1));
-        Ok(Arc::new(Reads::new(
-            query_pool(&context.config, size)?,
-            shared,
-        )))
-    })
-    .collect::<anyhow::Result<Vec<_>>>()?;
-    let repo = Repo::new(pool, Arc::clone(&reads[0]), Arc::clone(&context.config));
+    let config = &context.config;
+    let primary = DatabaseSettings::from_config(config)
+        .map_err(|message| anyhow::anyhow!("FIELDLINE_DATABASE_URL {message}"))?;
+    let replicas = config
+        .database_read_urls()
+        .iter()
+        .map(|url| {
+            let settings = DatabaseSettings::from_url(url, config)
+                .map_err(|message| anyhow::anyhow!("FIELDLINE_DATABASE_READ_URL {message}"))?;
+            let replica = Arc::new(Replica::new(settings.hosts()));
+            tracing::info!(replica = %settings.shown(), "history reads may go to this replica");
+            Ok((settings, replica))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Each HTTP worker (a thread of its own) reads through pools of its own, mostly on the
+    // few connections its one-statement reads share (see `reads`): one for the primary and
+    // one for each replica, each replica given the same connections as the primary's reads.
+    let targets = read_pool_sizes(config.database_pool_size, config.http_worker_count())
+        .into_iter()
+        .map(|size| {
+            // A pool of one keeps its connection for exports and shares none.
+            let shared = config.query_shared_connections.min(size.saturating_sub(1));
+            let reads = |settings: &DatabaseSettings| {
+                anyhow::Ok(Arc::new(Reads::new(
+                    query_pool(config, settings, size)?,
+                    shared,
+                )))
+            };
+            let on_replicas = replicas
+                .iter()
+                .map(|(settings, replica)| Ok((reads(settings)?, Arc::clone(replica))))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(Arc::new(Targets::new(reads(&primary)?, on_replicas)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let probes = replicas
+        .iter()
+        .map(|(settings, replica)| Ok((Arc::clone(replica), replicas::probe_pool(settings)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    replicas::start_probe(context, pool.clone(), probes);
+    let repo = Repo::new(pool, Arc::clone(&targets[0]), Arc::clone(&context.config));
     maintenance::start(context, repo.clone());
     writer::start(context, repo.clone()).await?;
 
-    // Each HTTP worker (a thread of its own) reads through a pool of its own, mostly on the
-    // few connections its one-statement reads share (see `reads`). A connection's I/O runs
-    // on the thread that opened it, so a request then never waits on another thread's
-    // wake-up for its rows.
-    let states: Vec<web::Data<State>> = reads
+    // A connection's I/O runs on the thread that opened it, so a request then never waits on
+    // another thread's wake-up for its rows.
+    let states: Vec<web::Data<State>> = targets
         .into_iter()
-        .map(|reads| {
+        .map(|targets| {
             web::Data::new(State {
-                repo: repo.with_reads(reads),
+                repo: repo.with_targets(targets),
                 context: context.clone(),
             })
         })
@@ -112,11 +138,10 @@ fn read_pool_sizes(total: usize, workers: usize) -> Vec<usize> {
         .collect()
 }
 
-/// The pool of the read routes: its own connections, each with `statement_timeout`, so the
-/// writer (on the process's shared pool) is never cancelled and a heavy read cannot run on.
-fn query_pool(config: &Config, size: usize) -> anyhow::Result<Pool> {
-    let settings = fieldline_common::db::DatabaseSettings::from_config(config)
-        .map_err(|message| anyhow::anyhow!("FIELDLINE_DATABASE_URL {message}"))?;
+/// A pool of the read routes (on the primary or a replica): its own connections, each with
+/// `statement_timeout`, so the writer (on the process's shared pool) is never cancelled and a
+/// heavy read cannot run on.
+fn query_pool(config: &Config, settings: &DatabaseSettings, size: usize) -> anyhow::Result<Pool> {
     let manager = settings.manager(|pg_config| {
         // Custom plans always: reads are prepared once per connection and run with new
         // times each time. A generic plan prunes partitions only when it runs, and

@@ -249,7 +249,8 @@ mod tests {
     fn reads(env: &TestEnv, size: usize, shared: usize) -> Reads {
         let mut config = env.config();
         config.database_pool_size = size;
-        Reads::new(crate::query_pool(&config, size).unwrap(), shared)
+        let settings = fieldline_common::db::DatabaseSettings::from_config(&config).unwrap();
+        Reads::new(crate::query_pool(&config, &settings, size).unwrap(), shared)
     }
 
     /// For tests of sharing: a busy machine running tests side by side must not make a

@@ -3,7 +3,8 @@
 //! Two kinds of pool: the process's shared pool for the writer and maintenance, and read pools
 //! (one per HTTP worker, see [`Reads`]) whose connections carry `statement_timeout`, so one
 //! heavy query cannot hold a connection (or the database) for long. One-statement reads share
-//! a few of a read pool's connections, pipelined.
+//! a few of a read pool's connections, pipelined. History reads go to a fit replica's read
+//! pool when there is one (see [`crate::replicas`]), to the primary's otherwise.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -23,13 +24,19 @@ use fieldline_common::{
 };
 use fieldline_proto::v1::{TelemetryBatch, reading};
 use serde::Serialize;
-use tokio_postgres::{Row, binary_copy::BinaryCopyInWriter, error::SqlState, types::Type};
+use tokio_postgres::{
+    Row,
+    binary_copy::BinaryCopyInWriter,
+    error::SqlState,
+    types::{ToSql, Type},
+};
 
 use crate::{
     aggregate::{Partial, Segment, Source},
     domain::{Interval, Order, Position, ReadingOut, ReadingsQuery},
     moves::{Moves, Stored},
     reads::Reads,
+    replicas::{Targets, falls_back},
     retention::Period,
 };
 
@@ -44,8 +51,8 @@ pub type SeriesKey = (String, String, String);
 pub struct Repo {
     /// Writer and maintenance.
     pool: Pool,
-    /// Reads, with `statement_timeout`.
-    reads: Arc<Reads>,
+    /// Reads, with `statement_timeout`: this HTTP worker's, on the primary and the replicas.
+    targets: Arc<Targets>,
     series: Arc<Mutex<HashMap<SeriesKey, i32>>>,
     partitions: Arc<Mutex<HashSet<NaiveDate>>>,
     /// Raw readings before this (epoch µs) have been dropped by retention; the writer does
@@ -335,10 +342,10 @@ pub struct MetricOut {
 }
 
 impl Repo {
-    pub fn new(pool: Pool, reads: Arc<Reads>, config: Arc<Config>) -> Self {
+    pub fn new(pool: Pool, targets: Arc<Targets>, config: Arc<Config>) -> Self {
         Self {
             pool,
-            reads,
+            targets,
             series: Arc::default(),
             partitions: Arc::default(),
             expired_before_us: Arc::new(AtomicI64::new(MIN_TIME_US)),
@@ -346,10 +353,10 @@ impl Repo {
         }
     }
 
-    /// The same repository reading through `reads`.
-    pub fn with_reads(&self, reads: Arc<Reads>) -> Self {
+    /// The same repository reading through `targets`.
+    pub fn with_targets(&self, targets: Arc<Targets>) -> Self {
         Self {
-            reads,
+            targets,
             ..self.clone()
         }
     }
@@ -358,8 +365,31 @@ impl Repo {
         &self.pool
     }
 
-    pub fn query_pool(&self) -> &Pool {
-        self.reads.pool()
+    /// The pool an export streams from: a usable replica's, or the primary's.
+    pub fn history_pool(&self) -> &Pool {
+        match self.targets.replica() {
+            Some((reads, _)) => reads.pool(),
+            None => self.targets.primary.pool(),
+        }
+    }
+
+    /// The rows of one history statement: on a usable replica, or the primary when none is;
+    /// a read the replica failed for going away is done again on the primary. History is what
+    /// the writer stores from the bus, which no client waits on (ingest answers once the bus
+    /// has a reading, not once it is stored), so a replica's bounded lag is what any reader
+    /// may see; what a client writes and then reads (retention) stays on the primary.
+    async fn history(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, ApiError> {
+        if let Some((reads, replica)) = self.targets.replica() {
+            match query_on(reads, sql, params).await {
+                Err(error) if falls_back(&error) => replica.failed(&error),
+                other => return other,
+            }
+        }
+        query_on(&self.targets.primary, sql, params).await
     }
 
     pub fn set_expired_before(&self, ts_us: i64) {
@@ -584,19 +614,14 @@ impl Repo {
                 return Ok(series);
             }
         }
-        let client = self.reads.client().await?;
-        let statement = client
-            .prepare_cached(
+        let metrics: Option<Vec<String>> = metrics.map(<[String]>::to_vec);
+        let rows = self
+            .history(
                 "SELECT series_id, metric FROM telemetry.series
                  WHERE project = $1 AND device_id = $2 AND ($3::text[] IS NULL OR metric = ANY($3))",
+                &[&project, &device_id, &metrics],
             )
-            .await
-            .map_err(read_error)?;
-        let metrics: Option<Vec<String>> = metrics.map(<[String]>::to_vec);
-        let rows = client
-            .query(&statement, &[&project, &device_id, &metrics])
-            .await
-            .map_err(read_error)?;
+            .await?;
         let mut series: Vec<DeviceSeries> = rows
             .iter()
             .map(|row| DeviceSeries {
@@ -672,7 +697,6 @@ impl Repo {
             };
             (start, end) = (from_us(narrow_start), from_us(narrow_end));
         }
-        let client = self.reads.client().await?;
         // Two phases: the page's keys from the index alone (index-only scans, each series'
         // next rows), then the values of just those rows. Both name the range, so that
         // planning prunes both to its partitions.
@@ -695,10 +719,9 @@ impl Repo {
              ORDER BY {page_order}"
         );
         let limit = query.limit as i64 + 1;
-        let statement = client.prepare_cached(&sql).await.map_err(read_error)?;
-        let rows = client
-            .query(
-                &statement,
+        let rows = self
+            .history(
+                &sql,
                 &[
                     &project,
                     &device_id,
@@ -710,8 +733,7 @@ impl Repo {
                     &query.metrics,
                 ],
             )
-            .await
-            .map_err(read_error)?;
+            .await?;
         Ok(rows
             .iter()
             .map(|row| {
@@ -741,21 +763,16 @@ impl Repo {
         device_id: &str,
         metrics: Option<&[String]>,
     ) -> Result<Vec<ReadingOut>, ApiError> {
-        let client = self.reads.client().await?;
         let metrics: Option<Vec<String>> = metrics.map(<[String]>::to_vec);
-        let statement = client
-            .prepare_cached(
+        let rows = self
+            .history(
                 "SELECT metric, last_ts, last_num, last_bool, last_text FROM telemetry.series
                  WHERE project = $1 AND device_id = $2 AND last_ts IS NOT NULL
                    AND ($3::text[] IS NULL OR metric = ANY($3))
                  ORDER BY metric COLLATE \"C\"",
+                &[&project, &device_id, &metrics],
             )
-            .await
-            .map_err(read_error)?;
-        let rows = client
-            .query(&statement, &[&project, &device_id, &metrics])
-            .await
-            .map_err(read_error)?;
+            .await?;
         Ok(rows
             .iter()
             .map(|row| ReadingOut {
@@ -772,19 +789,14 @@ impl Repo {
         project: &str,
         device_id: &str,
     ) -> Result<Vec<MetricOut>, ApiError> {
-        let client = self.reads.client().await?;
-        let statement = client
-            .prepare_cached(
+        let rows = self
+            .history(
                 "SELECT metric, first_ts, last_ts, count FROM telemetry.series
                  WHERE project = $1 AND device_id = $2 AND count > 0
                  ORDER BY metric COLLATE \"C\"",
+                &[&project, &device_id],
             )
-            .await
-            .map_err(read_error)?;
-        let rows = client
-            .query(&statement, &[&project, &device_id])
-            .await
-            .map_err(read_error)?;
+            .await?;
         Ok(rows
             .iter()
             .map(|row| MetricOut {
@@ -836,12 +848,10 @@ impl Repo {
                 segment.source.name()
             ),
         };
-        let client = self.reads.client().await?;
-        let statement = client.prepare_cached(&sql).await.map_err(read_error)?;
         let seconds = interval.seconds as f64;
-        let rows = client
-            .query(
-                &statement,
+        let rows = self
+            .history(
+                &sql,
                 &[
                     &series,
                     &from_us(segment.start_us),
@@ -849,8 +859,7 @@ impl Repo {
                     &seconds,
                 ],
             )
-            .await
-            .map_err(read_error)?;
+            .await?;
         Ok(rows
             .iter()
             .map(|row| {
@@ -891,18 +900,16 @@ impl Repo {
         if end_us.saturating_sub(start_us) <= NARROW_RANGES_OVER_US {
             return Ok(Some((start_us, end_us)));
         }
-        let client = self.reads.client().await?;
-        let statement = client
-            .prepare_cached(
+        let row = self
+            .history(
                 "SELECT min(first_ts), max(last_ts) FROM telemetry.series
                  WHERE series_id = ANY($1) AND count > 0",
+                &[&series],
             )
-            .await
-            .map_err(read_error)?;
-        let row = client
-            .query_one(&statement, &[&series])
-            .await
-            .map_err(read_error)?;
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("an aggregate returned no row")))?;
         let first: Option<DateTime<Utc>> = row.get(0);
         let last: Option<DateTime<Utc>> = row.get(1);
         let (Some(first), Some(last)) = (first, last) else {
@@ -925,21 +932,13 @@ impl Repo {
         else {
             return Ok(Vec::new());
         };
-        let client = self.reads.client().await?;
-        let statement = client
-            .prepare_cached(
+        let rows = self
+            .history(
                 "SELECT ts, value_num, value_bool, value_text FROM telemetry.readings
                  WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
-            )
-            .await
-            .map_err(read_error)?;
-        let rows = client
-            .query(
-                &statement,
                 &[&series_id, &from_us(start_us), &from_us(end_us), &limit],
             )
-            .await
-            .map_err(read_error)?;
+            .await?;
         Ok(rows
             .iter()
             .map(|row| (format_rfc3339(&row.get(0)), json_value(row, 1)))
@@ -953,23 +952,29 @@ impl Repo {
         devices: &[String],
         metrics: &[String],
     ) -> Result<HashMap<(String, String), i32>, ApiError> {
-        let client = self.reads.client().await?;
-        let statement = client
-            .prepare_cached(
+        let rows = self
+            .history(
                 "SELECT device_id, metric, series_id FROM telemetry.series
                  WHERE project = $1 AND device_id = ANY($2) AND metric = ANY($3)",
+                &[&project, &devices, &metrics],
             )
-            .await
-            .map_err(read_error)?;
-        let rows = client
-            .query(&statement, &[&project, &devices, &metrics])
-            .await
-            .map_err(read_error)?;
+            .await?;
         Ok(rows
             .iter()
             .map(|row| ((row.get(0), row.get(1)), row.get(2)))
             .collect())
     }
+}
+
+/// One statement on one of a worker's read pools.
+async fn query_on(
+    reads: &Reads,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, ApiError> {
+    let client = reads.client().await?;
+    let statement = client.prepare_cached(sql).await.map_err(read_error)?;
+    client.query(&statement, params).await.map_err(read_error)
 }
 
 /// A project's retention row (`telemetry.retention`), which the maintenance task reads.

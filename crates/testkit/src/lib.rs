@@ -46,8 +46,8 @@ pub fn mqtt_url() -> String {
     std::env::var("FIELDLINE_TEST_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into())
 }
 
-async fn pg_admin() -> tokio_postgres::Client {
-    let url = format!("{}/postgres", pg_admin_url());
+async fn pg_admin(server_url: &str) -> tokio_postgres::Client {
+    let url = format!("{server_url}/postgres");
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap_or_else(|error| {
@@ -65,6 +65,8 @@ pub struct TestEnv {
     pub database: String,
     pub database_url: String,
     pub admin_key: String,
+    /// The PostgreSQL server of `database_url`, without a database.
+    pub pg_server_url: String,
     /// The test's own broker, when it uses MQTT ([`TestEnv::with_broker`]).
     pub broker: Option<std::sync::Arc<servers::PrivateMosquitto>>,
 }
@@ -75,15 +77,22 @@ const TEST_DEVICE_TOKEN_KEY: &str = "fieldline-test-device-token-key-0123456789"
 impl TestEnv {
     /// Creates an empty database `fl_test_<id>`.
     pub async fn new() -> Self {
+        Self::new_on(&pg_admin_url()).await
+    }
+
+    /// Creates an empty database `fl_test_<id>` on the server of `server_url`
+    /// (`postgres://user@host:port`, a private one).
+    pub async fn new_on(server_url: &str) -> Self {
         let id = format!("t{}", unique_suffix());
         let database = format!("fl_test_{id}");
-        pg_admin()
+        pg_admin(server_url)
             .await
             .batch_execute(&format!("CREATE DATABASE {database}"))
             .await
             .unwrap();
         Self {
-            database_url: format!("{}/{database}", pg_admin_url()),
+            database_url: format!("{server_url}/{database}"),
+            pg_server_url: server_url.to_owned(),
             database,
             admin_key: format!("flk_test_admin_{}", unique_suffix()),
             id,
@@ -226,7 +235,7 @@ impl TestEnv {
         let _ = jetstream
             .delete_key_value(subjects.mqtt_slots_bucket())
             .await;
-        let _ = pg_admin()
+        let _ = pg_admin(&self.pg_server_url)
             .await
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",

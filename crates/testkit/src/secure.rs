@@ -347,6 +347,40 @@ impl PrivatePostgres {
         postgres
     }
 
+    /// A streaming replica of this cluster: `pg_basebackup -R` of it into a directory of its
+    /// own, started on a port of its own (hot standby, so it answers reads). The cluster
+    /// needs nothing more: initdb's defaults stream WAL (`wal_level=replica`, WAL senders)
+    /// and its `pg_hba.conf` lets loopback replicate. Stopped and removed on drop.
+    pub async fn start_replica(&self) -> Self {
+        let dir = std::env::temp_dir().join(format!("fl-pg-replica-{}", crate::unique_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Some((uid, gid)) = run_as() {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+        }
+        let output = Self::command(&dir, "pg_basebackup")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-R", "-X", "stream", "-c", "fast"])
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .unwrap_or_else(|error| panic!("pg_basebackup is required for this test: {error}"));
+        assert!(
+            output.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut replica = Self {
+            port: free_port(),
+            password: self.password.clone(),
+            dir,
+            settings: Vec::new(),
+            child: None,
+        };
+        replica.restart().await;
+        replica
+    }
+
     /// A command of the cluster's binaries, as its owner.
     fn command(dir: &std::path::Path, binary: &str) -> Command {
         use std::os::unix::process::CommandExt as _;

@@ -85,7 +85,7 @@ async fn readings(
         .await?
         .unwrap_or((start_us, start_us));
     let body = export::start(
-        state.repo.query_pool().clone(),
+        state.repo.history_pool().clone(),
         Export {
             series,
             start_us,

@@ -5,10 +5,12 @@
 
 mod aggregate;
 mod dead_letters;
+mod distribution;
 mod export;
 mod livetime;
 mod query;
 mod readings;
+mod replicas;
 mod retention;
 mod writer;
 
