@@ -9,7 +9,22 @@ use std::{
 };
 
 /// A free TCP port on loopback (free when this returns; the caller binds it at once).
+/// A port free now for a server a test starts. It is taken below the kernel's ephemeral
+/// range, so the outbound connections of the tests running beside it (clients of PostgreSQL,
+/// NATS, HTTP) cannot take it in the time between this check and the server's own bind: a
+/// port from `bind(:0)` could be given to one of them and the server then fails to start.
 pub fn free_port() -> u16 {
+    let lowest_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, lowest_ephemeral.max(11_000));
+    for _ in 0..1_000 {
+        let port = rand::random_range(low..high);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
