@@ -10,7 +10,11 @@ use deadpool_postgres::Pool;
 use fieldline_common::{ApiError, auth::ScopeLevel, time::format_rfc3339};
 use tokio_postgres::{Row, error::SqlState};
 
-pub use self::{alerts::RuleFilter, commands::CommandFilter, state::SeenDevice};
+pub use self::{
+    alerts::{FiringFilter, RuleFilter},
+    commands::CommandFilter,
+    state::SeenDevice,
+};
 use crate::{
     domain::{DeviceOut, KeyOut, NewDevice, NewKey, ProjectOut, rfc3339_opt, scopes_of},
     outbox::{EventKind, Messages, OutboxMessage},

@@ -5,6 +5,7 @@ mod aggregate;
 pub mod bulk;
 mod domain;
 mod export;
+mod live;
 mod maintenance;
 mod moves;
 mod reads;
@@ -39,6 +40,8 @@ mod embedded {
 pub(crate) struct State {
     pub repo: Repo,
     pub context: Context,
+    /// Live streams open on this process (shared by every HTTP worker).
+    pub streams: Arc<live::Streams>,
 }
 
 /// Migrates the `telemetry` schema, starts the writer and returns the routes.
@@ -70,12 +73,14 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
     // few connections its one-statement reads share (see `reads`). A connection's I/O runs
     // on the thread that opened it, so a request then never waits on another thread's
     // wake-up for its rows.
+    let streams = Arc::new(live::Streams::default());
     let states: Vec<web::Data<State>> = reads
         .into_iter()
         .map(|reads| {
             web::Data::new(State {
                 repo: repo.with_reads(reads),
                 context: context.clone(),
+                streams: Arc::clone(&streams),
             })
         })
         .collect();

@@ -223,6 +223,18 @@ pub const ROUTES: &[RouteDoc] = &[
     ]),
     RouteDoc::new(Get, "/api/v1/alert-rules/{id}", "Get an alert rule", Read),
     RouteDoc::new(
+        Get,
+        "/api/v1/alerts",
+        "Alerts firing now in the project: each rule and device with the reading that fired it",
+        Read,
+    )
+    .query(&[
+        ("device_id", "alerts of this device"),
+        ("severity", "info, warning or critical"),
+        PAGING[0],
+        PAGING[1],
+    ]),
+    RouteDoc::new(
         Put,
         "/api/v1/alert-rules/{id}",
         "Replace an alert rule",

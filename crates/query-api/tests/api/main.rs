@@ -10,6 +10,7 @@ mod livetime;
 mod query;
 mod readings;
 mod retention;
+mod stream;
 mod writer;
 
 use fieldline_common::Config;
