@@ -599,6 +599,44 @@ impl Repo {
         Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
     }
 
+    /// A device's configuration versions, newest first (`None`: no such device).
+    pub async fn config_versions(
+        &self,
+        project: &str,
+        device_id: &str,
+        limit: i64,
+    ) -> Result<Option<Vec<serde_json::Value>>, ApiError> {
+        let client = self.pool.get().await?;
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM registry.devices WHERE project = $1 AND id = $2",
+                &[&project, &device_id],
+            )
+            .await?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        let rows = client
+            .query(
+                "SELECT version, config, changed_by, created_at FROM registry.device_configs
+                 WHERE project = $1 AND device_id = $2 ORDER BY version DESC LIMIT $3",
+                &[&project, &device_id, &limit],
+            )
+            .await?;
+        Ok(Some(
+            rows.iter()
+                .map(|row| {
+                    serde_json::json!({
+                        "version": row.get::<_, i64>(0),
+                        "config": row.get::<_, serde_json::Value>(1),
+                        "changed_by": row.get::<_, String>(2),
+                        "created_at": format_rfc3339(&row.get(3)),
+                    })
+                })
+                .collect(),
+        ))
+    }
+
     /// Changes a device's configuration: `change` turns the current document into the next
     /// one under a row lock. A document equal to the current one makes no new version.
     /// Returns the version and document after, and whether they changed; `None` when there is

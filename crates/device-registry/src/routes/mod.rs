@@ -182,6 +182,12 @@ pub const ROUTES: &[RouteDoc] = &[
     )
     .body(JSON),
     RouteDoc::new(
+        Get,
+        "/api/v1/devices/{id}/config/versions",
+        "A device's last 100 configuration versions, newest first, with who changed each",
+        Read,
+    ),
+    RouteDoc::new(
         Post,
         "/api/v1/devices/{id}/commands",
         "Send a command {name, params?, ttl_s?}",
