@@ -98,6 +98,12 @@ pub const ROUTES: &[RouteDoc] = &[
     ]),
     RouteDoc::new(
         Get,
+        "/api/v1/stats/readings",
+        "The project's readings per minute over the last five minutes, and how many devices sent them",
+        Read,
+    ),
+    RouteDoc::new(
+        Get,
         "/api/v1/devices/{id}/metrics",
         "A device's metrics with first and last time and count",
         Read,
