@@ -22,7 +22,6 @@ use rust_embed::Embed;
 
 #[derive(Embed)]
 #[folder = "../../console/dist"]
-#[exclude = "*.map"]
 struct Bundle;
 
 /// The console's routes, for the OpenAPI document.
@@ -92,4 +91,72 @@ fn security_headers() -> (header::HeaderName, &'static str) {
         "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; \
          connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::{Path, PathBuf};
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    fn files(root: &Path, path: &str, out: &mut Vec<String>) {
+        let full = root.join(path);
+        if full.is_dir() {
+            for entry in std::fs::read_dir(&full).unwrap() {
+                let name = entry.unwrap().file_name().into_string().unwrap();
+                files(root, &format!("{path}/{name}"), out);
+            }
+        } else {
+            out.push(path.to_owned());
+        }
+    }
+
+    /// The committed bundle was built from the sources as they are (the hash
+    /// `console/scripts/stamp.mjs` records): a source change without `make console` fails here.
+    #[test]
+    fn bundle_matches_sources() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../console");
+        let mut inputs = Vec::new();
+        for input in [
+            "index.html",
+            "package-lock.json",
+            "tsconfig.json",
+            "vite.config.ts",
+            "src",
+        ] {
+            files(&root, input, &mut inputs);
+        }
+        inputs.sort();
+        let mut hash = Sha256::new();
+        for file in &inputs {
+            hash.update(format!("{file}\n"));
+            hash.update(std::fs::read(root.join(file)).unwrap());
+            hash.update("\n");
+        }
+        let digest = hex::encode(hash.finalize());
+        let recorded = std::fs::read_to_string(root.join("dist/SOURCES.sha256")).unwrap();
+        assert_eq!(
+            recorded.trim(),
+            digest,
+            "console/dist was built from other sources: run `make console` and commit dist"
+        );
+    }
+
+    #[test]
+    fn the_bundle_has_its_page_and_the_assets_it_names() {
+        let index = Bundle::get("index.html").expect("console/dist/index.html");
+        let html = std::str::from_utf8(&index.data).unwrap();
+        for chunk in html.split("/assets/").skip(1) {
+            let name = &chunk[..chunk.find('"').unwrap()];
+            assert!(
+                Bundle::get(&format!("assets/{name}")).is_some(),
+                "index.html names a missing asset {name}"
+            );
+        }
+        assert!(html.contains("/assets/"), "{html}");
+    }
 }
