@@ -5,11 +5,24 @@ import { useEffect, useRef } from 'preact/hooks';
 export type Points = [number[], (number | null)[]];
 
 /** A time-series chart (uPlot); dragging across it selects a window to zoom into. */
-export function Chart({ data, label, onZoom }: { data: Points; label: string; onZoom: (startMs: number, endMs: number) => void }) {
+export function Chart({
+  data,
+  label,
+  span,
+  onZoom,
+}: {
+  data: Points;
+  label: string;
+  /** The window shown, in ms: [start, end] (end null: now). */
+  span: [number, number | null];
+  onZoom: (startMs: number, endMs: number) => void;
+}) {
   const box = useRef<HTMLDivElement>(null);
   const plot = useRef<uPlot | null>(null);
   const zoom = useRef(onZoom);
   zoom.current = onZoom;
+  const shown = useRef(span);
+  shown.current = span;
 
   useEffect(() => {
     const element = box.current!;
@@ -20,6 +33,12 @@ export function Chart({ data, label, onZoom }: { data: Points; label: string; on
     const options: uPlot.Options = {
       width: element.clientWidth || 600,
       height: 260,
+      scales: {
+        x: {
+          time: true,
+          range: () => [shown.current[0] / 1000, (shown.current[1] ?? Date.now()) / 1000],
+        },
+      },
       series: [{}, { label, stroke, width: 1.5, points: { show: data[0].length < 120 } }],
       axes: [
         { stroke: axis, grid: { stroke: grid } },
@@ -50,7 +69,7 @@ export function Chart({ data, label, onZoom }: { data: Points; label: string; on
 
   useEffect(() => {
     plot.current?.setData(data as uPlot.AlignedData);
-  }, [data]);
+  }, [data, span[0], span[1]]);
 
   return <div class="chart" ref={box} data-testid="chart" data-points={data[0].length} />;
 }

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod console;
 mod dashboards;
 mod observability;
 mod platform;

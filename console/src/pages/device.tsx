@@ -160,7 +160,7 @@ function History({ id, metrics, live }: { id: string; metrics: string[]; live: {
         )}
       </div>
       <ErrorLine error={error} />
-      <Chart data={points} label={metric} onZoom={(start, end) => setWindow({ start, end })} />
+      <Chart data={points} label={metric} span={[window.start, window.end]} onZoom={(start, end) => setWindow({ start, end })} />
       <p class="muted small">
         {source}
         {window.end === null && resolution(window) === null ? ' · live' : ''} · {points[0].length} points · drag across the chart to zoom in
