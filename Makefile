@@ -38,6 +38,7 @@ build:
 run: provision build
 	@echo
 	@echo "Fieldline on http://127.0.0.1:8080  (admin key: $(DEV_ADMIN_KEY))"
+	@echo "  Console: http://127.0.0.1:8080/ (sign in with the admin key)"
 	@echo "  MQTT: mosquitto_pub -h 127.0.0.1 -i fl/default/<device> -u fl/default/<device> -P <its token> -t 'fl/default/<device>/telemetry' ..."
 	@echo "  Quickstart: README.md; Ctrl-C stops."
 	@echo

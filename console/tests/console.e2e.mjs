@@ -243,7 +243,7 @@ try {
         if (range) {
           const t1 = Date.now();
           await page.click(`button:has-text("${range}")`);
-          await page.waitForFunction(() => /per 1h/.test(document.querySelector('.card .muted.small')?.textContent ?? ''), null, { timeout: 20_000 });
+          await page.waitForFunction(() => /per 1h/.test(document.querySelector('[data-testid=chart-source]')?.textContent ?? ''), null, { timeout: 20_000 });
           times.push(Date.now() - t1);
         } else {
           times.push(Date.now() - t0);

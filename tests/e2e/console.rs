@@ -25,6 +25,21 @@ async fn the_console_runs_every_operator_flow_in_a_real_browser() {
     );
     let platform = Platform::one_process().await;
     let base = platform.url("/").trim_end_matches('/').to_owned();
+    // The page and its assets, gzipped when asked, the page never cached.
+    let page = platform
+        .http
+        .get(format!("{base}/"))
+        .header("Accept-Encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-encoding"], "gzip");
+    assert_eq!(page.headers()["cache-control"], "no-cache");
+    assert!(page.headers().contains_key("content-security-policy"));
+    let (status, body) = platform.get("/assets/nothing-here.js", "").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["reason"], "asset_not_found");
     let admin = platform.admin_key().to_owned();
     let mut command = Command::new("node");
     command

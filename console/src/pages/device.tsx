@@ -45,7 +45,7 @@ interface Window {
 function resolution(window: Window): string | null {
   const span = (window.end ?? Date.now()) - window.start;
   if (span <= 2 * 3600_000) return null;
-  const found = INTERVALS.find(([, ms]) => span / ms <= 1500);
+  const found = INTERVALS.find(([, ms]) => span / ms <= 500);
   return (found ?? INTERVALS[INTERVALS.length - 1])[0];
 }
 
@@ -161,7 +161,7 @@ function History({ id, metrics, live }: { id: string; metrics: string[]; live: {
       </div>
       <ErrorLine error={error} />
       <Chart data={points} label={metric} span={[window.start, window.end]} onZoom={(start, end) => setWindow({ start, end })} />
-      <p class="muted small">
+      <p class="muted small" data-testid="chart-source">
         {source}
         {window.end === null && resolution(window) === null ? ' · live' : ''} · {points[0].length} points · drag across the chart to zoom in
       </p>

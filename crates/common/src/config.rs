@@ -383,7 +383,7 @@ impl Default for Config {
             backfill_max_body_bytes: 16 * 1024 * 1024,
             ingest_publish_timeout: Duration::from_secs(5),
             long_poll_max: 1000,
-            stream_max_per_key: 8,
+            stream_max_per_key: 16,
             stream_max_per_project: 64,
             stream_max: 1000,
             stream_heartbeat: Duration::from_secs(15),
