@@ -71,5 +71,5 @@ export function Chart({
     plot.current?.setData(data as uPlot.AlignedData);
   }, [data, span[0], span[1]]);
 
-  return <div class="chart" ref={box} data-testid="chart" data-points={data[0].length} />;
+  return <div class="chart" ref={box} data-testid="chart" data-metric={label} data-points={data[0].length} />;
 }

@@ -123,7 +123,9 @@ try {
   await page.click('td a:has-text("greenhouse-1")');
   await page.waitForSelector('[data-testid=chart]');
   await page.selectOption('select[aria-label=metric]', 'temperature');
-  await eventually('the first point', 10_000, async () => Number(await page.getAttribute('[data-testid=chart]', 'data-points')) >= 1);
+  // The history of temperature loaded (the page polls no history: what comes next is live).
+  await page.waitForSelector('[data-testid=chart-source]:has-text("of temperature")');
+  await eventually('the first point', 10_000, async () => Number(await page.getAttribute('[data-testid=chart][data-metric=temperature]', 'data-points')) >= 1);
   await eventually('the live stream', 10_000, async () => (await page.textContent('[data-testid=live-state]')) === 'open');
   const before = Number(await page.getAttribute('[data-testid=chart]', 'data-points'));
   const sent = Date.now();
@@ -135,6 +137,21 @@ try {
   await page.click('button:has-text("15m")');
   await page.waitForTimeout(800);
   await shot('device');
+
+  step('zoom by dragging across the chart, CSV of the window');
+  const over = await page.locator('[data-testid=chart] .u-over').boundingBox();
+  await page.mouse.move(over.x + over.width * 0.5, over.y + over.height / 2);
+  await page.mouse.down();
+  await page.mouse.move(over.x + over.width * 0.98, over.y + over.height / 2, { steps: 5 });
+  await page.mouse.up();
+  await page.waitForSelector('button:has-text("Reset zoom")');
+  const [csv] = await Promise.all([page.waitForEvent('download'), page.click('button:has-text("CSV")')]);
+  const { readFileSync } = await import('node:fs');
+  const text = readFileSync(await csv.path(), 'utf8');
+  // The zoomed window (the second half of the last 15 minutes) holds a few of the readings.
+  const rows = text.trim().split('\n');
+  if (rows[0] !== 'ts,metric,value' || !rows.slice(1).some((row) => row.includes(',temperature,'))) throw new Error(`CSV: ${JSON.stringify(text.slice(0, 300))}`);
+  await page.click('button:has-text("Reset zoom")');
 
   step('register a webhook to a local receiver and see the delivery in the log');
   await page.click('nav a:has-text("Webhooks")');

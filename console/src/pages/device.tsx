@@ -49,6 +49,15 @@ function resolution(window: Window): string | null {
   return (found ?? INTERVALS[INTERVALS.length - 1])[0];
 }
 
+/** Points with new ones added in time order, one per time (the newer value wins). */
+function merge([xs, ys]: Points, added: [number, number][]): Points {
+  const byTime = new Map<number, number | null>();
+  xs.forEach((x, i) => byTime.set(x, ys[i]));
+  for (const [x, y] of added) byTime.set(x, y);
+  const times = [...byTime.keys()].sort((a, b) => a - b);
+  return [times, times.map((x) => byTime.get(x) ?? null)];
+}
+
 async function loadPoints(id: string, metric: string, window: Window): Promise<{ points: Points; source: string }> {
   const start = new Date(window.start).toISOString();
   const end = window.end ? `&end=${enc(new Date(window.end).toISOString())}` : '';
@@ -82,6 +91,8 @@ function History({ id, metrics, live }: { id: string; metrics: string[]; live: {
   const [error, setError] = useState<string | null>(null);
   const windowRef = useRef(window);
   windowRef.current = window;
+  // Live readings that came while the history was loading: the answer may predate them.
+  const arrived = useRef<[number, number][]>([]);
 
   useEffect(() => {
     if (!metrics.includes(metric)) setMetric(metrics[0]);
@@ -90,11 +101,12 @@ function History({ id, metrics, live }: { id: string; metrics: string[]; live: {
   useEffect(() => {
     let cancelled = false;
     setError(null);
+    arrived.current = [];
     loadPoints(id, metric, window)
       .then((result) => {
         if (cancelled) return;
-        setPoints(result.points);
-        setSource(result.source);
+        setPoints(resolution(window) === null ? merge(result.points, arrived.current) : result.points);
+        setSource(`${result.source} of ${metric}`);
       })
       .catch((e: Error) => setError(e.message));
     return () => {
@@ -108,14 +120,12 @@ function History({ id, metrics, live }: { id: string; metrics: string[]; live: {
       live.subscribeTo((readings) => {
         const current = windowRef.current;
         if (current.end !== null || resolution(current) !== null) return;
-        const fresh = readings.filter((r) => r.metric === metric && typeof r.value === 'number' && Date.parse(r.ts) >= current.start);
+        const fresh: [number, number][] = readings
+          .filter((r) => r.metric === metric && typeof r.value === 'number' && Date.parse(r.ts) >= current.start)
+          .map((r) => [Date.parse(r.ts) / 1000, r.value as number]);
         if (fresh.length === 0) return;
-        setPoints(([xs, ys]) => {
-          const merged = xs.map((x, i) => [x, ys[i]] as [number, number | null]);
-          for (const r of fresh) merged.push([Date.parse(r.ts) / 1000, r.value as number]);
-          merged.sort((a, b) => a[0] - b[0]);
-          return [merged.map((p) => p[0]), merged.map((p) => p[1])];
-        });
+        arrived.current.push(...fresh);
+        setPoints((old) => merge(old, fresh));
       }),
     [metric],
   );
