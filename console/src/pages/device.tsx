@@ -82,7 +82,18 @@ async function loadPoints(id: string, metric: string, window: Window): Promise<{
   };
 }
 
-function History({ id, metrics, live }: { id: string; metrics: string[]; live: { subscribeTo: (fn: (r: Reading[]) => void) => () => void } }) {
+function History({
+  id,
+  metrics,
+  live,
+  epoch,
+}: {
+  id: string;
+  metrics: string[];
+  live: { subscribeTo: (fn: (r: Reading[]) => void) => () => void };
+  /** Bumped when the stream could not resume without a gap: load history again. */
+  epoch: number;
+}) {
   const [metric, setMetric] = useState(metrics[0]);
   const [range, setRange] = useState('1h');
   const [window, setWindow] = useState<Window>({ start: Date.now() - 3600_000, end: null });
@@ -112,7 +123,7 @@ function History({ id, metrics, live }: { id: string; metrics: string[]; live: {
     return () => {
       cancelled = true;
     };
-  }, [id, metric, window]);
+  }, [id, metric, window, epoch]);
 
   // New readings of this metric join a live raw chart at once.
   useEffect(
@@ -276,6 +287,7 @@ export function DevicePage({ id }: { id: string }) {
   const rules = useData(() => api.get<Rule[]>(`/api/v1/alert-rules?device_id=${enc(id)}`), [id]);
   const [secret, setSecret] = useState<string | null>(null);
   const [liveState, setLiveState] = useState('connecting');
+  const [epoch, setEpoch] = useState(0);
   const listeners = useRef(new Set<(r: Reading[]) => void>());
   const action = useAction();
 
@@ -283,6 +295,11 @@ export function DevicePage({ id }: { id: string }) {
     const stream = subscribe(
       `/api/v1/devices/${enc(id)}/readings/stream`,
       (event) => {
+        if (event.event === 'reset') {
+          setEpoch((n) => n + 1);
+          latest.reload();
+          return;
+        }
         if (event.event !== 'readings') return;
         const readings = event.data.readings as Reading[];
         listeners.current.forEach((fn) => fn(readings));
@@ -367,7 +384,7 @@ export function DevicePage({ id }: { id: string }) {
           {latest.data && latest.data.length === 0 && <p class="muted">No reading yet.</p>}
         </div>
       </Card>
-      {numeric.length > 0 ? <History id={id} metrics={numeric} live={live} /> : <Card title="History"><p class="muted">No metric yet: the chart appears with the first reading.</p></Card>}
+      {numeric.length > 0 ? <History id={id} metrics={numeric} live={live} epoch={epoch} /> : <Card title="History"><p class="muted">No metric yet: the chart appears with the first reading.</p></Card>}
       <div class="grid2">
         <ConfigEditor id={id} />
         <Commands id={id} />

@@ -357,3 +357,58 @@ async fn the_events_stream_sends_the_projects_events_with_heartbeats_and_ends_af
     assert_eq!(end.data["reason"], "lifetime");
     assert!(all.frame(Duration::from_secs(2)).await.is_none());
 }
+
+#[tokio::test]
+async fn a_resume_past_what_the_stream_still_holds_starts_with_reset() {
+    let app = spawn_query().await;
+    app.create_device("pump").await;
+    let path = "/api/v1/devices/pump/readings/stream";
+    let mut stream = Sse::open(&app, path, app.admin_key(), None).await;
+    let now = fieldline_common::time::now_us();
+    publish(&app, "default", "pump", vec![number("flow", now, 1.0)]).await;
+    let seen = stream.event(WAIT).await.expect("a reading");
+    drop(stream);
+    publish(&app, "default", "pump", vec![number("flow", now, 2.0)]).await;
+    // What came after the client's last event ages out (here: purged).
+    let name = app
+        .context
+        .subjects
+        .stream_name(fieldline_proto::Stream::Telemetry);
+    app.context
+        .jetstream
+        .get_stream(&name)
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    publish(&app, "default", "pump", vec![number("flow", now, 3.0)]).await;
+    let mut resumed = Sse::open(&app, path, app.admin_key(), seen.id.as_deref()).await;
+    let reset = resumed.event(WAIT).await.expect("reset");
+    assert_eq!(reset.name, "reset");
+    let next = resumed
+        .event(WAIT)
+        .await
+        .expect("what the stream still holds");
+    assert_eq!(value_of(&next), 3.0);
+}
+
+#[tokio::test]
+async fn past_the_process_cap_a_stream_is_refused_with_503() {
+    let app = spawn_query_with(|config| Config {
+        stream_max: 1,
+        ..config
+    })
+    .await;
+    let _only = Sse::open(&app, "/api/v1/events/stream", app.admin_key(), None).await;
+    let other_key = create_project(&app, "other").await;
+    let refused = Sse::request(&app, "/api/v1/events/stream", &other_key, None).await;
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let (status, body) = read(refused).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_streams",
+    );
+}
