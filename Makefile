@@ -12,7 +12,7 @@ DEV_MQTT_ADMIN_PASSWORD ?= fieldline-dev-mqtt-admin-change-me
 DEV_MQTT_INGEST_PASSWORD ?= fieldline-dev-mqtt-ingest-change-me
 DEV_DEVICE_TOKEN_KEY ?= fieldline-dev-device-token-key-change-me
 
-.PHONY: help provision build run test bench bench-quick chaos soak lint fmt clean-test-data
+.PHONY: help provision build run test bench bench-quick chaos soak lint fmt clean-test-data console console-shots
 
 help:
 	@echo "make run     provision the servers, build, and serve every service on http://127.0.0.1:8080"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench   release build, every benchmark scenario beside the machine's raw limits -> bench/report.md"
 	@echo "make chaos   the fault suite: kill each service and server under load, count what is lost -> chaos/report.md"
 	@echo "make soak    30 minutes of steady load: memory and table sizes at the start and the end -> chaos/soak.md"
+	@echo "make console rebuild the console bundle (console/dist, committed) from console/src with npm"
 	@echo "make lint    clippy with warnings as errors, rustfmt check"
 	@echo "make fmt     format the code"
 
@@ -37,6 +38,7 @@ build:
 run: provision build
 	@echo
 	@echo "Fieldline on http://127.0.0.1:8080  (admin key: $(DEV_ADMIN_KEY))"
+	@echo "  Console: http://127.0.0.1:8080/ (sign in with the admin key)"
 	@echo "  MQTT: mosquitto_pub -h 127.0.0.1 -i fl/default/<device> -u fl/default/<device> -P <its token> -t 'fl/default/<device>/telemetry' ..."
 	@echo "  Quickstart: README.md; Ctrl-C stops."
 	@echo
@@ -61,6 +63,20 @@ test: provision
 	fi
 	$(CARGO) run --locked --quiet -p loadgen --bin loadgen -- bench --quick --out target/bench-quick
 	$(CARGO) run --locked --quiet -p loadgen --bin loadgen -- chaos --quick --out target/chaos-quick
+
+# The console's bundle is committed (console/dist, embedded in the binary), so building needs
+# no npm; this rebuilds it after a change in console/ (Node.js 20.19+). A test
+# (fieldline-console) fails when dist was not rebuilt from the sources as they are.
+console:
+	npm ci --prefix console --no-audit --no-fund
+	npm --prefix console run build
+
+# The browser test with screenshots of each page into docs/console/ (the README shows them)
+# and the device page's load time with a week of 10-second readings (printed).
+console-shots: provision
+	$(CARGO) build --locked -p fieldline
+	FL_CONSOLE_SHOTS_DIR=$(CURDIR)/docs/console FL_CONSOLE_MEASURE=1 \
+		$(CARGO) test --locked -p fieldline --test e2e the_console -- --nocapture
 
 # Figures worth comparing: release build, 20 s per scenario. Writes bench/report.{md,json}.
 bench: provision

@@ -349,6 +349,25 @@ ensure_k8s_tools() {
         || die "could not install pykustomize and kubernetes-validate into $K8S_VENV"
 }
 
+# The console's browser test (tests/e2e/console.rs) drives Debian's chromium with the npm
+# package playwright-core (no browser download). npm ci runs again only when the lock changed.
+CONSOLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../console" && pwd)"
+ensure_console_tests() {
+    ensure_cmd chromium chromium
+    ensure_cmd nodejs node
+    ensure_cmd npm npm
+    local major
+    major=$(node -p 'process.versions.node.split(".")[0]')
+    ((major >= 20)) || die "node $(node --version) is too old for the console's tests (playwright-core needs 20+): install Node.js 20 or newer (e.g. NodeSource's nodejs)"
+    local lock stamp="$CONSOLE_DIR/node_modules/.fieldline-lock.sha256"
+    lock=$(sha256sum "$CONSOLE_DIR/package-lock.json" | cut -d' ' -f1)
+    if [[ -f $stamp && $(cat "$stamp") == "$lock" ]]; then return; fi
+    say "installing the console's npm packages (npm ci in console/)"
+    npm ci --prefix "$CONSOLE_DIR" --no-audit --no-fund --loglevel=error >/dev/null \
+        || die "npm ci in $CONSOLE_DIR failed"
+    echo "$lock" >"$stamp"
+}
+
 # ---------------------------------------------------------------- main
 if [[ ${FL_PROVISION_ONLY:-} == mosquitto ]]; then
     ensure_mosquitto
@@ -359,6 +378,7 @@ ensure_cmd postgresql-client psql pg_isready createdb
 ensure_cmd jq jq
 ensure_cloudevents
 ensure_k8s_tools
+ensure_console_tests
 ensure_cmd mosquitto-clients mosquitto_pub mosquitto_sub
 # promtool lints each service's /metrics and the alerting rules in the tests (the package's
 # server is not started).

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod console;
 mod dashboards;
 mod k8s;
 mod observability;

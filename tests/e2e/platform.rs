@@ -218,6 +218,8 @@ impl Platform {
             && (path.contains("/readings") || path.ends_with("/metrics")))
             || path == "/api/v1/query"
             || path == "/api/v1/retention"
+            || path.starts_with("/api/v1/events/")
+            || path.starts_with("/api/v1/stats/")
         {
             "query-api"
         } else {

@@ -218,6 +218,21 @@ pub struct Config {
     /// at once, each with a bus subscription; past it a long-poll answers 503
     /// `too_many_long_polls` with `Retry-After`, at once.
     pub long_poll_max: usize,
+    /// Most live streams (`…/readings/stream`, `/api/v1/events/stream`) one API key holds
+    /// open at once on one query-api process; past it 429 `too_many_streams`.
+    pub stream_max_per_key: usize,
+    /// Most live streams one project holds open at once on one query-api process.
+    pub stream_max_per_project: usize,
+    /// Most live streams one query-api process holds open at once, all projects together
+    /// (each is an ephemeral JetStream consumer); past it 503 `too_many_streams`.
+    pub stream_max: usize,
+    /// How often an idle live stream sends a comment line, so proxies keep it open.
+    #[serde(with = "humantime_serde")]
+    pub stream_heartbeat: Duration,
+    /// How long one live stream stays open; then it ends and the client reconnects with
+    /// `Last-Event-ID`, losing nothing (one caller cannot hold a stream for ever).
+    #[serde(with = "humantime_serde")]
+    pub stream_max_lifetime: Duration,
     // ---- Live time: which reading times are stored, so that no message can make
     // partitions without limit. See docs/decisions/2026-12-04-live-time-window.md.
     /// How far back a reading's time may lie when it arrives over `POST /api/v1/ingest` or
@@ -386,6 +401,11 @@ impl Default for Config {
             backfill_max_body_bytes: 16 * 1024 * 1024,
             ingest_publish_timeout: Duration::from_secs(5),
             long_poll_max: 1000,
+            stream_max_per_key: 16,
+            stream_max_per_project: 64,
+            stream_max: 1000,
+            stream_heartbeat: Duration::from_secs(15),
+            stream_max_lifetime: Duration::from_secs(3600),
             ingest_max_age: Duration::from_secs(30 * 24 * 3600),
             ingest_max_future: Duration::from_secs(3600),
             readings_earliest: DateTime::from_timestamp(946_684_800, 0).unwrap_or_default(),
@@ -693,6 +713,21 @@ impl Config {
         }
         if self.long_poll_max == 0 {
             return invalid("long_poll_max", "must be at least 1".into());
+        }
+        for (field, value) in [
+            ("stream_max_per_key", self.stream_max_per_key),
+            ("stream_max_per_project", self.stream_max_per_project),
+            ("stream_max", self.stream_max),
+        ] {
+            if value == 0 {
+                return invalid(field, "must be at least 1".into());
+            }
+        }
+        if self.stream_heartbeat.is_zero() || self.stream_max_lifetime.is_zero() {
+            return invalid(
+                "stream_heartbeat",
+                "stream_heartbeat and stream_max_lifetime must be above 0".into(),
+            );
         }
         if let Err((field, message)) = self.validate_rate_limits() {
             return invalid(field, message);

@@ -114,6 +114,16 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Command long-polls refused with 503 because this process held its maximum",
     ),
     (
+        "fieldline_query_streams_open",
+        Kind::Gauge,
+        "Live streams (Server-Sent Events) open in this process",
+    ),
+    (
+        "fieldline_query_streams_refused_total",
+        Kind::Counter,
+        "Live streams refused because a key, a project or this process held its maximum",
+    ),
+    (
         "fieldline_mqtt_messages_total",
         Kind::Counter,
         "MQTT messages handled by ingest-mqtt, by outcome",

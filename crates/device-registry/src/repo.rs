@@ -10,7 +10,11 @@ use deadpool_postgres::Pool;
 use fieldline_common::{ApiError, auth::ScopeLevel, time::format_rfc3339};
 use tokio_postgres::{Row, error::SqlState};
 
-pub use self::{alerts::RuleFilter, commands::CommandFilter, state::SeenDevice};
+pub use self::{
+    alerts::{FiringFilter, RuleFilter},
+    commands::CommandFilter,
+    state::SeenDevice,
+};
 use crate::{
     domain::{DeviceOut, KeyOut, NewDevice, NewKey, ProjectOut, rfc3339_opt, scopes_of},
     outbox::{EventKind, Messages, OutboxMessage},
@@ -593,6 +597,44 @@ impl Repo {
             )
             .await?;
         Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
+    }
+
+    /// A device's configuration versions, newest first (`None`: no such device).
+    pub async fn config_versions(
+        &self,
+        project: &str,
+        device_id: &str,
+        limit: i64,
+    ) -> Result<Option<Vec<serde_json::Value>>, ApiError> {
+        let client = self.pool.get().await?;
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM registry.devices WHERE project = $1 AND id = $2",
+                &[&project, &device_id],
+            )
+            .await?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        let rows = client
+            .query(
+                "SELECT version, config, changed_by, created_at FROM registry.device_configs
+                 WHERE project = $1 AND device_id = $2 ORDER BY version DESC LIMIT $3",
+                &[&project, &device_id, &limit],
+            )
+            .await?;
+        Ok(Some(
+            rows.iter()
+                .map(|row| {
+                    serde_json::json!({
+                        "version": row.get::<_, i64>(0),
+                        "config": row.get::<_, serde_json::Value>(1),
+                        "changed_by": row.get::<_, String>(2),
+                        "created_at": format_rfc3339(&row.get(3)),
+                    })
+                })
+                .collect(),
+        ))
     }
 
     /// Changes a device's configuration: `change` turns the current document into the next

@@ -78,6 +78,10 @@ fn api_document() -> serde_json::Value {
             service: "webhook-dispatcher",
             routes: webhook_dispatcher::ROUTES,
         },
+        ServiceDoc {
+            service: "console",
+            routes: fieldline_console::ROUTES,
+        },
     ];
     serde_json::to_value(openapi::document(&services)).unwrap_or_default()
 }
@@ -247,6 +251,7 @@ async fn serve(services: ServiceSet) -> anyhow::Result<()> {
         started.push(service);
     }
     started.push(openapi_service());
+    started.push(fieldline_console::service());
     let listener = service::serve_http(&context, &started)?;
     tracing::info!(addr = %listener.addr, services = ?names, "fieldline ready");
 

@@ -172,6 +172,11 @@ impl Subjects {
         format!("{}.events.{project}.{event_type}.{device_id}", self.prefix)
     }
 
+    /// Every event of one project (`type` one of `alert`, `status`, `config`, or `*`).
+    pub fn project_events(&self, project: &str, event_type: &str) -> String {
+        format!("{}.events.{project}.{event_type}.*", self.prefix)
+    }
+
     pub fn events_all(&self) -> String {
         format!("{}.events.>", self.prefix)
     }

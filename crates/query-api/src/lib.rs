@@ -5,6 +5,7 @@ mod aggregate;
 pub mod bulk;
 mod domain;
 mod export;
+mod live;
 mod maintenance;
 mod moves;
 mod reads;
@@ -50,6 +51,8 @@ pub async fn migrate(pool: &deadpool_postgres::Pool) -> anyhow::Result<()> {
 pub(crate) struct State {
     pub repo: Repo,
     pub context: Context,
+    /// Live streams open on this process (shared by every HTTP worker).
+    pub streams: Arc<live::Streams>,
 }
 
 /// Migrates the `telemetry` schema, starts the writer and returns the routes.
@@ -102,12 +105,14 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
 
     // A connection's I/O runs on the thread that opened it, so a request then never waits on
     // another thread's wake-up for its rows.
+    let streams = Arc::new(live::Streams::default());
     let states: Vec<web::Data<State>> = targets
         .into_iter()
         .map(|targets| {
             web::Data::new(State {
                 repo: repo.with_targets(targets),
                 context: context.clone(),
+                streams: Arc::clone(&streams),
             })
         })
         .collect();

@@ -783,6 +783,28 @@ impl Repo {
             .collect())
     }
 
+    /// Readings of the project timed in the last five minutes (and of how many devices), for
+    /// the console's overview: only series that reported in that window are read.
+    pub async fn recent_activity(&self, project: &str) -> Result<(i64, i64), ApiError> {
+        let rows = self
+            .history(
+                "WITH recent AS (
+                   SELECT series_id, device_id FROM telemetry.series
+                   WHERE project = $1 AND last_ts >= now() - interval '5 minutes'
+                 )
+                 SELECT (SELECT count(*) FROM telemetry.readings r
+                         WHERE r.series_id IN (SELECT series_id FROM recent)
+                           AND r.ts >= now() - interval '5 minutes' AND r.ts <= now()),
+                        (SELECT count(DISTINCT device_id) FROM recent)",
+                &[&project],
+            )
+            .await?;
+        let row = rows.first().ok_or_else(|| {
+            ApiError::internal(anyhow::anyhow!("the readings count answered no row"))
+        })?;
+        Ok((row.get(0), row.get(1)))
+    }
+
     /// Metric names of a device with first and last time and count, from the dictionary.
     pub async fn metrics(
         &self,

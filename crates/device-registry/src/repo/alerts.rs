@@ -35,6 +35,32 @@ fn rule_out(row: &Row) -> RuleOut {
     }
 }
 
+/// An alert firing now: one rule's state for one device.
+#[derive(Debug, serde::Serialize)]
+pub struct FiringAlert {
+    pub rule_id: String,
+    pub rule_name: String,
+    pub severity: String,
+    pub device_id: String,
+    pub metric: String,
+    pub op: String,
+    pub threshold: f64,
+    pub clear_threshold: Option<f64>,
+    /// The reading that last evaluated the rule.
+    pub value: Option<f64>,
+    pub ts: Option<String>,
+    /// When it started firing.
+    pub since: String,
+}
+
+/// Filters and keyset position of the alerts firing now.
+pub struct FiringFilter<'a> {
+    pub device_id: Option<&'a str>,
+    pub severity: Option<&'a str>,
+    pub after: Option<&'a (String, String)>,
+    pub limit: i64,
+}
+
 /// Filters and keyset position of a rule listing.
 pub struct RuleFilter<'a> {
     pub device_id: Option<&'a str>,
@@ -213,5 +239,58 @@ impl Repo {
             )
             .await?;
         Ok(deleted == 1)
+    }
+
+    /// The project's alerts firing now, by rule then device.
+    pub async fn firing_alerts(
+        &self,
+        project: &str,
+        filter: &FiringFilter<'_>,
+    ) -> Result<Vec<FiringAlert>, ApiError> {
+        let client = self.pool.get().await?;
+        let (after_rule, after_device) = filter
+            .after
+            .map(|(rule, device)| (Some(rule.as_str()), Some(device.as_str())))
+            .unwrap_or((None, None));
+        let rows = client
+            .query(
+                "SELECT s.rule_id, r.name, r.severity, s.device_id, r.metric, r.op, r.threshold,
+                        r.clear_threshold, s.last_value, s.last_ts, s.changed_at
+                 FROM registry.alert_states s
+                 JOIN registry.alert_rules r ON r.id = s.rule_id
+                 WHERE s.project = $1 AND r.project = $1 AND s.state = 'firing' AND r.enabled
+                   AND ($2::text IS NULL OR s.device_id = $2)
+                   AND ($3::text IS NULL OR r.severity = $3)
+                   AND ($4::text IS NULL OR (s.rule_id, s.device_id) > ($4, $5::text))
+                 ORDER BY s.rule_id, s.device_id LIMIT $6",
+                &[
+                    &project,
+                    &filter.device_id,
+                    &filter.severity,
+                    &after_rule,
+                    &after_device,
+                    &filter.limit,
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| FiringAlert {
+                rule_id: row.get(0),
+                rule_name: row.get(1),
+                severity: row.get(2),
+                device_id: row.get(3),
+                metric: row.get(4),
+                op: row.get(5),
+                threshold: row.get(6),
+                clear_threshold: row.get(7),
+                value: row.get(8),
+                ts: row
+                    .get::<_, Option<chrono::DateTime<chrono::Utc>>>(9)
+                    .as_ref()
+                    .map(format_rfc3339),
+                since: format_rfc3339(&row.get(10)),
+            })
+            .collect())
     }
 }

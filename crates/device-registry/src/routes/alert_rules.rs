@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::{
     State,
     domain::alerts::{NewRule, RuleIn},
-    repo::RuleFilter,
+    repo::{FiringFilter, RuleFilter},
     routes::device_not_found,
 };
 
@@ -23,6 +23,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(create))
             .route(web::get().to(list)),
     )
+    .service(web::resource("/api/v1/alerts").route(web::get().to(firing)))
     .service(
         web::resource("/api/v1/alert-rules/{id}")
             .route(web::get().to(get))
@@ -100,6 +101,55 @@ async fn list(
         .map(|rule| {
             let id = rule.id.clone();
             (rule, id)
+        })
+        .collect();
+    Ok(envelope::keyset_page(rows, limit))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FiringParams {
+    device_id: Option<String>,
+    severity: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// `GET /api/v1/alerts`: what fires now in the key's project.
+async fn firing(
+    state: web::Data<State>,
+    key: ApiKey,
+    Query(params): Query<FiringParams>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Read)?;
+    let limit = crate::routes::devices::parse_limit(params.limit.as_deref())?;
+    if let Some(severity) = params.severity.as_deref()
+        && !matches!(severity, "info" | "warning" | "critical")
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "severity: one of info, warning, critical",
+        ));
+    }
+    let after = params
+        .cursor
+        .as_deref()
+        .map(decode_cursor::<(String, String)>)
+        .transpose()?;
+    let filter = FiringFilter {
+        device_id: params.device_id.as_deref(),
+        severity: params.severity.as_deref(),
+        after: after.as_ref(),
+        limit: limit as i64 + 1,
+    };
+    let rows: Vec<_> = state
+        .repo
+        .firing_alerts(&principal.project, &filter)
+        .await?
+        .into_iter()
+        .map(|alert| {
+            let position = (alert.rule_id.clone(), alert.device_id.clone());
+            (alert, position)
         })
         .collect();
     Ok(envelope::keyset_page(rows, limit))

@@ -26,7 +26,28 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(get))
             .route(web::put().to(replace))
             .route(web::patch().to(patch)),
-    );
+    )
+    .service(web::resource("/api/v1/devices/{id}/config/versions").route(web::get().to(versions)));
+}
+
+/// Versions listed at most: a device's history, newest first.
+const MAX_VERSIONS: i64 = 100;
+
+/// `GET /api/v1/devices/{id}/config/versions`: the last 100 versions, newest first, each with
+/// who changed it.
+async fn versions(
+    state: web::Data<State>,
+    key: ApiKey,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Read)?;
+    let device_id = DeviceId::parse(&path)?;
+    let versions = state
+        .repo
+        .config_versions(&principal.project, device_id.as_str(), MAX_VERSIONS)
+        .await?
+        .ok_or_else(|| device_not_found(&device_id))?;
+    Ok(envelope::ok(&versions))
 }
 
 fn config_out(

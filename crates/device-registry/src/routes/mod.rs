@@ -182,6 +182,12 @@ pub const ROUTES: &[RouteDoc] = &[
     )
     .body(JSON),
     RouteDoc::new(
+        Get,
+        "/api/v1/devices/{id}/config/versions",
+        "A device's last 100 configuration versions, newest first, with who changed each",
+        Read,
+    ),
+    RouteDoc::new(
         Post,
         "/api/v1/devices/{id}/commands",
         "Send a command {name, params?, ttl_s?}",
@@ -222,6 +228,18 @@ pub const ROUTES: &[RouteDoc] = &[
         PAGING[1],
     ]),
     RouteDoc::new(Get, "/api/v1/alert-rules/{id}", "Get an alert rule", Read),
+    RouteDoc::new(
+        Get,
+        "/api/v1/alerts",
+        "Alerts firing now in the project: each rule and device with the reading that fired it",
+        Read,
+    )
+    .query(&[
+        ("device_id", "alerts of this device"),
+        ("severity", "info, warning or critical"),
+        PAGING[0],
+        PAGING[1],
+    ]),
     RouteDoc::new(
         Put,
         "/api/v1/alert-rules/{id}",

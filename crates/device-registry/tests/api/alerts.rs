@@ -407,3 +407,68 @@ async fn an_old_breach_arriving_late_waits_for_s_from_its_arrival() {
     assert_eq!(alerts[0]["state"], "firing");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn alerts_firing_now_are_listed_for_their_project_only() {
+    let app = spawn_registry().await;
+    app.create_device("kiln").await;
+    app.create_device("cellar").await;
+    let hot = create_rule(
+        &app,
+        json!({"name": "kiln hot", "device_id": "kiln", "metric": "temp", "op": "gt",
+               "threshold": 100, "severity": "critical"}),
+    )
+    .await;
+    create_rule(
+        &app,
+        json!({"name": "cellar cold", "device_id": "cellar", "metric": "temp", "op": "lt",
+               "threshold": 0, "severity": "warning"}),
+    )
+    .await;
+    let (status, body) = app.get("/api/v1/alerts", app.admin_key()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"], json!([]));
+
+    let t0 = fieldline_common::time::now_us();
+    // The kiln fires; the cellar stays above 0.
+    feed(&app, "kiln", "temp", &[(t0, 120.0)]).await;
+    feed(&app, "cellar", "temp", &[(t0, 5.0)]).await;
+    alerts_of(&app, &hot, 1).await;
+    let (status, body) = app.get("/api/v1/alerts", app.admin_key()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let firing = body["data"].as_array().unwrap();
+    assert_eq!(firing.len(), 1, "{body}");
+    assert_eq!(firing[0]["rule_id"], hot.as_str());
+    assert_eq!(firing[0]["device_id"], "kiln");
+    assert_eq!(firing[0]["severity"], "critical");
+    assert_eq!(firing[0]["value"], 120.0);
+    assert!(firing[0]["since"].is_string(), "{body}");
+
+    // Filters, and a read key is enough.
+    let (_, read_key) = app.create_key(&["read"]).await;
+    let (status, body) = app.get("/api/v1/alerts?severity=warning", &read_key).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"], json!([]));
+    let (status, body) = app.get("/api/v1/alerts?severity=loud", &read_key).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_query");
+
+    // Another project sees none of them.
+    let (status, body) = app
+        .post(
+            "/api/v1/projects",
+            app.admin_key(),
+            &json!({"slug": "other"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let other_key = body["data"]["admin_key"]["secret"].as_str().unwrap();
+    let (status, body) = app.get("/api/v1/alerts", other_key).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"], json!([]));
+
+    // Resolved, it leaves the list.
+    feed(&app, "kiln", "temp", &[(t0 + SECOND, 20.0)]).await;
+    alerts_of(&app, &hot, 2).await;
+    let (_, body) = app.get("/api/v1/alerts", app.admin_key()).await;
+    assert_eq!(body["data"], json!([]), "{body}");
+}

@@ -170,3 +170,47 @@ async fn bad_configs_are_refused_and_change_nothing() {
     assert_eq!(body["data"]["config"], json!({}));
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn config_versions_list_newest_first_for_the_projects_devices_only() {
+    let app = spawn_registry().await;
+    let admin = app.admin_key().to_owned();
+    let (status, body) = app
+        .post(
+            "/api/v1/devices",
+            &admin,
+            &json!({"id": "valve", "config": {"open": false}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = put(
+        &app,
+        "/api/v1/devices/valve/config",
+        &admin,
+        &json!({"open": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, read_key) = app.create_key(&["read"]).await;
+    let (status, body) = app
+        .get("/api/v1/devices/valve/config/versions", &read_key)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let versions = body["data"].as_array().unwrap();
+    assert_eq!(versions.len(), 2, "{body}");
+    assert_eq!(versions[0]["version"], 2);
+    assert_eq!(versions[0]["config"], json!({"open": true}));
+    assert_eq!(versions[1]["version"], 1);
+    assert_eq!(versions[1]["config"], json!({"open": false}));
+    assert!(versions[0]["changed_by"].is_string());
+
+    let (status, body) = app
+        .post("/api/v1/projects", &admin, &json!({"slug": "elsewhere"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let other = body["data"]["admin_key"]["secret"].as_str().unwrap();
+    let (status, body) = app
+        .get("/api/v1/devices/valve/config/versions", other)
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "device_not_found");
+}

@@ -1,6 +1,7 @@
 pub mod query;
 pub mod readings;
 pub mod retention;
+pub mod stream;
 
 use actix_web::web;
 
@@ -8,6 +9,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     readings::configure(cfg);
     query::configure(cfg);
     retention::configure(cfg);
+    stream::configure(cfg);
 }
 
 use fieldline_common::openapi::{
@@ -68,6 +70,38 @@ pub const ROUTES: &[RouteDoc] = &[
         ("fill", "none (default), null or previous"),
         ("source", "auto (rollups for hourly and longer) or raw"),
     ]),
+    RouteDoc::new(
+        Get,
+        "/api/v1/devices/{id}/readings/stream",
+        "A device's new readings as Server-Sent Events (`event: readings`, `id:` to resume with `Last-Event-ID`)",
+        Read,
+    )
+    .query(&[(
+        "last_event_id",
+        "the `Last-Event-ID` header, for clients that cannot send it",
+    )]),
+    RouteDoc::new(
+        Get,
+        "/api/v1/events/stream",
+        "The project's device.status, device.alert and config.update events as Server-Sent Events (resume with `Last-Event-ID`)",
+        Read,
+    )
+    .query(&[
+        (
+            "types",
+            "comma list of device.status, device.alert, config.update (default all)",
+        ),
+        (
+            "last_event_id",
+            "the `Last-Event-ID` header, for clients that cannot send it",
+        ),
+    ]),
+    RouteDoc::new(
+        Get,
+        "/api/v1/stats/readings",
+        "The project's readings per minute over the last five minutes, and how many devices sent them",
+        Read,
+    ),
     RouteDoc::new(
         Get,
         "/api/v1/devices/{id}/metrics",

@@ -25,7 +25,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::resource("/api/v1/devices/{id}/readings/aggregate")
                 .route(web::get().to(aggregate)),
         )
-        .service(web::resource("/api/v1/devices/{id}/metrics").route(web::get().to(metrics)));
+        .service(web::resource("/api/v1/devices/{id}/metrics").route(web::get().to(metrics)))
+        .service(web::resource("/api/v1/stats/readings").route(web::get().to(activity)));
 }
 
 async fn readings(
@@ -189,3 +190,16 @@ async fn metrics(
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoParams {}
+
+/// `GET /api/v1/stats/readings`: the project's readings per minute over the last five
+/// minutes (by reading time), and how many devices sent them.
+async fn activity(state: web::Data<State>, key: ApiKey) -> Result<HttpResponse, ApiError> {
+    let principal = key.require(ScopeLevel::Read)?;
+    let (readings, devices) = state.repo.recent_activity(&principal.project).await?;
+    Ok(envelope::ok(&serde_json::json!({
+        "window_s": 300,
+        "readings": readings,
+        "readings_per_minute": readings as f64 / 5.0,
+        "devices_reporting": devices,
+    })))
+}

@@ -12,6 +12,7 @@ mod query;
 mod readings;
 mod replicas;
 mod retention;
+mod stream;
 mod writer;
 
 use fieldline_common::Config;

@@ -329,3 +329,36 @@ async fn every_route_answers_404_for_another_projects_device() {
     }
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn recent_activity_counts_the_projects_readings_of_the_last_five_minutes() {
+    let app = crate::spawn_query().await;
+    app.create_device("meter").await;
+    let other_key = crate::create_project(&app, "elsewhere").await;
+    let now = fieldline_common::time::now_us();
+    let minute = 60_000_000;
+    crate::publish(
+        &app,
+        "default",
+        "meter",
+        vec![
+            crate::number("kwh", now - minute, 1.0),
+            crate::number("kwh", now - 2 * minute, 2.0),
+            crate::number("volts", now - minute, 230.0),
+            // Older than the window: not counted.
+            crate::number("kwh", now - 20 * minute, 0.5),
+        ],
+    )
+    .await;
+    let body =
+        fieldline_testkit::eventually("stored", std::time::Duration::from_secs(10), || async {
+            let (status, body) = app.get("/api/v1/stats/readings", app.admin_key()).await;
+            assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+            (body["data"]["readings"] == 3).then_some(body)
+        })
+        .await;
+    assert_eq!(body["data"]["readings_per_minute"], 0.6);
+    assert_eq!(body["data"]["devices_reporting"], 1);
+    let (_, body) = app.get("/api/v1/stats/readings", &other_key).await;
+    assert_eq!(body["data"]["readings"], 0, "{body}");
+}
