@@ -58,6 +58,17 @@ impl Servers {
         }
     }
 
+    /// A client of NATS: `nats_url` may name several servers of a cluster, comma-separated.
+    pub async fn nats(&self) -> anyhow::Result<async_nats::Client> {
+        let servers = self
+            .nats_url
+            .split(',')
+            .map(|url| url.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("NATS URL {}", self.nats_url))?;
+        Ok(async_nats::ConnectOptions::new().connect(servers).await?)
+    }
+
     /// A raw MQTT client of `broker`, with up to `inflight` QoS 1 messages of its own
     /// unacknowledged, and its event loop.
     pub fn mqtt_client(
@@ -466,8 +477,7 @@ impl Platform {
     ) -> anyhow::Result<
         async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>,
     > {
-        let nats = async_nats::connect(&self.servers.nats_url).await?;
-        let jetstream = async_nats::jetstream::new(nats);
+        let jetstream = async_nats::jetstream::new(self.servers.nats().await?);
         let subjects = fieldline_proto::Subjects::new(&self.id)?;
         jetstream
             .get_stream(subjects.stream_name(fieldline_proto::Stream::Telemetry))
@@ -490,8 +500,7 @@ impl Platform {
             let _ = instance.child.wait();
         }
         self.instances.clear();
-        let nats = async_nats::connect(&self.servers.nats_url).await?;
-        let jetstream = async_nats::jetstream::new(nats);
+        let jetstream = async_nats::jetstream::new(self.servers.nats().await?);
         let subjects = fieldline_proto::Subjects::new(&self.id)?;
         for stream in fieldline_proto::Stream::ALL {
             let _ = jetstream.delete_stream(subjects.stream_name(stream)).await;
