@@ -64,6 +64,11 @@ impl PrivateNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The process id while it runs (for measuring its CPU).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops the server abruptly, keeping its store.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
