@@ -62,10 +62,11 @@ test: provision
 	$(CARGO) run --locked --quiet -p loadgen --bin loadgen -- bench --quick --out target/bench-quick
 	$(CARGO) run --locked --quiet -p loadgen --bin loadgen -- chaos --quick --out target/chaos-quick
 
-# Figures worth comparing: release build, 20 s per scenario. Writes bench/report.{md,json}.
+# Figures worth comparing: release build, 20 s per scenario, on a nats-server of the bench's own
+# (so its CPU per reading is measured too). Writes bench/report.{md,json}.
 bench: provision
 	$(CARGO) build --locked --release -p fieldline -p loadgen
-	$(CARGO) run --locked --release --quiet -p loadgen --bin loadgen -- bench --out bench
+	$(CARGO) run --locked --release --quiet -p loadgen --bin loadgen -- bench --private-nats --out bench
 
 # Every scenario for a few seconds on the debug build.
 bench-quick: provision
