@@ -78,10 +78,11 @@ console-shots: provision
 	FL_CONSOLE_SHOTS_DIR=$(CURDIR)/docs/console FL_CONSOLE_MEASURE=1 \
 		$(CARGO) test --locked -p fieldline --test e2e the_console -- --nocapture
 
-# Figures worth comparing: release build, 20 s per scenario. Writes bench/report.{md,json}.
+# Figures worth comparing: release build, 20 s per scenario, on a nats-server of the bench's own
+# (so its CPU per reading is measured too). Writes bench/report.{md,json}.
 bench: provision
 	$(CARGO) build --locked --release -p fieldline -p loadgen
-	$(CARGO) run --locked --release --quiet -p loadgen --bin loadgen -- bench --out bench
+	$(CARGO) run --locked --release --quiet -p loadgen --bin loadgen -- bench --private-nats --out bench
 
 # Every scenario for a few seconds on the debug build.
 bench-quick: provision

@@ -5,6 +5,7 @@
 
 mod cli;
 mod console;
+mod cluster;
 mod dashboards;
 mod k8s;
 mod observability;
@@ -118,5 +119,19 @@ async fn split_one_of_two_ingest_mqtt_processes_killed_for_good_leaves_0_acknowl
  {
     let mut platform = Platform::split().await;
     scale_out::one_of_two_ingest_mqtt_killed_for_good(&mut platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn cluster_of_three_nats_the_telemetry_leader_killed_leaves_0_acknowledged_readings_unstored()
+{
+    let mut nats = fieldline_testkit::servers::NatsCluster::start().await;
+    let url = nats.url();
+    let platform = Platform::one_process_with(&[
+        ("FIELDLINE_NATS_URL", url.as_str()),
+        ("FIELDLINE_STREAM_REPLICAS", "3"),
+    ])
+    .await;
+    cluster::telemetry_leader_killed_under_load(&platform, &mut nats).await;
     platform.stop().await;
 }

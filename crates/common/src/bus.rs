@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use async_nats::{ConnectErrorKind, ConnectOptions, Event, ServerAddr, jetstream};
-use fieldline_proto::{Stream, StreamLimits, Subjects};
+use fieldline_proto::{Replication, Stream, StreamLimits, Subjects};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::Config;
@@ -304,35 +304,96 @@ fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Creates the platform's streams if they do not exist yet, and brings the bounds of those
-/// that do (age, bytes, duplicate window) to the configured ones (idempotent; every service
-/// calls it at start, so start order does not matter).
+/// Creates the platform's streams if they do not exist yet, and brings those that do to the
+/// configured bounds (age, bytes, duplicate window) and replicas (idempotent; every
+/// service calls it at start, so start order does not matter).
 pub async fn ensure_streams(
     jetstream: &jetstream::Context,
     subjects: &Subjects,
     limits: StreamLimits,
+    replication: &Replication,
 ) -> anyhow::Result<()> {
     for stream in Stream::ALL {
-        let config = subjects.stream_config(stream, limits);
-        let name = config.name.clone();
-        let existing = jetstream
-            .get_or_create_stream(config.clone())
-            .await
-            .map_err(|error| explain_stream_error(&name, &config, error))?;
-        let current = &existing.cached_info().config;
-        let drifted = current.max_age != config.max_age
-            || current.max_bytes != config.max_bytes
-            || current.duplicate_window != config.duplicate_window
-            || current.subjects != config.subjects;
-        if drifted {
-            jetstream
-                .update_stream(&config)
-                .await
-                .map_err(|error| explain_stream_error(&name, &config, error))?;
-            tracing::info!(stream = %name, max_age = ?config.max_age, max_bytes = config.max_bytes, "stream bounds brought to the configured ones");
-        }
+        let config = subjects.stream_config(stream, limits, replication);
+        ensure_stream(jetstream, config, Reconcile::BoundsAndReplicas).await?;
     }
     Ok(())
+}
+
+/// What [`ensure_stream`] brings an existing stream to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconcile {
+    /// Bounds, subjects and replicas: the platform's streams.
+    BoundsAndReplicas,
+    /// Replicas only: a KV bucket whose first maker's bounds stand.
+    Replicas,
+}
+
+/// Creates one stream (or KV bucket's stream) if it does not exist, or brings it to `config`
+/// where they differ in what `reconcile` names. A JetStream cluster (2.9) adds or drops copies
+/// of a stream (and of the durable consumers on it) on such an update; a single server
+/// refuses more than one, and the error says so. Placement is applied when a stream is made;
+/// an existing stream placed elsewhere is left where it is, with a warning: moving it copies
+/// the whole stream, which an operator starts deliberately (`nats stream edit`), not every
+/// start of a service.
+pub async fn ensure_stream(
+    jetstream: &jetstream::Context,
+    config: jetstream::stream::Config,
+    reconcile: Reconcile,
+) -> anyhow::Result<jetstream::stream::Stream> {
+    let name = config.name.clone();
+    let wanted = Replication {
+        replicas: config.num_replicas,
+        placement: config.placement.clone(),
+    };
+    let existing = jetstream
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(|error| explain_stream_error(&name, &config, error))?;
+    let current = &existing.cached_info().config;
+    if !wanted.same_placement(current) {
+        tracing::warn!(
+            stream = %name,
+            placed = ?current.placement,
+            wanted = ?wanted.placement,
+            "stream placed elsewhere than FIELDLINE_STREAM_PLACEMENT_CLUSTER/_TAGS say; left there (move it with `nats stream edit`)"
+        );
+    }
+    let bounds_drifted = current.max_age != config.max_age
+        || current.max_bytes != config.max_bytes
+        || current.duplicate_window != config.duplicate_window
+        || current.subjects != config.subjects;
+    let replicas_drifted = !wanted.same_replicas(current);
+    let update = match reconcile {
+        Reconcile::BoundsAndReplicas if bounds_drifted || replicas_drifted => {
+            jetstream::stream::Config {
+                placement: current.placement.clone(),
+                ..config
+            }
+        }
+        Reconcile::Replicas if replicas_drifted => jetstream::stream::Config {
+            num_replicas: config.num_replicas,
+            ..current.clone()
+        },
+        _ => return Ok(existing),
+    };
+    let from_replicas = current.num_replicas.max(1);
+    jetstream
+        .update_stream(&update)
+        .await
+        .map_err(|error| explain_stream_error(&name, &update, error))?;
+    tracing::info!(
+        stream = %name,
+        max_age = ?update.max_age,
+        max_bytes = update.max_bytes,
+        from_replicas,
+        replicas = update.num_replicas,
+        "stream brought to the configured bounds and replicas"
+    );
+    jetstream
+        .get_stream(&name)
+        .await
+        .with_context(|| format!("reading stream {name} after updating it"))
 }
 
 /// What an operator should read when a stream cannot be made: JetStream reserves each
@@ -344,7 +405,36 @@ fn explain_stream_error(
     error: jetstream::context::CreateStreamError,
 ) -> anyhow::Error {
     use async_nats::jetstream::{ErrorCode, context::CreateStreamErrorKind};
+    let replicas = config.num_replicas.max(1);
     let hint = match error.kind() {
+        CreateStreamErrorKind::JetStream(inner)
+            if inner.error_code() == ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED
+                || inner.error_code() == ErrorCode::STREAM_REPLICAS_NOT_UPDATABLE
+                || inner.error_code() == ErrorCode::CLUSTER_REQUIRED =>
+        {
+            format!(
+                "stream {name} cannot have {replicas} replicas (FIELDLINE_STREAM_REPLICAS) on this \
+                 NATS: more than one needs a JetStream cluster (nats-server 2.9 or later, with \
+                 `cluster` routes); on a single server use FIELDLINE_STREAM_REPLICAS=1"
+            )
+        }
+        CreateStreamErrorKind::JetStream(inner)
+            if replicas > 1
+                && (inner.error_code() == ErrorCode::INSUFFICIENT_RESOURCES
+                    || inner.error_code() == ErrorCode::CLUSTER_NO_PEERS
+                    || inner.error_code() == ErrorCode::CLUSTER_TAGS
+                    || inner.error_code() == ErrorCode::CLUSTER_INCOMPLETE
+                    || inner.error_code() == ErrorCode::PEER_REMAP) =>
+        {
+            format!(
+                "JetStream found no {replicas} servers for stream {name} \
+                 (FIELDLINE_STREAM_REPLICAS={replicas}, placement {:?}): the cluster needs at least \
+                 {replicas} servers up with JetStream, the placement's cluster and tags \
+                 (FIELDLINE_STREAM_PLACEMENT_CLUSTER, _TAGS), and room for max_bytes ({} MiB) on each",
+                config.placement,
+                config.max_bytes >> 20
+            )
+        }
         CreateStreamErrorKind::JetStream(inner)
             if inner.error_code() == ErrorCode::STORAGE_RESOURCES_EXCEEDED
                 || inner.error_code() == ErrorCode::INSUFFICIENT_RESOURCES

@@ -262,6 +262,16 @@ pub struct Config {
     pub dead_letter_max_age: Duration,
     /// Size bound of the dead-letter stream, in bytes (the oldest go first).
     pub dead_letter_max_bytes: i64,
+    /// Servers that keep a copy of every stream, and so of the durable consumers on them and
+    /// of the KV buckets: 1 on a single nats-server, 3 in a JetStream cluster of three or
+    /// more (one server may be lost). 1 to 5; existing streams are brought to it at start.
+    pub stream_replicas: usize,
+    /// The JetStream cluster the streams are placed in, when NATS is a super-cluster of
+    /// several; unset: the cluster of the server the service is connected to.
+    pub stream_placement_cluster: Option<String>,
+    /// Comma-separated server tags (nats-server's `server_tags`, e.g. `ssd`) that every
+    /// server keeping a stream must have; empty: any server.
+    pub stream_placement_tags: String,
     /// Deliveries a message that keeps failing gets before it goes to the dead letters
     /// (failures because a server is down do not end its tries: it waits).
     pub consumer_max_deliveries: i64,
@@ -414,6 +424,9 @@ impl Default for Config {
             stream_duplicate_window: Duration::from_secs(120),
             dead_letter_max_age: Duration::from_secs(14 * 24 * 3600),
             dead_letter_max_bytes: 256 << 20,
+            stream_replicas: 1,
+            stream_placement_cluster: None,
+            stream_placement_tags: String::new(),
             consumer_max_deliveries: 5,
             writer_batch_size: 1000,
             query_statement_timeout: Duration::from_secs(10),
@@ -444,7 +457,7 @@ impl Default for Config {
 
 /// Settings whose variables are taken as written: figment reads `123456` as a number and
 /// `0123` as 123, which no password or URL survives.
-const RAW_STRING_SETTINGS: [&str; 12] = [
+const RAW_STRING_SETTINGS: [&str; 14] = [
     "database_url",
     "database_read_url",
     "bootstrap_admin_key",
@@ -457,6 +470,8 @@ const RAW_STRING_SETTINGS: [&str; 12] = [
     "device_token_key",
     "mqtt_ca_file",
     "mqtt_retired_client_ids",
+    "stream_placement_cluster",
+    "stream_placement_tags",
 ];
 
 /// A configuration that cannot start a service.
@@ -708,6 +723,27 @@ impl Config {
         if self.dead_letter_max_bytes < 1 << 20 {
             return invalid("dead_letter_max_bytes", "must be at least 1 MiB".into());
         }
+        if !(1..=5).contains(&self.stream_replicas) {
+            return invalid(
+                "stream_replicas",
+                "use 1 to 5 (JetStream keeps at most 5 copies; 3 in a cluster of three)".into(),
+            );
+        }
+        for (field, value) in [
+            (
+                "stream_placement_cluster",
+                self.stream_placement_cluster.as_deref().unwrap_or_default(),
+            ),
+            ("stream_placement_tags", self.stream_placement_tags.as_str()),
+        ] {
+            let bad = value
+                .split(',')
+                .map(str::trim)
+                .any(|name| name.chars().any(|c| c.is_whitespace() || c.is_control()));
+            if bad {
+                return invalid(field, "names may not hold spaces".into());
+            }
+        }
         if self.writer_batch_size == 0 {
             return invalid("writer_batch_size", "must be at least 1".into());
         }
@@ -875,6 +911,33 @@ impl Config {
             duplicate_window: self.stream_duplicate_window,
             dead_max_age: self.dead_letter_max_age,
             dead_max_bytes: self.dead_letter_max_bytes,
+        }
+    }
+
+    /// Copies and placement of every stream, durable consumer and KV bucket (validated at
+    /// load).
+    pub fn stream_replication(&self) -> fieldline_proto::Replication {
+        let cluster = self
+            .stream_placement_cluster
+            .as_deref()
+            .map(str::trim)
+            .filter(|cluster| !cluster.is_empty());
+        let tags: Vec<String> = self
+            .stream_placement_tags
+            .split(',')
+            .map(str::trim)
+            .filter(|tag| !tag.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let placement = (cluster.is_some() || !tags.is_empty()).then(|| {
+            async_nats::jetstream::stream::Placement {
+                cluster: cluster.map(str::to_owned),
+                tags,
+            }
+        });
+        fieldline_proto::Replication {
+            replicas: self.stream_replicas,
+            placement,
         }
     }
 
@@ -1146,6 +1209,52 @@ mod tests {
                 error.contains("nats_token") && !error.contains("also"),
                 "{error}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn stream_replicas_and_placement_load_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            let replication = Config::figment(None).unwrap().stream_replication();
+            assert_eq!(replication.replicas, 1);
+            assert!(replication.placement.is_none());
+            jail.set_env("FIELDLINE_STREAM_REPLICAS", "3");
+            jail.set_env("FIELDLINE_STREAM_PLACEMENT_TAGS", " ssd, 2024 ,,");
+            // Digits only: still a name, not a number figment guessed.
+            jail.set_env("FIELDLINE_STREAM_PLACEMENT_CLUSTER", "007");
+            let replication = Config::figment(None).unwrap().stream_replication();
+            assert_eq!(replication.replicas, 3);
+            let placement = replication.placement.unwrap();
+            assert_eq!(placement.cluster.as_deref(), Some("007"));
+            assert_eq!(placement.tags, ["ssd", "2024"]);
+            // Empty, as compose passes an unset variable: no placement.
+            jail.set_env("FIELDLINE_STREAM_PLACEMENT_TAGS", "");
+            jail.set_env("FIELDLINE_STREAM_PLACEMENT_CLUSTER", "");
+            let replication = Config::figment(None).unwrap().stream_replication();
+            assert!(replication.placement.is_none());
+            for (variable, value, field) in [
+                ("FIELDLINE_STREAM_REPLICAS", "0", "stream_replicas"),
+                ("FIELDLINE_STREAM_REPLICAS", "6", "stream_replicas"),
+                ("FIELDLINE_STREAM_REPLICAS", "three", "stream_replicas"),
+                (
+                    "FIELDLINE_STREAM_PLACEMENT_TAGS",
+                    "ssd,fast disk",
+                    "stream_placement_tags",
+                ),
+                (
+                    "FIELDLINE_STREAM_PLACEMENT_CLUSTER",
+                    "east 1",
+                    "stream_placement_cluster",
+                ),
+            ] {
+                jail.set_env(variable, value);
+                let error = Config::figment(None).unwrap_err().to_string();
+                assert!(error.to_lowercase().contains(field), "{value}: {error}");
+                jail.set_env("FIELDLINE_STREAM_REPLICAS", "3");
+                jail.set_env("FIELDLINE_STREAM_PLACEMENT_TAGS", "");
+                jail.set_env("FIELDLINE_STREAM_PLACEMENT_CLUSTER", "");
+            }
             Ok(())
         });
     }

@@ -198,6 +198,10 @@ pub async fn start<H: Handler>(context: &Context, spec: Spec, handler: H) -> any
                 deliver_policy: spec.deliver_policy,
                 ack_wait: spec.ack_wait,
                 max_ack_pending: spec.max_ack_pending,
+                // 0: as many copies as its stream, on the stream's servers
+                // (`FIELDLINE_STREAM_REPLICAS`). JetStream moves a durable consumer with its
+                // stream when the stream's replicas change; a number here would not follow.
+                num_replicas: 0,
                 ..Default::default()
             },
         )

@@ -68,7 +68,13 @@ impl Context {
         };
         let nats = bus::connect(&config, "fieldline", on_reconnect).await?;
         let jetstream = jetstream::new(nats.clone());
-        bus::ensure_streams(&jetstream, &subjects, config.stream_limits()).await?;
+        bus::ensure_streams(
+            &jetstream,
+            &subjects,
+            config.stream_limits(),
+            &config.stream_replication(),
+        )
+        .await?;
         let auth = AuthClient::new(
             nats.clone(),
             subjects.clone(),

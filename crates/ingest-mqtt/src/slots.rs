@@ -132,12 +132,17 @@ impl Slots {
     ) -> anyhow::Result<Arc<Mutex<Status>>> {
         let config = &context.config;
         let bucket = context.subjects.mqtt_slots_bucket();
-        let bucket_stream = bucket_stream(&bucket, config.mqtt_slot_lease);
-        context
-            .jetstream
-            .get_or_create_stream(bucket_stream.clone())
-            .await
-            .with_context(|| format!("creating the KV bucket {bucket}"))?;
+        let bucket_stream = config
+            .stream_replication()
+            .apply(bucket_stream(&bucket, config.mqtt_slot_lease));
+        // A bucket made with another lease keeps it (below); its copies follow the setting.
+        fieldline_common::bus::ensure_stream(
+            &context.jetstream,
+            bucket_stream.clone(),
+            fieldline_common::bus::Reconcile::Replicas,
+        )
+        .await
+        .with_context(|| format!("creating the KV bucket {bucket}"))?;
         let store = context
             .jetstream
             .get_key_value(&bucket)

@@ -11,7 +11,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use fieldline_testkit::{secure::PrivatePostgres, servers::PrivateNats};
+use fieldline_testkit::{
+    secure::PrivatePostgres,
+    servers::{NatsCluster, PrivateNats},
+};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -45,6 +48,8 @@ pub struct ChaosArgs {
 pub struct PrivateServers {
     pub postgres: PrivatePostgres,
     pub nats: PrivateNats,
+    /// A three-node JetStream cluster, started for the first fault that needs it.
+    pub cluster: Option<NatsCluster>,
     /// The platform's view: URLs and the private broker.
     pub servers: Servers,
 }
@@ -57,6 +62,7 @@ impl PrivateServers {
         Self {
             postgres,
             nats,
+            cluster: None,
             servers,
         }
     }
@@ -90,6 +96,9 @@ enum Fault {
     /// kill -9 of a service, restarted after the outage.
     Kill(&'static str),
     KillNats,
+    /// On a three-node JetStream cluster with every stream at 3 replicas: kill -9 of the
+    /// server that leads the telemetry stream, restarted after the outage.
+    KillClusterLeader,
     /// kill -9 of the broker, restarted after the outage. `saved`: after an autosave (every
     /// 30 s, as deployed) that holds ingest-mqtt's session, as in steady operation; otherwise
     /// within 30 s of a broker start, before any autosave knew the session.
@@ -112,6 +121,7 @@ impl Fault {
             Self::Baseline => "baseline".into(),
             Self::Kill(service) => format!("kill-{service}"),
             Self::KillNats => "kill-nats".into(),
+            Self::KillClusterLeader => "kill-nats-cluster-leader".into(),
             Self::KillBroker { saved: true } => "kill-mosquitto".into(),
             Self::KillBroker { saved: false } => "kill-mosquitto-before-autosave".into(),
             Self::PostgresImmediate => "postgres-immediate-stop".into(),
@@ -130,6 +140,9 @@ impl Fault {
                 format!("kill -9 of {service}, a new process {down} s later")
             }
             Self::KillNats => format!("kill -9 of nats-server, restarted {down} s later"),
+            Self::KillClusterLeader => format!(
+                "three nats-servers, streams at 3 replicas: kill -9 of the telemetry stream's leader, restarted {down} s later"
+            ),
             Self::KillBroker { saved: true } => format!(
                 "kill -9 of mosquitto after an autosave with ingest-mqtt's session, restarted {down} s later"
             ),
@@ -154,6 +167,7 @@ impl Fault {
         faults.extend(crate::platform::SERVICES.map(Self::Kill));
         faults.extend([
             Self::KillNats,
+            Self::KillClusterLeader,
             Self::KillBroker { saved: true },
             Self::KillBroker { saved: false },
             Self::PostgresImmediate,
@@ -249,10 +263,24 @@ struct FaultResult {
     seconds_to_recover: Option<f64>,
     /// Of which: until the restarted process answered ready.
     seconds_to_ready: Option<f64>,
+    /// The longest time from the fault on (to the end of the load) in which no reading of a
+    /// channel was acknowledged.
+    seconds_without_acks: WithoutAcks,
+    /// The NATS server killed, for the cluster fault (`n1`..`n3`).
+    nats_killed: Option<String>,
     webhooks: Webhooks,
     seconds_before: f64,
     seconds_down: f64,
     seconds_after: f64,
+}
+
+/// Per channel: a 202 means JetStream has the readings; a PUBACK means the broker has the
+/// message (ingest-mqtt takes it on once JetStream has it), so MQTT devices are acknowledged
+/// through a NATS outage while HTTP devices are not.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct WithoutAcks {
+    http: f64,
+    mqtt: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -495,10 +523,24 @@ async fn run_fault(
         // next save is 30 s away, after the kill.
         private.servers.broker.restart().await;
     }
+    let mut servers = private.servers.clone();
+    let mut env: Vec<(&str, &str)> = ENV.to_vec();
+    if fault == Fault::KillClusterLeader {
+        if private.cluster.is_none() {
+            eprintln!("a private three-node NATS cluster for {}", fault.name());
+            private.cluster = Some(NatsCluster::start().await);
+        }
+        servers.nats_url = private
+            .cluster
+            .as_ref()
+            .map(NatsCluster::url)
+            .unwrap_or_default();
+        env.push(("FIELDLINE_STREAM_REPLICAS", "3"));
+    }
     let mut platform = Platform::start_logged(
         fieldline,
-        private.servers.clone(),
-        &ENV,
+        servers,
+        &env,
         Some(logs.join(format!("{}.log", fault.name()))),
     )
     .await?;
@@ -529,9 +571,20 @@ async fn run_fault(
     };
     tokio::time::sleep(before).await;
 
+    let mut nats_killed = None;
+    if let (Fault::KillClusterLeader, Some(cluster)) = (fault, private.cluster.as_ref()) {
+        let telemetry = fieldline_proto::Subjects::new(&platform.id)?
+            .stream_name(fieldline_proto::Stream::Telemetry);
+        nats_killed = Some(cluster.wait_for_stream_leader(&telemetry).await);
+    }
     let injected = load.elapsed();
     match fault {
         Fault::Baseline => {}
+        Fault::KillClusterLeader => {
+            if let (Some(cluster), Some(leader)) = (private.cluster.as_mut(), &nats_killed) {
+                cluster.kill(leader);
+            }
+        }
         Fault::Kill(service) | Fault::OneOfTwo(service) => platform.kill(service)?,
         Fault::KillNats => private.nats.kill(),
         Fault::KillBroker { .. } => private.servers.broker.kill(),
@@ -553,6 +606,11 @@ async fn run_fault(
             seconds_to_ready = Some((load.elapsed() - ended).as_secs_f64());
         }
         Fault::KillNats => private.nats.restart().await,
+        Fault::KillClusterLeader => {
+            if let (Some(cluster), Some(leader)) = (private.cluster.as_mut(), &nats_killed) {
+                cluster.restart(leader).await;
+            }
+        }
         Fault::KillBroker { .. } => private.servers.broker.restart().await,
         Fault::PostgresImmediate => {
             private.postgres.restart().await;
@@ -599,6 +657,10 @@ async fn run_fault(
             Outcome::Failed => during_fault.http_no_answer += 1,
         }
     }
+    let seconds_without_acks = WithoutAcks {
+        http: longest_without_acks(&attempts, Channel::Http, injected, load_ended),
+        mqtt: longest_without_acks(&attempts, Channel::Mqtt, injected, load_ended),
+    };
     let mqtt_unacknowledged = attempts
         .iter()
         .filter(|a| a.channel == Channel::Mqtt && a.outcome != Outcome::Acknowledged)
@@ -653,11 +715,37 @@ async fn run_fault(
         mqtt_unacknowledged,
         seconds_to_recover: recovery,
         seconds_to_ready,
+        seconds_without_acks,
+        nats_killed,
         webhooks,
         seconds_before: injected.as_secs_f64(),
         seconds_down: (ended - injected).as_secs_f64(),
         seconds_after: (load_ended - ended).as_secs_f64(),
     })
+}
+
+/// The longest stretch from `from` to `to` in which no attempt of `channel` was acknowledged.
+fn longest_without_acks(
+    attempts: &[Attempt],
+    channel: Channel,
+    from: Duration,
+    to: Duration,
+) -> f64 {
+    let mut acknowledged: Vec<Duration> = attempts
+        .iter()
+        .filter(|a| {
+            a.channel == channel && a.outcome == Outcome::Acknowledged && a.at > from && a.at < to
+        })
+        .map(|a| a.at)
+        .collect();
+    acknowledged.sort();
+    std::iter::once(from)
+        .chain(acknowledged)
+        .chain(std::iter::once(to))
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|pair| (pair[1] - pair[0]).as_secs_f64())
+        .fold(0.0, f64::max)
 }
 
 /// Acknowledged against stored, per channel.
@@ -773,7 +861,10 @@ fn markdown(report: &Value) -> String {
         "\nReadings: acknowledged = in an HTTP 202 or a broker PUBACK; stored = of those, in \
          PostgreSQL at the end (device, metric, time); lost = acknowledged, not stored; stored \
          twice = rows sharing a series and time (the primary key forbids it: measured, not \
-         assumed). HTTP answers are counted from the fault until recovery. Recover = from the \
+         assumed). HTTP answers are counted from the fault until recovery. Without 202 / PUBACK = the \
+         longest stretch from the fault to the end of the load in which no HTTP reading, no MQTT \
+         message was acknowledged (a 202 needs JetStream; a PUBACK is the broker's, which keeps \
+         the message for ingest-mqtt through a NATS outage). Recover = from the \
          fault's end (restart; the kill when nothing is restarted) until both HTTP and MQTT \
          readings are acknowledged and stored again. Webhooks are counted by the readings the \
          events carry (ingest-mqtt puts a device's waiting messages in one event): expected = \
@@ -788,8 +879,8 @@ fn markdown(report: &Value) -> String {
 /// The fault table, as the report and the README show it.
 pub fn table(report: &Value) -> String {
     let mut out = String::from(
-        "| fault | acknowledged | stored | lost | stored twice | 503 | other 5xx | no answer | recover (s) | webhook expected | delivered | duplicated | dup. events | webhooks caught up (s) |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| fault | acknowledged | stored | lost | stored twice | 503 | other 5xx | no answer | without 202 / PUBACK (s) | recover (s) | webhook expected | delivered | duplicated | dup. events | webhooks caught up (s) |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for fault in report["faults"].as_array().into_iter().flatten() {
         let during = &fault["during_fault"];
@@ -799,7 +890,7 @@ pub fn table(report: &Value) -> String {
             .as_f64()
             .map_or_else(|| "never".to_owned(), |s| format!("{s:.1}"));
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} | {} | {} | {} | {} | {} | {} |\n",
             fault["fault"].as_str().unwrap_or_default(),
             readings["acknowledged"],
             readings["stored"],
@@ -808,6 +899,8 @@ pub fn table(report: &Value) -> String {
             during["http_503"],
             during["http_other_5xx"],
             during["http_no_answer"],
+            fault["seconds_without_acks"]["http"].as_f64().unwrap_or_default(),
+            fault["seconds_without_acks"]["mqtt"].as_f64().unwrap_or_default(),
             recover,
             webhooks["expected"],
             webhooks["delivered"],

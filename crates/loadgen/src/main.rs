@@ -12,6 +12,7 @@ mod receiver;
 mod scenarios;
 mod soak;
 mod stats;
+mod usage;
 
 use std::{cell::RefCell, collections::BTreeMap, path::PathBuf, time::Duration};
 
@@ -80,6 +81,10 @@ struct BenchArgs {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    /// Run a nats-server of the bench's own (in place of --nats-url), so that its CPU per
+    /// reading is measured apart from anyone else's use of a shared one.
+    #[arg(long)]
+    private_nats: bool,
 }
 
 /// One figure of the report, beside the raw limit it is judged against.
@@ -359,7 +364,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         Some(path) => path.clone(),
         None => sibling_fieldline()?,
     };
-    let servers = Servers::start(args.pg_url.clone(), args.nats_url.clone()).await;
+    let private_nats = if args.private_nats {
+        Some(fieldline_testkit::servers::PrivateNats::start().await)
+    } else {
+        None
+    };
+    let nats_url = private_nats
+        .as_ref()
+        .map_or_else(|| args.nats_url.clone(), |nats| nats.url());
+    let mut servers = Servers::start(args.pg_url.clone(), nats_url).await;
+    servers.nats_pid = private_nats.as_ref().and_then(|nats| nats.pid());
     let wanted = |name: &str| {
         args.scenarios
             .as_deref()
@@ -473,6 +487,21 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "deliveries/s",
             Some(("HTTP POST to a local receiver", raw_http)),
         ));
+        let dispatcher_seconds = result
+            .cpu
+            .seconds
+            .get("webhook-dispatcher")
+            .copied()
+            .unwrap_or_default();
+        if dispatcher_seconds > 0.0 {
+            figures.push(figure(
+                "webhooks-throughput",
+                "deliveries per CPU second of webhook-dispatcher",
+                result.cpu.units as f64 / dispatcher_seconds,
+                "deliveries/core-s",
+                None,
+            ));
+        }
         details.insert("webhooks-throughput".into(), serde_json::to_value(&result)?);
     }
     if wanted("webhooks-latency") {
@@ -692,6 +721,20 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "ms",
             None,
         ));
+        figures.push(figure(
+            "http-single",
+            "PostgreSQL bytes per reading (partitions with indexes)",
+            result.storage.bytes_per_reading,
+            "bytes",
+            None,
+        ));
+        figures.push(figure(
+            "http-single",
+            "JetStream bytes per message (1 reading each)",
+            result.storage.stream_bytes_per_message,
+            "bytes",
+            None,
+        ));
         details.insert("http-single".into(), serde_json::to_value(&result)?);
     }
     if wanted("mqtt-qos1") {
@@ -814,6 +857,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "seconds_per_scenario": seconds,
         "fieldline": fieldline,
         "machine": machine(),
+        "private_nats": args.private_nats,
         "figures": figures,
         "memory": memory,
         "details": details,
@@ -838,6 +882,33 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(missing.is_empty(), "figures not produced: {missing:?}");
     Ok(())
+}
+
+/// CPU of each process per scenario (from /proc; the NATS server's with --private-nats only),
+/// per 1,000 readings stored or deliveries made: the inputs of docs/sizing.md.
+fn cpu_table(report: &Value) -> String {
+    let mut out = String::from(
+        "\nCPU per scenario, user + system from /proc/<pid>/stat, from the first request until \
+         everything was stored (delivered); per 1,000 readings stored (deliveries made). \
+         `postgres backends` = the backends connected to the scenario's database (PostgreSQL's \
+         WAL writer and checkpointer are not counted).\n\n\
+         | scenario | process | CPU (s) | CPU ms per 1,000 |\n| --- | --- | ---: | ---: |\n",
+    );
+    for (scenario, details) in report["details"].as_object().into_iter().flatten() {
+        let Some(seconds) = details["cpu"]["seconds"].as_object() else {
+            continue;
+        };
+        for (process, used) in seconds {
+            out.push_str(&format!(
+                "| {scenario} | {process} | {:.2} | {:.1} |\n",
+                used.as_f64().unwrap_or_default(),
+                details["cpu"]["ms_per_1000"][process]
+                    .as_f64()
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    out
 }
 
 fn markdown(report: &Value, figures: &[Figure]) -> String {
@@ -871,6 +942,7 @@ fn markdown(report: &Value, figures: &[Figure]) -> String {
             ratio
         ));
     }
+    out.push_str(&cpu_table(report));
     out.push_str("\n| service | idle RSS (MiB) | peak RSS (MiB) |\n| --- | ---: | ---: |\n");
     for m in report["memory"].as_array().into_iter().flatten() {
         out.push_str(&format!(

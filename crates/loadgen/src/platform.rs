@@ -34,6 +34,8 @@ pub struct Servers {
     pub open_broker: Arc<PrivateMosquitto>,
     /// An account of `broker` that may publish and subscribe anywhere (the raw limits').
     raw_login: (String, String),
+    /// The NATS server's process, when it is the bench's own (its CPU is then measured).
+    pub nats_pid: Option<u32>,
 }
 
 /// Which broker a raw client goes to.
@@ -55,6 +57,7 @@ impl Servers {
             broker,
             open_broker: Arc::new(PrivateMosquitto::start_open().await),
             raw_login,
+            nats_pid: None,
         }
     }
 
@@ -64,6 +67,17 @@ impl Servers {
             pg_url,
             ..self.clone()
         }
+    }
+
+    /// A client of NATS: `nats_url` may name several servers of a cluster, comma-separated.
+    pub async fn nats(&self) -> anyhow::Result<async_nats::Client> {
+        let servers = self
+            .nats_url
+            .split(',')
+            .map(|url| url.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("NATS URL {}", self.nats_url))?;
+        Ok(async_nats::ConnectOptions::new().connect(servers).await?)
     }
 
     /// A raw MQTT client of `broker`, with up to `inflight` QoS 1 messages of its own
@@ -380,13 +394,12 @@ impl Platform {
         Ok(())
     }
 
-    /// Resident and peak memory of each service process, in MiB (from /proc); a second
-    /// instance of a service is `service#2`.
-    pub fn memory(&self) -> BTreeMap<String, (f64, f64)> {
+    /// Each process with its name: the service, `service#2` for a second instance.
+    fn named_processes(&self) -> Vec<(String, u32)> {
         let mut seen = BTreeMap::<&str, usize>::new();
         self.instances
             .iter()
-            .filter_map(|instance| {
+            .map(|instance| {
                 let count = seen.entry(instance.service).or_default();
                 *count += 1;
                 let name = if *count == 1 {
@@ -394,9 +407,26 @@ impl Platform {
                 } else {
                     format!("{}#{count}", instance.service)
                 };
-                let status =
-                    std::fs::read_to_string(format!("/proc/{}/status", instance.child.id()))
-                        .ok()?;
+                (name, instance.child.id())
+            })
+            .collect()
+    }
+
+    /// CPU seconds (user and system) each service process has used so far, from /proc.
+    pub fn cpu_seconds(&self) -> BTreeMap<String, f64> {
+        self.named_processes()
+            .into_iter()
+            .filter_map(|(name, pid)| Some((name, crate::usage::cpu_seconds(pid)?)))
+            .collect()
+    }
+
+    /// Resident and peak memory of each service process, in MiB (from /proc); a second
+    /// instance of a service is `service#2`.
+    pub fn memory(&self) -> BTreeMap<String, (f64, f64)> {
+        self.named_processes()
+            .into_iter()
+            .filter_map(|(name, pid)| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
                 let field = |name: &str| {
                     status
                         .lines()
@@ -475,8 +505,7 @@ impl Platform {
     ) -> anyhow::Result<
         async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>,
     > {
-        let nats = async_nats::connect(&self.servers.nats_url).await?;
-        let jetstream = async_nats::jetstream::new(nats);
+        let jetstream = async_nats::jetstream::new(self.servers.nats().await?);
         let subjects = fieldline_proto::Subjects::new(&self.id)?;
         jetstream
             .get_stream(subjects.stream_name(fieldline_proto::Stream::Telemetry))
@@ -499,8 +528,7 @@ impl Platform {
             let _ = instance.child.wait();
         }
         self.instances.clear();
-        let nats = async_nats::connect(&self.servers.nats_url).await?;
-        let jetstream = async_nats::jetstream::new(nats);
+        let jetstream = async_nats::jetstream::new(self.servers.nats().await?);
         let subjects = fieldline_proto::Subjects::new(&self.id)?;
         for stream in fieldline_proto::Stream::ALL {
             let _ = jetstream.delete_stream(subjects.stream_name(stream)).await;

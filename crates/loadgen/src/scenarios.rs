@@ -17,6 +17,7 @@ use crate::{
     platform::Platform,
     receiver::Receiver,
     stats::{Latency, Progress, histogram, summarize},
+    usage::{Cpu, Snapshot, Storage},
 };
 
 /// Timestamps of generated readings start here (2025-01-01) and never repeat per device.
@@ -39,6 +40,11 @@ pub struct IngestResult {
     pub accepted_per_second: f64,
     pub durable_per_second: f64,
     pub latency: Latency,
+    /// CPU of each process from the first request until everything was stored, per 1,000
+    /// readings stored.
+    pub cpu: Cpu,
+    /// What the stored readings take on disk, and in the telemetry stream.
+    pub storage: Storage,
 }
 
 /// HTTP ingest: `clients` devices each POSTing `per_request` readings in a loop for
@@ -55,6 +61,7 @@ pub async fn http_ingest(
         .await?;
     let url = format!("{}/api/v1/ingest", platform.url("ingest-http"));
     let progress = Progress::start(name, "readings accepted");
+    let before = Snapshot::take(platform).await;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for token in tokens {
@@ -99,7 +106,10 @@ pub async fn http_ingest(
     drop(progress);
     platform.wait_durable(Duration::from_secs(600)).await?;
     let durable_after = started.elapsed();
+    let cpu = Cpu::of(Snapshot::take(platform).await.since(&before), accepted);
     Ok(IngestResult {
+        cpu,
+        storage: Storage::measure(platform).await?,
         accepted,
         stored: accepted,
         seconds_to_accept: accepted_after.as_secs_f64(),
@@ -121,6 +131,7 @@ pub async fn mqtt_ingest(
 ) -> anyhow::Result<IngestResult> {
     let tokens = platform.create_devices("mqtt-", devices).await?;
     let progress = Progress::start("mqtt-qos1", "messages acked by the broker");
+    let before = Snapshot::take(platform).await;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (index, token) in tokens.into_iter().enumerate() {
@@ -193,7 +204,10 @@ pub async fn mqtt_ingest(
     // writer stored it (or nothing moves any more: the broker dropped what it could not queue).
     let (stored, stored_after) = wait_rows(platform, "mqtt-", accepted, started).await?;
     let durable_after = stored_after;
+    let cpu = Cpu::of(Snapshot::take(platform).await.since(&before), stored);
     Ok(IngestResult {
+        cpu,
+        storage: Storage::measure(platform).await?,
         stored,
         accepted,
         seconds_to_accept: accepted_after.as_secs_f64(),
@@ -249,6 +263,9 @@ pub struct WebhookResult {
     /// Send (the device's POST) to delivery at the receiver.
     pub latency: Latency,
     pub rate_per_second: Option<u64>,
+    /// CPU of each process from the first event until the last delivery, per 1,000
+    /// deliveries.
+    pub cpu: Cpu,
 }
 
 /// Webhook delivery. With `rate`, one event per request at that rate for `duration`
@@ -310,6 +327,7 @@ pub async fn webhooks_shaped(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let url = format!("{}/api/v1/ingest", platform.url("ingest-http"));
     let sent = Arc::new(AtomicU64::new(0));
+    let before = Snapshot::take(platform).await;
     let started = Instant::now();
     let errors = Arc::new(Mutex::new(None::<String>));
     let progress = Progress::start(name, "deliveries");
@@ -408,7 +426,9 @@ pub async fn webhooks_shaped(
         .unwrap_or_else(|| started.elapsed());
     watcher.abort();
     drop(progress);
+    let deliveries = counter.load(Ordering::Relaxed);
     let result = WebhookResult {
+        cpu: Cpu::of(Snapshot::take(platform).await.since(&before), deliveries),
         events,
         webhooks,
         deliveries: counter.load(Ordering::Relaxed),

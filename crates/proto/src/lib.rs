@@ -71,6 +71,52 @@ impl Default for StreamLimits {
     }
 }
 
+/// How many servers of a JetStream cluster keep each stream (and, through it, each durable
+/// consumer and KV bucket), and on which servers. One replica on a single server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replication {
+    /// 1 to 5: 3 in a cluster of three keeps every stream through the loss of one server.
+    pub replicas: usize,
+    /// Where the streams go: a cluster's name, servers' tags; `None` lets JetStream choose.
+    pub placement: Option<stream::Placement>,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            placement: None,
+        }
+    }
+}
+
+impl Replication {
+    /// A stream definition with this replication.
+    pub fn apply(&self, config: stream::Config) -> stream::Config {
+        stream::Config {
+            num_replicas: self.replicas,
+            placement: self.placement.clone(),
+            ..config
+        }
+    }
+
+    /// Whether a stream as JetStream reports it has this many copies (0 is 1).
+    pub fn same_replicas(&self, current: &stream::Config) -> bool {
+        current.num_replicas.max(1) == self.replicas.max(1)
+    }
+
+    /// Whether a stream as JetStream reports it has this placement (an empty one is none).
+    pub fn same_placement(&self, current: &stream::Config) -> bool {
+        let named = |placement: &Option<stream::Placement>| {
+            placement
+                .as_ref()
+                .map(|p| (p.cluster.clone().unwrap_or_default(), p.tags.clone()))
+                .unwrap_or_default()
+        };
+        named(&current.placement) == named(&self.placement)
+    }
+}
+
 /// Durable consumer names: one per consuming service, shared by all its instances (that is
 /// how a service scales out). Spelled here so tools (loadgen) name the same consumer.
 pub mod consumers {
@@ -241,7 +287,12 @@ impl Subjects {
 
     /// The full definition of a stream: file storage, bounded by age and bytes, with a
     /// duplicate window on `Nats-Msg-Id`.
-    pub fn stream_config(&self, stream: Stream, limits: StreamLimits) -> stream::Config {
+    pub fn stream_config(
+        &self,
+        stream: Stream,
+        limits: StreamLimits,
+        replication: &Replication,
+    ) -> stream::Config {
         let subjects = match stream {
             Stream::Telemetry => vec![self.telemetry_all(), self.heartbeat_all()],
             Stream::Events => vec![self.events_all()],
@@ -252,7 +303,7 @@ impl Subjects {
             Stream::DeadLetters => (limits.dead_max_age, limits.dead_max_bytes),
             _ => (limits.max_age, limits.max_bytes),
         };
-        stream::Config {
+        replication.apply(stream::Config {
             name: self.stream_name(stream),
             subjects,
             storage: stream::StorageType::File,
@@ -262,7 +313,7 @@ impl Subjects {
             max_bytes,
             duplicate_window: limits.duplicate_window,
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -288,6 +339,44 @@ mod tests {
             Subjects::new("t_1").unwrap().stream_name(Stream::Events),
             "T_1_EVENTS"
         );
+    }
+
+    #[test]
+    fn replication_is_applied_and_compared_as_jetstream_reports_it() {
+        let subjects = Subjects::new("fl").unwrap();
+        let three = Replication {
+            replicas: 3,
+            placement: Some(stream::Placement {
+                cluster: Some("east".into()),
+                tags: vec!["ssd".into()],
+            }),
+        };
+        let config = subjects.stream_config(Stream::Telemetry, StreamLimits::default(), &three);
+        assert_eq!(config.num_replicas, 3);
+        assert!(three.same_replicas(&config) && three.same_placement(&config));
+        // A stream made before replication was configurable: JetStream reports 1 replica
+        // (or 0), no placement.
+        let single = stream::Config {
+            num_replicas: 0,
+            ..Default::default()
+        };
+        assert!(Replication::default().same_replicas(&single));
+        assert!(Replication::default().same_placement(&single));
+        assert!(!three.same_replicas(&single) && !three.same_placement(&single));
+        let moved = stream::Config {
+            placement: Some(stream::Placement {
+                cluster: Some("west".into()),
+                tags: vec!["ssd".into()],
+            }),
+            ..config.clone()
+        };
+        assert!(three.same_replicas(&moved) && !three.same_placement(&moved));
+        let empty_placement = stream::Config {
+            num_replicas: 1,
+            placement: Some(stream::Placement::default()),
+            ..Default::default()
+        };
+        assert!(Replication::default().same_placement(&empty_placement));
     }
 
     #[test]

@@ -79,6 +79,11 @@ impl PrivateNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The process id while it runs (for measuring its CPU).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops the server abruptly, keeping its store.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -369,6 +374,288 @@ impl PrivateMosquitto {
 impl Drop for PrivateMosquitto {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A JetStream cluster of three nats-servers on loopback, as a production cluster is laid out:
+/// each server with its own client port, route port and store, routes to the other two. A
+/// node can be killed with SIGKILL and started again on its port and store.
+pub struct NatsCluster {
+    pub nodes: Vec<ClusterNode>,
+    dir: PathBuf,
+}
+
+/// One server of a [`NatsCluster`].
+pub struct ClusterNode {
+    /// Its `server_name`, as JetStream names a stream's leader (`n1`, `n2`, `n3`).
+    pub name: String,
+    pub port: u16,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn spawn(&mut self) {
+        self.kill();
+        let binary = find_binary(
+            "nats-server",
+            &["/usr/sbin/nats-server", "/usr/bin/nats-server"],
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+}
+
+impl NatsCluster {
+    /// Starts three servers and waits until the cluster has elected a meta leader and can
+    /// place a stream of three replicas.
+    pub async fn start() -> Self {
+        Self::start_named("fieldline-test").await
+    }
+
+    /// The same, with the cluster's name (what `FIELDLINE_STREAM_PLACEMENT_CLUSTER` names).
+    pub async fn start_named(cluster_name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("fl-nats-cluster-{}", crate::unique_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))
+            .collect();
+        let nodes = ports
+            .iter()
+            .enumerate()
+            .map(|(index, (port, route))| {
+                let name = format!("n{}", index + 1);
+                let store = dir.join(&name);
+                let config = dir.join(format!("{name}.conf"));
+                std::fs::write(
+                    &config,
+                    format!(
+                        "server_name: {name}\nlisten: 127.0.0.1:{port}\n\
+                         jetstream {{\n  store_dir: \"{}\"\n}}\n\
+                         cluster {{\n  name: {cluster_name}\n  listen: 127.0.0.1:{route}\n  routes: [{}]\n}}\n",
+                        store.display(),
+                        routes.join(", ")
+                    ),
+                )
+                .unwrap();
+                ClusterNode {
+                    log: dir.join(format!("{name}.log")),
+                    name,
+                    port: *port,
+                    config,
+                    child: None,
+                }
+            })
+            .collect();
+        let mut cluster = Self { nodes, dir };
+        for node in &mut cluster.nodes {
+            node.spawn();
+        }
+        for node in &cluster.nodes {
+            wait_for_port(node.port, "a nats-server of the cluster").await;
+        }
+        cluster.wait_for_replicas(3).await;
+        cluster
+    }
+
+    /// Every server's URL, comma-separated: `FIELDLINE_NATS_URL` for the cluster.
+    pub fn url(&self) -> String {
+        let urls: Vec<String> = self.nodes.iter().map(ClusterNode::url).collect();
+        urls.join(",")
+    }
+
+    /// A client of the cluster (any server that is up).
+    pub async fn client(&self) -> async_nats::Client {
+        let addresses: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .map(|node| node.url().parse().unwrap())
+            .collect();
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(addresses)
+            .await
+            .unwrap()
+    }
+
+    /// Waits (up to 60 s) until a meta leader is elected and JetStream can place a stream
+    /// of `replicas` copies: a probe stream is made and deleted.
+    pub async fn wait_for_replicas(&self, replicas: usize) {
+        let jetstream = async_nats::jetstream::new(self.client().await);
+        let name = format!("FL_CLUSTER_PROBE_{}", crate::unique_suffix().to_uppercase());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let made = jetstream
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: name.clone(),
+                    subjects: vec![format!("{}.probe", name.to_lowercase())],
+                    num_replicas: replicas,
+                    storage: async_nats::jetstream::stream::StorageType::Memory,
+                    ..Default::default()
+                })
+                .await;
+            if made.is_ok() {
+                let _ = jetstream.delete_stream(&name).await;
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the NATS cluster placed no stream of {replicas} replicas within 60 s: {made:?} (logs in {})",
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The server that leads `stream` now (`cluster.leader` of `$JS.API.STREAM.INFO.<stream>`),
+    /// or `None` while none does.
+    pub async fn stream_leader(&self, client: &async_nats::Client, stream: &str) -> Option<String> {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request(format!("$JS.API.STREAM.INFO.{stream}"), "".into()),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+        info["cluster"]["leader"].as_str().map(str::to_owned)
+    }
+
+    /// The peers of `stream` (leader and replicas) as `$JS.API.STREAM.INFO` reports them.
+    pub async fn stream_peers(&self, client: &async_nats::Client, stream: &str) -> Vec<String> {
+        let Ok(Ok(reply)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request(format!("$JS.API.STREAM.INFO.{stream}"), "".into()),
+        )
+        .await
+        else {
+            return Vec::new();
+        };
+        peers(&reply.payload)
+    }
+
+    /// The peers of durable `consumer` on `stream`.
+    pub async fn consumer_peers(
+        &self,
+        client: &async_nats::Client,
+        stream: &str,
+        consumer: &str,
+    ) -> Vec<String> {
+        let Ok(Ok(reply)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request(
+                format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"),
+                "".into(),
+            ),
+        )
+        .await
+        else {
+            return Vec::new();
+        };
+        peers(&reply.payload)
+    }
+
+    /// Waits (up to 30 s) until `stream` has a leader, and returns it.
+    pub async fn wait_for_stream_leader(&self, stream: &str) -> String {
+        let client = self.client().await;
+        crate::eventually(
+            &format!("a leader of {stream}"),
+            Duration::from_secs(30),
+            || self.stream_leader(&client, stream),
+        )
+        .await
+    }
+
+    /// The node named `name` (`n1`..`n3`).
+    pub fn node(&self, name: &str) -> &ClusterNode {
+        self.nodes
+            .iter()
+            .find(|node| node.name == name)
+            .unwrap_or_else(|| panic!("no cluster node named {name}"))
+    }
+
+    /// SIGKILL to the server named `name`: no graceful anything; its store stays.
+    pub fn kill(&mut self, name: &str) {
+        self.node_mut(name).kill();
+    }
+
+    /// Starts a killed server again on its port and store.
+    pub async fn restart(&mut self, name: &str) {
+        let node = self.node_mut(name);
+        node.spawn();
+        let port = node.port;
+        wait_for_port(port, "the restarted nats-server").await;
+    }
+
+    fn node_mut(&mut self, name: &str) -> &mut ClusterNode {
+        self.nodes
+            .iter_mut()
+            .find(|node| node.name == name)
+            .unwrap_or_else(|| panic!("no cluster node named {name}"))
+    }
+
+    /// Where the servers' stores, configurations and logs are.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+/// `cluster.leader` and `cluster.replicas[].name` of a JetStream info answer.
+fn peers(payload: &[u8]) -> Vec<String> {
+    let Ok(info) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return Vec::new();
+    };
+    let cluster = &info["cluster"];
+    cluster["leader"]
+        .as_str()
+        .into_iter()
+        .chain(
+            cluster["replicas"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|peer| peer["name"].as_str()),
+        )
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
