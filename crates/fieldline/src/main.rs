@@ -35,17 +35,57 @@ enum Command {
 
 /// What every process serves, whatever its services.
 const PLATFORM_ROUTES: &[openapi::RouteDoc] = {
-    use openapi::{Access::Public, Method::Get, RouteDoc};
+    use openapi::{Access::Public, Content, Method::Get, RouteDoc, object, text};
     &[
-        RouteDoc::new(Get, "/health/live", "The process is up", Public),
+        RouteDoc::new(Get, "/health/live", "The process is up", Public).data(200, object),
         RouteDoc::new(
             Get,
             "/health/ready",
             "NATS, Postgres and each service's own checks pass (503 otherwise)",
             Public,
+        )
+        .data(200, object)
+        .errors(&[503]),
+        RouteDoc::new(Get, "/metrics", "Prometheus metrics (text format)", Public).raw(
+            200,
+            &[Content {
+                media: "text/plain",
+                schema: text,
+            }],
         ),
-        RouteDoc::new(Get, "/metrics", "Prometheus metrics (text format)", Public),
-        RouteDoc::new(Get, "/api/v1/openapi.json", "This document", Public),
+        RouteDoc::new(Get, "/api/v1/openapi.json", "This document", Public).raw(
+            200,
+            &[Content {
+                media: "application/json",
+                schema: object,
+            }],
+        ),
+        RouteDoc::new(
+            Get,
+            "/docs",
+            "The API reference, rendered from this document",
+            Public,
+        )
+        .raw(
+            200,
+            &[Content {
+                media: "text/html",
+                schema: text,
+            }],
+        ),
+        RouteDoc::new(
+            Get,
+            "/docs/redoc.standalone.js",
+            "The reference's renderer (Redoc, served by the platform: no CDN)",
+            Public,
+        )
+        .raw(
+            200,
+            &[Content {
+                media: "application/javascript",
+                schema: text,
+            }],
+        ),
     ]
 };
 
@@ -77,7 +117,27 @@ fn api_document() -> serde_json::Value {
     serde_json::to_value(openapi::document(&services)).unwrap_or_default()
 }
 
-/// `GET /api/v1/openapi.json`.
+/// Redoc's standalone bundle (npm `redoc`, MIT; assets/redoc.LICENSE), embedded so `/docs`
+/// works offline.
+const REDOC_JS: &[u8] = include_bytes!("../assets/redoc.standalone.js");
+
+/// The reference page: Redoc reading the document this process serves.
+const DOCS_HTML: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Fieldline API reference</title>
+<style>body { margin: 0; padding: 0; }</style>
+</head>
+<body>
+<redoc spec-url="/api/v1/openapi.json" hide-download-button="false"></redoc>
+<script src="/docs/redoc.standalone.js"></script>
+</body>
+</html>
+"#;
+
+/// `GET /api/v1/openapi.json`, and the reference pages at `/docs`.
 fn openapi_service() -> Service {
     let document = actix_web::web::Data::new(api_document());
     Service {
@@ -89,6 +149,23 @@ fn openapi_service() -> Service {
                 actix_web::web::get().to(move || {
                     let document = document.clone();
                     async move { actix_web::HttpResponse::Ok().json(document.get_ref()) }
+                }),
+            )
+            .route(
+                "/docs",
+                actix_web::web::get().to(|| async {
+                    actix_web::HttpResponse::Ok()
+                        .content_type("text/html; charset=utf-8")
+                        .body(DOCS_HTML)
+                }),
+            )
+            .route(
+                "/docs/redoc.standalone.js",
+                actix_web::web::get().to(|| async {
+                    actix_web::HttpResponse::Ok()
+                        .content_type("application/javascript; charset=utf-8")
+                        .insert_header(("Cache-Control", "public, max-age=86400"))
+                        .body(REDOC_JS)
                 }),
             );
         })),
