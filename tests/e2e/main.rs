@@ -5,6 +5,7 @@
 
 mod dashboards;
 mod observability;
+mod openapi;
 mod platform;
 mod scale_out;
 mod scenarios;
@@ -114,5 +115,20 @@ async fn split_one_of_two_ingest_mqtt_processes_killed_for_good_leaves_0_acknowl
  {
     let mut platform = Platform::split().await;
     scale_out::one_of_two_ingest_mqtt_killed_for_good(&mut platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn one_process_schemathesis_finds_no_failure_in_the_openapi_document() {
+    let platform = Platform::one_process().await;
+    openapi::schemathesis_finds_nothing(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn one_process_a_generated_python_client_runs_the_quickstart() {
+    let platform = Platform::one_process().await;
+    openapi::generated_client_runs_the_quickstart(&platform).await;
+    openapi::docs_are_served_offline(&platform).await;
     platform.stop().await;
 }

@@ -178,6 +178,26 @@ text_schema!(
     }
 );
 
+/// A reading's value: a number, a boolean or a text.
+pub struct ReadingValue;
+
+impl PartialSchema for ReadingValue {
+    fn schema() -> RefOr<Schema> {
+        utoipa::openapi::OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::Number))
+            .item(ObjectBuilder::new().schema_type(Type::Boolean))
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .examples([serde_json::json!(21.5)])
+            .into()
+    }
+}
+
+impl ToSchema for ReadingValue {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "ReadingValue".into()
+    }
+}
+
 /// One media type of a body and its schema.
 #[derive(Debug, Clone, Copy)]
 pub struct Content {

@@ -560,7 +560,7 @@ pub struct ReadingOut {
     /// RFC 3339, microseconds.
     pub ts: String,
     /// A number, a boolean or a text.
-    #[schema(value_type = Object, example = 21.5)]
+    #[schema(value_type = fieldline_common::openapi::ReadingValue)]
     pub value: serde_json::Value,
 }
 

@@ -16,7 +16,7 @@ use fieldline_common::{
     commands::{CommandAckIn, CommandAcked, DeviceCommandOut, DeviceConfigOut},
     openapi::{
         Access::{Device, Write},
-        CSV, Content, Kind,
+        CSV, Kind,
         Method::{Get, Post},
         Param, RouteDoc, array, schema,
     },
@@ -108,29 +108,6 @@ fn messages(schemas: &mut fieldline_common::openapi::Schemas) -> RefOr<Schema> {
         .into()
 }
 
-/// SenML (RFC 8428) records.
-fn senml(_: &mut fieldline_common::openapi::Schemas) -> RefOr<Schema> {
-    ArrayBuilder::new()
-        .items(
-            ObjectBuilder::new()
-                .property("bn", ObjectBuilder::new().schema_type(Type::String))
-                .property("bt", ObjectBuilder::new().schema_type(Type::Number))
-                .property("n", ObjectBuilder::new().schema_type(Type::String))
-                .property("u", ObjectBuilder::new().schema_type(Type::String))
-                .property("t", ObjectBuilder::new().schema_type(Type::Number))
-                .property("v", ObjectBuilder::new().schema_type(Type::Number))
-                .property("vb", ObjectBuilder::new().schema_type(Type::Boolean))
-                .property("vs", ObjectBuilder::new().schema_type(Type::String)),
-        )
-        .examples([serde_json::json!([{"bn": "greenhouse-7/", "n": "temp", "v": 21.5}])])
-        .into()
-}
-
-const SENML: Content = Content {
-    media: "application/senml+json",
-    schema: senml,
-};
-
 /// What a live ingest took.
 #[derive(Serialize, ToSchema)]
 pub struct Ingested {
@@ -151,11 +128,10 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc::new(
         Post,
         "/api/v1/ingest",
-        "Send readings: one message or an array; 202 once in JetStream",
+        "Send readings: one message or an array (or SenML, RFC 8428, as application/senml+json); 202 once in JetStream",
         Device,
     )
     .body(messages)
-    .other_bodies(&[SENML])
     .data(202, schema::<Ingested>),
     RouteDoc::new(
         Post,

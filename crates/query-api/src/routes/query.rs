@@ -117,7 +117,7 @@ pub struct QueryReading {
     pub device_id: String,
     pub metric: String,
     pub ts: String,
-    #[schema(value_type = Object)]
+    #[schema(value_type = fieldline_common::openapi::ReadingValue)]
     pub value: serde_json::Value,
 }
 

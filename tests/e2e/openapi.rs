@@ -1,0 +1,256 @@
+//! The OpenAPI document against the live platform: schemathesis fuzzes every operation from
+//! it, and a client generated from it by openapi-python-client runs the README quickstart.
+//! Both tools come from the venv `deploy/local/provision.sh` makes
+//! (`$FIELDLINE_PYTOOLS`, default `~/.cache/fieldline/pytools`); without it the tests fail
+//! and say how to make it.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde_json::{Value, json};
+
+use crate::platform::Platform;
+
+/// Cases schemathesis generates per operation and phase: enough to reach every status of
+/// every route, bounded so that `make test` stays short.
+const MAX_EXAMPLES: &str = "12";
+
+fn pytools() -> PathBuf {
+    let venv = std::env::var_os("FIELDLINE_PYTOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            Path::new(&home).join(".cache/fieldline/pytools")
+        });
+    let bin = venv.join("bin");
+    assert!(
+        bin.join("schemathesis").exists() && bin.join("openapi-python-client").exists(),
+        "schemathesis and openapi-python-client are not in {}: run `make provision` \
+         (deploy/local/provision.sh makes the venv)",
+        venv.display()
+    );
+    bin
+}
+
+fn scratch(name: &str, platform: &Platform) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", platform.env.id));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A project with an admin key, and one device with its token.
+async fn project(platform: &Platform) -> (String, String) {
+    let (status, body) = platform
+        .post(
+            "/api/v1/projects",
+            platform.admin_key(),
+            &json!({"slug": format!("p-{}", platform.env.id)}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let key = body["data"]["admin_key"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = platform
+        .post(
+            "/api/v1/devices",
+            &key,
+            &json!({"id": "fuzz-device", "name": "Fuzz"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let token = body["data"]["token"].as_str().unwrap().to_owned();
+    (key, token)
+}
+
+/// PATH with the venv first (the generator formats with its ruff).
+fn path_with(bin: &Path) -> String {
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+fn output(command: &mut Command) -> (bool, String) {
+    let output = command.output().expect("the tool starts");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+pub async fn schemathesis_finds_nothing(platform: &Platform) {
+    let bin = pytools();
+    let (key, token) = project(platform).await;
+    let dir = scratch("fl-schemathesis", platform);
+    // Each security scheme of the document with its credential. Positive cases may still be
+    // refused for what a schema cannot say (a reading's time must be near now, a cursor must
+    // be one the API issued, a rule names a device or a group, never both), so 400 and 422
+    // count as accepting there; a 5xx never does.
+    let config = format!(
+        r#"
+[auth.openapi.apiKey]
+bearer = "{key}"
+
+[auth.openapi.deviceToken]
+bearer = "{token}"
+
+[auth.openapi.platformAdmin]
+bearer = "{admin}"
+
+[checks.positive_data_acceptance]
+expected-statuses = ["2xx", "400", "401", "403", "404", "409", "413", "422"]
+"#,
+        admin = platform.admin_key()
+    );
+    std::fs::write(dir.join("schemathesis.toml"), config).unwrap();
+    let (passed, text) = output(
+        Command::new(bin.join("schemathesis"))
+            .current_dir(&dir)
+            .env("SCHEMATHESIS_HOOKS", "")
+            .args([
+                "--no-color",
+                "--config-file",
+                "schemathesis.toml",
+                "run",
+                &platform.url("/api/v1/openapi.json"),
+                "--checks",
+                "all",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--max-examples",
+                MAX_EXAMPLES,
+                "--seed",
+                "18",
+                "--workers",
+                "2",
+                "--request-timeout",
+                "30",
+                "--report",
+                "junit",
+                "--report-dir",
+                ".",
+            ]),
+    );
+    assert!(passed, "schemathesis found failures:\n{text}");
+    // It really exercised the API: creates went through with its generated bodies.
+    let (_, devices) = platform.get("/api/v1/devices?limit=1000", &key).await;
+    let created = devices["data"].as_array().map_or(0, Vec::len);
+    assert!(
+        created > 1,
+        "schemathesis created no device of its own:\n{devices}\n{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The README quickstart through the generated client: create a device, send a reading over
+/// HTTP with its token, read the history and the latest value.
+const QUICKSTART: &str = r#"
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from fieldline_client import AuthenticatedClient
+from fieldline_client.api.device_registry import post_api_v1_devices, get_api_v1_devices_id
+from fieldline_client.api.ingest_http import post_api_v1_ingest
+from fieldline_client.api.query_api import get_api_v1_devices_id_readings, get_api_v1_devices_id_readings_latest
+from fieldline_client.models import DeviceIn, Message
+
+base, key = sys.argv[2], sys.argv[3]
+client = AuthenticatedClient(base_url=base, token=key)
+created = post_api_v1_devices.sync(client=client, body=DeviceIn(id="greenhouse-7", name="Greenhouse 7"))
+device = created.data
+assert device.id == "greenhouse-7", created
+token = device.token
+assert token.startswith("fld_"), token
+
+as_device = AuthenticatedClient(base_url=base, token=token)
+message = Message.from_dict({"temp": 21.5, "humidity": 40})
+sent = post_api_v1_ingest.sync(client=as_device, body=message)
+assert sent.data.accepted == 2, sent
+
+for _ in range(100):
+    history = get_api_v1_devices_id_readings.sync(id="greenhouse-7", client=client, metric="temp")
+    if history.data:
+        break
+    time.sleep(0.1)
+assert [r.to_dict()["value"] for r in history.data] == [21.5], history
+latest = get_api_v1_devices_id_readings_latest.sync(id="greenhouse-7", client=client)
+assert sorted(r.metric for r in latest.data) == ["humidity", "temp"], latest
+fetched = get_api_v1_devices_id.sync(id="greenhouse-7", client=client)
+assert fetched.data.status == "online", fetched
+print("quickstart ok")
+"#;
+
+pub async fn generated_client_runs_the_quickstart(platform: &Platform) {
+    let bin = pytools();
+    let (key, _) = project(platform).await;
+    let dir = scratch("fl-pyclient", platform);
+    let (status, document) = platform.get("/api/v1/openapi.json", "").await;
+    assert_eq!(status, 200);
+    std::fs::write(dir.join("openapi.json"), document.to_string()).unwrap();
+    let (generated, text) = output(
+        Command::new(bin.join("openapi-python-client"))
+            .current_dir(&dir)
+            .args([
+                "generate",
+                "--path",
+                "openapi.json",
+                "--meta",
+                "none",
+                "--output-path",
+                "fieldline_client",
+            ])
+            .env("PATH", path_with(&bin)),
+    );
+    assert!(generated, "openapi-python-client failed:\n{text}");
+    std::fs::write(dir.join("quickstart.py"), QUICKSTART).unwrap();
+    let (ran, text) = output(Command::new(bin.join("python")).current_dir(&dir).args([
+        "quickstart.py",
+        ".",
+        &platform.url(""),
+        &key,
+    ]));
+    assert!(ran && text.contains("quickstart ok"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `/docs` renders the same document with the embedded Redoc: no CDN.
+pub async fn docs_are_served_offline(platform: &Platform) {
+    let page = platform
+        .http
+        .get(platform.url("/docs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains(r#"spec-url="/api/v1/openapi.json""#),
+        "{html}"
+    );
+    assert!(
+        !html.contains("https://"),
+        "the page loads nothing from outside: {html}"
+    );
+    let script = platform
+        .http
+        .get(platform.url("/docs/redoc.standalone.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(script.status(), 200);
+    assert!(
+        script.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/javascript")
+    );
+    assert!(script.bytes().await.unwrap().len() > 500_000);
+    let _: Value = platform.get("/api/v1/openapi.json", "").await.1;
+}
