@@ -444,6 +444,37 @@ pub struct ServiceDoc {
     pub routes: &'static [RouteDoc],
 }
 
+/// The methods of each path of the document, for the `Allow` header of a 405. The binary
+/// registers it as app data; a process without it answers 405 without `Allow`.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedMethods(std::collections::HashMap<&'static str, String>);
+
+impl AllowedMethods {
+    pub fn new(services: &[ServiceDoc]) -> Self {
+        let mut methods: BTreeMap<&'static str, Vec<&'static str>> = BTreeMap::new();
+        for route in services.iter().flat_map(|service| service.routes) {
+            methods
+                .entry(route.path)
+                .or_default()
+                .push(route.method.as_str());
+        }
+        Self(
+            methods
+                .into_iter()
+                .map(|(path, mut methods)| {
+                    methods.sort_unstable();
+                    (path, methods.join(", "))
+                })
+                .collect(),
+        )
+    }
+
+    /// `GET, POST` for a path pattern as registered (`/api/v1/devices/{id}`).
+    pub fn of(&self, pattern: &str) -> Option<&str> {
+        self.0.get(pattern).map(String::as_str)
+    }
+}
+
 /// The query parameters of a keyset-paged listing.
 pub const PAGING: [Param; 2] = [
     Param::new(

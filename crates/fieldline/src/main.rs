@@ -91,8 +91,8 @@ const PLATFORM_ROUTES: &[openapi::RouteDoc] = {
 
 /// Every service's routes. Whichever services a process runs, it serves the whole platform's
 /// document, so the gateway may send `/api/v1/openapi.json` to any of them.
-fn api_document() -> serde_json::Value {
-    let services = [
+fn services() -> [ServiceDoc; 5] {
+    [
         ServiceDoc {
             service: "platform",
             routes: PLATFORM_ROUTES,
@@ -113,8 +113,11 @@ fn api_document() -> serde_json::Value {
             service: "webhook-dispatcher",
             routes: webhook_dispatcher::ROUTES,
         },
-    ];
-    serde_json::to_value(openapi::document(&services)).unwrap_or_default()
+    ]
+}
+
+fn api_document() -> serde_json::Value {
+    serde_json::to_value(openapi::document(&services())).unwrap_or_default()
 }
 
 /// Redoc's standalone bundle (npm `redoc`, MIT; assets/redoc.LICENSE), embedded so `/docs`
@@ -139,35 +142,33 @@ const DOCS_HTML: &str = r#"<!doctype html>
 
 /// `GET /api/v1/openapi.json`, and the reference pages at `/docs`.
 fn openapi_service() -> Service {
-    let document = actix_web::web::Data::new(api_document());
+    use actix_web::{HttpResponse, web};
+    let document = web::Data::new(api_document());
+    let allowed = web::Data::new(openapi::AllowedMethods::new(&services()));
     Service {
         name: "openapi",
-        routes: Some(Arc::new(move |cfg: &mut actix_web::web::ServiceConfig| {
+        routes: Some(Arc::new(move |cfg: &mut web::ServiceConfig| {
             let document = document.clone();
-            cfg.route(
-                "/api/v1/openapi.json",
-                actix_web::web::get().to(move || {
-                    let document = document.clone();
-                    async move { actix_web::HttpResponse::Ok().json(document.get_ref()) }
-                }),
-            )
-            .route(
-                "/docs",
-                actix_web::web::get().to(|| async {
-                    actix_web::HttpResponse::Ok()
+            cfg.app_data(allowed.clone())
+                .service(
+                    web::resource("/api/v1/openapi.json").route(web::get().to(move || {
+                        let document = document.clone();
+                        async move { HttpResponse::Ok().json(document.get_ref()) }
+                    })),
+                )
+                .service(web::resource("/docs").route(web::get().to(|| async {
+                    HttpResponse::Ok()
                         .content_type("text/html; charset=utf-8")
                         .body(DOCS_HTML)
-                }),
-            )
-            .route(
-                "/docs/redoc.standalone.js",
-                actix_web::web::get().to(|| async {
-                    actix_web::HttpResponse::Ok()
-                        .content_type("application/javascript; charset=utf-8")
-                        .insert_header(("Cache-Control", "public, max-age=86400"))
-                        .body(REDOC_JS)
-                }),
-            );
+                })))
+                .service(
+                    web::resource("/docs/redoc.standalone.js").route(web::get().to(|| async {
+                        HttpResponse::Ok()
+                            .content_type("application/javascript; charset=utf-8")
+                            .insert_header(("Cache-Control", "public, max-age=86400"))
+                            .body(REDOC_JS)
+                    })),
+                );
         })),
         ready: None,
     }

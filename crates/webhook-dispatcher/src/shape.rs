@@ -81,8 +81,10 @@ fn default_batch_wait() -> u64 {
 }
 
 /// A webhook's shape options, as the API takes and shows them (each absent is the default).
+/// Unknown fields are refused by `WebhookIn`, which names each; here they are let through, so
+/// that options stored by a newer version still read, and so that the schema of a webhook
+/// (which flattens these) allows the webhook's other members.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Options {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<Batch>,

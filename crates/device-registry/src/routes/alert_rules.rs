@@ -80,6 +80,15 @@ async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Read)?;
     let limit = crate::routes::devices::parse_limit(params.limit.as_deref())?;
+    // A filter that no rule could match is a mistake in the query, not an empty page.
+    if let Some(device_id) = &params.device_id {
+        fieldline_common::ids::DeviceId::parse(device_id)?;
+    }
+    for (name, value) in [("group", &params.group), ("metric", &params.metric)] {
+        if let Some(value) = value {
+            crate::domain::check_label(name, value)?;
+        }
+    }
     let after_id = params
         .cursor
         .as_deref()

@@ -21,6 +21,7 @@ use fieldline_common::{
     auth::ApiKey,
     consume::headers,
     envelope::{self, Page},
+    extract::Query,
     time::format_rfc3339,
 };
 use fieldline_proto::{
@@ -78,6 +79,7 @@ pub struct DeadLetterDetail {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     consumer: Option<String>,
     limit: Option<String>,
@@ -85,6 +87,7 @@ struct ListQuery {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PurgeQuery {
     consumer: Option<String>,
     all: Option<bool>,
@@ -219,7 +222,7 @@ async fn named(state: &State, path: &str) -> Result<(JsStream, u64, StreamMessag
 async fn list(
     state: web::Data<State>,
     key: ApiKey,
-    query: web::Query<ListQuery>,
+    Query(query): Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     key.require_platform_admin()?;
     let limit = envelope::parse_limit(query.limit.as_deref(), 100, 1000)?;
@@ -326,7 +329,7 @@ async fn remove(
 async fn purge(
     state: web::Data<State>,
     key: ApiKey,
-    query: web::Query<PurgeQuery>,
+    Query(query): Query<PurgeQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require_platform_admin()?;
     // A bare DELETE of the collection must say so: `?consumer=` or `?all=true`.

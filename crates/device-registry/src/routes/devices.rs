@@ -130,6 +130,12 @@ async fn list(
         .map(decode_cursor::<String>)
         .transpose()?;
     let status = params.status.as_deref().map(parse_status).transpose()?;
+    // A filter that no device could match is a mistake in the query, not an empty page.
+    for (name, value) in [("group", &params.group), ("tag", &params.tag)] {
+        if let Some(value) = value {
+            crate::domain::check_label(name, value)?;
+        }
+    }
     let filter = DeviceFilter {
         device_type: device_type.map(DeviceType::as_str),
         status,

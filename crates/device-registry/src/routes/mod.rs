@@ -270,7 +270,8 @@ pub const ROUTES: &[RouteDoc] = &[
     )
     .body(schema::<RuleIn>)
     .data(201, schema::<RuleOut>)
-    .errors(&[422]),
+    // The device it names does not exist (in this project).
+    .errors(&[404, 422]),
     RouteDoc::new(Get, "/api/v1/alert-rules", "List alert rules", Read)
         .query(&[
             Param::new("device_id", "rules of this device", Kind::Id),
