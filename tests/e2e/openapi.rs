@@ -1,8 +1,8 @@
 //! The OpenAPI document against the live platform: schemathesis fuzzes every operation from
 //! it, and a client generated from it by openapi-python-client runs the README quickstart.
 //! Both tools come from the venv `deploy/local/provision.sh` makes
-//! (`$FIELDLINE_PYTOOLS`, default `~/.cache/fieldline/pytools`); without it the tests fail
-//! and say how to make it.
+//! (`$FIELDLINE_PYTOOLS`, default `${XDG_CACHE_HOME:-~/.cache}/fieldline/pytools`); without
+//! it the tests fail and say how to make it.
 
 use std::{
     path::{Path, PathBuf},
@@ -21,8 +21,13 @@ fn pytools() -> PathBuf {
     let venv = std::env::var_os("FIELDLINE_PYTOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-            Path::new(&home).join(".cache/fieldline/pytools")
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+                    Path::new(&home).join(".cache")
+                });
+            cache.join("fieldline/pytools")
         });
     let bin = venv.join("bin");
     assert!(

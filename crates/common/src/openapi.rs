@@ -886,4 +886,27 @@ mod tests {
         assert!(json["components"]["schemas"]["ThingIn"]["properties"]["name"].is_object());
         assert!(json["components"]["schemas"]["Page"].is_object());
     }
+
+    #[test]
+    fn allowed_methods_are_each_path_s_from_every_service() {
+        const OTHER: &[RouteDoc] = &[RouteDoc::new(
+            Method::Post,
+            "/api/v1/things/{id}",
+            "Touch",
+            Access::Write,
+        )];
+        let allowed = AllowedMethods::new(&[
+            ServiceDoc {
+                service: "things",
+                routes: ROUTES,
+            },
+            ServiceDoc {
+                service: "other",
+                routes: OTHER,
+            },
+        ]);
+        assert_eq!(allowed.of("/api/v1/things/{id}"), Some("DELETE, GET, POST"));
+        assert_eq!(allowed.of("/api/v1/things"), Some("GET, POST"));
+        assert_eq!(allowed.of("/api/v1/nothing"), None);
+    }
 }

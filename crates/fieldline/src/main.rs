@@ -406,6 +406,54 @@ mod tests {
         routes
     }
 
+    /// No answer of the API is an untyped `data` any more: each JSON success names its schema.
+    #[test]
+    fn every_json_answer_and_body_of_the_api_names_its_type() {
+        let document = api_document();
+        let mut untyped = Vec::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            if !path.starts_with("/api/") || path == "/api/v1/openapi.json" {
+                continue;
+            }
+            for (method, operation) in item.as_object().unwrap() {
+                let typed = |schema: &serde_json::Value| {
+                    schema.get("$ref").is_some()
+                        || schema.get("oneOf").is_some()
+                        || schema["type"] == "array"
+                        || schema["type"] == "object"
+                };
+                for (status, response) in operation["responses"].as_object().unwrap() {
+                    let Some(schema) = response["content"]["application/json"].get("schema") else {
+                        continue;
+                    };
+                    let data = schema["properties"].get("data").unwrap_or(schema);
+                    if !typed(data) {
+                        untyped.push(format!("{method} {path} {status}"));
+                    }
+                }
+                if let Some(body) =
+                    operation["requestBody"]["content"]["application/json"].get("schema")
+                    && !typed(body)
+                {
+                    untyped.push(format!("{method} {path} body"));
+                }
+            }
+        }
+        assert!(untyped.is_empty(), "untyped: {untyped:?}");
+        let list = &document["paths"]["/api/v1/devices"]["get"]["responses"]["200"]["content"]["application/json"]
+            ["schema"];
+        assert_eq!(list["properties"]["data"]["type"], "array");
+        let export = &document["paths"]["/api/v1/devices/{id}/readings"]["get"]["responses"]["200"]
+            ["content"];
+        assert!(export["text/csv"].is_object() && export["application/x-ndjson"].is_object());
+        let create = &document["paths"]["/api/v1/devices"]["post"]["responses"];
+        for status in [
+            "201", "400", "401", "403", "409", "413", "415", "422", "429", "503",
+        ] {
+            assert!(create[status].is_object(), "POST /api/v1/devices {status}");
+        }
+    }
+
     #[test]
     fn the_document_describes_every_registered_route_and_nothing_else() {
         let document = api_document();
