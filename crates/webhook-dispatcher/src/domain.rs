@@ -22,6 +22,20 @@ pub const EVENT_TYPES: [&str; 5] = [
     "config.update",
     DISABLED_EVENT,
 ];
+/// An event type, in the OpenAPI document: one of [`EVENT_TYPES`].
+pub struct EventType;
+
+impl utoipa::PartialSchema for EventType {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .enum_values(Some(EVENT_TYPES))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EventType {}
+
 /// What a webhook created without `events` gets: the device events only. `webhook.disabled`
 /// is asked for by name, so that no receiver written before it meets an event it does not
 /// know.
@@ -60,10 +74,14 @@ pub struct WebhookIn {
     #[schema(value_type = Option<NameText>)]
     pub name: Option<String>,
     /// http(s), resolving to a public address (422 for a private one).
-    #[schema(example = "https://example.com/hooks/fieldline")]
+    #[schema(
+        pattern = "^https?://",
+        example = "https://example.com/hooks/fieldline"
+    )]
     pub url: String,
-    /// Event types (`reading.received`, `device.online`, `alert.firing`...); every one when
-    /// left out.
+    /// The events it receives; the four device events when left out (`webhook.disabled` only
+    /// when named).
+    #[schema(value_type = Option<Vec<EventType>>, min_items = 1)]
     pub events: Option<Vec<String>>,
     /// Only these devices' events.
     #[schema(value_type = Option<Vec<IdText>>)]

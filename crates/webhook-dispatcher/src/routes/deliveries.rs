@@ -99,7 +99,10 @@ async fn retry(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RecoverIn {
+    /// The failed deliveries created from then on: RFC 3339, epoch ms, `now` or relative.
+    #[schema(example = "-24h")]
     since: String,
+    /// Up to then (exclusive); now when left out.
     until: Option<String>,
 }
 

@@ -26,7 +26,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterIn {
+    #[schema(
+        pattern = "^https?://",
+        example = "https://example.com/hooks/fieldline"
+    )]
     url: String,
+    #[schema(value_type = Option<Vec<crate::domain::EventType>>, min_items = 1)]
     events: Option<Vec<String>>,
     secret: Option<String>,
 }

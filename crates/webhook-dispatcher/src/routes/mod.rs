@@ -38,7 +38,7 @@ pub const ROUTES: &[RouteDoc] = &[
             Param::new(
                 "event",
                 "only webhooks subscribed to this event type",
-                Kind::Text,
+                Kind::OneOf(&crate::domain::EVENT_TYPES),
             ),
             Param::new("enabled", "enabled or disabled ones", Kind::Boolean),
             PAGING[0],
