@@ -221,39 +221,65 @@ pub async fn schemathesis_finds_nothing(platform: &Platform) {
     .unwrap_or_else(|failures| panic!("{failures}"));
 }
 
-/// The README quickstart through the generated client: create a device, send a reading over
-/// HTTP with its token, read the history and the latest value.
+/// The README quickstart (steps 1 to 5 but MQTT) through the generated client: register a
+/// device, send readings over HTTP with its token, read the history and the latest values,
+/// a chart's aggregate, and the CSV export.
 const QUICKSTART: &str = r#"
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from fieldline_client import AuthenticatedClient
 from fieldline_client.api.device_registry import post_api_v1_devices, get_api_v1_devices_id
 from fieldline_client.api.ingest_http import post_api_v1_ingest
-from fieldline_client.api.query_api import get_api_v1_devices_id_readings, get_api_v1_devices_id_readings_latest
-from fieldline_client.models import DeviceIn, Message
+from fieldline_client.api.query_api import (
+    get_api_v1_devices_id_readings, get_api_v1_devices_id_readings_latest,
+    get_api_v1_devices_id_readings_aggregate,
+)
+from fieldline_client.models import DeviceIn, DeviceType, Message, GetApiV1DevicesIdReadingsAggregateFill
 
 base, key = sys.argv[2], sys.argv[3]
 client = AuthenticatedClient(base_url=base, token=key)
-created = post_api_v1_devices.sync(client=client, body=DeviceIn(id="greenhouse-7", name="Greenhouse 7"))
+
+# 1. Register a device; its token comes once.
+created = post_api_v1_devices.sync(
+    client=client, body=DeviceIn(id="greenhouse-1", type_=DeviceType.SENSOR, group="greenhouse"))
 device = created.data
-assert device.id == "greenhouse-7", created
-token = device.token
-assert token.startswith("fld_"), token
+assert device.id == "greenhouse-1" and device.group == "greenhouse", created
+assert device.token.startswith("fld_"), device.token
 
-as_device = AuthenticatedClient(base_url=base, token=token)
-message = Message.from_dict({"temp": 21.5, "humidity": 40})
-sent = post_api_v1_ingest.sync(client=as_device, body=message)
-assert sent.data.accepted == 2, sent
+# 2. The device sends readings over HTTP.
+as_device = AuthenticatedClient(base_url=base, token=device.token)
+sent = post_api_v1_ingest.sync(
+    client=as_device, body=Message.from_dict({"temperature": 21.5, "door_open": False, "fw": "1.2.0"}))
+assert sent.data.accepted == 3 and sent.data.duplicate is False, sent
 
+# 3. History and the latest values.
 for _ in range(100):
-    history = get_api_v1_devices_id_readings.sync(id="greenhouse-7", client=client, metric="temp")
+    history = get_api_v1_devices_id_readings.sync(id="greenhouse-1", client=client, metric="temperature")
     if history.data:
         break
     time.sleep(0.1)
 assert [r.to_dict()["value"] for r in history.data] == [21.5], history
-latest = get_api_v1_devices_id_readings_latest.sync(id="greenhouse-7", client=client)
-assert sorted(r.metric for r in latest.data) == ["humidity", "temp"], latest
-fetched = get_api_v1_devices_id.sync(id="greenhouse-7", client=client)
+assert history.page.next_cursor is None, history
+latest = get_api_v1_devices_id_readings_latest.sync(id="greenhouse-1", client=client)
+values = {r.metric: r.to_dict()["value"] for r in latest.data}
+assert values == {"temperature": 21.5, "door_open": False, "fw": "1.2.0"}, values
+
+# 4. A chart: the last 24 hours in 5-minute buckets.
+chart = get_api_v1_devices_id_readings_aggregate.sync(
+    id="greenhouse-1", client=client, metric="temperature", start="-24h", interval="5m",
+    fn="avg,min,max", fill=GetApiV1DevicesIdReadingsAggregateFill.PREVIOUS)
+series = chart.data.series
+assert [s.metric for s in series] == ["temperature"], chart
+filled = [b.to_dict() for b in series[0].buckets if b.to_dict().get("avg") is not None]
+assert filled and filled[-1]["max"] == 21.5, filled[-3:]
+
+# 5. The CSV export (a text answer: through the client's own HTTP session).
+csv = client.get_httpx_client().get(
+    "/api/v1/devices/greenhouse-1/readings", params={"start": "-7d"}, headers={"Accept": "text/csv"})
+assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv"), csv
+assert len(csv.text.strip().splitlines()) == 4, csv.text
+
+fetched = get_api_v1_devices_id.sync(id="greenhouse-1", client=client)
 assert fetched.data.status == "online", fetched
 print("quickstart ok")
 "#;
