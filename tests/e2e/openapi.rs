@@ -194,22 +194,27 @@ pub async fn schemathesis_finds_nothing(platform: &Platform) {
     }
     let text = schemathesis(platform, &bin, "fl-schemathesis", &key, &token, &rest)
         .unwrap_or_else(|failures| panic!("{failures}"));
-    // It really exercised the API: creates went through with its generated bodies.
-    // (A new connection: the pooled one may have idled out while schemathesis ran.)
-    let devices: Value = reqwest::Client::new()
-        .get(platform.url("/api/v1/devices?limit=1000"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let created = devices["data"].as_array().map_or(0, Vec::len);
-    assert!(
-        created > 1,
-        "schemathesis created no device of its own:\n{devices}\n{text}"
-    );
+    // It really exercised the API: creates went through with its generated bodies. (A new
+    // connection: the pooled one may have idled out while schemathesis ran.)
+    let http = reqwest::Client::new();
+    for listing in ["/api/v1/devices", "/api/v1/alert-rules", "/api/v1/webhooks"] {
+        let answer: Value = http
+            .get(platform.url(&format!("{listing}?limit=1000")))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let created = answer["data"].as_array().map_or(0, Vec::len);
+        // The project's own device is one of the devices.
+        let before = usize::from(listing == "/api/v1/devices");
+        assert!(
+            created > before,
+            "schemathesis created nothing under {listing}:\n{answer}\n{text}"
+        );
+    }
     schemathesis(
         platform,
         &bin,
