@@ -741,6 +741,47 @@ fn bearer(description: &str) -> SecurityScheme {
     )
 }
 
+/// Names given to two different schemas: `ToSchema` names a type by its bare name, so
+/// `keys::RotateIn` and `webhooks::RotateIn` would share one entry of the document unless one
+/// is renamed (`#[schema(as = KeyRotateIn)]`).
+pub fn schema_name_clashes(services: &[ServiceDoc]) -> Vec<String> {
+    let mut schemas = Schemas::new();
+    for route in services.iter().flat_map(|service| service.routes) {
+        let mut collect = |of: SchemaOf| {
+            of(&mut schemas);
+        };
+        route.body.into_iter().for_each(&mut collect);
+        route
+            .other_bodies
+            .iter()
+            .for_each(|body| collect(body.schema));
+        match route.answer {
+            Answer::Data(of) | Answer::Page(of) => collect(of),
+            Answer::Raw(bodies) => bodies.iter().for_each(|body| collect(body.schema)),
+            Answer::Empty => {}
+        }
+        route
+            .alternatives
+            .iter()
+            .for_each(|body| collect(body.schema));
+    }
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut clashes = Vec::new();
+    for (name, schema) in schemas {
+        let text = serde_json::to_string(&schema).unwrap_or_default();
+        match seen.get(&name) {
+            Some(earlier) if *earlier != text => clashes.push(name),
+            Some(_) => {}
+            None => {
+                seen.insert(name, text);
+            }
+        }
+    }
+    clashes.sort_unstable();
+    clashes.dedup();
+    clashes
+}
+
 /// The platform's document: every route of every service given.
 pub fn document(services: &[ServiceDoc]) -> OpenApi {
     let mut paths = PathsBuilder::new();
@@ -757,7 +798,8 @@ pub fn document(services: &[ServiceDoc]) -> OpenApi {
         }
     }
     schema::<crate::envelope::Page>(&mut schemas);
-    // One entry a name; a type that several routes name was pushed once each.
+    // One entry a name; a type that several routes name was pushed once each (two types of
+    // one name would be one schema: `schema_name_clashes` finds them).
     let schemas: BTreeMap<String, RefOr<Schema>> = schemas.into_iter().collect();
     let components = ComponentsBuilder::new()
         .schemas_from_iter(schemas)

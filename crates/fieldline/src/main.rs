@@ -455,6 +455,14 @@ mod tests {
     }
 
     #[test]
+    fn no_two_types_share_a_schema_name() {
+        assert_eq!(
+            openapi::schema_name_clashes(&services()),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
     fn the_document_describes_every_registered_route_and_nothing_else() {
         let document = api_document();
         assert_eq!(document["openapi"], "3.1.0");

@@ -34,6 +34,7 @@ const DEFAULT_GRACE_SECONDS: i64 = 3600;
 
 #[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = KeyRotateIn)]
 pub struct RotateIn {
     /// Seconds the old secret keeps working (0 to 2592000, default 3600).
     #[schema(minimum = 0, maximum = 2592000)]

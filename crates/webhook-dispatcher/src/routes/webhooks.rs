@@ -327,8 +327,14 @@ async fn secret(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = SecretRotateIn)]
 pub struct RotateIn {
+    /// Seconds the old secret still signs beside the new one (at most 30 days; a day by
+    /// default).
+    #[schema(maximum = 2592000)]
     grace_seconds: Option<u64>,
+    /// The new secret (16 to 256 characters, or `whsec_…`); generated when left out.
+    #[schema(min_length = 16, max_length = 256)]
     secret: Option<String>,
 }
 
