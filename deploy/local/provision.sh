@@ -368,6 +368,29 @@ ensure_console_tests() {
     echo "$lock" >"$stamp"
 }
 
+# schemathesis and openapi-python-client, which the e2e tests run against the OpenAPI
+# document (tests/e2e/openapi.rs), in a venv of their own: they pin many packages, and the
+# system Python may refuse pip installs. Made once; remade when a pin changes.
+PYTOOLS="${FIELDLINE_PYTOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/fieldline/pytools}"
+SCHEMATHESIS_VERSION=4.32.5
+OPENAPI_PYTHON_CLIENT_VERSION=0.29.1
+ensure_pytools() {
+    local want="schemathesis==$SCHEMATHESIS_VERSION openapi-python-client==$OPENAPI_PYTHON_CLIENT_VERSION"
+    if [[ -x $PYTOOLS/bin/schemathesis && -x $PYTOOLS/bin/openapi-python-client \
+          && $(cat "$PYTOOLS/.pins" 2>/dev/null) == "$want" ]]; then
+        return
+    fi
+    python3 -c "import venv, ensurepip" 2>/dev/null || ensure_pkg python3-venv
+    say "installing $want (PyPI) in $PYTOOLS for the OpenAPI tests"
+    rm -rf "$PYTOOLS"
+    mkdir -p "$(dirname "$PYTOOLS")"
+    python3 -m venv "$PYTOOLS" || die "could not make a venv in $PYTOOLS"
+    # shellcheck disable=SC2086 # two requirements, split on purpose
+    "$PYTOOLS/bin/pip" install --quiet --disable-pip-version-check $want \
+        || die "could not install $want with pip"
+    printf '%s' "$want" >"$PYTOOLS/.pins"
+}
+
 # ---------------------------------------------------------------- main
 if [[ ${FL_PROVISION_ONLY:-} == mosquitto ]]; then
     ensure_mosquitto
@@ -379,6 +402,7 @@ ensure_cmd jq jq
 ensure_cloudevents
 ensure_k8s_tools
 ensure_console_tests
+ensure_pytools
 ensure_cmd mosquitto-clients mosquitto_pub mosquitto_sub
 # promtool lints each service's /metrics and the alerting rules in the tests (the package's
 # server is not started).

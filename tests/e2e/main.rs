@@ -4,11 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
-mod console;
 mod cluster;
+mod console;
 mod dashboards;
 mod k8s;
 mod observability;
+mod openapi;
 mod platform;
 mod provision;
 mod scale_out;
@@ -133,5 +134,20 @@ async fn cluster_of_three_nats_the_telemetry_leader_killed_leaves_0_acknowledged
     ])
     .await;
     cluster::telemetry_leader_killed_under_load(&platform, &mut nats).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn one_process_schemathesis_finds_no_failure_in_the_openapi_document() {
+    let platform = Platform::one_process().await;
+    openapi::schemathesis_finds_nothing(&platform).await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn one_process_a_generated_python_client_runs_the_quickstart() {
+    let platform = Platform::one_process().await;
+    openapi::generated_client_runs_the_quickstart(&platform).await;
+    openapi::docs_are_served_offline(&platform).await;
     platform.stop().await;
 }

@@ -18,7 +18,7 @@ pub const MAX_ACK_DETAIL_BYTES: usize = 1024;
 pub const MAX_COMMAND_ID_LEN: usize = 64;
 
 /// A device's verdict on a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AckStatus {
     Ok,
@@ -36,11 +36,13 @@ impl AckStatus {
 }
 
 /// The body of `POST /api/v1/ingest/commands/{id}/ack`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandAckIn {
     pub status: AckStatus,
+    /// At most 1024 bytes.
     #[serde(default)]
+    #[schema(max_length = 1024)]
     pub detail: Option<String>,
 }
 
@@ -107,21 +109,54 @@ fn embedded_json(text: &str, default: Value) -> Value {
 /// A command as a device receives it: `{"id","name","params","expires_at"}` (`expires_at`
 /// RFC 3339, or `null` when the command never expires).
 pub fn command_json(command: &DeviceCommand) -> Value {
-    json!({
-        "id": command.id,
-        "name": command.name,
-        "params": embedded_json(&command.params_json, Value::Null),
-        "expires_at": optional_time(command.expires_at_us),
+    json!(DeviceCommandOut {
+        id: command.id.clone(),
+        name: command.name.clone(),
+        params: embedded_json(&command.params_json, Value::Null),
+        expires_at: optional_time(command.expires_at_us),
     })
+}
+
+/// A command as a device receives it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DeviceCommandOut {
+    pub id: String,
+    pub name: String,
+    /// The command's parameters (a JSON object), or null.
+    #[schema(value_type = Option<Object>)]
+    pub params: Value,
+    /// RFC 3339, or null when it never expires.
+    #[schema(value_type = Option<String>)]
+    pub expires_at: Value,
+}
+
+/// A config version as a device receives it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DeviceConfigOut {
+    /// 0 when no config was ever set.
+    pub version: i64,
+    #[schema(value_type = Object)]
+    pub config: Value,
+    /// RFC 3339, or null when no config was ever set.
+    #[schema(value_type = Option<String>)]
+    pub updated_at: Value,
+}
+
+/// What an acknowledgement left the command as.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct CommandAcked {
+    pub id: String,
+    /// acked or failed (or what it already was).
+    pub status: String,
 }
 
 /// A config version as a device receives it: `{"version","config","updated_at"}` (version 0,
 /// `{}` and `null` when no config was ever set).
 pub fn config_json(version: i64, config_json: &str, updated_at_us: i64) -> Value {
-    json!({
-        "version": version,
-        "config": embedded_json(config_json, json!({})),
-        "updated_at": optional_time(updated_at_us),
+    json!(DeviceConfigOut {
+        version,
+        config: embedded_json(config_json, json!({})),
+        updated_at: optional_time(updated_at_us),
     })
 }
 

@@ -15,9 +15,10 @@ struct Envelope<'a, T: Serialize> {
 }
 
 /// Paging of a list: keyset cursors, never offsets.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page {
     pub limit: usize,
+    /// Pass as `cursor` for the next page; null on the last one.
     pub next_cursor: Option<String>,
 }
 

@@ -356,6 +356,29 @@ impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
     }
 }
 
+/// A JSON body that must be an object: serde would also make a struct of an array of its
+/// fields (`[null, null]`), which no client means.
+pub struct JsonObject<T>(pub T);
+
+impl<T: DeserializeOwned + 'static> FromRequest for JsonObject<T> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let body = Json::<serde_json::Value>::from_request(req, payload);
+        Box::pin(async move {
+            let Json(value) = body.await?;
+            if !value.is_object() {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    "body: must be a JSON object",
+                ));
+            }
+            parse_json_value(value).map(JsonObject)
+        })
+    }
+}
+
 /// A JSON body that may be absent: an empty body is `None`, anything else must be valid.
 pub struct OptionalJson<T>(pub Option<T>);
 

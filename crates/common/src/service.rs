@@ -30,6 +30,7 @@ use crate::{
     edge::EdgeIo,
     error::{ApiError, ErrorKind},
     extract::{self, BodyLimit},
+    openapi::AllowedMethods,
     ratelimit::{Decision, RateLimits},
     telemetry,
 };
@@ -209,9 +210,9 @@ pub fn serve_http(context: &Context, services: &[Service]) -> anyhow::Result<Htt
             .wrap_fn(refuse_nul_in_uri)
             .wrap_fn(record_http_metrics)
             .wrap_fn(rate_limit_headers)
-            .route("/health/live", web::get().to(live))
-            .route("/health/ready", web::get().to(ready))
-            .route("/metrics", web::get().to(render_metrics));
+            .service(web::resource("/health/live").route(web::get().to(live)))
+            .service(web::resource("/health/ready").route(web::get().to(ready)))
+            .service(web::resource("/metrics").route(web::get().to(render_metrics)));
         for configure in &routes {
             let configure = configure.clone();
             app = app.configure(move |cfg| configure(cfg));
@@ -302,7 +303,9 @@ async fn render_metrics(
         .body(handle.render())
 }
 
-/// actix answers a known path with an unknown method with an empty 405; give it the envelope.
+/// actix answers a known path with an unknown method with an empty 405; give it the envelope,
+/// and the `Allow` header RFC 9110 asks for, from the OpenAPI document's methods of the path
+/// (the platform's methods: behind the gateway another service may serve the others).
 fn method_not_allowed<B: MessageBody + 'static>(
     response: ServiceResponse<B>,
 ) -> actix_web::Result<middleware::ErrorHandlerResponse<B>> {
@@ -312,7 +315,18 @@ fn method_not_allowed<B: MessageBody + 'static>(
         "method_not_allowed",
         format!("{} is not allowed on {}", request.method(), request.path()),
     );
-    let response = actix_web::ResponseError::error_response(&error);
+    let mut response = actix_web::ResponseError::error_response(&error);
+    let allowed = request
+        .app_data::<web::Data<AllowedMethods>>()
+        .zip(request.match_pattern())
+        .and_then(|(allowed, pattern)| allowed.of(&pattern));
+    if let Some(methods) = allowed
+        && let Ok(value) = actix_web::http::header::HeaderValue::from_str(methods)
+    {
+        response
+            .headers_mut()
+            .insert(actix_web::http::header::ALLOW, value);
+    }
     Ok(middleware::ErrorHandlerResponse::Response(
         ServiceResponse::new(request, response).map_into_right_body(),
     ))

@@ -16,7 +16,7 @@ use actix_web::{
 };
 use fieldline_common::{
     ApiError, Service,
-    openapi::{Access::Public, Method::Get, RouteDoc},
+    openapi::{Access::Public, Content, Method::Get, RouteDoc, text},
 };
 use rust_embed::Embed;
 
@@ -26,12 +26,31 @@ struct Bundle;
 
 /// The console's routes, for the OpenAPI document.
 pub const ROUTES: &[RouteDoc] = &[
-    RouteDoc::new(Get, "/", "The operator console (HTML)", Public),
+    RouteDoc::new(Get, "/", "The operator console (HTML)", Public).raw(
+        200,
+        &[Content {
+            media: "text/html",
+            schema: text,
+        }],
+    ),
     RouteDoc::new(
         Get,
         "/assets/{file}",
         "The console's scripts and styles",
         Public,
+    )
+    .raw(
+        200,
+        &[
+            Content {
+                media: "text/javascript",
+                schema: text,
+            },
+            Content {
+                media: "text/css",
+                schema: text,
+            },
+        ],
     ),
 ];
 

@@ -6,6 +6,7 @@ pub mod limits;
 pub mod tokens;
 
 use chrono::{DateTime, Utc};
+use fieldline_common::openapi::{IdText, LabelText, NameText};
 use fieldline_common::{
     ApiError,
     auth::ScopeLevel,
@@ -34,7 +35,7 @@ pub fn secret_prefix(secret: &str) -> String {
     secret.chars().take(SECRET_SHOWN).collect()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceType {
     Sensor,
@@ -65,19 +66,31 @@ impl DeviceType {
 }
 
 /// `POST /api/v1/devices`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceIn {
+    /// Unique in the project: 1 to 64 of `A-Z a-z 0-9 _ -`.
+    #[schema(value_type = IdText)]
     pub id: String,
+    #[schema(value_type = Option<NameText>)]
     pub name: Option<String>,
+    /// `sensor` when left out.
     #[serde(rename = "type")]
     pub device_type: Option<DeviceType>,
+    #[schema(value_type = Option<LabelText>)]
     pub group: Option<String>,
+    /// At most 32, each like a group.
     #[serde(default)]
+    #[schema(value_type = Vec<LabelText>, max_items = 32)]
     pub tags: Vec<String>,
+    /// Free JSON, at most 16 KiB.
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Seconds without news after which the device is offline (1 to 86400).
+    #[schema(minimum = 1, maximum = 86400)]
     pub heartbeat_interval_s: Option<i32>,
-    /// The first configuration (version 1); later ones go through `/config`.
+    /// The first configuration (version 1, a JSON object); later ones go through `/config`.
+    #[schema(value_type = Option<Object>)]
     pub config: Option<serde_json::Value>,
 }
 
@@ -146,7 +159,7 @@ impl DeviceIn {
 }
 
 /// A device as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeviceOut {
     pub id: String,
     pub project: String,
@@ -155,6 +168,7 @@ pub struct DeviceOut {
     pub device_type: String,
     pub group: Option<String>,
     pub tags: Vec<String>,
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     pub heartbeat_interval_s: Option<i32>,
     /// `online`, `offline`, or `unknown` until the device is first heard from.
@@ -181,7 +195,7 @@ impl DeviceOut {
 }
 
 /// `POST /api/v1/devices` answers the device and, once, its token.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeviceCreated {
     #[serde(flatten)]
     pub device: DeviceOut,
@@ -191,11 +205,15 @@ pub struct DeviceCreated {
 }
 
 /// `POST /api/v1/keys`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyIn {
+    #[schema(value_type = NameText)]
     pub name: String,
+    /// Cumulative: `write` can also read; the highest given counts.
+    #[schema(min_items = 1)]
     pub scopes: Vec<ScopeLevel>,
+    /// In the future; never when left out.
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -241,11 +259,12 @@ pub fn scopes_of(scope: ScopeLevel) -> Vec<&'static str> {
 }
 
 /// A key as listings show it: never its secret.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct KeyOut {
     pub id: String,
     pub name: String,
     pub prefix: String,
+    #[schema(value_type = Vec<ScopeLevel>)]
     pub scopes: Vec<&'static str>,
     pub platform_admin: bool,
     pub created_at: String,
@@ -255,7 +274,7 @@ pub struct KeyOut {
 }
 
 /// `POST /api/v1/keys` answers the key and, once, its secret.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct KeyCreated {
     #[serde(flatten)]
     pub key: KeyOut,
@@ -308,14 +327,17 @@ mod tests {
 }
 
 /// `POST /api/v1/projects`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectIn {
+    #[schema(value_type = IdText)]
     pub slug: String,
+    /// The slug when left out.
+    #[schema(value_type = Option<NameText>)]
     pub name: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ProjectOut {
     pub slug: String,
     pub name: String,
@@ -323,7 +345,7 @@ pub struct ProjectOut {
 }
 
 /// A new project answers its first admin key, shown once.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ProjectCreated {
     #[serde(flatten)]
     pub project: ProjectOut,

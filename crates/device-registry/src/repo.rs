@@ -11,7 +11,7 @@ use fieldline_common::{ApiError, auth::ScopeLevel, time::format_rfc3339};
 use tokio_postgres::{Row, error::SqlState};
 
 pub use self::{
-    alerts::{FiringFilter, RuleFilter},
+    alerts::{FiringAlert, FiringFilter, RuleFilter},
     commands::CommandFilter,
     state::SeenDevice,
 };
@@ -605,7 +605,7 @@ impl Repo {
         project: &str,
         device_id: &str,
         limit: i64,
-    ) -> Result<Option<Vec<serde_json::Value>>, ApiError> {
+    ) -> Result<Option<Vec<crate::domain::commands::ConfigVersionOut>>, ApiError> {
         let client = self.pool.get().await?;
         let exists = client
             .query_opt(
@@ -625,13 +625,11 @@ impl Repo {
             .await?;
         Ok(Some(
             rows.iter()
-                .map(|row| {
-                    serde_json::json!({
-                        "version": row.get::<_, i64>(0),
-                        "config": row.get::<_, serde_json::Value>(1),
-                        "changed_by": row.get::<_, String>(2),
-                        "created_at": format_rfc3339(&row.get(3)),
-                    })
+                .map(|row| crate::domain::commands::ConfigVersionOut {
+                    version: row.get(0),
+                    config: row.get(1),
+                    changed_by: row.get(2),
+                    created_at: format_rfc3339(&row.get(3)),
                 })
                 .collect(),
         ))

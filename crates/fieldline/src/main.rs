@@ -40,24 +40,64 @@ enum Command {
 
 /// What every process serves, whatever its services.
 const PLATFORM_ROUTES: &[openapi::RouteDoc] = {
-    use openapi::{Access::Public, Method::Get, RouteDoc};
+    use openapi::{Access::Public, Content, Method::Get, RouteDoc, object, text};
     &[
-        RouteDoc::new(Get, "/health/live", "The process is up", Public),
+        RouteDoc::new(Get, "/health/live", "The process is up", Public).data(200, object),
         RouteDoc::new(
             Get,
             "/health/ready",
             "NATS, Postgres and each service's own checks pass (503 otherwise)",
             Public,
+        )
+        .data(200, object)
+        .errors(&[503]),
+        RouteDoc::new(Get, "/metrics", "Prometheus metrics (text format)", Public).raw(
+            200,
+            &[Content {
+                media: "text/plain",
+                schema: text,
+            }],
         ),
-        RouteDoc::new(Get, "/metrics", "Prometheus metrics (text format)", Public),
-        RouteDoc::new(Get, "/api/v1/openapi.json", "This document", Public),
+        RouteDoc::new(Get, "/api/v1/openapi.json", "This document", Public).raw(
+            200,
+            &[Content {
+                media: "application/json",
+                schema: object,
+            }],
+        ),
+        RouteDoc::new(
+            Get,
+            "/docs",
+            "The API reference, rendered from this document",
+            Public,
+        )
+        .raw(
+            200,
+            &[Content {
+                media: "text/html",
+                schema: text,
+            }],
+        ),
+        RouteDoc::new(
+            Get,
+            "/docs/redoc.standalone.js",
+            "The reference's renderer (Redoc, served by the platform: no CDN)",
+            Public,
+        )
+        .raw(
+            200,
+            &[Content {
+                media: "application/javascript",
+                schema: text,
+            }],
+        ),
     ]
 };
 
 /// Every service's routes. Whichever services a process runs, it serves the whole platform's
 /// document, so the gateway may send `/api/v1/openapi.json` to any of them.
-fn api_document() -> serde_json::Value {
-    let services = [
+fn services() -> [ServiceDoc; 6] {
+    [
         ServiceDoc {
             service: "platform",
             routes: PLATFORM_ROUTES,
@@ -82,24 +122,62 @@ fn api_document() -> serde_json::Value {
             service: "console",
             routes: fieldline_console::ROUTES,
         },
-    ];
-    serde_json::to_value(openapi::document(&services)).unwrap_or_default()
+    ]
 }
 
-/// `GET /api/v1/openapi.json`.
+fn api_document() -> serde_json::Value {
+    serde_json::to_value(openapi::document(&services())).unwrap_or_default()
+}
+
+/// Redoc's standalone bundle (npm `redoc`, MIT; assets/redoc.LICENSE), embedded so `/docs`
+/// works offline.
+const REDOC_JS: &[u8] = include_bytes!("../assets/redoc.standalone.js");
+
+/// The reference page: Redoc reading the document this process serves.
+const DOCS_HTML: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Fieldline API reference</title>
+<style>body { margin: 0; padding: 0; }</style>
+</head>
+<body>
+<redoc spec-url="/api/v1/openapi.json" hide-download-button="false"></redoc>
+<script src="/docs/redoc.standalone.js"></script>
+</body>
+</html>
+"#;
+
+/// `GET /api/v1/openapi.json`, and the reference pages at `/docs`.
 fn openapi_service() -> Service {
-    let document = actix_web::web::Data::new(api_document());
+    use actix_web::{HttpResponse, web};
+    let document = web::Data::new(api_document());
+    let allowed = web::Data::new(openapi::AllowedMethods::new(&services()));
     Service {
         name: "openapi",
-        routes: Some(Arc::new(move |cfg: &mut actix_web::web::ServiceConfig| {
+        routes: Some(Arc::new(move |cfg: &mut web::ServiceConfig| {
             let document = document.clone();
-            cfg.route(
-                "/api/v1/openapi.json",
-                actix_web::web::get().to(move || {
-                    let document = document.clone();
-                    async move { actix_web::HttpResponse::Ok().json(document.get_ref()) }
-                }),
-            );
+            cfg.app_data(allowed.clone())
+                .service(
+                    web::resource("/api/v1/openapi.json").route(web::get().to(move || {
+                        let document = document.clone();
+                        async move { HttpResponse::Ok().json(document.get_ref()) }
+                    })),
+                )
+                .service(web::resource("/docs").route(web::get().to(|| async {
+                    HttpResponse::Ok()
+                        .content_type("text/html; charset=utf-8")
+                        .body(DOCS_HTML)
+                })))
+                .service(
+                    web::resource("/docs/redoc.standalone.js").route(web::get().to(|| async {
+                        HttpResponse::Ok()
+                            .content_type("application/javascript; charset=utf-8")
+                            .insert_header(("Cache-Control", "public, max-age=86400"))
+                            .body(REDOC_JS)
+                    })),
+                );
         })),
         ready: None,
     }
@@ -337,6 +415,62 @@ mod tests {
             }
         }
         routes
+    }
+
+    /// No answer of the API is an untyped `data` any more: each JSON success names its schema.
+    #[test]
+    fn every_json_answer_and_body_of_the_api_names_its_type() {
+        let document = api_document();
+        let mut untyped = Vec::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            if !path.starts_with("/api/") || path == "/api/v1/openapi.json" {
+                continue;
+            }
+            for (method, operation) in item.as_object().unwrap() {
+                let typed = |schema: &serde_json::Value| {
+                    schema.get("$ref").is_some()
+                        || schema.get("oneOf").is_some()
+                        || schema["type"] == "array"
+                        || schema["type"] == "object"
+                };
+                for (status, response) in operation["responses"].as_object().unwrap() {
+                    let Some(schema) = response["content"]["application/json"].get("schema") else {
+                        continue;
+                    };
+                    let data = schema["properties"].get("data").unwrap_or(schema);
+                    if !typed(data) {
+                        untyped.push(format!("{method} {path} {status}"));
+                    }
+                }
+                if let Some(body) =
+                    operation["requestBody"]["content"]["application/json"].get("schema")
+                    && !typed(body)
+                {
+                    untyped.push(format!("{method} {path} body"));
+                }
+            }
+        }
+        assert!(untyped.is_empty(), "untyped: {untyped:?}");
+        let list = &document["paths"]["/api/v1/devices"]["get"]["responses"]["200"]["content"]["application/json"]
+            ["schema"];
+        assert_eq!(list["properties"]["data"]["type"], "array");
+        let export = &document["paths"]["/api/v1/devices/{id}/readings"]["get"]["responses"]["200"]
+            ["content"];
+        assert!(export["text/csv"].is_object() && export["application/x-ndjson"].is_object());
+        let create = &document["paths"]["/api/v1/devices"]["post"]["responses"];
+        for status in [
+            "201", "400", "401", "403", "409", "413", "415", "422", "429", "503",
+        ] {
+            assert!(create[status].is_object(), "POST /api/v1/devices {status}");
+        }
+    }
+
+    #[test]
+    fn no_two_types_share_a_schema_name() {
+        assert_eq!(
+            openapi::schema_name_clashes(&services()),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

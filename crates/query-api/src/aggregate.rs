@@ -254,17 +254,20 @@ pub fn render<'a>(
 
 /// The series of an aggregate answer: `{"metric": …, "buckets": […]}`, with `device_id` in
 /// answers that span devices.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct SeriesOut<'a> {
+    /// On `POST /api/v1/query` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_id: Option<&'a str>,
     pub metric: &'a str,
+    /// `{"ts": RFC 3339, "<fn>": value...}`, one member a function asked for.
+    #[schema(value_type = Vec<Object>)]
     pub buckets: Vec<BucketOut<'a>>,
 }
 
 /// An aggregate answer. `device_id` is there for one device's route; `limit` and
 /// `truncated` for the query route.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct AggregateOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_id: Option<&'a str>,
@@ -272,8 +275,12 @@ pub struct AggregateOut<'a> {
     pub end: String,
     pub interval: String,
     #[serde(rename = "fn")]
+    #[schema(value_type = Vec<String>)]
     pub fns: Vec<&'static str>,
+    #[schema(value_type = String)]
     pub fill: &'static str,
+    /// Where the buckets come from: raw, hourly, daily.
+    #[schema(value_type = Vec<String>)]
     pub sources: Vec<&'static str>,
     pub series: Vec<SeriesOut<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]

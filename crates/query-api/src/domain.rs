@@ -430,19 +430,32 @@ impl AggregateParams {
 }
 
 /// `POST /api/v1/query` as sent: several devices at once, raw or (with `interval`) aggregated.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MultiQueryIn {
+    /// 1 to 100 device ids.
+    #[schema(value_type = Vec<fieldline_common::openapi::IdText>, min_items = 1, max_items = 100)]
     pub devices: Vec<String>,
+    #[schema(value_type = Vec<fieldline_common::openapi::LabelText>, min_items = 1)]
     pub metrics: Vec<String>,
-    /// RFC 3339, epoch milliseconds, or relative (`-24h`).
+    /// RFC 3339, epoch milliseconds, `now` or relative (`-24h`); inclusive.
+    #[schema(value_type = Option<String>, example = "-24h")]
     pub start: Option<serde_json::Value>,
+    /// Same forms; exclusive.
+    #[schema(value_type = Option<String>, example = "now")]
     pub end: Option<serde_json::Value>,
+    /// Aggregate into buckets this wide (`30s`, `5m`, `1h`, `1d`, `1w`); raw readings when
+    /// left out.
+    #[schema(example = "1h")]
     pub interval: Option<String>,
-    /// `"avg,max"` or `["avg", "max"]`.
+    /// `"avg,max"` or `["avg", "max"]`: avg, min, max, sum, count, first, last.
     #[serde(rename = "fn")]
+    #[schema(value_type = Option<String>)]
     pub fns: Option<serde_json::Value>,
+    /// none, null or previous.
     pub fill: Option<String>,
+    /// Most rows answered (1 to 10000).
+    #[schema(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
 }
 
@@ -541,10 +554,13 @@ impl MultiQueryIn {
 }
 
 /// One stored reading as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ReadingOut {
     pub metric: String,
+    /// RFC 3339, microseconds.
     pub ts: String,
+    /// A number, a boolean or a text.
+    #[schema(value_type = fieldline_common::openapi::ReadingValue)]
     pub value: serde_json::Value,
 }
 

@@ -333,7 +333,7 @@ pub struct DeviceSeries {
 }
 
 /// `/devices/{id}/metrics`: one metric of a device.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct MetricOut {
     pub metric: String,
     pub first_ts: String,

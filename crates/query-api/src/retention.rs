@@ -88,10 +88,14 @@ impl Period {
 }
 
 /// `PUT /api/v1/retention`: each field a period or null (absent is null: PUT replaces).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionIn {
+    /// How long raw readings are kept (`90d`, `36h`, `4w`, `2y`); null for the default.
+    #[schema(value_type = Option<String>, example = "90d")]
     readings: Option<Value>,
+    /// How long hourly and daily rollups are kept; null for the default.
+    #[schema(value_type = Option<String>, example = "2y")]
     rollups: Option<Value>,
 }
 
@@ -106,7 +110,7 @@ impl RetentionIn {
 
 /// Two periods: null means "the default" in `readings`/`rollups`, "kept forever" in
 /// `defaults` and `effective`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Periods {
     pub readings: Option<String>,
     pub rollups: Option<String>,
@@ -122,7 +126,7 @@ impl Periods {
 }
 
 /// A project's retention: its own periods, the platform's, and the ones that apply.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RetentionOut {
     pub project: String,
     #[serde(flatten)]

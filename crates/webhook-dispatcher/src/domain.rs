@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use fieldline_common::openapi::{IdText, LabelText, NameText};
 use fieldline_common::{
     ApiError,
     ids::DeviceId,
@@ -21,6 +22,20 @@ pub const EVENT_TYPES: [&str; 5] = [
     "config.update",
     DISABLED_EVENT,
 ];
+/// An event type, in the OpenAPI document: one of [`EVENT_TYPES`].
+pub struct EventType;
+
+impl utoipa::PartialSchema for EventType {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .enum_values(Some(EVENT_TYPES))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EventType {}
+
 /// What a webhook created without `events` gets: the device events only. `webhook.disabled`
 /// is asked for by name, so that no receiver written before it meets an event it does not
 /// know.
@@ -53,16 +68,33 @@ const RESERVED_HEADERS: [&str; 11] = [
 ];
 
 /// `POST /api/v1/webhooks` (and each element of the device-scoped array).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookIn {
+    #[schema(value_type = Option<NameText>)]
     pub name: Option<String>,
+    /// http(s), resolving to a public address (422 for a private one).
+    #[schema(
+        pattern = "^https?://",
+        example = "https://example.com/hooks/fieldline"
+    )]
     pub url: String,
+    /// The events it receives; the four device events when left out (`webhook.disabled` only
+    /// when named).
+    #[schema(value_type = Option<Vec<EventType>>, min_items = 1)]
     pub events: Option<Vec<String>>,
+    /// Only these devices' events.
+    #[schema(value_type = Option<Vec<IdText>>)]
     pub device_ids: Option<Vec<String>>,
+    /// Only this group's devices' events.
+    #[schema(value_type = Option<LabelText>)]
     pub group: Option<String>,
+    /// Extra headers sent with each delivery.
     pub headers: Option<BTreeMap<String, String>>,
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The signing secret (16 to 256 characters, or `whsec_…`); generated when left out.
+    #[schema(min_length = 16, max_length = 256)]
     pub secret: Option<String>,
     pub enabled: Option<bool>,
     // The shape of deliveries (`shape::Options`), each absent the default.
@@ -202,7 +234,7 @@ impl WebhookIn {
 }
 
 /// A webhook as the API shows it (no secret, but on create).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct WebhookOut {
     pub id: String,
     pub project: String,
@@ -211,7 +243,9 @@ pub struct WebhookOut {
     pub events: Vec<String>,
     pub device_ids: Vec<String>,
     pub group: Option<String>,
+    #[schema(value_type = Object)]
     pub headers: serde_json::Value,
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     pub enabled: bool,
     pub disabled_reason: Option<String>,
@@ -239,7 +273,7 @@ impl WebhookOut {
 }
 
 /// `POST /api/v1/webhooks` answers the webhook and its secret, once.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct WebhookCreated {
     #[serde(flatten)]
     pub webhook: WebhookOut,
@@ -269,7 +303,7 @@ pub fn rfc3339(time: DateTime<Utc>) -> String {
 }
 
 /// What a delivery attempt came to.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AttemptOut {
     pub attempted_at: String,
     pub status_code: Option<i32>,
@@ -281,7 +315,7 @@ pub struct AttemptOut {
     pub batch_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeliveryOut {
     pub id: String,
     pub webhook_id: String,

@@ -27,7 +27,9 @@ const SLACK_MAX_CHARS: usize = 40_000;
 /// Readings named in a chat message before "and N more".
 const CHAT_READINGS: usize = 10;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Info,
@@ -35,7 +37,7 @@ pub enum Severity {
     Critical,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Ordering {
     /// As fast as the webhook's concurrency allows, in no promised order.
@@ -45,7 +47,7 @@ pub enum Ordering {
     Device,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     #[default]
@@ -56,7 +58,7 @@ pub enum Format {
     Template,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CloudEventsMode {
     /// The whole event in the body, `application/cloudevents+json`.
@@ -66,7 +68,7 @@ pub enum CloudEventsMode {
     Binary,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Batch {
     pub max_events: u32,
@@ -79,8 +81,10 @@ fn default_batch_wait() -> u64 {
 }
 
 /// A webhook's shape options, as the API takes and shows them (each absent is the default).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Unknown fields are refused by `WebhookIn`, which names each; here they are let through, so
+/// that options stored by a newer version still read, and so that the schema of a webhook
+/// (which flattens these) allows the webhook's other members.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Options {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<Batch>,

@@ -2,11 +2,12 @@
 //! turns readings into `firing` and `resolved` transitions.
 
 use fieldline_common::ApiError;
+use fieldline_common::openapi::{IdText, LabelText, NameText};
 use serde::{Deserialize, Serialize};
 
 use super::check_label;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
     Gt,
@@ -52,7 +53,7 @@ impl Op {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Info,
@@ -72,20 +73,31 @@ impl Severity {
 
 /// `POST` and `PUT /api/v1/alert-rules`; a PATCH is merged into the stored rule's `RuleIn`
 /// form first, so every write goes through [`RuleIn::parse`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleIn {
+    #[schema(value_type = NameText)]
     pub name: String,
+    /// The device it watches; exactly one of `device_id` and `group` (422 otherwise).
     #[serde(default)]
+    #[schema(value_type = Option<IdText>)]
     pub device_id: Option<String>,
+    /// The group it watches, each device on its own.
     #[serde(default)]
+    #[schema(value_type = Option<LabelText>)]
     pub group: Option<String>,
+    #[schema(value_type = LabelText)]
     pub metric: String,
     pub op: Op,
+    #[schema(example = 30.0)]
     pub threshold: f64,
+    /// Hysteresis: the value must come back past this to resolve (at most `threshold` for
+    /// gt/gte, at least it for lt/lte, none for eq/ne; 422 otherwise).
     #[serde(default)]
     pub clear_threshold: Option<f64>,
+    /// Seconds the condition must hold before it fires (0 to 86400).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 86400)]
     pub for_s: Option<i32>,
     #[serde(default)]
     pub severity: Option<Severity>,
@@ -174,7 +186,7 @@ impl RuleIn {
 }
 
 /// A rule as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RuleOut {
     pub id: String,
     pub name: String,

@@ -1,6 +1,7 @@
 //! Commands toward a device, and device configuration.
 
 use fieldline_common::ApiError;
+use fieldline_common::openapi::LabelText;
 use serde::{Deserialize, Serialize};
 
 use super::check_label;
@@ -11,11 +12,16 @@ pub const MAX_TTL_S: i64 = 7 * 24 * 3600;
 pub const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
 
 /// `POST /api/v1/devices/{id}/commands`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CommandIn {
+    #[schema(value_type = LabelText, example = "reboot")]
     pub name: String,
+    /// A JSON object of at most 64 KiB.
+    #[schema(value_type = Option<Object>)]
     pub params: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Seconds until an undelivered command expires (1 to 604800).
+    #[schema(minimum = 1, maximum = 604800)]
     pub ttl_s: Option<i64>,
 }
 
@@ -59,12 +65,14 @@ pub fn check_document_size(field: &str, value: &serde_json::Value) -> Result<(),
 }
 
 /// A command as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CommandOut {
     pub id: String,
     pub device_id: String,
     pub name: String,
+    #[schema(value_type = Object)]
     pub params: serde_json::Value,
+    /// pending, delivered, acked, failed or expired.
     pub status: String,
     pub created_at: String,
     pub expires_at: String,
@@ -89,12 +97,24 @@ pub fn parse_command_status(value: &str) -> Result<&'static str, ApiError> {
 }
 
 /// A device's configuration, as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ConfigOut {
     pub device_id: String,
     pub version: i64,
+    #[schema(value_type = Object)]
     pub config: serde_json::Value,
     pub updated_at: Option<String>,
+}
+
+/// One version of a device's configuration, with who changed it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ConfigVersionOut {
+    pub version: i64,
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    /// The key (its id) or the platform admin that set it.
+    pub changed_by: String,
+    pub created_at: String,
 }
 
 /// A new configuration document: a JSON object of bounded size.

@@ -11,16 +11,18 @@ const MAX_REQUESTS: u32 = 1_000_000;
 const MAX_PERIOD_S: u32 = 86_400;
 
 /// `{"requests": 600, "period_s": 60}`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitIn {
+    #[schema(minimum = 1, maximum = 1000000)]
     pub requests: u32,
+    #[schema(minimum = 1, maximum = 86400)]
     pub period_s: u32,
 }
 
 /// `PUT /api/v1/projects/{slug}/limits`: each limit, or `null` (or absent) for the platform
 /// default.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectLimitsIn {
     #[serde(default)]
@@ -68,17 +70,18 @@ impl ProjectLimitsIn {
 }
 
 /// One limit as a project sees it, and where it comes from.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LimitOut {
     pub requests: u32,
     pub period_s: u64,
     /// `project` (its override) or `default` (the platform's FIELDLINE_RATE_*).
+    #[schema(value_type = String)]
     pub source: &'static str,
 }
 
 /// `GET /api/v1/projects/{slug}/limits` and `GET /api/v1/limits`. Limits hold per instance of
 /// a service.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ProjectLimitsOut {
     pub project: String,
     pub api_key: LimitOut,

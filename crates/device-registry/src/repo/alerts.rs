@@ -36,7 +36,7 @@ fn rule_out(row: &Row) -> RuleOut {
 }
 
 /// An alert firing now: one rule's state for one device.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct FiringAlert {
     pub rule_id: String,
     pub rule_name: String,

@@ -81,6 +81,15 @@ async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Read)?;
     let limit = crate::routes::devices::parse_limit(params.limit.as_deref())?;
+    // A filter that no rule could match is a mistake in the query, not an empty page.
+    if let Some(device_id) = &params.device_id {
+        fieldline_common::ids::DeviceId::parse(device_id)?;
+    }
+    for (name, value) in [("group", &params.group), ("metric", &params.metric)] {
+        if let Some(value) = value {
+            crate::domain::check_label(name, value)?;
+        }
+    }
     let after_id = params
         .cursor
         .as_deref()
@@ -123,6 +132,10 @@ async fn firing(
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Read)?;
     let limit = crate::routes::devices::parse_limit(params.limit.as_deref())?;
+    // An id no device can have is a bad query, not an empty list.
+    if let Some(device_id) = params.device_id.as_deref() {
+        fieldline_common::ids::DeviceId::parse(device_id)?;
+    }
     if let Some(severity) = params.severity.as_deref()
         && !matches!(severity, "info" | "warning" | "critical")
     {

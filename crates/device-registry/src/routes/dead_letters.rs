@@ -21,6 +21,7 @@ use fieldline_common::{
     auth::ApiKey,
     consume::headers,
     envelope::{self, Page},
+    extract::Query,
     time::format_rfc3339,
 };
 use fieldline_proto::{
@@ -49,8 +50,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// One dead letter, as listed.
-#[derive(Serialize)]
-struct DeadLetter {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DeadLetter {
     /// Its sequence in the dead-letter stream: the id the other routes take.
     sequence: u64,
     consumer: String,
@@ -65,10 +66,12 @@ struct DeadLetter {
 }
 
 /// One dead letter, inspected: also its headers, its payload, and what the payload says.
-#[derive(Serialize)]
-struct DeadLetterDetail {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DeadLetterDetail {
     #[serde(flatten)]
     summary: DeadLetter,
+    /// Name and value pairs.
+    #[schema(value_type = Vec<Vec<String>>)]
     headers: Vec<(String, String)>,
     payload_base64: String,
     /// The payload decoded as the message type its subject carries, when it decodes.
@@ -76,6 +79,7 @@ struct DeadLetterDetail {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     consumer: Option<String>,
     limit: Option<String>,
@@ -83,6 +87,7 @@ struct ListQuery {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PurgeQuery {
     consumer: Option<String>,
     all: Option<bool>,
@@ -217,7 +222,7 @@ async fn named(state: &State, path: &str) -> Result<(JsStream, u64, StreamMessag
 async fn list(
     state: web::Data<State>,
     key: ApiKey,
-    query: web::Query<ListQuery>,
+    Query(query): Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     key.require_platform_admin()?;
     let limit = envelope::parse_limit(query.limit.as_deref(), 100, 1000)?;
@@ -302,11 +307,11 @@ async fn replay(
         .map_err(unavailable)?;
     stream.delete_message(sequence).await.map_err(unavailable)?;
     tracing::info!(sequence, consumer = %letter.consumer, subject = %letter.subject, by = %principal.id, "dead letter replayed");
-    Ok(envelope::ok(&serde_json::json!({
-        "replayed": sequence,
-        "consumer": letter.consumer,
-        "subject": letter.subject,
-    })))
+    Ok(envelope::ok(&Replayed {
+        replayed: sequence,
+        consumer: letter.consumer,
+        subject: letter.subject,
+    }))
 }
 
 async fn remove(
@@ -324,7 +329,7 @@ async fn remove(
 async fn purge(
     state: web::Data<State>,
     key: ApiKey,
-    query: web::Query<PurgeQuery>,
+    Query(query): Query<PurgeQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require_platform_admin()?;
     // A bare DELETE of the collection must say so: `?consumer=` or `?all=true`.
@@ -343,5 +348,20 @@ async fn purge(
         .map_err(unavailable)?
         .purged;
     tracing::info!(purged, consumer = ?query.consumer, by = %principal.id, "dead letters purged");
-    Ok(envelope::ok(&serde_json::json!({ "purged": purged })))
+    Ok(envelope::ok(&Purged { purged }))
+}
+
+/// A dead letter published again, for its consumer only.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Replayed {
+    /// The dead letter's sequence.
+    pub replayed: u64,
+    pub consumer: String,
+    pub subject: String,
+}
+
+/// How many dead letters a purge removed.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Purged {
+    pub purged: u64,
 }

@@ -130,6 +130,12 @@ async fn list(
         .map(decode_cursor::<String>)
         .transpose()?;
     let status = params.status.as_deref().map(parse_status).transpose()?;
+    // A filter that no device could match is a mistake in the query, not an empty page.
+    for (name, value) in [("group", &params.group), ("tag", &params.tag)] {
+        if let Some(value) = value {
+            crate::domain::check_label(name, value)?;
+        }
+    }
     let filter = DeviceFilter {
         device_type: device_type.map(DeviceType::as_str),
         status,
@@ -308,11 +314,21 @@ async fn rotate_token(
         .put_device(&principal.project, device_id.as_str(), &issued.token)
         .await;
     tracing::info!(device_id = %device_id, project = %principal.project, by = %principal.id, "device token rotated");
-    Ok(envelope::created(&serde_json::json!({
-        "device_id": device_id.as_str(),
-        "token": issued.token,
-        "mqtt_username": mqtt_username(&state, &principal.project, &device_id),
-    })))
+    Ok(envelope::created(&TokenRotated {
+        mqtt_username: mqtt_username(&state, &principal.project, &device_id),
+        device_id: device_id.as_str().to_owned(),
+        token: issued.token,
+    }))
+}
+
+/// A device's new token, shown once.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct TokenRotated {
+    pub device_id: String,
+    #[schema(example = "fld_3kX9...")]
+    pub token: String,
+    /// The device's MQTT username (its password is `token`).
+    pub mqtt_username: String,
 }
 
 /// The device's broker account: its topic prefix, `{root}/{project}/{device}`.

@@ -32,9 +32,12 @@ const MAX_GRACE_SECONDS: i64 = 30 * 24 * 3600;
 /// Grace when none is given: an hour to roll the new secret out.
 const DEFAULT_GRACE_SECONDS: i64 = 3600;
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RotateIn {
+#[schema(as = KeyRotateIn)]
+pub struct RotateIn {
+    /// Seconds the old secret keeps working (0 to 2592000, default 3600).
+    #[schema(minimum = 0, maximum = 2592000)]
     grace_seconds: Option<i64>,
 }
 
@@ -93,8 +96,8 @@ async fn rotate(
 }
 
 /// The new key (its secret shown once) and the old one with its new expiry.
-#[derive(serde::Serialize)]
-struct Rotated {
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Rotated {
     #[serde(flatten)]
     key: KeyCreated,
     previous: crate::domain::KeyOut,

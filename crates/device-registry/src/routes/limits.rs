@@ -2,7 +2,7 @@
 //! ThingsBoard tenant profile); any key reads its own project's.
 
 use actix_web::{HttpResponse, web};
-use fieldline_common::{ApiError, auth::ApiKey, envelope, extract::Json, ids::ProjectSlug};
+use fieldline_common::{ApiError, auth::ApiKey, envelope, extract::JsonObject, ids::ProjectSlug};
 use fieldline_proto::InvalidateKind;
 
 use crate::{
@@ -51,7 +51,7 @@ async fn put(
     state: web::Data<State>,
     key: ApiKey,
     path: web::Path<String>,
-    Json(body): Json<ProjectLimitsIn>,
+    JsonObject(body): JsonObject<ProjectLimitsIn>,
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require_platform_admin()?;
     let slug = ProjectSlug::parse(&path)?;

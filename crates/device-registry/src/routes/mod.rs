@@ -16,12 +16,20 @@ pub fn device_not_found(device_id: impl std::fmt::Display) -> ApiError {
 
 use fieldline_common::openapi::{
     Access::{Admin, PlatformAdmin, Read, Write},
-    JSON,
+    Kind,
     Method::{Delete, Get, Patch, Post, Put},
-    PAGING, RouteDoc,
+    PAGING, Param, RouteDoc, array, object, schema,
 };
 
-/// The registry's routes, for the OpenAPI document.
+use crate::domain::{
+    DeviceCreated, DeviceIn, DeviceOut, KeyCreated, KeyIn, KeyOut, ProjectCreated, ProjectOut,
+    alerts::{RuleIn, RuleOut},
+    commands::{CommandIn, CommandOut, ConfigOut},
+    limits::{ProjectLimitsIn, ProjectLimitsOut},
+};
+
+/// The registry's routes, for the OpenAPI document: each with the types of its body and its
+/// answer, and the statuses only it answers.
 pub const ROUTES: &[RouteDoc] = &[
     RouteDoc::new(
         Post,
@@ -29,75 +37,97 @@ pub const ROUTES: &[RouteDoc] = &[
         "Create a project and its first admin key",
         PlatformAdmin,
     )
-    .body(JSON)
-    .success(201),
-    RouteDoc::new(Get, "/api/v1/projects", "List projects", PlatformAdmin),
+    .body(schema::<crate::domain::ProjectIn>)
+    .data(201, schema::<ProjectCreated>)
+    .errors(&[409]),
+    RouteDoc::new(Get, "/api/v1/projects", "List projects", PlatformAdmin)
+        .data(200, array::<ProjectOut>),
     RouteDoc::new(
         Get,
         "/api/v1/admin/dead-letters",
-        "Messages a consumer gave up on, with the reason, oldest first (?consumer=query-writer)",
+        "Messages a consumer gave up on, with the reason, oldest first",
         PlatformAdmin,
     )
-    .query(&PAGING),
+    .query(&[
+        Param::new("consumer", "the consumer's name (query-writer...)", Kind::Id),
+        PAGING[0],
+        PAGING[1],
+    ])
+    .page(schema::<dead_letters::DeadLetter>),
     RouteDoc::new(
         Delete,
         "/api/v1/admin/dead-letters",
         "Purge the dead letters of one consumer (?consumer=) or all (?all=true)",
         PlatformAdmin,
-    ),
+    )
+    .query(&[
+        Param::new("consumer", "the consumer's name", Kind::Id),
+        Param::new("all", "true: every consumer's", Kind::Boolean),
+    ])
+    .data(200, schema::<dead_letters::Purged>),
     RouteDoc::new(
         Get,
         "/api/v1/admin/dead-letters/{sequence}",
         "One dead letter: reason, headers, payload (base64) and the payload decoded",
         PlatformAdmin,
-    ),
+    )
+    .path_kinds(&[("sequence", SEQUENCE)])
+    .data(200, schema::<dead_letters::DeadLetterDetail>),
     RouteDoc::new(
         Delete,
         "/api/v1/admin/dead-letters/{sequence}",
         "Delete one dead letter",
         PlatformAdmin,
     )
-    .success(204),
+    .path_kinds(&[("sequence", SEQUENCE)]),
     RouteDoc::new(
         Post,
         "/api/v1/admin/dead-letters/{sequence}/replay",
         "Publish a dead letter again, for the consumer that gave up on it only",
         PlatformAdmin,
-    ),
+    )
+    .path_kinds(&[("sequence", SEQUENCE)])
+    .data(200, schema::<dead_letters::Replayed>)
+    .errors(&[422]),
     RouteDoc::new(
         Get,
         "/api/v1/projects/{slug}/limits",
         "A project's rate limits (per API key, per device), each its override or the default",
         PlatformAdmin,
-    ),
+    )
+    .data(200, schema::<ProjectLimitsOut>),
     RouteDoc::new(
         Put,
         "/api/v1/projects/{slug}/limits",
-        "Override a project's rate limits {api_key?: {requests, period_s}, device?: {…}}; null keeps the default",
+        "Override a project's rate limits; null or absent keeps the default",
         PlatformAdmin,
     )
-    .body(JSON),
+    .body(schema::<ProjectLimitsIn>)
+    .data(200, schema::<ProjectLimitsOut>),
     RouteDoc::new(
         Get,
         "/api/v1/limits",
         "The calling key's project's rate limits",
         Read,
-    ),
+    )
+    .data(200, schema::<ProjectLimitsOut>),
     RouteDoc::new(
         Post,
         "/api/v1/keys",
-        "Create an API key {name, scopes, expires_at?}; its secret is shown once",
+        "Create an API key; its secret is shown once",
         Admin,
     )
-    .body(JSON)
-    .success(201),
+    .body(schema::<KeyIn>)
+    .data(201, schema::<KeyCreated>)
+    .errors(&[422]),
     RouteDoc::new(
         Get,
         "/api/v1/keys",
         "List the project's API keys (never their secrets)",
         Admin,
     )
-    .query(&PAGING),
+    .query(&PAGING)
+    .page(schema::<KeyOut>),
     RouteDoc::new(
         Delete,
         "/api/v1/keys/{id}",
@@ -107,47 +137,64 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc::new(
         Post,
         "/api/v1/keys/{id}/rotate",
-        "Rotate a key {grace_seconds?}: a new secret, the old one expires after the grace",
+        "Rotate a key: a new secret, the old one expires after the grace",
         Admin,
     )
-    .body(JSON)
-    .success(201),
+    .body(schema::<keys::RotateIn>)
+    .optional_body()
+    .data(201, schema::<keys::Rotated>),
     RouteDoc::new(
         Post,
         "/api/v1/devices",
         "Register a device; its token is shown once",
         Write,
     )
-    .body(JSON)
-    .success(201),
-    RouteDoc::new(Get, "/api/v1/devices", "List devices", Read).query(&[
-        ("type", "sensor, actuator or gateway"),
-        ("status", "online, offline or unknown"),
-        ("group", "devices of this group"),
-        ("tag", "devices carrying this tag"),
-        PAGING[0],
-        PAGING[1],
-    ]),
+    .body(schema::<DeviceIn>)
+    .data(201, schema::<DeviceCreated>)
+    .errors(&[409, 422]),
+    RouteDoc::new(Get, "/api/v1/devices", "List devices", Read)
+        .query(&[
+            Param::new(
+                "type",
+                "devices of this type",
+                Kind::OneOf(&["sensor", "actuator", "gateway"]),
+            ),
+            Param::new(
+                "status",
+                "devices in this status",
+                Kind::OneOf(&["online", "offline", "unknown"]),
+            ),
+            Param::new("group", "devices of this group", Kind::Label),
+            Param::new("tag", "devices carrying this tag", Kind::Label),
+            PAGING[0],
+            PAGING[1],
+        ])
+        .page(schema::<DeviceOut>),
     RouteDoc::new(
         Get,
         "/api/v1/devices/{id}",
         "Get a device with its status and last_seen",
         Read,
-    ),
+    )
+    .data(200, schema::<DeviceOut>),
     RouteDoc::new(
         Put,
         "/api/v1/devices/{id}",
-        "Replace a device's writable fields",
+        "Replace a device's writable fields (`id` may be left out; it must match the path)",
         Write,
     )
-    .body(JSON),
+    .body(schema::<DeviceIn>)
+    .data(200, schema::<DeviceOut>)
+    .errors(&[422]),
     RouteDoc::new(
         Patch,
         "/api/v1/devices/{id}",
-        "Change a device (JSON merge patch)",
+        "Change a device's writable fields",
         Write,
     )
-    .body(JSON),
+    .body(object)
+    .data(200, schema::<DeviceOut>)
+    .errors(&[422]),
     RouteDoc::new(
         Delete,
         "/api/v1/devices/{id}",
@@ -160,41 +207,45 @@ pub const ROUTES: &[RouteDoc] = &[
         "Rotate the device token; the old one stops working at once",
         Write,
     )
-    .success(201),
+    .data(201, schema::<devices::TokenRotated>),
     RouteDoc::new(
         Get,
         "/api/v1/devices/{id}/config",
         "The device's configuration and its version",
         Read,
-    ),
+    )
+    .data(200, schema::<ConfigOut>),
     RouteDoc::new(
         Put,
         "/api/v1/devices/{id}/config",
-        "Replace the configuration: a new version, config.update, pushed to the device",
+        "Replace the configuration (a JSON object of at most 64 KiB): a new version, pushed to the device",
         Write,
     )
-    .body(JSON),
+    .body(object)
+    .data(200, schema::<ConfigOut>),
     RouteDoc::new(
         Patch,
         "/api/v1/devices/{id}/config",
-        "Change the configuration (JSON merge patch)",
+        "Change the configuration",
         Write,
     )
-    .body(JSON),
+    .body(object)
+    .data(200, schema::<ConfigOut>),
     RouteDoc::new(
         Get,
         "/api/v1/devices/{id}/config/versions",
         "A device's last 100 configuration versions, newest first, with who changed each",
         Read,
-    ),
+    )
+    .data(200, array::<crate::domain::commands::ConfigVersionOut>),
     RouteDoc::new(
         Post,
         "/api/v1/devices/{id}/commands",
-        "Send a command {name, params?, ttl_s?}",
+        "Send a command; the device gets it over MQTT or polls for it",
         Write,
     )
-    .body(JSON)
-    .success(202),
+    .body(schema::<CommandIn>)
+    .data(202, schema::<CommandOut>),
     RouteDoc::new(
         Get,
         "/api/v1/devices/{id}/commands",
@@ -202,32 +253,43 @@ pub const ROUTES: &[RouteDoc] = &[
         Read,
     )
     .query(&[
-        ("status", "pending, delivered, acked, failed or expired"),
+        Param::new(
+            "status",
+            "commands in this status",
+            Kind::OneOf(&["pending", "delivered", "acked", "failed", "expired"]),
+        ),
         PAGING[0],
         PAGING[1],
-    ]),
+    ])
+    .page(schema::<CommandOut>),
     RouteDoc::new(
         Get,
         "/api/v1/devices/{id}/commands/{command_id}",
         "Get one command and its status",
         Read,
-    ),
+    )
+    .data(200, schema::<CommandOut>),
     RouteDoc::new(
         Post,
         "/api/v1/alert-rules",
         "Create an alert rule for a device or a group",
         Write,
     )
-    .body(JSON)
-    .success(201),
-    RouteDoc::new(Get, "/api/v1/alert-rules", "List alert rules", Read).query(&[
-        ("device_id", "rules of this device"),
-        ("group", "rules of this group"),
-        ("metric", "rules on this metric"),
-        PAGING[0],
-        PAGING[1],
-    ]),
-    RouteDoc::new(Get, "/api/v1/alert-rules/{id}", "Get an alert rule", Read),
+    .body(schema::<RuleIn>)
+    .data(201, schema::<RuleOut>)
+    // The device it names does not exist (in this project).
+    .errors(&[404, 422]),
+    RouteDoc::new(Get, "/api/v1/alert-rules", "List alert rules", Read)
+        .query(&[
+            Param::new("device_id", "rules of this device", Kind::Id),
+            Param::new("group", "rules of this group", Kind::Label),
+            Param::new("metric", "rules on this metric", Kind::Label),
+            PAGING[0],
+            PAGING[1],
+        ])
+        .page(schema::<RuleOut>),
+    RouteDoc::new(Get, "/api/v1/alert-rules/{id}", "Get an alert rule", Read)
+        .data(200, schema::<RuleOut>),
     RouteDoc::new(
         Get,
         "/api/v1/alerts",
@@ -235,25 +297,34 @@ pub const ROUTES: &[RouteDoc] = &[
         Read,
     )
     .query(&[
-        ("device_id", "alerts of this device"),
-        ("severity", "info, warning or critical"),
+        Param::new("device_id", "alerts of this device", Kind::Id),
+        Param::new(
+            "severity",
+            "alerts of this severity",
+            Kind::OneOf(&["info", "warning", "critical"]),
+        ),
         PAGING[0],
         PAGING[1],
-    ]),
+    ])
+    .page(schema::<crate::repo::FiringAlert>),
     RouteDoc::new(
         Put,
         "/api/v1/alert-rules/{id}",
         "Replace an alert rule",
         Write,
     )
-    .body(JSON),
+    .body(schema::<RuleIn>)
+    .data(200, schema::<RuleOut>)
+    .errors(&[422]),
     RouteDoc::new(
         Patch,
         "/api/v1/alert-rules/{id}",
-        "Change an alert rule (JSON merge patch)",
+        "Change an alert rule",
         Write,
     )
-    .body(JSON),
+    .body(object)
+    .data(200, schema::<RuleOut>)
+    .errors(&[422]),
     RouteDoc::new(
         Delete,
         "/api/v1/alert-rules/{id}",
@@ -261,3 +332,9 @@ pub const ROUTES: &[RouteDoc] = &[
         Write,
     ),
 ];
+
+/// A dead letter's sequence in its stream.
+const SEQUENCE: Kind = Kind::Integer {
+    min: 1,
+    max: i64::MAX,
+};

@@ -16,7 +16,6 @@ use fieldline_common::{
 };
 use fieldline_proto::v1::Reading;
 use prost::Message as _;
-use serde_json::json;
 
 use crate::{State, domain::csv_readings, routes::ingest::idempotency_key};
 
@@ -148,7 +147,7 @@ async fn backfill(
     metrics::counter!("fieldline_ingest_readings_total", "source" => "backfill")
         .increment(accepted as u64);
     tracing::info!(device_id = %device_id, project = %principal.project, readings = accepted, by = %principal.id, "backfill accepted");
-    Ok(envelope::accepted(&json!({"accepted": accepted})))
+    Ok(envelope::accepted(&super::Backfilled { accepted }))
 }
 
 #[cfg(test)]

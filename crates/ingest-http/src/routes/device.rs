@@ -21,7 +21,7 @@ use fieldline_proto::v1::{
 };
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::State;
 
@@ -236,9 +236,10 @@ async fn ack(
             format!("command {command_id} expired before it was acknowledged"),
         ));
     }
-    Ok(envelope::ok(
-        &json!({"id": command_id, "status": response.status}),
-    ))
+    Ok(envelope::ok(&fieldline_common::commands::CommandAcked {
+        id: command_id,
+        status: response.status,
+    }))
 }
 
 #[cfg(test)]

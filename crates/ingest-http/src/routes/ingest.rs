@@ -9,7 +9,6 @@ use fieldline_common::{
     ingest::{self, MAX_MESSAGE_ID_LEN, Parsed, TimeWindow},
     time::now_us,
 };
-use serde_json::json;
 
 use crate::State;
 
@@ -96,9 +95,10 @@ async fn ingest(
     if duplicate {
         metrics::counter!("fieldline_ingest_duplicates_total", "source" => "http").increment(1);
     }
-    Ok(envelope::accepted(
-        &json!({"accepted": accepted, "duplicate": duplicate}),
-    ))
+    Ok(envelope::accepted(&super::Ingested {
+        accepted,
+        duplicate,
+    }))
 }
 
 async fn heartbeat(state: web::Data<State>, device: DeviceToken) -> Result<HttpResponse, ApiError> {

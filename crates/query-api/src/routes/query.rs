@@ -9,7 +9,7 @@ use fieldline_common::{
     envelope,
     extract::Json,
 };
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use crate::{State, aggregate, domain::MultiQueryIn};
 
@@ -43,7 +43,7 @@ async fn query(
         .flat_map(|device| query.metrics.iter().map(move |metric| (device, metric)));
 
     let Some(spec) = &query.aggregate else {
-        let mut readings: Vec<Value> = Vec::new();
+        let mut readings: Vec<QueryReading> = Vec::new();
         let mut truncated = false;
         for (device, metric) in pairs {
             let Some(series_id) = series.get(&(device.clone(), metric.clone())) else {
@@ -64,18 +64,22 @@ async fn query(
                     truncated = true;
                     break;
                 }
-                readings
-                    .push(json!({"device_id": device, "metric": metric, "ts": ts, "value": value}));
+                readings.push(QueryReading {
+                    device_id: device.clone(),
+                    metric: metric.clone(),
+                    ts,
+                    value,
+                });
             }
             if truncated {
                 break;
             }
         }
-        return Ok(envelope::ok(&json!({
-            "readings": readings,
-            "limit": query.limit,
-            "truncated": truncated,
-        })));
+        return Ok(envelope::ok(&QueryReadings {
+            readings,
+            limit: query.limit,
+            truncated,
+        }));
     };
 
     let ids: Vec<i32> = series.values().copied().collect();
@@ -105,4 +109,23 @@ async fn query(
     out.limit = Some(query.limit);
     out.truncated = Some(truncated);
     Ok(envelope::ok(&out))
+}
+
+/// One reading of a multi-device query.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct QueryReading {
+    pub device_id: String,
+    pub metric: String,
+    pub ts: String,
+    #[schema(value_type = fieldline_common::openapi::ReadingValue)]
+    pub value: serde_json::Value,
+}
+
+/// Raw readings of a multi-device query (no `interval`).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct QueryReadings {
+    pub readings: Vec<QueryReading>,
+    pub limit: usize,
+    /// More rows matched than `limit`.
+    pub truncated: bool,
 }

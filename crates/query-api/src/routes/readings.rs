@@ -196,10 +196,20 @@ struct NoParams {}
 async fn activity(state: web::Data<State>, key: ApiKey) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Read)?;
     let (readings, devices) = state.repo.recent_activity(&principal.project).await?;
-    Ok(envelope::ok(&serde_json::json!({
-        "window_s": 300,
-        "readings": readings,
-        "readings_per_minute": readings as f64 / 5.0,
-        "devices_reporting": devices,
-    })))
+    Ok(envelope::ok(&ActivityOut {
+        window_s: 300,
+        readings,
+        readings_per_minute: readings as f64 / 5.0,
+        devices_reporting: devices,
+    }))
+}
+
+/// A project's recent readings: how many in the window, per minute, from how many devices.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ActivityOut {
+    /// The window, in seconds, ending now.
+    pub window_s: i64,
+    pub readings: i64,
+    pub readings_per_minute: f64,
+    pub devices_reporting: i64,
 }

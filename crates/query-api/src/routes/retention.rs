@@ -6,7 +6,7 @@ use fieldline_common::{
     ApiError,
     auth::{ApiKey, ScopeLevel},
     envelope,
-    extract::Json,
+    extract::JsonObject,
 };
 
 use crate::{
@@ -40,7 +40,7 @@ async fn get(state: web::Data<State>, key: ApiKey) -> Result<HttpResponse, ApiEr
 async fn put(
     state: web::Data<State>,
     key: ApiKey,
-    Json(body): Json<RetentionIn>,
+    JsonObject(body): JsonObject<RetentionIn>,
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Admin)?;
     let (readings, rollups) = body.parse()?;

@@ -96,10 +96,13 @@ async fn retry(
     Ok(envelope::accepted(&delivery))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RecoverIn {
+pub struct RecoverIn {
+    /// The failed deliveries created from then on: RFC 3339, epoch ms, `now` or relative.
+    #[schema(example = "-24h")]
     since: String,
+    /// Up to then (exclusive); now when left out.
     until: Option<String>,
 }
 
@@ -141,7 +144,7 @@ async fn recover(
         .await?;
     state.dispatcher.wake();
     tracing::info!(webhook_id = %path.as_str(), requeued, "failed deliveries requeued");
-    Ok(envelope::accepted(&json!({"requeued": requeued})))
+    Ok(envelope::accepted(&Requeued { requeued }))
 }
 
 /// Sends a `webhook.test` event now and answers with the attempt.
@@ -181,15 +184,41 @@ async fn test(
         .await?
         .ok_or_else(|| not_found(&path))?;
     let attempt = state.dispatcher.attempt(&claimed).await?;
-    Ok(envelope::ok(&json!({
-        "delivery_id": delivery_id,
-        "event_id": event_id,
-        "attempt": {
-            "attempted_at": format_rfc3339(&attempt.attempted_at),
-            "status_code": attempt.status_code,
-            "latency_ms": attempt.latency_ms,
-            "error": attempt.error,
-            "response": attempt.snippet,
-        }
-    })))
+    Ok(envelope::ok(&Tested {
+        delivery_id,
+        event_id,
+        attempt: TestAttempt {
+            attempted_at: format_rfc3339(&attempt.attempted_at),
+            status_code: attempt.status_code,
+            latency_ms: attempt.latency_ms,
+            error: attempt.error,
+            response: attempt.snippet,
+        },
+    }))
+}
+
+/// How many failed deliveries went back to the queue.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Requeued {
+    pub requeued: u64,
+}
+
+/// A test delivery and its one attempt.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Tested {
+    pub delivery_id: String,
+    pub event_id: String,
+    pub attempt: TestAttempt,
+}
+
+/// What the receiver made of a test event.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct TestAttempt {
+    pub attempted_at: String,
+    /// The receiver's status; null when it could not be reached.
+    pub status_code: Option<i32>,
+    pub latency_ms: i32,
+    pub error: Option<String>,
+    /// The first bytes of the receiver's answer.
+    pub response: Option<String>,
 }

@@ -9,7 +9,6 @@ use fieldline_common::{
     extract::Json,
 };
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::{
     State,
@@ -24,10 +23,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/api/webhooks/{id}").route(web::delete().to(delete)));
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RegisterIn {
+pub struct RegisterIn {
+    #[schema(
+        pattern = "^https?://",
+        example = "https://example.com/hooks/fieldline"
+    )]
     url: String,
+    #[schema(value_type = Option<Vec<crate::domain::EventType>>, min_items = 1)]
     events: Option<Vec<String>>,
     secret: Option<String>,
 }
@@ -47,8 +51,10 @@ async fn register(
     }
     .parse()?;
     let created = create_webhook(&state, &principal.project, webhook).await?;
-    Ok(HttpResponse::Created()
-        .json(json!({"webhookId": created.webhook.id, "status": "registered"})))
+    Ok(HttpResponse::Created().json(EdgeSenseStatus {
+        webhook_id: created.webhook.id,
+        status: "registered",
+    }))
 }
 
 async fn list(state: web::Data<State>, key: ApiKey) -> Result<HttpResponse, ApiError> {
@@ -59,7 +65,12 @@ async fn list(state: web::Data<State>, key: ApiKey) -> Result<HttpResponse, ApiE
         .await?;
     let webhooks: Vec<_> = rows
         .into_iter()
-        .map(|(webhook, _)| json!({"webhookId": webhook.id, "url": webhook.url, "events": webhook.events, "enabled": webhook.enabled}))
+        .map(|(webhook, _)| EdgeSenseWebhook {
+            webhook_id: webhook.id,
+            url: webhook.url,
+            events: webhook.events,
+            enabled: webhook.enabled,
+        })
         .collect();
     Ok(envelope::ok(&webhooks))
 }
@@ -71,5 +82,28 @@ async fn delete(
 ) -> Result<HttpResponse, ApiError> {
     let principal = key.require(ScopeLevel::Admin)?;
     delete_webhook(&state, &principal.project, &path).await?;
-    Ok(HttpResponse::Ok().json(json!({"webhookId": path.as_str(), "status": "deleted"})))
+    Ok(HttpResponse::Ok().json(EdgeSenseStatus {
+        webhook_id: path.into_inner(),
+        status: "deleted",
+    }))
+}
+
+/// EdgeSense's answer to a register or a delete (outside the envelope, as EdgeSense has it).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeSenseStatus {
+    pub webhook_id: String,
+    /// registered or deleted.
+    #[schema(value_type = String)]
+    pub status: &'static str,
+}
+
+/// A webhook as EdgeSense lists it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeSenseWebhook {
+    pub webhook_id: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub enabled: bool,
 }

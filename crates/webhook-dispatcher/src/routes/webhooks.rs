@@ -12,7 +12,6 @@ use fieldline_common::{
     ids::{DeviceId, random_id},
 };
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::{
     State,
@@ -273,9 +272,10 @@ async fn delete_one(
     Ok(envelope::no_content())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BulkDelete {
+pub struct BulkDelete {
+    #[schema(min_items = 1, max_items = 100)]
     webhook_ids: Vec<String>,
 }
 
@@ -304,9 +304,7 @@ async fn delete_many(
         .iter()
         .filter(|id| !deleted.contains(id))
         .collect();
-    Ok(envelope::ok(
-        &json!({"deleted": deleted, "not_found": not_found}),
-    ))
+    Ok(envelope::ok(&BulkDeleted { deleted, not_found }))
 }
 
 async fn secret(
@@ -320,17 +318,23 @@ async fn secret(
         .secrets(&principal.project, &path)
         .await?
         .ok_or_else(|| not_found(&path))?;
-    Ok(envelope::ok(&json!({
-        "secret": secret,
-        "previous_secret": previous,
-        "previous_secret_expires_at": previous_expires_at.map(crate::domain::rfc3339),
-    })))
+    Ok(envelope::ok(&Secrets {
+        secret,
+        previous_secret: previous,
+        previous_secret_expires_at: previous_expires_at.map(crate::domain::rfc3339),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RotateIn {
+#[schema(as = SecretRotateIn)]
+pub struct RotateIn {
+    /// Seconds the old secret still signs beside the new one (at most 30 days; a day by
+    /// default).
+    #[schema(maximum = 2592000)]
     grace_seconds: Option<u64>,
+    /// The new secret (16 to 256 characters, or `whsec_…`); generated when left out.
+    #[schema(min_length = 16, max_length = 256)]
     secret: Option<String>,
 }
 
@@ -366,9 +370,10 @@ async fn rotate_secret(
         return Err(not_found(&path));
     }
     tracing::info!(webhook_id = %path, project = %principal.project, grace_seconds = grace, "webhook secret rotated");
-    Ok(envelope::created(
-        &json!({"secret": secret, "previous_secret_valid_for_seconds": grace}),
-    ))
+    Ok(envelope::created(&SecretRotated {
+        secret,
+        previous_secret_valid_for_seconds: grace,
+    }))
 }
 
 async fn enable(
@@ -482,4 +487,29 @@ async fn list_for_group(
         params.cursor.as_deref(),
     )
     .await
+}
+
+/// What a bulk delete removed; ids of other projects count as not found.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct BulkDeleted<'a> {
+    #[schema(value_type = Vec<String>)]
+    pub deleted: Vec<String>,
+    #[schema(value_type = Vec<String>)]
+    pub not_found: Vec<&'a String>,
+}
+
+/// A webhook's signing secrets: the current one and, during a rotation's grace, the old.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Secrets {
+    #[schema(example = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]
+    pub secret: String,
+    pub previous_secret: Option<String>,
+    pub previous_secret_expires_at: Option<String>,
+}
+
+/// The new signing secret, shown once; the old one still signs for the grace.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct SecretRotated {
+    pub secret: String,
+    pub previous_secret_valid_for_seconds: u64,
 }
