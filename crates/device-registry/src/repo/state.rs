@@ -10,6 +10,7 @@ use fieldline_common::{
     ApiError,
     time::{format_rfc3339, from_us},
 };
+use tokio_postgres::Row;
 
 use super::{Repo, enqueue};
 use crate::{
@@ -218,20 +219,7 @@ impl Repo {
             )
             .await?
             .iter()
-            .map(|row| RuleMatch {
-                rule_id: row.get(0),
-                project: row.get(1),
-                device_id: row.get(2),
-                name: row.get(3),
-                metric: row.get(4),
-                severity: row.get(9),
-                condition: Condition {
-                    op: Op::from_db(row.get(5)),
-                    threshold: row.get(6),
-                    clear_threshold: row.get(7),
-                    for_us: i64::from(row.get::<_, i32>(8)) * 1_000_000,
-                },
-            })
+            .map(rule_match)
             .collect();
         if rules.is_empty() {
             return Ok(());
@@ -410,20 +398,7 @@ impl Repo {
         let messages: Vec<OutboxMessage> = rows
             .iter()
             .map(|row| {
-                let rule = RuleMatch {
-                    rule_id: row.get(0),
-                    project: row.get(1),
-                    device_id: row.get(2),
-                    name: row.get(3),
-                    metric: row.get(4),
-                    severity: row.get(9),
-                    condition: Condition {
-                        op: Op::from_db(row.get(5)),
-                        threshold: row.get(6),
-                        clear_threshold: row.get(7),
-                        for_us: i64::from(row.get::<_, i32>(8)) * 1_000_000,
-                    },
-                };
+                let rule = rule_match(row);
                 let value: Option<f64> = row.get(10);
                 self.messages.event(
                     EventKind::Alert,
@@ -437,6 +412,26 @@ impl Repo {
         enqueue(&tx, &messages).await?;
         tx.commit().await?;
         Ok(messages.len())
+    }
+}
+
+/// A rule matched to a device, from a row of `rule_id, project, device_id, name, metric, op,
+/// threshold, clear_threshold, for_s, severity` (the order both the evaluation and the sweep
+/// select in).
+fn rule_match(row: &Row) -> RuleMatch {
+    RuleMatch {
+        rule_id: row.get(0),
+        project: row.get(1),
+        device_id: row.get(2),
+        name: row.get(3),
+        metric: row.get(4),
+        severity: row.get(9),
+        condition: Condition {
+            op: Op::from_db(row.get(5)),
+            threshold: row.get(6),
+            clear_threshold: row.get(7),
+            for_us: i64::from(row.get::<_, i32>(8)) * 1_000_000,
+        },
     }
 }
 
