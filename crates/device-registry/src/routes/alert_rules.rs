@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::{
     State,
-    domain::alerts::{NewRule, RuleIn},
+    domain::alerts::{NewRule, RuleIn, Severity},
     repo::{FiringFilter, RuleFilter},
     routes::device_not_found,
 };
@@ -136,14 +136,15 @@ async fn firing(
     if let Some(device_id) = params.device_id.as_deref() {
         fieldline_common::ids::DeviceId::parse(device_id)?;
     }
-    if let Some(severity) = params.severity.as_deref()
-        && !matches!(severity, "info" | "warning" | "critical")
-    {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "severity: one of info, warning, critical",
-        ));
-    }
+    let severity = params
+        .severity
+        .as_deref()
+        .map(|name| {
+            Severity::from_name(name).ok_or_else(|| {
+                ApiError::bad_request("invalid_query", "severity: one of info, warning, critical")
+            })
+        })
+        .transpose()?;
     let after = params
         .cursor
         .as_deref()
@@ -151,7 +152,7 @@ async fn firing(
         .transpose()?;
     let filter = FiringFilter {
         device_id: params.device_id.as_deref(),
-        severity: params.severity.as_deref(),
+        severity: severity.map(Severity::as_str),
         after: after.as_ref(),
         limit: limit as i64 + 1,
     };
