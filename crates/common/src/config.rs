@@ -296,6 +296,11 @@ pub struct Config {
     /// it per project. Unset keeps rollups forever.
     #[serde(with = "humantime_serde")]
     pub rollups_retention: Option<Duration>,
+    /// Readings of a UTC day are compressed into per-series blocks this long after the day
+    /// ends (`0s`: as soon as it ends), by query-api's maintenance round.
+    /// (docs/decisions/2026-12-06-compressed-history.md)
+    #[serde(with = "humantime_serde")]
+    pub compress_after: Duration,
     /// How often query-api creates the coming days' partitions and applies retention (also
     /// once at start; one instance at a time does it, under an advisory lock).
     #[serde(with = "humantime_serde")]
@@ -433,6 +438,7 @@ impl Default for Config {
             query_shared_connections: 1,
             readings_retention: None,
             rollups_retention: None,
+            compress_after: Duration::from_secs(2 * 3600),
             partition_maintenance_interval: Duration::from_secs(3600),
             webhook_retry_schedule: "5s,30s,2m,10m,30m".into(),
             webhook_timeout: Duration::from_secs(10),

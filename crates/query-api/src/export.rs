@@ -10,12 +10,14 @@ use std::{cmp::Reverse, collections::BinaryHeap, collections::VecDeque};
 use bytes::{BufMut, Bytes, BytesMut};
 use deadpool_postgres::Pool;
 use fieldline_common::time::{format_rfc3339, from_us};
+use fieldline_proto::v1::reading::Value;
 use futures::{SinkExt, channel::mpsc};
-use tokio_postgres::Row;
+use tokio_postgres::{IsolationLevel, Row};
 
 use crate::{
+    blocks::{self, Point},
     domain::{ExportFormat, Order},
-    repo::{DeviceSeries, json_value},
+    repo::DeviceSeries,
 };
 
 /// Rows fetched per series per round trip (divided among series, at least 256).
@@ -43,37 +45,74 @@ fn csv_field(out: &mut BytesMut, field: &str) {
     }
 }
 
-fn write_row(out: &mut BytesMut, format: ExportFormat, metric: &str, row: &Row) {
-    let ts: chrono::DateTime<chrono::Utc> = row.get(0);
-    let ts = format_rfc3339(&ts);
-    let value = json_value(row, 1);
+fn write_row(out: &mut BytesMut, format: ExportFormat, metric: &str, (ts_us, value): &Point) {
+    let ts = format_rfc3339(&from_us(*ts_us));
     match format {
         ExportFormat::Csv => {
             out.put_slice(ts.as_bytes());
             out.put_u8(b',');
             csv_field(out, metric);
             out.put_u8(b',');
-            match &value {
-                serde_json::Value::String(text) => csv_field(out, text),
-                serde_json::Value::Null => {}
-                other => out.put_slice(other.to_string().as_bytes()),
+            match value {
+                Value::Text(text) => csv_field(out, text),
+                other => out.put_slice(blocks::json(other).to_string().as_bytes()),
             }
             out.put_u8(b'\n');
         }
         ExportFormat::Ndjson => {
-            let line = serde_json::json!({"metric": metric, "ts": ts, "value": value});
+            let line =
+                serde_json::json!({"metric": metric, "ts": ts, "value": blocks::json(value)});
             out.put_slice(line.to_string().as_bytes());
             out.put_u8(b'\n');
         }
     }
 }
 
-/// One series being read: its buffered rows and whether the portal has more.
+/// One of a series' two sources: its rows (open days, and late readings of compressed ones)
+/// or its blocks (compressed days), each a portal read in the export's order.
+struct Source {
+    portal: tokio_postgres::Portal,
+    points: VecDeque<Point>,
+    exhausted: bool,
+    blocks: bool,
+}
+
+/// One series being read: the next points of its rows and of its blocks, merged by time.
 struct Cursor {
     metric: String,
-    portal: tokio_postgres::Portal,
-    rows: VecDeque<Row>,
-    exhausted: bool,
+    rows: Source,
+    blocks: Source,
+}
+
+impl Cursor {
+    /// Whether the next point comes from the blocks (else the rows), or None at the end.
+    fn next_from_blocks(&self, order: Order) -> Option<bool> {
+        match (self.rows.points.front(), self.blocks.points.front()) {
+            (None, None) => None,
+            (Some(_), None) => Some(false),
+            (None, Some(_)) => Some(true),
+            (Some(row), Some(block)) => Some(match order {
+                Order::Asc => block.0 < row.0,
+                Order::Desc => block.0 > row.0,
+            }),
+        }
+    }
+
+    fn front(&self, order: Order) -> Option<i64> {
+        let blocks = self.next_from_blocks(order)?;
+        let source = if blocks { &self.blocks } else { &self.rows };
+        source.points.front().map(|(ts, _)| *ts)
+    }
+
+    fn pop(&mut self, order: Order) -> Option<(Point, bool)> {
+        let blocks = self.next_from_blocks(order)?;
+        let source = if blocks {
+            &mut self.blocks
+        } else {
+            &mut self.rows
+        };
+        source.points.pop_front().map(|point| (point, blocks))
+    }
 }
 
 /// Starts the export; the receiver is the response body. Errors after the first byte can only
@@ -82,7 +121,7 @@ pub fn start(pool: Pool, export: Export) -> mpsc::Receiver<Result<Bytes, std::io
     let (mut sender, receiver) = mpsc::channel(4);
     tokio::spawn(async move {
         if let Err(error) = run(pool, export, &mut sender).await {
-            tracing::warn!(error = %error, "export ended early");
+            tracing::warn!(error = format!("{error:#}"), "export ended early");
             let _ = sender
                 .send(Err(std::io::Error::other("export failed")))
                 .await;
@@ -101,33 +140,52 @@ async fn run(
         out.put_slice(b"ts,metric,value\n");
     }
     let mut client = pool.get().await?;
-    let transaction = client.build_transaction().read_only(true).start().await?;
-    let sql = match export.order {
-        Order::Asc => {
+    // One snapshot for both portals of every series: a slice the compression task moves
+    // meanwhile is seen once, as rows or as blocks.
+    let transaction = client
+        .build_transaction()
+        .read_only(true)
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .start()
+        .await?;
+    let (rows_sql, blocks_sql) = match export.order {
+        Order::Asc => (
             "SELECT ts, value_num, value_bool, value_text FROM telemetry.readings
-             WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts ASC"
-        }
-        Order::Desc => {
+             WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts ASC",
+            "SELECT data FROM telemetry.blocks
+             WHERE series_id = $1 AND first_ts < $3 AND first_ts > $2::timestamptz - interval '1 day'
+               AND last_ts >= $2 ORDER BY first_ts ASC",
+        ),
+        Order::Desc => (
             "SELECT ts, value_num, value_bool, value_text FROM telemetry.readings
-             WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts DESC"
-        }
+             WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts DESC",
+            "SELECT data FROM telemetry.blocks
+             WHERE series_id = $1 AND first_ts < $3 AND first_ts > $2::timestamptz - interval '1 day'
+               AND last_ts >= $2 ORDER BY first_ts DESC",
+        ),
     };
-    let statement = transaction.prepare(sql).await?;
+    let rows_statement = transaction.prepare(rows_sql).await?;
+    let blocks_statement = transaction.prepare(blocks_sql).await?;
     let fetch = (FETCH_ROWS / export.series.len().max(1)).max(256) as i32;
     let (start, end) = (from_us(export.start_us), from_us(export.end_us));
+    let range = (export.start_us, export.end_us);
     let mut cursors = Vec::with_capacity(export.series.len());
     for series in &export.series {
-        let portal = transaction
-            .bind(&statement, &[&series.series_id, &start, &end])
-            .await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&series.series_id, &start, &end];
+        let source = |portal, blocks| Source {
+            portal,
+            points: VecDeque::new(),
+            exhausted: false,
+            blocks,
+        };
         cursors.push(Cursor {
             metric: series.metric.clone(),
-            portal,
-            rows: VecDeque::new(),
-            exhausted: false,
+            rows: source(transaction.bind(&rows_statement, &params).await?, false),
+            blocks: source(transaction.bind(&blocks_statement, &params).await?, true),
         });
     }
-    // Heap of (time, metric index) of each cursor's next row; metrics are sorted, so the
+    // Heap of (time, metric index) of each cursor's next point; metrics are sorted, so the
     // index orders like the name.
     let mut heap: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
     let key = |ts_us: i64, index: usize| match export.order {
@@ -135,9 +193,10 @@ async fn run(
         Order::Desc => Reverse((-ts_us, usize::MAX - index)),
     };
     for (index, cursor) in cursors.iter_mut().enumerate() {
-        refill(&transaction, cursor, fetch).await?;
-        if let Some(row) = cursor.rows.front() {
-            heap.push(key(ts_us(row), index));
+        refill(&transaction, &mut cursor.rows, fetch, range, export.order).await?;
+        refill(&transaction, &mut cursor.blocks, fetch, range, export.order).await?;
+        if let Some(ts) = cursor.front(export.order) {
+            heap.push(key(ts, index));
         }
     }
     while let Some(Reverse((_, raw_index))) = heap.pop() {
@@ -146,15 +205,20 @@ async fn run(
             Order::Desc => usize::MAX - raw_index,
         };
         let cursor = &mut cursors[index];
-        let Some(row) = cursor.rows.pop_front() else {
+        let Some((point, from_blocks)) = cursor.pop(export.order) else {
             continue;
         };
-        write_row(&mut out, export.format, &cursor.metric, &row);
-        if cursor.rows.is_empty() {
-            refill(&transaction, cursor, fetch).await?;
+        write_row(&mut out, export.format, &cursor.metric, &point);
+        let source = if from_blocks {
+            &mut cursor.blocks
+        } else {
+            &mut cursor.rows
+        };
+        if source.points.is_empty() {
+            refill(&transaction, source, fetch, range, export.order).await?;
         }
-        if let Some(next) = cursor.rows.front() {
-            heap.push(key(ts_us(next), index));
+        if let Some(ts) = cursor.front(export.order) {
+            heap.push(key(ts, index));
         }
         if out.len() >= CHUNK_BYTES {
             let chunk = out.split().freeze();
@@ -171,21 +235,41 @@ async fn run(
     Ok(())
 }
 
-fn ts_us(row: &Row) -> i64 {
-    row.get::<_, chrono::DateTime<chrono::Utc>>(0)
-        .timestamp_micros()
-}
-
+/// Reads a source's next points: `fetch` rows, or blocks one at a time until one has points
+/// in the range (a block that overlaps it may hold none inside it).
 async fn refill(
     transaction: &deadpool_postgres::Transaction<'_>,
-    cursor: &mut Cursor,
+    source: &mut Source,
     fetch: i32,
-) -> Result<(), tokio_postgres::Error> {
-    if cursor.exhausted {
-        return Ok(());
+    (start_us, end_us): (i64, i64),
+    order: Order,
+) -> anyhow::Result<()> {
+    while source.points.is_empty() && !source.exhausted {
+        if !source.blocks {
+            let rows = transaction.query_portal(&source.portal, fetch).await?;
+            source.exhausted = rows.len() < fetch as usize;
+            source.points.extend(rows.iter().filter_map(point));
+            continue;
+        }
+        let rows = transaction.query_portal(&source.portal, 1).await?;
+        let Some(row) = rows.first() else {
+            source.exhausted = true;
+            continue;
+        };
+        let points = blocks::decode(row.get(0))?;
+        let in_range = points
+            .into_iter()
+            .filter(|(ts, _)| (start_us..end_us).contains(ts));
+        match order {
+            Order::Asc => source.points.extend(in_range),
+            Order::Desc => source.points.extend(in_range.rev()),
+        }
     }
-    let rows = transaction.query_portal(&cursor.portal, fetch).await?;
-    cursor.exhausted = rows.len() < fetch as usize;
-    cursor.rows.extend(rows);
     Ok(())
+}
+
+/// A row of `telemetry.readings` (time and the three value columns) as a point.
+fn point(row: &Row) -> Option<Point> {
+    let ts: chrono::DateTime<chrono::Utc> = row.get(0);
+    Some((ts.timestamp_micros(), blocks::row_value(row, 1)?))
 }

@@ -2,11 +2,13 @@
 //! after commit) and the history routes.
 
 mod aggregate;
+pub mod blocks;
 pub mod bulk;
+pub mod compress;
 mod domain;
 mod export;
 mod live;
-mod maintenance;
+pub mod maintenance;
 mod moves;
 mod reads;
 mod replicas;

@@ -5,14 +5,21 @@
 
 use std::time::Duration;
 
-use chrono::{Days, NaiveDate, Utc};
+use chrono::{Days, Utc};
 use fieldline_common::{Context, time::MIN_TIME_US};
 
-use crate::repo::{Repo, ensure_partition};
+use crate::{
+    compress,
+    repo::{Repo, ensure_partition},
+};
 
 /// Days of partitions created ahead of today, so the writer rarely creates one itself.
 const DAYS_AHEAD: u64 = 7;
 const LOCK_KEY: &str = "fieldline-telemetry-maintenance";
+/// A series' first reading, in its rows or its blocks.
+const FIRST_TS: &str = "LEAST(
+    (SELECT min(ts) FROM telemetry.readings r WHERE r.series_id = s.series_id),
+    (SELECT min(first_ts) FROM telemetry.blocks b WHERE b.series_id = s.series_id))";
 
 /// What one round did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -21,6 +28,7 @@ pub struct Round {
     pub partitions_dropped: Vec<String>,
     pub readings_deleted: u64,
     pub rollups_deleted: u64,
+    pub compressed: compress::Compressed,
 }
 
 /// Runs a round at start, then one every `partition_maintenance_interval`.
@@ -35,7 +43,23 @@ pub fn start(context: &Context, repo: Repo) {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
             }
-            match run_once(&repo, config.readings_retention, config.rollups_retention).await {
+            let compress_before = compress::closed_before(config.compress_after);
+            match run_once(
+                &repo,
+                config.readings_retention,
+                config.rollups_retention,
+                Some(compress_before),
+            )
+            .await
+            {
+                Ok(round) if round.compressed.readings > 0 => {
+                    tracing::info!(
+                        days = ?round.compressed.days,
+                        readings = round.compressed.readings,
+                        blocks = round.compressed.blocks,
+                        "closed days compressed"
+                    );
+                }
                 Ok(round)
                     if !round.partitions_dropped.is_empty()
                         || round.readings_deleted > 0
@@ -61,11 +85,13 @@ fn seconds(retention: Option<Duration>) -> Option<f64> {
     retention.map(|d| d.as_secs_f64())
 }
 
-/// One round of upkeep.
+/// One round of upkeep; with `compress_before`, the days before it are compressed after
+/// retention is applied.
 pub async fn run_once(
     repo: &Repo,
     readings_retention: Option<Duration>,
     rollups_retention: Option<Duration>,
+    compress_before: Option<chrono::NaiveDate>,
 ) -> anyhow::Result<Round> {
     let client = repo.pool().get().await?;
     let locked: bool = client
@@ -78,7 +104,13 @@ pub async fn run_once(
             ..Round::default()
         });
     }
-    let result = round(repo, &client, readings_retention, rollups_retention).await;
+    let mut result = round(repo, &client, readings_retention, rollups_retention).await;
+    if let (Ok(round), Some(before)) = (&mut result, compress_before) {
+        match compress::compress_before(repo.pool(), before).await {
+            Ok(compressed) => round.compressed = compressed,
+            Err(error) => result = Err(error.context("compressing closed days")),
+        }
+    }
     client
         .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&LOCK_KEY])
         .await?;
@@ -118,26 +150,9 @@ async fn round(
     let readings_cutoff: Option<chrono::DateTime<Utc>> = row.get(1);
     let rollups_cutoff: Option<chrono::DateTime<Utc>> = row.get(2);
     if let Some(horizon) = horizon {
-        let partitions = client
-            .query(
-                "SELECT c.relname FROM pg_inherits i
-                 JOIN pg_class c ON c.oid = i.inhrelid
-                 JOIN pg_class p ON p.oid = i.inhparent
-                 JOIN pg_namespace n ON n.oid = p.relnamespace
-                 WHERE n.nspname = 'telemetry' AND p.relname = 'readings'
-                 ORDER BY c.relname",
-                &[],
-            )
-            .await?;
+        let partitions = compress::partitions(client).await?;
         let horizon_day = horizon.date_naive();
-        for row in partitions {
-            let name: String = row.get(0);
-            let Some(day) = name
-                .strip_prefix("readings_")
-                .and_then(|day| NaiveDate::parse_from_str(day, "%Y%m%d").ok())
-            else {
-                continue;
-            };
+        for (name, day) in partitions {
             // The partition holds [day, day + 1); it goes when all of it is past the horizon.
             if day >= horizon_day {
                 continue;
@@ -153,13 +168,17 @@ async fn round(
                  DROP TABLE telemetry.{name};
                  UPDATE telemetry.series s SET count = s.count - d.count
                    FROM telemetry.rollup_1d d
-                  WHERE d.series_id = s.series_id AND d.bucket = '{}';
+                  WHERE d.series_id = s.series_id AND d.bucket = '{start}';
+                 DELETE FROM telemetry.blocks b USING telemetry.series s
+                  WHERE b.series_id = s.series_id AND b.first_ts >= '{start}' AND b.first_ts < '{end}';
+                 DELETE FROM telemetry.compressed_days WHERE day = '{day}';
                  UPDATE telemetry.series s
-                    SET first_ts = (SELECT min(ts) FROM telemetry.readings r WHERE r.series_id = s.series_id)
-                  WHERE s.first_ts < '{}';
+                    SET first_ts = {FIRST_TS}
+                  WHERE s.first_ts < '{end}';
                  COMMIT;",
-                day_start.map(|t| t.to_rfc3339()).unwrap_or_default(),
-                day.succ_opt()
+                start = day_start.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                end = day
+                    .succ_opt()
                     .and_then(|d| d.and_hms_opt(0, 0, 0))
                     .map(|t| t.and_utc().to_rfc3339())
                     .unwrap_or_default(),
@@ -196,9 +215,16 @@ async fn round(
                          USING telemetry.series s LEFT JOIN telemetry.retention t USING (project)
                          WHERE r.series_id = s.series_id AND r.ts < $2
                            AND r.ts < now() - COALESCE(t.readings, make_interval(secs => $1))
-                        RETURNING r.series_id
+                        RETURNING r.series_id, 1::int8 AS n
+                     ), gone_blocks AS (
+                        DELETE FROM telemetry.blocks b
+                         USING telemetry.series s LEFT JOIN telemetry.retention t USING (project)
+                         WHERE b.series_id = s.series_id AND b.first_ts < $2
+                           AND b.last_ts < now() - COALESCE(t.readings, make_interval(secs => $1))
+                        RETURNING b.series_id, b.count::int8 AS n
                      )
-                     SELECT series_id, count(*) FROM gone GROUP BY series_id ORDER BY series_id",
+                     SELECT series_id, sum(n)::int8 FROM (TABLE gone UNION ALL TABLE gone_blocks) g
+                     GROUP BY series_id ORDER BY series_id",
                     &[&seconds(readings_retention), &cutoff],
                 )
                 .await?;
@@ -214,11 +240,13 @@ async fn round(
                     .await?;
                 client
                     .execute(
-                        "UPDATE telemetry.series s
+                        &format!(
+                            "UPDATE telemetry.series s
                             SET count = s.count - c.n,
-                                first_ts = (SELECT min(ts) FROM telemetry.readings r WHERE r.series_id = s.series_id)
+                                first_ts = {FIRST_TS}
                            FROM UNNEST($1::int4[], $2::int8[]) AS c(series_id, n)
-                          WHERE s.series_id = c.series_id",
+                          WHERE s.series_id = c.series_id"
+                        ),
                         &[&ids, &counts],
                     )
                     .await?;

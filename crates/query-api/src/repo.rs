@@ -33,6 +33,7 @@ use tokio_postgres::{
 
 use crate::{
     aggregate::{Partial, Segment, Source},
+    blocks, compress,
     domain::{Interval, Order, Position, ReadingOut, ReadingsQuery},
     moves::{Moves, Stored},
     reads::Reads,
@@ -206,10 +207,11 @@ const COPY_TYPES: [Type; 5] = [
 /// one transaction. A row already stored fails it with `unique_violation`, changing nothing.
 async fn copy_new(
     client: &mut deadpool_postgres::Client,
-    columns: &Columns,
-    moves: &Moves,
+    rows: &[SeriesRow<'_>],
 ) -> Result<(), tokio_postgres::Error> {
     let transaction = client.transaction().await?;
+    let in_blocks = lock_days(&transaction, rows).await?;
+    let (columns, moves) = columns(rows, &in_blocks);
     let sink = transaction
         .copy_in(
             "COPY telemetry.readings (series_id, ts, value_num, value_bool, value_text) FROM STDIN BINARY",
@@ -238,9 +240,11 @@ async fn copy_new(
 /// `COPY` path (one set of merge rules, one lock order).
 async fn store_skipping_stored(
     client: &mut deadpool_postgres::Client,
-    columns: &Columns,
+    rows: &[SeriesRow<'_>],
 ) -> Result<(), tokio_postgres::Error> {
     let transaction = client.transaction().await?;
+    let in_blocks = lock_days(&transaction, rows).await?;
+    let (columns, _) = columns(rows, &in_blocks);
     let statement = transaction.prepare_cached(INSERT_NEW_SQL).await?;
     let inserted = transaction
         .query(
@@ -272,6 +276,102 @@ async fn store_skipping_stored(
     }
     moves.apply(&*transaction).await?;
     transaction.commit().await
+}
+
+/// A reading on its way into a transaction: series id, time, value.
+type SeriesRow<'v> = (i32, i64, &'v reading::Value);
+
+/// Takes the day locks of `rows`' days, shared, in day order, and returns the (series, time)
+/// pairs of `rows` that the blocks of those days hold already (compressed days only; most
+/// transactions have none). While a writer holds a day shared, the compression task cannot
+/// move that day's rows into blocks (it takes the lock exclusive), so what this sees of the
+/// blocks stays true until commit ([`crate::compress`]).
+async fn lock_days(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    rows: &[SeriesRow<'_>],
+) -> Result<HashSet<(i32, i64)>, tokio_postgres::Error> {
+    let mut days: Vec<i32> = rows
+        .iter()
+        .map(|(_, ts_us, _)| compress::day_number(day_of(*ts_us)))
+        .collect();
+    days.sort_unstable();
+    days.dedup();
+    let (lock, compressed) = futures::try_join!(
+        transaction.prepare_cached(
+            "SELECT pg_advisory_xact_lock_shared(hashtext($1), day) FROM UNNEST($2::int4[]) AS day",
+        ),
+        transaction.prepare_cached(
+            "SELECT day - date '1970-01-01' FROM telemetry.compressed_days
+             WHERE day - date '1970-01-01' = ANY($1) ORDER BY 1",
+        ),
+    )?;
+    // Pipelined: the server runs the second once the first has every lock, so it sees the
+    // days as they are while held.
+    let lock_params: [&(dyn ToSql + Sync); 2] = [&compress::DAY_LOCK, &days];
+    let check_params: [&(dyn ToSql + Sync); 1] = [&days];
+    let (_, compressed) = futures::try_join!(
+        transaction.execute(&lock, &lock_params),
+        transaction.query(&compressed, &check_params),
+    )?;
+    let compressed: Vec<i32> = compressed.iter().map(|row| row.get(0)).collect();
+    let mut stored = HashSet::new();
+    for day in compressed {
+        let ids: Vec<i32> = rows
+            .iter()
+            .filter(|(_, ts_us, _)| compress::day_number(day_of(*ts_us)) == day)
+            .map(|(id, _, _)| *id)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let (start, end) =
+            compress::day_bounds(NaiveDate::default() + chrono::Days::new(day as u64));
+        let blocks = transaction
+            .query(
+                "SELECT series_id, data FROM telemetry.blocks
+                 WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
+                &[&ids, &start, &end],
+            )
+            .await?;
+        for block in &blocks {
+            let series_id: i32 = block.get(0);
+            match blocks::decode(block.get(1)) {
+                Ok(points) => stored.extend(points.into_iter().map(|(ts, _)| (series_id, ts))),
+                // A block that cannot be read is reported by every read of it; the writer
+                // stores the rows (a duplicate at worst, never a loss).
+                Err(error) => tracing::error!(
+                    series_id,
+                    error = format!("{error:#}"),
+                    "a block cannot be decoded"
+                ),
+            }
+        }
+    }
+    Ok(stored)
+}
+
+/// `rows` as columns for one statement, without those in `in_blocks`, and the moves they make.
+fn columns(rows: &[SeriesRow<'_>], in_blocks: &HashSet<(i32, i64)>) -> (Columns, Moves) {
+    let mut columns = Columns::default();
+    let mut moves = Moves::default();
+    for (series_id, ts_us, value) in rows {
+        if !in_blocks.is_empty() && in_blocks.contains(&(*series_id, *ts_us)) {
+            continue;
+        }
+        columns.series_id.push(*series_id);
+        columns.ts.push(from_us(*ts_us));
+        let (num, flag, text, stored) = match value {
+            reading::Value::Number(number) => (Some(*number), None, None, Stored::Number(*number)),
+            reading::Value::Boolean(flag) => (None, Some(*flag), None, Stored::Boolean(*flag)),
+            reading::Value::Text(text) => {
+                (None, None, Some(text.clone()), Stored::Text(text.as_str()))
+            }
+        };
+        moves.add(*series_id, *ts_us, stored);
+        columns.value_num.push(num);
+        columns.value_bool.push(flag);
+        columns.value_text.push(text);
+    }
+    (columns, moves)
 }
 
 /// A reading the writer stores: the index of its series key, its time, its value.
@@ -533,26 +633,10 @@ impl Repo {
     /// time order) and the moves they make.
     async fn store_rows(&self, ids: &[i32], rows: &[WriteRow<'_>]) -> Result<(), ApiError> {
         let days: HashSet<NaiveDate> = rows.iter().map(|(_, ts, _)| day_of(*ts)).collect();
-        let mut columns = Columns::default();
-        let mut moves = Moves::default();
-        for (index, ts_us, value) in rows {
-            let series_id = ids[*index];
-            columns.series_id.push(series_id);
-            columns.ts.push(from_us(*ts_us));
-            let (num, flag, text, stored) = match value {
-                reading::Value::Number(number) => {
-                    (Some(*number), None, None, Stored::Number(*number))
-                }
-                reading::Value::Boolean(flag) => (None, Some(*flag), None, Stored::Boolean(*flag)),
-                reading::Value::Text(text) => {
-                    (None, None, Some(text.clone()), Stored::Text(text.as_str()))
-                }
-            };
-            moves.add(series_id, *ts_us, stored);
-            columns.value_num.push(num);
-            columns.value_bool.push(flag);
-            columns.value_text.push(text);
-        }
+        let rows: Vec<SeriesRow> = rows
+            .iter()
+            .map(|(index, ts_us, value)| (ids[*index], *ts_us, *value))
+            .collect();
         for attempt in 0..2 {
             self.ensure_partitions(days.clone()).await?;
             let mut client = self.pool.get().await?;
@@ -560,10 +644,10 @@ impl Repo {
             // the table; the series and rollups move by what was computed here. A row that is
             // there already (a redelivery) fails the COPY, and the statement that skips
             // stored rows does the batch instead.
-            let result = match copy_new(&mut client, &columns, &moves).await {
+            let result = match copy_new(&mut client, &rows).await {
                 Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                     metrics::counter!("fieldline_writer_redelivered_batches_total").increment(1);
-                    store_skipping_stored(&mut client, &columns).await
+                    store_skipping_stored(&mut client, &rows).await
                 }
                 other => other,
             };
@@ -699,7 +783,14 @@ impl Repo {
         }
         // Two phases: the page's keys from the index alone (index-only scans, each series'
         // next rows), then the values of just those rows. Both name the range, so that
-        // planning prunes both to its partitions.
+        // planning prunes both to its partitions. Compressed days come in the same
+        // statement (one snapshot: a slice being compressed is seen once, in rows or in
+        // blocks): of each series, the blocks that can hold its next `limit + 1` readings
+        // (the first one the range meets, then as many as their counts say are needed).
+        let block_order = match query.order {
+            Order::Asc => "b.first_ts ASC",
+            Order::Desc => "b.first_ts DESC",
+        };
         let sql = format!(
             "WITH keys AS (
                  SELECT s.series_id, s.metric, k.ts
@@ -713,10 +804,24 @@ impl Repo {
                    AND ($8::text[] IS NULL OR s.metric = ANY($8))
                  ORDER BY {keys_order} LIMIT $7
              )
-             SELECT keys.metric, keys.ts, r.value_num, r.value_bool, r.value_text
-             FROM keys JOIN telemetry.readings r
-               ON r.series_id = keys.series_id AND r.ts = keys.ts AND r.ts >= $3 AND r.ts < $4
-             ORDER BY {page_order}"
+             (SELECT keys.metric, keys.ts, r.value_num, r.value_bool, r.value_text, NULL::bytea
+              FROM keys JOIN telemetry.readings r
+                ON r.series_id = keys.series_id AND r.ts = keys.ts AND r.ts >= $3 AND r.ts < $4
+              ORDER BY {page_order})
+             UNION ALL
+             SELECT s.metric, x.first_ts, NULL, NULL, NULL, x.data
+             FROM telemetry.series s
+             CROSS JOIN LATERAL (
+                 SELECT b.first_ts, b.data, row_number() OVER w AS n,
+                        sum(b.count) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                          - first_value(b.count) OVER w AS before
+                 FROM telemetry.blocks b
+                 WHERE b.series_id = s.series_id AND b.first_ts < $4
+                   AND b.first_ts > $3 - interval '1 day' AND b.last_ts >= $3
+                 WINDOW w AS (ORDER BY {block_order})) x
+             WHERE s.project = $1 AND s.device_id = $2
+               AND ($8::text[] IS NULL OR s.metric = ANY($8))
+               AND (x.n = 1 OR x.before < $7)"
         );
         let limit = query.limit as i64 + 1;
         let rows = self
@@ -734,25 +839,71 @@ impl Repo {
                 ],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|row| {
-                let ts: DateTime<Utc> = row.get(1);
-                let metric: String = row.get(0);
-                let position = Position {
-                    ts_us: ts.timestamp_micros(),
+        let mut page: Vec<(ReadingOut, Position)> = Vec::with_capacity(rows.len());
+        // Blocks of each metric, in the order they came (the window's).
+        let mut compressed: Vec<(String, Vec<blocks::Point>)> = Vec::new();
+        for row in &rows {
+            let metric: String = row.get(0);
+            if let Some(data) = row.get::<_, Option<&[u8]>>(5) {
+                let points = blocks::decode(data).map_err(ApiError::internal)?;
+                match compressed.last_mut() {
+                    Some((last, all)) if *last == metric => all.extend(points),
+                    _ => compressed.push((metric, points)),
+                }
+                continue;
+            }
+            let ts: DateTime<Utc> = row.get(1);
+            page.push((
+                ReadingOut {
                     metric: metric.clone(),
-                };
-                (
+                    ts: format_rfc3339(&ts),
+                    value: json_value(row, 2),
+                },
+                Position {
+                    ts_us: ts.timestamp_micros(),
+                    metric,
+                },
+            ));
+        }
+        if compressed.is_empty() {
+            return Ok(page);
+        }
+        let (start_us, end_us) = (start.timestamp_micros(), end.timestamp_micros());
+        for (metric, mut points) in compressed {
+            points.sort_by_key(|(ts, _)| *ts);
+            // The readings in range and past the cursor: a time slice of the sorted points.
+            let after = |ts: i64| match (&query.after, query.order) {
+                (None, _) => true,
+                (Some(at), Order::Asc) => ts > at.ts_us || (ts == at.ts_us && metric > at.metric),
+                (Some(at), Order::Desc) => ts < at.ts_us || (ts == at.ts_us && metric < at.metric),
+            };
+            let low = points.partition_point(|(ts, _)| *ts < start_us);
+            let high = points.partition_point(|(ts, _)| *ts < end_us);
+            let in_range = &points[low..high];
+            let taken: Box<dyn Iterator<Item = &blocks::Point>> = match query.order {
+                Order::Asc => Box::new(in_range.iter()),
+                Order::Desc => Box::new(in_range.iter().rev()),
+            };
+            for (ts_us, value) in taken.filter(|(ts, _)| after(*ts)).take(limit as usize) {
+                page.push((
                     ReadingOut {
-                        metric,
-                        ts: format_rfc3339(&ts),
-                        value: json_value(row, 2),
+                        metric: metric.clone(),
+                        ts: format_rfc3339(&from_us(*ts_us)),
+                        value: blocks::json(value),
                     },
-                    position,
-                )
-            })
-            .collect())
+                    Position {
+                        ts_us: *ts_us,
+                        metric: metric.clone(),
+                    },
+                ));
+            }
+        }
+        page.sort_by(|(_, a), (_, b)| match query.order {
+            Order::Asc => (a.ts_us, &a.metric).cmp(&(b.ts_us, &b.metric)),
+            Order::Desc => (b.ts_us, &b.metric).cmp(&(a.ts_us, &a.metric)),
+        });
+        page.truncate(limit as usize);
+        Ok(page)
     }
 
     /// The newest value of each metric (or of the given ones): one index range over the
@@ -853,9 +1004,15 @@ impl Repo {
                 "SELECT series_id, date_bin(make_interval(secs => $4), ts, timestamptz '1970-01-01 00:00:00+00'),
                         count(*), count(value_num), sum(value_num), min(value_num), max(value_num),
                         {raw_edges}
+                        , NULL::bytea
                  FROM telemetry.readings
                  WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3
-                 GROUP BY 1, 2"
+                 GROUP BY 1, 2
+                 UNION ALL
+                 SELECT series_id, NULL, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, data
+                 FROM telemetry.blocks
+                 WHERE series_id = ANY($1) AND first_ts < $3
+                   AND first_ts > $2 - interval '1 day' AND last_ts >= $2"
             ),
             Source::Rollup1h | Source::Rollup1d => format!(
                 "SELECT series_id, date_bin(make_interval(secs => $4), bucket, timestamptz '1970-01-01 00:00:00+00'),
@@ -863,7 +1020,8 @@ impl Repo {
                         min(first_ts),
                         (min(ARRAY[telemetry.epoch_us(first_ts), first_num]) FILTER (WHERE first_ts IS NOT NULL))[2],
                         max(last_ts),
-                        (max(ARRAY[telemetry.epoch_us(last_ts), last_num]) FILTER (WHERE last_ts IS NOT NULL))[2]
+                        (max(ARRAY[telemetry.epoch_us(last_ts), last_num]) FILTER (WHERE last_ts IS NOT NULL))[2],
+                        NULL::bytea
                  FROM telemetry.{}
                  WHERE series_id = ANY($1) AND bucket >= $2 AND bucket < $3
                  GROUP BY 1, 2",
@@ -882,30 +1040,46 @@ impl Repo {
                 ],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|row| {
-                let bucket: DateTime<Utc> = row.get(1);
-                let point = |ts: usize, value: usize| {
-                    row.get::<_, Option<DateTime<Utc>>>(ts)
-                        .zip(row.get::<_, Option<f64>>(value))
-                        .map(|(ts, value)| (ts.timestamp_micros(), value))
-                };
-                (
-                    row.get(0),
-                    bucket.timestamp_micros(),
-                    Partial {
-                        count: row.get(2),
-                        num_count: row.get(3),
-                        sum: row.get(4),
-                        min: row.get(5),
-                        max: row.get(6),
-                        first: point(7, 8),
-                        last: point(9, 10),
-                    },
-                )
-            })
-            .collect())
+        let mut partials = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let Some(data) = row.get::<_, Option<&[u8]>>(11) else {
+                continue;
+            };
+            let points = blocks::decode(data).map_err(ApiError::internal)?;
+            partials.extend(blocks::partials(
+                row.get(0),
+                &points,
+                (segment.start_us, segment.end_us),
+                interval.seconds * 1_000_000,
+                edges,
+            ));
+        }
+        partials.extend(
+            rows.iter()
+                .filter(|row| row.get::<_, Option<&[u8]>>(11).is_none())
+                .map(|row| {
+                    let bucket: DateTime<Utc> = row.get(1);
+                    let point = |ts: usize, value: usize| {
+                        row.get::<_, Option<DateTime<Utc>>>(ts)
+                            .zip(row.get::<_, Option<f64>>(value))
+                            .map(|(ts, value)| (ts.timestamp_micros(), value))
+                    };
+                    (
+                        row.get(0),
+                        bucket.timestamp_micros(),
+                        Partial {
+                            count: row.get(2),
+                            num_count: row.get(3),
+                            sum: row.get(4),
+                            min: row.get(5),
+                            max: row.get(6),
+                            first: point(7, 8),
+                            last: point(9, 10),
+                        },
+                    )
+                }),
+        );
+        Ok(partials)
     }
 
     /// `[start_us, end_us)` narrowed to the times `series` hold (their first and last
@@ -954,16 +1128,47 @@ impl Repo {
         else {
             return Ok(Vec::new());
         };
+        // Rows and, in the same snapshot, the blocks that can hold the first `limit`
+        // readings (as a page picks them, see `readings`).
         let rows = self
             .history(
-                "SELECT ts, value_num, value_bool, value_text FROM telemetry.readings
-                 WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
+                "(SELECT ts, value_num, value_bool, value_text, NULL::bytea FROM telemetry.readings
+                  WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4)
+                 UNION ALL
+                 SELECT NULL, NULL, NULL, NULL, x.data FROM (
+                     SELECT b.data, row_number() OVER w AS n,
+                            sum(b.count) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                              - first_value(b.count) OVER w AS before
+                     FROM telemetry.blocks b
+                     WHERE b.series_id = $1 AND b.first_ts < $3
+                       AND b.first_ts > $2 - interval '1 day' AND b.last_ts >= $2
+                     WINDOW w AS (ORDER BY b.first_ts)) x
+                 WHERE x.n = 1 OR x.before < $4",
                 &[&series_id, &from_us(start_us), &from_us(end_us), &limit],
             )
             .await?;
-        Ok(rows
+        let mut points: Vec<blocks::Point> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match row.get::<_, Option<&[u8]>>(4) {
+                Some(data) => points.extend(
+                    blocks::decode(data)
+                        .map_err(ApiError::internal)?
+                        .into_iter()
+                        .filter(|(ts, _)| (start_us..end_us).contains(ts)),
+                ),
+                None => {
+                    let ts: DateTime<Utc> = row.get(0);
+                    if let Some(value) = blocks::row_value(row, 1) {
+                        points.push((ts.timestamp_micros(), value));
+                    }
+                }
+            }
+        }
+        points.sort_by_key(|(ts, _)| *ts);
+        points.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(points
             .iter()
-            .map(|row| (format_rfc3339(&row.get(0)), json_value(row, 1)))
+            .map(|(ts, value)| (format_rfc3339(&from_us(*ts)), blocks::json(value)))
             .collect())
     }
 

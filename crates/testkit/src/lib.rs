@@ -155,6 +155,9 @@ impl TestEnv {
             // live-time tests put the defaults back (`live_time_defaults`).
             ingest_max_age: TESTS_INGEST_MAX_AGE,
             readings_earliest: fieldline_common::time::from_us(0),
+            // Likewise compression: tests not about it find their readings in rows where
+            // the writer put them; the compression tests run it themselves.
+            compress_after: Duration::from_secs(100 * 365 * 24 * 3600),
             ..Config::default()
         }
     }

@@ -10,8 +10,9 @@ use regex::Regex;
 
 use crate::spawn_query;
 
-/// The distributed tables: raw readings (partitioned by day) and the two rollups.
-const DISTRIBUTED: [&str; 3] = ["readings", "rollup_1h", "rollup_1d"];
+/// The distributed tables: raw readings (partitioned by day), compressed blocks and the two
+/// rollups.
+const DISTRIBUTED: [&str; 4] = ["readings", "rollup_1h", "rollup_1d", "blocks"];
 
 /// Every string literal of the Rust files under `dir` (plain and raw), with its file.
 fn literals(dir: &Path, found: &mut Vec<(PathBuf, String)>) {
@@ -91,7 +92,8 @@ fn statements() -> Vec<(PathBuf, String)> {
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
         &mut found,
     );
-    let names = Regex::new(r"telemetry\.(?:(readings|rollup_1h|rollup_1d)\b|\{\w*\})").unwrap();
+    let names =
+        Regex::new(r"telemetry\.(?:(readings|rollup_1h|rollup_1d|blocks)\b|\{\w*\})").unwrap();
     found
         .into_iter()
         .filter(|(_, sql)| names.is_match(sql))
@@ -132,7 +134,7 @@ fn every_statement_on_readings_and_rollups_names_series_id() {
 /// or in the columns they write).
 fn unfiltered(statements: &[(PathBuf, String)]) -> Vec<String> {
     let reference = Regex::new(
-        r"(?i)\b(FROM|JOIN|UPDATE|INTO|COPY|USING)\s+telemetry\.(?:(readings|rollup_1h|rollup_1d)\b|\{\w*\})",
+        r"(?i)\b(FROM|JOIN|UPDATE|INTO|COPY|USING)\s+telemetry\.(?:(readings|rollup_1h|rollup_1d|blocks)\b|\{\w*\})",
     )
     .unwrap();
     let predicate = Regex::new(r"(?i)\bseries_id\s*(=|IN\s*\()").unwrap();
@@ -143,6 +145,10 @@ fn unfiltered(statements: &[(PathBuf, String)]) -> Vec<String> {
     for (file, sql) in statements {
         let sql = sql.trim();
         let upper = sql.to_ascii_uppercase();
+        if sql.contains("/* shard-wide:") {
+            // Said so in the statement, with the reason.
+            continue;
+        }
         if upper.starts_with("BEGIN") && upper.contains("DROP TABLE") {
             // Dropping a whole daily partition: DDL, which Citus sends to every shard. The
             // statements after it in the same batch are checked below as any other.

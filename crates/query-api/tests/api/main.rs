@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod aggregate;
+mod compressed;
 mod dead_letters;
 mod distribution;
 mod export;

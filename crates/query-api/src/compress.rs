@@ -1,0 +1,335 @@
+//! The compression task: readings of closed days move from their daily partition into
+//! per-series blocks ([`crate::blocks`]), a slice of series at a time, each slice in one
+//! transaction that writes its blocks and deletes the rows they hold, so a read sees every
+//! reading exactly once whenever it looks, and an interrupted run leaves nothing half done.
+//!
+//! A day is guarded by an advisory lock: writers hold it shared while they store readings of
+//! that day (and look at its blocks first when it has any), the compression task holds it
+//! exclusive while it moves a slice. Several instances may run the task at once: they take
+//! turns on each day, and a slice already moved is found empty. Readings that arrive late for
+//! a compressed day are stored as rows, and the next run merges them into the day's blocks.
+
+use chrono::{Days, NaiveDate};
+use deadpool_postgres::Pool;
+use fieldline_common::time::from_us;
+use tokio_postgres::{GenericClient, Row, error::SqlState};
+
+use crate::blocks::{self, MAX_BLOCK_READINGS, Point};
+
+/// Rows one transaction moves at most (a series with more in one day moves alone).
+const SLICE_ROWS: i64 = 200_000;
+/// Series looked at together (a day of 10-second readings of these is 276,480 rows).
+const SLICE_SERIES: i64 = 32;
+/// The advisory lock class of a day (its second key is the day's number since 1970).
+pub const DAY_LOCK: &str = "fieldline-telemetry-day";
+/// How long the final `TRUNCATE` of an emptied partition waits for readers (and for an
+/// autovacuum of it, which gives way after `deadlock_timeout`, 1 s by default) before it
+/// gives up until the next run.
+const TRUNCATE_LOCK_TIMEOUT: &str = "3s";
+
+/// What one run did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Compressed {
+    pub days: Vec<NaiveDate>,
+    pub readings: u64,
+    pub blocks: u64,
+}
+
+/// The number of a day in the day lock.
+pub fn day_number(day: NaiveDate) -> i32 {
+    (day - NaiveDate::default()).num_days() as i32
+}
+
+/// The daily partitions of `telemetry.readings`: (table name, day), oldest first.
+pub async fn partitions(
+    client: &impl GenericClient,
+) -> Result<Vec<(String, NaiveDate)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT c.relname FROM pg_inherits i
+             JOIN pg_class c ON c.oid = i.inhrelid
+             JOIN pg_class p ON p.oid = i.inhparent
+             JOIN pg_namespace n ON n.oid = p.relnamespace
+             WHERE n.nspname = 'telemetry' AND p.relname = 'readings'
+             ORDER BY c.relname",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let name: String = row.get(0);
+            let day = name
+                .strip_prefix("readings_")
+                .and_then(|day| NaiveDate::parse_from_str(day, "%Y%m%d").ok())?;
+            Some((name, day))
+        })
+        .collect())
+}
+
+/// [start, end) of a UTC day.
+pub fn day_bounds(
+    day: NaiveDate,
+) -> (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) {
+    let start = day.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+    let end = day
+        .checked_add_days(Days::new(1))
+        .and_then(|next| next.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .unwrap_or(start);
+    (start, end)
+}
+
+/// A row of a partition (series id, time, the three value columns) as a block point.
+fn point(row: &Row) -> Option<Point> {
+    let ts: chrono::DateTime<chrono::Utc> = row.get(1);
+    Some((ts.timestamp_micros(), blocks::row_value(row, 2)?))
+}
+
+/// The first day not yet closed for `compress_after`: days before it are compressed.
+pub fn closed_before(compress_after: std::time::Duration) -> NaiveDate {
+    let now = chrono::Utc::now();
+    let after = chrono::Duration::from_std(compress_after).unwrap_or(chrono::Duration::MAX);
+    now.checked_sub_signed(after)
+        .map_or(NaiveDate::MIN, |t| t.date_naive())
+}
+
+/// Compresses every day before `before` that still has rows.
+pub async fn compress_before(pool: &Pool, before: NaiveDate) -> anyhow::Result<Compressed> {
+    let mut done = Compressed::default();
+    let days = {
+        let client = pool.get().await?;
+        partitions(&**client).await?
+    };
+    for (name, day) in days {
+        if day >= before {
+            break;
+        }
+        let (readings, blocks) = compress_day(pool, &name, day).await?;
+        if readings > 0 {
+            done.days.push(day);
+            done.readings += readings;
+            done.blocks += blocks;
+        }
+    }
+    if done.readings > 0 {
+        metrics::counter!("fieldline_compressed_readings_total").increment(done.readings);
+    }
+    Ok(done)
+}
+
+/// Moves the rows of one day's partition into blocks; returns (readings moved, blocks written).
+/// Series are taken from the dictionary [`SLICE_SERIES`] at a time (each statement names
+/// its series: on a distributed database, a router query to their shards).
+async fn compress_day(pool: &Pool, name: &str, day: NaiveDate) -> anyhow::Result<(u64, u64)> {
+    let (mut moved, mut written) = (0u64, 0u64);
+    let mut after = i32::MIN;
+    let select = format!(
+        "SELECT series_id, ts, value_num, value_bool, value_text FROM telemetry.{name}
+         WHERE series_id = ANY($1) ORDER BY series_id, ts LIMIT $2"
+    );
+    let delete = format!("DELETE FROM telemetry.{name} WHERE series_id = ANY($1)");
+    if is_empty(&**pool.get().await?, name).await? {
+        return Ok((0, 0));
+    }
+    loop {
+        let client = pool.get().await?;
+        let candidates: Vec<i32> = client
+            .query(
+                "SELECT series_id FROM telemetry.series WHERE series_id > $1
+                 ORDER BY series_id LIMIT $2",
+                &[&after, &SLICE_SERIES],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        drop(client);
+        let Some(&last_candidate) = candidates.last() else {
+            break;
+        };
+        let mut slice = candidates;
+        // A slice holds at most SLICE_ROWS rows, or one series whatever its rows: cut
+        // before the series the limit fell in, and go on from there.
+        while !slice.is_empty() {
+            let (rows, taken) = compress_slice(pool, &select, &delete, day, &slice).await?;
+            moved += rows;
+            written += taken.1;
+            match taken.0 {
+                None => break,
+                Some(rest_from) => slice.retain(|id| *id >= rest_from),
+            }
+        }
+        after = last_candidate;
+    }
+    if moved > 0 {
+        truncate_if_empty(pool, name, day).await?;
+    }
+    Ok((moved, written))
+}
+
+/// One transaction: the rows of `slice`'s series (those that fit in [`SLICE_ROWS`]) merged
+/// into their blocks of the day and deleted. Returns the rows moved and (the first series
+/// left for another transaction, blocks written).
+async fn compress_slice(
+    pool: &Pool,
+    select: &str,
+    delete: &str,
+    day: NaiveDate,
+    slice: &[i32],
+) -> anyhow::Result<(u64, (Option<i32>, u64))> {
+    let (day_start, day_end) = day_bounds(day);
+    let mut client = pool.get().await?;
+    let transaction = client.transaction().await?;
+    transaction
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1), $2)",
+            &[&DAY_LOCK, &day_number(day)],
+        )
+        .await?;
+    let mut rows = transaction
+        .query(select, &[&slice, &(SLICE_ROWS + 1)])
+        .await?;
+    if rows.is_empty() {
+        return Ok((0, (None, 0)));
+    }
+    let mut rest_from = None;
+    if rows.len() as i64 > SLICE_ROWS {
+        let first: i32 = rows[0].get(0);
+        let last: i32 = rows[rows.len() - 1].get(0);
+        if first == last {
+            // One series over the limit: that series alone, whole.
+            rows = transaction
+                .query(select, &[&vec![first], &i64::MAX])
+                .await?;
+            rest_from = Some(first + 1);
+        } else {
+            rows.retain(|row| row.get::<_, i32>(0) < last);
+            rest_from = Some(last);
+        }
+    }
+    let mut series: Vec<(i32, Vec<Point>)> = Vec::new();
+    for row in &rows {
+        let id: i32 = row.get(0);
+        let Some(point) = point(row) else { continue };
+        match series.last_mut() {
+            Some((last, points)) if *last == id => points.push(point),
+            _ => series.push((id, vec![point])),
+        }
+    }
+    let ids: Vec<i32> = series.iter().map(|(id, _)| *id).collect();
+    // Blocks this day already has for these series (rows that came in late): merged.
+    let existing = transaction
+        .query(
+            "SELECT series_id, data FROM telemetry.blocks
+             WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3
+             ORDER BY series_id, first_ts",
+            &[&ids, &day_start, &day_end],
+        )
+        .await?;
+    let mut earlier: std::collections::HashMap<i32, Vec<Point>> = Default::default();
+    for row in &existing {
+        earlier
+            .entry(row.get(0))
+            .or_default()
+            .extend(blocks::decode(row.get(1))?);
+    }
+    let (mut b_series, mut b_first, mut b_last, mut b_count, mut b_data) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (id, points) in series {
+        let points = match earlier.remove(&id) {
+            Some(mut old) => {
+                old.extend(points);
+                // Stable: of two readings at one time (never stored twice by the writer),
+                // the block's comes first.
+                old.sort_by_key(|(ts, _)| *ts);
+                old
+            }
+            None => points,
+        };
+        for chunk in points.chunks(MAX_BLOCK_READINGS) {
+            b_series.push(id);
+            b_first.push(from_us(chunk[0].0));
+            b_last.push(from_us(chunk[chunk.len() - 1].0));
+            b_count.push(chunk.len() as i32);
+            b_data.push(blocks::encode(chunk)?);
+        }
+    }
+    transaction
+        .execute(
+            "DELETE FROM telemetry.blocks
+             WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
+            &[&ids, &day_start, &day_end],
+        )
+        .await?;
+    transaction
+        .execute(
+            "INSERT INTO telemetry.blocks (series_id, first_ts, last_ts, count, data)
+             SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::timestamptz[], $4::int4[], $5::bytea[])",
+            &[&b_series, &b_first, &b_last, &b_count, &b_data],
+        )
+        .await?;
+    transaction
+        .execute(
+            "INSERT INTO telemetry.compressed_days (day) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&day],
+        )
+        .await?;
+    // Exactly the rows read: the day lock keeps writers of this day out until commit.
+    let deleted = transaction.execute(delete, &[&ids]).await?;
+    transaction.commit().await?;
+    Ok((deleted, (rest_from, b_series.len() as u64)))
+}
+
+/// Whether a day's partition has no rows: asked once a day each run, before the series are
+/// walked, and before the emptied partition is truncated.
+async fn is_empty(client: &impl GenericClient, name: &str) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            &format!(
+                "SELECT NOT EXISTS (SELECT 1 FROM telemetry.{name}) /* shard-wide: once a day and run */"
+            ),
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Gives an emptied partition's space back (its index too, which `DELETE` and `VACUUM`
+/// would keep). Waits at most [`TRUNCATE_LOCK_TIMEOUT`] for readers; else the next run
+/// tries again, and the empty rows are vacuumed meanwhile.
+async fn truncate_if_empty(pool: &Pool, name: &str, day: NaiveDate) -> anyhow::Result<()> {
+    let mut client = pool.get().await?;
+    let transaction = client.transaction().await?;
+    transaction
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1), $2)",
+            &[&DAY_LOCK, &day_number(day)],
+        )
+        .await?;
+    transaction
+        .batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{TRUNCATE_LOCK_TIMEOUT}'"
+        ))
+        .await?;
+    if !is_empty(&*transaction, name).await? {
+        return Ok(());
+    }
+    match transaction
+        .batch_execute(&format!("TRUNCATE telemetry.{name}"))
+        .await
+    {
+        Ok(()) => {
+            transaction.commit().await?;
+            Ok(())
+        }
+        Err(error) if error.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+            tracing::info!(
+                partition = name,
+                "readers kept an emptied partition; truncating it later"
+            );
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
