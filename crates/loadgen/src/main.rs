@@ -12,6 +12,7 @@ mod receiver;
 mod scenarios;
 mod soak;
 mod stats;
+mod storage;
 mod usage;
 
 use std::{cell::RefCell, collections::BTreeMap, path::PathBuf, time::Duration};
@@ -846,6 +847,69 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         query_figures(&mut figures, "queries-replica", &result);
         details.insert("queries-replica".into(), serde_json::to_value(&result)?);
     }
+    if wanted("storage") {
+        let result = runner
+            .scenario(async |platform: &Platform| {
+                storage::run(platform, args.quick, duration).await
+            })
+            .await?;
+        let per = |bytes: i64| result.bytes_per_reading(bytes);
+        let csv = result.csv_bytes as f64 / result.readings as f64;
+        figures.extend([
+            figure(
+                "storage",
+                "backfill of the measured case (one device, 10 metrics, 10 s), durable",
+                result.backfill_readings_per_second,
+                "readings/s",
+                Some((
+                    "PostgreSQL binary COPY of as many rows",
+                    result.copy_rows_per_second,
+                )),
+            ),
+            figure(
+                "storage",
+                "bytes a reading as rows (table and index)",
+                per(result.open_bytes),
+                "B",
+                Some(("the same readings as CSV", csv)),
+            ),
+            figure(
+                "storage",
+                "bytes a reading compressed (blocks, toast, index, emptied partitions)",
+                per(result.compressed_bytes),
+                "B",
+                Some(("the same readings as rows", per(result.open_bytes))),
+            ),
+            figure(
+                "storage",
+                "compression",
+                result.readings as f64 / result.compress_seconds,
+                "readings/s",
+                None,
+            ),
+            figure(
+                "storage",
+                "1,000-row pages per second over compressed days",
+                result.pages_per_second_compressed,
+                "req/s",
+                Some((
+                    "the same pages over the days open",
+                    result.pages_per_second_open,
+                )),
+            ),
+            figure(
+                "storage",
+                "export rows per second over compressed days",
+                result.export_rows_per_second_compressed,
+                "rows/s",
+                Some((
+                    "the same export over the days open",
+                    result.export_rows_per_second_open,
+                )),
+            ),
+        ]);
+        details.insert("storage".into(), serde_json::to_value(&result)?);
+    }
     let peak_memory = runner.peaks.into_inner();
     let memory: Vec<Value> = idle_memory
         .iter()
@@ -924,12 +988,13 @@ fn markdown(report: &Value, figures: &[Figure]) -> String {
     );
     out.push_str("| scenario | figure | value | raw limit | limit | ratio |\n| --- | --- | ---: | --- | ---: | ---: |\n");
     for f in figures {
+        // Milliseconds and bytes a reading are small numbers: two decimals.
+        let precision = if matches!(f.unit, "ms" | "B") { 2 } else { 0 };
         let limit_value = f
             .limit_value
-            .map(|v| format!("{v:.0} {}", f.unit))
+            .map(|v| format!("{v:.precision$} {}", f.unit))
             .unwrap_or_default();
         let ratio = f.ratio.map(|r| format!("{r:.2}")).unwrap_or_default();
-        let precision = if f.unit == "ms" { 2 } else { 0 };
         out.push_str(&format!(
             "| {} | {} | {:.*} {} | {} | {} | {} |\n",
             f.scenario,

@@ -94,6 +94,18 @@ pub fn closed_before(compress_after: std::time::Duration) -> NaiveDate {
         .map_or(NaiveDate::MIN, |t| t.date_naive())
 }
 
+/// [`compress_before`] on the database at `url` (tools and benchmarks; the service runs it in
+/// its maintenance round).
+pub async fn compress_database(url: &str, before: NaiveDate) -> anyhow::Result<Compressed> {
+    let mut config = deadpool_postgres::Config::new();
+    config.url = Some(url.to_owned());
+    let pool = config.create_pool(
+        Some(deadpool_postgres::Runtime::Tokio1),
+        tokio_postgres::NoTls,
+    )?;
+    compress_before(&pool, before).await
+}
+
 /// Compresses every day before `before` that still has rows.
 pub async fn compress_before(pool: &Pool, before: NaiveDate) -> anyhow::Result<Compressed> {
     let mut done = Compressed::default();
