@@ -3,6 +3,7 @@
 
 mod aggregate;
 pub mod blocks;
+mod blockwrite;
 pub mod bulk;
 pub mod compress;
 mod domain;

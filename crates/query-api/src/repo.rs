@@ -33,7 +33,7 @@ use tokio_postgres::{
 
 use crate::{
     aggregate::{Partial, Segment, Source},
-    blocks, compress,
+    blocks, blockwrite, compress,
     domain::{Interval, Order, Position, ReadingOut, ReadingsQuery},
     moves::{Moves, Stored},
     reads::Reads,
@@ -208,10 +208,13 @@ const COPY_TYPES: [Type; 5] = [
 async fn copy_new(
     client: &mut deadpool_postgres::Client,
     rows: &[SeriesRow<'_>],
+    direct: &HashSet<i32>,
 ) -> Result<(), tokio_postgres::Error> {
     let transaction = client.transaction().await?;
-    let in_blocks = lock_days(&transaction, rows).await?;
-    let (columns, moves) = columns(rows, &in_blocks);
+    let in_blocks = lock_days(&transaction, rows, direct).await?;
+    let mut moves = Moves::default();
+    let rows = blockwrite::store(&*transaction, rows, direct, &mut moves).await?;
+    let columns = columns(&rows, &in_blocks, &mut moves);
     let sink = transaction
         .copy_in(
             "COPY telemetry.readings (series_id, ts, value_num, value_bool, value_text) FROM STDIN BINARY",
@@ -241,10 +244,14 @@ async fn copy_new(
 async fn store_skipping_stored(
     client: &mut deadpool_postgres::Client,
     rows: &[SeriesRow<'_>],
+    direct: &HashSet<i32>,
 ) -> Result<(), tokio_postgres::Error> {
     let transaction = client.transaction().await?;
-    let in_blocks = lock_days(&transaction, rows).await?;
-    let (columns, _) = columns(rows, &in_blocks);
+    let in_blocks = lock_days(&transaction, rows, direct).await?;
+    let mut moves = Moves::default();
+    let rows = blockwrite::store(&*transaction, rows, direct, &mut moves).await?;
+    // The moves of these rows are those the insert returns.
+    let columns = columns(&rows, &in_blocks, &mut Moves::default());
     let statement = transaction.prepare_cached(INSERT_NEW_SQL).await?;
     let inserted = transaction
         .query(
@@ -258,7 +265,6 @@ async fn store_skipping_stored(
             ],
         )
         .await?;
-    let mut moves = Moves::default();
     for row in &inserted {
         let ts: DateTime<Utc> = row.get(1);
         // The table's check constraint holds exactly one of the three.
@@ -279,16 +285,18 @@ async fn store_skipping_stored(
 }
 
 /// A reading on its way into a transaction: series id, time, value.
-type SeriesRow<'v> = (i32, i64, &'v reading::Value);
+pub type SeriesRow<'v> = (i32, i64, &'v reading::Value);
 
-/// Takes the day locks of `rows`' days, shared, in day order, and returns the (series, time)
-/// pairs of `rows` that the blocks of those days hold already (compressed days only; most
-/// transactions have none). While a writer holds a day shared, the compression task cannot
-/// move that day's rows into blocks (it takes the lock exclusive), so what this sees of the
-/// blocks stays true until commit ([`crate::compress`]).
+/// Takes the day locks of `rows`' days in day order, shared (exclusive for the `direct` days,
+/// written into blocks by [`blockwrite`]), and returns the (series, time) pairs of `rows` that
+/// the blocks of the other days hold already (compressed days only; most transactions have
+/// none). While a writer holds a day shared, the compression task cannot move that day's rows
+/// into blocks (it takes the lock exclusive), so what this sees of the blocks stays true
+/// until commit ([`crate::compress`]).
 async fn lock_days(
     transaction: &deadpool_postgres::Transaction<'_>,
     rows: &[SeriesRow<'_>],
+    direct: &HashSet<i32>,
 ) -> Result<HashSet<(i32, i64)>, tokio_postgres::Error> {
     let mut days: Vec<i32> = rows
         .iter()
@@ -298,7 +306,9 @@ async fn lock_days(
     days.dedup();
     let (lock, compressed) = futures::try_join!(
         transaction.prepare_cached(
-            "SELECT pg_advisory_xact_lock_shared(hashtext($1), day) FROM UNNEST($2::int4[]) AS day",
+            "SELECT CASE WHEN exclusive THEN pg_advisory_xact_lock(hashtext($1), day)
+                         ELSE pg_advisory_xact_lock_shared(hashtext($1), day) END
+             FROM UNNEST($2::int4[], $3::bool[]) AS d(day, exclusive)",
         ),
         transaction.prepare_cached(
             "SELECT day - date '1970-01-01' FROM telemetry.compressed_days
@@ -307,13 +317,18 @@ async fn lock_days(
     )?;
     // Pipelined: the server runs the second once the first has every lock, so it sees the
     // days as they are while held.
-    let lock_params: [&(dyn ToSql + Sync); 2] = [&compress::DAY_LOCK, &days];
+    let exclusive: Vec<bool> = days.iter().map(|day| direct.contains(day)).collect();
+    let lock_params: [&(dyn ToSql + Sync); 3] = [&compress::DAY_LOCK, &days, &exclusive];
     let check_params: [&(dyn ToSql + Sync); 1] = [&days];
     let (_, compressed) = futures::try_join!(
         transaction.execute(&lock, &lock_params),
         transaction.query(&compressed, &check_params),
     )?;
-    let compressed: Vec<i32> = compressed.iter().map(|row| row.get(0)).collect();
+    let compressed: Vec<i32> = compressed
+        .iter()
+        .map(|row| row.get(0))
+        .filter(|day| !direct.contains(day))
+        .collect();
     let mut stored = HashSet::new();
     for day in compressed {
         let ids: Vec<i32> = rows
@@ -349,10 +364,10 @@ async fn lock_days(
     Ok(stored)
 }
 
-/// `rows` as columns for one statement, without those in `in_blocks`, and the moves they make.
-fn columns(rows: &[SeriesRow<'_>], in_blocks: &HashSet<(i32, i64)>) -> (Columns, Moves) {
+/// `rows` as columns for one statement, without those in `in_blocks`; the moves they make go
+/// into `moves`.
+fn columns(rows: &[SeriesRow<'_>], in_blocks: &HashSet<(i32, i64)>, moves: &mut Moves) -> Columns {
     let mut columns = Columns::default();
-    let mut moves = Moves::default();
     for (series_id, ts_us, value) in rows {
         if !in_blocks.is_empty() && in_blocks.contains(&(*series_id, *ts_us)) {
             continue;
@@ -371,7 +386,7 @@ fn columns(rows: &[SeriesRow<'_>], in_blocks: &HashSet<(i32, i64)>) -> (Columns,
         columns.value_bool.push(flag);
         columns.value_text.push(text);
     }
-    (columns, moves)
+    columns
 }
 
 /// A reading the writer stores: the index of its series key, its time, its value.
@@ -637,6 +652,10 @@ impl Repo {
             .iter()
             .map(|(index, ts_us, value)| (ids[*index], *ts_us, *value))
             .collect();
+        let direct = blockwrite::direct_days(
+            &rows,
+            compress::day_number(compress::closed_before(self.config.compress_after)),
+        );
         for attempt in 0..2 {
             self.ensure_partitions(days.clone()).await?;
             let mut client = self.pool.get().await?;
@@ -644,10 +663,10 @@ impl Repo {
             // the table; the series and rollups move by what was computed here. A row that is
             // there already (a redelivery) fails the COPY, and the statement that skips
             // stored rows does the batch instead.
-            let result = match copy_new(&mut client, &rows).await {
+            let result = match copy_new(&mut client, &rows, &direct).await {
                 Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                     metrics::counter!("fieldline_writer_redelivered_batches_total").increment(1);
-                    store_skipping_stored(&mut client, &rows).await
+                    store_skipping_stored(&mut client, &rows, &direct).await
                 }
                 other => other,
             };

@@ -384,3 +384,61 @@ async fn retention_drops_compressed_days_too() {
     let (rows, in_blocks, _) = where_stored(&app).await;
     assert_eq!(rows + in_blocks, total_before - first_day);
 }
+
+#[tokio::test]
+async fn a_backfill_of_closed_days_goes_straight_into_blocks_and_once() {
+    // The same readings into a platform that keeps them as rows, and into one where every
+    // day before today is closed: there, batches with many readings a series go straight
+    // into blocks, the rest into rows; both answer the same.
+    let rows = spawn().await;
+    let closed = spawn_query_with(|mut config| {
+        config.compress_after = Duration::ZERO;
+        config
+    })
+    .await;
+    let readings = history();
+    let total = readings.len() as i64;
+    for app in [&rows, &closed] {
+        app.create_device("d1").await;
+        seed(app, "d1", readings.clone()).await;
+    }
+    let (in_rows, in_blocks, _) = where_stored(&closed).await;
+    assert_eq!(in_rows + in_blocks, total);
+    assert!(
+        in_blocks > total / 2,
+        "{in_rows} rows, {in_blocks} in blocks"
+    );
+    let expected = answers(&rows, "d1").await;
+    assert_same(&expected, &answers(&closed, "d1").await);
+
+    // Everything again (a redelivered import): nothing is stored twice, nothing counted twice.
+    for chunk in readings.chunks(700) {
+        publish(&closed, "default", "d1", chunk.to_vec()).await;
+    }
+    let probe = number("probe", T0 + 5, 1.0);
+    publish(&closed, "default", "d1", vec![probe]).await;
+    eventually("the import again", Duration::from_secs(60), || async {
+        let (_, body) = closed
+            .get("/api/v1/devices/d1/metrics", closed.admin_key())
+            .await;
+        let metrics = body["data"].as_array().cloned().unwrap_or_default();
+        metrics.iter().any(|m| m["metric"] == "probe").then_some(())
+    })
+    .await;
+    let (in_rows, in_blocks, _) = where_stored(&closed).await;
+    assert_eq!(in_rows + in_blocks, total + 1);
+    publish(&rows, "default", "d1", vec![number("probe", T0 + 5, 1.0)]).await;
+    eventually("the probe", Duration::from_secs(30), || async {
+        (where_stored(&rows).await.0 == total + 1).then_some(())
+    })
+    .await;
+    let expected = answers(&rows, "d1").await;
+    assert_same(&expected, &answers(&closed, "d1").await);
+
+    // The compression run takes what went to rows; the answers stay.
+    query_api::compress::compress_before(&pool(&closed).await, day(3))
+        .await
+        .unwrap();
+    assert_eq!(where_stored(&closed).await.0, 0);
+    assert_same(&expected, &answers(&closed, "d1").await);
+}

@@ -1,0 +1,218 @@
+//! Readings of a closed day written straight into its blocks, when a transaction brings many
+//! of them for each series (a backfill or an import): the day's blocks and late rows of those
+//! series are read, the new readings merged in (what is there already wins, as the rows'
+//! `ON CONFLICT DO NOTHING` does), and the blocks written again, under the day's lock taken
+//! exclusive. A few readings of a closed day (a device catching up) are stored as rows
+//! instead, and the next compression run merges them: rewriting a day's block for each small
+//! batch would cost far more than the rows.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use fieldline_common::time::from_us;
+use fieldline_proto::v1::reading::Value;
+use tokio_postgres::GenericClient;
+
+use crate::{
+    blocks::{self, MAX_BLOCK_READINGS, Point},
+    compress::{day_bounds, day_number},
+    moves::{Moves, Stored},
+    repo::{SeriesRow, day_of},
+};
+
+/// Fewest readings a series, on average, for a closed day of a transaction to be written into
+/// blocks rather than rows.
+pub const MIN_READINGS_PER_SERIES: usize = 100;
+
+/// The days of `rows` (by [`day_number`]) to write into blocks: closed (before
+/// `closed_before`) and with at least [`MIN_READINGS_PER_SERIES`] readings a series.
+pub fn direct_days(rows: &[SeriesRow<'_>], closed_before: i32) -> HashSet<i32> {
+    let mut days: HashMap<i32, (usize, HashSet<i32>)> = HashMap::new();
+    for (series_id, ts_us, _) in rows {
+        let day = day_number(day_of(*ts_us));
+        if day < closed_before {
+            let entry = days.entry(day).or_default();
+            entry.0 += 1;
+            entry.1.insert(*series_id);
+        }
+    }
+    days.into_iter()
+        .filter(|(_, (count, series))| *count >= MIN_READINGS_PER_SERIES * series.len())
+        .map(|(day, _)| day)
+        .collect()
+}
+
+/// A reading of the transaction: time and value.
+type NewPoint<'v> = (i64, &'v Value);
+
+fn stored(value: &Value) -> Stored<'_> {
+    match value {
+        Value::Number(number) => Stored::Number(*number),
+        Value::Boolean(flag) => Stored::Boolean(*flag),
+        Value::Text(text) => Stored::Text(text),
+    }
+}
+
+/// Writes the readings of `direct` days into blocks (the caller holds those days' locks
+/// exclusive) and adds what is new to `moves`; returns the rest, for the table. A series
+/// whose blocks cannot be read keeps its readings as rows (logged; never lost).
+pub async fn store<'v>(
+    client: &impl GenericClient,
+    rows: &[SeriesRow<'v>],
+    direct: &HashSet<i32>,
+    moves: &mut Moves,
+) -> Result<Vec<SeriesRow<'v>>, tokio_postgres::Error> {
+    if direct.is_empty() {
+        return Ok(rows.to_vec());
+    }
+    let mut table = Vec::new();
+    let mut by_day: BTreeMap<i32, BTreeMap<i32, Vec<NewPoint<'v>>>> = BTreeMap::new();
+    for row in rows {
+        let day = day_number(day_of(row.1));
+        if direct.contains(&day) {
+            by_day
+                .entry(day)
+                .or_default()
+                .entry(row.0)
+                .or_default()
+                .push((row.1, row.2));
+        } else {
+            table.push(*row);
+        }
+    }
+    for (day, series) in by_day {
+        let (start, end) = day_bounds(chrono::NaiveDate::default() + chrono::Days::new(day as u64));
+        let ids: Vec<i32> = series.keys().copied().collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&ids, &start, &end];
+        let (old_blocks, old_rows) = futures::try_join!(
+            client.query(
+                "SELECT series_id, data FROM telemetry.blocks
+                 WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3
+                 ORDER BY series_id, first_ts",
+                &params,
+            ),
+            client.query(
+                "SELECT series_id, ts, value_num, value_bool, value_text FROM telemetry.readings
+                 WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3",
+                &params,
+            ),
+        )?;
+        let mut existing: HashMap<i32, Vec<Point>> = HashMap::new();
+        let mut unreadable: HashSet<i32> = HashSet::new();
+        for row in &old_blocks {
+            let series_id: i32 = row.get(0);
+            match blocks::decode(row.get(1)) {
+                Ok(points) => existing.entry(series_id).or_default().extend(points),
+                Err(error) => {
+                    tracing::error!(
+                        series_id,
+                        error = format!("{error:#}"),
+                        "a block cannot be decoded; its series' readings go to rows"
+                    );
+                    unreadable.insert(series_id);
+                }
+            }
+        }
+        for row in &old_rows {
+            let ts: chrono::DateTime<chrono::Utc> = row.get(1);
+            if let Some(value) = blocks::row_value(row, 2) {
+                existing
+                    .entry(row.get(0))
+                    .or_default()
+                    .push((ts.timestamp_micros(), value));
+            }
+        }
+        let (mut b_series, mut b_first, mut b_last, mut b_count, mut b_data) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut written: Vec<i32> = Vec::new();
+        for (series_id, mut new) in series {
+            if unreadable.contains(&series_id) {
+                table.extend(new.iter().map(|(ts, value)| (series_id, *ts, *value)));
+                continue;
+            }
+            let mut old = existing.remove(&series_id).unwrap_or_default();
+            old.sort_by_key(|(ts, _)| *ts);
+            // Of readings at one time, the first (stored before, or first in the batch) wins.
+            new.sort_by_key(|(ts, _)| *ts);
+            new.dedup_by_key(|(ts, _)| *ts);
+            let mut merged: Vec<Point> = Vec::with_capacity(old.len() + new.len());
+            let mut fresh: Vec<NewPoint<'v>> = Vec::with_capacity(new.len());
+            let mut old = old.into_iter().peekable();
+            for (ts, value) in new {
+                while let Some(point) = old.next_if(|(old_ts, _)| *old_ts < ts) {
+                    merged.push(point);
+                }
+                if old.peek().is_some_and(|(old_ts, _)| *old_ts == ts) {
+                    continue;
+                }
+                fresh.push((ts, value));
+                merged.push((ts, value.clone()));
+            }
+            merged.extend(old);
+            let encoded: Result<Vec<_>, _> = merged
+                .chunks(MAX_BLOCK_READINGS)
+                .map(|chunk| {
+                    blocks::encode(chunk)
+                        .map(|data| (chunk[0].0, chunk[chunk.len() - 1].0, chunk.len(), data))
+                })
+                .collect();
+            let encoded = match encoded {
+                Ok(encoded) => encoded,
+                Err(error) => {
+                    // Not expected (pco refuses no sorted numbers); the new readings go to
+                    // rows, the old stay where they are.
+                    tracing::error!(
+                        series_id,
+                        error = format!("{error:#}"),
+                        "a block cannot be encoded"
+                    );
+                    table.extend(fresh.iter().map(|(ts, value)| (series_id, *ts, *value)));
+                    continue;
+                }
+            };
+            for (ts, value) in &fresh {
+                moves.add(series_id, *ts, stored(value));
+            }
+            written.push(series_id);
+            for (first, last, count, data) in encoded {
+                b_series.push(series_id);
+                b_first.push(from_us(first));
+                b_last.push(from_us(last));
+                b_count.push(count as i32);
+                b_data.push(data);
+            }
+        }
+        if written.is_empty() {
+            continue;
+        }
+        client
+            .execute(
+                "DELETE FROM telemetry.blocks
+                 WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
+                &[&written, &start, &end],
+            )
+            .await?;
+        client
+            .execute(
+                "INSERT INTO telemetry.blocks (series_id, first_ts, last_ts, count, data)
+                 SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::timestamptz[], $4::int4[], $5::bytea[])",
+                &[&b_series, &b_first, &b_last, &b_count, &b_data],
+            )
+            .await?;
+        if !old_rows.is_empty() {
+            client
+                .execute(
+                    "DELETE FROM telemetry.readings
+                     WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3",
+                    &[&written, &start, &end],
+                )
+                .await?;
+        }
+        client
+            .execute(
+                "INSERT INTO telemetry.compressed_days (day) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&start.date_naive()],
+            )
+            .await?;
+    }
+    Ok(table)
+}
