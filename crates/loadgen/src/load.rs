@@ -390,7 +390,8 @@ impl MqttDevice {
     }
 }
 
-/// What the platform's database holds of the load's devices: (device, time in ms).
+/// What the platform's database holds of the load's devices: (device, time in ms), in rows
+/// and in compressed blocks.
 pub async fn stored_readings(
     client: &tokio_postgres::Client,
 ) -> anyhow::Result<HashSet<(String, i64)>> {
@@ -402,10 +403,25 @@ pub async fn stored_readings(
             &[&HTTP_PREFIX, &MQTT_PREFIX],
         )
         .await?;
-    Ok(rows
+    let mut stored: HashSet<(String, i64)> = rows
         .into_iter()
         .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)))
-        .collect())
+        .collect();
+    let blocks = client
+        .query(
+            "SELECT s.device_id, b.data
+             FROM telemetry.blocks b JOIN telemetry.series s USING (series_id)
+             WHERE s.project = 'default' AND (s.device_id LIKE $1 || '%' OR s.device_id LIKE $2 || '%')",
+            &[&HTTP_PREFIX, &MQTT_PREFIX],
+        )
+        .await?;
+    for row in &blocks {
+        let device: String = row.get(0);
+        for (ts_us, _) in query_api::blocks::decode(row.get(1))? {
+            stored.insert((device.clone(), ts_us.div_euclid(1000)));
+        }
+    }
+    Ok(stored)
 }
 
 /// Readings stored per channel, from the series dictionary (cheap enough to poll).

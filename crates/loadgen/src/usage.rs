@@ -129,7 +129,8 @@ impl Cpu {
 }
 
 /// What the readings take: PostgreSQL (every partition of `telemetry.readings` with its
-/// indexes and TOAST, the rollups, the series dictionary) and the telemetry stream.
+/// indexes and TOAST, and the compressed blocks; the rollups, the series dictionary) and the
+/// telemetry stream.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Storage {
     pub readings: i64,
@@ -153,9 +154,11 @@ impl Storage {
         .await?;
         let row = client
             .query_one(
-                "SELECT (SELECT count(*) FROM telemetry.readings)::int8,
-                        (SELECT COALESCE(sum(pg_total_relation_size(inhrelid)), 0)
-                           FROM pg_inherits WHERE inhparent = 'telemetry.readings'::regclass)::int8,
+                "SELECT ((SELECT count(*) FROM telemetry.readings)
+                          + (SELECT COALESCE(sum(count), 0) FROM telemetry.blocks))::int8,
+                        ((SELECT COALESCE(sum(pg_total_relation_size(inhrelid)), 0)
+                           FROM pg_inherits WHERE inhparent = 'telemetry.readings'::regclass)
+                          + pg_total_relation_size('telemetry.blocks'))::int8,
                         (pg_total_relation_size('telemetry.rollup_1h')
                            + pg_total_relation_size('telemetry.rollup_1d'))::int8,
                         pg_total_relation_size('telemetry.series')::int8",
