@@ -10,6 +10,8 @@
 #      FL_MQTT_CONF, FL_MQTT_PORT, FL_MQTT_STATE_DIR  another broker than the machine's
 #                     (its configuration file, port and state directory; the tests use them)
 #      FL_PROVISION_ONLY=mosquitto  only the broker
+#      FL_PROVISION_ONLY=influxdb   only InfluxDB 1.x (installed, never started: `make bench`
+#                     runs its own to compare imports and bytes a reading)
 set -euo pipefail
 
 PG_DB="${FIELDLINE_PG_DB:-fieldline}"
@@ -394,6 +396,10 @@ ensure_pytools() {
 # ---------------------------------------------------------------- main
 if [[ ${FL_PROVISION_ONLY:-} == mosquitto ]]; then
     ensure_mosquitto
+    exit 0
+fi
+if [[ ${FL_PROVISION_ONLY:-} == influxdb ]]; then
+    ensure_cmd influxdb influxd
     exit 0
 fi
 ensure_cmd postgresql-client psql pg_isready createdb

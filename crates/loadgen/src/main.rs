@@ -4,6 +4,7 @@
 //! fault suite on the same platform, `loadgen soak` a steady load for many minutes.
 
 mod chaos;
+mod influx;
 mod load;
 mod platform;
 mod queries;
@@ -908,6 +909,30 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 )),
             ),
         ]);
+        if let Some(influx) = &result.influx {
+            figures.extend([
+                figure(
+                    "storage",
+                    "backfill of the measured case, durable, beside InfluxDB",
+                    result.backfill_readings_per_second,
+                    "readings/s",
+                    Some((
+                        "InfluxDB 1.6 line protocol, same readings",
+                        influx.readings_per_second,
+                    )),
+                ),
+                figure(
+                    "storage",
+                    "bytes a reading compressed, beside InfluxDB",
+                    per(result.compressed_bytes),
+                    "B",
+                    Some((
+                        "InfluxDB 1.6 after compaction",
+                        influx.data_bytes as f64 / influx.readings as f64,
+                    )),
+                ),
+            ]);
+        }
         details.insert("storage".into(), serde_json::to_value(&result)?);
     }
     let peak_memory = runner.peaks.into_inner();

@@ -1,8 +1,9 @@
 //! The storage scenario: the measured case, one device with 10 metrics read every
 //! 10 s for 11.5 days (1,000,000 readings, random walks with two decimals; 100,000 with
 //! `--quick`), imported through the backfill route as a wide CSV; then bytes a reading on disk
-//! as rows, compressed, and as the CSV itself; 1,000-row pages and the whole export over the
-//! same days open and compressed.
+//! written by the import (closed days go straight into compressed blocks), as rows (the same
+//! readings bulk-loaded for a second device), and as the CSV itself; 1,000-row pages and the
+//! whole export over the second device's days open, then compressed.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,10 @@ use crate::platform::{Platform, pg};
 const T0_MS: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 const METRICS: usize = 10;
 const STEP_MS: i64 = 10_000;
+/// Imported through the backfill route (closed days: straight into blocks).
 const DEVICE: &str = "storage-1";
+/// The same readings loaded as rows, for reads over the days open, then compressed.
+const ROWS_DEVICE: &str = "storage-0";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StorageResult {
@@ -24,9 +28,10 @@ pub struct StorageResult {
     pub backfill_readings_per_second: f64,
     /// The same rows by binary COPY into a bare copy of the readings table, same run.
     pub copy_rows_per_second: f64,
-    /// Partitions of the data's days (tables, indexes, toast) as rows.
+    /// Partitions of the data's days (tables, indexes, toast) holding the readings as rows.
     pub open_bytes: i64,
-    /// Blocks (table, toast, index) and what is left of the emptied partitions.
+    /// What the import wrote: blocks (table, toast, index) and the partitions of its days
+    /// (empty).
     pub compressed_bytes: i64,
     pub compressed_blocks_bytes: i64,
     pub compress_seconds: f64,
@@ -34,12 +39,35 @@ pub struct StorageResult {
     pub pages_per_second_compressed: f64,
     pub export_rows_per_second_open: f64,
     pub export_rows_per_second_compressed: f64,
+    /// The same readings into InfluxDB 1.x over line protocol, when `influxd` is installed.
+    pub influx: Option<crate::influx::InfluxResult>,
 }
 
 impl StorageResult {
     pub fn bytes_per_reading(&self, bytes: i64) -> f64 {
         bytes as f64 / self.readings.max(1) as f64
     }
+}
+
+/// The measured case as line protocol, one line a timestamp with the ten fields (as Telegraf
+/// writes a device's JSON), from the CSV.
+fn line_protocol(csv: &str) -> String {
+    let mut out = String::with_capacity(csv.len() * 2);
+    for line in csv.lines().skip(1) {
+        let mut fields = line.split(',');
+        let ts = fields.next().unwrap_or_default();
+        out.push_str(&format!("readings,device={DEVICE} "));
+        for (metric, value) in fields.enumerate() {
+            if metric > 0 {
+                out.push(',');
+            }
+            out.push_str(&format!("m{metric}={value}"));
+        }
+        out.push(' ');
+        out.push_str(ts);
+        out.push('\n');
+    }
+    out
 }
 
 /// The wide CSV of the measured case: `ts,m0,…,m9`, epoch milliseconds, two decimals.
@@ -81,9 +109,9 @@ async fn sizes(client: &tokio_postgres::Client) -> anyhow::Result<(i64, i64)> {
 
 /// 1,000-row pages walked with the cursor from the first reading, one after the other, for
 /// `duration` (or to the end): pages a second.
-async fn pages(platform: &Platform, duration: Duration) -> anyhow::Result<f64> {
+async fn pages(platform: &Platform, device: &str, duration: Duration) -> anyhow::Result<f64> {
     let base = format!(
-        "{}/api/v1/devices/{DEVICE}/readings?limit=1000",
+        "{}/api/v1/devices/{device}/readings?limit=1000",
         platform.url("query-api")
     );
     let started = Instant::now();
@@ -118,12 +146,12 @@ async fn pages(platform: &Platform, duration: Duration) -> anyhow::Result<f64> {
 }
 
 /// The whole history as CSV: rows a second.
-async fn export(platform: &Platform, readings: u64) -> anyhow::Result<f64> {
+async fn export(platform: &Platform, device: &str, readings: u64) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut response = platform
         .http
         .get(format!(
-            "{}/api/v1/devices/{DEVICE}/readings",
+            "{}/api/v1/devices/{device}/readings",
             platform.url("query-api")
         ))
         .bearer_auth(&platform.admin_key)
@@ -177,28 +205,65 @@ pub async fn run(
     );
     platform.wait_durable(Duration::from_secs(600)).await?;
     let backfill_seconds = started.elapsed().as_secs_f64();
-    let stored: i64 = client
-        .query_one(
-            "SELECT COALESCE(sum(count), 0)::int8 FROM telemetry.series",
-            &[],
-        )
+    let stored = |device: &'static str| {
+        let client = &client;
+        async move {
+            let stored: i64 = client
+                .query_one(
+                    "SELECT COALESCE(sum(count), 0)::int8 FROM telemetry.series WHERE device_id = $1",
+                    &[&device],
+                )
+                .await
+                .context("counting")?
+                .get(0);
+            anyhow::ensure!(
+                stored as u64 == readings,
+                "{device}: stored {stored} of {readings}"
+            );
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    stored(DEVICE).await?;
+    // What the import wrote: blocks, and the (empty) partitions of its days.
+    let (partitions_after, compressed_blocks_bytes) = sizes(&client).await.context("sizes")?;
+
+    // The same readings as rows of another device (binary COPY through query-api's own
+    // loader), for the reads over open days, then compressed by the task's code.
+    let series: Vec<(String, String, String)> = (0..METRICS)
+        .map(|m| {
+            (
+                "default".to_owned(),
+                ROWS_DEVICE.to_owned(),
+                format!("m{m}"),
+            )
+        })
+        .collect();
+    let points = body.lines().skip(1).flat_map(|line| {
+        let mut fields = line.split(',');
+        let ts_ms: i64 = fields
+            .next()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_default();
+        fields
+            .enumerate()
+            .map(move |(m, v)| (m, ts_ms * 1000, v.parse::<f64>().unwrap_or_default()))
+            .collect::<Vec<_>>()
+    });
+    let end_us = (T0_MS + rows as i64 * STEP_MS) * 1000;
+    query_api::bulk::load_numbers(&client, &series, (T0_MS * 1000, end_us), points)
         .await
-        .context("counting")?
-        .get(0);
-    anyhow::ensure!(stored as u64 == readings, "stored {stored} of {readings}");
-    client
-        .batch_execute("VACUUM ANALYZE telemetry.readings")
-        .await
-        .context("vacuum")?;
-    let (open_bytes, _) = sizes(&client).await.context("sizes")?;
+        .context("loading rows")?;
+    stored(ROWS_DEVICE).await?;
+    let (with_rows, _) = sizes(&client).await?;
+    let open_bytes = with_rows - partitions_after;
     let copy_rows_per_second =
         crate::raw::postgres_copy(&platform.servers, &platform.database, readings)
             .await
             .context("raw COPY")?;
 
     let page_time = duration.min(Duration::from_secs(10));
-    let pages_per_second_open = pages(platform, page_time).await?;
-    let export_rows_per_second_open = export(platform, readings).await?;
+    let pages_per_second_open = pages(platform, ROWS_DEVICE, page_time).await?;
+    let export_rows_per_second_open = export(platform, ROWS_DEVICE, readings).await?;
 
     eprintln!("[storage] compressing");
     let started = Instant::now();
@@ -212,9 +277,16 @@ pub async fn run(
         "compressed {} of {readings}",
         compressed.readings
     );
-    let (partitions_after, compressed_blocks_bytes) = sizes(&client).await?;
-    let pages_per_second_compressed = pages(platform, page_time).await?;
-    let export_rows_per_second_compressed = export(platform, readings).await?;
+    let pages_per_second_compressed = pages(platform, ROWS_DEVICE, page_time).await?;
+    let export_rows_per_second_compressed = export(platform, ROWS_DEVICE, readings).await?;
+
+    let influx = if crate::influx::installed() {
+        eprintln!("[storage] the same readings into InfluxDB over line protocol");
+        Some(crate::influx::run(line_protocol(&body), readings).await?)
+    } else {
+        eprintln!("[storage] influxd not installed: no InfluxDB figures (make bench installs it)");
+        None
+    };
 
     Ok(StorageResult {
         readings,
@@ -230,5 +302,6 @@ pub async fn run(
         pages_per_second_compressed,
         export_rows_per_second_open,
         export_rows_per_second_compressed,
+        influx,
     })
 }
