@@ -198,6 +198,9 @@ impl TestEnv {
             ("FIELDLINE_RATE_DEVICE_REQUESTS".into(), "1000000".into()),
             ("FIELDLINE_RATE_AUTH_FAILURES".into(), "1000000".into()),
             ("FIELDLINE_INGEST_MAX_AGE".into(), "36500days".into()),
+            // As in `config`: tests not about compression find readings where the writer
+            // put them.
+            ("FIELDLINE_COMPRESS_AFTER".into(), "36500days".into()),
             (
                 "FIELDLINE_READINGS_EARLIEST".into(),
                 "1970-01-01T00:00:00Z".into(),
