@@ -112,7 +112,9 @@ pub async fn store<'v>(
                 }
             }
         }
+        let mut had_rows: HashSet<i32> = HashSet::new();
         for row in &old_rows {
+            had_rows.insert(row.get(0));
             let ts: chrono::DateTime<chrono::Utc> = row.get(1);
             if let Some(value) = blocks::row_value(row, 2) {
                 existing
@@ -148,6 +150,10 @@ pub async fn store<'v>(
                 merged.push((ts, value.clone()));
             }
             merged.extend(old);
+            if fresh.is_empty() && !had_rows.contains(&series_id) {
+                // All stored already, all in blocks (a redelivery): nothing to write.
+                continue;
+            }
             let encoded: Result<Vec<_>, _> = merged
                 .chunks(MAX_BLOCK_READINGS)
                 .map(|chunk| {
