@@ -79,7 +79,8 @@ console-shots: provision
 		$(CARGO) test --locked -p fieldline --test e2e the_console -- --nocapture
 
 # Figures worth comparing: release build, 20 s per scenario, on a nats-server of the bench's own
-# (so its CPU per reading is measured too). Writes bench/report.{md,json}.
+# (so its CPU per reading is measured too). Each figure beside its raw limit, ratio and target,
+# and the ingest-scaling curve (1, 2, 4 processes). Writes bench/report.{md,json}.
 bench: provision
 	$(CARGO) build --locked --release -p fieldline -p loadgen
 	$(CARGO) run --locked --release --quiet -p loadgen --bin loadgen -- bench --private-nats --out bench

@@ -1188,7 +1188,72 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "no figures produced"
     );
     anyhow::ensure!(missing.is_empty(), "figures not produced: {missing:?}");
+    // And the figures issue 19 asks for are there at all, with their limits.
+    let absent: Vec<String> = required_figures(&figures, &wanted);
+    anyhow::ensure!(absent.is_empty(), "figures missing: {absent:?}");
     Ok(())
+}
+
+/// The figures each wanted scenario must produce (each with its limit where it has one), and
+/// at least two points of the scaling curve; what is missing, by name.
+fn required_figures(figures: &[Figure], wanted: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let required: [(&str, &str, bool); 9] = [
+        ("http-single", "requests accepted (1 reading each)", true),
+        (
+            "http-single",
+            "requests per CPU second of ingest-http",
+            true,
+        ),
+        ("queries", "1,000-row pages per second", true),
+        ("queries", "latest values p99", false),
+        (
+            "queries",
+            "CSV export of a device's day (Accept: text/csv), rows",
+            true,
+        ),
+        (
+            "queries",
+            "bytes per reading on disk, open (readings partitions, indexes, TOAST)",
+            false,
+        ),
+        (
+            "queries",
+            "bytes per reading as CSV (the export's body)",
+            false,
+        ),
+        ("webhooks-latency", "send→delivery p99", false),
+        (
+            "ingest-scaling",
+            "readings durable (100/request), 2 ingest-http + 2 query-api",
+            true,
+        ),
+    ];
+    let mut absent = Vec::new();
+    for (scenario, label, limited) in required {
+        if !wanted(scenario) {
+            continue;
+        }
+        let found = figures.iter().any(|f| {
+            f.scenario == scenario
+                && f.figure == label
+                && (!limited
+                    || f.ratio
+                        .is_some_and(|ratio| ratio.is_finite() && ratio > 0.0))
+        });
+        if !found {
+            absent.push(format!("{scenario}: {label}"));
+        }
+    }
+    if wanted("ingest-scaling")
+        && figures
+            .iter()
+            .filter(|f| f.scenario == "ingest-scaling" && f.figure.starts_with("readings durable"))
+            .count()
+            < 2
+    {
+        absent.push("ingest-scaling: two points of the curve".into());
+    }
+    absent
 }
 
 /// The `ingest-scaling` curve: durable readings a second and CPU per 1,000 readings (every
@@ -1297,4 +1362,47 @@ fn markdown(report: &Value, figures: &[Figure]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_figure_or_limit_is_named() {
+        let only = |name: &str| name == "queries";
+        let absent = required_figures(&[], &only);
+        assert!(absent.contains(&"queries: 1,000-row pages per second".to_owned()));
+        assert!(absent.iter().all(|name| name.starts_with("queries: ")));
+
+        let labels = [
+            "1,000-row pages per second",
+            "latest values p99",
+            "CSV export of a device's day (Accept: text/csv), rows",
+            "bytes per reading on disk, open (readings partitions, indexes, TOAST)",
+            "bytes per reading as CSV (the export's body)",
+        ];
+        let mut figures: Vec<Figure> = labels
+            .iter()
+            .map(|label| figure("queries", *label, 1.0, "x", Some(("limit", 2.0))))
+            .collect();
+        assert!(required_figures(&figures, &only).is_empty());
+        // A limited figure without its limit is as good as missing.
+        figures[0].ratio = None;
+        assert_eq!(
+            required_figures(&figures, &only),
+            vec!["queries: 1,000-row pages per second".to_owned()]
+        );
+    }
+
+    #[test]
+    fn targets_say_whether_they_were_met() {
+        let fast =
+            figure("queries", "latest values p99", 4.0, "ms", None).target(Target::AtMost(5.0));
+        assert_eq!(fast.target_text(), "≤ 5 ms: met");
+        let slow =
+            figure("x", "y", 1.0, "req/s", Some(("l", 2.0))).target(Target::RatioAtLeast(0.8));
+        assert_eq!(slow.met, Some(false));
+        assert_eq!(slow.target_text(), "ratio ≥ 0.80: missed");
+    }
 }
