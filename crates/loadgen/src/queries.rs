@@ -112,12 +112,14 @@ pub struct SeedStorage {
 
 impl SeedStorage {
     pub async fn measure(client: &tokio_postgres::Client) -> anyhow::Result<Self> {
-        // pg_partition_tree lists the table itself and every partition (of any depth).
+        // pg_partition_tree lists a partitioned table and every partition (of any depth), and
+        // nothing for a plain table: then the table's own size.
         let row = client
             .query_one(
                 "SELECT (SELECT count(*) FROM telemetry.readings)::int8,
-                        (SELECT COALESCE(sum(pg_total_relation_size(relid)), 0)
-                           FROM pg_partition_tree('telemetry.readings'))::int8,
+                        COALESCE(NULLIF((SELECT sum(pg_total_relation_size(relid))
+                                           FROM pg_partition_tree('telemetry.readings')), 0),
+                                 pg_total_relation_size('telemetry.readings'))::int8,
                         to_regclass('telemetry.blocks') IS NOT NULL",
                 &[],
             )
@@ -133,8 +135,9 @@ impl SeedStorage {
         let (compressed_bytes, compressed_readings) = if blocks {
             let row = client
                 .query_one(
-                    "SELECT (SELECT COALESCE(sum(pg_total_relation_size(relid)), 0)
-                               FROM pg_partition_tree('telemetry.blocks'))::int8,
+                    "SELECT COALESCE(NULLIF((SELECT sum(pg_total_relation_size(relid))
+                                               FROM pg_partition_tree('telemetry.blocks')), 0),
+                                     pg_total_relation_size('telemetry.blocks'))::int8,
                             (SELECT COALESCE(sum(count), 0) FROM telemetry.blocks)::int8",
                     &[],
                 )
