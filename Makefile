@@ -79,8 +79,9 @@ console-shots: provision
 		$(CARGO) test --locked -p fieldline --test e2e the_console -- --nocapture
 
 # Figures worth comparing: release build, 20 s per scenario, on a nats-server of the bench's own
-# (so its CPU per reading is measured too). Writes bench/report.{md,json}. InfluxDB 1.x is
-# installed (not started) for the storage scenario, which runs its own beside Fieldline.
+# (so its CPU per reading is measured too). Each figure beside its raw limit, ratio and target,
+# and the ingest-scaling curve (1, 2, 4 processes). Writes bench/report.{md,json}. InfluxDB 1.x
+# is installed (not started) for the storage scenario, which runs its own beside Fieldline.
 bench: provision
 	@FL_PROVISION_ONLY=influxdb bash deploy/local/provision.sh
 	$(CARGO) build --locked --release -p fieldline -p loadgen

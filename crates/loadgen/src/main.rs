@@ -45,6 +45,9 @@ enum Command {
     Chaos(chaos::ChaosArgs),
     /// A steady mixed load for many minutes: memory and table sizes at the start and the end.
     Soak(soak::SoakArgs),
+    /// The minimal ingest server `http-single` is judged against (started by the bench).
+    #[command(hide = true)]
+    RawIngest(raw::RawIngestArgs),
 }
 
 #[derive(clap::Args)]
@@ -59,8 +62,9 @@ struct BenchArgs {
     /// Where `report.md` and `report.json` go.
     #[arg(long, default_value = "bench")]
     out: PathBuf,
-    /// Comma list of scenarios (default: all): http-batched, http-single, mqtt-qos1,
-    /// webhooks-throughput, webhooks-latency, queries, queries-replica.
+    /// Comma list of scenarios (default: all): http-batched, http-single, ingest-scaling,
+    /// mqtt-qos1, webhooks-throughput, webhooks-latency, webhooks-batched, webhooks-ordered,
+    /// tracing, queries, queries-replica.
     #[arg(long)]
     scenarios: Option<String>,
     /// Events per second of the webhook latency scenario (default 1000; 200 with --quick).
@@ -93,17 +97,65 @@ struct BenchArgs {
 #[derive(Debug, Clone, Serialize)]
 struct Figure {
     scenario: &'static str,
-    figure: &'static str,
+    figure: std::borrow::Cow<'static, str>,
     value: f64,
     unit: &'static str,
     limit: Option<&'static str>,
     limit_value: Option<f64>,
     ratio: Option<f64>,
+    /// What the figure should reach (issue 19): a ratio to its limit, or a value not to pass.
+    target: Option<Target>,
+    /// Whether it did, in this run.
+    met: Option<bool>,
+}
+
+/// A figure's target.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Target {
+    /// At least this fraction of the raw limit.
+    RatioAtLeast(f64),
+    /// At most this value, in the figure's unit.
+    AtMost(f64),
+}
+
+impl Figure {
+    fn target(mut self, target: Target) -> Self {
+        self.met = Some(match target {
+            Target::RatioAtLeast(least) => self.ratio.is_some_and(|ratio| ratio >= least),
+            Target::AtMost(most) => self.value <= most,
+        });
+        self.target = Some(target);
+        self
+    }
+
+    fn target_text(&self) -> String {
+        let Some(target) = self.target else {
+            return String::new();
+        };
+        let verdict = if self.met == Some(true) {
+            "met"
+        } else {
+            "missed"
+        };
+        match target {
+            Target::RatioAtLeast(least) => format!("ratio ≥ {least:.2}: {verdict}"),
+            Target::AtMost(most) => format!("≤ {most} {}: {verdict}", self.unit),
+        }
+    }
 }
 
 /// The shared subscription's connections in the raw fan-in: ingest-mqtt's default
 /// `FIELDLINE_MQTT_SLOTS`.
 const INGEST_MQTT_CONNECTIONS: usize = 8;
+/// The limit of `http-single`: `loadgen raw-ingest`, one handler that publishes the body.
+const MINIMAL_INGEST: &str =
+    "minimal actix-web handler, same JetStream publish with ack, same process layout";
+/// Devices of `http-single`, each with one request in flight.
+const HTTP_SINGLE_CLIENTS: usize = 32;
+/// Devices of `ingest-scaling` (100 readings a request), spread over the ingest processes.
+const SCALING_CLIENTS: usize = 16;
+
 const FAN_IN: &str = "Mosquitto QoS 1, the scenario's devices → 8 shared subscribers";
 /// Raw QoS 1 on a broker without Dynamic Security: the figures above are with it, as the
 /// platform runs.
@@ -111,19 +163,21 @@ const QOS1_OPEN: &str = "Mosquitto QoS 1 pub→sub, no access checks";
 
 fn figure(
     scenario: &'static str,
-    figure: &'static str,
+    figure: impl Into<std::borrow::Cow<'static, str>>,
     value: f64,
     unit: &'static str,
     limit: Option<(&'static str, f64)>,
 ) -> Figure {
     Figure {
         scenario,
-        figure,
+        figure: figure.into(),
         value,
         unit,
         limit: limit.map(|(name, _)| name),
         limit_value: limit.map(|(_, value)| value),
         ratio: limit.map(|(_, limit)| if limit > 0.0 { value / limit } else { 0.0 }),
+        target: None,
+        met: None,
     }
 }
 
@@ -133,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench(args).await,
         Command::Chaos(args) => chaos::chaos(args).await,
         Command::Soak(args) => soak::soak(args).await,
+        Command::RawIngest(args) => raw::serve_raw_ingest(args).await,
     }
 }
 
@@ -200,7 +255,18 @@ impl Runner<'_> {
         extra: &[(&str, &str)],
         run: impl AsyncFnOnce(&Platform) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        self.scenario_on_servers(self.servers.clone(), open_broker, extra, run)
+        self.scenario_on_servers(self.servers.clone(), open_broker, extra, 1, run)
+            .await
+    }
+
+    /// A scenario with `processes` processes of ingest-http and of query-api (the others
+    /// one each).
+    async fn scenario_scaled<T>(
+        &self,
+        processes: usize,
+        run: impl AsyncFnOnce(&Platform) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        self.scenario_on_servers(self.servers.clone(), false, &[], processes, run)
             .await
     }
 
@@ -210,6 +276,7 @@ impl Runner<'_> {
         servers: Servers,
         open_broker: bool,
         extra: &[(&str, &str)],
+        processes: usize,
         run: impl AsyncFnOnce(&Platform) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
         let env: Vec<(&str, &str)> = self
@@ -218,8 +285,19 @@ impl Runner<'_> {
             .copied()
             .chain(extra.iter().copied())
             .collect();
-        let platform = Platform::start_on(self.fieldline, servers, &env, open_broker).await?;
-        let outcome = run(&platform).await;
+        let mut platform = Platform::start_on(self.fieldline, servers, &env, open_broker).await?;
+        let mut outcome = Ok(());
+        for _ in 1..processes {
+            for service in ["ingest-http", "query-api"] {
+                if outcome.is_ok() {
+                    outcome = platform.add_instance(service).await;
+                }
+            }
+        }
+        let outcome = match outcome {
+            Ok(()) => run(&platform).await,
+            Err(error) => Err(error.context("starting more processes")),
+        };
         {
             let mut peaks = self.peaks.borrow_mut();
             for (service, (_, peak)) in platform.memory() {
@@ -239,7 +317,10 @@ fn query_figures(
     result: &queries::QueriesResult,
 ) {
     let limits = [
-        None,
+        Some((
+            "same SQL straight to PostgreSQL, 32 connections",
+            result.raw_page.requests_per_second,
+        )),
         Some((
             "same SQL straight to PostgreSQL, 32 connections",
             result.raw_latest.requests_per_second,
@@ -286,16 +367,50 @@ fn query_figures(
             .iter()
             .zip([latency.p50_ms, latency.p99_ms, latency.p999_ms])
         {
-            figures.push(figure(scenario, label, value, "ms", None));
+            let mut latency = figure(scenario, *label, value, "ms", None);
+            if *label == "latest values p99" {
+                latency = latency.target(Target::AtMost(5.0));
+            }
+            figures.push(latency);
         }
-        figures.push(figure(
-            scenario,
-            labels[3],
-            result.requests_per_second,
-            "req/s",
-            limit,
-        ));
+        figures.push(
+            figure(
+                scenario,
+                labels[3],
+                result.requests_per_second,
+                "req/s",
+                limit,
+            )
+            .target(Target::RatioAtLeast(0.8)),
+        );
     }
+    figures.push(figure(
+        scenario,
+        "1,000-row page p99, same SQL straight to PostgreSQL",
+        result.raw_page.latency.p99_ms,
+        "ms",
+        None,
+    ));
+    figures.push(
+        figure(
+            scenario,
+            "CSV export of a device's day (Accept: text/csv), rows",
+            result.export.rows_per_second,
+            "rows/s",
+            Some((
+                "same SQL straight to PostgreSQL, rows streamed, 8 connections",
+                result.raw_export.rows_per_second,
+            )),
+        )
+        .target(Target::RatioAtLeast(0.8)),
+    );
+    figures.push(figure(
+        scenario,
+        "CSV export of a device's day p99",
+        result.export.latency.p99_ms,
+        "ms",
+        None,
+    ));
     figures.push(figure(
         scenario,
         "latest values p99, same SQL straight to PostgreSQL",
@@ -315,6 +430,31 @@ fn query_figures(
         "readings seeded (binary COPY, series stats and rollups)",
         result.seeded_readings as f64 / result.seed_seconds,
         "readings/s",
+        None,
+    ));
+    let storage = &result.storage;
+    figures.push(figure(
+        scenario,
+        "bytes per reading on disk, open (readings partitions, indexes, TOAST)",
+        storage.open_bytes_per_reading,
+        "bytes",
+        None,
+    ));
+    // Only where the schema has compressed day blocks (telemetry.blocks).
+    if let Some(compressed) = storage.compressed_bytes_per_reading {
+        figures.push(figure(
+            scenario,
+            "bytes per reading on disk, compressed (telemetry.blocks)",
+            compressed,
+            "bytes",
+            None,
+        ));
+    }
+    figures.push(figure(
+        scenario,
+        "bytes per reading as CSV (the export's body)",
+        result.export.csv_bytes as f64 / result.export.rows.max(1) as f64,
+        "bytes",
         None,
     ));
 }
@@ -528,13 +668,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "ms",
             None,
         ));
-        figures.push(figure(
-            "webhooks-latency",
-            "send→delivery p99",
-            result.latency.p99_ms,
-            "ms",
-            None,
-        ));
+        figures.push(
+            figure(
+                "webhooks-latency",
+                "send→delivery p99",
+                result.latency.p99_ms,
+                "ms",
+                None,
+            )
+            .target(Target::AtMost(50.0)),
+        );
         details.insert("webhooks-latency".into(), serde_json::to_value(&result)?);
     }
     if wanted("webhooks-batched") {
@@ -690,18 +833,93 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         details.insert("http-batched".into(), serde_json::to_value(&result)?);
     }
     if wanted("http-single") {
-        let result = runner
+        let (result, baseline) = runner
             .scenario(async |platform: &Platform| {
-                scenarios::http_ingest(platform, "http-single", 32, 1, duration).await
+                let result = scenarios::http_ingest(
+                    platform,
+                    "http-single",
+                    HTTP_SINGLE_CLIENTS,
+                    1,
+                    duration,
+                )
+                .await?;
+                // The limit: the same clients against a minimal server doing the same publish.
+                let baseline =
+                    scenarios::http_single_baseline(platform, HTTP_SINGLE_CLIENTS, duration)
+                        .await
+                        .context("minimal actix-web ingest")?;
+                anyhow::Ok((result, baseline))
             })
             .await?;
         figures.push(figure(
+            "raw",
+            MINIMAL_INGEST,
+            baseline.accepted_per_second,
+            "req/s",
+            None,
+        ));
+        figures.push(figure(
+            "raw",
+            "minimal actix-web ingest: CPU per 1,000 requests",
+            baseline.cpu_ms_per_1000,
+            "ms",
+            None,
+        ));
+        figures.push(
+            figure(
+                "http-single",
+                "requests accepted (1 reading each)",
+                result.accepted_per_second,
+                "req/s",
+                Some((MINIMAL_INGEST, baseline.accepted_per_second)),
+            )
+            .target(Target::RatioAtLeast(0.8)),
+        );
+        figures.push(figure(
             "http-single",
-            "requests accepted (1 reading each)",
+            "requests accepted, beside JetStream alone",
             result.accepted_per_second,
             "req/s",
             Some(("JetStream publish, acked", raw_jetstream)),
         ));
+        // The same comparison in CPU: on a 2-core machine the rest of the platform (the writer,
+        // PostgreSQL, presence, fan-out) takes cores from ingest-http, which the minimal
+        // server's stream (no consumer) does not; requests per CPU second compare the two
+        // handlers' own work.
+        let ingest_ms = result
+            .cpu
+            .ms_per_1000
+            .get("ingest-http")
+            .copied()
+            .unwrap_or_default();
+        figures.push(figure(
+            "http-single",
+            "ingest-http CPU per 1,000 requests",
+            ingest_ms,
+            "ms",
+            None,
+        ));
+        let per_cpu_second = |ms_per_1000: f64| {
+            if ms_per_1000 > 0.0 {
+                1_000_000.0 / ms_per_1000
+            } else {
+                0.0
+            }
+        };
+        figures.push(figure(
+            "http-single",
+            "requests per CPU second of ingest-http",
+            per_cpu_second(ingest_ms),
+            "req/core-s",
+            Some((
+                "minimal actix-web handler, requests per CPU second",
+                per_cpu_second(baseline.cpu_ms_per_1000),
+            )),
+        ));
+        details.insert(
+            "http-single-minimal-actix".into(),
+            serde_json::to_value(&baseline)?,
+        );
         figures.push(figure(
             "http-single",
             "request latency p50",
@@ -738,6 +956,94 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             None,
         ));
         details.insert("http-single".into(), serde_json::to_value(&result)?);
+    }
+    if wanted("ingest-scaling") {
+        // HTTP batches: ingest-http scales out behind a load balancer with nothing shared,
+        // so the curve is the product's and not the broker's (MQTT's fixed slot sessions
+        // spread over the processes, through one Mosquitto). --quick: 1 and 2 processes.
+        let steps: &[usize] = if args.quick { &[1, 2] } else { &[1, 2, 4] };
+        let mut curve = Vec::new();
+        let mut single = None;
+        for &processes in steps {
+            let result = runner
+                .scenario_scaled(processes, async |platform: &Platform| {
+                    scenarios::http_ingest(
+                        platform,
+                        "ingest-scaling",
+                        SCALING_CLIENTS,
+                        100,
+                        duration,
+                    )
+                    .await
+                })
+                .await?;
+            let per_1000 = |prefix: &str| -> f64 {
+                result
+                    .cpu
+                    .ms_per_1000
+                    .iter()
+                    .filter(|(process, _)| {
+                        *process == prefix || process.starts_with(&format!("{prefix}#"))
+                    })
+                    .map(|(_, ms)| ms)
+                    .sum()
+            };
+            let (ingest, query, backends) = (
+                per_1000("ingest-http"),
+                per_1000("query-api"),
+                per_1000("postgres backends"),
+            );
+            let nats = result.cpu.ms_per_1000.get("nats-server").copied();
+            let label =
+                |what: &str| format!("{what}, {processes} ingest-http + {processes} query-api");
+            figures.push(figure(
+                "ingest-scaling",
+                label("readings durable (100/request)"),
+                result.durable_per_second,
+                "readings/s",
+                single.map(|one| ("the same with 1 process of each", one)),
+            ));
+            figures.push(figure(
+                "ingest-scaling",
+                label("ingest-http CPU per 1,000 readings, all processes"),
+                ingest,
+                "ms",
+                None,
+            ));
+            figures.push(figure(
+                "ingest-scaling",
+                label("query-api CPU per 1,000 readings, all processes"),
+                query,
+                "ms",
+                None,
+            ));
+            figures.push(figure(
+                "ingest-scaling",
+                label("PostgreSQL backends CPU per 1,000 readings"),
+                backends,
+                "ms",
+                None,
+            ));
+            single.get_or_insert(result.durable_per_second);
+            curve.push(json!({
+                "processes": processes,
+                "durable_per_second": result.durable_per_second,
+                "accepted_per_second": result.accepted_per_second,
+                "scale": result.durable_per_second / single.unwrap_or(1.0),
+                "ms_per_1000": {
+                    "ingest-http": ingest,
+                    "query-api": query,
+                    "postgres backends": backends,
+                    "nats-server": nats,
+                },
+                "latency_p99_ms": result.latency.p99_ms,
+            }));
+            details.insert(
+                format!("ingest-scaling-{processes}"),
+                serde_json::to_value(&result)?,
+            );
+        }
+        details.insert("ingest-scaling".into(), json!(curve));
     }
     if wanted("mqtt-qos1") {
         let result = runner
@@ -842,6 +1148,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 runner.servers.with_pg_url(primary.server_url()),
                 false,
                 &[("FIELDLINE_DATABASE_READ_URL", read_url.as_str())],
+                1,
                 async |platform: &Platform| queries::run(platform, seed, 32, duration, true).await,
             )
             .await?;
@@ -963,14 +1270,114 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let missing: Vec<_> = figures
         .iter()
         .filter(|f| f.unit != "msg" && !(f.value.is_finite() && f.value > 0.0))
-        .map(|f| f.figure)
+        .map(|f| f.figure.clone())
         .collect();
     anyhow::ensure!(
         !missing.is_empty() || !figures.is_empty(),
         "no figures produced"
     );
     anyhow::ensure!(missing.is_empty(), "figures not produced: {missing:?}");
+    // And the figures issue 19 asks for are there at all, with their limits.
+    let absent: Vec<String> = required_figures(&figures, &wanted);
+    anyhow::ensure!(absent.is_empty(), "figures missing: {absent:?}");
     Ok(())
+}
+
+/// The figures each wanted scenario must produce (each with its limit where it has one), and
+/// at least two points of the scaling curve; what is missing, by name.
+fn required_figures(figures: &[Figure], wanted: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let required: [(&str, &str, bool); 9] = [
+        ("http-single", "requests accepted (1 reading each)", true),
+        (
+            "http-single",
+            "requests per CPU second of ingest-http",
+            true,
+        ),
+        ("queries", "1,000-row pages per second", true),
+        ("queries", "latest values p99", false),
+        (
+            "queries",
+            "CSV export of a device's day (Accept: text/csv), rows",
+            true,
+        ),
+        (
+            "queries",
+            "bytes per reading on disk, open (readings partitions, indexes, TOAST)",
+            false,
+        ),
+        (
+            "queries",
+            "bytes per reading as CSV (the export's body)",
+            false,
+        ),
+        ("webhooks-latency", "send→delivery p99", false),
+        (
+            "ingest-scaling",
+            "readings durable (100/request), 2 ingest-http + 2 query-api",
+            true,
+        ),
+    ];
+    let mut absent = Vec::new();
+    for (scenario, label, limited) in required {
+        if !wanted(scenario) {
+            continue;
+        }
+        let found = figures.iter().any(|f| {
+            f.scenario == scenario
+                && f.figure == label
+                && (!limited
+                    || f.ratio
+                        .is_some_and(|ratio| ratio.is_finite() && ratio > 0.0))
+        });
+        if !found {
+            absent.push(format!("{scenario}: {label}"));
+        }
+    }
+    if wanted("ingest-scaling")
+        && figures
+            .iter()
+            .filter(|f| f.scenario == "ingest-scaling" && f.figure.starts_with("readings durable"))
+            .count()
+            < 2
+    {
+        absent.push("ingest-scaling: two points of the curve".into());
+    }
+    absent
+}
+
+/// The `ingest-scaling` curve: durable readings a second and CPU per 1,000 readings (every
+/// process of a kind together) at each process count.
+fn scaling_table(report: &Value) -> String {
+    let Some(curve) = report["details"]["ingest-scaling"].as_array() else {
+        return String::new();
+    };
+    let mut out = String::from(
+        "\nScaling (`ingest-scaling`: 16 devices posting 100 readings a request, spread over N \
+         ingest-http processes, N query-api processes sharing the writer consumer; CPU ms per \
+         1,000 readings stored, the N processes of a kind together):\n\n\
+         | N | readings durable/s | × N=1 | ingest-http | query-api | postgres backends | nats-server |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for step in curve {
+        let ms = &step["ms_per_1000"];
+        let cell = |value: &Value| {
+            value
+                .as_f64()
+                .map(|ms| format!("{ms:.1}"))
+                .unwrap_or_else(|| "-".into())
+        };
+        out.push_str(&format!(
+            "| {} | {:.0} | {:.2} | {} | {} | {} | {} |\n",
+            step["processes"],
+            step["durable_per_second"].as_f64().unwrap_or_default(),
+            step["scale"].as_f64().unwrap_or_default(),
+            cell(&ms["ingest-http"]),
+            cell(&ms["query-api"]),
+            cell(&ms["postgres backends"]),
+            cell(&ms["nats-server"]),
+        ));
+    }
+    out
 }
 
 /// CPU of each process per scenario (from /proc; the NATS server's with --private-nats only),
@@ -1011,7 +1418,7 @@ fn markdown(report: &Value, figures: &[Figure]) -> String {
         machine["memory_gib"],
         machine["cpu"].as_str().unwrap_or_default(),
     );
-    out.push_str("| scenario | figure | value | raw limit | limit | ratio |\n| --- | --- | ---: | --- | ---: | ---: |\n");
+    out.push_str("| scenario | figure | value | raw limit | limit | ratio | target |\n| --- | --- | ---: | --- | ---: | ---: | --- |\n");
     for f in figures {
         // Milliseconds and bytes a reading are small numbers: two decimals.
         let precision = if matches!(f.unit, "ms" | "B") { 2 } else { 0 };
@@ -1021,7 +1428,7 @@ fn markdown(report: &Value, figures: &[Figure]) -> String {
             .unwrap_or_default();
         let ratio = f.ratio.map(|r| format!("{r:.2}")).unwrap_or_default();
         out.push_str(&format!(
-            "| {} | {} | {:.*} {} | {} | {} | {} |\n",
+            "| {} | {} | {:.*} {} | {} | {} | {} | {} |\n",
             f.scenario,
             f.figure,
             precision,
@@ -1029,9 +1436,11 @@ fn markdown(report: &Value, figures: &[Figure]) -> String {
             f.unit,
             f.limit.unwrap_or(""),
             limit_value,
-            ratio
+            ratio,
+            f.target_text()
         ));
     }
+    out.push_str(&scaling_table(report));
     out.push_str(&cpu_table(report));
     out.push_str("\n| service | idle RSS (MiB) | peak RSS (MiB) |\n| --- | ---: | ---: |\n");
     for m in report["memory"].as_array().into_iter().flatten() {
@@ -1043,4 +1452,47 @@ fn markdown(report: &Value, figures: &[Figure]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_figure_or_limit_is_named() {
+        let only = |name: &str| name == "queries";
+        let absent = required_figures(&[], &only);
+        assert!(absent.contains(&"queries: 1,000-row pages per second".to_owned()));
+        assert!(absent.iter().all(|name| name.starts_with("queries: ")));
+
+        let labels = [
+            "1,000-row pages per second",
+            "latest values p99",
+            "CSV export of a device's day (Accept: text/csv), rows",
+            "bytes per reading on disk, open (readings partitions, indexes, TOAST)",
+            "bytes per reading as CSV (the export's body)",
+        ];
+        let mut figures: Vec<Figure> = labels
+            .iter()
+            .map(|label| figure("queries", *label, 1.0, "x", Some(("limit", 2.0))))
+            .collect();
+        assert!(required_figures(&figures, &only).is_empty());
+        // A limited figure without its limit is as good as missing.
+        figures[0].ratio = None;
+        assert_eq!(
+            required_figures(&figures, &only),
+            vec!["queries: 1,000-row pages per second".to_owned()]
+        );
+    }
+
+    #[test]
+    fn targets_say_whether_they_were_met() {
+        let fast =
+            figure("queries", "latest values p99", 4.0, "ms", None).target(Target::AtMost(5.0));
+        assert_eq!(fast.target_text(), "≤ 5 ms: met");
+        let slow =
+            figure("x", "y", 1.0, "req/s", Some(("l", 2.0))).target(Target::RatioAtLeast(0.8));
+        assert_eq!(slow.met, Some(false));
+        assert_eq!(slow.target_text(), "ratio ≥ 0.80: missed");
+    }
 }

@@ -351,6 +351,15 @@ impl Platform {
         format!("http://127.0.0.1:{}", self.ports[service])
     }
 
+    /// The base URL of every process of `service`, the first first.
+    pub fn urls(&self, service: &str) -> Vec<String> {
+        self.instances
+            .iter()
+            .filter(|instance| instance.service == service)
+            .map(|instance| format!("http://127.0.0.1:{}", instance.port))
+            .collect()
+    }
+
     /// Starts one more process of `service` (beside the first, on a port of its own) and
     /// waits until it is ready.
     pub async fn add_instance(&mut self, service: &'static str) -> anyhow::Result<()> {

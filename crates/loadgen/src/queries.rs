@@ -1,7 +1,10 @@
 //! The query scenario: 10 million readings of 1,000 devices (100,000 with `--quick`) seeded
 //! into the product's own tables with binary COPY through query-api's series mapping, then
 //! 32 HTTP clients asking for a 1,000-row page, latest values, and a 24-hour aggregate in
-//! 5-minute buckets, one kind after the other, each for the scenario's duration.
+//! 5-minute buckets, then 8 clients exporting a device's last day as CSV, one kind after the
+//! other, each for the scenario's duration. Each kind is judged against the same SQL sent
+//! straight to PostgreSQL from as many connections; what the seeded readings take on disk
+//! (and as CSV) is measured too.
 
 use std::time::{Duration, Instant};
 
@@ -72,6 +75,95 @@ pub struct QueriesResult {
     /// connections as there are clients (no HTTP, no auth, no JSON).
     pub raw_latest: QueryFigures,
     pub raw_aggregate: QueryFigures,
+    pub raw_page: QueryFigures,
+    /// CSV exports of one device's last day (`Accept: text/csv`), by `export_clients`.
+    pub export: ExportFigures,
+    /// The export's SQL (the device's series, then one SELECT per series in a read-only
+    /// transaction), its rows streamed straight from PostgreSQL.
+    pub raw_export: ExportFigures,
+    pub export_clients: usize,
+    pub storage: SeedStorage,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportFigures {
+    pub exports: u64,
+    pub exports_per_second: f64,
+    pub rows: u64,
+    pub rows_per_second: f64,
+    /// CSV bytes of the rows (header lines left out); 0 for the raw rows.
+    pub csv_bytes: u64,
+    pub latency: Latency,
+}
+
+/// What the seeded readings take, measured right after the seed.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedStorage {
+    pub readings: i64,
+    /// Every partition of `telemetry.readings` with its indexes and TOAST.
+    pub open_bytes: i64,
+    pub open_bytes_per_reading: f64,
+    /// `telemetry.blocks` (compressed day blocks), when the schema has it: its total size
+    /// and the readings its blocks hold.
+    pub compressed_bytes: Option<i64>,
+    pub compressed_readings: Option<i64>,
+    pub compressed_bytes_per_reading: Option<f64>,
+}
+
+impl SeedStorage {
+    pub async fn measure(client: &tokio_postgres::Client) -> anyhow::Result<Self> {
+        // pg_partition_tree lists a partitioned table and every partition (of any depth), and
+        // nothing for a plain table: then the table's own size.
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM telemetry.readings)::int8,
+                        COALESCE(NULLIF((SELECT sum(pg_total_relation_size(relid))
+                                           FROM pg_partition_tree('telemetry.readings')), 0),
+                                 pg_total_relation_size('telemetry.readings'))::int8,
+                        to_regclass('telemetry.blocks') IS NOT NULL",
+                &[],
+            )
+            .await?;
+        let (readings, open_bytes, blocks): (i64, i64, bool) = (row.get(0), row.get(1), row.get(2));
+        let per = |bytes: i64, readings: i64| {
+            if readings > 0 {
+                bytes as f64 / readings as f64
+            } else {
+                0.0
+            }
+        };
+        let (compressed_bytes, compressed_readings) = if blocks {
+            let row = client
+                .query_one(
+                    "SELECT COALESCE(NULLIF((SELECT sum(pg_total_relation_size(relid))
+                                               FROM pg_partition_tree('telemetry.blocks')), 0),
+                                     pg_total_relation_size('telemetry.blocks'))::int8,
+                            (SELECT COALESCE(sum(count), 0) FROM telemetry.blocks)::int8",
+                    &[],
+                )
+                .await?;
+            // Blocks that hold nothing yet (closed days are compressed by the maintenance
+            // round, later): no compressed figure; the storage scenario has one.
+            let held: i64 = row.get(1);
+            if held > 0 {
+                (Some(row.get::<_, i64>(0)), Some(held))
+            } else {
+                (None, None)
+            }
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            readings,
+            open_bytes,
+            open_bytes_per_reading: per(open_bytes, readings),
+            compressed_bytes,
+            compressed_readings,
+            compressed_bytes_per_reading: compressed_bytes
+                .zip(compressed_readings)
+                .map(|(bytes, readings)| per(bytes, readings)),
+        })
+    }
 }
 
 const RAW_LATEST_SQL: &str =
@@ -86,6 +178,197 @@ const RAW_AGGREGATE_SQL: &str = "SELECT series_id, date_bin(make_interval(secs =
                         WHERE project = 'default' AND device_id = $1 AND metric = $2)
        AND ts >= $3 AND ts < $4
      GROUP BY 1, 2";
+
+/// query-api's statements for a page of a device's history from a start time on (no end):
+/// its series, what they hold of the range (`narrow_range`, for a range over 8 days), then
+/// the page itself (`Repo::readings`, ascending, no cursor, no metric list).
+const RAW_DEVICE_SERIES_SQL: &str = "SELECT series_id, metric FROM telemetry.series
+     WHERE project = $1 AND device_id = $2 AND ($3::text[] IS NULL OR metric = ANY($3))";
+
+const RAW_NARROW_SQL: &str = "SELECT min(first_ts), max(last_ts) FROM telemetry.series
+     WHERE series_id = ANY($1) AND count > 0";
+
+const RAW_PAGE_SQL: &str = "WITH keys AS (
+         SELECT s.series_id, s.metric, k.ts
+         FROM telemetry.series s
+         CROSS JOIN LATERAL (
+             SELECT r.ts FROM telemetry.readings r
+             WHERE r.series_id = s.series_id AND r.ts >= $3 AND r.ts < $4
+               AND ($5::timestamptz IS NULL OR (r.ts > $5 OR (r.ts = $5 AND s.metric COLLATE \"C\" > $6)))
+             ORDER BY r.ts ASC LIMIT $7) k
+         WHERE s.project = $1 AND s.device_id = $2
+           AND ($8::text[] IS NULL OR s.metric = ANY($8))
+         ORDER BY k.ts ASC, s.metric COLLATE \"C\" ASC LIMIT $7
+     )
+     (SELECT keys.metric, keys.ts, r.value_num, r.value_bool, r.value_text, NULL::bytea
+      FROM keys JOIN telemetry.readings r
+        ON r.series_id = keys.series_id AND r.ts = keys.ts AND r.ts >= $3 AND r.ts < $4
+      ORDER BY keys.ts ASC, keys.metric COLLATE \"C\" ASC)
+     UNION ALL
+     SELECT s.metric, x.first_ts, NULL, NULL, NULL, x.data
+     FROM telemetry.series s
+     CROSS JOIN LATERAL (
+         SELECT b.first_ts, b.data, row_number() OVER w AS n,
+                sum(b.count) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                  - first_value(b.count) OVER w AS before
+         FROM telemetry.blocks b
+         WHERE b.series_id = s.series_id AND b.first_ts < $4
+           AND b.first_ts > $3 - interval '1 day' AND b.last_ts >= $3
+         WINDOW w AS (ORDER BY b.first_ts ASC)) x
+     WHERE s.project = $1 AND s.device_id = $2
+       AND ($8::text[] IS NULL OR s.metric = ANY($8))
+       AND (x.n = 1 OR x.before < $7)";
+
+/// The export's statement for one series (`export::run`, ascending).
+const RAW_EXPORT_SQL: &str = "SELECT ts, value_num, value_bool, value_text FROM telemetry.readings
+     WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts ASC";
+
+/// A device's series, as query-api asks for them.
+async fn raw_series(
+    client: &tokio_postgres::Client,
+    statement: &tokio_postgres::Statement,
+    device_id: &str,
+) -> anyhow::Result<Vec<i32>> {
+    let none: Option<Vec<String>> = None;
+    Ok(client
+        .query(statement, &[&"default", &device_id, &none])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
+}
+
+/// One page request's statements on `client`, as query-api runs them; rows of the page.
+async fn raw_page(
+    client: &tokio_postgres::Client,
+    statements: &[tokio_postgres::Statement],
+    device_id: &str,
+    start: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<u64> {
+    let series = raw_series(client, &statements[0], device_id).await?;
+    let row = client.query_one(&statements[1], &[&series]).await?;
+    let first: Option<chrono::DateTime<chrono::Utc>> = row.get(0);
+    let last: Option<chrono::DateTime<chrono::Utc>> = row.get(1);
+    let (Some(first), Some(last)) = (first, last) else {
+        return Ok(0);
+    };
+    let start = start.max(first);
+    let end = last + chrono::Duration::microseconds(1);
+    let none_ts: Option<chrono::DateTime<chrono::Utc>> = None;
+    let none_text: Option<String> = None;
+    let none_metrics: Option<Vec<String>> = None;
+    let limit = 1_001i64;
+    let rows = client
+        .query(
+            &statements[2],
+            &[
+                &"default",
+                &device_id,
+                &start,
+                &end,
+                &none_ts,
+                &none_text,
+                &limit,
+                &none_metrics,
+            ],
+        )
+        .await?;
+    Ok(rows.len() as u64)
+}
+
+/// One export's statements on `client`: the device's series, then each series' rows in
+/// the range in one read-only transaction, streamed (nothing formatted); rows read.
+async fn raw_export(
+    client: &mut tokio_postgres::Client,
+    statements: &[tokio_postgres::Statement],
+    device_id: &str,
+    (start, end): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>),
+) -> anyhow::Result<u64> {
+    use futures::TryStreamExt as _;
+    let series = raw_series(client, &statements[0], device_id).await?;
+    let transaction = client.build_transaction().read_only(true).start().await?;
+    let mut rows = 0u64;
+    for series_id in series {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&series_id, &start, &end];
+        let stream = transaction.query_raw(&statements[1], params).await?;
+        let mut stream = std::pin::pin!(stream);
+        while let Some(row) = stream.try_next().await? {
+            std::hint::black_box(&row);
+            rows += 1;
+        }
+    }
+    transaction.commit().await?;
+    Ok(rows)
+}
+
+/// `clients` connections each running a page's or an export's statements for a random
+/// device until `duration` is over.
+async fn measure_raw_rows(
+    platform: &Platform,
+    name: &str,
+    clients: usize,
+    duration: Duration,
+    devices: usize,
+    export: bool,
+    window: (i64, i64),
+) -> anyhow::Result<ExportFigures> {
+    let url = format!("{}/{}", platform.servers.pg_url, platform.database);
+    let sqls: &[&str] = if export {
+        &[RAW_DEVICE_SERIES_SQL, RAW_EXPORT_SQL]
+    } else {
+        &[RAW_DEVICE_SERIES_SQL, RAW_NARROW_SQL, RAW_PAGE_SQL]
+    };
+    let mut connections = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let client = pg(&url).await?;
+        let mut statements = Vec::new();
+        for sql in sqls {
+            statements.push(client.prepare(sql).await?);
+        }
+        connections.push((client, statements));
+    }
+    let at = |us: i64| chrono::DateTime::from_timestamp_micros(us).unwrap_or_default();
+    let (start, end) = (at(window.0), at(window.1));
+    let progress = Progress::start(name, "requests");
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(clients);
+    for (mut client, statements) in connections {
+        let counter = progress.counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Histogram<u64> = histogram();
+            let mut rows = 0u64;
+            while started.elapsed() < duration {
+                let device_id = format!("q-{}", rand::random_range(0..devices));
+                let sent = Instant::now();
+                rows += if export {
+                    raw_export(&mut client, &statements, &device_id, (start, end)).await?
+                } else {
+                    raw_page(&client, &statements, &device_id, start).await?
+                };
+                let _ = latencies.record(sent.elapsed().as_micros() as u64);
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            anyhow::Ok((latencies, rows))
+        }));
+    }
+    let mut latencies = histogram();
+    let mut rows = 0;
+    for task in tasks {
+        let (task_latencies, task_rows) = task.await??;
+        latencies.add(task_latencies)?;
+        rows += task_rows;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(progress);
+    Ok(ExportFigures {
+        exports: latencies.len(),
+        exports_per_second: latencies.len() as f64 / elapsed,
+        rows,
+        rows_per_second: rows as f64 / elapsed,
+        csv_bytes: 0,
+        latency: summarize(&latencies),
+    })
+}
 
 /// `clients` connections each running `sql` for a random device until `duration` is over.
 async fn measure_sql(
@@ -178,6 +461,10 @@ async fn replica_fallbacks(platform: &Platform) -> anyhow::Result<f64> {
         .fold(0.0, |total, value| total + value))
 }
 
+/// Clients exporting at once (each export streams a device's day: 9,600 rows in the full
+/// seed), and connections of its SQL-only limit.
+const EXPORT_CLIENTS: usize = 8;
+
 /// `replica`: query-api has a read replica (`FIELDLINE_DATABASE_READ_URL`); the measures
 /// start once it is in use (the raw SQL limits still go to the primary).
 pub async fn run(
@@ -232,6 +519,9 @@ pub async fn run(
         .context("seeding readings")?;
     let seed_seconds = seeding.elapsed().as_secs_f64();
     eprintln!("[queries] seeded {seeded} readings in {seed_seconds:.1} s");
+    let storage = SeedStorage::measure(&client)
+        .await
+        .context("measuring the seed's size")?;
     if replica {
         eprintln!("[queries] waiting for the replica to catch up");
         replica_in_use(platform).await?;
@@ -260,6 +550,7 @@ pub async fn run(
     };
     let aggregate = {
         let base = base.clone();
+        let (day_start, day_end) = (day_start.clone(), day_end.clone());
         move |device: usize| {
             format!(
                 "{base}/api/v1/devices/{prefix}{device}/readings/aggregate?metric=m{}&start={day_start}&end={day_end}&interval=5m&fn=avg,min,max",
@@ -314,6 +605,35 @@ pub async fn run(
         Some((end_us - 24 * 3_600_000_000, end_us)),
     )
     .await?;
+    let raw_page = measure_raw_rows(
+        platform,
+        "queries: 1,000-row page, SQL only",
+        clients,
+        duration,
+        devices,
+        false,
+        (end_us - 24 * 3_600_000_000, end_us),
+    )
+    .await?;
+    let export = measure_export(
+        platform,
+        "queries: CSV export of a day",
+        EXPORT_CLIENTS,
+        duration,
+        devices,
+        (day_start.clone(), day_end.clone()),
+    )
+    .await?;
+    let raw_export = measure_raw_rows(
+        platform,
+        "queries: export, SQL rows only",
+        EXPORT_CLIENTS,
+        duration,
+        devices,
+        true,
+        (end_us - 24 * 3_600_000_000, end_us),
+    )
+    .await?;
     let fallbacks = if replica {
         let fallbacks = replica_fallbacks(platform).await?;
         replica_in_use(platform).await?;
@@ -332,6 +652,15 @@ pub async fn run(
         aggregate,
         raw_latest,
         raw_aggregate,
+        raw_page: QueryFigures {
+            requests: raw_page.exports,
+            requests_per_second: raw_page.exports_per_second,
+            latency: raw_page.latency,
+        },
+        export,
+        raw_export,
+        export_clients: EXPORT_CLIENTS,
+        storage,
     })
 }
 
@@ -395,6 +724,88 @@ async fn measure(
     Ok(QueryFigures {
         requests: latencies.len(),
         requests_per_second: latencies.len() as f64 / elapsed,
+        latency: summarize(&latencies),
+    })
+}
+
+const CSV_HEADER: &[u8] = b"ts,metric,value\n";
+
+/// One CSV export: rows and bytes of the body past the header line.
+async fn export_csv(http: &reqwest::Client, key: &str, url: String) -> anyhow::Result<(u64, u64)> {
+    let response = http
+        .get(url)
+        .bearer_auth(key)
+        .header("accept", "text/csv")
+        .send()
+        .await?;
+    let status = response.status();
+    let body = response.bytes().await?;
+    anyhow::ensure!(
+        status.is_success() && body.starts_with(CSV_HEADER),
+        "{status}: {}",
+        String::from_utf8_lossy(&body[..body.len().min(200)])
+    );
+    let lines = body.iter().filter(|byte| **byte == b'\n').count() as u64;
+    Ok((lines - 1, (body.len() - CSV_HEADER.len()) as u64))
+}
+
+/// `clients` loops each exporting a random device's `[start, end)` as CSV (`Accept:
+/// text/csv`) until `duration` is over; rows and CSV bytes received (header lines left out).
+async fn measure_export(
+    platform: &Platform,
+    name: &str,
+    clients: usize,
+    duration: Duration,
+    devices: usize,
+    (start, end): (String, String),
+) -> anyhow::Result<ExportFigures> {
+    let base = platform.url("query-api");
+    let url = move |device: usize| {
+        format!("{base}/api/v1/devices/q-{device}/readings?start={start}&end={end}")
+    };
+    // A warm-up export per client (connections, caches, plans).
+    for device in 0..clients.min(devices) {
+        export_csv(&platform.http, &platform.admin_key, url(device)).await?;
+    }
+    let progress = Progress::start(name, "exports");
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let http = platform.http.clone();
+        let key = platform.admin_key.clone();
+        let counter = progress.counter.clone();
+        let urls: Vec<String> = (0..devices).map(&url).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Histogram<u64> = histogram();
+            let (mut rows, mut bytes) = (0u64, 0u64);
+            while started.elapsed() < duration {
+                let url = urls[rand::random_range(0..urls.len())].clone();
+                let sent = Instant::now();
+                let (more_rows, more_bytes) = export_csv(&http, &key, url).await?;
+                let _ = latencies.record(sent.elapsed().as_micros() as u64);
+                rows += more_rows;
+                bytes += more_bytes;
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            anyhow::Ok((latencies, rows, bytes))
+        }));
+    }
+    let mut latencies = histogram();
+    let (mut rows, mut csv_bytes) = (0, 0);
+    for task in tasks {
+        let (task_latencies, task_rows, task_bytes) = task.await??;
+        latencies.add(task_latencies)?;
+        rows += task_rows;
+        csv_bytes += task_bytes;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(progress);
+    Ok(ExportFigures {
+        exports: latencies.len(),
+        exports_per_second: latencies.len() as f64 / elapsed,
+        rows,
+        rows_per_second: rows as f64 / elapsed,
+        csv_bytes,
         latency: summarize(&latencies),
     })
 }

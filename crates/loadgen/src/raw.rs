@@ -341,3 +341,166 @@ pub async fn http_posts(requests: u64) -> anyhow::Result<f64> {
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
     Ok(rate)
 }
+
+/// `loadgen raw-ingest`: the limit of `http-single`, a process laid out as ingest-http is (a
+/// multi-threaded tokio runtime holding the NATS client, an actix-web server with one worker
+/// per core) whose one handler does only what a 202 needs: read the body and publish it to
+/// the device's telemetry subject of a stream defined as Fieldline's, waiting for the
+/// JetStream ack. No token check, no parsing, no protobuf, no rate limits.
+#[derive(clap::Args)]
+pub struct RawIngestArgs {
+    #[arg(long)]
+    pub nats_url: String,
+    /// The bus prefix of its stream and subjects (one of its own: no consumer reads it).
+    #[arg(long)]
+    pub prefix: String,
+    #[arg(long)]
+    pub port: u16,
+}
+
+struct RawIngest {
+    jetstream: async_nats::jetstream::Context,
+    subjects: fieldline_proto::Subjects,
+}
+
+/// The device a request is from: a digest of its bearer token (the same token always
+/// publishes to the same subject, as a device's readings do).
+fn token_device(request: &actix_web::HttpRequest) -> String {
+    let token = request
+        .headers()
+        .get("authorization")
+        .map(|value| value.as_bytes())
+        .unwrap_or_default();
+    // FNV-1a.
+    let digest = token.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("d{digest:016x}")
+}
+
+async fn raw_ingest(
+    request: actix_web::HttpRequest,
+    body: actix_web::web::Bytes,
+    state: actix_web::web::Data<RawIngest>,
+) -> actix_web::HttpResponse {
+    let subject = state.subjects.telemetry("default", &token_device(&request));
+    let acked = async {
+        state
+            .jetstream
+            .publish(subject, bytes::Bytes::copy_from_slice(&body))
+            .await?
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), acked).await {
+        Ok(Ok(_)) => actix_web::HttpResponse::Accepted()
+            .content_type("application/json")
+            .body(r#"{"data":{"accepted":1,"duplicate":false}}"#),
+        _ => actix_web::HttpResponse::ServiceUnavailable().finish(),
+    }
+}
+
+/// Serves the minimal ingest until killed.
+pub async fn serve_raw_ingest(args: RawIngestArgs) -> anyhow::Result<()> {
+    let nats = async_nats::connect(&args.nats_url).await?;
+    let jetstream = async_nats::jetstream::new(nats);
+    let subjects = fieldline_proto::Subjects::new(&args.prefix)?;
+    jetstream
+        .get_or_create_stream(subjects.stream_config(
+            fieldline_proto::Stream::Telemetry,
+            fieldline_proto::StreamLimits::default(),
+            &fieldline_proto::Replication::default(),
+        ))
+        .await?;
+    let state = actix_web::web::Data::new(RawIngest {
+        jetstream,
+        subjects,
+    });
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    actix_web::HttpServer::new(move || {
+        actix_web::App::new()
+            .app_data(state.clone())
+            .route("/api/v1/ingest", actix_web::web::post().to(raw_ingest))
+            .route(
+                "/health/ready",
+                actix_web::web::get().to(actix_web::HttpResponse::Ok),
+            )
+    })
+    .workers(workers)
+    .disable_signals()
+    .bind(("127.0.0.1", args.port))?
+    .run()
+    .await?;
+    Ok(())
+}
+
+/// A `loadgen raw-ingest` process on `servers`' NATS, on a prefix of its own; stopped (and
+/// its stream deleted) by [`RawIngestProcess::stop`].
+pub struct RawIngestProcess {
+    child: std::process::Child,
+    pub url: String,
+    prefix: String,
+    nats_url: String,
+}
+
+impl RawIngestProcess {
+    pub async fn start(servers: &Servers, prefix: &str) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args([
+                "raw-ingest",
+                "--nats-url",
+                &servers.nats_url,
+                "--prefix",
+                prefix,
+                "--port",
+                &port.to_string(),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let process = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            prefix: prefix.to_owned(),
+            nats_url: servers.nats_url.clone(),
+        };
+        let http = reqwest::Client::new();
+        for _ in 0..300 {
+            if let Ok(response) = http
+                .get(format!("{}/health/ready", process.url))
+                .send()
+                .await
+                && response.status().is_success()
+            {
+                return Ok(process);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("raw-ingest did not answer within 30 s")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let jetstream = async_nats::jetstream::new(async_nats::connect(&self.nats_url).await?);
+        let subjects = fieldline_proto::Subjects::new(&self.prefix)?;
+        let _ = jetstream
+            .delete_stream(subjects.stream_name(fieldline_proto::Stream::Telemetry))
+            .await;
+        Ok(())
+    }
+}
+
+impl Drop for RawIngestProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -59,14 +59,49 @@ pub async fn http_ingest(
     let tokens = platform
         .create_devices(&format!("{name}-"), clients)
         .await?;
-    let url = format!("{}/api/v1/ingest", platform.url("ingest-http"));
-    let progress = Progress::start(name, "readings accepted");
+    let urls: Vec<String> = platform
+        .urls("ingest-http")
+        .into_iter()
+        .map(|base| format!("{base}/api/v1/ingest"))
+        .collect();
     let before = Snapshot::take(platform).await;
     let started = Instant::now();
+    let (accepted, latencies, accepted_after) =
+        post_readings(platform, name, &urls, tokens, per_request, duration).await?;
+    platform.wait_durable(Duration::from_secs(600)).await?;
+    let durable_after = started.elapsed();
+    let cpu = Cpu::of(Snapshot::take(platform).await.since(&before), accepted);
+    Ok(IngestResult {
+        cpu,
+        storage: Storage::measure(platform).await?,
+        accepted,
+        stored: accepted,
+        seconds_to_accept: accepted_after.as_secs_f64(),
+        seconds_to_durable: durable_after.as_secs_f64(),
+        accepted_per_second: accepted as f64 / accepted_after.as_secs_f64(),
+        durable_per_second: accepted as f64 / durable_after.as_secs_f64(),
+        latency: summarize(&latencies),
+    })
+}
+
+/// The client load of HTTP ingest: one loop per token, each POSTing `per_request` readings
+/// for `duration` to `urls[i % urls.len()]` (several instances: the clients spread over
+/// them, as behind a load balancer). Readings accepted, request latencies, and how long it
+/// took.
+pub async fn post_readings(
+    platform: &Platform,
+    name: &str,
+    urls: &[String],
+    tokens: Vec<String>,
+    per_request: usize,
+    duration: Duration,
+) -> anyhow::Result<(u64, hdrhistogram::Histogram<u64>, Duration)> {
+    let progress = Progress::start(name, "readings accepted");
+    let started = Instant::now();
     let mut tasks = Vec::new();
-    for token in tokens {
+    for (index, token) in tokens.into_iter().enumerate() {
         let http = platform.http.clone();
-        let url = url.clone();
+        let url = urls[index % urls.len()].clone();
         let counter = progress.counter.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = histogram();
@@ -104,19 +139,58 @@ pub async fn http_ingest(
     let accepted_after = started.elapsed();
     let accepted = progress.counter.load(Ordering::Relaxed);
     drop(progress);
-    platform.wait_durable(Duration::from_secs(600)).await?;
-    let durable_after = started.elapsed();
-    let cpu = Cpu::of(Snapshot::take(platform).await.since(&before), accepted);
-    Ok(IngestResult {
-        cpu,
-        storage: Storage::measure(platform).await?,
+    Ok((accepted, latencies, accepted_after))
+}
+
+/// What the minimal ingest server (`loadgen raw-ingest`) did under `http-single`'s load.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RawIngestResult {
+    pub accepted: u64,
+    pub accepted_per_second: f64,
+    pub latency: Latency,
+    /// Its CPU seconds, and per 1,000 requests.
+    pub cpu_seconds: f64,
+    pub cpu_ms_per_1000: f64,
+}
+
+/// `http-single`'s load (`clients` devices posting one reading at a time for `duration`)
+/// against a minimal actix-web server doing the same JetStream publish: the limit of
+/// ingest-http's requests per second, in this run.
+pub async fn http_single_baseline(
+    platform: &Platform,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<RawIngestResult> {
+    let server =
+        crate::raw::RawIngestProcess::start(&platform.servers, &format!("{}raw", platform.id))
+            .await?;
+    let tokens = (0..clients)
+        .map(|index| format!("raw-device-token-{index}"))
+        .collect();
+    let urls = [format!("{}/api/v1/ingest", server.url)];
+    let cpu_before = crate::usage::cpu_seconds(server.pid()).unwrap_or_default();
+    let outcome = post_readings(
+        platform,
+        "http-single, minimal actix-web",
+        &urls,
+        tokens,
+        1,
+        duration,
+    )
+    .await;
+    let cpu_seconds = crate::usage::cpu_seconds(server.pid()).unwrap_or_default() - cpu_before;
+    server.stop().await?;
+    let (accepted, latencies, elapsed) = outcome?;
+    Ok(RawIngestResult {
         accepted,
-        stored: accepted,
-        seconds_to_accept: accepted_after.as_secs_f64(),
-        seconds_to_durable: durable_after.as_secs_f64(),
-        accepted_per_second: accepted as f64 / accepted_after.as_secs_f64(),
-        durable_per_second: accepted as f64 / durable_after.as_secs_f64(),
+        accepted_per_second: accepted as f64 / elapsed.as_secs_f64(),
         latency: summarize(&latencies),
+        cpu_seconds,
+        cpu_ms_per_1000: if accepted == 0 {
+            0.0
+        } else {
+            cpu_seconds * 1e6 / accepted as f64
+        },
     })
 }
 
