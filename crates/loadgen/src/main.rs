@@ -1187,7 +1187,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 per(result.compressed_bytes),
                 "B",
                 Some(("the same readings as rows", per(result.open_bytes))),
-            ),
+            )
+            .target(Target::AtMost(3.0)),
             figure(
                 "storage",
                 "compression",
@@ -1237,7 +1238,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                         "InfluxDB 1.6 after compaction",
                         influx.data_bytes as f64 / influx.readings as f64,
                     )),
-                ),
+                )
+                // Half of InfluxDB's bytes: a ratio of at most 0.5.
+                .target(Target::AtMost(
+                    0.5 * influx.data_bytes as f64 / influx.readings as f64,
+                )),
             ]);
         }
         details.insert("storage".into(), serde_json::to_value(&result)?);
