@@ -1,6 +1,6 @@
 //! Compressed history: every read answers the same before and after the days it covers are
 //! compressed; late and redelivered readings of a compressed day; retention of blocks; a
-//! compression run interrupted or run twice at once.
+//! compression run interrupted or run twice at once; imports of closed days straight into blocks.
 
 use std::time::Duration;
 
@@ -441,4 +441,36 @@ async fn a_backfill_of_closed_days_goes_straight_into_blocks_and_once() {
         .unwrap();
     assert_eq!(where_stored(&closed).await.0, 0);
     assert_same(&expected, &answers(&closed, "d1").await);
+}
+
+#[tokio::test]
+async fn compression_interrupted_anywhere_or_run_twice_at_once_moves_each_reading_once() {
+    let app = spawn().await;
+    app.create_device("d1").await;
+    let readings = history();
+    let total = readings.len() as i64;
+    seed(&app, "d1", readings).await;
+    let before = answers(&app, "d1").await;
+    let pool = pool(&app).await;
+    // Runs cut off after a few milliseconds, wherever they are (a transaction dropped
+    // mid-way rolls back), then two whole runs at once on separate pools.
+    for cut_ms in [1, 2, 5, 10, 20, 40] {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(cut_ms),
+            query_api::compress::compress_before(&pool, day(3)),
+        )
+        .await;
+        let (rows, in_blocks, _) = where_stored(&app).await;
+        assert_eq!(rows + in_blocks, total, "after a run cut at {cut_ms} ms");
+    }
+    let other = self::pool(&app).await;
+    let (a, b) = tokio::join!(
+        query_api::compress::compress_before(&pool, day(3)),
+        query_api::compress::compress_before(&other, day(3)),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let (rows, in_blocks, blocks) = where_stored(&app).await;
+    assert_eq!((rows, in_blocks, blocks), (0, total, 15));
+    assert!(a.readings + b.readings <= total as u64);
+    assert_same(&before, &answers(&app, "d1").await);
 }
