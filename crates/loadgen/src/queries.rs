@@ -188,37 +188,6 @@ const RAW_DEVICE_SERIES_SQL: &str = "SELECT series_id, metric FROM telemetry.ser
 const RAW_NARROW_SQL: &str = "SELECT min(first_ts), max(last_ts) FROM telemetry.series
      WHERE series_id = ANY($1) AND count > 0";
 
-const RAW_PAGE_SQL: &str = "WITH keys AS (
-         SELECT s.series_id, s.metric, k.ts
-         FROM telemetry.series s
-         CROSS JOIN LATERAL (
-             SELECT r.ts FROM telemetry.readings r
-             WHERE r.series_id = s.series_id AND r.ts >= $3 AND r.ts < $4
-               AND ($5::timestamptz IS NULL OR (r.ts > $5 OR (r.ts = $5 AND s.metric COLLATE \"C\" > $6)))
-             ORDER BY r.ts ASC LIMIT $7) k
-         WHERE s.project = $1 AND s.device_id = $2
-           AND ($8::text[] IS NULL OR s.metric = ANY($8))
-         ORDER BY k.ts ASC, s.metric COLLATE \"C\" ASC LIMIT $7
-     )
-     (SELECT keys.metric, keys.ts, r.value_num, r.value_bool, r.value_text, NULL::bytea
-      FROM keys JOIN telemetry.readings r
-        ON r.series_id = keys.series_id AND r.ts = keys.ts AND r.ts >= $3 AND r.ts < $4
-      ORDER BY keys.ts ASC, keys.metric COLLATE \"C\" ASC)
-     UNION ALL
-     SELECT s.metric, x.first_ts, NULL, NULL, NULL, x.data
-     FROM telemetry.series s
-     CROSS JOIN LATERAL (
-         SELECT b.first_ts, b.data, row_number() OVER w AS n,
-                sum(b.count) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
-                  - first_value(b.count) OVER w AS before
-         FROM telemetry.blocks b
-         WHERE b.series_id = s.series_id AND b.first_ts < $4
-           AND b.first_ts > $3 - interval '1 day' AND b.last_ts >= $3
-         WINDOW w AS (ORDER BY b.first_ts ASC)) x
-     WHERE s.project = $1 AND s.device_id = $2
-       AND ($8::text[] IS NULL OR s.metric = ANY($8))
-       AND (x.n = 1 OR x.before < $7)";
-
 /// The export's statement for one series (`export::run`, ascending).
 const RAW_EXPORT_SQL: &str = "SELECT ts, value_num, value_bool, value_text FROM telemetry.readings
      WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts ASC";
@@ -313,16 +282,18 @@ async fn measure_raw_rows(
     window: (i64, i64),
 ) -> anyhow::Result<ExportFigures> {
     let url = format!("{}/{}", platform.servers.pg_url, platform.database);
-    let sqls: &[&str] = if export {
-        &[RAW_DEVICE_SERIES_SQL, RAW_EXPORT_SQL]
+    // The page's statement is query-api's own (`query_api::ascending_page_sql`).
+    let page_sql = query_api::ascending_page_sql();
+    let sqls: Vec<&str> = if export {
+        vec![RAW_DEVICE_SERIES_SQL, RAW_EXPORT_SQL]
     } else {
-        &[RAW_DEVICE_SERIES_SQL, RAW_NARROW_SQL, RAW_PAGE_SQL]
+        vec![RAW_DEVICE_SERIES_SQL, RAW_NARROW_SQL, page_sql.as_str()]
     };
     let mut connections = Vec::with_capacity(clients);
     for _ in 0..clients {
         let client = pg(&url).await?;
         let mut statements = Vec::new();
-        for sql in sqls {
+        for sql in &sqls {
             statements.push(client.prepare(sql).await?);
         }
         connections.push((client, statements));

@@ -8,13 +8,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use fieldline_common::time::from_us;
 use fieldline_proto::v1::reading::Value;
 use tokio_postgres::GenericClient;
 
 use crate::{
-    blocks::{self, MAX_BLOCK_READINGS, Point},
-    compress::{day_bounds, day_number},
+    blocks::{self, Point},
+    compress::{DayBlocks, day_bounds, day_number},
     moves::{Moves, Stored},
     repo::{SeriesRow, day_of},
 };
@@ -123,8 +122,7 @@ pub async fn store<'v>(
                     .push((ts.timestamp_micros(), value));
             }
         }
-        let (mut b_series, mut b_first, mut b_last, mut b_count, mut b_data) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut new_blocks = DayBlocks::default();
         let mut written: Vec<i32> = Vec::new();
         for (series_id, mut new) in series {
             if unreadable.contains(&series_id) {
@@ -154,56 +152,27 @@ pub async fn store<'v>(
                 // All stored already, all in blocks (a redelivery): nothing to write.
                 continue;
             }
-            let encoded: Result<Vec<_>, _> = merged
-                .chunks(MAX_BLOCK_READINGS)
-                .map(|chunk| {
-                    blocks::encode(chunk)
-                        .map(|data| (chunk[0].0, chunk[chunk.len() - 1].0, chunk.len(), data))
-                })
-                .collect();
-            let encoded = match encoded {
-                Ok(encoded) => encoded,
-                Err(error) => {
-                    // Not expected (pco refuses no sorted numbers); the new readings go to
-                    // rows, the old stay where they are.
-                    tracing::error!(
-                        series_id,
-                        error = format!("{error:#}"),
-                        "a block cannot be encoded"
-                    );
-                    table.extend(fresh.iter().map(|(ts, value)| (series_id, *ts, *value)));
-                    continue;
-                }
-            };
+            if let Err(error) = new_blocks.add(series_id, &merged) {
+                // Not expected (pco refuses no sorted numbers); the new readings go to rows,
+                // the old stay where they are.
+                tracing::error!(
+                    series_id,
+                    error = format!("{error:#}"),
+                    "a block cannot be encoded"
+                );
+                table.extend(fresh.iter().map(|(ts, value)| (series_id, *ts, *value)));
+                continue;
+            }
             for (ts, value) in &fresh {
                 moves.add(series_id, *ts, stored(value));
             }
             written.push(series_id);
-            for (first, last, count, data) in encoded {
-                b_series.push(series_id);
-                b_first.push(from_us(first));
-                b_last.push(from_us(last));
-                b_count.push(count as i32);
-                b_data.push(data);
-            }
         }
         if written.is_empty() {
             continue;
         }
-        client
-            .execute(
-                "DELETE FROM telemetry.blocks
-                 WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
-                &[&written, &start, &end],
-            )
-            .await?;
-        client
-            .execute(
-                "INSERT INTO telemetry.blocks (series_id, first_ts, last_ts, count, data)
-                 SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::timestamptz[], $4::int4[], $5::bytea[])",
-                &[&b_series, &b_first, &b_last, &b_count, &b_data],
-            )
-            .await?;
+        let day = start.date_naive();
+        new_blocks.replace(client, day, &written).await?;
         if !old_rows.is_empty() {
             client
                 .execute(
@@ -213,12 +182,6 @@ pub async fn store<'v>(
                 )
                 .await?;
         }
-        client
-            .execute(
-                "INSERT INTO telemetry.compressed_days (day) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&start.date_naive()],
-            )
-            .await?;
     }
     Ok(table)
 }

@@ -80,6 +80,86 @@ pub fn day_bounds(
     (start, end)
 }
 
+/// Takes a day's lock exclusive for the rest of the transaction.
+pub async fn lock_day(
+    client: &impl GenericClient,
+    day: NaiveDate,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1), $2)",
+            &[&DAY_LOCK, &day_number(day)],
+        )
+        .await
+        .map(|_| ())
+}
+
+/// The new blocks of some series for one day, as columns for one statement.
+#[derive(Default)]
+pub struct DayBlocks {
+    series_ids: Vec<i32>,
+    first: Vec<chrono::DateTime<chrono::Utc>>,
+    last: Vec<chrono::DateTime<chrono::Utc>>,
+    count: Vec<i32>,
+    data: Vec<Vec<u8>>,
+}
+
+impl DayBlocks {
+    /// Encodes a series' `points` (in time order) into blocks of at most
+    /// [`MAX_BLOCK_READINGS`]; nothing is added when one fails.
+    pub fn add(&mut self, series_id: i32, points: &[Point]) -> anyhow::Result<()> {
+        let encoded = points
+            .chunks(MAX_BLOCK_READINGS)
+            .map(|chunk| blocks::encode(chunk).map(|data| (chunk, data)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (chunk, data) in encoded {
+            self.series_ids.push(series_id);
+            self.first.push(from_us(chunk[0].0));
+            self.last.push(from_us(chunk[chunk.len() - 1].0));
+            self.count.push(chunk.len() as i32);
+            self.data.push(data);
+        }
+        Ok(())
+    }
+
+    /// Blocks held.
+    pub fn blocks(&self) -> usize {
+        self.series_ids.len()
+    }
+
+    /// Replaces the blocks of `series_ids` on `day` with these, and marks the day as holding
+    /// blocks. The caller holds the day's lock exclusive.
+    pub async fn replace(
+        &self,
+        client: &impl GenericClient,
+        day: NaiveDate,
+        series_ids: &[i32],
+    ) -> Result<(), tokio_postgres::Error> {
+        let (start, end) = day_bounds(day);
+        client
+            .execute(
+                "DELETE FROM telemetry.blocks
+                 WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
+                &[&series_ids, &start, &end],
+            )
+            .await?;
+        client
+            .execute(
+                "INSERT INTO telemetry.blocks (series_id, first_ts, last_ts, count, data)
+                 SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::timestamptz[], $4::int4[], $5::bytea[])",
+                &[&self.series_ids, &self.first, &self.last, &self.count, &self.data],
+            )
+            .await?;
+        client
+            .execute(
+                "INSERT INTO telemetry.compressed_days (day) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&day],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
 /// A row of a partition (series id, time, the three value columns) as a block point.
 fn point(row: &Row) -> Option<Point> {
     let ts: chrono::DateTime<chrono::Utc> = row.get(1);
@@ -193,12 +273,7 @@ async fn compress_slice(
     let (day_start, day_end) = day_bounds(day);
     let mut client = pool.get().await?;
     let transaction = client.transaction().await?;
-    transaction
-        .execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1), $2)",
-            &[&DAY_LOCK, &day_number(day)],
-        )
-        .await?;
+    lock_day(&*transaction, day).await?;
     let mut rows = transaction
         .query(select, &[&slice, &(SLICE_ROWS + 1)])
         .await?;
@@ -246,8 +321,7 @@ async fn compress_slice(
             .or_default()
             .extend(blocks::decode(row.get(1))?);
     }
-    let (mut b_series, mut b_first, mut b_last, mut b_count, mut b_data) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut new_blocks = DayBlocks::default();
     for (id, points) in series {
         let points = match earlier.remove(&id) {
             Some(mut old) => {
@@ -259,38 +333,13 @@ async fn compress_slice(
             }
             None => points,
         };
-        for chunk in points.chunks(MAX_BLOCK_READINGS) {
-            b_series.push(id);
-            b_first.push(from_us(chunk[0].0));
-            b_last.push(from_us(chunk[chunk.len() - 1].0));
-            b_count.push(chunk.len() as i32);
-            b_data.push(blocks::encode(chunk)?);
-        }
+        new_blocks.add(id, &points)?;
     }
-    transaction
-        .execute(
-            "DELETE FROM telemetry.blocks
-             WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
-            &[&ids, &day_start, &day_end],
-        )
-        .await?;
-    transaction
-        .execute(
-            "INSERT INTO telemetry.blocks (series_id, first_ts, last_ts, count, data)
-             SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::timestamptz[], $4::int4[], $5::bytea[])",
-            &[&b_series, &b_first, &b_last, &b_count, &b_data],
-        )
-        .await?;
-    transaction
-        .execute(
-            "INSERT INTO telemetry.compressed_days (day) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&day],
-        )
-        .await?;
+    new_blocks.replace(&*transaction, day, &ids).await?;
     // Exactly the rows read: the day lock keeps writers of this day out until commit.
     let deleted = transaction.execute(delete, &[&ids]).await?;
     transaction.commit().await?;
-    Ok((deleted, (rest_from, b_series.len() as u64)))
+    Ok((deleted, (rest_from, new_blocks.blocks() as u64)))
 }
 
 /// Whether a day's partition has no rows: asked once a day each run, before the series are

@@ -14,6 +14,7 @@ mod moves;
 mod reads;
 mod replicas;
 mod repo;
+pub use repo::ascending_page_sql;
 mod retention;
 mod routes;
 mod writer;

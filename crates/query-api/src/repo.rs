@@ -440,6 +440,70 @@ fn log_refused(batch: &TelemetryBatch, ts_us: i64, refused: u64, window: &TimeWi
     );
 }
 
+/// The statement of a page of history ([`Repo::readings`]): two phases, the page's keys from
+/// the index alone (index-only scans, each series' next rows), then the values of just those
+/// rows; both name the range, so that planning prunes both to its partitions. Compressed
+/// days come in the same statement (one snapshot: a slice being compressed is seen once, in
+/// rows or in blocks): of each series, the blocks that can hold its next `limit + 1`
+/// readings (the first one the range meets, then as many as their counts say are needed).
+/// Parameters: project, device, start, end, cursor time and metric, `limit + 1`, metrics.
+fn page_sql(order: Order) -> String {
+    let (keyset, inner_order, keys_order, page_order, block_order) = match order {
+        Order::Asc => (
+            "(r.ts > $5 OR (r.ts = $5 AND s.metric COLLATE \"C\" > $6))",
+            "r.ts ASC",
+            "k.ts ASC, s.metric COLLATE \"C\" ASC",
+            "keys.ts ASC, keys.metric COLLATE \"C\" ASC",
+            "b.first_ts ASC",
+        ),
+        Order::Desc => (
+            "(r.ts < $5 OR (r.ts = $5 AND s.metric COLLATE \"C\" < $6))",
+            "r.ts DESC",
+            "k.ts DESC, s.metric COLLATE \"C\" DESC",
+            "keys.ts DESC, keys.metric COLLATE \"C\" DESC",
+            "b.first_ts DESC",
+        ),
+    };
+    format!(
+        "WITH keys AS (
+             SELECT s.series_id, s.metric, k.ts
+             FROM telemetry.series s
+             CROSS JOIN LATERAL (
+                 SELECT r.ts FROM telemetry.readings r
+                 WHERE r.series_id = s.series_id AND r.ts >= $3 AND r.ts < $4
+                   AND ($5::timestamptz IS NULL OR {keyset})
+                 ORDER BY {inner_order} LIMIT $7) k
+             WHERE s.project = $1 AND s.device_id = $2
+               AND ($8::text[] IS NULL OR s.metric = ANY($8))
+             ORDER BY {keys_order} LIMIT $7
+         )
+         (SELECT keys.metric, keys.ts, r.value_num, r.value_bool, r.value_text, NULL::bytea
+          FROM keys JOIN telemetry.readings r
+            ON r.series_id = keys.series_id AND r.ts = keys.ts AND r.ts >= $3 AND r.ts < $4
+          ORDER BY {page_order})
+         UNION ALL
+         SELECT s.metric, x.first_ts, NULL, NULL, NULL, x.data
+         FROM telemetry.series s
+         CROSS JOIN LATERAL (
+             SELECT b.first_ts, b.data, row_number() OVER w AS n,
+                    sum(b.count) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                      - first_value(b.count) OVER w AS before
+             FROM telemetry.blocks b
+             WHERE b.series_id = s.series_id AND b.first_ts < $4
+               AND b.first_ts > $3 - interval '1 day' AND b.last_ts >= $3
+             WINDOW w AS (ORDER BY {block_order})) x
+         WHERE s.project = $1 AND s.device_id = $2
+           AND ($8::text[] IS NULL OR s.metric = ANY($8))
+           AND (x.n = 1 OR x.before < $7)"
+    )
+}
+
+/// The statement of an ascending page, for the benchmark's "same SQL straight to
+/// PostgreSQL".
+pub fn ascending_page_sql() -> String {
+    page_sql(Order::Asc)
+}
+
 /// A series of a device: its id and metric name.
 #[derive(Debug, Clone)]
 pub struct DeviceSeries {
@@ -773,20 +837,6 @@ impl Repo {
                 Order::Desc => end = end.min(after + chrono::Duration::microseconds(1)),
             }
         }
-        let (keyset, inner_order, keys_order, page_order) = match query.order {
-            Order::Asc => (
-                "(r.ts > $5 OR (r.ts = $5 AND s.metric COLLATE \"C\" > $6))",
-                "r.ts ASC",
-                "k.ts ASC, s.metric COLLATE \"C\" ASC",
-                "keys.ts ASC, keys.metric COLLATE \"C\" ASC",
-            ),
-            Order::Desc => (
-                "(r.ts < $5 OR (r.ts = $5 AND s.metric COLLATE \"C\" < $6))",
-                "r.ts DESC",
-                "k.ts DESC, s.metric COLLATE \"C\" DESC",
-                "keys.ts DESC, keys.metric COLLATE \"C\" DESC",
-            ),
-        };
         let (start_us, end_us) = (start.timestamp_micros(), end.timestamp_micros());
         if end_us.saturating_sub(start_us) > NARROW_RANGES_OVER_US {
             let series = self
@@ -800,48 +850,7 @@ impl Repo {
             };
             (start, end) = (from_us(narrow_start), from_us(narrow_end));
         }
-        // Two phases: the page's keys from the index alone (index-only scans, each series'
-        // next rows), then the values of just those rows. Both name the range, so that
-        // planning prunes both to its partitions. Compressed days come in the same
-        // statement (one snapshot: a slice being compressed is seen once, in rows or in
-        // blocks): of each series, the blocks that can hold its next `limit + 1` readings
-        // (the first one the range meets, then as many as their counts say are needed).
-        let block_order = match query.order {
-            Order::Asc => "b.first_ts ASC",
-            Order::Desc => "b.first_ts DESC",
-        };
-        let sql = format!(
-            "WITH keys AS (
-                 SELECT s.series_id, s.metric, k.ts
-                 FROM telemetry.series s
-                 CROSS JOIN LATERAL (
-                     SELECT r.ts FROM telemetry.readings r
-                     WHERE r.series_id = s.series_id AND r.ts >= $3 AND r.ts < $4
-                       AND ($5::timestamptz IS NULL OR {keyset})
-                     ORDER BY {inner_order} LIMIT $7) k
-                 WHERE s.project = $1 AND s.device_id = $2
-                   AND ($8::text[] IS NULL OR s.metric = ANY($8))
-                 ORDER BY {keys_order} LIMIT $7
-             )
-             (SELECT keys.metric, keys.ts, r.value_num, r.value_bool, r.value_text, NULL::bytea
-              FROM keys JOIN telemetry.readings r
-                ON r.series_id = keys.series_id AND r.ts = keys.ts AND r.ts >= $3 AND r.ts < $4
-              ORDER BY {page_order})
-             UNION ALL
-             SELECT s.metric, x.first_ts, NULL, NULL, NULL, x.data
-             FROM telemetry.series s
-             CROSS JOIN LATERAL (
-                 SELECT b.first_ts, b.data, row_number() OVER w AS n,
-                        sum(b.count) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
-                          - first_value(b.count) OVER w AS before
-                 FROM telemetry.blocks b
-                 WHERE b.series_id = s.series_id AND b.first_ts < $4
-                   AND b.first_ts > $3 - interval '1 day' AND b.last_ts >= $3
-                 WINDOW w AS (ORDER BY {block_order})) x
-             WHERE s.project = $1 AND s.device_id = $2
-               AND ($8::text[] IS NULL OR s.metric = ANY($8))
-               AND (x.n = 1 OR x.before < $7)"
-        );
+        let sql = page_sql(query.order);
         let limit = query.limit as i64 + 1;
         let rows = self
             .history(
