@@ -214,6 +214,11 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Writer batches that met rows already stored (a redelivery) and skipped them",
     ),
     (
+        "fieldline_compressed_readings_total",
+        Kind::Counter,
+        "Readings of closed days moved from rows into compressed blocks by the compression task",
+    ),
+    (
         "fieldline_writer_transactions_total",
         Kind::Counter,
         "Writer transactions, by outcome",
