@@ -6,7 +6,7 @@ use std::{cell::Cell, collections::HashSet, fmt, time::Duration};
 use async_nats::{HeaderMap, jetstream};
 use fieldline_proto::{
     Subjects,
-    v1::{Heartbeat, Reading, TelemetryBatch, reading},
+    v1::{DeviceReadings, Heartbeat, Reading, TelemetryBatch, reading},
 };
 use prost::Message;
 use serde::{
@@ -851,6 +851,7 @@ impl Publisher {
             received_at_us,
             source: source.to_owned(),
             message_id: message_id.clone().unwrap_or_default(),
+            devices: Vec::new(),
         };
         let subject = self.subjects.telemetry(project, device_id);
         publish_durable(
@@ -862,6 +863,35 @@ impl Publisher {
             self.timeout,
         )
         .await
+    }
+
+    /// Publishes the readings of several devices of one project as one multi-device batch to
+    /// `{prefix}.telemetry.{project}.{source}.batch`, with no `Nats-Msg-Id`: a message with an
+    /// idempotency key goes alone through [`Publisher::readings`]. Each part is a device id,
+    /// its readings and the time they were received.
+    pub async fn devices(
+        &self,
+        project: &str,
+        parts: Vec<DeviceReadings>,
+        source: &str,
+    ) -> Result<(), PublishError> {
+        let batch = TelemetryBatch {
+            project: project.to_owned(),
+            source: source.to_owned(),
+            devices: parts,
+            ..Default::default()
+        };
+        let subject = self.subjects.telemetry_batch(project, source);
+        publish_durable(
+            &self.jetstream,
+            &self.nats,
+            subject,
+            batch.encode_to_vec(),
+            None,
+            self.timeout,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Publishes a heartbeat to `{prefix}.heartbeat.{project}.{device}`.

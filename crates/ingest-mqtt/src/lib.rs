@@ -31,14 +31,14 @@ use fieldline_common::{
     service::ReadyCheck,
     time::now_us,
 };
-use fieldline_proto::v1::{CommandReport, CommandReportResponse};
+use fieldline_proto::v1::{CommandReport, CommandReportResponse, DeviceReadings};
 use futures::{FutureExt, StreamExt, future::join_all, stream::FuturesOrdered};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    coalesce::{Coalescer, PublishFn, Sent},
+    coalesce::{Coalescer, Outgoing, PublishFn, Sent},
     poison::Remedy,
     topic::Uplink,
 };
@@ -234,7 +234,7 @@ fn telemetry_coalescer(context: &Context) -> Coalescer {
     // One Arc for both: cloning the publisher and the token themselves allocated, once per
     // bus message.
     let shared = Arc::new((Publisher::new(context), context.shutdown.clone()));
-    let publish: Arc<PublishFn> = Arc::new(move |(project, device_id), parsed, received_at_us| {
+    let publish: Arc<PublishFn> = Arc::new(move |outgoing: Arc<Outgoing>| {
         let shared = shared.clone();
         async move {
             let (publisher, shutdown) = &*shared;
@@ -243,12 +243,32 @@ fn telemetry_coalescer(context: &Context) -> Coalescer {
                 return Sent::Abandoned;
             }
             retry(shutdown, "publish to jetstream", || async {
-                let readings = Parsed::clone(&parsed);
-                match publisher
-                    .readings(&project, &device_id, readings, received_at_us, "mqtt")
-                    .await
-                {
-                    Ok(_) => Ok(Sent::Published),
+                let published = match outgoing.parts.as_slice() {
+                    [one] => publisher
+                        .readings(
+                            &outgoing.project,
+                            &one.device_id,
+                            Parsed::clone(&one.parsed),
+                            one.received_at_us,
+                            "mqtt",
+                        )
+                        .await
+                        .map(|_| ()),
+                    parts => {
+                        let devices = parts
+                            .iter()
+                            .map(|part| DeviceReadings {
+                                device_id: part.device_id.clone(),
+                                readings: part.parsed.readings.clone(),
+                                received_at_us: part.received_at_us,
+                                message_id: String::new(),
+                            })
+                            .collect();
+                        publisher.devices(&outgoing.project, devices, "mqtt").await
+                    }
+                };
+                match published {
+                    Ok(()) => Ok(Sent::Published),
                     Err(PublishError::TooLarge { .. }) => Ok(Sent::TooLarge),
                     Err(error) => Err(error),
                 }
