@@ -491,18 +491,18 @@ async fn each_device_of_a_batch_of_several_is_seen_and_evaluated() {
         );
     }
     let now = fieldline_common::time::now_us();
-    let temp = |value: f64| fieldline_proto::v1::Reading {
+    let temp = |ago_s: i64, value: f64| fieldline_proto::v1::Reading {
         metric: "temp".into(),
-        ts_us: now,
+        ts_us: now - ago_s * SECOND,
         value: Some(fieldline_proto::v1::reading::Value::Number(value)),
     };
     // d1 and d2 hot, d3 not.
     let batch = fieldline_testkit::multi_device_batch(
         "default",
         vec![
-            ("d1", vec![temp(41.0)]),
-            ("d2", vec![temp(20.0), temp(42.0)]),
-            ("d3", vec![temp(20.0)]),
+            ("d1", vec![temp(0, 41.0)]),
+            ("d2", vec![temp(1, 20.0), temp(0, 42.0)]),
+            ("d3", vec![temp(0, 20.0)]),
         ],
         now,
     );
