@@ -72,7 +72,10 @@ pub struct Outgoing {
 pub type PublishFn = dyn Fn(Arc<Outgoing>) -> BoxFuture<'static, Sent> + Send + Sync;
 
 struct Waiting {
+    /// Its readings until they are moved into a bus message's [`Part`].
     parsed: Parsed,
+    /// How many readings it came with.
+    count: usize,
     received_at_us: i64,
     done: oneshot::Sender<Sent>,
 }
@@ -124,6 +127,7 @@ impl Coalescer {
     pub async fn publish(&self, device: Device, parsed: Parsed, received_at_us: i64) -> Sent {
         let (done, outcome) = oneshot::channel();
         let waiting = Waiting {
+            count: parsed.readings.len(),
             parsed,
             received_at_us,
             done,
@@ -242,22 +246,32 @@ async fn drive(coalescer: Coalescer, project: String) {
             .collect(),
     };
     let publish = &coalescer.publish;
-    let outgoing = Outgoing {
+    let mut taken = taken;
+    let lone = taken.len() == 1 && taken[0].1.len() == 1;
+    let outgoing = Arc::new(Outgoing {
         project: project.clone(),
         parts: taken
-            .iter()
+            .iter_mut()
             .map(|(device_id, batch)| part(device_id, batch))
             .collect(),
-    };
-    let lone = taken.len() == 1 && taken[0].1.len() == 1;
-    match publish(Arc::new(outgoing)).await {
-        // The bus takes less than assumed: each message alone, in order.
+    });
+    match publish(outgoing.clone()).await {
+        // The bus takes less than assumed: each message alone, in order (none of them has an
+        // idempotency key: a message with one is always alone).
         Sent::TooLarge if !lone => {
-            for (device_id, batch) in taken {
+            for (part, (device_id, batch)) in outgoing.parts.iter().zip(taken) {
+                let mut readings = part.parsed.readings.iter().cloned();
                 for waiting in batch {
                     let alone = Outgoing {
                         project: project.clone(),
-                        parts: vec![part(&device_id, std::slice::from_ref(&waiting))],
+                        parts: vec![Part {
+                            device_id: device_id.clone(),
+                            parsed: Parsed {
+                                readings: readings.by_ref().take(waiting.count).collect(),
+                                message_id: None,
+                            },
+                            received_at_us: waiting.received_at_us,
+                        }],
                     };
                     let sent = publish(Arc::new(alone)).await;
                     answer(vec![waiting], sent);
@@ -275,21 +289,21 @@ async fn drive(coalescer: Coalescer, project: String) {
     coalescer.spawn_drive(project, ready);
 }
 
-/// One device's waiting messages as one part: their readings in order, received at the
-/// latest of their times; a message alone keeps its idempotency key.
-fn part(device_id: &str, batch: &[Waiting]) -> Part {
+/// One device's waiting messages as one part: their readings in order (moved, not copied),
+/// received at the latest of their times; a message alone keeps its idempotency key.
+fn part(device_id: &str, batch: &mut [Waiting]) -> Part {
     let parsed = match batch {
-        [one] => Parsed {
-            readings: one.parsed.readings.clone(),
-            message_id: one.parsed.message_id.clone(),
-        },
-        _ => Parsed {
-            readings: batch
-                .iter()
-                .flat_map(|waiting| waiting.parsed.readings.iter().cloned())
-                .collect(),
-            message_id: None,
-        },
+        [one] => std::mem::take(&mut one.parsed),
+        _ => {
+            let mut readings = Vec::with_capacity(batch.iter().map(|w| w.count).sum());
+            for waiting in batch.iter_mut() {
+                readings.append(&mut waiting.parsed.readings);
+            }
+            Parsed {
+                readings,
+                message_id: None,
+            }
+        }
     };
     Part {
         device_id: device_id.to_owned(),

@@ -25,13 +25,13 @@ use fieldline_common::{
     auth::{AuthError, DeviceInfo},
     bus::rpc,
     commands::MqttCommandAck,
-    ingest::{self, Parsed, PublishError, Publisher, TimeWindow},
+    ingest::{self, DevicePart, Parsed, PublishError, Publisher, TimeWindow},
     logthrottle::LogThrottle,
     ratelimit::Decision,
     service::ReadyCheck,
     time::now_us,
 };
-use fieldline_proto::v1::{CommandReport, CommandReportResponse, DeviceReadings};
+use fieldline_proto::v1::{CommandReport, CommandReportResponse};
 use futures::{FutureExt, StreamExt, future::join_all, stream::FuturesOrdered};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::watch;
@@ -255,16 +255,15 @@ fn telemetry_coalescer(context: &Context) -> Coalescer {
                         .await
                         .map(|_| ()),
                     parts => {
-                        let devices = parts
+                        let devices: Vec<DevicePart<'_>> = parts
                             .iter()
-                            .map(|part| DeviceReadings {
-                                device_id: part.device_id.clone(),
-                                readings: part.parsed.readings.clone(),
+                            .map(|part| DevicePart {
+                                device_id: &part.device_id,
+                                readings: &part.parsed.readings,
                                 received_at_us: part.received_at_us,
-                                message_id: String::new(),
                             })
                             .collect();
-                        publisher.devices(&outgoing.project, devices, "mqtt").await
+                        publisher.devices(&outgoing.project, &devices, "mqtt").await
                     }
                 };
                 match published {
