@@ -927,14 +927,16 @@ impl Publisher {
     }
 
     /// Publishes the readings of several devices of one project as one multi-device batch to
-    /// `{prefix}.telemetry.{project}.{source}.batch`, with no `Nats-Msg-Id`: a message with an
-    /// idempotency key goes alone through [`Publisher::readings`]. Each part is a device id,
-    /// its readings and the time they were received.
+    /// `{prefix}.telemetry.{project}.{source}.batch`. `bus_id` is the bus message's own
+    /// `Nats-Msg-Id`, the same on every try of it, so that a try whose ack was lost (NATS
+    /// killed after storing it) is not stored twice (a client's idempotency key never rides
+    /// here: a message with one goes alone through [`Publisher::readings`]).
     pub async fn devices(
         &self,
         project: &str,
         parts: &[DevicePart<'_>],
         source: &str,
+        bus_id: &str,
     ) -> Result<(), PublishError> {
         let subject = self.subjects.telemetry_batch(project, source);
         publish_durable(
@@ -942,7 +944,7 @@ impl Publisher {
             &self.nats,
             subject,
             encode_devices(project, source, parts),
-            None,
+            Some(bus_id),
             self.timeout,
         )
         .await

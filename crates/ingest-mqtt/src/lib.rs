@@ -25,6 +25,7 @@ use fieldline_common::{
     auth::{AuthError, DeviceInfo},
     bus::rpc,
     commands::MqttCommandAck,
+    ids::random_id,
     ingest::{self, DevicePart, Parsed, PublishError, Publisher, TimeWindow},
     logthrottle::LogThrottle,
     ratelimit::Decision,
@@ -242,6 +243,11 @@ fn telemetry_coalescer(context: &Context) -> Coalescer {
             if shutdown.is_cancelled() {
                 return Sent::Abandoned;
             }
+            // A multi-device bus message's own id, the same on each try: JetStream keeps one
+            // copy if a try was stored but its ack lost. A device id holds no `.`, so no
+            // client's scoped key can meet it.
+            let bus_id = (outgoing.parts.len() > 1)
+                .then(|| format!("{}/.batch/{}", outgoing.project, random_id("", 22)));
             retry(shutdown, "publish to jetstream", || async {
                 let published = match outgoing.parts.as_slice() {
                     [one] => publisher
@@ -263,7 +269,10 @@ fn telemetry_coalescer(context: &Context) -> Coalescer {
                                 received_at_us: part.received_at_us,
                             })
                             .collect();
-                        publisher.devices(&outgoing.project, &devices, "mqtt").await
+                        let bus_id = bus_id.as_deref().unwrap_or_default();
+                        publisher
+                            .devices(&outgoing.project, &devices, "mqtt", bus_id)
+                            .await
                     }
                 };
                 match published {
