@@ -26,7 +26,7 @@ use async_nats::{
         consumer::{AckPolicy, DeliverPolicy, pull},
     },
 };
-use fieldline_proto::Stream;
+use fieldline_proto::{Stream, Subjects, v1::TelemetryBatch};
 use tokio::task::JoinSet;
 
 use crate::{ApiError, Context, ErrorKind, logthrottle::LogThrottle, time::format_rfc3339};
@@ -158,6 +158,15 @@ impl Delivery {
     /// How many times JetStream has delivered it (1 the first time).
     pub fn delivered(&self) -> i64 {
         self.delivered
+    }
+
+    /// The telemetry it carries, one single-device batch per device, whichever shape it was
+    /// published in ([`Subjects::telemetry_devices`]); one no consumer can take (undecodable,
+    /// both shapes at once, a batch on another project's subject) is poison.
+    pub fn telemetry(&self, subjects: &Subjects) -> Result<Vec<TelemetryBatch>, Outcome> {
+        subjects
+            .telemetry_devices(self.subject(), self.payload())
+            .map_err(|error| Outcome::Poison(error.to_string()))
     }
 
     /// The W3C `traceparent` it carries, if any.

@@ -812,6 +812,67 @@ pub fn scoped_message_id(project: &str, device_id: &str, key: &str) -> String {
     format!("{project}/{device_id}/{key}")
 }
 
+/// One device's part of a multi-device batch, borrowed from where its readings wait.
+#[derive(Debug, Clone, Copy)]
+pub struct DevicePart<'a> {
+    pub device_id: &'a str,
+    pub readings: &'a [Reading],
+    pub received_at_us: i64,
+}
+
+/// The multi-device TelemetryBatch of `parts`, encoded: the bytes
+/// `TelemetryBatch { project, source, devices, .. }.encode_to_vec()` gives, without copying
+/// every reading into a `DeviceReadings` first (a bus message holds up to 500 of them).
+pub fn encode_devices(project: &str, source: &str, parts: &[DevicePart<'_>]) -> Vec<u8> {
+    use prost::encoding::{
+        WireType, encode_key, encode_varint, encoded_len_varint, key_len, message,
+    };
+    fn str_len(tag: u32, value: &str) -> usize {
+        if value.is_empty() {
+            return 0;
+        }
+        key_len(tag) + encoded_len_varint(value.len() as u64) + value.len()
+    }
+    fn put_str(tag: u32, value: &str, buf: &mut Vec<u8>) {
+        if !value.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, buf);
+            encode_varint(value.len() as u64, buf);
+            buf.extend_from_slice(value.as_bytes());
+        }
+    }
+    fn part_len(part: &DevicePart<'_>) -> usize {
+        let received = match part.received_at_us {
+            0 => 0,
+            value => key_len(3) + encoded_len_varint(value as u64),
+        };
+        str_len(1, part.device_id) + message::encoded_len_repeated(2, part.readings) + received
+    }
+    let total = str_len(1, project)
+        + str_len(5, source)
+        + parts
+            .iter()
+            .map(|part| {
+                let len = part_len(part);
+                key_len(7) + encoded_len_varint(len as u64) + len
+            })
+            .sum::<usize>();
+    let mut buf = Vec::with_capacity(total);
+    // In the order of the tags, as prost writes them.
+    put_str(1, project, &mut buf);
+    put_str(5, source, &mut buf);
+    for part in parts {
+        encode_key(7, WireType::LengthDelimited, &mut buf);
+        encode_varint(part_len(part) as u64, &mut buf);
+        put_str(1, part.device_id, &mut buf);
+        message::encode_repeated(2, part.readings, &mut buf);
+        if part.received_at_us != 0 {
+            encode_key(3, WireType::Varint, &mut buf);
+            encode_varint(part.received_at_us as u64, &mut buf);
+        }
+    }
+    buf
+}
+
 /// Publishes what devices send, for both ingest edges.
 #[derive(Clone)]
 pub struct Publisher {
@@ -851,6 +912,7 @@ impl Publisher {
             received_at_us,
             source: source.to_owned(),
             message_id: message_id.clone().unwrap_or_default(),
+            devices: Vec::new(),
         };
         let subject = self.subjects.telemetry(project, device_id);
         publish_durable(
@@ -862,6 +924,31 @@ impl Publisher {
             self.timeout,
         )
         .await
+    }
+
+    /// Publishes the readings of several devices of one project as one multi-device batch to
+    /// `{prefix}.telemetry.{project}.{source}.batch`. `bus_id` is the bus message's own
+    /// `Nats-Msg-Id`, the same on every try of it, so that a try whose ack was lost (NATS
+    /// killed after storing it) is not stored twice (a client's idempotency key never rides
+    /// here: a message with one goes alone through [`Publisher::readings`]).
+    pub async fn devices(
+        &self,
+        project: &str,
+        parts: &[DevicePart<'_>],
+        source: &str,
+        bus_id: &str,
+    ) -> Result<(), PublishError> {
+        let subject = self.subjects.telemetry_batch(project, source);
+        publish_durable(
+            &self.jetstream,
+            &self.nats,
+            subject,
+            encode_devices(project, source, parts),
+            Some(bus_id),
+            self.timeout,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Publishes a heartbeat to `{prefix}.heartbeat.{project}.{device}`.
@@ -895,6 +982,61 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multi_device_batches_encode_as_prost_would_and_split_back() {
+        use fieldline_proto::v1::DeviceReadings;
+        let reading = |metric: &str, ts_us: i64, value| Reading {
+            metric: metric.to_owned(),
+            ts_us,
+            value: Some(value),
+        };
+        let a = vec![
+            reading("t", 1, reading::Value::Number(-1.5)),
+            reading("on", 2, reading::Value::Boolean(true)),
+        ];
+        let b = vec![reading("fw", -3, reading::Value::Text("1.2.3".into()))];
+        let parts = [
+            DevicePart {
+                device_id: "a",
+                readings: &a,
+                received_at_us: 1_700_000_000_000_000,
+            },
+            DevicePart {
+                device_id: "b",
+                readings: &b,
+                received_at_us: -5,
+            },
+            DevicePart {
+                device_id: "c",
+                readings: &[],
+                received_at_us: 0,
+            },
+        ];
+        let expected = TelemetryBatch {
+            project: "p".into(),
+            source: "mqtt".into(),
+            devices: parts
+                .iter()
+                .map(|part| DeviceReadings {
+                    device_id: part.device_id.into(),
+                    readings: part.readings.to_vec(),
+                    received_at_us: part.received_at_us,
+                    message_id: String::new(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let encoded = encode_devices("p", "mqtt", &parts);
+        assert_eq!(encoded, expected.encode_to_vec());
+        let split = TelemetryBatch::decode(encoded.as_slice())
+            .unwrap()
+            .split()
+            .unwrap();
+        assert_eq!(split.len(), 3);
+        assert_eq!(split[1].readings, b);
+        assert_eq!(split[1].received_at_us, -5);
+    }
 
     const NOW: i64 = 1_700_000_000_000_000;
 

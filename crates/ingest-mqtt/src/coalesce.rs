@@ -1,14 +1,20 @@
-//! One device's readings that arrive while its previous bus message is still on its way to
-//! JetStream wait, and then go out together as its next one. A TelemetryBatch is one device's
-//! readings, so under load each carries several MQTT messages instead of one, and everything
-//! behind the bus (three consumers, the series and rollup rows) is paid once for them. The
-//! process publishes at most `FIELDLINE_MQTT_PUBLISHES_IN_FLIGHT` bus messages at once, all
-//! devices together: while every place is taken, what arrives gathers too. When a place is
-//! free, a device with nothing in flight waits for nothing: its message goes out at once.
+//! Messages that arrive while the process's publishes are busy wait, and then go out together
+//! as one bus message: a device's own messages, and under load the waiting messages of other
+//! devices of its project too (the multi-device shape of TelemetryBatch). Everything behind
+//! the bus (a JetStream publish and its ack, three consumers, the writer's transaction) is
+//! then paid once for many MQTT messages.
 //!
-//! Each MQTT message learns the outcome of the bus message that carried it, and is acked by
-//! that alone, so a PUBACK still means its readings are in JetStream. A message with an
-//! idempotency key (`msg_id`) goes out alone, under its own `Nats-Msg-Id`.
+//! The process publishes at most `FIELDLINE_MQTT_PUBLISHES_IN_FLIGHT` bus messages at once, all
+//! devices together. When a place is free, a device with nothing in flight waits for nothing:
+//! its message goes out at once, alone, in the single-device shape (light traffic is as it
+//! was). While every place is taken, what arrives gathers; the next place freed takes the
+//! project's longest-waiting device and, up to [`MAX_COMBINED_READINGS`] and
+//! [`MAX_COMBINED_BYTES`], the waiting messages of the project's other devices.
+//!
+//! A device has at most one bus message in flight: its messages reach JetStream in the order
+//! they came. Each MQTT message learns the outcome of the bus message that carried it, and is
+//! acked by that alone, so a PUBACK still means its readings are in JetStream. A message with
+//! an idempotency key (`msg_id`) goes out alone, under its own `Nats-Msg-Id`.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -27,6 +33,9 @@ pub const MAX_COMBINED_READINGS: usize = 500;
 /// Encoded readings one combined bus message carries at most: a quarter of NATS's default
 /// 1 MB payload limit, whatever the readings hold (a text value may take 4 KiB).
 pub const MAX_COMBINED_BYTES: usize = 256 * 1024;
+/// Devices looked at past the first for one bus message, at most: those whose next message
+/// has an idempotency key are passed over, and the look stays short however many wait.
+const MAX_DEVICES_LOOKED_AT: usize = 1_000;
 
 /// Project and device id.
 pub type Device = (String, String);
@@ -42,23 +51,61 @@ pub enum Sent {
     Abandoned,
 }
 
-/// Publishes one device's readings, received at the given time (the latest of the messages
-/// they came in), to JetStream.
-pub type PublishFn = dyn Fn(Device, Arc<Parsed>, i64) -> BoxFuture<'static, Sent> + Send + Sync;
+/// One device's readings in a bus message, received at the given time (the latest of the
+/// MQTT messages they came in).
+#[derive(Debug)]
+pub struct Part {
+    pub device_id: String,
+    pub parsed: Parsed,
+    pub received_at_us: i64,
+}
+
+/// A bus message: one part is the single-device shape (with the message's idempotency key,
+/// if it has one), several the multi-device shape.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub project: String,
+    pub parts: Vec<Part>,
+}
+
+/// Publishes a bus message to JetStream.
+pub type PublishFn = dyn Fn(Arc<Outgoing>) -> BoxFuture<'static, Sent> + Send + Sync;
 
 struct Waiting {
+    /// Its readings until they are moved into a bus message's [`Part`].
     parsed: Parsed,
+    /// How many readings it came with.
+    count: usize,
     received_at_us: i64,
     done: oneshot::Sender<Sent>,
 }
 
-/// A device present here has a task publishing its messages; its queue holds those not yet
-/// taken into a bus message.
-type Queues = Arc<Mutex<HashMap<Device, VecDeque<Waiting>>>>;
+/// A device present here has messages waiting or a bus message in flight.
+#[derive(Default)]
+struct Entry {
+    /// Messages not yet taken into a bus message, in arrival order.
+    queue: VecDeque<Waiting>,
+    /// A bus message carrying this device is on its way: the device is in no ready list.
+    in_flight: bool,
+}
+
+#[derive(Default)]
+struct State {
+    devices: HashMap<Device, Entry>,
+    /// Per project, its devices with messages waiting and nothing in flight, in the order
+    /// they became so. Each has a `drive` task spawned for it (or for one taken before it).
+    ready: HashMap<String, VecDeque<String>>,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn lock(state: &Shared) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 #[derive(Clone)]
 pub struct Coalescer {
-    queues: Queues,
+    state: Shared,
     publish: Arc<PublishFn>,
     tasks: TaskTracker,
     publishing: Arc<Semaphore>,
@@ -68,149 +115,204 @@ impl Coalescer {
     /// `publishes`: bus messages in flight at most, all devices together.
     pub fn new(tasks: TaskTracker, publish: Arc<PublishFn>, publishes: usize) -> Self {
         Self {
-            queues: Arc::default(),
+            state: Arc::default(),
             publish,
             tasks,
             publishing: Arc::new(Semaphore::new(publishes)),
         }
     }
 
-    /// Publishes `parsed` with whatever else of the device is waiting by then; what became
-    /// of the bus message that carried it.
+    /// Publishes `parsed` with whatever else is waiting by then; what became of the bus
+    /// message that carried it.
     pub async fn publish(&self, device: Device, parsed: Parsed, received_at_us: i64) -> Sent {
         let (done, outcome) = oneshot::channel();
         let waiting = Waiting {
+            count: parsed.readings.len(),
             parsed,
             received_at_us,
             done,
         };
-        let lead = {
-            let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-            match queues.get_mut(&device) {
-                Some(queue) => {
-                    queue.push_back(waiting);
-                    false
-                }
-                None => {
-                    queues.insert(device.clone(), VecDeque::from([waiting]));
-                    true
-                }
+        let project = {
+            let mut state = lock(&self.state);
+            let entry = state.devices.entry(device.clone()).or_default();
+            entry.queue.push_back(waiting);
+            // Its first message with nothing in flight: it joins its project's ready list.
+            if !entry.in_flight && entry.queue.len() == 1 {
+                let (project, device_id) = device;
+                state
+                    .ready
+                    .entry(project.clone())
+                    .or_default()
+                    .push_back(device_id);
+                Some(project)
+            } else {
+                None
             }
         };
-        if lead {
-            // Its own task: the publish goes on for the others even if this caller is dropped.
-            let release = Release {
-                queues: self.queues.clone(),
-                device: Some(device.clone()),
-            };
-            self.tasks.spawn(drive(
-                release,
-                self.publish.clone(),
-                self.publishing.clone(),
-                device,
-            ));
+        if let Some(project) = project {
+            self.spawn_drive(project, 1);
         }
         // A sender dropped unanswered (shutdown, a panic) leaves the message to redelivery.
         outcome.await.unwrap_or(Sent::Abandoned)
     }
 
+    /// `count` tasks publishing the project's ready devices: one per device that became
+    /// ready. Its own task, so the publish goes on even if the caller is dropped.
+    fn spawn_drive(&self, project: String, count: usize) {
+        for _ in 0..count {
+            self.tasks.spawn(drive(self.clone(), project.clone()));
+        }
+    }
+
     #[cfg(test)]
     fn waiting(&self, device: &Device) -> usize {
-        let queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-        queues.get(device).map_or(0, VecDeque::len)
+        let state = lock(&self.state);
+        state
+            .devices
+            .get(device)
+            .map_or(0, |entry| entry.queue.len())
     }
 }
 
-/// The device's place in the map, given back by `drive` when its queue is empty, or by this
-/// guard if `drive` ends any other way (a panic): its waiting messages are dropped unanswered,
-/// so their callers leave them to redelivery, and the device's next message starts afresh.
-struct Release {
-    queues: Queues,
-    device: Option<Device>,
+/// The devices a bus message carries, marked in flight until `finish`; if the publish ends
+/// any other way (a panic), this guard takes them out of the map: their waiting messages are
+/// dropped unanswered, so their callers leave them to redelivery, and each device's next
+/// message starts afresh.
+struct Carried {
+    state: Shared,
+    project: String,
+    devices: Vec<String>,
 }
 
-impl Release {
-    /// Whether the device has nothing waiting; if so, its place in the map is given back under
-    /// the same lock, so a message arriving next starts a task of its own.
-    fn nothing_waiting(&mut self) -> bool {
-        let Some(device) = &self.device else {
-            return true;
-        };
-        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-        if queues.get(device).is_some_and(|queue| !queue.is_empty()) {
-            return false;
-        }
-        queues.remove(device);
-        self.device = None;
-        true
-    }
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        if let Some(device) = self.device.take() {
-            let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-            queues.remove(&device);
-        }
-    }
-}
-
-/// Publishes the device's messages one bus message at a time until none waits. Each bus
-/// message waits for a place among the process's publishes in flight and only then takes
-/// what waits: under load the places are taken, and a device's messages gather meanwhile.
-async fn drive(
-    mut release: Release,
-    publish: Arc<PublishFn>,
-    publishing: Arc<Semaphore>,
-    device: Device,
-) {
-    loop {
-        // With nothing waiting, the device leaves the map and takes no place in line.
-        if release.nothing_waiting() {
-            break;
-        }
-        // Never closed; an error would only mean no place is ever given, so go without.
-        let _place = publishing.acquire().await.ok();
-        // Only this task takes from the queue, so it still holds what was seen above.
-        let taken = {
-            let mut queues = release
-                .queues
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            queues.get_mut(&device).map(take_next)
-        };
-        let Some(mut batch) = taken.filter(|batch| !batch.is_empty()) else {
-            continue;
-        };
-        if let [one] = batch.as_mut_slice() {
-            let parsed = Arc::new(std::mem::take(&mut one.parsed));
-            let sent = publish(device.clone(), parsed, one.received_at_us).await;
-            answer(batch, sent);
-        } else {
-            let received_at_us = batch
-                .iter()
-                .map(|waiting| waiting.received_at_us)
-                .max()
-                .unwrap_or_default();
-            let parsed = Arc::new(Parsed {
-                readings: batch
-                    .iter()
-                    .flat_map(|waiting| waiting.parsed.readings.iter().cloned())
-                    .collect(),
-                message_id: None,
-            });
-            match publish(device.clone(), parsed, received_at_us).await {
-                // The bus takes less than assumed: each message alone, in order.
-                Sent::TooLarge => {
-                    for mut waiting in batch {
-                        let parsed = Arc::new(std::mem::take(&mut waiting.parsed));
-                        let sent = publish(device.clone(), parsed, waiting.received_at_us).await;
-                        answer(vec![waiting], sent);
-                    }
-                }
-                sent => answer(batch, sent),
+impl Carried {
+    /// The bus message is settled: each device is free again; one with messages waiting
+    /// rejoins the ready list. Returns how many did.
+    fn finish(mut self) -> usize {
+        let devices = std::mem::take(&mut self.devices);
+        let mut state = lock(&self.state);
+        let mut ready = 0;
+        for device_id in devices {
+            let key = (self.project.clone(), device_id);
+            let Some(entry) = state.devices.get_mut(&key) else {
+                continue;
+            };
+            entry.in_flight = false;
+            if entry.queue.is_empty() {
+                state.devices.remove(&key);
+            } else {
+                ready += 1;
+                state
+                    .ready
+                    .entry(self.project.clone())
+                    .or_default()
+                    .push_back(key.1);
             }
         }
+        ready
+    }
+}
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        if self.devices.is_empty() {
+            return;
+        }
+        let mut state = lock(&self.state);
+        for device_id in self.devices.drain(..) {
+            state.devices.remove(&(self.project.clone(), device_id));
+        }
+    }
+}
+
+/// Waits for a place among the process's publishes in flight, and only then takes what
+/// waits in the project: under load the places are taken, and messages gather meanwhile.
+/// Finds nothing when an earlier task took the devices it was spawned for.
+async fn drive(coalescer: Coalescer, project: String) {
+    // Never closed; an error would only mean no place is ever given, so go without.
+    let place = coalescer.publishing.acquire().await.ok();
+    let taken = {
+        let mut state = lock(&coalescer.state);
+        take_next(&mut state, &project)
+    };
+    if taken.is_empty() {
+        return;
+    }
+    let carried = Carried {
+        state: coalescer.state.clone(),
+        project: project.clone(),
+        devices: taken
+            .iter()
+            .map(|(device_id, _)| device_id.clone())
+            .collect(),
+    };
+    let publish = &coalescer.publish;
+    let mut taken = taken;
+    let lone = taken.len() == 1 && taken[0].1.len() == 1;
+    let outgoing = Arc::new(Outgoing {
+        project: project.clone(),
+        parts: taken
+            .iter_mut()
+            .map(|(device_id, batch)| part(device_id, batch))
+            .collect(),
+    });
+    match publish(outgoing.clone()).await {
+        // The bus takes less than assumed: each message alone, in order (none of them has an
+        // idempotency key: a message with one is always alone).
+        Sent::TooLarge if !lone => {
+            for (part, (device_id, batch)) in outgoing.parts.iter().zip(taken) {
+                let mut readings = part.parsed.readings.iter().cloned();
+                for waiting in batch {
+                    let alone = Outgoing {
+                        project: project.clone(),
+                        parts: vec![Part {
+                            device_id: device_id.clone(),
+                            parsed: Parsed {
+                                readings: readings.by_ref().take(waiting.count).collect(),
+                                message_id: None,
+                            },
+                            received_at_us: waiting.received_at_us,
+                        }],
+                    };
+                    let sent = publish(Arc::new(alone)).await;
+                    answer(vec![waiting], sent);
+                }
+            }
+        }
+        sent => {
+            for (_, batch) in taken {
+                answer(batch, sent);
+            }
+        }
+    }
+    let ready = carried.finish();
+    drop(place);
+    coalescer.spawn_drive(project, ready);
+}
+
+/// One device's waiting messages as one part: their readings in order (moved, not copied),
+/// received at the latest of their times; a message alone keeps its idempotency key.
+fn part(device_id: &str, batch: &mut [Waiting]) -> Part {
+    let parsed = match batch {
+        [one] => std::mem::take(&mut one.parsed),
+        _ => {
+            let mut readings = Vec::with_capacity(batch.iter().map(|w| w.count).sum());
+            for waiting in batch.iter_mut() {
+                readings.append(&mut waiting.parsed.readings);
+            }
+            Parsed {
+                readings,
+                message_id: None,
+            }
+        }
+    };
+    Part {
+        device_id: device_id.to_owned(),
+        parsed,
+        received_at_us: batch
+            .iter()
+            .map(|waiting| waiting.received_at_us)
+            .max()
+            .unwrap_or_default(),
     }
 }
 
@@ -221,33 +323,117 @@ fn answer(batch: Vec<Waiting>, sent: Sent) {
     }
 }
 
-/// The next bus message's worth from the front of `queue`, in arrival order: messages without
-/// an idempotency key, up to [`MAX_COMBINED_READINGS`] and [`MAX_COMBINED_BYTES`], or one
-/// message alone.
-fn take_next(queue: &mut VecDeque<Waiting>) -> Vec<Waiting> {
-    let mut batch: Vec<Waiting> = Vec::new();
-    let (mut readings, mut bytes) = (0, 0);
-    while let Some(front) = queue.front() {
-        let front_bytes: usize = front
-            .parsed
-            .readings
-            .iter()
-            .map(|reading| reading.encoded_len() + 6)
-            .sum();
-        let fits = match batch.first() {
-            None => true,
-            Some(first) => {
-                first.parsed.message_id.is_none()
-                    && front.parsed.message_id.is_none()
-                    && readings + front.parsed.readings.len() <= MAX_COMBINED_READINGS
-                    && bytes + front_bytes <= MAX_COMBINED_BYTES
-            }
+/// How much room is left in a bus message.
+struct Room {
+    readings: usize,
+    bytes: usize,
+}
+
+fn encoded_bytes(parsed: &Parsed) -> usize {
+    parsed
+        .readings
+        .iter()
+        .map(|reading| reading.encoded_len() + 6)
+        .sum()
+}
+
+/// The next bus message's worth of the project's ready devices, each marked in flight: the
+/// longest-waiting device's messages from the front of its queue (one with an idempotency key
+/// alone), then, while there is room, the waiting messages of the devices behind it. Messages
+/// with an idempotency key are never combined; a device whose next message has one is passed
+/// over and keeps its place.
+fn take_next(state: &mut State, project: &str) -> Vec<(String, Vec<Waiting>)> {
+    let State { devices, ready } = state;
+    let Some(line) = ready.get_mut(project) else {
+        return Vec::new();
+    };
+    let mut taken: Vec<(String, Vec<Waiting>)> = Vec::new();
+    let mut passed_over = Vec::new();
+    let mut room = Room {
+        readings: MAX_COMBINED_READINGS,
+        bytes: MAX_COMBINED_BYTES,
+    };
+    let mut looked_at = 0;
+    while let Some(device_id) = line.pop_front() {
+        let key = (project.to_owned(), device_id);
+        let Some(entry) = devices
+            .get_mut(&key)
+            .filter(|entry| !entry.queue.is_empty())
+        else {
+            // Not expected (a ready device has messages waiting); nothing to take.
+            continue;
         };
-        if !fits {
+        let batch = if taken.is_empty() {
+            let keyed = entry
+                .queue
+                .front()
+                .is_some_and(|front| front.parsed.message_id.is_some());
+            if keyed {
+                let alone: Vec<Waiting> = entry.queue.pop_front().into_iter().collect();
+                entry.in_flight = true;
+                taken.push((key.1, alone));
+                break;
+            }
+            // The first message goes whatever its size.
+            let first = entry.queue.pop_front().into_iter().collect();
+            fill(first, &mut entry.queue, &mut room)
+        } else {
+            looked_at += 1;
+            let keyed = entry
+                .queue
+                .front()
+                .is_some_and(|front| front.parsed.message_id.is_some());
+            if keyed {
+                passed_over.push(key.1);
+                if looked_at >= MAX_DEVICES_LOOKED_AT {
+                    break;
+                }
+                continue;
+            }
+            let batch = fill(Vec::new(), &mut entry.queue, &mut room);
+            if batch.is_empty() {
+                // Full: it keeps its place at the front.
+                line.push_front(key.1);
+                break;
+            }
+            batch
+        };
+        entry.in_flight = true;
+        taken.push((key.1, batch));
+        if room.readings == 0 || looked_at >= MAX_DEVICES_LOOKED_AT {
             break;
         }
-        readings += front.parsed.readings.len();
-        bytes += front_bytes;
+    }
+    for device_id in passed_over.into_iter().rev() {
+        line.push_front(device_id);
+    }
+    if line.is_empty() {
+        ready.remove(project);
+    }
+    taken
+}
+
+/// `batch` with the messages from the front of `queue` that fit in `room`, in order, up to
+/// the first with an idempotency key; `room` shrinks by what was taken (the messages already
+/// in `batch` included, even past it).
+fn fill(mut batch: Vec<Waiting>, queue: &mut VecDeque<Waiting>, room: &mut Room) -> Vec<Waiting> {
+    for waiting in &batch {
+        room.readings = room.readings.saturating_sub(waiting.parsed.readings.len());
+        room.bytes = room.bytes.saturating_sub(encoded_bytes(&waiting.parsed));
+    }
+    if batch
+        .first()
+        .is_some_and(|first| first.parsed.message_id.is_some())
+    {
+        return batch;
+    }
+    while let Some(front) = queue.front() {
+        let (readings, bytes) = (front.parsed.readings.len(), encoded_bytes(&front.parsed));
+        if front.parsed.message_id.is_some() || readings > room.readings || bytes > room.bytes {
+            break;
+        }
+        room.readings -= readings;
+        room.bytes -= bytes;
         batch.extend(queue.pop_front());
     }
     batch
@@ -263,9 +449,14 @@ mod tests {
 
     use super::*;
 
-    /// What the publish function was handed: the metrics of its readings, its message id and
-    /// its received-at time.
-    type Call = (Vec<String>, Option<String>, i64);
+    /// What the publish function was handed: the metrics of its readings (all devices), its
+    /// message id (of a single-device message), its latest received-at time, and its devices.
+    type Call = (Vec<String>, Option<String>, i64, Vec<String>);
+
+    /// A call without its devices.
+    fn without_devices(call: Call) -> (Vec<String>, Option<String>, i64) {
+        (call.0, call.1, call.2)
+    }
 
     /// A coalescer whose publishes are recorded and each wait for a permit of `gate`; each
     /// answers what `outcome` says of its readings.
@@ -283,18 +474,35 @@ mod tests {
         places: usize,
     ) -> (Coalescer, mpsc::UnboundedReceiver<Call>) {
         let (calls, recorded) = mpsc::unbounded_channel();
-        let publish: Arc<PublishFn> =
-            Arc::new(move |_device, parsed: Arc<Parsed>, received_at_us| {
-                let calls = calls.clone();
-                let gate = gate.clone();
-                async move {
-                    let metrics = parsed.readings.iter().map(|r| r.metric.clone()).collect();
-                    let _ = calls.send((metrics, parsed.message_id.clone(), received_at_us));
-                    gate.acquire().await.map(|permit| permit.forget()).ok();
-                    outcome(&parsed)
-                }
-                .boxed()
-            });
+        let publish: Arc<PublishFn> = Arc::new(move |outgoing: Arc<Outgoing>| {
+            let calls = calls.clone();
+            let gate = gate.clone();
+            async move {
+                let parts = &outgoing.parts;
+                let merged = Parsed {
+                    readings: parts
+                        .iter()
+                        .flat_map(|part| part.parsed.readings.iter().cloned())
+                        .collect(),
+                    message_id: match parts.as_slice() {
+                        [one] => one.parsed.message_id.clone(),
+                        _ => None,
+                    },
+                };
+                let metrics = merged.readings.iter().map(|r| r.metric.clone()).collect();
+                let received_at_us = parts.iter().map(|part| part.received_at_us).max();
+                let devices = parts.iter().map(|part| part.device_id.clone()).collect();
+                let _ = calls.send((
+                    metrics,
+                    merged.message_id.clone(),
+                    received_at_us.unwrap_or_default(),
+                    devices,
+                ));
+                gate.acquire().await.map(|permit| permit.forget()).ok();
+                outcome(&merged)
+            }
+            .boxed()
+        });
         (
             Coalescer::new(TaskTracker::new(), publish, places),
             recorded,
@@ -377,7 +585,10 @@ mod tests {
         let (coalescer, mut calls) = gated(Arc::new(Semaphore::new(100)), published);
         let sent = coalescer.publish(device(), message(&["t"], None), 7).await;
         assert_eq!(sent, Sent::Published);
-        assert_eq!(calls.recv().await, Some((vec!["t".to_owned()], None, 7)));
+        assert_eq!(
+            calls.recv().await.map(without_devices),
+            Some((vec!["t".to_owned()], None, 7))
+        );
         assert_eq!(coalescer.waiting(&device()), 0);
     }
 
@@ -386,7 +597,10 @@ mod tests {
         let gate = Arc::new(Semaphore::new(0));
         let (coalescer, mut calls) = gated(gate.clone(), published);
         let first = send(&coalescer, message(&["a"], None), 1);
-        assert_eq!(calls.recv().await, Some((vec!["a".to_owned()], None, 1)));
+        assert_eq!(
+            calls.recv().await.map(without_devices),
+            Some((vec!["a".to_owned()], None, 1))
+        );
         let second = send(&coalescer, message(&["b", "c"], None), 3);
         until_waiting(&coalescer, 1).await;
         let third = send(&coalescer, message(&["d"], None), 2);
@@ -398,7 +612,7 @@ mod tests {
         gate.add_permits(2);
         assert_eq!(first.await.unwrap(), Sent::Published);
         assert_eq!(
-            calls.recv().await,
+            calls.recv().await.map(without_devices),
             Some((vec!["b".into(), "c".into(), "d".into()], None, 3)),
             "the two waiting messages in one bus message, received at the later time"
         );
@@ -453,7 +667,7 @@ mod tests {
         gate.add_permits(10);
         let mut shapes = Vec::new();
         for _ in 0..3 {
-            let (metrics, id, _) = calls.recv().await.unwrap();
+            let (metrics, id, _, _) = calls.recv().await.unwrap();
             shapes.push((metrics.len(), id));
         }
         assert_eq!(shapes, vec![(1, None), (1, Some("k1".into())), (2, None)]);
@@ -580,5 +794,154 @@ mod tests {
         assert_eq!(coalescer.waiting(&device()), 0);
         let next = coalescer.publish(device(), message(&["c"], None), 3).await;
         assert_eq!(next, Sent::Published);
+    }
+
+    fn pump(number: usize) -> Device {
+        ("default".to_owned(), format!("pump-{number}"))
+    }
+
+    #[tokio::test]
+    async fn while_every_place_is_taken_several_devices_go_out_in_one_bus_message() {
+        let gate = Arc::new(Semaphore::new(0));
+        let (coalescer, mut calls) = gated_with_places(gate.clone(), published, 1);
+        let first = send_as(&coalescer, pump(1), message(&["a"], None), 1);
+        assert_eq!(calls.recv().await.unwrap().0, vec!["a".to_owned()]);
+        // The one place is taken: three other devices' messages gather, one of them with an
+        // idempotency key, and one of another project.
+        let mut others = Vec::new();
+        for (number, metrics, key) in [
+            (2, vec!["b"], None),
+            (3, vec!["c"], Some("k")),
+            (4, vec!["d", "e"], None),
+            (2, vec!["f"], None),
+        ] {
+            let before = coalescer.waiting(&pump(number));
+            others.push(send_as(
+                &coalescer,
+                pump(number),
+                message(&metrics, key),
+                number as i64,
+            ));
+            until_waiting_as(&coalescer, &pump(number), before + 1).await;
+        }
+        let elsewhere = ("other".to_owned(), "pump-9".to_owned());
+        others.push(send_as(
+            &coalescer,
+            elsewhere.clone(),
+            message(&["z"], None),
+            9,
+        ));
+        until_waiting_as(&coalescer, &elsewhere, 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(calls.is_empty(), "a publish started with no place free");
+
+        gate.add_permits(10);
+        assert_eq!(first.await.unwrap(), Sent::Published);
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let (metrics, id, _, devices) = calls.recv().await.unwrap();
+            seen.push((devices, metrics, id));
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                (
+                    vec!["pump-2".to_owned(), "pump-4".to_owned()],
+                    vec!["b".into(), "f".into(), "d".into(), "e".into()],
+                    None
+                ),
+                (
+                    vec!["pump-3".to_owned()],
+                    vec!["c".into()],
+                    Some("k".into())
+                ),
+                (vec!["pump-9".to_owned()], vec!["z".into()], None),
+            ],
+            "the project's key-less messages in one bus message, a device's in order; the keyed one alone; another project's apart"
+        );
+        for outcome in others {
+            assert_eq!(outcome.await.unwrap(), Sent::Published);
+        }
+        for number in 1..=4 {
+            assert_eq!(coalescer.waiting(&pump(number)), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_device_in_flight_is_never_in_a_second_bus_message() {
+        let gate = Arc::new(Semaphore::new(0));
+        let (coalescer, mut calls) = gated_with_places(gate.clone(), published, 2);
+        let first = send_as(&coalescer, pump(1), message(&["a"], None), 1);
+        assert_eq!(calls.recv().await.unwrap().0, vec!["a".to_owned()]);
+        let behind = send_as(&coalescer, pump(1), message(&["b"], None), 2);
+        until_waiting_as(&coalescer, &pump(1), 1).await;
+        // A place is free: another device goes out at once, alone, without pump-1's waiting
+        // message, which waits for pump-1's bus message in flight.
+        let other = send_as(&coalescer, pump(2), message(&["c"], None), 3);
+        let (metrics, _, _, devices) = calls.recv().await.unwrap();
+        assert_eq!(
+            (metrics, devices),
+            (vec!["c".to_owned()], vec!["pump-2".to_owned()])
+        );
+        assert_eq!(coalescer.waiting(&pump(1)), 1);
+        // pump-1's waiting message goes out once its first is back.
+        gate.add_permits(10);
+        assert_eq!(first.await.unwrap(), Sent::Published);
+        assert_eq!(other.await.unwrap(), Sent::Published);
+        assert_eq!(behind.await.unwrap(), Sent::Published);
+        let (metrics, _, _, devices) = calls.recv().await.unwrap();
+        assert_eq!(
+            (metrics, devices),
+            (vec!["b".to_owned()], vec!["pump-1".to_owned()])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_multi_device_message_the_bus_refuses_goes_again_one_message_at_a_time() {
+        let gate = Arc::new(Semaphore::new(0));
+        let (coalescer, mut calls) = gated_with_places(
+            gate.clone(),
+            |parsed| {
+                if parsed.readings.len() > 2 {
+                    Sent::TooLarge
+                } else {
+                    Sent::Published
+                }
+            },
+            1,
+        );
+        let first = send_as(&coalescer, pump(1), message(&["a"], None), 1);
+        calls.recv().await.unwrap();
+        let mut sent = Vec::new();
+        for (number, metric) in [(2, "b"), (3, "c"), (2, "d")] {
+            let before = coalescer.waiting(&pump(number));
+            sent.push(send_as(
+                &coalescer,
+                pump(number),
+                message(&[metric], None),
+                2,
+            ));
+            until_waiting_as(&coalescer, &pump(number), before + 1).await;
+        }
+        gate.add_permits(10);
+        assert_eq!(first.await.unwrap(), Sent::Published);
+        let mut shapes = Vec::new();
+        for _ in 0..4 {
+            let (metrics, _, _, devices) = calls.recv().await.unwrap();
+            shapes.push((metrics.concat(), devices.len()));
+        }
+        assert_eq!(
+            shapes,
+            vec![
+                ("bdc".to_owned(), 2),
+                ("b".to_owned(), 1),
+                ("d".to_owned(), 1),
+                ("c".to_owned(), 1)
+            ]
+        );
+        for outcome in sent {
+            assert_eq!(outcome.await.unwrap(), Sent::Published);
+        }
     }
 }

@@ -25,7 +25,8 @@ use fieldline_common::{
     auth::{AuthError, DeviceInfo},
     bus::rpc,
     commands::MqttCommandAck,
-    ingest::{self, Parsed, PublishError, Publisher, TimeWindow},
+    ids::random_id,
+    ingest::{self, DevicePart, Parsed, PublishError, Publisher, TimeWindow},
     logthrottle::LogThrottle,
     ratelimit::Decision,
     service::ReadyCheck,
@@ -38,7 +39,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    coalesce::{Coalescer, PublishFn, Sent},
+    coalesce::{Coalescer, Outgoing, PublishFn, Sent},
     poison::Remedy,
     topic::Uplink,
 };
@@ -234,7 +235,7 @@ fn telemetry_coalescer(context: &Context) -> Coalescer {
     // One Arc for both: cloning the publisher and the token themselves allocated, once per
     // bus message.
     let shared = Arc::new((Publisher::new(context), context.shutdown.clone()));
-    let publish: Arc<PublishFn> = Arc::new(move |(project, device_id), parsed, received_at_us| {
+    let publish: Arc<PublishFn> = Arc::new(move |outgoing: Arc<Outgoing>| {
         let shared = shared.clone();
         async move {
             let (publisher, shutdown) = &*shared;
@@ -242,13 +243,40 @@ fn telemetry_coalescer(context: &Context) -> Coalescer {
             if shutdown.is_cancelled() {
                 return Sent::Abandoned;
             }
+            // A multi-device bus message's own id, the same on each try: JetStream keeps one
+            // copy if a try was stored but its ack lost. A device id holds no `.`, so no
+            // client's scoped key can meet it.
+            let bus_id = (outgoing.parts.len() > 1)
+                .then(|| format!("{}/.batch/{}", outgoing.project, random_id("", 22)));
             retry(shutdown, "publish to jetstream", || async {
-                let readings = Parsed::clone(&parsed);
-                match publisher
-                    .readings(&project, &device_id, readings, received_at_us, "mqtt")
-                    .await
-                {
-                    Ok(_) => Ok(Sent::Published),
+                let published = match outgoing.parts.as_slice() {
+                    [one] => publisher
+                        .readings(
+                            &outgoing.project,
+                            &one.device_id,
+                            Parsed::clone(&one.parsed),
+                            one.received_at_us,
+                            "mqtt",
+                        )
+                        .await
+                        .map(|_| ()),
+                    parts => {
+                        let devices: Vec<DevicePart<'_>> = parts
+                            .iter()
+                            .map(|part| DevicePart {
+                                device_id: &part.device_id,
+                                readings: &part.parsed.readings,
+                                received_at_us: part.received_at_us,
+                            })
+                            .collect();
+                        let bus_id = bus_id.as_deref().unwrap_or_default();
+                        publisher
+                            .devices(&outgoing.project, &devices, "mqtt", bus_id)
+                            .await
+                    }
+                };
+                match published {
+                    Ok(()) => Ok(Sent::Published),
                     Err(PublishError::TooLarge { .. }) => Ok(Sent::TooLarge),
                     Err(error) => Err(error),
                 }

@@ -293,8 +293,9 @@ struct Answers {
     http_202: u64,
 }
 
-/// Webhook events, counted by the readings they carry: ingest-mqtt puts a device's waiting
-/// messages in one bus message, so one event may carry several MQTT readings.
+/// Webhook events, counted by the readings they carry: ingest-mqtt puts waiting messages in
+/// one bus message (a device's, and under load several devices' of a project), and fan-out
+/// makes one event per device of it, so one event may carry several MQTT readings.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 struct Webhooks {
     /// Acknowledged readings: each should reach the receiver in some event.

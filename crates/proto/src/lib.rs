@@ -15,6 +15,72 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/fieldline.v1.rs"));
 }
 
+/// A telemetry message no consumer can take: it does not decode, mixes the single-device and
+/// multi-device shapes, or names no device. Consumers make it a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidBatch(pub String);
+
+impl std::fmt::Display for InvalidBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidBatch {}
+
+impl v1::TelemetryBatch {
+    /// Whether this is the multi-device shape (`devices` set).
+    pub fn is_multi_device(&self) -> bool {
+        !self.devices.is_empty()
+    }
+
+    /// The readings of each device as a single-device batch, in order: a single-device
+    /// batch is itself; a multi-device one gives one per entry of `devices`, each with the
+    /// batch's project and source. Every consumer calls this right after decoding, so the
+    /// rest of it sees single-device batches only.
+    ///
+    /// Refused: both shapes at once (`devices` beside a `device_id`, `readings`,
+    /// `received_at_us` or `message_id` of the batch), and an entry of `devices` without a
+    /// device id.
+    pub fn split(self) -> Result<Vec<v1::TelemetryBatch>, InvalidBatch> {
+        if self.devices.is_empty() {
+            return Ok(vec![self]);
+        }
+        if !self.device_id.is_empty()
+            || !self.readings.is_empty()
+            || self.received_at_us != 0
+            || !self.message_id.is_empty()
+        {
+            return Err(InvalidBatch(
+                "a telemetry batch with both a device of its own and `devices`".into(),
+            ));
+        }
+        if let Some(position) = self.devices.iter().position(|d| d.device_id.is_empty()) {
+            return Err(InvalidBatch(format!(
+                "devices[{position}] of a telemetry batch has no device id"
+            )));
+        }
+        let v1::TelemetryBatch {
+            project,
+            source,
+            devices,
+            ..
+        } = self;
+        Ok(devices
+            .into_iter()
+            .map(|device| v1::TelemetryBatch {
+                project: project.clone(),
+                device_id: device.device_id,
+                readings: device.readings,
+                received_at_us: device.received_at_us,
+                source: source.clone(),
+                message_id: device.message_id,
+                devices: Vec::new(),
+            })
+            .collect())
+    }
+}
+
 /// The JetStream streams of the platform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
@@ -199,6 +265,59 @@ impl Subjects {
         format!("{}.telemetry.{project}.{device_id}", self.prefix)
     }
 
+    /// `{prefix}.telemetry.{project}.{source}.batch`: readings of several devices of one
+    /// project in one bus message (the multi-device shape of [`v1::TelemetryBatch`]). Five
+    /// tokens where a device's subject has four (ids hold no `.`), so no filter on a device's
+    /// subject matches it, and `{prefix}.telemetry.>` matches both.
+    pub fn telemetry_batch(&self, project: &str, source: &str) -> String {
+        format!("{}.telemetry.{project}.{source}.batch", self.prefix)
+    }
+
+    /// Every telemetry subject of one project, devices' and batches' alike:
+    /// `{prefix}.telemetry.{project}.>`.
+    pub fn project_telemetry(&self, project: &str) -> String {
+        format!("{}.telemetry.{project}.>", self.prefix)
+    }
+
+    /// The project of a multi-device batch's subject, or `None` for any other subject.
+    pub fn telemetry_batch_project<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".telemetry.")?;
+        let mut tokens = rest.split('.');
+        let (project, _source, last) = (tokens.next()?, tokens.next()?, tokens.next()?);
+        (last == "batch" && tokens.next().is_none() && !project.is_empty()).then_some(project)
+    }
+
+    /// Decodes a telemetry message published on `subject` and gives one single-device batch
+    /// per device it carries ([`v1::TelemetryBatch::split`]). A multi-device batch must be on
+    /// a batch subject of its own project, and a single-device one on no batch subject.
+    pub fn telemetry_devices(
+        &self,
+        subject: &str,
+        payload: &[u8],
+    ) -> Result<Vec<v1::TelemetryBatch>, InvalidBatch> {
+        use prost::Message as _;
+        let batch = v1::TelemetryBatch::decode(payload)
+            .map_err(|error| InvalidBatch(format!("undecodable telemetry message: {error}")))?;
+        match (
+            self.telemetry_batch_project(subject),
+            batch.devices.is_empty(),
+        ) {
+            (Some(project), false) if project != batch.project => Err(InvalidBatch(format!(
+                "a batch of project {:?} on the subject of project {project:?}",
+                batch.project
+            ))),
+            (Some(_), true) => Err(InvalidBatch(
+                "a single-device batch on a multi-device batch subject".into(),
+            )),
+            (None, false) => Err(InvalidBatch(
+                "a multi-device batch on a subject that is not a batch subject".into(),
+            )),
+            _ => batch.split(),
+        }
+    }
+
     /// Every telemetry subject: the filter of the telemetry consumers.
     pub fn telemetry_all(&self) -> String {
         format!("{}.telemetry.>", self.prefix)
@@ -377,6 +496,163 @@ mod tests {
             ..Default::default()
         };
         assert!(Replication::default().same_placement(&empty_placement));
+    }
+
+    use prost::Message as _;
+    use v1::{DeviceReadings, Reading, TelemetryBatch, reading};
+
+    fn reading(metric: &str) -> Reading {
+        Reading {
+            metric: metric.to_owned(),
+            ts_us: 5,
+            value: Some(reading::Value::Number(1.0)),
+        }
+    }
+
+    fn single(device_id: &str) -> TelemetryBatch {
+        TelemetryBatch {
+            project: "p".into(),
+            device_id: device_id.into(),
+            readings: vec![reading("t")],
+            received_at_us: 9,
+            source: "http".into(),
+            message_id: "p/d/k".into(),
+            devices: Vec::new(),
+        }
+    }
+
+    fn several() -> TelemetryBatch {
+        TelemetryBatch {
+            project: "p".into(),
+            source: "mqtt".into(),
+            devices: vec![
+                DeviceReadings {
+                    device_id: "a".into(),
+                    readings: vec![reading("t"), reading("h")],
+                    received_at_us: 7,
+                    message_id: String::new(),
+                },
+                DeviceReadings {
+                    device_id: "b".into(),
+                    readings: vec![reading("v")],
+                    received_at_us: 8,
+                    message_id: String::new(),
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_single_device_batch_splits_into_itself() {
+        assert_eq!(single("d").split().unwrap(), vec![single("d")]);
+        // No readings at all is still one device's (empty) batch, as it always was.
+        let empty = TelemetryBatch {
+            readings: Vec::new(),
+            ..single("d")
+        };
+        assert_eq!(empty.clone().split().unwrap(), vec![empty]);
+    }
+
+    #[test]
+    fn a_multi_device_batch_splits_into_one_batch_per_device() {
+        let parts = several().split().unwrap();
+        let shapes: Vec<_> = parts
+            .iter()
+            .map(|part| {
+                (
+                    part.project.as_str(),
+                    part.device_id.as_str(),
+                    part.readings.len(),
+                    part.received_at_us,
+                    part.source.as_str(),
+                    part.devices.is_empty(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shapes,
+            vec![
+                ("p", "a", 2, 7, "mqtt", true),
+                ("p", "b", 1, 8, "mqtt", true)
+            ]
+        );
+        assert!(several().is_multi_device() && !single("d").is_multi_device());
+    }
+
+    #[test]
+    fn a_batch_mixing_both_shapes_or_naming_no_device_is_refused() {
+        let mixes = [
+            TelemetryBatch {
+                device_id: "c".into(),
+                ..several()
+            },
+            TelemetryBatch {
+                readings: vec![reading("x")],
+                ..several()
+            },
+            TelemetryBatch {
+                received_at_us: 1,
+                ..several()
+            },
+            TelemetryBatch {
+                message_id: "k".into(),
+                ..several()
+            },
+        ];
+        for mixed in mixes {
+            let error = mixed.split().unwrap_err();
+            assert!(error.0.contains("both"), "{error}");
+        }
+        let mut nameless = several();
+        nameless.devices[1].device_id.clear();
+        assert_eq!(
+            nameless.split().unwrap_err().0,
+            "devices[1] of a telemetry batch has no device id"
+        );
+    }
+
+    #[test]
+    fn a_batch_subject_is_never_a_devices_and_carries_only_batches_of_its_project() {
+        let subjects = Subjects::new("fl").unwrap();
+        let batch_subject = subjects.telemetry_batch("p", "mqtt");
+        assert_eq!(batch_subject, "fl.telemetry.p.mqtt.batch");
+        assert_eq!(subjects.telemetry_batch_project(&batch_subject), Some("p"));
+        for other in [
+            subjects.telemetry("p", "batch"),
+            subjects.telemetry("p", "mqtt"),
+            "fl.telemetry.p.mqtt.batch.x".to_owned(),
+            "fx.telemetry.p.mqtt.batch".to_owned(),
+        ] {
+            assert_eq!(subjects.telemetry_batch_project(&other), None, "{other}");
+        }
+        assert_eq!(subjects.project_telemetry("p"), "fl.telemetry.p.>");
+
+        let bytes = several().encode_to_vec();
+        assert_eq!(
+            subjects
+                .telemetry_devices(&batch_subject, &bytes)
+                .unwrap()
+                .len(),
+            2
+        );
+        let device_subject = subjects.telemetry("p", "a");
+        assert!(subjects.telemetry_devices(&device_subject, &bytes).is_err());
+        let elsewhere = subjects.telemetry_batch("q", "mqtt");
+        assert!(subjects.telemetry_devices(&elsewhere, &bytes).is_err());
+        let one = single("d").encode_to_vec();
+        assert_eq!(
+            subjects.telemetry_devices(&device_subject, &one).unwrap(),
+            vec![single("d")]
+        );
+        assert!(subjects.telemetry_devices(&batch_subject, &one).is_err());
+        assert!(
+            subjects
+                .telemetry_devices(&device_subject, b"\xff\xff")
+                .unwrap_err()
+                .0
+                .starts_with("undecodable")
+        );
     }
 
     #[test]

@@ -10,8 +10,7 @@ use fieldline_common::{
     Context,
     consume::{self, Delivery, Outcome},
 };
-use fieldline_proto::{Stream, v1::TelemetryBatch};
-use prost::Message;
+use fieldline_proto::{Stream, Subjects};
 
 use crate::repo::Repo;
 
@@ -36,29 +35,33 @@ pub async fn start(context: &Context, repo: Repo) -> anyhow::Result<()> {
         batch: context.config.writer_batch_size,
         in_flight: STORES_IN_FLIGHT,
     };
-    consume::start(context, spec, Store { repo }).await
+    let store = Store {
+        repo,
+        subjects: context.subjects.clone(),
+    };
+    consume::start(context, spec, store).await
 }
 
 struct Store {
     repo: Repo,
+    subjects: Subjects,
 }
 
 impl consume::Handler for Store {
     async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
         let mut outcomes = vec![Outcome::Done; batch.len()];
+        // One single-device batch per device: a multi-device bus message gives several, all
+        // at its position.
         let mut decoded = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());
         for (position, delivery) in batch.iter().enumerate() {
-            match TelemetryBatch::decode(delivery.payload()) {
-                Ok(readings) => {
-                    decoded.push(readings);
-                    positions.push(position);
+            match delivery.telemetry(&self.subjects) {
+                Ok(devices) => {
+                    positions.extend(std::iter::repeat_n(position, devices.len()));
+                    decoded.extend(devices);
                 }
                 // Not ours to fix by retrying.
-                Err(error) => {
-                    outcomes[position] =
-                        Outcome::Poison(format!("undecodable telemetry message: {error}"))
-                }
+                Err(poison) => outcomes[position] = poison,
             }
         }
         if decoded.is_empty() {
@@ -74,18 +77,25 @@ impl consume::Handler for Store {
             Err(error) => {
                 let outcome = Outcome::of_error(&error);
                 metrics::counter!("fieldline_writer_failures_total").increment(1);
-                if matches!(outcome, Outcome::Wait(_)) || decoded.len() == 1 {
+                let several = positions.first() != positions.last();
+                if matches!(outcome, Outcome::Wait(_)) || !several {
                     for &position in &positions {
                         outcomes[position] = outcome.clone();
                     }
                     return outcomes;
                 }
                 // Something in the batch fails: find the message that does it, so it does
-                // not hold back the rest.
+                // not hold back the rest. A bus message's devices are stored together.
                 tracing::warn!(error = %error, messages = decoded.len(), "a batch failed; storing its messages one by one");
-                for (readings, &position) in decoded.iter().zip(&positions) {
-                    outcomes[position] = match self.repo.store(std::slice::from_ref(readings)).await
-                    {
+                let mut start = 0;
+                while start < decoded.len() {
+                    let position = positions[start];
+                    let end = start
+                        + positions[start..]
+                            .iter()
+                            .take_while(|&&other| other == position)
+                            .count();
+                    outcomes[position] = match self.repo.store(&decoded[start..end]).await {
                         Ok(count) => {
                             metrics::counter!("fieldline_writer_readings_total")
                                 .increment(count as u64);
@@ -93,6 +103,7 @@ impl consume::Handler for Store {
                         }
                         Err(error) => Outcome::of_error(&error),
                     };
+                    start = end;
                 }
             }
         }

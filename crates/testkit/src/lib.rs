@@ -398,11 +398,45 @@ impl TestApp {
         )
     }
 
-    /// Every telemetry batch now in the test's telemetry stream, with its subject.
+    /// Every device's telemetry now in the test's telemetry stream, as single-device batches
+    /// (a multi-device bus message gives one per device, each with the message's subject).
     pub async fn telemetry_batches(&self) -> Vec<(String, fieldline_proto::v1::TelemetryBatch)> {
+        self.telemetry_messages()
+            .await
+            .into_iter()
+            .flat_map(|(subject, batch)| {
+                let devices = batch.split().expect("a telemetry message consumers take");
+                devices.into_iter().map(move |one| (subject.clone(), one))
+            })
+            .collect()
+    }
+
+    /// Every telemetry bus message now in the test's telemetry stream, as published (either
+    /// shape), with its subject.
+    pub async fn telemetry_messages(&self) -> Vec<(String, fieldline_proto::v1::TelemetryBatch)> {
         let filter = self.context.subjects.telemetry_all();
         self.stream_messages(Stream::Telemetry, filter.trim_end_matches('>'))
             .await
+    }
+
+    /// Publishes a telemetry message to the subject of its shape (a device's, or the
+    /// project's `mqtt` batch subject for a multi-device one) as the ingest edges do, and
+    /// waits for JetStream's ack; returns its stream sequence.
+    pub async fn publish_telemetry(&self, batch: &fieldline_proto::v1::TelemetryBatch) -> u64 {
+        let subjects = &self.context.subjects;
+        let subject = if batch.is_multi_device() {
+            subjects.telemetry_batch(&batch.project, "mqtt")
+        } else {
+            subjects.telemetry(&batch.project, &batch.device_id)
+        };
+        self.context
+            .jetstream
+            .publish(subject, prost::Message::encode_to_vec(batch).into())
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .sequence
     }
 
     /// Every heartbeat now in the test's telemetry stream, with its subject.
@@ -453,6 +487,31 @@ impl TestApp {
         self.context.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.context.tasks.wait()).await;
         self.env.clone()
+    }
+}
+
+/// A multi-device telemetry batch of `project`, as ingest-mqtt publishes it under load: one
+/// entry per device with its readings, each received at `received_at_us`.
+pub fn multi_device_batch(
+    project: &str,
+    devices: Vec<(&str, Vec<fieldline_proto::v1::Reading>)>,
+    received_at_us: i64,
+) -> fieldline_proto::v1::TelemetryBatch {
+    fieldline_proto::v1::TelemetryBatch {
+        project: project.to_owned(),
+        source: "mqtt".to_owned(),
+        devices: devices
+            .into_iter()
+            .map(
+                |(device_id, readings)| fieldline_proto::v1::DeviceReadings {
+                    device_id: device_id.to_owned(),
+                    readings,
+                    received_at_us,
+                    message_id: String::new(),
+                },
+            )
+            .collect(),
+        ..Default::default()
     }
 }
 

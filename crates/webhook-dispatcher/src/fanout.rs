@@ -13,7 +13,7 @@ use fieldline_common::{
     time::{format_rfc3339, from_us},
 };
 use fieldline_proto::{
-    InvalidateKind, Stream,
+    InvalidateKind, Stream, Subjects,
     v1::{DeviceEvent, TelemetryBatch, reading},
 };
 use futures::StreamExt;
@@ -92,19 +92,18 @@ struct Incoming {
 }
 
 enum Body {
-    Telemetry(TelemetryBatch),
+    /// One device's readings, and its place among the devices of a multi-device bus message
+    /// (`None` in a single-device one).
+    Telemetry(TelemetryBatch, Option<u32>),
     /// A registry event: its id (if it has one) and its JSON payload.
-    Device {
-        id: String,
-        payload_json: String,
-    },
+    Device { id: String, payload_json: String },
 }
 
 impl Incoming {
     /// What the filters look at: a registry event's payload, or a batch's metric names.
     fn filter_view(&self) -> Value {
         match &self.body {
-            Body::Telemetry(batch) => json!({
+            Body::Telemetry(batch, _) => json!({
                 "readings": batch.readings.iter().map(|r| json!({"metric": r.metric})).collect::<Vec<_>>(),
             }),
             Body::Device { payload_json, .. } => {
@@ -116,20 +115,20 @@ impl Incoming {
     /// The event id and payload; `sequence` is the bus message's stream sequence.
     fn finish(self, sequence: u64, raw: &[u8]) -> (String, Incoming, Value) {
         let (id, payload) = match &self.body {
-            Body::Telemetry(batch) => {
+            Body::Telemetry(batch, part) => {
                 let readings: Vec<Value> = batch
                     .readings
                     .iter()
                     .map(|r| json!({"metric": r.metric, "ts": format_rfc3339(&from_us(r.ts_us)), "value": reading_json(&r.value)}))
                     .collect();
                 (
-                    event_id(sequence, raw),
+                    event_id(sequence, raw, *part),
                     json!({"readings": readings, "source": batch.source}),
                 )
             }
             Body::Device { id, payload_json } => {
                 let id = if id.is_empty() {
-                    event_id(sequence, raw)
+                    event_id(sequence, raw, None)
                 } else {
                     id.clone()
                 };
@@ -143,11 +142,17 @@ impl Incoming {
 }
 
 /// Stable id of a bus message: the same message redelivered gives the same event id, so its
-/// deliveries are not created twice.
-fn event_id(stream_sequence: u64, payload: &[u8]) -> String {
+/// deliveries are not created twice. Each device of a multi-device bus message has its own
+/// event, told apart by its place (`part`) among the message's devices; a single-device
+/// message's id is what it always was.
+fn event_id(stream_sequence: u64, payload: &[u8], part: Option<u32>) -> String {
     let mut hasher = Sha256::new();
     hasher.update(stream_sequence.to_be_bytes());
     hasher.update(payload);
+    if let Some(part) = part {
+        hasher.update(b"/device/");
+        hasher.update(part.to_be_bytes());
+    }
     format!("evt_{}", &hex::encode(hasher.finalize())[..24])
 }
 
@@ -160,20 +165,28 @@ fn reading_json(value: &Option<reading::Value>) -> Value {
     }
 }
 
-fn telemetry_event(payload: &[u8]) -> Option<Incoming> {
-    let mut batch = TelemetryBatch::decode(payload).ok()?;
-    Some(Incoming {
-        project: std::mem::take(&mut batch.project),
-        device_id: std::mem::take(&mut batch.device_id),
-        event_type: "device.data".into(),
-        occurred_at_us: batch.received_at_us,
-        body: Body::Telemetry(batch),
-    })
+/// A device.data event per device the telemetry message carries.
+fn telemetry_events(subjects: &Subjects, delivery: &Delivery) -> Result<Vec<Incoming>, Outcome> {
+    let devices = delivery.telemetry(subjects)?;
+    let several = devices.len() > 1;
+    Ok(devices
+        .into_iter()
+        .enumerate()
+        .map(|(part, mut batch)| Incoming {
+            project: std::mem::take(&mut batch.project),
+            device_id: std::mem::take(&mut batch.device_id),
+            event_type: "device.data".into(),
+            occurred_at_us: batch.received_at_us,
+            body: Body::Telemetry(batch, several.then_some(part as u32)),
+        })
+        .collect())
 }
 
-fn device_event(payload: &[u8]) -> Option<Incoming> {
-    let event = DeviceEvent::decode(payload).ok()?;
-    Some(Incoming {
+fn device_event(_: &Subjects, delivery: &Delivery) -> Result<Vec<Incoming>, Outcome> {
+    let event = DeviceEvent::decode(delivery.payload()).map_err(|_| {
+        Outcome::Poison(format!("undecodable bus message on {}", delivery.subject()))
+    })?;
+    Ok(vec![Incoming {
         project: event.project,
         event_type: event.event_type,
         device_id: event.device_id,
@@ -182,8 +195,11 @@ fn device_event(payload: &[u8]) -> Option<Incoming> {
             id: event.id,
             payload_json: event.payload_json,
         },
-    })
+    }])
 }
+
+/// The events one bus message makes, or why it can make none.
+type Decode = fn(&Subjects, &Delivery) -> Result<Vec<Incoming>, Outcome>;
 
 pub async fn start(
     context: &Context,
@@ -196,7 +212,7 @@ pub async fn start(
             Stream::Telemetry,
             DATA_CONSUMER,
             context.subjects.telemetry_all(),
-            telemetry_event as fn(&[u8]) -> Option<Incoming>,
+            telemetry_events as Decode,
         ),
         (
             Stream::Events,
@@ -235,7 +251,7 @@ struct Fanout {
     repo: Repo,
     targets: Targets,
     dispatcher: Arc<Dispatcher>,
-    decode: fn(&[u8]) -> Option<Incoming>,
+    decode: Decode,
 }
 
 /// What one bus message makes: its event and a delivery per matching webhook.
@@ -253,12 +269,13 @@ impl consume::Handler for Fanout {
         let mut planned = Vec::new();
         for (position, delivery) in batch.iter().enumerate() {
             match self.plan(delivery).await {
-                Ok(Some((event, deliveries))) => planned.push(Planned {
-                    position,
-                    event,
-                    deliveries,
-                }),
-                Ok(None) => {}
+                Ok(events) => {
+                    planned.extend(events.into_iter().map(|(event, deliveries)| Planned {
+                        position,
+                        event,
+                        deliveries,
+                    }))
+                }
                 Err(outcome) => outcomes[position] = outcome,
             }
         }
@@ -267,16 +284,19 @@ impl consume::Handler for Fanout {
         }
         if let Err(error) = self.enqueue(&planned).await {
             let outcome = Outcome::of_error(&error);
-            if matches!(outcome, Outcome::Wait(_)) || planned.len() == 1 {
+            let several = planned.first().map(|plan| plan.position)
+                != planned.last().map(|plan| plan.position);
+            if matches!(outcome, Outcome::Wait(_)) || !several {
                 for plan in &planned {
                     outcomes[plan.position] = outcome.clone();
                 }
                 return outcomes;
             }
-            // Find the event that cannot be stored, so it holds back nothing else.
-            for plan in planned {
-                if let Err(error) = self.enqueue(std::slice::from_ref(&plan)).await {
-                    outcomes[plan.position] = Outcome::of_error(&error);
+            // Find the bus message that cannot be stored, so it holds back nothing else (a
+            // multi-device one's events go together).
+            for message in planned.chunk_by(|a, b| a.position == b.position) {
+                if let Err(error) = self.enqueue(message).await {
+                    outcomes[message[0].position] = Outcome::of_error(&error);
                 }
             }
         }
@@ -323,17 +343,25 @@ impl Fanout {
         Ok(())
     }
 
-    /// The event and deliveries one bus message makes, or none when no webhook wants it.
+    /// The events and deliveries one bus message makes (one event per device it carries),
+    /// leaving out those no webhook wants.
     async fn plan(
         &self,
         delivery: &Delivery,
+    ) -> Result<Vec<(NewEvent, Vec<NewDelivery>)>, Outcome> {
+        let mut planned = Vec::new();
+        for incoming in (self.decode)(&self.context.subjects, delivery)? {
+            planned.extend(self.plan_one(delivery, incoming).await?);
+        }
+        Ok(planned)
+    }
+
+    /// The event and deliveries of one device's event, or none when no webhook wants it.
+    async fn plan_one(
+        &self,
+        delivery: &Delivery,
+        incoming: Incoming,
     ) -> Result<Option<(NewEvent, Vec<NewDelivery>)>, Outcome> {
-        let Some(incoming) = (self.decode)(delivery.payload()) else {
-            return Err(Outcome::Poison(format!(
-                "undecodable bus message on {}",
-                delivery.subject()
-            )));
-        };
         let targets = self
             .targets
             .of(&incoming.project)

@@ -11,9 +11,9 @@ use fieldline_common::{
     time::{from_us, now_us},
 };
 use fieldline_proto::{
-    Stream,
+    Stream, Subjects,
     consumers::REGISTRY_STATE,
-    v1::{Heartbeat, TelemetryBatch, reading},
+    v1::{Heartbeat, reading},
 };
 use prost::Message;
 use tokio::sync::Notify;
@@ -50,6 +50,7 @@ pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::
         wake: wake.clone(),
         default_interval_s,
         telemetry_prefix,
+        subjects: context.subjects.clone(),
         written: moka::future::Cache::builder()
             .max_capacity(PRESENCE_CAPACITY)
             .time_to_live(Duration::from_secs(10))
@@ -143,6 +144,7 @@ struct Apply {
     wake: Arc<Notify>,
     default_interval_s: i32,
     telemetry_prefix: String,
+    subjects: Subjects,
     /// Devices this instance left online, each with the sighting time before which it is not
     /// written again ([`PRESENCE_RESOLUTION_US`]), and the local time until which that holds.
     written: moka::future::Cache<(String, String), (i64, i64)>,
@@ -183,35 +185,42 @@ impl Apply {
         let mut outcomes = vec![Outcome::Done; messages.len()];
         let mut seen: HashMap<(String, String), i64> = HashMap::new();
         let mut batches = Vec::new();
+        let mut sighted = |project: &str, device_id: &str, received_at_us: i64| {
+            let latest = seen
+                .entry((project.to_owned(), device_id.to_owned()))
+                .or_insert(received_at_us);
+            *latest = (*latest).max(received_at_us);
+        };
         for (position, message) in messages.iter().enumerate() {
-            let (project, device_id, received_at_us) =
-                if message.subject().starts_with(&self.telemetry_prefix) {
-                    let Ok(batch) = TelemetryBatch::decode(message.payload()) else {
-                        outcomes[position] =
-                            Outcome::Poison("undecodable telemetry message".into());
+            if message.subject().starts_with(&self.telemetry_prefix) {
+                // Each device of a multi-device bus message is seen and evaluated as if it
+                // had come alone.
+                let devices = match message.telemetry(&self.subjects) {
+                    Ok(devices) => devices,
+                    Err(poison) => {
+                        outcomes[position] = poison;
                         continue;
-                    };
+                    }
+                };
+                for batch in devices {
                     // An import of the past says nothing about the device now.
                     if batch.source == "backfill" {
                         continue;
                     }
-                    let device = (batch.project.clone(), batch.device_id.clone());
-                    let received_at_us = batch.received_at_us;
+                    sighted(&batch.project, &batch.device_id, batch.received_at_us);
                     batches.push(batch);
-                    (device.0, device.1, received_at_us)
-                } else {
-                    let Ok(heartbeat) = Heartbeat::decode(message.payload()) else {
-                        outcomes[position] = Outcome::Poison("undecodable heartbeat".into());
-                        continue;
-                    };
-                    (
-                        heartbeat.project,
-                        heartbeat.device_id,
-                        heartbeat.received_at_us,
-                    )
+                }
+            } else {
+                let Ok(heartbeat) = Heartbeat::decode(message.payload()) else {
+                    outcomes[position] = Outcome::Poison("undecodable heartbeat".into());
+                    continue;
                 };
-            let latest = seen.entry((project, device_id)).or_insert(received_at_us);
-            *latest = (*latest).max(received_at_us);
+                sighted(
+                    &heartbeat.project,
+                    &heartbeat.device_id,
+                    heartbeat.received_at_us,
+                );
+            }
         }
         let mut readings = Vec::new();
         for batch in &batches {

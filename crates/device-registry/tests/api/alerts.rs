@@ -156,6 +156,7 @@ async fn backfilled_readings_neither_fire_alerts_nor_mark_devices_seen() {
         received_at_us: fieldline_common::time::now_us(),
         source: "backfill".into(),
         message_id: String::new(),
+        devices: Vec::new(),
     };
     app.context
         .jetstream
@@ -471,4 +472,68 @@ async fn alerts_firing_now_are_listed_for_their_project_only() {
     alerts_of(&app, &hot, 2).await;
     let (_, body) = app.get("/api/v1/alerts", app.admin_key()).await;
     assert_eq!(body["data"], json!([]), "{body}");
+}
+
+/// Under load ingest-mqtt puts several devices in one bus message: each is seen (online) and
+/// its readings evaluated against its own rules, as if it had come alone.
+#[tokio::test]
+async fn each_device_of_a_batch_of_several_is_seen_and_evaluated() {
+    let app = spawn_registry().await;
+    let mut rules = Vec::new();
+    for device_id in ["d1", "d2", "d3"] {
+        app.create_device(device_id).await;
+        rules.push(
+            create_rule(
+                &app,
+                json!({"name": "hot", "device_id": device_id, "metric": "temp", "op": "gt", "threshold": 30}),
+            )
+            .await,
+        );
+    }
+    let now = fieldline_common::time::now_us();
+    let temp = |ago_s: i64, value: f64| fieldline_proto::v1::Reading {
+        metric: "temp".into(),
+        ts_us: now - ago_s * SECOND,
+        value: Some(fieldline_proto::v1::reading::Value::Number(value)),
+    };
+    // d1 and d2 hot, d3 not.
+    let batch = fieldline_testkit::multi_device_batch(
+        "default",
+        vec![
+            ("d1", vec![temp(0, 41.0)]),
+            ("d2", vec![temp(1, 20.0), temp(0, 42.0)]),
+            ("d3", vec![temp(0, 20.0)]),
+        ],
+        now,
+    );
+    app.publish_telemetry(&batch).await;
+    for (rule_id, value) in [(&rules[0], 41.0), (&rules[1], 42.0)] {
+        let alerts = alerts_of(&app, rule_id, 1).await;
+        assert_eq!(alerts[0]["state"], "firing");
+        assert_eq!(alerts[0]["value"], value);
+    }
+    for device_id in ["d1", "d2", "d3"] {
+        eventually(
+            &format!("{device_id} online"),
+            Duration::from_secs(10),
+            || async {
+                let (_, body) = app
+                    .get(&format!("/api/v1/devices/{device_id}"), app.admin_key())
+                    .await;
+                (body["data"]["status"] == "online" && body["data"]["last_seen"].is_string())
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fired: Vec<String> = events(&app, "device.alert")
+        .await
+        .into_iter()
+        .map(|(event, _)| event.device_id)
+        .collect();
+    let mut fired_sorted = fired.clone();
+    fired_sorted.sort();
+    assert_eq!(fired_sorted, vec!["d1", "d2"], "d3 stayed below: {fired:?}");
+    app.shutdown().await;
 }

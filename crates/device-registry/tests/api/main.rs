@@ -65,6 +65,7 @@ pub async fn publish_reading(
         received_at_us: fieldline_common::time::now_us(),
         source: "http".into(),
         message_id: String::new(),
+        devices: Vec::new(),
     };
     publish(
         app,

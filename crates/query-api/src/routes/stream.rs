@@ -58,12 +58,39 @@ async fn readings(
         .require_device(&principal.project, &path)
         .await?;
     let slot = state.streams.acquire(context, principal)?;
+    // The project's telemetry, not the device's subject alone: under load ingest-mqtt puts
+    // several devices in one bus message, on a subject of its own, and one filter (NATS 2.9)
+    // must see both. So each stream reads its project's traffic and keeps its device's: the
+    // cost of one more stream of a busy project, bounded by `stream_max_per_project`.
+    let subjects = context.subjects.clone();
+    let own_subject = subjects.telemetry(&principal.project, device_id.as_str());
+    let device_id = device_id.as_str().to_owned();
     let source = Source {
         stream: Stream::Telemetry,
-        filter_subject: context
-            .subjects
-            .telemetry(&principal.project, device_id.as_str()),
-        render: Box::new(render_readings),
+        filter_subject: subjects.project_telemetry(&principal.project),
+        render: Box::new(move |message| {
+            let subject = message.subject.as_str();
+            if subject == own_subject {
+                let batch = TelemetryBatch::decode(message.payload.as_ref()).ok()?;
+                render_readings(&batch)
+            } else if subjects.telemetry_batch_project(subject).is_some() {
+                let devices = subjects
+                    .telemetry_devices(subject, message.payload.as_ref())
+                    .ok()?;
+                let mut own = devices
+                    .into_iter()
+                    .filter(|batch| batch.device_id == device_id);
+                let mut batch = own.next()?;
+                for more in own {
+                    batch.readings.extend(more.readings);
+                    batch.received_at_us = batch.received_at_us.max(more.received_at_us);
+                }
+                render_readings(&batch)
+            } else {
+                // Another device's own subject.
+                None
+            }
+        }),
     };
     live::respond(context, slot, source, after).await
 }
@@ -129,8 +156,7 @@ async fn events(
 
 /// `event: readings`, `data: {"device_id", "source", "received_at", "readings": [{metric, ts,
 /// value}]}`.
-fn render_readings(message: &async_nats::jetstream::Message) -> Option<(String, String)> {
-    let batch = TelemetryBatch::decode(message.payload.as_ref()).ok()?;
+fn render_readings(batch: &TelemetryBatch) -> Option<(String, String)> {
     let readings: Vec<_> = batch
         .readings
         .iter()

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod aggregate;
+mod batches;
 mod compressed;
 mod dead_letters;
 mod distribution;
@@ -95,6 +96,7 @@ pub async fn publish(app: &TestApp, project: &str, device_id: &str, readings: Ve
         received_at_us: 0,
         source: "test".into(),
         message_id: String::new(),
+        devices: Vec::new(),
     };
     let subject = app.context.subjects.telemetry(project, device_id);
     app.context

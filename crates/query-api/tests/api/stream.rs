@@ -174,6 +174,71 @@ async fn a_device_stream_sends_new_readings_and_resumes_after_the_last_event_id(
     );
 }
 
+/// Under load ingest-mqtt puts several devices in one bus message: a device's stream sends its
+/// own readings from it (and none of the others'), in one order with its single-device
+/// messages, and resumes across both shapes.
+#[tokio::test]
+async fn a_device_stream_sends_its_readings_from_a_batch_of_several_devices() {
+    let app = spawn_query().await;
+    for device in ["pump", "fan"] {
+        app.create_device(device).await;
+    }
+    let (_, read_key) = app.create_key(&["read"]).await;
+    let now = fieldline_common::time::now_us();
+    let path = "/api/v1/devices/pump/readings/stream";
+    let mut stream = Sse::open(&app, path, &read_key, None).await;
+    publish(&app, "default", "pump", vec![number("flow", now, 1.0)]).await;
+    // Only the fan in this one: nothing for the pump's stream.
+    app.publish_telemetry(&fieldline_testkit::multi_device_batch(
+        "default",
+        vec![("fan", vec![number("flow", now, 8.0)])],
+        now,
+    ))
+    .await;
+    app.publish_telemetry(&fieldline_testkit::multi_device_batch(
+        "default",
+        vec![
+            ("fan", vec![number("flow", now, 9.0)]),
+            (
+                "pump",
+                vec![number("flow", now, 2.0), number("temp", now, 40.0)],
+            ),
+        ],
+        now,
+    ))
+    .await;
+    publish(&app, "default", "pump", vec![number("flow", now, 3.0)]).await;
+    let mut events = Vec::new();
+    for _ in 0..3 {
+        events.push(stream.event(WAIT).await.expect("a reading of the pump"));
+    }
+    let values: Vec<f64> = events.iter().map(value_of).collect();
+    assert_eq!(values, vec![1.0, 2.0, 3.0], "{events:?}");
+    let batched = &events[1];
+    assert_eq!(batched.data["device_id"], "pump");
+    assert_eq!(batched.data["source"], "mqtt");
+    assert_eq!(
+        batched.data["readings"].as_array().unwrap().len(),
+        2,
+        "{batched:?}"
+    );
+    assert!(
+        stream.event(Duration::from_millis(500)).await.is_none(),
+        "the fan's readings are not the pump's"
+    );
+    drop(stream);
+    // Resumed after the first: the batch's part again, then the next.
+    let first_id = events[0].id.clone().unwrap();
+    let mut resumed = Sse::open(&app, path, &read_key, Some(&first_id)).await;
+    let mut values = Vec::new();
+    for _ in 0..2 {
+        values.push(value_of(
+            &resumed.event(WAIT).await.expect("a missed reading"),
+        ));
+    }
+    assert_eq!(values, vec![2.0, 3.0]);
+}
+
 #[tokio::test]
 async fn a_stream_refuses_other_projects_devices_missing_keys_and_bad_ids() {
     let app = spawn_query().await;

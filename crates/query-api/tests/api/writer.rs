@@ -175,6 +175,7 @@ async fn two_writers_on_the_same_series_never_deadlock() {
                 received_at_us: 0,
                 source: "test".into(),
                 message_id: String::new(),
+                devices: Vec::new(),
             };
             (
                 subjects.telemetry("default", &device_id),
