@@ -96,6 +96,20 @@ pub struct ExportFigures {
     pub latency: Latency,
 }
 
+impl ExportFigures {
+    /// The figures of exports (or their raw limit) that took `elapsed` seconds in all.
+    fn new(latencies: &Histogram<u64>, rows: u64, csv_bytes: u64, elapsed: f64) -> Self {
+        Self {
+            exports: latencies.len(),
+            exports_per_second: latencies.len() as f64 / elapsed,
+            rows,
+            rows_per_second: rows as f64 / elapsed,
+            csv_bytes,
+            latency: summarize(latencies),
+        }
+    }
+}
+
 /// What the seeded readings take, measured right after the seed.
 #[derive(Debug, Clone, Serialize)]
 pub struct SeedStorage {
@@ -331,14 +345,7 @@ async fn measure_raw_rows(
     }
     let elapsed = started.elapsed().as_secs_f64();
     drop(progress);
-    Ok(ExportFigures {
-        exports: latencies.len(),
-        exports_per_second: latencies.len() as f64 / elapsed,
-        rows,
-        rows_per_second: rows as f64 / elapsed,
-        csv_bytes: 0,
-        latency: summarize(&latencies),
-    })
+    Ok(ExportFigures::new(&latencies, rows, 0, elapsed))
 }
 
 /// `clients` connections each running `sql` for a random device until `duration` is over.
@@ -771,12 +778,5 @@ async fn measure_export(
     }
     let elapsed = started.elapsed().as_secs_f64();
     drop(progress);
-    Ok(ExportFigures {
-        exports: latencies.len(),
-        exports_per_second: latencies.len() as f64 / elapsed,
-        rows,
-        rows_per_second: rows as f64 / elapsed,
-        csv_bytes,
-        latency: summarize(&latencies),
-    })
+    Ok(ExportFigures::new(&latencies, rows, csv_bytes, elapsed))
 }
