@@ -23,6 +23,8 @@ const READINGS_PER_REQUEST: i64 = 5;
 const REQUEST_EVERY: Duration = Duration::from_millis(100);
 const BEFORE_KILL: Duration = Duration::from_secs(3);
 const AFTER_KILL: Duration = Duration::from_secs(8);
+/// How long past AFTER_KILL the load may wait for the first 202 after the kill.
+const RECOVERY: Duration = Duration::from_secs(30);
 
 /// What the load saw: each acknowledged reading (device, time in ms) and when each 202 came.
 #[derive(Default)]
@@ -103,6 +105,19 @@ pub async fn telemetry_leader_killed_under_load(platform: &Platform, cluster: &m
     let killed_at = started.elapsed();
     cluster.kill(&leader);
     tokio::time::sleep(AFTER_KILL).await;
+    // A loaded machine (the whole suite beside it) can take longer to elect a new leader and
+    // reconnect: the load goes on until 202s come back, for at most RECOVERY.
+    let recovery_deadline = Instant::now() + RECOVERY;
+    while Instant::now() < recovery_deadline
+        && !seen
+            .lock()
+            .unwrap()
+            .acknowledged_at
+            .iter()
+            .any(|at| *at > killed_at)
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     for task in tasks {
         task.await.unwrap();

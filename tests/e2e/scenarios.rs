@@ -235,7 +235,7 @@ pub async fn scopes_and_revocation(platform: &Platform) {
         let body = (method == Method::POST).then(|| json!({"a": 1}));
         eventually(
             &format!("401 from {path}"),
-            Duration::from_secs(1),
+            Duration::from_secs(10),
             || async {
                 let (status, body) = platform
                     .request(method.clone(), path, &reader, body.as_ref())
@@ -246,7 +246,14 @@ pub async fn scopes_and_revocation(platform: &Platform) {
         )
         .await;
     }
-    assert!(revoked_at.elapsed() < Duration::from_secs(2));
+    // Every service cached the key for the 30 s cache TTL: refusing it well before then is the
+    // broadcast's doing (on a quiet machine within milliseconds; the bound leaves room for a
+    // loaded CI runner).
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(15),
+        "revocation took {:?}",
+        revoked_at.elapsed()
+    );
 }
 
 /// Malformed JSON, a wrong type and an oversized body are refused in the envelope, and

@@ -399,8 +399,9 @@ mod tests {
         let started = Instant::now();
         let pids = burst(&reads, 4).await;
         assert_eq!(pids, HashSet::from([first]));
+        // Far below the 60 s a read would stall waiting for the held connection.
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(10),
             "{:?}",
             started.elapsed()
         );

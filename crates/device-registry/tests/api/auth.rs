@@ -228,6 +228,10 @@ async fn a_change_drops_only_what_it_names_from_the_caches() {
     let (key_id, key) = app.create_key(&["read"]).await;
     let token = app.create_device("d1").await;
     // Cached now.
+    // The registry clears its own cache at once and hears its broadcast again a moment later
+    // (d1's names the token just issued): let that pass before anything is cached.
+    let project = app.context.auth.verify(&token).await.unwrap().project;
+    invalidations_handled(&app, &project).await;
     let (status, _) = app.get("/api/v1/devices", &key).await;
     assert_eq!(status, StatusCode::OK);
     app.context.auth.verify(&token).await.unwrap();
@@ -266,4 +270,51 @@ async fn a_change_drops_only_what_it_names_from_the_caches() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     app.context.auth.verify(&token).await.unwrap();
     app.shutdown().await;
+}
+
+/// Returns once the registry under test has handled every device invalidation broadcast so
+/// far. They reach it in order on one subscription, so a barrier broadcast after them is
+/// handled last: it drops a cached "no such device" that is then asked for again.
+async fn invalidations_handled(app: &fieldline_testkit::TestApp, project: &str) {
+    let nats = app.env.nats().await;
+    let mut lookups = nats
+        .subscribe(app.context.subjects.rpc_auth_device())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    let auth = &app.context.auth;
+    assert!(
+        auth.lookup_device(project, "barrier")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    lookups.next().await.unwrap();
+    let barrier = fieldline_proto::v1::Invalidate {
+        project: project.to_owned(),
+        id: "barrier".to_owned(),
+    };
+    nats.publish(
+        app.context
+            .subjects
+            .invalidate(fieldline_proto::InvalidateKind::Devices),
+        barrier.encode_to_vec().into(),
+    )
+    .await
+    .unwrap();
+    nats.flush().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        auth.lookup_device(project, "barrier").await.unwrap();
+        if tokio::time::timeout(Duration::from_millis(20), lookups.next())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the registry never handled the barrier invalidation"
+        );
+    }
 }

@@ -298,7 +298,8 @@ async fn past_the_long_poll_cap_a_long_poll_is_503_at_once_until_a_place_frees()
         StatusCode::SERVICE_UNAVAILABLE,
         "too_many_long_polls",
     );
-    assert!(started.elapsed() < Duration::from_secs(2), "not at once");
+    // At once, not after the 30 s it asked to wait (10 s leaves room for a loaded runner).
+    assert!(started.elapsed() < Duration::from_secs(10), "not at once");
     assert_eq!(retry_after.unwrap().to_str().unwrap(), "5");
     assert_eq!(
         metric(&app, "fieldline_ingest_long_polls_refused_total").await,

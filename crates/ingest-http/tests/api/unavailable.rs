@@ -11,6 +11,8 @@ async fn nats_down_answers_503_and_recovers() {
         TestEnv::new().await,
         |config| fieldline_common::Config {
             nats_url: url.into(),
+            // Long, so that "at once" below cannot be this timeout on a slow runner.
+            rpc_timeout: std::time::Duration::from_secs(30),
             ..config
         },
         |context| async move {
@@ -58,7 +60,7 @@ async fn nats_down_answers_503_and_recovers() {
         "service_unavailable",
     );
     assert!(
-        started.elapsed() < std::time::Duration::from_millis(500),
+        started.elapsed() < std::time::Duration::from_secs(5),
         "503 after {:?}, not at once",
         started.elapsed()
     );
