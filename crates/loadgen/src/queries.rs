@@ -70,6 +70,11 @@ pub struct QueriesResult {
     pub clients: usize,
     pub page: QueryFigures,
     pub latest: QueryFigures,
+    /// Latest values asked for at a steady `latest_rate` a second (a fleet of dashboards),
+    /// each timed from when it was due: latency at a stated load. At saturation (`latest`)
+    /// latency is only clients ÷ throughput.
+    pub latest_paced: QueryFigures,
+    pub latest_rate: f64,
     pub aggregate: QueryFigures,
     /// The limits: the same SQL the service runs, straight to PostgreSQL from as many
     /// connections as there are clients (no HTTP, no auth, no JSON).
@@ -522,7 +527,7 @@ pub async fn run(
             format!("{base}/api/v1/devices/{prefix}{device}/readings?limit=1000&start={day_start}")
         }
     };
-    let latest = {
+    let latest_url = {
         let base = base.clone();
         move |device: usize| format!("{base}/api/v1/devices/{prefix}{device}/readings/latest")
     };
@@ -551,7 +556,21 @@ pub async fn run(
         clients,
         duration,
         devices,
-        latest,
+        latest_url.clone(),
+    )
+    .await?;
+    let latest_rate = if seed.devices < Seed::full().devices {
+        200.0
+    } else {
+        1_000.0
+    };
+    let latest_paced = measure_paced(
+        platform,
+        "queries: latest, paced",
+        latest_rate,
+        duration,
+        devices,
+        latest_url,
     )
     .await?;
     let aggregate = measure(
@@ -627,6 +646,8 @@ pub async fn run(
         clients,
         page,
         latest,
+        latest_paced,
+        latest_rate,
         aggregate,
         raw_latest,
         raw_aggregate,
@@ -696,6 +717,58 @@ async fn measure(
     let mut latencies = histogram();
     for task in tasks {
         latencies.add(task.await??)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(progress);
+    Ok(QueryFigures {
+        requests: latencies.len(),
+        requests_per_second: latencies.len() as f64 / elapsed,
+        latency: summarize(&latencies),
+    })
+}
+
+/// GETs `url(device)` for a random device `rate` times a second until `duration` is over, each
+/// on its own schedule whether or not the ones before have answered (an open loop), and each
+/// timed from when it was due, so that a stall counts against every request it delayed.
+async fn measure_paced(
+    platform: &Platform,
+    name: &str,
+    rate: f64,
+    duration: Duration,
+    devices: usize,
+    url: impl Fn(usize) -> String + Clone + Send + 'static,
+) -> anyhow::Result<QueryFigures> {
+    let progress = Progress::start(name, "requests");
+    let started = tokio::time::Instant::now();
+    let total = (rate * duration.as_secs_f64()) as u64;
+    let mut requests = Vec::with_capacity(total as usize);
+    for index in 0..total {
+        let due = started + Duration::from_secs_f64(index as f64 / rate);
+        tokio::time::sleep_until(due).await;
+        let (http, key, counter) = (
+            platform.http.clone(),
+            platform.admin_key.clone(),
+            progress.counter.clone(),
+        );
+        let request = http
+            .get(url(rand::random_range(0..devices)))
+            .bearer_auth(key);
+        requests.push(tokio::spawn(async move {
+            let response = request.send().await?;
+            let status = response.status();
+            let body = response.bytes().await?;
+            anyhow::ensure!(
+                status.is_success(),
+                "{status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            anyhow::Ok(due.elapsed().as_micros() as u64)
+        }));
+    }
+    let mut latencies = histogram();
+    for request in requests {
+        let _ = latencies.record(request.await??);
     }
     let elapsed = started.elapsed().as_secs_f64();
     drop(progress);

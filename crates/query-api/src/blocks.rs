@@ -134,6 +134,20 @@ pub fn row_value(row: &tokio_postgres::Row, first: usize) -> Option<Value> {
     row.get::<_, Option<String>>(first + 2).map(Value::Text)
 }
 
+/// A value as the API shows it, serialized straight from the point (what [`json`] gives,
+/// without building it).
+pub struct JsonValue<'a>(pub &'a Value);
+
+impl serde::Serialize for JsonValue<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Number(number) => serializer.serialize_f64(*number),
+            Value::Boolean(flag) => serializer.serialize_bool(*flag),
+            Value::Text(text) => serializer.serialize_str(text),
+        }
+    }
+}
+
 /// A value as the API shows it.
 pub fn json(value: &Value) -> serde_json::Value {
     match value {

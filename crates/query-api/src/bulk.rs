@@ -12,7 +12,7 @@ use fieldline_common::time::from_us;
 use tokio_postgres::{Client, binary_copy::BinaryCopyInWriter, types::Type};
 
 use crate::{
-    moves::{Moves, Stored},
+    moves::{MoveStatements, Moves, Stored},
     repo::{SeriesKey, day_of, ensure_partition, upsert_series},
 };
 
@@ -58,8 +58,9 @@ pub async fn load_numbers(
     }
     writer.finish().await?;
     // Series statistics, latest values and rollups, merged as the writer merges them.
+    let statements = MoveStatements::prepare(client).await?;
     moves
-        .apply(client)
+        .apply(client, &statements)
         .await
         .context("series statistics and rollups")?;
     // VACUUM sets the visibility map, so aggregates are index-only at once (autovacuum would

@@ -5,17 +5,20 @@
 //! bounded channel that the response body drains. A slow client slows the fetching; a gone
 //! client ends it. Memory is (series × chunk) rows plus a few buffers, whatever the range.
 
-use std::{cmp::Reverse, collections::BinaryHeap, collections::VecDeque};
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashSet, VecDeque},
+};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use deadpool_postgres::Pool;
-use fieldline_common::time::{format_rfc3339, from_us};
+use fieldline_common::time::{Rfc3339Writer, from_us};
 use fieldline_proto::v1::reading::Value;
 use futures::{SinkExt, channel::mpsc};
-use tokio_postgres::{IsolationLevel, Row};
+use tokio_postgres::{IsolationLevel, Row, types::ToSql};
 
 use crate::{
-    blocks::{self, Point},
+    blocks::{self, JsonValue, Point},
     domain::{ExportFormat, Order},
     repo::DeviceSeries,
 };
@@ -45,8 +48,22 @@ fn csv_field(out: &mut BytesMut, field: &str) {
     }
 }
 
-fn write_row(out: &mut BytesMut, format: ExportFormat, metric: &str, (ts_us, value): &Point) {
-    let ts = format_rfc3339(&from_us(*ts_us));
+/// One NDJSON line.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    metric: &'a str,
+    ts: &'a str,
+    value: JsonValue<'a>,
+}
+
+fn write_row(
+    out: &mut BytesMut,
+    format: ExportFormat,
+    times: &mut Rfc3339Writer,
+    metric: &str,
+    (ts_us, value): &Point,
+) -> serde_json::Result<()> {
+    let ts = times.format(*ts_us);
     match format {
         ExportFormat::Csv => {
             out.put_slice(ts.as_bytes());
@@ -55,26 +72,56 @@ fn write_row(out: &mut BytesMut, format: ExportFormat, metric: &str, (ts_us, val
             out.put_u8(b',');
             match value {
                 Value::Text(text) => csv_field(out, text),
-                other => out.put_slice(blocks::json(other).to_string().as_bytes()),
+                other => serde_json::to_writer((&mut *out).writer(), &JsonValue(other))?,
             }
-            out.put_u8(b'\n');
         }
         ExportFormat::Ndjson => {
-            let line =
-                serde_json::json!({"metric": metric, "ts": ts, "value": blocks::json(value)});
-            out.put_slice(line.to_string().as_bytes());
-            out.put_u8(b'\n');
+            let line = Line {
+                metric,
+                ts,
+                value: JsonValue(value),
+            };
+            serde_json::to_writer((&mut *out).writer(), &line)?;
         }
     }
+    out.put_u8(b'\n');
+    Ok(())
 }
 
 /// One of a series' two sources: its rows (open days, and late readings of compressed ones)
 /// or its blocks (compressed days), each a portal read in the export's order.
 struct Source {
-    portal: tokio_postgres::Portal,
+    /// None for a series without blocks in range.
+    portal: Option<tokio_postgres::Portal>,
     points: VecDeque<Point>,
     exhausted: bool,
     blocks: bool,
+}
+
+impl Source {
+    async fn bind(
+        transaction: &deadpool_postgres::Transaction<'_>,
+        statement: &tokio_postgres::Statement,
+        params: &[&(dyn ToSql + Sync)],
+        blocks: bool,
+    ) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            portal: Some(transaction.bind(statement, params).await?),
+            points: VecDeque::new(),
+            exhausted: false,
+            blocks,
+        })
+    }
+
+    /// A source with nothing in it.
+    fn none() -> Self {
+        Self {
+            portal: None,
+            points: VecDeque::new(),
+            exhausted: true,
+            blocks: true,
+        }
+    }
 }
 
 /// One series being read: the next points of its rows and of its blocks, merged by time.
@@ -136,6 +183,7 @@ async fn run(
     sender: &mut mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> anyhow::Result<()> {
     let mut out = BytesMut::with_capacity(CHUNK_BYTES * 2);
+    let mut times = Rfc3339Writer::default();
     if export.format == ExportFormat::Csv {
         out.put_slice(b"ts,metric,value\n");
     }
@@ -164,27 +212,66 @@ async fn run(
                AND last_ts >= $2 ORDER BY first_ts DESC",
         ),
     };
-    let rows_statement = transaction.prepare(rows_sql).await?;
-    let blocks_statement = transaction.prepare(blocks_sql).await?;
-    let fetch = (FETCH_ROWS / export.series.len().max(1)).max(256) as i32;
+    let ids: Vec<i32> = export
+        .series
+        .iter()
+        .map(|series| series.series_id)
+        .collect();
     let (start, end) = (from_us(export.start_us), from_us(export.end_us));
+    // Pipelined, like the binds and first fetches below: an export is a few dozen round
+    // trips, and on a day of a device they cost as much as its rows.
+    let block_series = [&ids as &(dyn ToSql + Sync), &start, &end];
+    let (rows_statement, blocks_statement, with_blocks) = futures::try_join!(
+        transaction.prepare_cached(rows_sql),
+        transaction.prepare_cached(blocks_sql),
+        // Only the series with blocks in range get a blocks portal.
+        transaction.query(
+            "SELECT DISTINCT series_id FROM telemetry.blocks
+             WHERE series_id = ANY($1) AND first_ts < $3
+               AND first_ts > $2::timestamptz - interval '1 day' AND last_ts >= $2",
+            &block_series,
+        ),
+    )?;
+    let with_blocks: HashSet<i32> = with_blocks.iter().map(|row| row.get(0)).collect();
+    let fetch = (FETCH_ROWS / export.series.len().max(1)).max(256) as i32;
     let range = (export.start_us, export.end_us);
-    let mut cursors = Vec::with_capacity(export.series.len());
-    for series in &export.series {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-            [&series.series_id, &start, &end];
-        let source = |portal, blocks| Source {
-            portal,
-            points: VecDeque::new(),
-            exhausted: false,
-            blocks,
-        };
-        cursors.push(Cursor {
+    let params: Vec<[&(dyn ToSql + Sync); 3]> = export
+        .series
+        .iter()
+        .map(|series| [&series.series_id as &(dyn ToSql + Sync), &start, &end])
+        .collect();
+    let (rows, blocks) = futures::try_join!(
+        futures::future::try_join_all(params.iter().map(|params| Source::bind(
+            &transaction,
+            &rows_statement,
+            params,
+            false
+        )),),
+        futures::future::try_join_all(export.series.iter().zip(&params).map(
+            |(series, params)| async {
+                if with_blocks.contains(&series.series_id) {
+                    Source::bind(&transaction, &blocks_statement, params, true).await
+                } else {
+                    Ok(Source::none())
+                }
+            }
+        )),
+    )?;
+    let mut cursors: Vec<Cursor> = export
+        .series
+        .iter()
+        .zip(rows.into_iter().zip(blocks))
+        .map(|(series, (rows, blocks))| Cursor {
             metric: series.metric.clone(),
-            rows: source(transaction.bind(&rows_statement, &params).await?, false),
-            blocks: source(transaction.bind(&blocks_statement, &params).await?, true),
-        });
-    }
+            rows,
+            blocks,
+        })
+        .collect();
+    futures::future::try_join_all(cursors.iter_mut().map(|cursor| async {
+        refill(&transaction, &mut cursor.rows, fetch, range, export.order).await?;
+        refill(&transaction, &mut cursor.blocks, fetch, range, export.order).await
+    }))
+    .await?;
     // Heap of (time, metric index) of each cursor's next point; metrics are sorted, so the
     // index orders like the name.
     let mut heap: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
@@ -192,9 +279,7 @@ async fn run(
         Order::Asc => Reverse((ts_us, index)),
         Order::Desc => Reverse((-ts_us, usize::MAX - index)),
     };
-    for (index, cursor) in cursors.iter_mut().enumerate() {
-        refill(&transaction, &mut cursor.rows, fetch, range, export.order).await?;
-        refill(&transaction, &mut cursor.blocks, fetch, range, export.order).await?;
+    for (index, cursor) in cursors.iter().enumerate() {
         if let Some(ts) = cursor.front(export.order) {
             heap.push(key(ts, index));
         }
@@ -208,7 +293,7 @@ async fn run(
         let Some((point, from_blocks)) = cursor.pop(export.order) else {
             continue;
         };
-        write_row(&mut out, export.format, &cursor.metric, &point);
+        write_row(&mut out, export.format, &mut times, &cursor.metric, &point)?;
         let source = if from_blocks {
             &mut cursor.blocks
         } else {
@@ -245,13 +330,17 @@ async fn refill(
     order: Order,
 ) -> anyhow::Result<()> {
     while source.points.is_empty() && !source.exhausted {
+        let Some(portal) = &source.portal else {
+            source.exhausted = true;
+            continue;
+        };
         if !source.blocks {
-            let rows = transaction.query_portal(&source.portal, fetch).await?;
+            let rows = transaction.query_portal(portal, fetch).await?;
             source.exhausted = rows.len() < fetch as usize;
             source.points.extend(rows.iter().filter_map(point));
             continue;
         }
-        let rows = transaction.query_portal(&source.portal, 1).await?;
+        let rows = transaction.query_portal(portal, 1).await?;
         let Some(row) = rows.first() else {
             source.exhausted = true;
             continue;

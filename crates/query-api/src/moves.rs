@@ -111,7 +111,11 @@ impl Moves {
     /// often after the update as before it, and two writers deadlocked (see
     /// `docs/decisions/2026-12-05-writer-lock-order.md`). One by one, the error returned is
     /// also the first, not the "current transaction is aborted" of a statement behind it.
-    pub async fn apply(&self, client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+    pub async fn apply(
+        &self,
+        client: &impl GenericClient,
+        statements: &MoveStatements,
+    ) -> Result<(), tokio_postgres::Error> {
         if self.series.is_empty() {
             return Ok(());
         }
@@ -126,20 +130,59 @@ impl Moves {
         let texts: Vec<Option<&str>> = series.iter().map(|(_, s)| s.last_text.as_deref()).collect();
         let params: [&(dyn ToSql + Sync); 7] =
             [&ids, &counts, &firsts, &lasts, &nums, &flags, &texts];
-        // Preparing takes no lock: the four together, in one round trip.
-        let (lock, series_update, hourly, daily) = tokio::try_join!(
+        // The lock sits above the sort in the plan: rows are locked in id order. NO KEY
+        // UPDATE is what the update itself takes, so it needs no stronger lock after.
+        client.execute(&statements.lock, &[&ids]).await?;
+        client.execute(&statements.series, &params).await?;
+        merge_rollup(client, &statements.hourly, &self.hourly).await?;
+        merge_rollup(client, &statements.daily, &self.daily).await?;
+        Ok(())
+    }
+}
+
+/// The statements of [`Moves::apply`].
+pub struct MoveStatements {
+    lock: Statement,
+    series: Statement,
+    hourly: Statement,
+    daily: Statement,
+}
+
+impl MoveStatements {
+    /// Prepared for one use. Preparing takes no lock: the four together, in one round trip.
+    pub async fn prepare(client: &impl GenericClient) -> Result<Self, tokio_postgres::Error> {
+        let (lock, series, hourly, daily) = tokio::try_join!(
             client.prepare(LOCK_SERIES_SQL),
             client.prepare(UPDATE_SERIES_SQL),
             client.prepare(&HOURLY_SQL),
             client.prepare(&DAILY_SQL),
         )?;
-        // The lock sits above the sort in the plan: rows are locked in id order. NO KEY
-        // UPDATE is what the update itself takes, so it needs no stronger lock after.
-        client.execute(&lock, &[&ids]).await?;
-        client.execute(&series_update, &params).await?;
-        merge_rollup(client, &hourly, &self.hourly).await?;
-        merge_rollup(client, &daily, &self.daily).await?;
-        Ok(())
+        Ok(Self {
+            lock,
+            series,
+            hourly,
+            daily,
+        })
+    }
+
+    /// Kept by the pooled connection: parsed once, not once a batch (the writer's batches of
+    /// one-reading messages spent as much PostgreSQL time parsing these as storing rows).
+    /// None of these tables is partitioned, so a generic plan locks nothing a range spares.
+    pub async fn cached(
+        transaction: &deadpool_postgres::Transaction<'_>,
+    ) -> Result<Self, tokio_postgres::Error> {
+        let (lock, series, hourly, daily) = tokio::try_join!(
+            transaction.prepare_cached(LOCK_SERIES_SQL),
+            transaction.prepare_cached(UPDATE_SERIES_SQL),
+            transaction.prepare_cached(&HOURLY_SQL),
+            transaction.prepare_cached(&DAILY_SQL),
+        )?;
+        Ok(Self {
+            lock,
+            series,
+            hourly,
+            daily,
+        })
     }
 }
 

@@ -20,7 +20,7 @@ use deadpool_postgres::Pool;
 use fieldline_common::{
     ApiError, Config, ErrorKind,
     ingest::TimeWindow,
-    time::{MAX_TIME_US, MIN_TIME_US, format_rfc3339, from_us, now_us},
+    time::{MAX_TIME_US, MIN_TIME_US, Rfc3339Writer, format_rfc3339, from_us, now_us},
 };
 use fieldline_proto::v1::{TelemetryBatch, reading};
 use serde::Serialize;
@@ -35,7 +35,7 @@ use crate::{
     aggregate::{Partial, Segment, Source},
     blocks, blockwrite, compress,
     domain::{Interval, Order, Position, ReadingOut, ReadingsQuery},
-    moves::{Moves, Stored},
+    moves::{MoveStatements, Moves, Stored},
     reads::Reads,
     replicas::{Targets, falls_back},
     retention::Period,
@@ -234,7 +234,9 @@ async fn copy_new(
             .await?;
     }
     writer.finish().await?;
-    moves.apply(&*transaction).await?;
+    moves
+        .apply(&*transaction, &MoveStatements::cached(&transaction).await?)
+        .await?;
     transaction.commit().await
 }
 
@@ -280,7 +282,9 @@ async fn store_skipping_stored(
         };
         moves.add(row.get(0), ts.timestamp_micros(), value);
     }
-    moves.apply(&*transaction).await?;
+    moves
+        .apply(&*transaction, &MoveStatements::cached(&transaction).await?)
+        .await?;
     transaction.commit().await
 }
 
@@ -867,7 +871,9 @@ impl Repo {
                 ],
             )
             .await?;
-        let mut page: Vec<(ReadingOut, Position)> = Vec::with_capacity(rows.len());
+        // Positions and values first; times are formatted once the page is settled (the
+        // blocks' candidates can be ten times the page).
+        let mut page: Vec<(Position, serde_json::Value)> = Vec::with_capacity(rows.len());
         // Blocks of each metric, in the order they came (the window's).
         let mut compressed: Vec<(String, Vec<blocks::Point>)> = Vec::new();
         for row in &rows {
@@ -881,57 +887,56 @@ impl Repo {
                 continue;
             }
             let ts: DateTime<Utc> = row.get(1);
-            page.push((
-                ReadingOut {
-                    metric: metric.clone(),
-                    ts: format_rfc3339(&ts),
-                    value: json_value(row, 2),
-                },
-                Position {
-                    ts_us: ts.timestamp_micros(),
-                    metric,
-                },
-            ));
+            let ts_us = ts.timestamp_micros();
+            page.push((Position { ts_us, metric }, json_value(row, 2)));
         }
-        if compressed.is_empty() {
-            return Ok(page);
-        }
-        let (start_us, end_us) = (start.timestamp_micros(), end.timestamp_micros());
-        for (metric, mut points) in compressed {
-            points.sort_by_key(|(ts, _)| *ts);
-            // The readings in range and past the cursor: a time slice of the sorted points.
-            let after = |ts: i64| match (&query.after, query.order) {
-                (None, _) => true,
-                (Some(at), Order::Asc) => ts > at.ts_us || (ts == at.ts_us && metric > at.metric),
-                (Some(at), Order::Desc) => ts < at.ts_us || (ts == at.ts_us && metric < at.metric),
-            };
-            let low = points.partition_point(|(ts, _)| *ts < start_us);
-            let high = points.partition_point(|(ts, _)| *ts < end_us);
-            let in_range = &points[low..high];
-            let taken: Box<dyn Iterator<Item = &blocks::Point>> = match query.order {
-                Order::Asc => Box::new(in_range.iter()),
-                Order::Desc => Box::new(in_range.iter().rev()),
-            };
-            for (ts_us, value) in taken.filter(|(ts, _)| after(*ts)).take(limit as usize) {
-                page.push((
-                    ReadingOut {
-                        metric: metric.clone(),
-                        ts: format_rfc3339(&from_us(*ts_us)),
-                        value: blocks::json(value),
-                    },
-                    Position {
+        if !compressed.is_empty() {
+            let (start_us, end_us) = (start.timestamp_micros(), end.timestamp_micros());
+            for (metric, mut points) in compressed {
+                points.sort_by_key(|(ts, _)| *ts);
+                // The readings in range and past the cursor: a time slice of the sorted points.
+                let after = |ts: i64| match (&query.after, query.order) {
+                    (None, _) => true,
+                    (Some(at), Order::Asc) => {
+                        ts > at.ts_us || (ts == at.ts_us && metric > at.metric)
+                    }
+                    (Some(at), Order::Desc) => {
+                        ts < at.ts_us || (ts == at.ts_us && metric < at.metric)
+                    }
+                };
+                let low = points.partition_point(|(ts, _)| *ts < start_us);
+                let high = points.partition_point(|(ts, _)| *ts < end_us);
+                let in_range = &points[low..high];
+                let taken: Box<dyn Iterator<Item = &blocks::Point>> = match query.order {
+                    Order::Asc => Box::new(in_range.iter()),
+                    Order::Desc => Box::new(in_range.iter().rev()),
+                };
+                for (ts_us, value) in taken.filter(|(ts, _)| after(*ts)).take(limit as usize) {
+                    let position = Position {
                         ts_us: *ts_us,
                         metric: metric.clone(),
-                    },
-                ));
+                    };
+                    page.push((position, blocks::json(value)));
+                }
             }
+            page.sort_by(|(a, _), (b, _)| match query.order {
+                Order::Asc => (a.ts_us, &a.metric).cmp(&(b.ts_us, &b.metric)),
+                Order::Desc => (b.ts_us, &b.metric).cmp(&(a.ts_us, &a.metric)),
+            });
+            page.truncate(limit as usize);
         }
-        page.sort_by(|(_, a), (_, b)| match query.order {
-            Order::Asc => (a.ts_us, &a.metric).cmp(&(b.ts_us, &b.metric)),
-            Order::Desc => (b.ts_us, &b.metric).cmp(&(a.ts_us, &a.metric)),
-        });
-        page.truncate(limit as usize);
-        Ok(page)
+        let mut times = Rfc3339Writer::default();
+        Ok(page
+            .into_iter()
+            .map(|(position, value)| {
+                let reading = ReadingOut {
+                    metric: position.metric.clone(),
+                    ts: times.format(position.ts_us).to_owned(),
+                    value,
+                };
+                (reading, position)
+            })
+            .collect())
     }
 
     /// The newest value of each metric (or of the given ones): one index range over the
