@@ -489,28 +489,6 @@ pub async fn pull_messages(
         .await
 }
 
-/// Waits for one message, then takes whatever else is already delivered, up to `max`: batches
-/// grow with load without delaying a lone message. `None` when the stream ends.
-pub async fn next_batch<S, T, E>(messages: &mut S, max: usize) -> Option<Result<Vec<T>, E>>
-where
-    S: futures::Stream<Item = Result<T, E>> + Unpin,
-{
-    use futures::{FutureExt, StreamExt};
-    let first = match messages.next().await? {
-        Ok(message) => message,
-        Err(error) => return Some(Err(error)),
-    };
-    let mut batch = vec![first];
-    while batch.len() < max {
-        match messages.next().now_or_never() {
-            Some(Some(Ok(message))) => batch.push(message),
-            Some(Some(Err(error))) => return Some(Err(error)),
-            _ => break,
-        }
-    }
-    Some(Ok(batch))
-}
-
 /// Request/reply with a protobuf on each side. No answer within `timeout` (the responder is
 /// down, or chose not to answer because its database is) is a 503, never a guess.
 pub async fn rpc<Req, Resp>(

@@ -19,6 +19,8 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use futures::{FutureExt as _, StreamExt as _};
+
 use async_nats::{
     HeaderMap,
     jetstream::{
@@ -324,23 +326,65 @@ impl<H: Handler> Loop<H> {
         consumer: &jetstream::consumer::Consumer<pull::Config>,
     ) -> anyhow::Result<()> {
         let batch = self.spec.batch;
+        let in_flight = self.spec.in_flight.max(1);
         let mut messages = crate::bus::pull_messages(consumer, batch).await?;
         let mut running = JoinSet::new();
+        // The next batch, filling.
+        let mut next = Vec::new();
         let outcome = loop {
-            if running.len() >= self.spec.in_flight.max(1) {
+            if running.len() >= in_flight {
                 self.log_panic(running.join_next().await);
             }
-            match crate::bus::next_batch(&mut messages, batch).await {
-                Some(Ok(messages)) => {
-                    running.spawn(self.clone().settle_batch(messages));
+            // Whatever has been delivered, up to a batch.
+            let mut ended = false;
+            while next.len() < batch {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(message))) => next.push(message),
+                    Some(Some(Err(error))) => return self.finish(running, Err(error.into())).await,
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
                 }
-                Some(Err(error)) => break Err(error.into()),
-                None => break Ok(()),
+            }
+            // Nothing in hand goes at once; beside a batch in hand, only a full one does. A
+            // part batch keeps filling until the one in hand is done: under a load of small
+            // messages, the batches grow instead of queueing behind each other's locks.
+            if !next.is_empty() && (running.is_empty() || next.len() >= batch || ended) {
+                running.spawn(self.clone().settle_batch(std::mem::take(&mut next)));
+            }
+            if ended {
+                break Ok(());
+            }
+            if running.len() >= in_flight || !next.is_empty() && next.len() >= batch {
+                continue;
+            }
+            tokio::select! {
+                message = messages.next() => match message {
+                    Some(Ok(message)) => next.push(message),
+                    Some(Err(error)) => break Err(error.into()),
+                    None => {
+                        if !next.is_empty() {
+                            running.spawn(self.clone().settle_batch(std::mem::take(&mut next)));
+                        }
+                        break Ok(());
+                    }
+                },
+                joined = running.join_next(), if !running.is_empty() => self.log_panic(joined),
             }
         };
-        // After a consumer error, what is being handled finishes (and is settled) before
-        // the consumer restarts. At shutdown this future is dropped instead, which aborts
-        // the work: nothing is acknowledged before it is done, so it comes back.
+        self.finish(running, outcome).await
+    }
+
+    /// After a consumer error, what is being handled finishes (and is settled) before the
+    /// consumer restarts. At shutdown this future is dropped instead, which aborts the work:
+    /// nothing is acknowledged before it is done, so it comes back.
+    async fn finish(
+        &self,
+        mut running: JoinSet<()>,
+        outcome: anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         while let Some(joined) = running.join_next().await {
             self.log_panic(Some(joined));
         }
