@@ -90,7 +90,8 @@ pub struct Spec {
     pub max_ack_pending: i64,
     /// Most messages handed to the handler at once.
     pub batch: usize,
-    /// Batches handled at once by one process.
+    /// Batches handled at once by one process; beside one in hand, only full ones start (a
+    /// part batch waits, filling, for the one in hand to be done).
     pub in_flight: usize,
 }
 

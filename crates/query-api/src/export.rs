@@ -1,9 +1,14 @@
 //! Export: every reading of a device in a range, as CSV or NDJSON, in constant memory.
 //!
-//! One transaction holds one portal per series (each an index range scan in time order); the
-//! rows are merged by (time, metric) here, fetched a chunk at a time, and written into a
-//! bounded channel that the response body drains. A slow client slows the fetching; a gone
-//! client ends it. Memory is (series × chunk) rows plus a few buffers, whatever the range.
+//! One transaction holds one portal per series (its rows in time order), and one for its
+//! compressed blocks when it has some in range; the rows are merged by (time, metric) here,
+//! fetched a chunk at a time, and written into a bounded channel that the response body
+//! drains. A slow client slows the fetching; a gone client ends it. Memory here is (series ×
+//! chunk) rows plus a few buffers, whatever the range. PostgreSQL plans each portal for its
+//! range: an index scan, or on a long one a bitmap scan and a sort (within `work_mem`, then in
+//! temporary files). The plan for unknown parameters would always stream, but a generic plan
+//! locks every partition, so a partition being dropped would stall the export
+//! (`livetime::reads_touch_only_the_partitions_of_their_range`).
 
 use std::{
     cmp::Reverse,

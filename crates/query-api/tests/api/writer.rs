@@ -261,3 +261,84 @@ async fn two_writers_on_the_same_series_never_deadlock() {
         "readings counted by the rollups"
     );
 }
+
+/// The consumer loop every durable consumer runs (`fieldline_common::consume`), with two
+/// batches in flight as the writer has: while one is in hand, what arrives is gathered into
+/// one batch that goes when the first is done, instead of small batches that queue behind it.
+#[tokio::test]
+async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
+    use std::sync::{Arc, Mutex};
+
+    use fieldline_common::consume::{self, Delivery, Outcome};
+
+    struct Recorder {
+        sizes: Arc<Mutex<Vec<usize>>>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+    impl consume::Handler for Recorder {
+        async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
+            let first = {
+                let mut sizes = self.sizes.lock().unwrap();
+                sizes.push(batch.len());
+                sizes.len() == 1
+            };
+            if first {
+                let _held = self.gate.acquire().await;
+            }
+            vec![Outcome::Done; batch.len()]
+        }
+    }
+
+    let app = spawn_query().await;
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let subjects = &app.context.subjects;
+    let spec = consume::Spec {
+        stream: Stream::Commands,
+        name: "batching-test",
+        description: "test: batch sizes",
+        filter_subject: subjects.commands_all(),
+        deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 1_000,
+        batch: 100,
+        in_flight: 2,
+    };
+    let recorder = Recorder {
+        sizes: sizes.clone(),
+        gate: gate.clone(),
+    };
+    consume::start(&app.context, spec, recorder).await.unwrap();
+    let publish = |n: u32| {
+        let subject = subjects.commands("default", "d1");
+        let jetstream = app.context.jetstream.clone();
+        async move {
+            jetstream
+                .publish(subject, n.to_string().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    publish(0).await;
+    eventually(
+        "the first batch in hand",
+        Duration::from_secs(10),
+        || async { (!sizes.lock().unwrap().is_empty()).then_some(()) },
+    )
+    .await;
+    for n in 1..=20 {
+        publish(n).await;
+    }
+    // Delivered to the loop meanwhile; none may start beside the batch in hand.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(*sizes.lock().unwrap(), vec![1]);
+    gate.add_permits(1);
+    eventually("every message handled", Duration::from_secs(10), || async {
+        (sizes.lock().unwrap().iter().sum::<usize>() == 21).then_some(())
+    })
+    .await;
+    assert_eq!(*sizes.lock().unwrap(), vec![1, 20]);
+    app.shutdown().await;
+}
