@@ -697,14 +697,7 @@ async fn measure(
             while started.elapsed() < duration {
                 let device = rand::random_range(0..devices);
                 let sent = Instant::now();
-                let response = http.get(url(device)).bearer_auth(&key).send().await?;
-                let status = response.status();
-                let body = response.bytes().await?;
-                anyhow::ensure!(
-                    status.is_success(),
-                    "{status}: {}",
-                    String::from_utf8_lossy(&body)
-                );
+                get_ok(http.get(url(device)).bearer_auth(&key)).await?;
                 let _ = latencies.record(sent.elapsed().as_micros() as u64);
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -722,6 +715,19 @@ async fn measure(
         requests_per_second: latencies.len() as f64 / elapsed,
         latency: summarize(&latencies),
     })
+}
+
+/// Sends the request and reads the whole body; an error unless the status is a success.
+async fn get_ok(request: reqwest::RequestBuilder) -> anyhow::Result<()> {
+    let response = request.send().await?;
+    let status = response.status();
+    let body = response.bytes().await?;
+    anyhow::ensure!(
+        status.is_success(),
+        "{status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(())
 }
 
 /// GETs `url(device)` for a random device `rate` times a second until `duration` is over, each
@@ -751,14 +757,7 @@ async fn measure_paced(
             .get(url(rand::random_range(0..devices)))
             .bearer_auth(key);
         requests.push(tokio::spawn(async move {
-            let response = request.send().await?;
-            let status = response.status();
-            let body = response.bytes().await?;
-            anyhow::ensure!(
-                status.is_success(),
-                "{status}: {}",
-                String::from_utf8_lossy(&body)
-            );
+            get_ok(request).await?;
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             anyhow::Ok(due.elapsed().as_micros() as u64)
         }));

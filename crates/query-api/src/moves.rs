@@ -149,20 +149,9 @@ pub struct MoveStatements {
 }
 
 impl MoveStatements {
-    /// Prepared for one use. Preparing takes no lock: the four together, in one round trip.
+    /// Prepared for one use.
     pub async fn prepare(client: &impl GenericClient) -> Result<Self, tokio_postgres::Error> {
-        let (lock, series, hourly, daily) = tokio::try_join!(
-            client.prepare(LOCK_SERIES_SQL),
-            client.prepare(UPDATE_SERIES_SQL),
-            client.prepare(&HOURLY_SQL),
-            client.prepare(&DAILY_SQL),
-        )?;
-        Ok(Self {
-            lock,
-            series,
-            hourly,
-            daily,
-        })
+        Self::with(|sql| client.prepare(sql)).await
     }
 
     /// Kept by the pooled connection: parsed once, not once a batch (the writer's batches of
@@ -171,11 +160,19 @@ impl MoveStatements {
     pub async fn cached(
         transaction: &deadpool_postgres::Transaction<'_>,
     ) -> Result<Self, tokio_postgres::Error> {
+        Self::with(|sql| transaction.prepare_cached(sql)).await
+    }
+
+    /// Preparing takes no lock: the four together, in one round trip.
+    async fn with<F>(prepare: impl Fn(&'static str) -> F) -> Result<Self, tokio_postgres::Error>
+    where
+        F: Future<Output = Result<Statement, tokio_postgres::Error>>,
+    {
         let (lock, series, hourly, daily) = tokio::try_join!(
-            transaction.prepare_cached(LOCK_SERIES_SQL),
-            transaction.prepare_cached(UPDATE_SERIES_SQL),
-            transaction.prepare_cached(&HOURLY_SQL),
-            transaction.prepare_cached(&DAILY_SQL),
+            prepare(LOCK_SERIES_SQL),
+            prepare(UPDATE_SERIES_SQL),
+            prepare(&HOURLY_SQL),
+            prepare(&DAILY_SQL),
         )?;
         Ok(Self {
             lock,
