@@ -70,11 +70,10 @@ pub struct QueriesResult {
     pub clients: usize,
     pub page: QueryFigures,
     pub latest: QueryFigures,
-    /// Latest values asked for at a steady `latest_rate` a second (a fleet of dashboards),
+    /// Latest values asked for at a steady [`LATEST_PACED_RATE`] (a fleet of dashboards),
     /// each timed from when it was due: latency at a stated load. At saturation (`latest`)
     /// latency is only clients ÷ throughput.
     pub latest_paced: QueryFigures,
-    pub latest_rate: f64,
     pub aggregate: QueryFigures,
     /// The limits: the same SQL the service runs, straight to PostgreSQL from as many
     /// connections as there are clients (no HTTP, no auth, no JSON).
@@ -559,12 +558,10 @@ pub async fn run(
         latest_url.clone(),
     )
     .await?;
-    // The same rate with `--quick`, so that the figure keeps its name.
-    let latest_rate = 1_000.0;
     let latest_paced = measure_paced(
         platform,
         "queries: latest, paced",
-        latest_rate,
+        LATEST_PACED_RATE,
         duration,
         devices,
         latest_url,
@@ -644,7 +641,6 @@ pub async fn run(
         page,
         latest,
         latest_paced,
-        latest_rate,
         aggregate,
         raw_latest,
         raw_aggregate,
@@ -671,18 +667,11 @@ async fn measure(
 ) -> anyhow::Result<QueryFigures> {
     // One warm-up round per client: connections, auth and device caches, plans.
     for device in 0..clients.min(devices) {
-        let response = platform
+        let request = platform
             .http
             .get(url(device))
-            .bearer_auth(&platform.admin_key)
-            .send()
-            .await?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "{name}: {} {}",
-            response.status(),
-            response.text().await.unwrap_or_default()
-        );
+            .bearer_auth(&platform.admin_key);
+        get_ok(request).await.with_context(|| name.to_owned())?;
     }
     let progress = Progress::start(name, "requests");
     let started = Instant::now();
@@ -716,6 +705,10 @@ async fn measure(
         latency: summarize(&latencies),
     })
 }
+
+/// Requests a second of the paced latest values, `--quick` too, so that the figure keeps its
+/// name ("latest values p99 at 1,000 req/s").
+const LATEST_PACED_RATE: f64 = 1_000.0;
 
 /// Sends the request and reads the whole body; an error unless the status is a success.
 async fn get_ok(request: reqwest::RequestBuilder) -> anyhow::Result<()> {
