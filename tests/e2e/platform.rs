@@ -104,19 +104,53 @@ impl Platform {
             extra_env,
         };
         for service in SERVICES {
-            let url = format!("{}/health/ready", platform.base[service]);
-            let http = platform.http.clone();
-            eventually(&format!("{service} ready"), Duration::from_secs(60), || {
-                let (http, url) = (http.clone(), url.clone());
-                async move {
-                    let response = http.get(url).send().await.ok()?;
-                    response.status().is_success().then_some(())
-                }
-            })
-            .await;
+            platform.wait_ready(service).await;
         }
         platform.assert_running();
         platform
+    }
+
+    /// Waits for `service` to answer ready. A process that exited meanwhile (its free port
+    /// taken by a neighbour's process between the pick and the bind) is started again on
+    /// another port.
+    async fn wait_ready(&mut self, service: &'static str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut restarts = 0;
+        loop {
+            let url = format!("{}/health/ready", self.base[service]);
+            if let Ok(response) = self.http.get(url).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            let extra_env = self.extra_env.clone();
+            let env = &self.env;
+            let owner = self
+                .children
+                .iter_mut()
+                .find(|(name, _)| name == service || name == "all");
+            if let Some((name, child)) = owner
+                && child.try_wait().unwrap().is_some()
+            {
+                assert!(restarts < 3, "{name} exited early, {restarts} times");
+                restarts += 1;
+                let port = free_port();
+                *child = spawn(env, &extra_env, name, port);
+                let owned: Vec<&'static str> = if name == "all" {
+                    SERVICES.to_vec()
+                } else {
+                    vec![service]
+                };
+                for owned in owned {
+                    self.base.insert(owned, format!("http://127.0.0.1:{port}"));
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {service} ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// SIGKILL to one service's process (split mode): no graceful anything.
