@@ -345,6 +345,8 @@ async fn poll_broker(
     let mut backoff = Duration::from_millis(200);
     // Whether the event loop has a connection: polling one without would connect again.
     let mut linked = false;
+    // UNSUBACKs of this connection (a retired session's filters).
+    let mut unsubscribed = 0;
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => break,
@@ -353,6 +355,7 @@ async fn poll_broker(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 linked = true;
+                unsubscribed = 0;
                 metrics::counter!("fieldline_mqtt_connects_total").increment(1);
                 breaker.connected(Instant::now());
                 backoff = Duration::from_millis(200);
@@ -399,6 +402,7 @@ async fn poll_broker(
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 connected.store(true, Ordering::Relaxed);
             }
+            Ok(Event::Incoming(Packet::UnsubAck(_))) => unsubscribed += 1,
             Ok(Event::Incoming(Packet::Publish(mut publish))) => {
                 let size = publish.payload.len();
                 let too_large = (size > max_message_bytes).then(|| {
@@ -475,6 +479,23 @@ async fn poll_broker(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+    // A retired session left before its unsubscribe was through would keep taking a share of
+    // the telemetry until the next drain: the UNSUBACKs are waited for, briefly.
+    if linked && retired {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while unsubscribed < filters.len() {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::UnsubAck(_))) => unsubscribed += 1,
+                    Ok(_) => {}
+                    Err(_) => {
+                        linked = false;
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
     }
     // Unacknowledged messages stay with the broker (persistent session) for the slot's next
     // holder.
