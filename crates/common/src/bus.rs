@@ -245,6 +245,9 @@ pub async fn connect(
         .options()
         .await?
         .name(name)
+        // Replies come to `_INBOX.{bus_prefix}.…`: still under `_INBOX.>` for permissions,
+        // and one deployment's replies can be told apart on a server several share.
+        .custom_inbox_prefix(format!("_INBOX.{}", config.bus_prefix))
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None)
         .event_callback(move |event| {

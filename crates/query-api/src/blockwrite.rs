@@ -13,26 +13,48 @@ use tokio_postgres::GenericClient;
 
 use crate::{
     blocks::{self, Point},
-    compress::{DayBlocks, day_bounds, day_number},
+    compress::{DayBlocks, day_bounds, day_number_of},
     moves::{Moves, Stored},
-    repo::{SeriesRow, day_of},
+    repo::SeriesRow,
 };
 
 /// Fewest readings a series, on average, for a closed day of a transaction to be written into
 /// blocks rather than rows.
 pub const MIN_READINGS_PER_SERIES: usize = 100;
 
-/// The days of `rows` (by [`day_number`]) to write into blocks: closed (before
+/// Day numbers ([`crate::compress::day_number`]), hashed fast: asked once for each reading of a transaction.
+pub type Days = foldhash::HashSet<i32>;
+
+/// The days of `rows` (by [`day_number_of`]) to write into blocks: closed (before
 /// `closed_before`) and with at least [`MIN_READINGS_PER_SERIES`] readings a series.
-pub fn direct_days(rows: &[SeriesRow<'_>], closed_before: i32) -> HashSet<i32> {
-    let mut days: HashMap<i32, (usize, HashSet<i32>)> = HashMap::new();
+pub fn direct_days(rows: &[SeriesRow<'_>], closed_before: i32) -> Days {
+    // Readings and series of each closed day, taken in runs of one (day, series): the
+    // writer's rows come in day, series and time order, so most rows only count.
+    let mut days: foldhash::HashMap<i32, (usize, Days)> = Default::default();
+    let mut add = |(day, series_id, count): (i32, i32, usize)| {
+        let entry = days.entry(day).or_default();
+        entry.0 += count;
+        entry.1.insert(series_id);
+    };
+    let mut run: Option<(i32, i32, usize)> = None;
     for (series_id, ts_us, _) in rows {
-        let day = day_number(day_of(*ts_us));
-        if day < closed_before {
-            let entry = days.entry(day).or_default();
-            entry.0 += 1;
-            entry.1.insert(*series_id);
+        let day = day_number_of(*ts_us);
+        if day >= closed_before {
+            continue;
         }
+        match &mut run {
+            Some((run_day, run_series, count)) if *run_day == day && run_series == series_id => {
+                *count += 1;
+            }
+            _ => {
+                if let Some(done) = run.replace((day, *series_id, 1)) {
+                    add(done);
+                }
+            }
+        }
+    }
+    if let Some(done) = run {
+        add(done);
     }
     days.into_iter()
         .filter(|(_, (count, series))| *count >= MIN_READINGS_PER_SERIES * series.len())
@@ -57,7 +79,7 @@ fn stored(value: &Value) -> Stored<'_> {
 pub async fn store<'v>(
     client: &impl GenericClient,
     rows: &[SeriesRow<'v>],
-    direct: &HashSet<i32>,
+    direct: &Days,
     moves: &mut Moves,
 ) -> Result<Vec<SeriesRow<'v>>, tokio_postgres::Error> {
     if direct.is_empty() {
@@ -65,18 +87,36 @@ pub async fn store<'v>(
     }
     let mut table = Vec::new();
     let mut by_day: BTreeMap<i32, BTreeMap<i32, Vec<NewPoint<'v>>>> = BTreeMap::new();
+    // Taken in runs of one (day, series), as the writer's rows come, so that a run costs
+    // one lookup rather than each of its readings.
+    let mut run: Option<(i32, i32, Vec<NewPoint<'v>>)> = None;
+    let mut add = |(day, series_id, points): (i32, i32, Vec<NewPoint<'v>>)| {
+        by_day
+            .entry(day)
+            .or_default()
+            .entry(series_id)
+            .or_default()
+            .extend(points);
+    };
     for row in rows {
-        let day = day_number(day_of(row.1));
-        if direct.contains(&day) {
-            by_day
-                .entry(day)
-                .or_default()
-                .entry(row.0)
-                .or_default()
-                .push((row.1, row.2));
-        } else {
+        let day = day_number_of(row.1);
+        if !direct.contains(&day) {
             table.push(*row);
+            continue;
         }
+        match &mut run {
+            Some((run_day, run_series, points)) if *run_day == day && *run_series == row.0 => {
+                points.push((row.1, row.2));
+            }
+            _ => {
+                if let Some(done) = run.replace((day, row.0, vec![(row.1, row.2)])) {
+                    add(done);
+                }
+            }
+        }
+    }
+    if let Some(done) = run {
+        add(done);
     }
     for (day, series) in by_day {
         let (start, end) = day_bounds(chrono::NaiveDate::default() + chrono::Days::new(day as u64));

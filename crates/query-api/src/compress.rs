@@ -40,6 +40,22 @@ pub fn day_number(day: NaiveDate) -> i32 {
     (day - NaiveDate::default()).num_days() as i32
 }
 
+/// The [`day_number`] of the UTC day of `ts_us`, exactly `day_number(day_of(ts_us))`, without
+/// building a date: the writer asks it several times for each reading it stores.
+pub fn day_number_of(ts_us: i64) -> i32 {
+    const DAY_US: i64 = 86_400_000_000;
+    // chrono's dates reach about 262,000 years either side of year 0: inside 200,000 years
+    // of 1970 the division is the day; beyond, `from_us` falls back to the epoch, and so does
+    // this (no reading there is ever stored; the window refuses it).
+    const WITHIN_DAYS: i64 = 200_000 * 366;
+    let day = ts_us.div_euclid(DAY_US);
+    if day.abs() <= WITHIN_DAYS {
+        day as i32
+    } else {
+        day_number(crate::repo::day_of(ts_us))
+    }
+}
+
 /// The daily partitions of `telemetry.readings`: (table name, day), oldest first.
 pub async fn partitions(
     client: &impl GenericClient,
@@ -392,5 +408,33 @@ async fn truncate_if_empty(pool: &Pool, name: &str, day: NaiveDate) -> anyhow::R
             Ok(())
         }
         Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::repo::day_of;
+
+    proptest! {
+        #[test]
+        fn the_day_number_of_a_time_is_that_of_its_date(ts_us in any::<i64>()) {
+            prop_assert_eq!(day_number_of(ts_us), day_number(day_of(ts_us)));
+        }
+
+        #[test]
+        fn around_midnight_too(day in -100_000i64..100_000, offset in -2i64..=2) {
+            let ts_us = day * 86_400_000_000 + offset;
+            prop_assert_eq!(day_number_of(ts_us), day_number(day_of(ts_us)));
+        }
+    }
+
+    #[test]
+    fn at_the_ends_of_chronos_range() {
+        for ts_us in [i64::MIN, i64::MAX, 0, -1, 1] {
+            assert_eq!(day_number_of(ts_us), day_number(day_of(ts_us)), "{ts_us}");
+        }
     }
 }

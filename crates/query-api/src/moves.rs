@@ -3,7 +3,9 @@
 //! `COPY` that went through, the rows an `INSERT … ON CONFLICT DO NOTHING` returned, or a
 //! bulk load), then merged into the tables in four pipelined statements.
 
-use std::{collections::HashMap, sync::LazyLock};
+use std::sync::LazyLock;
+
+use foldhash::HashMap;
 
 use chrono::{DateTime, Utc};
 use fieldline_common::time::from_us;

@@ -208,7 +208,7 @@ const COPY_TYPES: [Type; 5] = [
 async fn copy_new(
     client: &mut deadpool_postgres::Client,
     rows: &[SeriesRow<'_>],
-    direct: &HashSet<i32>,
+    direct: &blockwrite::Days,
 ) -> Result<(), tokio_postgres::Error> {
     let transaction = client.transaction().await?;
     let in_blocks = lock_days(&transaction, rows, direct).await?;
@@ -246,7 +246,7 @@ async fn copy_new(
 async fn store_skipping_stored(
     client: &mut deadpool_postgres::Client,
     rows: &[SeriesRow<'_>],
-    direct: &HashSet<i32>,
+    direct: &blockwrite::Days,
 ) -> Result<(), tokio_postgres::Error> {
     let transaction = client.transaction().await?;
     let in_blocks = lock_days(&transaction, rows, direct).await?;
@@ -300,12 +300,16 @@ pub type SeriesRow<'v> = (i32, i64, &'v reading::Value);
 async fn lock_days(
     transaction: &deadpool_postgres::Transaction<'_>,
     rows: &[SeriesRow<'_>],
-    direct: &HashSet<i32>,
+    direct: &blockwrite::Days,
 ) -> Result<HashSet<(i32, i64)>, tokio_postgres::Error> {
-    let mut days: Vec<i32> = rows
-        .iter()
-        .map(|(_, ts_us, _)| compress::day_number(day_of(*ts_us)))
-        .collect();
+    let mut days: Vec<i32> = Vec::new();
+    for (_, ts_us, _) in rows {
+        let day = compress::day_number_of(*ts_us);
+        // Rows come in runs of a day: only a change of day is kept, then sorted.
+        if days.last() != Some(&day) {
+            days.push(day);
+        }
+    }
     days.sort_unstable();
     days.dedup();
     let (lock, compressed) = futures::try_join!(
@@ -337,7 +341,7 @@ async fn lock_days(
     for day in compressed {
         let ids: Vec<i32> = rows
             .iter()
-            .filter(|(_, ts_us, _)| compress::day_number(day_of(*ts_us)) == day)
+            .filter(|(_, ts_us, _)| compress::day_number_of(*ts_us) == day)
             .map(|(id, _, _)| *id)
             .collect::<HashSet<_>>()
             .into_iter()
@@ -396,9 +400,58 @@ fn columns(rows: &[SeriesRow<'_>], in_blocks: &HashSet<(i32, i64)>, moves: &mut 
 /// A reading the writer stores: the index of its series key, its time, its value.
 type WriteRow<'v> = (usize, i64, &'v reading::Value);
 
+/// `rows` with their series ids, in (day, series, time) order. They are grouped by (day,
+/// series) in one pass, which keeps each group in arrival order, and a group is sorted by time
+/// only if it is not already: a device's readings mostly come in time order, and a sort of a
+/// million rows was a sixth of what the writer spent on an import.
+fn in_write_order<'v>(rows: &[WriteRow<'v>], ids: &[i32]) -> Vec<SeriesRow<'v>> {
+    let mut group_index: foldhash::HashMap<(i64, i32), usize> = Default::default();
+    let mut groups: Vec<((i64, i32), usize)> = Vec::new();
+    let mut group_of: Vec<usize> = Vec::with_capacity(rows.len());
+    for (index, ts_us, _) in rows {
+        let key = (ts_us.div_euclid(DAY_US), ids[*index]);
+        let group = *group_index.entry(key).or_insert_with(|| {
+            groups.push((key, 0));
+            groups.len() - 1
+        });
+        groups[group].1 += 1;
+        group_of.push(group);
+    }
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_unstable_by_key(|group| groups[*group].0);
+    // Where each group starts in the result, then the row each place of the result takes.
+    let mut next = vec![0; groups.len()];
+    let mut offset = 0;
+    for group in &order {
+        next[*group] = offset;
+        offset += groups[*group].1;
+    }
+    let mut source = vec![0; rows.len()];
+    for (row, group) in group_of.iter().enumerate() {
+        source[next[*group]] = row;
+        next[*group] += 1;
+    }
+    let mut ordered: Vec<SeriesRow<'v>> = source
+        .into_iter()
+        .map(|row| {
+            let (index, ts_us, value) = rows[row];
+            (ids[index], ts_us, value)
+        })
+        .collect();
+    let mut start = 0;
+    for group in order {
+        let run = &mut ordered[start..start + groups[group].1];
+        if !run.is_sorted_by_key(|(_, ts_us, _)| *ts_us) {
+            run.sort_unstable_by_key(|(_, ts_us, _)| *ts_us);
+        }
+        start += run.len();
+    }
+    ordered
+}
+
 /// `rows` (in day, series and time order) cut into runs of at most `max_days` days each,
 /// the earliest days first: slices of `rows`, so each keeps its order.
-fn by_days<'a, 'v>(rows: &'a [WriteRow<'v>], max_days: usize) -> Vec<&'a [WriteRow<'v>]> {
+fn by_days<'a, 'v>(rows: &'a [SeriesRow<'v>], max_days: usize) -> Vec<&'a [SeriesRow<'v>]> {
     let mut groups = Vec::new();
     let (mut start, mut days, mut current) = (0, 0, None);
     for (index, (_, ts_us, _)) in rows.iter().enumerate() {
@@ -655,7 +708,8 @@ impl Repo {
         let expired_before = self.expired_before_us.load(Ordering::Relaxed);
         let window = TimeWindow::stored(&self.config, now_us());
         let mut keys: Vec<SeriesKey> = Vec::new();
-        let mut key_index: HashMap<(&str, &str, &str), usize> = HashMap::new();
+        // Asked once for each reading: hashed fast.
+        let mut key_index: foldhash::HashMap<(&str, &str, &str), usize> = Default::default();
         let mut rows: Vec<WriteRow> = Vec::new();
         let mut expired = 0u64;
         let mut refused = 0u64;
@@ -703,25 +757,27 @@ impl Repo {
         // index takes its rows in order, and a row another running transaction has stored (a
         // redelivery) is waited for in that order too. `COPY` buffers rows per partition and
         // flushes the partitions in the order it first met them: day by day, sorted so.
-        rows.sort_unstable_by_key(|(index, ts_us, _)| {
-            (ts_us.div_euclid(DAY_US), ids[*index], *ts_us)
-        });
+        let rows = in_write_order(&rows, &ids);
         for chunk in by_days(&rows, MAX_DAYS_PER_TRANSACTION) {
-            self.store_rows(&ids, chunk).await?;
+            self.store_rows(chunk).await?;
         }
         Ok(rows.len())
     }
 
     /// One transaction: `rows` (of at most [`MAX_DAYS_PER_TRANSACTION`] days, in series and
     /// time order) and the moves they make.
-    async fn store_rows(&self, ids: &[i32], rows: &[WriteRow<'_>]) -> Result<(), ApiError> {
-        let days: HashSet<NaiveDate> = rows.iter().map(|(_, ts, _)| day_of(*ts)).collect();
-        let rows: Vec<SeriesRow> = rows
-            .iter()
-            .map(|(index, ts_us, value)| (ids[*index], *ts_us, *value))
-            .collect();
+    async fn store_rows(&self, rows: &[SeriesRow<'_>]) -> Result<(), ApiError> {
+        // A date is built once a day of the rows (they come in day order), not once a row.
+        let mut days: HashSet<NaiveDate> = HashSet::new();
+        let mut last_day = None;
+        for (_, ts_us, _) in rows {
+            let day = compress::day_number_of(*ts_us);
+            if last_day.replace(day) != Some(day) {
+                days.insert(day_of(*ts_us));
+            }
+        }
         let direct = blockwrite::direct_days(
-            &rows,
+            rows,
             compress::day_number(compress::closed_before(self.config.compress_after)),
         );
         for attempt in 0..2 {
@@ -731,10 +787,10 @@ impl Repo {
             // the table; the series and rollups move by what was computed here. A row that is
             // there already (a redelivery) fails the COPY, and the statement that skips
             // stored rows does the batch instead.
-            let result = match copy_new(&mut client, &rows, &direct).await {
+            let result = match copy_new(&mut client, rows, &direct).await {
                 Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                     metrics::counter!("fieldline_writer_redelivered_batches_total").increment(1);
-                    store_skipping_stored(&mut client, &rows, &direct).await
+                    store_skipping_stored(&mut client, rows, &direct).await
                 }
                 other => other,
             };
@@ -1297,13 +1353,40 @@ impl Repo {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #[test]
+        fn rows_are_put_in_day_series_and_time_order(
+            rows in proptest::collection::vec((0usize..4, -3i64..3, 0i64..50), 0..200),
+        ) {
+            let number = reading::Value::Number(1.0);
+            let ids = [7, 3, 9, 1];
+            let day_us = 86_400_000_000;
+            // Days either side of the epoch, and several readings at one time.
+            let rows: Vec<WriteRow> = rows
+                .into_iter()
+                .map(|(index, day, ts)| (index, day * day_us + ts * 1_000_000_000, &number))
+                .collect();
+            let ordered = in_write_order(&rows, &ids);
+            let mut expected: Vec<(i64, i32, i64)> = rows
+                .iter()
+                .map(|(index, ts_us, _)| (ts_us.div_euclid(day_us), ids[*index], *ts_us))
+                .collect();
+            expected.sort_unstable();
+            let got: Vec<(i64, i32, i64)> = ordered
+                .iter()
+                .map(|(id, ts_us, _)| (ts_us.div_euclid(day_us), *id, *ts_us))
+                .collect();
+            proptest::prop_assert_eq!(got, expected);
+        }
+    }
+
     #[test]
     fn a_batch_of_many_days_is_cut_into_groups_of_few() {
         let number = reading::Value::Number(1.0);
         let value = &number;
         let day_us = 86_400_000_000;
         // Two series, 20 days each, in (day, series, time) order as the writer sorts them.
-        let rows: Vec<WriteRow> = (0..20)
+        let rows: Vec<SeriesRow> = (0..20)
             .flat_map(|day| (0..2).map(move |series| (series, day * day_us + 5, value)))
             .collect();
         let groups = by_days(&rows, 8);

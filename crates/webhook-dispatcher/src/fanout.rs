@@ -14,7 +14,7 @@ use fieldline_common::{
 };
 use fieldline_proto::{
     InvalidateKind, Stream, Subjects,
-    v1::{DeviceEvent, TelemetryBatch, reading},
+    v1::{DeviceEvent, TelemetryBatch, TelemetryBatchHead, reading},
 };
 use futures::StreamExt;
 use prost::Message;
@@ -240,6 +240,7 @@ pub async fn start(
             targets: targets.clone(),
             dispatcher: dispatcher.clone(),
             decode,
+            telemetry: stream == Stream::Telemetry,
         };
         consume::start(context, spec, fanout).await?;
     }
@@ -252,6 +253,8 @@ struct Fanout {
     targets: Targets,
     dispatcher: Arc<Dispatcher>,
     decode: Decode,
+    /// Reading telemetry: a message is first read by its head ([`TelemetryBatchHead`]).
+    telemetry: bool,
 }
 
 /// What one bus message makes: its event and a delivery per matching webhook.
@@ -349,6 +352,23 @@ impl Fanout {
         &self,
         delivery: &Delivery,
     ) -> Result<Vec<(NewEvent, Vec<NewDelivery>)>, Outcome> {
+        // Most telemetry goes to no webhook: a project none of whose webhooks takes
+        // device.data is told from the head, without decoding the readings.
+        if self.telemetry
+            && let Ok(head) = TelemetryBatchHead::decode(delivery.payload())
+        {
+            let targets = self
+                .targets
+                .of(&head.project)
+                .await
+                .map_err(|error| Outcome::of_error(&error))?;
+            if !targets
+                .iter()
+                .any(|target| target.events.iter().any(|event| event == "device.data"))
+            {
+                return Ok(Vec::new());
+            }
+        }
         let mut planned = Vec::new();
         for incoming in (self.decode)(&self.context.subjects, delivery)? {
             planned.extend(self.plan_one(delivery, incoming).await?);

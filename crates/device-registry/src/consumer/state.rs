@@ -13,7 +13,7 @@ use fieldline_common::{
 use fieldline_proto::{
     Stream, Subjects,
     consumers::REGISTRY_STATE,
-    v1::{Heartbeat, reading},
+    v1::{Heartbeat, TelemetryBatchHead, reading},
 };
 use prost::Message;
 use tokio::sync::Notify;
@@ -193,6 +193,13 @@ impl Apply {
         };
         for (position, message) in messages.iter().enumerate() {
             if message.subject().starts_with(&self.telemetry_prefix) {
+                // An import of the past says nothing about the device now: told by the head
+                // alone, without decoding its readings (an import brings millions).
+                if TelemetryBatchHead::decode(message.payload())
+                    .is_ok_and(|head| head.source == "backfill")
+                {
+                    continue;
+                }
                 // Each device of a multi-device bus message is seen and evaluated as if it
                 // had come alone.
                 let devices = match message.telemetry(&self.subjects) {
@@ -203,10 +210,6 @@ impl Apply {
                     }
                 };
                 for batch in devices {
-                    // An import of the past says nothing about the device now.
-                    if batch.source == "backfill" {
-                        continue;
-                    }
                     sighted(&batch.project, &batch.device_id, batch.received_at_us);
                     batches.push(batch);
                 }

@@ -1,4 +1,4 @@
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use fieldline_common::auth::{credential_kind, hash_secret};
 use fieldline_proto::v1::{
@@ -137,11 +137,14 @@ async fn no_secret_crosses_the_bus_in_clear() {
     app.context.auth.invalidate_all();
 
     let nats = app.env.nats().await;
-    // The test's own subjects and every reply inbox (not `>`: other tests' streams on the
-    // shared server could overflow the subscription and drop what this test must see).
+    // The test's own subjects and its services' reply inboxes (not `>` nor `_INBOX.>`: other
+    // tests' streams and publish acks on the shared server could overflow the subscription
+    // and drop what this test must see).
     let mut everything = futures::stream::select(
         nats.subscribe(format!("{}.>", app.env.id)).await.unwrap(),
-        nats.subscribe("_INBOX.>").await.unwrap(),
+        nats.subscribe(format!("_INBOX.{}.>", app.env.id))
+            .await
+            .unwrap(),
     );
     nats.flush().await.unwrap();
 
@@ -160,26 +163,22 @@ async fn no_secret_crosses_the_bus_in_clear() {
 
     let verify_subject = app.context.subjects.rpc_auth_verify();
     let mut digests_seen = Vec::new();
+    // The reply subjects the verify requests named, and the inbox subjects seen.
+    let mut asked: HashSet<String> = HashSet::new();
+    let mut answered: HashSet<String> = HashSet::new();
     let mut messages = 0;
     // Whatever has been published by now has reached this subscriber after a round trip.
     nats.flush().await.unwrap();
-    // Until every secret's request was seen and half a second passes without a message, or
-    // 20 s in all: other tests' replies share the inbox subscription, and on a busy machine
-    // they can come first.
+    // Until every secret's request and its reply were seen, or 20 s in all (the consumers'
+    // idle heartbeats keep the inboxes from ever going quiet).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let all_seen = |digests: &Vec<Vec<u8>>| {
         secrets
             .iter()
             .all(|secret| digests.contains(&hash_secret(secret).to_vec()))
     };
-    loop {
-        let quiet = tokio::time::Instant::now() + Duration::from_millis(500);
-        let wait_until = if all_seen(&digests_seen) {
-            quiet.min(deadline)
-        } else {
-            deadline
-        };
-        let Ok(Some(message)) = tokio::time::timeout_at(wait_until, everything.next()).await else {
+    while !(all_seen(&digests_seen) && asked.is_subset(&answered)) {
+        let Ok(Some(message)) = tokio::time::timeout_at(deadline, everything.next()).await else {
             break;
         };
         messages += 1;
@@ -205,8 +204,17 @@ async fn no_secret_crosses_the_bus_in_clear() {
         if message.subject.as_str() == verify_subject {
             let request = VerifyRequest::decode(message.payload.as_ref()).unwrap();
             digests_seen.push(request.secret_sha256);
+            asked.extend(message.reply.map(|reply| reply.to_string()));
+        } else {
+            answered.insert(message.subject.to_string());
         }
     }
+    assert!(
+        asked.is_subset(&answered),
+        "{} of {} verify replies seen",
+        asked.intersection(&answered).count(),
+        asked.len()
+    );
     assert!(messages > 0);
     // The watch saw the RPC itself: each secret was asked about, by digest.
     for secret in &secrets {
