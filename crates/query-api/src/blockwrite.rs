@@ -203,9 +203,10 @@ pub async fn store<'v>(
                 table.extend(fresh.iter().map(|(ts, value)| (series_id, *ts, *value)));
                 continue;
             }
-            for (ts, value) in &fresh {
-                moves.add(series_id, *ts, stored(value));
-            }
+            moves.add_run(
+                series_id,
+                fresh.iter().map(|(ts, value)| (*ts, stored(value))),
+            );
             written.push(series_id);
         }
         if written.is_empty() {

@@ -62,44 +62,82 @@ pub struct Moves {
 impl Moves {
     /// Takes in one new row.
     pub fn add(&mut self, series_id: i32, ts_us: i64, value: Stored<'_>) {
-        let (num, flag, text) = match value {
-            Stored::Number(number) => (Some(number), None, None),
-            Stored::Boolean(flag) => (None, Some(flag), None),
-            Stored::Text(text) => (None, None, Some(text)),
-        };
-        let series = self.series.entry(series_id).or_insert(SeriesMove {
+        self.add_run(series_id, std::iter::once((ts_us, value)));
+    }
+
+    /// Takes in new rows of one series. In time order (as an import brings them), the rows
+    /// of a bucket are summed apart and merged into its rollup row once, rather than a map
+    /// lookup each.
+    pub fn add_run<'v>(
+        &mut self,
+        series_id: i32,
+        rows: impl IntoIterator<Item = (i64, Stored<'v>)>,
+    ) {
+        let mut rows = rows.into_iter().peekable();
+        if rows.peek().is_none() {
+            return;
+        }
+        let Self {
+            series,
+            hourly,
+            daily,
+        } = self;
+        let series = series.entry(series_id).or_insert(SeriesMove {
             count: 0,
-            first_us: ts_us,
+            first_us: i64::MAX,
             last_us: i64::MIN,
             last_num: None,
             last_bool: None,
             last_text: None,
         });
-        series.count += 1;
-        series.first_us = series.first_us.min(ts_us);
-        if ts_us > series.last_us {
-            series.last_us = ts_us;
-            series.last_num = num;
-            series.last_bool = flag;
-            series.last_text = text.map(str::to_owned);
+        let mut hour: Option<(i64, Partial)> = None;
+        let mut day: Option<(i64, Partial)> = None;
+        for (ts_us, value) in rows {
+            let (num, flag, text) = match value {
+                Stored::Number(number) => (Some(number), None, None),
+                Stored::Boolean(flag) => (None, Some(flag), None),
+                Stored::Text(text) => (None, None, Some(text)),
+            };
+            series.count += 1;
+            series.first_us = series.first_us.min(ts_us);
+            if ts_us > series.last_us {
+                series.last_us = ts_us;
+                series.last_num = num;
+                series.last_bool = flag;
+                series.last_text = text.map(str::to_owned);
+            }
+            let reading = Partial {
+                count: 1,
+                num_count: i64::from(num.is_some()),
+                sum: num,
+                min: num,
+                max: num,
+                first: num.map(|n| (ts_us, n)),
+                last: num.map(|n| (ts_us, n)),
+            };
+            take_into(
+                hourly,
+                series_id,
+                &mut hour,
+                ts_us.div_euclid(HOUR_US) * HOUR_US,
+                &reading,
+            );
+            take_into(
+                daily,
+                series_id,
+                &mut day,
+                ts_us.div_euclid(DAY_US) * DAY_US,
+                &reading,
+            );
         }
-        let reading = Partial {
-            count: 1,
-            num_count: i64::from(num.is_some()),
-            sum: num,
-            min: num,
-            max: num,
-            first: num.map(|n| (ts_us, n)),
-            last: num.map(|n| (ts_us, n)),
-        };
-        self.hourly
-            .entry((series_id, ts_us.div_euclid(HOUR_US) * HOUR_US))
-            .or_default()
-            .merge(&reading);
-        self.daily
-            .entry((series_id, ts_us.div_euclid(DAY_US) * DAY_US))
-            .or_default()
-            .merge(&reading);
+        for (buckets, run) in [(hourly, hour), (daily, day)] {
+            if let Some((bucket, partial)) = run {
+                buckets
+                    .entry((series_id, bucket))
+                    .or_default()
+                    .merge(&partial);
+            }
+        }
     }
 
     /// Merges everything taken in into the series statistics and both rollups, taking every
@@ -214,6 +252,30 @@ fn rollup_sql(table: &str) -> String {
     )
 }
 
+/// Adds `reading` to the run of `bucket`; a run of another bucket is merged into `buckets`
+/// first.
+fn take_into(
+    buckets: &mut HashMap<(i32, i64), Partial>,
+    series_id: i32,
+    run: &mut Option<(i64, Partial)>,
+    bucket: i64,
+    reading: &Partial,
+) {
+    match run {
+        Some((current, partial)) if *current == bucket => partial.merge(reading),
+        _ => {
+            let mut partial = Partial::default();
+            partial.merge(reading);
+            if let Some((done, done_partial)) = run.replace((bucket, partial)) {
+                buckets
+                    .entry((series_id, done))
+                    .or_default()
+                    .merge(&done_partial);
+            }
+        }
+    }
+}
+
 static HOURLY_SQL: LazyLock<String> = LazyLock::new(|| rollup_sql("rollup_1h"));
 static DAILY_SQL: LazyLock<String> = LazyLock::new(|| rollup_sql("rollup_1d"));
 
@@ -255,4 +317,75 @@ async fn merge_rollup(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn series_view(
+        moves: &Moves,
+    ) -> Vec<(
+        i32,
+        i64,
+        i64,
+        i64,
+        Option<u64>,
+        Option<bool>,
+        Option<String>,
+    )> {
+        let mut view: Vec<_> = moves
+            .series
+            .iter()
+            .map(|(id, m)| {
+                (
+                    *id,
+                    m.count,
+                    m.first_us,
+                    m.last_us,
+                    m.last_num.map(f64::to_bits),
+                    m.last_bool,
+                    m.last_text.clone(),
+                )
+            })
+            .collect();
+        view.sort();
+        view
+    }
+
+    proptest! {
+        /// A run of rows in time order moves the series and both rollups exactly as the same
+        /// rows taken one by one.
+        #[test]
+        fn a_run_moves_what_its_rows_move_one_by_one(
+            steps in proptest::collection::vec((0i64..2_000_000_000, 0u8..4, -1000i32..1000), 0..300),
+        ) {
+            let mut ts = -5 * 3_600_000_000;
+            let texts = ["a", "b"];
+            let rows: Vec<(i64, Stored)> = steps
+                .into_iter()
+                .map(|(step, kind, n)| {
+                    ts += step;
+                    let value = match kind {
+                        0 => Stored::Boolean(n > 0),
+                        1 => Stored::Text(texts[(n & 1) as usize]),
+                        _ => Stored::Number(f64::from(n) / 100.0),
+                    };
+                    (ts, value)
+                })
+                .collect();
+            let mut one_by_one = Moves::default();
+            for (ts_us, value) in &rows {
+                one_by_one.add(3, *ts_us, *value);
+            }
+            let mut run = Moves::default();
+            run.add_run(3, rows.iter().copied());
+            prop_assert_eq!(series_view(&run), series_view(&one_by_one));
+            prop_assert_eq!(&run.hourly, &one_by_one.hourly);
+            prop_assert_eq!(&run.daily, &one_by_one.daily);
+            prop_assert_eq!(run.series.is_empty(), rows.is_empty());
+        }
+    }
 }
