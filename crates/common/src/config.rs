@@ -278,6 +278,10 @@ pub struct Config {
     /// Most telemetry messages the query-api writer stores in one transaction (it takes
     /// what is waiting, up to this, without delaying a lone message).
     pub writer_batch_size: usize,
+    /// Most payload bytes of telemetry the writer takes into one transaction (at most one
+    /// message past it): what one transaction holds in memory follows from it, about ten
+    /// times this once decoded, so an import of millions of readings is stored in several.
+    pub writer_batch_bytes: usize,
     /// Longest a query-api statement may run (a page, an aggregate, one chunk of an export)
     /// before Postgres cancels it; the client gets 503 `query_timeout`.
     #[serde(with = "humantime_serde")]
@@ -434,6 +438,7 @@ impl Default for Config {
             stream_placement_tags: String::new(),
             consumer_max_deliveries: 5,
             writer_batch_size: 1000,
+            writer_batch_bytes: 16 * 1024 * 1024,
             query_statement_timeout: Duration::from_secs(10),
             query_shared_connections: 1,
             readings_retention: None,
@@ -752,6 +757,9 @@ impl Config {
         }
         if self.writer_batch_size == 0 {
             return invalid("writer_batch_size", "must be at least 1".into());
+        }
+        if self.writer_batch_bytes == 0 {
+            return invalid("writer_batch_bytes", "must be at least 1".into());
         }
         if self.long_poll_max == 0 {
             return invalid("long_poll_max", "must be at least 1".into());

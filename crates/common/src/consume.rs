@@ -79,6 +79,9 @@ pub mod headers {
 
 /// How a consumer is set up. The consumer is durable and shared by every instance of the
 /// service: that is how the service scales out.
+/// The [`Spec::batch_bytes`] of the consumers that have no setting of their own: 16 MiB.
+pub const BATCH_BYTES: usize = 16 * 1024 * 1024;
+
 pub struct Spec {
     pub stream: Stream,
     pub name: &'static str,
@@ -90,6 +93,11 @@ pub struct Spec {
     pub max_ack_pending: i64,
     /// Most messages handed to the handler at once.
     pub batch: usize,
+    /// Most payload bytes handed to the handler at once: a batch is full at `batch`
+    /// messages or at this many bytes, whichever comes first, so at most one message past
+    /// it (a message larger than this goes alone). What a batch costs in memory, decoded,
+    /// follows from it.
+    pub batch_bytes: usize,
     /// Batches handled at once by one process; beside one in hand, only full ones start (a
     /// part batch waits, filling, for the one in hand to be done).
     pub in_flight: usize,
@@ -314,6 +322,34 @@ async fn oldest_unacknowledged_age(
     Some(((crate::time::now_us() - published_us) as f64 / 1e6).max(0.0))
 }
 
+/// The next batch while it fills: its messages and their payload bytes.
+#[derive(Default)]
+struct Filling {
+    messages: Vec<jetstream::Message>,
+    bytes: usize,
+}
+
+impl Filling {
+    fn push(&mut self, message: jetstream::Message) {
+        self.bytes += message.payload.len();
+        self.messages.push(message);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// At `batch` messages or `batch_bytes` bytes.
+    fn is_full(&self, spec: &Spec) -> bool {
+        self.messages.len() >= spec.batch || self.bytes >= spec.batch_bytes
+    }
+
+    fn take(&mut self) -> Vec<jetstream::Message> {
+        self.bytes = 0;
+        std::mem::take(&mut self.messages)
+    }
+}
+
 struct Loop<H> {
     context: Context,
     spec: Spec,
@@ -326,19 +362,18 @@ impl<H: Handler> Loop<H> {
         self: Arc<Self>,
         consumer: &jetstream::consumer::Consumer<pull::Config>,
     ) -> anyhow::Result<()> {
-        let batch = self.spec.batch;
         let in_flight = self.spec.in_flight.max(1);
-        let mut messages = crate::bus::pull_messages(consumer, batch).await?;
+        let mut messages = crate::bus::pull_messages(consumer, self.spec.batch).await?;
         let mut running = JoinSet::new();
         // The next batch, filling.
-        let mut next = Vec::new();
+        let mut next = Filling::default();
         let outcome = loop {
             if running.len() >= in_flight {
                 self.log_panic(running.join_next().await);
             }
             // Whatever has been delivered, up to a batch.
             let mut ended = false;
-            while next.len() < batch {
+            while !next.is_full(&self.spec) {
                 match messages.next().now_or_never() {
                     Some(Some(Ok(message))) => next.push(message),
                     Some(Some(Err(error))) => return self.finish(running, Err(error.into())).await,
@@ -352,13 +387,13 @@ impl<H: Handler> Loop<H> {
             // Nothing in hand goes at once; beside a batch in hand, only a full one does. A
             // part batch keeps filling until the one in hand is done: under a load of small
             // messages, the batches grow instead of queueing behind each other's locks.
-            if !next.is_empty() && (running.is_empty() || next.len() >= batch || ended) {
-                running.spawn(self.clone().settle_batch(std::mem::take(&mut next)));
+            if !next.is_empty() && (running.is_empty() || next.is_full(&self.spec) || ended) {
+                running.spawn(self.clone().settle_batch(next.take()));
             }
             if ended {
                 break Ok(());
             }
-            if running.len() >= in_flight || !next.is_empty() && next.len() >= batch {
+            if running.len() >= in_flight || next.is_full(&self.spec) {
                 continue;
             }
             tokio::select! {
@@ -367,7 +402,7 @@ impl<H: Handler> Loop<H> {
                     Some(Err(error)) => break Err(error.into()),
                     None => {
                         if !next.is_empty() {
-                            running.spawn(self.clone().settle_batch(std::mem::take(&mut next)));
+                            running.spawn(self.clone().settle_batch(next.take()));
                         }
                         break Ok(());
                     }

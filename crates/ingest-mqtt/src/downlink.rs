@@ -86,6 +86,7 @@ pub async fn start(context: &Context, client_id: &str) -> anyhow::Result<watch::
         max_ack_pending: 1_000,
         // Small batches, handled one message at a time (one publish in flight).
         batch: 16,
+        batch_bytes: consume::BATCH_BYTES,
         in_flight: 1,
     };
     consume::start(context, spec, downlink).await?;

@@ -325,9 +325,8 @@ mod tests {
 
     use super::*;
 
-    fn series_view(
-        moves: &Moves,
-    ) -> Vec<(
+    /// A series move's fields, the number by its bits.
+    type SeriesView = (
         i32,
         i64,
         i64,
@@ -335,7 +334,9 @@ mod tests {
         Option<u64>,
         Option<bool>,
         Option<String>,
-    )> {
+    );
+
+    fn series_view(moves: &Moves) -> Vec<SeriesView> {
         let mut view: Vec<_> = moves
             .series
             .iter()

@@ -33,6 +33,7 @@ pub async fn start(context: &Context, repo: Repo) -> anyhow::Result<()> {
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 20_000,
         batch: context.config.writer_batch_size,
+        batch_bytes: context.config.writer_batch_bytes,
         in_flight: STORES_IN_FLIGHT,
     };
     let store = Store {

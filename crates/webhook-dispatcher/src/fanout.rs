@@ -232,6 +232,7 @@ pub async fn start(
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 20_000,
             batch: BATCH,
+            batch_bytes: consume::BATCH_BYTES,
             in_flight: 1,
         };
         let fanout = Fanout {

@@ -66,6 +66,7 @@ pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 20_000,
         batch: BATCH,
+        batch_bytes: consume::BATCH_BYTES,
         in_flight: 1,
     };
     consume::start(context, spec, apply).await?;

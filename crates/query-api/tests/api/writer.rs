@@ -302,6 +302,7 @@ async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 1_000,
         batch: 100,
+        batch_bytes: consume::BATCH_BYTES,
         in_flight: 2,
     };
     let recorder = Recorder {
@@ -340,5 +341,76 @@ async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
     })
     .await;
     assert_eq!(*sizes.lock().unwrap(), vec![1, 20]);
+    app.shutdown().await;
+}
+
+/// A batch is full at `batch_bytes` of payload as well as at `batch` messages: at most one
+/// message goes past the bytes, and a message larger than them goes alone. What a writer
+/// transaction holds in memory follows from it, however large an import.
+#[tokio::test]
+async fn a_batch_is_full_at_its_bytes() {
+    use std::sync::{Arc, Mutex};
+
+    use fieldline_common::consume::{self, Delivery, Outcome};
+
+    /// Each batch: its messages' payload sizes.
+    struct Recorder(Arc<Mutex<Vec<Vec<usize>>>>);
+    impl consume::Handler for Recorder {
+        async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
+            let sizes = batch.iter().map(|d| d.payload().len()).collect();
+            self.0.lock().unwrap().push(sizes);
+            vec![Outcome::Done; batch.len()]
+        }
+    }
+
+    let app = spawn_query().await;
+    let subjects = &app.context.subjects;
+    // Waiting before the consumer starts, so that batches can fill: 100-byte messages, and
+    // one of 1,000 bytes among them.
+    let mut sent = Vec::new();
+    for n in 0..30 {
+        let size = if n == 12 { 1_000 } else { 100 };
+        app.context
+            .jetstream
+            .publish(subjects.commands("default", "d1"), vec![b'x'; size].into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        sent.push(size);
+    }
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let spec = consume::Spec {
+        stream: Stream::Commands,
+        name: "batch-bytes-test",
+        description: "test: batch bytes",
+        filter_subject: subjects.commands_all(),
+        deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 1_000,
+        batch: 100,
+        batch_bytes: 250,
+        in_flight: 1,
+    };
+    consume::start(&app.context, spec, Recorder(batches.clone()))
+        .await
+        .unwrap();
+    eventually("every message handled", Duration::from_secs(10), || async {
+        let handled: usize = batches.lock().unwrap().iter().map(Vec::len).sum();
+        (handled == sent.len()).then_some(())
+    })
+    .await;
+    let batches = batches.lock().unwrap().clone();
+    assert_eq!(batches.concat(), sent, "every message once, in order");
+    for batch in &batches {
+        let before_last: usize = batch[..batch.len() - 1].iter().sum();
+        assert!(
+            before_last < 250,
+            "a batch went on past its bytes: {batch:?}"
+        );
+    }
+    // Filled to the bytes, not to the 100 messages: three of 100 bytes at most.
+    assert!(batches.iter().all(|batch| batch.len() <= 3), "{batches:?}");
+    assert!(batches.iter().any(|batch| batch.len() == 3), "{batches:?}");
     app.shutdown().await;
 }
