@@ -22,7 +22,8 @@ use crate::{
 /// blocks rather than rows.
 pub const MIN_READINGS_PER_SERIES: usize = 100;
 
-/// Day numbers ([`crate::compress::day_number`]), hashed fast: asked once for each reading of a transaction.
+/// Day numbers ([`crate::compress::day_number`]), hashed fast: asked once for each reading of
+/// a transaction.
 pub type Days = foldhash::HashSet<i32>;
 
 /// The days of `rows` (by [`day_number_of`]) to write into blocks: closed (before

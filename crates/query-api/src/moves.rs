@@ -361,7 +361,10 @@ mod tests {
         /// rows taken one by one.
         #[test]
         fn a_run_moves_what_its_rows_move_one_by_one(
-            steps in proptest::collection::vec((0i64..2_000_000_000, 0u8..4, -1000i32..1000), 0..300),
+            steps in proptest::collection::vec(
+                (0i64..2_000_000_000, 0u8..4, -1000i32..1000),
+                0..300,
+            ),
         ) {
             let mut ts = -5 * 3_600_000_000;
             let texts = ["a", "b"];
