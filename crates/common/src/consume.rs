@@ -77,11 +77,11 @@ pub mod headers {
     }
 }
 
-/// How a consumer is set up. The consumer is durable and shared by every instance of the
-/// service: that is how the service scales out.
 /// The [`Spec::batch_bytes`] of the consumers that have no setting of their own: 16 MiB.
 pub const BATCH_BYTES: usize = 16 * 1024 * 1024;
 
+/// How a consumer is set up. The consumer is durable and shared by every instance of the
+/// service: that is how the service scales out.
 pub struct Spec {
     pub stream: Stream,
     pub name: &'static str,
