@@ -441,8 +441,9 @@ fn in_write_order<'v>(rows: &[WriteRow<'v>], ids: &[i32]) -> Vec<SeriesRow<'v>> 
     let mut start = 0;
     for group in order {
         let run = &mut ordered[start..start + groups[group].1];
+        // Stable: of readings at one time, the first to arrive stays first (and wins).
         if !run.is_sorted_by_key(|(_, ts_us, _)| *ts_us) {
-            run.sort_unstable_by_key(|(_, ts_us, _)| *ts_us);
+            run.sort_by_key(|(_, ts_us, _)| *ts_us);
         }
         start += run.len();
     }
@@ -1358,23 +1359,33 @@ mod tests {
         fn rows_are_put_in_day_series_and_time_order(
             rows in proptest::collection::vec((0usize..4, -3i64..3, 0i64..50), 0..200),
         ) {
-            let number = reading::Value::Number(1.0);
             let ids = [7, 3, 9, 1];
             let day_us = 86_400_000_000;
+            // Each reading's value is its place in the batch.
+            let values: Vec<reading::Value> =
+                (0..rows.len()).map(|n| reading::Value::Number(n as f64)).collect();
             // Days either side of the epoch, and several readings at one time.
             let rows: Vec<WriteRow> = rows
                 .into_iter()
-                .map(|(index, day, ts)| (index, day * day_us + ts * 1_000_000_000, &number))
+                .zip(&values)
+                .map(|((index, day, ts), value)| (index, day * day_us + ts * 1_000_000_000, value))
                 .collect();
             let ordered = in_write_order(&rows, &ids);
-            let mut expected: Vec<(i64, i32, i64)> = rows
+            let place = |value: &reading::Value| match value {
+                reading::Value::Number(n) => *n as usize,
+                _ => unreachable!(),
+            };
+            // In (day, series, time) order, and of readings at one time, in arrival order.
+            let mut expected: Vec<(i64, i32, i64, usize)> = rows
                 .iter()
-                .map(|(index, ts_us, _)| (ts_us.div_euclid(day_us), ids[*index], *ts_us))
+                .map(|(index, ts_us, value)| {
+                    (ts_us.div_euclid(day_us), ids[*index], *ts_us, place(value))
+                })
                 .collect();
             expected.sort_unstable();
-            let got: Vec<(i64, i32, i64)> = ordered
+            let got: Vec<(i64, i32, i64, usize)> = ordered
                 .iter()
-                .map(|(id, ts_us, _)| (ts_us.div_euclid(day_us), *id, *ts_us))
+                .map(|(id, ts_us, value)| (ts_us.div_euclid(day_us), *id, *ts_us, place(value)))
                 .collect();
             proptest::prop_assert_eq!(got, expected);
         }
