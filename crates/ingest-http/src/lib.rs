@@ -21,6 +21,8 @@ pub(crate) struct State {
     /// Places for long-polls waiting at once (`long_poll_max`): each holds a bus
     /// subscription, a connection and a task for up to a minute.
     pub long_polls: Semaphore,
+    /// Places for backfills parsed and published at once (`backfill_concurrency`).
+    pub backfills: Semaphore,
 }
 
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
@@ -28,6 +30,7 @@ pub async fn start(context: &Context) -> anyhow::Result<Service> {
         context: context.clone(),
         publisher: Publisher::new(context),
         long_polls: Semaphore::new(context.config.long_poll_max),
+        backfills: Semaphore::new(context.config.backfill_concurrency),
     });
     let routes = Arc::new(move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(state.clone());

@@ -7,7 +7,7 @@
 
 use actix_web::{HttpRequest, HttpResponse, guard, http::header, web};
 use fieldline_common::{
-    ApiError,
+    ApiError, ErrorKind,
     auth::{ApiKey, ScopeLevel},
     envelope,
     extract::{is_json_content_type, read_body, unsupported_media_type},
@@ -18,6 +18,9 @@ use fieldline_proto::v1::Reading;
 use prost::Message as _;
 
 use crate::{State, domain::csv_readings, routes::ingest::idempotency_key};
+
+/// The `Retry-After` of a backfill refused for want of a place.
+const BACKFILL_RETRY_AFTER_S: u64 = 1;
 
 /// Room left in a bus message for the batch's other fields, headers and subject.
 const BATCH_OVERHEAD_BYTES: usize = 4096;
@@ -109,6 +112,16 @@ async fn backfill(
         config.backfill_max_body_bytes,
     )
     .await?;
+    // What a backfill costs in memory is its parse: every reading of the body at once. Only
+    // `backfill_concurrency` go on at a time in this process; the next waits a little for a
+    // place, then is told to come back. Taken once the body is in, so a slow upload holds no
+    // place.
+    let Ok(Ok(_place)) =
+        tokio::time::timeout(config.backfill_wait, state.backfills.acquire()).await
+    else {
+        metrics::counter!("fieldline_backfills_refused_total").increment(1);
+        return Err(too_many_backfills(config.backfill_concurrency));
+    };
     let received_at_us = now_us();
     let window = TimeWindow::backfill(config, received_at_us);
     let max_payload = match context.nats.server_info().max_payload {
@@ -148,6 +161,17 @@ async fn backfill(
         .increment(accepted as u64);
     tracing::info!(device_id = %device_id, project = %principal.project, readings = accepted, by = %principal.id, "backfill accepted");
     Ok(envelope::accepted(&super::Backfilled { accepted }))
+}
+
+fn too_many_backfills(max: usize) -> ApiError {
+    ApiError {
+        retry_after: Some(BACKFILL_RETRY_AFTER_S),
+        ..ApiError::new(
+            ErrorKind::Unavailable,
+            "too_many_backfills",
+            format!("this server is storing {max} backfills already; retry shortly"),
+        )
+    }
 }
 
 #[cfg(test)]

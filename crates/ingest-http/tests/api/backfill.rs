@@ -346,3 +346,86 @@ async fn a_large_backfill_leaves_the_worker_free_while_it_parses() {
     assert!(app.telemetry_batches().await.is_empty());
     app.shutdown().await;
 }
+
+/// What a backfill costs in memory is its parse, every reading of the body at once: one
+/// process parses at most `backfill_concurrency` at a time, and one more than that waits at
+/// most `backfill_wait`, then gets 503 `too_many_backfills` with `Retry-After`. The place is
+/// given back when a backfill ends.
+#[tokio::test]
+async fn backfills_past_the_concurrency_wait_then_get_503() {
+    let app = TestApp::spawn_with(
+        TestEnv::new().await,
+        |config| fieldline_common::Config {
+            backfill_concurrency: 1,
+            backfill_wait: Duration::ZERO,
+            ..config
+        },
+        |context| async move {
+            Ok(vec![
+                device_registry::start(&context).await?,
+                ingest_http::start(&context).await?,
+            ])
+        },
+    )
+    .await;
+    app.create_device("d1").await;
+    let (_, key) = app.create_key(&["write"]).await;
+    // About 2 MB of CSV (200,000 readings): parsing and publishing it takes far longer than
+    // sending the others beside it.
+    let mut csv = String::from("ts,a,b,c,d,e,f,g,h,i,j\n");
+    let start_ms = 1_622_505_600_000i64; // 2021-06-01
+    for row in 0..20_000 {
+        csv.push_str(&format!(
+            "{},1.5,2.5,3.5,4.5,5.5,6.5,7.5,8.5,9.5,{row}\n",
+            start_ms + row * 10_000
+        ));
+    }
+    let send = |n: usize| {
+        let app = &app;
+        let key = &key;
+        let csv = csv.clone();
+        async move {
+            let response = app
+                .http
+                .post(format!("{}/api/v1/devices/d1/readings", app.base_url))
+                .bearer_auth(key)
+                .header("content-type", "text/csv")
+                .header("idempotency-key", format!("import-{n}"))
+                .body(csv)
+                .send()
+                .await
+                .unwrap();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|value| value.to_str().unwrap().to_owned());
+            let (status, body) = read(response).await;
+            (status, body, retry_after)
+        }
+    };
+    // Three at once, a few rounds if a round happens not to overlap.
+    let mut refused = 0;
+    for round in 0..5 {
+        let answers = futures::future::join_all((0..3).map(|n| send(round * 3 + n))).await;
+        for (status, body, retry_after) in answers {
+            match status {
+                StatusCode::ACCEPTED => assert_eq!(body["data"]["accepted"], 200_000),
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    assert_error(status, &body, status, "too_many_backfills");
+                    assert_eq!(retry_after.as_deref(), Some("1"));
+                    refused += 1;
+                }
+                other => panic!("{other}: {body}"),
+            }
+        }
+        if refused > 0 {
+            break;
+        }
+    }
+    assert!(refused > 0, "no backfill was refused beside another");
+    assert!(crate::metric(&app, "fieldline_backfills_refused_total").await >= refused as f64);
+    // The place was given back: the next one alone is taken.
+    let (status, body, _) = send(99).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    app.shutdown().await;
+}
