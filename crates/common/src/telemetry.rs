@@ -114,6 +114,11 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Command long-polls refused with 503 because this process held its maximum",
     ),
     (
+        "fieldline_ingest_backfills_refused_total",
+        Kind::Counter,
+        "Backfills refused with 503 because this process was parsing its maximum at once",
+    ),
+    (
         "fieldline_query_streams_open",
         Kind::Gauge,
         "Live streams (Server-Sent Events) open in this process",

@@ -119,7 +119,7 @@ async fn backfill(
     let Ok(Ok(_place)) =
         tokio::time::timeout(config.backfill_wait, state.backfills.acquire()).await
     else {
-        metrics::counter!("fieldline_backfills_refused_total").increment(1);
+        metrics::counter!("fieldline_ingest_backfills_refused_total").increment(1);
         return Err(too_many_backfills(config.backfill_concurrency));
     };
     let received_at_us = now_us();

@@ -423,7 +423,9 @@ async fn backfills_past_the_concurrency_wait_then_get_503() {
         }
     }
     assert!(refused > 0, "no backfill was refused beside another");
-    assert!(crate::metric(&app, "fieldline_backfills_refused_total").await >= refused as f64);
+    assert!(
+        crate::metric(&app, "fieldline_ingest_backfills_refused_total").await >= refused as f64
+    );
     // The place was given back: the next one alone is taken.
     let (status, body, _) = send(99).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
