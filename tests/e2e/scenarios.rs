@@ -392,9 +392,12 @@ pub async fn dispatcher_killed_mid_retry(platform: &mut Platform) {
     platform.kill("webhook-dispatcher");
     tokio::time::sleep(Duration::from_secs(1)).await;
     platform.restart("webhook-dispatcher").await;
+    // The kill may land before the failed attempt was recorded: the delivery is then still
+    // leased to the dead process, and is retried once the lease (webhook timeout + 15 s, so
+    // 25 s) has run out, rather than 3 s after the attempt.
     let requests = eventually(
         "the retry after the restart",
-        Duration::from_secs(20),
+        Duration::from_secs(45),
         || async {
             let requests = receiver.received("/hook");
             (requests.len() >= 2).then_some(requests)
