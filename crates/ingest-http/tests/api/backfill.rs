@@ -353,20 +353,11 @@ async fn a_large_backfill_leaves_the_worker_free_while_it_parses() {
 /// given back when a backfill ends.
 #[tokio::test]
 async fn backfills_past_the_concurrency_wait_then_get_503() {
-    let app = TestApp::spawn_with(
-        TestEnv::new().await,
-        |config| fieldline_common::Config {
-            backfill_concurrency: 1,
-            backfill_wait: Duration::ZERO,
-            ..config
-        },
-        |context| async move {
-            Ok(vec![
-                device_registry::start(&context).await?,
-                ingest_http::start(&context).await?,
-            ])
-        },
-    )
+    let app = crate::spawn_ingest_with(TestEnv::new().await, |config| fieldline_common::Config {
+        backfill_concurrency: 1,
+        backfill_wait: Duration::ZERO,
+        ..config
+    })
     .await;
     app.create_device("d1").await;
     let (_, key) = app.create_key(&["write"]).await;

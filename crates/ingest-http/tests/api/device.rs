@@ -257,19 +257,10 @@ fn start_long_poll(
 
 #[tokio::test]
 async fn past_the_long_poll_cap_a_long_poll_is_503_at_once_until_a_place_frees() {
-    let app = TestApp::spawn_with(
-        TestEnv::new().await,
-        |config| fieldline_common::Config {
-            long_poll_max: 2,
-            ..config
-        },
-        |context| async move {
-            Ok(vec![
-                device_registry::start(&context).await?,
-                ingest_http::start(&context).await?,
-            ])
-        },
-    )
+    let app = crate::spawn_ingest_with(TestEnv::new().await, |config| fieldline_common::Config {
+        long_poll_max: 2,
+        ..config
+    })
     .await;
     let first = app.create_device("d1").await;
     let second = app.create_device("d2").await;

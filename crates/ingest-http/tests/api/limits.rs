@@ -3,26 +3,17 @@
 use std::time::Duration;
 
 use fieldline_common::Config;
-use fieldline_testkit::{TestApp, TestEnv};
+use fieldline_testkit::TestEnv;
 use reqwest::StatusCode;
 use serde_json::json;
 
 #[tokio::test]
 async fn a_device_over_its_limit_gets_429_and_other_devices_do_not() {
-    let app = TestApp::spawn_with(
-        TestEnv::new().await,
-        |config| Config {
-            rate_device_requests: 2,
-            rate_device_period: Duration::from_secs(600),
-            ..config
-        },
-        |context| async move {
-            Ok(vec![
-                device_registry::start(&context).await?,
-                ingest_http::start(&context).await?,
-            ])
-        },
-    )
+    let app = crate::spawn_ingest_with(TestEnv::new().await, |config| Config {
+        rate_device_requests: 2,
+        rate_device_period: Duration::from_secs(600),
+        ..config
+    })
     .await;
     let noisy = app.create_device("noisy").await;
     let quiet = app.create_device("quiet").await;

@@ -14,7 +14,15 @@ mod unavailable;
 use fieldline_testkit::{TestApp, TestEnv};
 
 pub async fn spawn_ingest(env: TestEnv) -> TestApp {
-    TestApp::spawn(env, |context| async move {
+    spawn_ingest_with(env, |config| config).await
+}
+
+/// The registry (answering the auth RPC) and ingest-http, on the config `tweak` makes.
+pub async fn spawn_ingest_with(
+    env: TestEnv,
+    tweak: impl FnOnce(fieldline_common::Config) -> fieldline_common::Config,
+) -> TestApp {
+    TestApp::spawn_with(env, tweak, |context| async move {
         Ok(vec![
             device_registry::start(&context).await?,
             ingest_http::start(&context).await?,

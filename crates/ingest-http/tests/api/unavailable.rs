@@ -1,4 +1,4 @@
-use fieldline_testkit::{TestApp, TestEnv, assert_error, servers::PrivateNats};
+use fieldline_testkit::{TestEnv, assert_error, servers::PrivateNats};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -7,21 +7,12 @@ use serde_json::json;
 async fn nats_down_answers_503_and_recovers() {
     let mut nats = PrivateNats::start().await;
     let url = nats.url();
-    let app = TestApp::spawn_with(
-        TestEnv::new().await,
-        |config| fieldline_common::Config {
-            nats_url: url.into(),
-            // Long, so that "at once" below cannot be this timeout on a slow runner.
-            rpc_timeout: std::time::Duration::from_secs(30),
-            ..config
-        },
-        |context| async move {
-            Ok(vec![
-                device_registry::start(&context).await?,
-                ingest_http::start(&context).await?,
-            ])
-        },
-    )
+    let app = crate::spawn_ingest_with(TestEnv::new().await, |config| fieldline_common::Config {
+        nats_url: url.into(),
+        // Long, so that "at once" below cannot be this timeout on a slow runner.
+        rpc_timeout: std::time::Duration::from_secs(30),
+        ..config
+    })
     .await;
     let token = app.create_device("dev-1").await;
     let uncached = app.create_device("dev-2").await;
@@ -82,19 +73,10 @@ async fn nats_down_answers_503_and_recovers() {
 /// retry forever.
 #[tokio::test]
 async fn a_batch_larger_than_the_bus_takes_is_413() {
-    let app = TestApp::spawn_with(
-        TestEnv::new().await,
-        |config| fieldline_common::Config {
-            ingest_max_body_bytes: 8 << 20,
-            ..config
-        },
-        |context| async move {
-            Ok(vec![
-                device_registry::start(&context).await?,
-                ingest_http::start(&context).await?,
-            ])
-        },
-    )
+    let app = crate::spawn_ingest_with(TestEnv::new().await, |config| fieldline_common::Config {
+        ingest_max_body_bytes: 8 << 20,
+        ..config
+    })
     .await;
     let token = app.create_device("dev-1").await;
     let text = "x".repeat(4000);
