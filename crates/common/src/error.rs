@@ -102,9 +102,14 @@ impl ApiError {
 
     /// NATS or Postgres (or the service behind an RPC) cannot be reached right now.
     pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, "service_unavailable", message).with_retry_after(1)
+    }
+
+    /// The same error, telling the client to try again after `seconds` (`Retry-After`).
+    pub fn with_retry_after(self, seconds: u64) -> Self {
         Self {
-            retry_after: Some(1),
-            ..Self::new(ErrorKind::Unavailable, "service_unavailable", message)
+            retry_after: Some(seconds),
+            ..self
         }
     }
 

@@ -147,19 +147,17 @@ impl Decision {
 
     /// The 429 of a refused decision; `whose` names the limit ("this API key").
     pub fn error(&self, whose: &str) -> ApiError {
-        ApiError {
-            retry_after: Some(self.reset_seconds().max(1)),
-            ..ApiError::new(
-                ErrorKind::RateLimited,
-                "rate_limited",
-                format!(
-                    "rate limit of {} requests per {} for {whose} exceeded; retry in {} s",
-                    self.limit.requests,
-                    humantime_serde::re::humantime::format_duration(self.limit.period),
-                    self.reset_seconds().max(1)
-                ),
-            )
-        }
+        let retry_in = self.reset_seconds().max(1);
+        ApiError::new(
+            ErrorKind::RateLimited,
+            "rate_limited",
+            format!(
+                "rate limit of {} requests per {} for {whose} exceeded; retry in {retry_in} s",
+                self.limit.requests,
+                humantime_serde::re::humantime::format_duration(self.limit.period),
+            ),
+        )
+        .with_retry_after(retry_in)
     }
 }
 

@@ -118,10 +118,9 @@ impl Streams {
         };
         if let Some((kind, message)) = refusal {
             metrics::counter!("fieldline_query_streams_refused_total").increment(1);
-            return Err(ApiError {
-                retry_after: Some(RETRY_AFTER_S),
-                ..ApiError::new(kind, "too_many_streams", message)
-            });
+            return Err(
+                ApiError::new(kind, "too_many_streams", message).with_retry_after(RETRY_AFTER_S)
+            );
         }
         open.total += 1;
         *open.per_key.entry(principal.id.clone()).or_default() += 1;

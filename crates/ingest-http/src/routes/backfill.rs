@@ -164,14 +164,12 @@ async fn backfill(
 }
 
 fn too_many_backfills(max: usize) -> ApiError {
-    ApiError {
-        retry_after: Some(BACKFILL_RETRY_AFTER_S),
-        ..ApiError::new(
-            ErrorKind::Unavailable,
-            "too_many_backfills",
-            format!("this server is storing {max} backfills already; retry shortly"),
-        )
-    }
+    ApiError::new(
+        ErrorKind::Unavailable,
+        "too_many_backfills",
+        format!("this server is storing {max} backfills already; retry shortly"),
+    )
+    .with_retry_after(BACKFILL_RETRY_AFTER_S)
 }
 
 #[cfg(test)]

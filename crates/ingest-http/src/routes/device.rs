@@ -164,14 +164,12 @@ async fn commands(
 }
 
 fn too_many_long_polls(max: usize) -> ApiError {
-    ApiError {
-        retry_after: Some(LONG_POLL_RETRY_AFTER_S),
-        ..ApiError::new(
-            ErrorKind::Unavailable,
-            "too_many_long_polls",
-            format!("this server holds {max} long-polls already; retry later, or ask without wait"),
-        )
-    }
+    ApiError::new(
+        ErrorKind::Unavailable,
+        "too_many_long_polls",
+        format!("this server holds {max} long-polls already; retry later, or ask without wait"),
+    )
+    .with_retry_after(LONG_POLL_RETRY_AFTER_S)
 }
 
 /// Counts long-polls waiting right now (`fieldline_ingest_long_polls_waiting`), also when the
