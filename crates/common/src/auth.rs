@@ -1,6 +1,7 @@
 //! Authentication for every service: credentials are verified by the device-registry over
 //! `{prefix}.rpc.auth.verify`, cached briefly, and the cache is cleared at once when
-//! `{prefix}.invalidate.keys` or `{prefix}.invalidate.devices` is broadcast.
+//! `{prefix}.invalidate.keys` or `{prefix}.invalidate.devices` is broadcast (one subscription
+//! on `{prefix}.invalidate.*`, so both kinds are handled in the order they were published).
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -226,29 +227,29 @@ impl AuthClient {
         shutdown: CancellationToken,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let inner = &self.inner;
-        let keys = inner
+        // One subscription for every kind: NATS keeps one subscription's messages in publish
+        // order, so a key's broadcast and a later device's are handled in that order.
+        let mut invalidations = inner
             .nats
-            .subscribe(inner.subjects.invalidate(InvalidateKind::Keys))
-            .await?;
-        let devices = inner
-            .nats
-            .subscribe(inner.subjects.invalidate(InvalidateKind::Devices))
+            .subscribe(inner.subjects.invalidate_any())
             .await?;
         inner.nats.flush().await?;
         let client = self.clone();
-        let mut merged = futures::stream::select(
-            keys.map(|message| (InvalidateKind::Keys, message)),
-            devices.map(|message| (InvalidateKind::Devices, message)),
-        );
         Ok(tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    message = merged.next() => match message {
-                        Some((kind, message)) => match Invalidate::decode(message.payload.as_ref()) {
-                            Ok(what) => client.invalidate(kind, &what.project, &what.id),
-                            Err(_) => client.invalidate_all(),
-                        },
+                    message = invalidations.next() => match message {
+                        Some(message) => {
+                            let kind = InvalidateKind::of_subject(message.subject.as_str());
+                            match (kind, Invalidate::decode(message.payload.as_ref())) {
+                                (Some(InvalidateKind::Webhooks), _) => {}
+                                (Some(kind), Ok(what)) => {
+                                    client.invalidate(kind, &what.project, &what.id)
+                                }
+                                _ => client.invalidate_all(),
+                            }
+                        }
                         None => break,
                     },
                 }

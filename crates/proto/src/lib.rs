@@ -215,6 +215,16 @@ impl InvalidateKind {
             InvalidateKind::Webhooks => "webhooks",
         }
     }
+
+    /// The kind an invalidation subject names (its last token), if any.
+    pub fn of_subject(subject: &str) -> Option<Self> {
+        match subject.rsplit('.').next()? {
+            "keys" => Some(InvalidateKind::Keys),
+            "devices" => Some(InvalidateKind::Devices),
+            "webhooks" => Some(InvalidateKind::Webhooks),
+            _ => None,
+        }
+    }
 }
 
 /// An invalid bus prefix.
@@ -394,6 +404,11 @@ impl Subjects {
         format!("{}.invalidate.{}", self.prefix, kind.token())
     }
 
+    /// `fl.invalidate.*`: every kind on one subscription, so they arrive in publish order.
+    pub fn invalidate_any(&self) -> String {
+        format!("{}.invalidate.*", self.prefix)
+    }
+
     /// `FL_TELEMETRY` for the prefix `fl`.
     pub fn stream_name(&self, stream: Stream) -> String {
         format!("{}_{}", self.prefix.to_ascii_uppercase(), stream.suffix())
@@ -453,6 +468,17 @@ mod tests {
             subjects.invalidate(InvalidateKind::Keys),
             "fl.invalidate.keys"
         );
+        for kind in [
+            InvalidateKind::Keys,
+            InvalidateKind::Devices,
+            InvalidateKind::Webhooks,
+        ] {
+            assert_eq!(
+                InvalidateKind::of_subject(&subjects.invalidate(kind)),
+                Some(kind)
+            );
+        }
+        assert_eq!(InvalidateKind::of_subject("fl.invalidate.other"), None);
         assert_eq!(subjects.stream_name(Stream::Telemetry), "FL_TELEMETRY");
         assert_eq!(
             Subjects::new("t_1").unwrap().stream_name(Stream::Events),
