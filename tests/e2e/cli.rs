@@ -427,6 +427,113 @@ async fn cli_webhooks_and_alerts() {
     platform.stop().await;
 }
 
+/// An import that meets a busy backfill route (one place, no wait for it, kept busy for 3 s)
+/// waits out each 503 for its `Retry-After` and sends the batch again: the whole file is
+/// stored.
+#[tokio::test]
+async fn cli_import_waits_out_a_busy_backfill_route() {
+    let platform = Platform::one_process_with(&[
+        ("FIELDLINE_BACKFILL_CONCURRENCY", "1"),
+        ("FIELDLINE_BACKFILL_WAIT", "0s"),
+    ])
+    .await;
+    for device in ["meter-1", "busy-1"] {
+        cli(&platform, &["devices", "create", device, "-o", "json"])
+            .await
+            .json();
+    }
+    // One day of one reading a minute: 1,440 rows, in 15 batches.
+    let start = 1_700_000_000_000i64 - 1_700_000_000_000 % 86_400_000;
+    let mut csv = String::from("ts,power\n");
+    for step in 0..1440i64 {
+        csv.push_str(&format!("{},{}\n", start + step * 60_000, step % 89));
+    }
+    let dir = std::env::temp_dir().join(format!("fieldline-cli-busy-{}", platform.env.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("meter.csv");
+    std::fs::write(&file, csv).unwrap();
+    // Two clients keep the only place busy with 2 MB imports of another device, whose last
+    // row is bad: the whole body is parsed, holding the place, then refused, storing nothing.
+    let mut busy_csv = String::from("ts,a,b,c\n");
+    let mut step = 0i64;
+    while busy_csv.len() < 2 << 20 {
+        let ts = start + step * 1_000;
+        busy_csv.push_str(&format!("{ts},{step}.25,{}.5,{}\n", step % 1000, step % 7));
+        step += 1;
+    }
+    busy_csv.push_str("not a time,1,2,3\n");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let (http, url, key) = (
+            platform.http.clone(),
+            platform.url("/api/v1/devices/busy-1/readings"),
+            platform.admin_key().to_owned(),
+        );
+        let (body, stop) = (busy_csv.clone(), stop.clone());
+        busy.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let _ = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("content-type", "text/csv")
+                    .body(body.clone())
+                    .send()
+                    .await;
+            }
+        }));
+    }
+    // The import starts while the place is taken, and the busy clients stop 3 s later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (url, key) = (platform.url(""), platform.admin_key().to_owned());
+    let file_path = file.to_str().unwrap().to_owned();
+    let import = tokio::spawn(async move {
+        run_with(
+            &[("FIELDLINE_URL", &url), ("FIELDLINE_API_KEY", &key)],
+            &[
+                "readings",
+                "import",
+                "meter-1",
+                &file_path,
+                "--batch-rows",
+                "100",
+                "-o",
+                "json",
+            ],
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    for task in busy {
+        task.await.unwrap();
+    }
+    let imported = import.await.unwrap();
+    let summary = imported.json();
+    assert_eq!(summary["rows"], 1440, "{}", imported.stderr);
+    assert_eq!(summary["accepted"], 1440, "{}", imported.stderr);
+    assert!(
+        imported.stderr.contains("too_many_backfills")
+            && imported.stderr.contains("sending the batch again in 1 s"),
+        "no batch met the busy route: {}",
+        imported.stderr
+    );
+    let (from, until) = (start.to_string(), (start + 86_400_000).to_string());
+    eventually("the import stored", Duration::from_secs(60), || async {
+        let run = cli(
+            &platform,
+            &[
+                "readings", "query", "meter-1", "--start", &from, "--end", &until, "--limit",
+                "1000", "--all", "-o", "json",
+            ],
+        )
+        .await;
+        (run.json().as_array().unwrap().len() == 1440).then_some(())
+    })
+    .await;
+    platform.stop().await;
+}
+
 /// A CSV of three days imported in batches through the backfill route, read back raw and
 /// aggregated, and exported as the same rows.
 #[tokio::test]

@@ -2,12 +2,12 @@
 //! range as it streams, and import a CSV through the backfill route in batches, with a
 //! progress bar.
 
-use std::{io::Write as _, path::PathBuf};
+use std::{io::Write as _, path::PathBuf, time::Duration};
 
 use clap::Subcommand;
 use futures::StreamExt as _;
 use indicatif::{ProgressBar, ProgressStyle};
-use reqwest::{Method, header};
+use reqwest::{Method, StatusCode, header};
 use serde_json::{Value, json};
 
 use super::{
@@ -232,6 +232,65 @@ async fn export(
 
 /// Sends the CSV in batches of whole records, each with the header row, and answers what
 /// was accepted.
+/// Times one batch is sent when the server answers that it is busy (429, or 503 with
+/// `Retry-After`), and the longest wait between two.
+const IMPORT_ATTEMPTS: u32 = 10;
+const IMPORT_MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Sends one batch of an import. The batch's `Idempotency-Key` is a digest of its bytes, so
+/// a batch sent again (after a 503 that came once part of it was published, say) is stored
+/// once; a busy server's 429 or 503 is waited out for its `Retry-After` and the batch sent
+/// again, at most [`IMPORT_ATTEMPTS`] times in all.
+async fn send_batch(
+    client: &Client,
+    path: &str,
+    body: Vec<u8>,
+    bar: &ProgressBar,
+) -> Result<reqwest::Response> {
+    use sha2::Digest as _;
+    let key = format!("import-{}", hex::encode(&sha2::Sha256::digest(&body)[..16]));
+    let mut attempt = 1;
+    loop {
+        let request = client
+            .request(Method::POST, path)?
+            .header(header::CONTENT_TYPE, "text/csv")
+            .header("idempotency-key", &key)
+            .body(body.clone());
+        let response = request.send().await.map_err(|error| {
+            Failure(format!(
+                "could not reach the server: {}",
+                Failure::from(error)
+            ))
+        })?;
+        let status = response.status();
+        let busy = status == StatusCode::TOO_MANY_REQUESTS
+            || (status == StatusCode::SERVICE_UNAVAILABLE
+                && response.headers().contains_key(header::RETRY_AFTER));
+        if !busy || attempt >= IMPORT_ATTEMPTS {
+            return if status.is_success() {
+                Ok(response)
+            } else {
+                Err(super::client::failure_of(response).await)
+            };
+        }
+        let wait = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok())
+            .map_or(Duration::from_secs(1), Duration::from_secs)
+            .min(IMPORT_MAX_WAIT);
+        let why = super::client::failure_of(response).await;
+        bar.suspend(|| {
+            output::note(&format!(
+                "{why}: sending the batch again in {} s",
+                wait.as_secs()
+            ))
+        });
+        tokio::time::sleep(wait).await;
+        attempt += 1;
+    }
+}
+
 async fn import(client: &Client, device: &str, file: &PathBuf, batch_rows: usize) -> Result<Value> {
     let size = std::fs::metadata(file)
         .map_err(|error| Failure(format!("{}: {error}", file.display())))?
@@ -277,11 +336,7 @@ async fn import(client: &Client, device: &str, file: &PathBuf, batch_rows: usize
         let body = batch
             .into_inner()
             .map_err(|error| Failure(error.to_string()))?;
-        let request = client
-            .request(Method::POST, &path)?
-            .header(header::CONTENT_TYPE, "text/csv")
-            .body(body);
-        let answer = match client.send(request).await {
+        let answer = match send_batch(client, &path, body, &bar).await {
             Ok(response) => super::client::json_of(response).await?,
             Err(Failure(message)) => {
                 bar.abandon();
