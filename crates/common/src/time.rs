@@ -12,6 +12,33 @@ pub fn from_us(us: i64) -> DateTime<Utc> {
     Utc.timestamp_micros(us).single().unwrap_or_default()
 }
 
+/// A `timestamptz` column read straight as epoch microseconds: PostgreSQL sends microseconds
+/// since 2000-01-01 UTC, so reading one is an addition, where a `DateTime` is built from a
+/// date and a time of day and taken apart again (pages and exports read one a row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochMicros(pub i64);
+
+/// 2000-01-01T00:00:00Z in epoch microseconds.
+const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
+
+impl<'a> tokio_postgres::types::FromSql<'a> for EpochMicros {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let bytes: [u8; 8] = raw
+            .try_into()
+            .map_err(|_| format!("a timestamptz of {} bytes", raw.len()))?;
+        Ok(Self(
+            i64::from_be_bytes(bytes).saturating_add(POSTGRES_EPOCH_US),
+        ))
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::TIMESTAMPTZ
+    }
+}
+
 /// RFC 3339 in UTC with a `Z`, microsecond precision where needed.
 pub fn format_rfc3339(time: &DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::AutoSi, true)
@@ -140,6 +167,17 @@ mod tests {
     use super::*;
 
     proptest::proptest! {
+        #[test]
+        fn epoch_micros_read_what_chrono_reads(ts_us in MIN_TIME_US..=MAX_TIME_US) {
+            use tokio_postgres::types::{FromSql, ToSql, Type};
+            let mut raw = bytes::BytesMut::new();
+            from_us(ts_us).to_sql(&Type::TIMESTAMPTZ, &mut raw).unwrap();
+            let chrono = DateTime::<Utc>::from_sql(&Type::TIMESTAMPTZ, &raw).unwrap();
+            let micros = EpochMicros::from_sql(&Type::TIMESTAMPTZ, &raw).unwrap();
+            proptest::prop_assert_eq!(micros.0, chrono.timestamp_micros());
+            proptest::prop_assert_eq!(micros.0, ts_us);
+        }
+
         #[test]
         fn the_writer_formats_as_chrono_does(
             start in MIN_TIME_US..MAX_TIME_US - 10_000_000,

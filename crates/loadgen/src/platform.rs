@@ -421,6 +421,20 @@ impl Platform {
             .collect()
     }
 
+    /// Stops (`SIGSTOP`) every process of the platform but `keep`'s, or continues them
+    /// (`SIGCONT`): a stopped consumer reads nothing, as if it ran on another machine, and
+    /// its stream keeps what it missed until it is continued.
+    pub fn signal_all_but(&self, keep: &str, pause: bool) -> anyhow::Result<()> {
+        let signal = if pause { "-STOP" } else { "-CONT" };
+        for instance in self.instances.iter().filter(|i| i.service != keep) {
+            let status = Command::new("kill")
+                .args([signal, &instance.child.id().to_string()])
+                .status()?;
+            anyhow::ensure!(status.success(), "kill {signal} {}", instance.service);
+        }
+        Ok(())
+    }
+
     /// CPU seconds (user and system) each service process has used so far, from /proc.
     pub fn cpu_seconds(&self) -> BTreeMap<String, f64> {
         self.named_processes()

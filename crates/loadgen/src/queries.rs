@@ -206,10 +206,6 @@ const RAW_DEVICE_SERIES_SQL: &str = "SELECT series_id, metric FROM telemetry.ser
 const RAW_NARROW_SQL: &str = "SELECT min(first_ts), max(last_ts) FROM telemetry.series
      WHERE series_id = ANY($1) AND count > 0";
 
-/// The export's statement for one series (`export::run`, ascending).
-const RAW_EXPORT_SQL: &str = "SELECT ts, value_num, value_bool, value_text FROM telemetry.readings
-     WHERE series_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts ASC";
-
 /// A device's series, as query-api asks for them.
 async fn raw_series(
     client: &tokio_postgres::Client,
@@ -274,6 +270,10 @@ async fn raw_export(
     use futures::TryStreamExt as _;
     let series = raw_series(client, &statements[0], device_id).await?;
     let transaction = client.build_transaction().read_only(true).start().await?;
+    // Planned as the export's transaction is.
+    transaction
+        .batch_execute(query_api::export::PLANNER_SETTINGS)
+        .await?;
     let mut rows = 0u64;
     for series_id in series {
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&series_id, &start, &end];
@@ -286,6 +286,17 @@ async fn raw_export(
     }
     transaction.commit().await?;
     Ok(rows)
+}
+
+/// A connection that plans as query-api's read connections do (`plan_cache_mode =
+/// force_custom_plan`: a generic plan would lock every daily partition, see
+/// `query_api::query_pool`), so a limit runs the same statements with the same plans.
+async fn pg_planned_as_reads(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let client = pg(url).await?;
+    client
+        .batch_execute("SET plan_cache_mode = force_custom_plan")
+        .await?;
+    Ok(client)
 }
 
 /// `clients` connections each running a page's or an export's statements for a random
@@ -303,13 +314,13 @@ async fn measure_raw_rows(
     // The page's statement is query-api's own (`query_api::ascending_page_sql`).
     let page_sql = query_api::ascending_page_sql();
     let sqls: Vec<&str> = if export {
-        vec![RAW_DEVICE_SERIES_SQL, RAW_EXPORT_SQL]
+        vec![RAW_DEVICE_SERIES_SQL, query_api::export::ROWS_ASC_SQL]
     } else {
         vec![RAW_DEVICE_SERIES_SQL, RAW_NARROW_SQL, page_sql.as_str()]
     };
     let mut connections = Vec::with_capacity(clients);
     for _ in 0..clients {
-        let client = pg(&url).await?;
+        let client = pg_planned_as_reads(&url).await?;
         let mut statements = Vec::new();
         for sql in &sqls {
             statements.push(client.prepare(sql).await?);
@@ -365,7 +376,7 @@ async fn measure_sql(
     let url = format!("{}/{}", platform.servers.pg_url, platform.database);
     let mut connections = Vec::with_capacity(clients);
     for _ in 0..clients {
-        let client = pg(&url).await?;
+        let client = pg_planned_as_reads(&url).await?;
         let statement = client.prepare(sql).await?;
         connections.push((client, statement));
     }

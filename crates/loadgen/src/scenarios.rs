@@ -56,6 +56,31 @@ pub async fn http_ingest(
     per_request: usize,
     duration: Duration,
 ) -> anyhow::Result<IngestResult> {
+    http_ingest_with(platform, name, clients, per_request, duration, false).await
+}
+
+/// One reading a request, with ingest-http alone on the machine while the clients post, as
+/// when the rest of the platform runs on other machines: each device's token is verified
+/// first (its first requests go through the registry), then every other Fieldline process is
+/// stopped for `duration` and continued after it; everything accepted must then be stored.
+/// The minimal server's limit runs the same way: nothing reads its stream.
+pub async fn http_ingest_alone(
+    platform: &Platform,
+    name: &str,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<IngestResult> {
+    http_ingest_with(platform, name, clients, 1, duration, true).await
+}
+
+async fn http_ingest_with(
+    platform: &Platform,
+    name: &str,
+    clients: usize,
+    per_request: usize,
+    duration: Duration,
+    alone: bool,
+) -> anyhow::Result<IngestResult> {
     let tokens = platform
         .create_devices(&format!("{name}-"), clients)
         .await?;
@@ -64,10 +89,21 @@ pub async fn http_ingest(
         .into_iter()
         .map(|base| format!("{base}/api/v1/ingest"))
         .collect();
+    if alone {
+        let warming = format!("{name}, verifying the tokens");
+        let warm = Duration::from_millis(500);
+        post_readings(platform, &warming, &urls, tokens.clone(), 1, warm).await?;
+    }
     let before = Snapshot::take(platform).await;
     let started = Instant::now();
-    let (accepted, latencies, accepted_after) =
-        post_readings(platform, name, &urls, tokens, per_request, duration).await?;
+    if alone {
+        platform.signal_all_but("ingest-http", true)?;
+    }
+    let posted = post_readings(platform, name, &urls, tokens, per_request, duration).await;
+    if alone {
+        platform.signal_all_but("ingest-http", false)?;
+    }
+    let (accepted, latencies, accepted_after) = posted?;
     platform.wait_durable(Duration::from_secs(600)).await?;
     let durable_after = started.elapsed();
     let cpu = Cpu::of(Snapshot::take(platform).await.since(&before), accepted);

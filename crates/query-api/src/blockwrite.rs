@@ -155,12 +155,9 @@ pub async fn store<'v>(
         let mut had_rows: HashSet<i32> = HashSet::new();
         for row in &old_rows {
             had_rows.insert(row.get(0));
-            let ts: chrono::DateTime<chrono::Utc> = row.get(1);
+            let fieldline_common::time::EpochMicros(ts_us) = row.get(1);
             if let Some(value) = blocks::row_value(row, 2) {
-                existing
-                    .entry(row.get(0))
-                    .or_default()
-                    .push((ts.timestamp_micros(), value));
+                existing.entry(row.get(0)).or_default().push((ts_us, value));
             }
         }
         let mut new_blocks = DayBlocks::default();

@@ -178,8 +178,8 @@ impl DayBlocks {
 
 /// A row of a partition (series id, time, the three value columns) as a block point.
 fn point(row: &Row) -> Option<Point> {
-    let ts: chrono::DateTime<chrono::Utc> = row.get(1);
-    Some((ts.timestamp_micros(), blocks::row_value(row, 2)?))
+    let fieldline_common::time::EpochMicros(ts_us) = row.get(1);
+    Some((ts_us, blocks::row_value(row, 2)?))
 }
 
 /// The first day not yet closed for `compress_after`: days before it are compressed.

@@ -7,7 +7,7 @@ mod blockwrite;
 pub mod bulk;
 pub mod compress;
 mod domain;
-mod export;
+pub mod export;
 mod live;
 pub mod maintenance;
 mod moves;

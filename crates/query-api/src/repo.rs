@@ -20,7 +20,7 @@ use deadpool_postgres::Pool;
 use fieldline_common::{
     ApiError, Config, ErrorKind,
     ingest::TimeWindow,
-    time::{MAX_TIME_US, MIN_TIME_US, Rfc3339Writer, format_rfc3339, from_us, now_us},
+    time::{EpochMicros, MAX_TIME_US, MIN_TIME_US, Rfc3339Writer, format_rfc3339, from_us, now_us},
 };
 use fieldline_proto::v1::{TelemetryBatch, reading};
 use serde::Serialize;
@@ -943,8 +943,7 @@ impl Repo {
                 }
                 continue;
             }
-            let ts: DateTime<Utc> = row.get(1);
-            let ts_us = ts.timestamp_micros();
+            let EpochMicros(ts_us) = row.get(1);
             page.push((Position { ts_us, metric }, json_value(row, 2)));
         }
         if !compressed.is_empty() {
@@ -1247,9 +1246,9 @@ impl Repo {
                         .filter(|(ts, _)| (start_us..end_us).contains(ts)),
                 ),
                 None => {
-                    let ts: DateTime<Utc> = row.get(0);
+                    let EpochMicros(ts_us) = row.get(0);
                     if let Some(value) = blocks::row_value(row, 1) {
-                        points.push((ts.timestamp_micros(), value));
+                        points.push((ts_us, value));
                     }
                 }
             }
