@@ -389,7 +389,7 @@ where
 {
     use tracing::Instrument as _;
     let started = Instant::now();
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let route = req
         .match_pattern()
         .unwrap_or_else(|| "unmatched".to_owned());
@@ -418,14 +418,69 @@ where
         if code >= 500 {
             request_span.record("otel.status_code", "ERROR");
         }
-        let status = code.to_string();
-        let labels = [("method", method), ("route", route), ("status", status)];
-        metrics::counter!("fieldline_http_requests_total", &labels).increment(1);
-        metrics::histogram!("fieldline_http_request_duration_seconds", &labels)
-            .record(started.elapsed().as_secs_f64());
+        let (requests, duration) = http_metrics(method, &route, code);
+        requests.increment(1);
+        duration.record(started.elapsed().as_secs_f64());
         Ok(response)
     }
     .instrument(span)
+}
+
+/// A request's method as a metric label: the methods of HTTP, and `_OTHER` (as OpenTelemetry
+/// names it) for any extension method a client makes up (one label each would let a client
+/// grow the registry without end).
+fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "_OTHER",
+    }
+}
+
+/// The request counter and duration histogram of a (method, route, status), found in the
+/// recorder once per worker thread and kept: building their labelled keys and finding them in
+/// the registry cost more than the rest of a small request's bookkeeping. Bounded: routes are
+/// the app's patterns (or `unmatched`), methods [`method_label`]'s, statuses three digits.
+fn http_metrics(
+    method: &'static str,
+    route: &str,
+    status: u16,
+) -> (metrics::Counter, metrics::Histogram) {
+    type Handles = Vec<(&'static str, u16, metrics::Counter, metrics::Histogram)>;
+    thread_local! {
+        static HANDLES: std::cell::RefCell<std::collections::HashMap<String, Handles>> =
+            std::cell::RefCell::default();
+    }
+    HANDLES.with_borrow_mut(|routes| {
+        if let Some((_, _, requests, duration)) = routes
+            .get(route)
+            .and_then(|handles| handles.iter().find(|h| h.0 == method && h.1 == status))
+        {
+            return (requests.clone(), duration.clone());
+        }
+        let labels = [
+            ("method", method.to_owned()),
+            ("route", route.to_owned()),
+            ("status", status.to_string()),
+        ];
+        let requests = metrics::counter!("fieldline_http_requests_total", &labels);
+        let duration = metrics::histogram!("fieldline_http_request_duration_seconds", &labels);
+        routes.entry(route.to_owned()).or_default().push((
+            method,
+            status,
+            requests.clone(),
+            duration.clone(),
+        ));
+        (requests, duration)
+    })
 }
 
 /// Adds the `RateLimit-*` headers (and `Retry-After` on a 429) of the limit the request was

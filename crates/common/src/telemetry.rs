@@ -86,12 +86,12 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     (
         "fieldline_http_requests_total",
         Kind::Counter,
-        "HTTP requests answered, by method, route template and status",
+        "HTTP requests answered, by method (_OTHER for an extension method), route template and status",
     ),
     (
         "fieldline_http_request_duration_seconds",
         Kind::Histogram,
-        "HTTP request duration in seconds, by method, route template and status",
+        "HTTP request duration in seconds, by method (_OTHER for an extension method), route template and status",
     ),
     (
         "fieldline_ingest_readings_total",

@@ -51,3 +51,51 @@ async fn a_device_over_its_limit_gets_429_and_other_devices_do_not() {
     assert_eq!(noisy_batches, 2);
     app.shutdown().await;
 }
+
+/// Request metrics are labelled by method, route and status. A method a client makes up is
+/// labelled `_OTHER`: made-up methods cannot grow the registry. Each series counts every
+/// request of its labels (the handles are kept per worker thread).
+#[tokio::test]
+async fn made_up_methods_share_one_metric_label() {
+    let app = crate::spawn_ingest(TestEnv::new().await).await;
+    for index in 0..5 {
+        let method = reqwest::Method::from_bytes(format!("BREW{index}").as_bytes()).unwrap();
+        let response = app
+            .http
+            .request(method, format!("{}/api/v1/ingest", app.base_url))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_client_error(), "{}", response.status());
+    }
+    for _ in 0..3 {
+        let response = app
+            .http
+            .get(format!("{}/health/live", app.base_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let metrics = app.metrics().await;
+    let requests: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with("fieldline_http_requests_total{"))
+        .collect();
+    assert!(
+        requests.iter().all(|line| !line.contains("BREW")),
+        "{requests:#?}"
+    );
+    let other: f64 = requests
+        .iter()
+        .filter(|line| line.contains(r#"method="_OTHER""#))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(other, 5.0, "{requests:#?}");
+    let live = crate::metric(
+        &app,
+        r#"fieldline_http_requests_total{method="GET",route="/health/live",status="200"}"#,
+    )
+    .await;
+    assert_eq!(live, 3.0, "{requests:#?}");
+}
