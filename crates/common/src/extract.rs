@@ -198,14 +198,22 @@ pub fn is_json_content_type(req: &HttpRequest) -> bool {
     else {
         return false;
     };
+    // Compared without case, and without building a lowercase copy: every ingest asks.
     let essence = value
         .split(';')
         .next()
         .unwrap_or_default()
         .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+        .as_bytes();
+    let has_prefix = |prefix: &[u8]| {
+        essence.len() >= prefix.len() && essence[..prefix.len()].eq_ignore_ascii_case(prefix)
+    };
+    let has_suffix = |suffix: &[u8]| {
+        essence.len() >= suffix.len()
+            && essence[essence.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+    };
+    essence.eq_ignore_ascii_case(b"application/json")
+        || (has_prefix(b"application/") && has_suffix(b"+json"))
 }
 
 pub fn unsupported_media_type(expected: &str) -> ApiError {
@@ -467,6 +475,39 @@ impl FromRequest for MergePatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_content_types_are_told_apart_whatever_their_case() {
+        let is_json = |value: &str| {
+            let request = actix_web::test::TestRequest::default()
+                .insert_header((header::CONTENT_TYPE, value))
+                .to_http_request();
+            is_json_content_type(&request)
+        };
+        for json in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            " application/json ;charset=UTF-8",
+            "application/senml+json",
+            "APPLICATION/VND.FIELDLINE+JSON",
+        ] {
+            assert!(is_json(json), "{json}");
+        }
+        for other in [
+            "",
+            "text/json",
+            "application/jsonp",
+            "application/x+jsonx",
+            "+json",
+            "application/",
+            "text/csv",
+        ] {
+            assert!(!is_json(other), "{other}");
+        }
+        assert!(!is_json_content_type(
+            &actix_web::test::TestRequest::default().to_http_request()
+        ));
+    }
 
     #[test]
     fn nul_anywhere_in_a_json_body_is_refused_with_its_path() {

@@ -19,7 +19,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// The client's `Idempotency-Key`, if it sent a usable one.
 pub(crate) fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
-    let Some(value) = req.headers().get("idempotency-key") else {
+    static IDEMPOTENCY_KEY: actix_web::http::header::HeaderName =
+        actix_web::http::header::HeaderName::from_static("idempotency-key");
+    let Some(value) = req.headers().get(&IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
     let key = value
@@ -37,13 +39,12 @@ pub(crate) fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiEr
 }
 
 fn is_senml(req: &HttpRequest) -> bool {
+    const SENML: &[u8] = b"application/senml+json";
     req.headers()
-        .get("content-type")
-        .and_then(|value| value.to_str().ok())
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .map(|value| value.as_bytes())
         .is_some_and(|value| {
-            value
-                .to_ascii_lowercase()
-                .starts_with("application/senml+json")
+            value.len() >= SENML.len() && value[..SENML.len()].eq_ignore_ascii_case(SENML)
         })
 }
 
