@@ -269,14 +269,7 @@ async fn export_plan(
         .replace("$3", &at(end_us));
     let transaction = client.transaction().await.unwrap();
     transaction.batch_execute(settings).await.unwrap();
-    let plan = transaction
-        .query(&format!("EXPLAIN {sql}"), &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get::<_, String>(0))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let plan = crate::explain(&transaction, &sql).await;
     transaction.rollback().await.unwrap();
     plan
 }

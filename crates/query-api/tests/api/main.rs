@@ -37,6 +37,18 @@ pub async fn spawn_query_with(tweak: impl FnOnce(Config) -> Config) -> TestApp {
 }
 
 /// Creates project `slug`; returns its admin key.
+/// PostgreSQL's plan of `sql` (`EXPLAIN`), as text.
+pub async fn explain(client: &impl tokio_postgres::GenericClient, sql: &str) -> String {
+    client
+        .query(&format!("EXPLAIN {sql}"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub async fn create_project(app: &TestApp, slug: &str) -> String {
     let (status, body) = app
         .post(

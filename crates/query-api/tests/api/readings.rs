@@ -279,20 +279,11 @@ async fn latest_and_metrics_after_backfill_and_out_of_order_readings() {
         ])
     );
     // Both answer from the dictionary: one index lookup whatever the history's size.
-    let plan: String = app
-        .env
-        .pg()
-        .await
-        .query(
-            "EXPLAIN SELECT metric, last_ts FROM telemetry.series WHERE project = 'default' AND device_id = 'd1'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get::<_, String>(0))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let plan = crate::explain(
+        &app.env.pg().await,
+        "SELECT metric, last_ts FROM telemetry.series WHERE project = 'default' AND device_id = 'd1'",
+    )
+    .await;
     assert!(!plan.contains("readings"), "{plan}");
     app.shutdown().await;
 }
