@@ -31,8 +31,9 @@ use crate::{
 
 /// Rows fetched per round trip, divided among the series (at least 256 each): a device's day
 /// of ten metrics (9,600 rows in the bench) comes in the first, pipelined, round of fetches,
-/// and the merge never waits on PostgreSQL. A point is 40 bytes: about 1.3 MB an export.
-const FETCH_ROWS: usize = 32_768;
+/// and the merge never waits on PostgreSQL. A numeric point is 40 bytes, about 650 KB an
+/// export; text of the longest kind (4 KiB a value) would hold up to 64 MiB.
+const FETCH_ROWS: usize = 16_384;
 /// Bytes of output gathered before a chunk goes to the client.
 const CHUNK_BYTES: usize = 64 * 1024;
 
