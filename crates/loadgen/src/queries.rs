@@ -288,13 +288,16 @@ async fn raw_export(
     Ok(rows)
 }
 
-/// A connection that plans as query-api's read connections do (`plan_cache_mode =
-/// force_custom_plan`: a generic plan would lock every daily partition, see
-/// `query_api::query_pool`), so a limit runs the same statements with the same plans.
+/// A connection that plans as query-api's read connections do
+/// (`query_api::READ_PLAN_CACHE_MODE`: a generic plan would lock every daily partition), so a
+/// limit runs the same statements with the same plans.
 async fn pg_planned_as_reads(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let client = pg(url).await?;
     client
-        .batch_execute("SET plan_cache_mode = force_custom_plan")
+        .batch_execute(&format!(
+            "SET plan_cache_mode = {}",
+            query_api::READ_PLAN_CACHE_MODE
+        ))
         .await?;
     Ok(client)
 }

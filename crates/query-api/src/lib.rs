@@ -147,6 +147,10 @@ fn read_pool_sizes(total: usize, workers: usize) -> Vec<usize> {
         .collect()
 }
 
+/// How the read connections plan (`plan_cache_mode`): a custom plan for every run, see
+/// [`query_pool`]. The bench's SQL limits plan the same way.
+pub const READ_PLAN_CACHE_MODE: &str = "force_custom_plan";
+
 /// A pool of the read routes (on the primary or a replica): its own connections, each with
 /// `statement_timeout`, so the writer (on the process's shared pool) is never cancelled and a
 /// heavy read cannot run on.
@@ -158,7 +162,7 @@ fn query_pool(config: &Config, settings: &DatabaseSettings, size: usize) -> anyh
         // cannot see: with thousands of daily partitions, "out of shared memory". A custom
         // plan prunes by the actual range while planning and locks the survivors only.
         pg_config.options(format!(
-            "-c statement_timeout={} -c plan_cache_mode=force_custom_plan",
+            "-c statement_timeout={} -c plan_cache_mode={READ_PLAN_CACHE_MODE}",
             config.query_statement_timeout.as_millis().max(1)
         ));
     })?;
