@@ -19,12 +19,9 @@ fn at(line: u64, column: usize, name: &str) -> String {
     format!("line {line}, column {} ({name})", column + 1)
 }
 
-fn csv_error(error: &csv::Error) -> ApiError {
-    let line = error.position().map(|position| position.line());
+/// A csv error (`line`: where it is, when it is in a record).
+fn csv_error(error: &csv::Error, line: Option<u64>) -> ApiError {
     let what = match error.kind() {
-        csv::ErrorKind::UnequalLengths {
-            expected_len, len, ..
-        } => format!("{len} fields where the header has {expected_len}"),
         csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_owned(),
         _ => error.to_string(),
     };
@@ -73,9 +70,10 @@ fn shape(headers: &csv::StringRecord) -> Result<Shape, ApiError> {
 }
 
 fn parse_ts(cell: &str, line: u64, window: TimeWindow) -> Result<i64, ApiError> {
-    let where_ = at(line, 0, "ts");
+    // Written only for an error: a body of a million rows asks this a million times.
+    let where_ = || at(line, 0, "ts");
     if cell.is_empty() {
-        return Err(invalid(format!("{where_}: required")));
+        return Err(invalid(format!("{}: required", where_())));
     }
     let value = match cell.parse::<f64>() {
         Ok(millis) => serde_json::Number::from_f64(millis)
@@ -85,11 +83,12 @@ fn parse_ts(cell: &str, line: u64, window: TimeWindow) -> Result<i64, ApiError> 
     };
     let ts_us = parse_reading_time(&value).ok_or_else(|| {
         invalid(format!(
-            "{where_}: must be RFC 3339 or epoch milliseconds between 1970 and 9999"
+            "{}: must be RFC 3339 or epoch milliseconds between 1970 and 9999",
+            where_()
         ))
     })?;
     if !window.contains(ts_us) {
-        return Err(window.refusal(&where_, ts_us).into());
+        return Err(window.refusal(&where_(), ts_us).into());
     }
     Ok(ts_us)
 }
@@ -120,29 +119,169 @@ fn parse_value(cell: &str, where_: impl Fn() -> String) -> Result<reading::Value
     Ok(reading::Value::Text(cell.to_owned()))
 }
 
-/// Every reading of a CSV body, or the first error (nothing is taken from a body with one);
-/// a time outside `window` is one.
+/// Bodies from this size on are parsed in pieces on several threads (see [`parse`]).
+const PIECES_FROM_BYTES: usize = 1024 * 1024;
+/// The most threads one body is parsed on.
+const MAX_PIECES: usize = 4;
+
+/// Every reading of a CSV body, in the body's order, or the first error (nothing is taken
+/// from a body with one); a time outside `window` is one.
+///
+/// A large body without quotes is cut at line ends into one piece per core (at most
+/// [`MAX_PIECES`]), and the pieces are parsed at once: the import waits on this parse before
+/// anything is published. With a `"` anywhere, a line end may sit inside a quoted field, so
+/// such a body is parsed in one piece. Either way the result, error included, is the same.
 pub fn parse(body: &[u8], window: TimeWindow) -> Result<Vec<Reading>, ApiError> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let pieces = if body.len() >= PIECES_FROM_BYTES && memchr::memchr(b'"', body).is_none() {
+        threads.clamp(1, MAX_PIECES)
+    } else {
+        1
+    };
+    parse_in_pieces(body, window, pieces)
+}
+
+fn reader(has_headers: bool, body: &[u8]) -> csv::Reader<&[u8]> {
+    csv::ReaderBuilder::new()
+        .has_headers(has_headers)
+        .flexible(true)
         .trim(csv::Trim::All)
-        .from_reader(body);
-    let headers = reader.headers().map_err(|error| csv_error(&error))?.clone();
+        .from_reader(body)
+}
+
+/// [`parse`], the lines after the header cut into `pieces` (at line ends; the body must hold
+/// no quote when `pieces` > 1).
+fn parse_in_pieces(
+    body: &[u8],
+    window: TimeWindow,
+    pieces: usize,
+) -> Result<Vec<Reading>, ApiError> {
+    let mut header = reader(true, body);
+    let headers = header
+        .headers()
+        .map_err(|error| csv_error(&error, Some(1)))?
+        .clone();
     if headers.is_empty() {
         return Err(invalid("body: no header row".into()));
     }
     let shape = shape(&headers)?;
+    // Where the header's record ends: the records come after.
+    let first = header.position().byte() as usize;
+    let mut starts = vec![first];
+    let rest = body.len() - first;
+    for piece in 1..pieces {
+        let from = (first + rest * piece / pieces).max(*starts.last().unwrap_or(&first));
+        let Some(newline) = memchr::memchr(b'\n', &body[from..]) else {
+            break;
+        };
+        let start = from + newline + 1;
+        if start < body.len() && start > *starts.last().unwrap_or(&first) {
+            starts.push(start);
+        }
+    }
+    starts.push(body.len());
+    // The line each piece starts on, in the whole body.
+    let mut line = 1 + memchr::memchr_iter(b'\n', &body[..first]).count() as u64;
+    let mut offsets = Vec::with_capacity(starts.len() - 1);
+    for window in starts.windows(2) {
+        offsets.push(line);
+        line += memchr::memchr_iter(b'\n', &body[window[0]..window[1]]).count() as u64;
+    }
+    let parse_piece = |index: usize| {
+        records(
+            &body[starts[index]..starts[index + 1]],
+            offsets[index],
+            &headers,
+            &shape,
+            window,
+        )
+    };
+    let parsed: Vec<Result<Vec<Reading>, ApiError>> = if offsets.len() == 1 {
+        vec![parse_piece(0)]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (1..offsets.len())
+                .map(|index| scope.spawn(move || parse_piece(index)))
+                .collect();
+            let mut parsed = vec![parse_piece(0)];
+            for handle in handles {
+                parsed.push(
+                    handle
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
+            }
+            parsed
+        })
+    };
+    let mut readings = Vec::with_capacity(parsed.iter().flatten().map(Vec::len).sum());
+    for piece in parsed {
+        readings.extend(piece?);
+    }
+    if readings.is_empty() {
+        return Err(invalid("body: no readings in the CSV".into()));
+    }
+    Ok(readings)
+}
+
+/// Counts lines in a piece of the body as its records come, so that an error names the line
+/// a record is on in the whole body. (The csv crate's own line numbers count a record from the
+/// line end before it: off by one after an empty line or a CRLF.)
+struct Lines<'b> {
+    piece: &'b [u8],
+    counted_to: usize,
+    line: u64,
+}
+
+impl Lines<'_> {
+    /// The line of the record (or error) at `byte` of the piece, past any line ends before it.
+    fn at(&mut self, byte: u64) -> u64 {
+        let mut start = (byte as usize).clamp(self.counted_to, self.piece.len());
+        while matches!(self.piece.get(start), Some(b'\r' | b'\n')) {
+            start += 1;
+        }
+        self.line += memchr::memchr_iter(b'\n', &self.piece[self.counted_to..start]).count() as u64;
+        self.counted_to = start;
+        self.line
+    }
+}
+
+/// The readings of the records of `body` (lines after the header; its first byte is on line
+/// `first_line` of the whole body).
+fn records(
+    body: &[u8],
+    first_line: u64,
+    headers: &csv::StringRecord,
+    shape: &Shape,
+    window: TimeWindow,
+) -> Result<Vec<Reading>, ApiError> {
+    let mut reader = reader(false, body);
+    let mut lines = Lines {
+        piece: body,
+        counted_to: 0,
+        line: first_line,
+    };
     let mut readings = Vec::new();
     let mut record = csv::StringRecord::new();
     loop {
         match reader.read_record(&mut record) {
             Ok(true) => {}
             Ok(false) => break,
-            Err(error) => return Err(csv_error(&error)),
+            Err(error) => {
+                let line = error.position().map(|position| lines.at(position.byte()));
+                return Err(csv_error(&error, line));
+            }
         }
-        let line = record.position().map_or(0, |position| position.line());
+        let line = lines.at(record.position().map_or(0, csv::Position::byte));
+        if record.len() != headers.len() {
+            return Err(invalid(format!(
+                "line {line}: {} fields where the header has {}",
+                record.len(),
+                headers.len()
+            )));
+        }
         let ts_us = parse_ts(record.get(0).unwrap_or_default(), line, window)?;
-        match &shape {
+        match shape {
             Shape::Long => {
                 let metric = record.get(1).unwrap_or_default();
                 let value = record.get(2).unwrap_or_default();
@@ -177,9 +316,6 @@ pub fn parse(body: &[u8], window: TimeWindow) -> Result<Vec<Reading>, ApiError> 
                 }
             }
         }
-    }
-    if readings.is_empty() {
-        return Err(invalid("body: no readings in the CSV".into()));
     }
     Ok(readings)
 }
@@ -269,5 +405,66 @@ mod tests {
         }
         let error = parse_any(b"ts,temp\n1000,a\xffb\n").unwrap_err();
         assert!(error.message.starts_with("line 2:"), "{}", error.message);
+    }
+    /// A parse's readings, or its error's reason and message.
+    type Outcome = Result<Vec<(String, i64, reading::Value)>, (String, String)>;
+
+    /// The outcome of a parse, comparable.
+    fn outcome(parsed: Result<Vec<Reading>, ApiError>) -> Outcome {
+        parsed
+            .map(|readings| values(&readings))
+            .map_err(|error| (error.reason.to_string(), error.message))
+    }
+
+    #[test]
+    fn a_body_in_pieces_names_the_lines_of_the_whole() {
+        let mut body = String::from("ts,temp,hum\r\n");
+        for row in 0..1000 {
+            body.push_str(&format!("{},{row},1\r\n", 1000 + row));
+            if row % 97 == 0 {
+                body.push_str("\r\n");
+            }
+        }
+        body.push_str("1000,oops\n");
+        let error = parse_in_pieces(body.as_bytes(), TimeWindow::ANY, 3).unwrap_err();
+        // 1 header, 1,000 rows, 11 empty lines: the bad row is line 1,013.
+        assert_eq!(error.message, "line 1013: 2 fields where the header has 3");
+        assert_eq!(
+            outcome(Err(error)),
+            outcome(parse_in_pieces(body.as_bytes(), TimeWindow::ANY, 1))
+        );
+    }
+
+    proptest::proptest! {
+        /// Cut into pieces or not, a body gives the same readings in the same order, or the
+        /// same first error.
+        #[test]
+        fn pieces_parse_as_the_whole_body(
+            rows in proptest::collection::vec((0u8..12, 0i64..5_000, -500i32..500), 0..80),
+            crlf in proptest::bool::ANY,
+            pieces in 2usize..5,
+        ) {
+            let end = if crlf { "\r\n" } else { "\n" };
+            let mut body = format!("ts,a,b{end}");
+            for (kind, ts, value) in rows {
+                let value = f64::from(value) / 10.0;
+                let row = match kind {
+                    0 => String::new(),
+                    1 => format!("{ts},,{value}"),
+                    2 => format!("{ts},true,text{value}"),
+                    3 => format!("{ts},{value}"),
+                    4 => format!("yesterday,{value},1"),
+                    5 => format!("{ts},{value},1,2"),
+                    6 => format!(",{value},1"),
+                    7 => format!("{ts},a\u{0}b,1"),
+                    _ => format!("{ts},{value},{value}"),
+                };
+                body.push_str(&row);
+                body.push_str(end);
+            }
+            let whole = outcome(parse_in_pieces(body.as_bytes(), TimeWindow::ANY, 1));
+            let cut = outcome(parse_in_pieces(body.as_bytes(), TimeWindow::ANY, pieces));
+            proptest::prop_assert_eq!(cut, whole);
+        }
     }
 }

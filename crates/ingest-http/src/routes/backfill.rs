@@ -15,12 +15,17 @@ use fieldline_common::{
     time::now_us,
 };
 use fieldline_proto::v1::Reading;
+use futures::{StreamExt as _, TryStreamExt as _};
 use prost::Message as _;
 
 use crate::{State, domain::csv_readings, routes::ingest::idempotency_key};
 
 /// The `Retry-After` of a backfill refused for want of a place.
 const BACKFILL_RETRY_AFTER_S: u64 = 1;
+
+/// Batches of one backfill published and not yet acknowledged, at most: up to this many bus
+/// messages (of up to `max_payload` each) in flight beside the parsed readings.
+const BACKFILL_PUBLISHES_IN_FLIGHT: usize = 8;
 
 /// Room left in a bus message for the batch's other fields, headers and subject.
 const BATCH_OVERHEAD_BYTES: usize = 4096;
@@ -137,7 +142,14 @@ async fn backfill(
     })
     .await
     .map_err(ApiError::internal)??;
-    for (index, batch) in batches.into_iter().enumerate() {
+    // Several batches on their way at once: each publish waits for JetStream to store and
+    // acknowledge it, and one at a time the import waited on a round trip per batch while
+    // the writer had nothing to do. Sent in order (a batch is handed to the connection when
+    // first polled, and `buffered` polls in order); acknowledged in any order, all of them
+    // before the 202.
+    let project = principal.project.as_str();
+    let publisher = &state.publisher;
+    let publishes = batches.into_iter().enumerate().map(|(index, batch)| {
         // A retry with the same key republishes the same batches under the same ids, which
         // JetStream drops as duplicates: a backfill cut short by a 503 is safe to resend.
         let parsed = Parsed {
@@ -146,17 +158,18 @@ async fn backfill(
                 .as_ref()
                 .map(|key| format!("backfill:{key}:{index}")),
         };
-        state
-            .publisher
-            .readings(
-                &principal.project,
-                device_id.as_str(),
-                parsed,
-                received_at_us,
-                "backfill",
-            )
-            .await?;
-    }
+        publisher.readings(
+            project,
+            device_id.as_str(),
+            parsed,
+            received_at_us,
+            "backfill",
+        )
+    });
+    futures::stream::iter(publishes)
+        .buffered(BACKFILL_PUBLISHES_IN_FLIGHT)
+        .try_for_each(|_duplicate| async { Ok(()) })
+        .await?;
     metrics::counter!("fieldline_ingest_readings_total", "source" => "backfill")
         .increment(accepted as u64);
     tracing::info!(device_id = %device_id, project = %principal.project, readings = accepted, by = %principal.id, "backfill accepted");

@@ -123,6 +123,51 @@ async fn a_repeated_idempotency_key_publishes_once() {
     app.shutdown().await;
 }
 
+/// A backfill's batches go out several at a time, and still land on the bus in time order,
+/// each once: more batches than are published at once, then the same body again under the
+/// same key (every batch a duplicate).
+#[tokio::test]
+async fn batches_published_together_land_in_time_order() {
+    let app = spawn_all(TestEnv::new().await, |config| fieldline_common::Config {
+        ingest_max_readings: 3,
+        ..config
+    })
+    .await;
+    app.create_device("d1").await;
+    let (_, key) = app.create_key(&["write"]).await;
+    // 60 rows in reverse time order: the route sorts them, then cuts 20 batches of 3.
+    let mut body = String::from("ts,temp\n");
+    for row in (0..60).rev() {
+        body.push_str(&format!("{},{row}\n", 1_577_836_800_000u64 + row * 1000));
+    }
+    for _ in 0..2 {
+        let response = app
+            .http
+            .post(format!("{}/api/v1/devices/d1/readings", app.base_url))
+            .bearer_auth(&key)
+            .header("content-type", "text/csv")
+            .header("idempotency-key", "ordered-1")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(response).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body["data"]["accepted"], 60);
+    }
+    let batches = app.telemetry_batches().await;
+    assert_eq!(batches.len(), 20);
+    let times: Vec<i64> = batches
+        .iter()
+        .flat_map(|(_, batch)| batch.readings.iter().map(|reading| reading.ts_us))
+        .collect();
+    let expected: Vec<i64> = (0..60)
+        .map(|row| (1_577_836_800_000 + row * 1000) * 1000)
+        .collect();
+    assert_eq!(times, expected);
+    app.shutdown().await;
+}
+
 /// In one process, POST goes to ingest-http and GET to query-api on the same path: the
 /// backfilled past readings come back from history.
 #[tokio::test]
