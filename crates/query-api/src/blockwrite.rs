@@ -8,12 +8,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use chrono::{DateTime, Utc};
 use fieldline_proto::v1::reading::Value;
-use tokio_postgres::GenericClient;
+use tokio_postgres::{GenericClient, types::ToSql};
 
 use crate::{
     blocks::{self, Point},
-    compress::{DayBlocks, day_bounds, day_number_of},
+    compress::{DayBlocks, EncodedSeries, day_bounds, day_number_of},
     moves::{Moves, Stored},
     repo::SeriesRow,
 };
@@ -74,9 +75,154 @@ fn stored(value: &Value) -> Stored<'_> {
     }
 }
 
+/// Fewest points (new and stored) of a transaction's direct days for their merging and
+/// encoding to be spread over several threads.
+const PARALLEL_FROM_POINTS: usize = 20_000;
+/// The most threads one transaction's blocks are made on.
+const MAX_THREADS: usize = 4;
+
+/// One series' part of one direct day: what it holds already, and what comes.
+struct Unit<'r, 'v> {
+    day: i32,
+    series_id: i32,
+    new: Vec<NewPoint<'v>>,
+    old_blocks: Vec<&'r [u8]>,
+    old_rows: Vec<Point>,
+}
+
+/// A day (its number, start and end) and some of its series.
+type DaySeries = (i32, DateTime<Utc>, DateTime<Utc>, Vec<i32>);
+
+/// What becomes of a [`Unit`].
+enum Merged<'v> {
+    /// Everything new is stored already, all in blocks (a redelivery): nothing to write.
+    Unchanged,
+    /// The series' new blocks for the day, and the readings new to it.
+    Write(EncodedSeries, Vec<NewPoint<'v>>),
+    /// Readings that go to rows instead: the day's blocks cannot be read, or the new ones
+    /// cannot be made (logged; never lost).
+    Rows(Vec<NewPoint<'v>>),
+}
+
+/// Merges a unit's new readings into what the day holds (what is there already wins) and
+/// encodes the result. Pure work: it may run on any thread.
+fn merge<'v>(unit: Unit<'_, 'v>) -> Merged<'v> {
+    let Unit {
+        series_id,
+        mut new,
+        old_blocks,
+        old_rows,
+        ..
+    } = unit;
+    let had_rows = !old_rows.is_empty();
+    let mut old: Vec<Point> = Vec::new();
+    for data in old_blocks {
+        match blocks::decode(data) {
+            Ok(points) => old.extend(points),
+            Err(error) => {
+                tracing::error!(
+                    series_id,
+                    error = format!("{error:#}"),
+                    "a block cannot be decoded; its series' readings go to rows"
+                );
+                return Merged::Rows(new);
+            }
+        }
+    }
+    old.extend(old_rows);
+    old.sort_by_key(|(ts, _)| *ts);
+    // Of readings at one time, the first (stored before, or first in the batch) wins.
+    new.sort_by_key(|(ts, _)| *ts);
+    new.dedup_by_key(|(ts, _)| *ts);
+    let mut merged: Vec<Point> = Vec::with_capacity(old.len() + new.len());
+    let mut fresh: Vec<NewPoint<'v>> = Vec::with_capacity(new.len());
+    let mut old = old.into_iter().peekable();
+    for (ts, value) in new {
+        while let Some(point) = old.next_if(|(old_ts, _)| *old_ts < ts) {
+            merged.push(point);
+        }
+        if old.peek().is_some_and(|(old_ts, _)| *old_ts == ts) {
+            continue;
+        }
+        fresh.push((ts, value));
+        merged.push((ts, value.clone()));
+    }
+    merged.extend(old);
+    if fresh.is_empty() && !had_rows {
+        return Merged::Unchanged;
+    }
+    match DayBlocks::encode(&merged) {
+        Ok(encoded) => Merged::Write(encoded, fresh),
+        Err(error) => {
+            // Not expected (pco refuses no sorted numbers); the new readings go to rows, the
+            // old stay where they are.
+            tracing::error!(
+                series_id,
+                error = format!("{error:#}"),
+                "a block cannot be encoded"
+            );
+            Merged::Rows(fresh)
+        }
+    }
+}
+
+/// [`merge`] of every unit, in order; spread over the cores when there is enough of them
+/// (an import's days: the writer's one long piece of work, while the other core idles).
+fn merge_all<'v>(units: Vec<Unit<'_, 'v>>) -> Vec<Merged<'v>> {
+    let total: usize = units.iter().map(unit_size).sum();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_THREADS)
+        .min(units.len());
+    if threads < 2 || total < PARALLEL_FROM_POINTS {
+        return units.into_iter().map(merge).collect();
+    }
+    merge_spread(units, threads)
+}
+
+/// [`merge`] of every unit on `threads` threads, each a contiguous share of about equal size,
+/// so that the results come back in order.
+fn merge_spread<'v>(units: Vec<Unit<'_, 'v>>, threads: usize) -> Vec<Merged<'v>> {
+    let total: usize = units.iter().map(unit_size).sum();
+    let mut shares: Vec<Vec<Unit<'_, 'v>>> = Vec::with_capacity(threads);
+    let mut share = Vec::new();
+    let mut taken = 0;
+    for unit in units {
+        taken += unit_size(&unit);
+        share.push(unit);
+        if taken * threads >= total * (shares.len() + 1) && shares.len() + 1 < threads {
+            shares.push(std::mem::take(&mut share));
+        }
+    }
+    shares.push(share);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| scope.spawn(move || share.into_iter().map(merge).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
+/// About how much work a unit is: its points (a stored block counts as a thousand).
+fn unit_size(unit: &Unit<'_, '_>) -> usize {
+    unit.new.len() + unit.old_rows.len() + unit.old_blocks.len() * 1024
+}
+
 /// Writes the readings of `direct` days into blocks (the caller holds those days' locks
 /// exclusive) and adds what is new to `moves`; returns the rest, for the table. A series
 /// whose blocks cannot be read keeps its readings as rows (logged; never lost).
+///
+/// Every day's blocks and late rows are read in one pipelined round, the days merged and
+/// encoded at once ([`merge_all`]), and the new blocks written in three rounds, whatever the
+/// number of days.
 pub async fn store<'v>(
     client: &impl GenericClient,
     rows: &[SeriesRow<'v>],
@@ -119,11 +265,18 @@ pub async fn store<'v>(
     if let Some(done) = run {
         add(done);
     }
-    for (day, series) in by_day {
-        let (start, end) = day_bounds(chrono::NaiveDate::default() + chrono::Days::new(day as u64));
-        let ids: Vec<i32> = series.keys().copied().collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&ids, &start, &end];
-        let (old_blocks, old_rows) = futures::try_join!(
+    // Each day's bounds and series, then what those hold: one round for every day.
+    let days: Vec<DaySeries> = by_day
+        .iter()
+        .map(|(day, series)| {
+            let (start, end) =
+                day_bounds(chrono::NaiveDate::default() + chrono::Days::new(*day as u64));
+            (*day, start, end, series.keys().copied().collect())
+        })
+        .collect();
+    let held = futures::future::try_join_all(days.iter().map(|(_, start, end, ids)| async move {
+        let params: [&(dyn ToSql + Sync); 3] = [ids, start, end];
+        futures::try_join!(
             client.query(
                 "SELECT series_id, data FROM telemetry.blocks
                  WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3
@@ -135,92 +288,197 @@ pub async fn store<'v>(
                  WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3",
                 &params,
             ),
-        )?;
-        let mut existing: HashMap<i32, Vec<Point>> = HashMap::new();
-        let mut unreadable: HashSet<i32> = HashSet::new();
-        for row in &old_blocks {
-            let series_id: i32 = row.get(0);
-            match blocks::decode(row.get(1)) {
-                Ok(points) => existing.entry(series_id).or_default().extend(points),
-                Err(error) => {
-                    tracing::error!(
-                        series_id,
-                        error = format!("{error:#}"),
-                        "a block cannot be decoded; its series' readings go to rows"
-                    );
-                    unreadable.insert(series_id);
-                }
-            }
+        )
+    }))
+    .await?;
+    let mut units = Vec::new();
+    let mut days_with_rows: HashSet<i32> = HashSet::new();
+    for ((day, series), (old_blocks, old_rows)) in by_day.into_iter().zip(&held) {
+        let mut blocks_of: HashMap<i32, Vec<&[u8]>> = HashMap::new();
+        for row in old_blocks {
+            blocks_of.entry(row.get(0)).or_default().push(row.get(1));
         }
-        let mut had_rows: HashSet<i32> = HashSet::new();
-        for row in &old_rows {
-            had_rows.insert(row.get(0));
+        let mut rows_of: HashMap<i32, Vec<Point>> = HashMap::new();
+        for row in old_rows {
+            days_with_rows.insert(day);
             let fieldline_common::time::EpochMicros(ts_us) = row.get(1);
             if let Some(value) = blocks::row_value(row, 2) {
-                existing.entry(row.get(0)).or_default().push((ts_us, value));
+                rows_of.entry(row.get(0)).or_default().push((ts_us, value));
             }
         }
-        let mut new_blocks = DayBlocks::default();
-        let mut written: Vec<i32> = Vec::new();
-        for (series_id, mut new) in series {
-            if unreadable.contains(&series_id) {
-                table.extend(new.iter().map(|(ts, value)| (series_id, *ts, *value)));
-                continue;
-            }
-            let mut old = existing.remove(&series_id).unwrap_or_default();
-            old.sort_by_key(|(ts, _)| *ts);
-            // Of readings at one time, the first (stored before, or first in the batch) wins.
-            new.sort_by_key(|(ts, _)| *ts);
-            new.dedup_by_key(|(ts, _)| *ts);
-            let mut merged: Vec<Point> = Vec::with_capacity(old.len() + new.len());
-            let mut fresh: Vec<NewPoint<'v>> = Vec::with_capacity(new.len());
-            let mut old = old.into_iter().peekable();
-            for (ts, value) in new {
-                while let Some(point) = old.next_if(|(old_ts, _)| *old_ts < ts) {
-                    merged.push(point);
-                }
-                if old.peek().is_some_and(|(old_ts, _)| *old_ts == ts) {
-                    continue;
-                }
-                fresh.push((ts, value));
-                merged.push((ts, value.clone()));
-            }
-            merged.extend(old);
-            if fresh.is_empty() && !had_rows.contains(&series_id) {
-                // All stored already, all in blocks (a redelivery): nothing to write.
-                continue;
-            }
-            if let Err(error) = new_blocks.add(series_id, &merged) {
-                // Not expected (pco refuses no sorted numbers); the new readings go to rows,
-                // the old stay where they are.
-                tracing::error!(
-                    series_id,
-                    error = format!("{error:#}"),
-                    "a block cannot be encoded"
-                );
-                table.extend(fresh.iter().map(|(ts, value)| (series_id, *ts, *value)));
-                continue;
-            }
-            moves.add_run(
+        for (series_id, new) in series {
+            units.push(Unit {
+                day,
                 series_id,
-                fresh.iter().map(|(ts, value)| (*ts, stored(value))),
-            );
-            written.push(series_id);
-        }
-        if written.is_empty() {
-            continue;
-        }
-        let day = start.date_naive();
-        new_blocks.replace(client, day, &written).await?;
-        if !old_rows.is_empty() {
-            client
-                .execute(
-                    "DELETE FROM telemetry.readings
-                     WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3",
-                    &[&written, &start, &end],
-                )
-                .await?;
+                new,
+                old_blocks: blocks_of.remove(&series_id).unwrap_or_default(),
+                old_rows: rows_of.remove(&series_id).unwrap_or_default(),
+            });
         }
     }
+    let keys: Vec<(i32, i32)> = units
+        .iter()
+        .map(|unit| (unit.day, unit.series_id))
+        .collect();
+    let mut new_blocks = DayBlocks::default();
+    let mut written: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for ((day, series_id), merged) in keys.into_iter().zip(merge_all(units)) {
+        match merged {
+            Merged::Unchanged => {}
+            Merged::Rows(points) => {
+                table.extend(points.iter().map(|(ts, value)| (series_id, *ts, *value)));
+            }
+            Merged::Write(encoded, fresh) => {
+                new_blocks.push(series_id, encoded);
+                moves.add_run(
+                    series_id,
+                    fresh.iter().map(|(ts, value)| (*ts, stored(value))),
+                );
+                written.entry(day).or_default().push(series_id);
+            }
+        }
+    }
+    if written.is_empty() {
+        return Ok(table);
+    }
+    // In three rounds: the blocks replaced, then the new ones, then the days marked and the
+    // rows now in blocks deleted. Exactly the rows read: the day locks keep writers out.
+    let bounds: HashMap<i32, (DateTime<Utc>, DateTime<Utc>)> = days
+        .iter()
+        .map(|(day, start, end, _)| (*day, (*start, *end)))
+        .collect();
+    let written: Vec<DaySeries> = written
+        .into_iter()
+        .map(|(day, ids)| (day, bounds[&day].0, bounds[&day].1, ids))
+        .collect();
+    futures::future::try_join_all(written.iter().map(|(_, start, end, ids)| async move {
+        let params: [&(dyn ToSql + Sync); 3] = [ids, start, end];
+        client
+            .execute(
+                "DELETE FROM telemetry.blocks
+                 WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
+                &params,
+            )
+            .await
+    }))
+    .await?;
+    new_blocks.insert(client).await?;
+    let dates: Vec<chrono::NaiveDate> = written
+        .iter()
+        .map(|(_, start, _, _)| start.date_naive())
+        .collect();
+    let mark_params: [&(dyn ToSql + Sync); 1] = [&dates];
+    let mark = client.execute(
+        "INSERT INTO telemetry.compressed_days (day) SELECT * FROM UNNEST($1::date[]) ON CONFLICT DO NOTHING",
+        &mark_params,
+    );
+    let moved = futures::future::try_join_all(
+        written
+            .iter()
+            .filter(|(day, ..)| days_with_rows.contains(day))
+            .map(|(_, start, end, ids)| async move {
+                let params: [&(dyn ToSql + Sync); 3] = [ids, start, end];
+                client
+                    .execute(
+                        "DELETE FROM telemetry.readings
+                         WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3",
+                        &params,
+                    )
+                    .await
+            }),
+    );
+    futures::try_join!(mark, moved)?;
     Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A [`Merged`], comparable.
+    #[derive(Debug, PartialEq)]
+    enum View {
+        Unchanged,
+        Write(EncodedSeries, Vec<(i64, Value)>),
+        Rows(Vec<(i64, Value)>),
+    }
+
+    fn view(merged: Merged<'_>) -> View {
+        let owned = |points: Vec<NewPoint<'_>>| {
+            points
+                .into_iter()
+                .map(|(ts, value)| (ts, value.clone()))
+                .collect()
+        };
+        match merged {
+            Merged::Unchanged => View::Unchanged,
+            Merged::Write(encoded, fresh) => View::Write(encoded, owned(fresh)),
+            Merged::Rows(points) => View::Rows(owned(points)),
+        }
+    }
+
+    /// Spread over threads, the units merge exactly as one by one, in the same order: new
+    /// readings alone, over stored blocks and late rows (some at the same times), all stored
+    /// already, and a block that cannot be read.
+    #[test]
+    fn units_merged_on_several_threads_come_back_as_merged_one_by_one() {
+        let values: Vec<Value> = (0..3000)
+            .map(|i| match i % 5 {
+                0 => Value::Text(format!("t{i}")),
+                1 => Value::Boolean(i % 2 == 0),
+                _ => Value::Number(f64::from(i) / 7.0),
+            })
+            .collect();
+        let stored: Vec<Point> = (0..800i64)
+            .map(|i| (i * 3_000_000, Value::Number(i as f64)))
+            .collect();
+        let block = blocks::encode(&stored).unwrap();
+        let junk = b"not a block".to_vec();
+        let units = || {
+            (0..40)
+                .map(|series| {
+                    let new: Vec<NewPoint<'_>> = values
+                        .iter()
+                        .enumerate()
+                        .map(|(i, value)| (((i * 7919) % 3000) as i64 * 1_000_000, value))
+                        .collect();
+                    let (new, old_blocks, old_rows): (_, Vec<&[u8]>, Vec<Point>) = match series % 4
+                    {
+                        0 => (new, Vec::new(), Vec::new()),
+                        1 => (new, vec![block.as_slice()], stored[..10].to_vec()),
+                        2 => (
+                            stored
+                                .iter()
+                                .take(50)
+                                .map(|(ts, value)| (*ts, value))
+                                .collect(),
+                            vec![block.as_slice()],
+                            Vec::new(),
+                        ),
+                        _ => (new, vec![junk.as_slice()], Vec::new()),
+                    };
+                    Unit {
+                        day: series / 10,
+                        series_id: series,
+                        new,
+                        old_blocks,
+                        old_rows,
+                    }
+                })
+                .collect::<Vec<_>>()
+        };
+        let one_by_one: Vec<View> = units().into_iter().map(merge).map(view).collect();
+        assert!(matches!(one_by_one[0], View::Write(..)));
+        assert!(matches!(one_by_one[2], View::Unchanged));
+        assert!(matches!(one_by_one[3], View::Rows(..)));
+        for threads in [2, 3, 4] {
+            let spread: Vec<View> = merge_spread(units(), threads)
+                .into_iter()
+                .map(view)
+                .collect();
+            assert_eq!(spread, one_by_one, "{threads} threads");
+        }
+        let all: Vec<View> = merge_all(units()).into_iter().map(view).collect();
+        assert_eq!(all, one_by_one);
+    }
 }

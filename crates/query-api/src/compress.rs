@@ -120,22 +120,57 @@ pub struct DayBlocks {
     data: Vec<Vec<u8>>,
 }
 
+/// A series' points of one day encoded as blocks: (first time, last time, count, data) each.
+pub type EncodedSeries = Vec<(i64, i64, i32, Vec<u8>)>;
+
 impl DayBlocks {
     /// Encodes a series' `points` (in time order) into blocks of at most
     /// [`MAX_BLOCK_READINGS`]; nothing is added when one fails.
     pub fn add(&mut self, series_id: i32, points: &[Point]) -> anyhow::Result<()> {
-        let encoded = points
+        let encoded = Self::encode(points)?;
+        self.push(series_id, encoded);
+        Ok(())
+    }
+
+    /// The blocks of a series' `points` (in time order), not yet added: pure work, which
+    /// may run on any thread.
+    pub fn encode(points: &[Point]) -> anyhow::Result<EncodedSeries> {
+        points
             .chunks(MAX_BLOCK_READINGS)
-            .map(|chunk| blocks::encode(chunk).map(|data| (chunk, data)))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        for (chunk, data) in encoded {
+            .map(|chunk| {
+                let data = blocks::encode(chunk)?;
+                Ok((
+                    chunk[0].0,
+                    chunk[chunk.len() - 1].0,
+                    chunk.len() as i32,
+                    data,
+                ))
+            })
+            .collect()
+    }
+
+    /// Adds a series' blocks made by [`DayBlocks::encode`].
+    pub fn push(&mut self, series_id: i32, encoded: EncodedSeries) {
+        for (first, last, count, data) in encoded {
             self.series_ids.push(series_id);
-            self.first.push(from_us(chunk[0].0));
-            self.last.push(from_us(chunk[chunk.len() - 1].0));
-            self.count.push(chunk.len() as i32);
+            self.first.push(from_us(first));
+            self.last.push(from_us(last));
+            self.count.push(count);
             self.data.push(data);
         }
-        Ok(())
+    }
+
+    /// Inserts the blocks held (the caller has deleted what they replace, under the days'
+    /// locks taken exclusive).
+    pub async fn insert(&self, client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+        client
+            .execute(
+                "INSERT INTO telemetry.blocks (series_id, first_ts, last_ts, count, data)
+                 SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::timestamptz[], $4::int4[], $5::bytea[])",
+                &[&self.series_ids, &self.first, &self.last, &self.count, &self.data],
+            )
+            .await
+            .map(|_| ())
     }
 
     /// Blocks held.
@@ -159,13 +194,7 @@ impl DayBlocks {
                 &[&series_ids, &start, &end],
             )
             .await?;
-        client
-            .execute(
-                "INSERT INTO telemetry.blocks (series_id, first_ts, last_ts, count, data)
-                 SELECT * FROM UNNEST($1::int4[], $2::timestamptz[], $3::timestamptz[], $4::int4[], $5::bytea[])",
-                &[&self.series_ids, &self.first, &self.last, &self.count, &self.data],
-            )
-            .await?;
+        self.insert(client).await?;
         client
             .execute(
                 "INSERT INTO telemetry.compressed_days (day) VALUES ($1) ON CONFLICT DO NOTHING",
