@@ -17,6 +17,7 @@ use crate::{
     compress::{DayBlocks, EncodedSeries, day_bounds, day_number_of},
     moves::{Moves, Stored},
     repo::SeriesRow,
+    spread,
 };
 
 /// Fewest readings a series, on average, for a closed day of a transaction to be written into
@@ -78,8 +79,6 @@ fn stored(value: &Value) -> Stored<'_> {
 /// Fewest points (new and stored) of a transaction's direct days for their merging and
 /// encoding to be spread over several threads.
 const PARALLEL_FROM_POINTS: usize = 20_000;
-/// The most threads one transaction's blocks are made on.
-const MAX_THREADS: usize = 4;
 
 /// One series' part of one direct day: what it holds already, and what comes.
 struct Unit<'r, 'v> {
@@ -97,15 +96,16 @@ type DaySeries = (i32, DateTime<Utc>, DateTime<Utc>, Vec<i32>);
 enum Merged<'v> {
     /// Everything new is stored already, all in blocks (a redelivery): nothing to write.
     Unchanged,
-    /// The series' new blocks for the day, and the readings new to it.
-    Write(EncodedSeries, Vec<NewPoint<'v>>),
+    /// The series' new blocks for the day, and what the readings new to it move.
+    Write(EncodedSeries, Moves),
     /// Readings that go to rows instead: the day's blocks cannot be read, or the new ones
     /// cannot be made (logged; never lost).
     Rows(Vec<NewPoint<'v>>),
 }
 
-/// Merges a unit's new readings into what the day holds (what is there already wins) and
-/// encodes the result. Pure work: it may run on any thread.
+/// Merges a unit's new readings into what the day holds (what is there already wins),
+/// encodes the result, and takes in what the new readings move. Pure work: it may run on any
+/// thread.
 fn merge<'v>(unit: Unit<'_, 'v>) -> Merged<'v> {
     let Unit {
         series_id,
@@ -152,7 +152,14 @@ fn merge<'v>(unit: Unit<'_, 'v>) -> Merged<'v> {
         return Merged::Unchanged;
     }
     match DayBlocks::encode(&merged) {
-        Ok(encoded) => Merged::Write(encoded, fresh),
+        Ok(encoded) => {
+            let mut moves = Moves::default();
+            moves.add_run(
+                series_id,
+                fresh.iter().map(|(ts, value)| (*ts, stored(value))),
+            );
+            Merged::Write(encoded, moves)
+        }
         Err(error) => {
             // Not expected (pco refuses no sorted numbers); the new readings go to rows, the
             // old stay where they are.
@@ -167,48 +174,15 @@ fn merge<'v>(unit: Unit<'_, 'v>) -> Merged<'v> {
 }
 
 /// [`merge`] of every unit, in order; spread over the cores when there is enough of them
-/// (an import's days: the writer's one long piece of work, while the other core idles).
+/// ([`crate::spread`]).
 fn merge_all<'v>(units: Vec<Unit<'_, 'v>>) -> Vec<Merged<'v>> {
     let total: usize = units.iter().map(unit_size).sum();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(MAX_THREADS)
-        .min(units.len());
-    if threads < 2 || total < PARALLEL_FROM_POINTS {
-        return units.into_iter().map(merge).collect();
-    }
-    merge_spread(units, threads)
-}
-
-/// [`merge`] of every unit on `threads` threads, each a contiguous share of about equal size,
-/// so that the results come back in order.
-fn merge_spread<'v>(units: Vec<Unit<'_, 'v>>, threads: usize) -> Vec<Merged<'v>> {
-    let total: usize = units.iter().map(unit_size).sum();
-    let mut shares: Vec<Vec<Unit<'_, 'v>>> = Vec::with_capacity(threads);
-    let mut share = Vec::new();
-    let mut taken = 0;
-    for unit in units {
-        taken += unit_size(&unit);
-        share.push(unit);
-        if taken * threads >= total * (shares.len() + 1) && shares.len() + 1 < threads {
-            shares.push(std::mem::take(&mut share));
-        }
-    }
-    shares.push(share);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = shares
-            .into_iter()
-            .map(|share| scope.spawn(move || share.into_iter().map(merge).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|handle| {
-                handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    })
+    let threads = if total < PARALLEL_FROM_POINTS {
+        1
+    } else {
+        spread::threads()
+    };
+    spread::map_in_order(units, threads, unit_size, merge)
 }
 
 /// About how much work a unit is: its points (a stored block counts as a thousand).
@@ -328,12 +302,10 @@ pub async fn store<'v>(
             Merged::Rows(points) => {
                 table.extend(points.iter().map(|(ts, value)| (series_id, *ts, *value)));
             }
-            Merged::Write(encoded, fresh) => {
+            Merged::Write(encoded, unit_moves) => {
                 new_blocks.push(series_id, encoded);
-                moves.add_run(
-                    series_id,
-                    fresh.iter().map(|(ts, value)| (*ts, stored(value))),
-                );
+                // A unit is a whole day of its series: its buckets are its own.
+                moves.absorb(unit_moves);
                 written.entry(day).or_default().push(series_id);
             }
         }
@@ -399,7 +371,7 @@ mod tests {
     #[derive(Debug, PartialEq)]
     enum View {
         Unchanged,
-        Write(EncodedSeries, Vec<(i64, Value)>),
+        Write(EncodedSeries, String),
         Rows(Vec<(i64, Value)>),
     }
 
@@ -412,7 +384,7 @@ mod tests {
         };
         match merged {
             Merged::Unchanged => View::Unchanged,
-            Merged::Write(encoded, fresh) => View::Write(encoded, owned(fresh)),
+            Merged::Write(encoded, moves) => View::Write(encoded, moves.sorted()),
             Merged::Rows(points) => View::Rows(owned(points)),
         }
     }
@@ -472,7 +444,7 @@ mod tests {
         assert!(matches!(one_by_one[2], View::Unchanged));
         assert!(matches!(one_by_one[3], View::Rows(..)));
         for threads in [2, 3, 4] {
-            let spread: Vec<View> = merge_spread(units(), threads)
+            let spread: Vec<View> = spread::map_in_order(units(), threads, unit_size, merge)
                 .into_iter()
                 .map(view)
                 .collect();

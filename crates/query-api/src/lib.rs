@@ -17,6 +17,7 @@ mod repo;
 pub use repo::ascending_page_sql;
 mod retention;
 mod routes;
+mod spread;
 mod writer;
 
 pub use repo::MAX_DAYS_PER_TRANSACTION;

@@ -43,6 +43,7 @@ pub enum Stored<'a> {
 }
 
 /// What one series' new rows change in `telemetry.series`.
+#[derive(Debug)]
 struct SeriesMove {
     count: i64,
     first_us: i64,
@@ -140,6 +141,39 @@ impl Moves {
         }
     }
 
+    /// Takes in what `other` took in. The rows of a bucket must all have been in one of the
+    /// two (true when each holds whole days of a series, as the writer's blocks do): a sum
+    /// of floats in another order is another number.
+    pub fn absorb(&mut self, other: Moves) {
+        for (series_id, theirs) in other.series {
+            match self.series.entry(series_id) {
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    entry.insert(theirs);
+                }
+                std::collections::hash_map::Entry::Occupied(mut entry) => {
+                    let ours = entry.get_mut();
+                    ours.count += theirs.count;
+                    ours.first_us = ours.first_us.min(theirs.first_us);
+                    // As `add_run`: at one time, what was taken in first stays the latest.
+                    if theirs.last_us > ours.last_us {
+                        ours.last_us = theirs.last_us;
+                        ours.last_num = theirs.last_num;
+                        ours.last_bool = theirs.last_bool;
+                        ours.last_text = theirs.last_text;
+                    }
+                }
+            }
+        }
+        for (ours, theirs) in [
+            (&mut self.hourly, other.hourly),
+            (&mut self.daily, other.daily),
+        ] {
+            for (key, partial) in theirs {
+                ours.entry(key).or_default().merge(&partial);
+            }
+        }
+    }
+
     /// Merges everything taken in into the series statistics and both rollups, taking every
     /// row lock in one global order: first the series rows, in id order, in one statement
     /// awaited alone; then the series update (rows already held); then the hourly, then the
@@ -177,6 +211,24 @@ impl Moves {
         merge_rollup(client, &statements.hourly, &self.hourly).await?;
         merge_rollup(client, &statements.daily, &self.daily).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Moves {
+    /// Everything taken in, in key order: comparable across maps.
+    pub fn sorted(&self) -> String {
+        fn in_order<K: Ord + std::fmt::Debug, V: std::fmt::Debug>(map: &HashMap<K, V>) -> String {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            format!("{entries:?}")
+        }
+        format!(
+            "{} {} {}",
+            in_order(&self.series),
+            in_order(&self.hourly),
+            in_order(&self.daily)
+        )
     }
 }
 
@@ -390,6 +442,49 @@ mod tests {
             prop_assert_eq!(&run.hourly, &one_by_one.hourly);
             prop_assert_eq!(&run.daily, &one_by_one.daily);
             prop_assert_eq!(run.series.is_empty(), rows.is_empty());
+        }
+
+        /// Whole days of a series taken in apart and absorbed, in any order, move what the
+        /// same rows taken in at once move.
+        #[test]
+        fn days_taken_apart_and_absorbed_move_what_they_move_together(
+            steps in proptest::collection::vec((0i64..20_000_000_000, -1000i32..1000, 0u8..3), 1..300),
+            reverse in proptest::bool::ANY,
+        ) {
+            let mut ts = -3 * DAY_US;
+            let rows: Vec<(i64, Stored)> = steps
+                .into_iter()
+                .map(|(step, n, kind)| {
+                    ts += step;
+                    let value = match kind {
+                        0 => Stored::Boolean(n > 0),
+                        1 => Stored::Text("t"),
+                        _ => Stored::Number(f64::from(n) / 100.0),
+                    };
+                    (ts, value)
+                })
+                .collect();
+            let mut together = Moves::default();
+            together.add_run(7, rows.iter().copied());
+            let mut days: Vec<Vec<(i64, Stored)>> = Vec::new();
+            for row in &rows {
+                match days.last_mut() {
+                    Some(day) if day[0].0.div_euclid(DAY_US) == row.0.div_euclid(DAY_US) => day.push(*row),
+                    _ => days.push(vec![*row]),
+                }
+            }
+            if reverse {
+                days.reverse();
+            }
+            let mut apart = Moves::default();
+            for day in days {
+                let mut part = Moves::default();
+                part.add_run(7, day);
+                apart.absorb(part);
+            }
+            prop_assert_eq!(series_view(&apart), series_view(&together));
+            prop_assert_eq!(&apart.hourly, &together.hourly);
+            prop_assert_eq!(&apart.daily, &together.daily);
         }
     }
 }

@@ -12,7 +12,7 @@ use fieldline_common::{
 };
 use fieldline_proto::{Stream, Subjects};
 
-use crate::repo::Repo;
+use crate::{repo::Repo, spread};
 
 /// Consumer name: one per service, shared by its instances (that is how it scales out).
 pub use fieldline_proto::consumers::QUERY_WRITER as CONSUMER;
@@ -22,6 +22,9 @@ pub use fieldline_proto::consumers::QUERY_WRITER as CONSUMER;
 /// batches are disjoint (or the later one falls back to skipping stored rows), and series and
 /// rollup rows are locked in key order, so the overlap is safe.
 const STORES_IN_FLIGHT: usize = 2;
+
+/// Payload bytes from which a batch's messages are decoded on several threads.
+const PARALLEL_DECODE_FROM_BYTES: usize = 4 * 1024 * 1024;
 
 pub async fn start(context: &Context, repo: Repo) -> anyhow::Result<()> {
     let spec = consume::Spec {
@@ -55,8 +58,22 @@ impl consume::Handler for Store {
         // at its position.
         let mut decoded = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());
-        for (position, delivery) in batch.iter().enumerate() {
-            match delivery.telemetry(&self.subjects) {
+        // An import's messages are decoded on every core (a batch of them is megabytes of
+        // protobuf); a live batch of small messages, inline.
+        let bytes: usize = batch.iter().map(|delivery| delivery.payload().len()).sum();
+        let threads = if bytes < PARALLEL_DECODE_FROM_BYTES {
+            1
+        } else {
+            spread::threads()
+        };
+        let telemetry = spread::map_in_order(
+            batch.iter().collect(),
+            threads,
+            |delivery| delivery.payload().len(),
+            |delivery| delivery.telemetry(&self.subjects),
+        );
+        for (position, telemetry) in telemetry.into_iter().enumerate() {
+            match telemetry {
                 Ok(devices) => {
                     positions.extend(std::iter::repeat_n(position, devices.len()));
                     decoded.extend(devices);
