@@ -21,6 +21,7 @@ pub mod names;
 pub mod openapi;
 pub mod ratelimit;
 pub mod service;
+pub mod spread;
 pub mod telemetry;
 pub mod time;
 pub mod trace;

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use fieldline_common::spread;
 use fieldline_proto::v1::reading::Value;
 use tokio_postgres::{GenericClient, types::ToSql};
 
@@ -17,7 +18,6 @@ use crate::{
     compress::{DayBlocks, EncodedSeries, day_bounds, day_number_of},
     moves::{Moves, Stored},
     repo::SeriesRow,
-    spread,
 };
 
 /// Fewest readings a series, on average, for a closed day of a transaction to be written into
@@ -174,7 +174,7 @@ fn merge<'v>(unit: Unit<'_, 'v>) -> Merged<'v> {
 }
 
 /// [`merge`] of every unit, in order; spread over the cores when there is enough of them
-/// ([`crate::spread`]).
+/// ([`fieldline_common::spread`]).
 fn merge_all<'v>(units: Vec<Unit<'_, 'v>>) -> Vec<Merged<'v>> {
     let total: usize = units.iter().map(unit_size).sum();
     let threads = if total < PARALLEL_FROM_POINTS {

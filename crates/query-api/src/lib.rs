@@ -17,7 +17,6 @@ mod repo;
 pub use repo::ascending_page_sql;
 mod retention;
 mod routes;
-mod spread;
 mod writer;
 
 pub use repo::MAX_DAYS_PER_TRANSACTION;

@@ -9,10 +9,11 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use fieldline_common::{
     Context,
     consume::{self, Delivery, Outcome},
+    spread,
 };
 use fieldline_proto::{Stream, Subjects};
 
-use crate::{repo::Repo, spread};
+use crate::repo::Repo;
 
 /// Consumer name: one per service, shared by its instances (that is how it scales out).
 pub use fieldline_proto::consumers::QUERY_WRITER as CONSUMER;

@@ -6,6 +6,7 @@
 use fieldline_common::{
     ApiError,
     ingest::{MAX_TEXT_LEN, TimeWindow, valid_metric},
+    spread,
     time::parse_reading_time,
 };
 use fieldline_proto::v1::{Reading, reading};
@@ -121,20 +122,17 @@ fn parse_value(cell: &str, where_: impl Fn() -> String) -> Result<reading::Value
 
 /// Bodies from this size on are parsed in pieces on several threads (see [`parse`]).
 const PIECES_FROM_BYTES: usize = 1024 * 1024;
-/// The most threads one body is parsed on.
-const MAX_PIECES: usize = 4;
 
 /// Every reading of a CSV body, in the body's order, or the first error (nothing is taken
 /// from a body with one); a time outside `window` is one.
 ///
-/// A large body without quotes is cut at line ends into one piece per core (at most
-/// [`MAX_PIECES`]), and the pieces are parsed at once: the import waits on this parse before
-/// anything is published. With a `"` anywhere, a line end may sit inside a quoted field, so
+/// A large body without quotes is cut at line ends into one piece per core (at most 4,
+/// [`spread::threads`]), and the pieces are parsed at once: the import waits on this parse
+/// before anything is published. With a `"` anywhere, a line end may sit inside a quoted field, so
 /// such a body is parsed in one piece. Either way the result, error included, is the same.
 pub fn parse(body: &[u8], window: TimeWindow) -> Result<Vec<Reading>, ApiError> {
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let pieces = if body.len() >= PIECES_FROM_BYTES && memchr::memchr(b'"', body).is_none() {
-        threads.clamp(1, MAX_PIECES)
+        spread::threads()
     } else {
         1
     };
@@ -196,24 +194,13 @@ fn parse_in_pieces(
             window,
         )
     };
-    let parsed: Vec<Result<Vec<Reading>, ApiError>> = if offsets.len() == 1 {
-        vec![parse_piece(0)]
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (1..offsets.len())
-                .map(|index| scope.spawn(move || parse_piece(index)))
-                .collect();
-            let mut parsed = vec![parse_piece(0)];
-            for handle in handles {
-                parsed.push(
-                    handle
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                );
-            }
-            parsed
-        })
-    };
+    let indexes: Vec<usize> = (0..offsets.len()).collect();
+    let parsed = spread::map_in_order(
+        indexes,
+        offsets.len(),
+        |&index| starts[index + 1] - starts[index],
+        parse_piece,
+    );
     let mut readings = Vec::with_capacity(parsed.iter().flatten().map(Vec::len).sum());
     for piece in parsed {
         readings.extend(piece?);

@@ -11,7 +11,8 @@ use fieldline_common::{
     auth::{ApiKey, ScopeLevel},
     envelope,
     extract::{is_json_content_type, read_body, unsupported_media_type},
-    ingest::{self, Parsed, TimeWindow},
+    ingest::{self, EncodedBatch, TimeWindow},
+    spread,
     time::now_us,
 };
 use fieldline_proto::v1::Reading;
@@ -49,47 +50,51 @@ fn is_csv(req: &HttpRequest) -> bool {
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("text/csv"))
 }
 
-/// Splits readings into batches of at most `max_readings` whose encoding stays within
-/// `max_bytes`.
-fn batches(readings: Vec<Reading>, max_readings: usize, max_bytes: usize) -> Vec<Vec<Reading>> {
-    let mut batches = Vec::new();
-    let mut current = Vec::new();
+/// Cuts readings into batches of at most `max_readings` whose encoding stays within
+/// `max_bytes`: the end of each, in order.
+fn batch_ends(readings: &[Reading], max_readings: usize, max_bytes: usize) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut start = 0;
     let mut bytes = 0;
-    for reading in readings {
+    for (index, reading) in readings.iter().enumerate() {
         // The reading, its field tag and its length prefix.
         let size = reading.encoded_len() + 6;
-        if !current.is_empty() && (current.len() >= max_readings || bytes + size > max_bytes) {
-            batches.push(std::mem::take(&mut current));
+        if index > start && (index - start >= max_readings || bytes + size > max_bytes) {
+            ends.push(index);
+            start = index;
             bytes = 0;
         }
         bytes += size;
-        current.push(reading);
     }
-    if !current.is_empty() {
-        batches.push(current);
+    if start < readings.len() {
+        ends.push(readings.len());
     }
-    batches
+    ends
 }
 
 /// The readings of a whole body (`csv` or JSON, every message with its own `ts`), parsed in
-/// one pass, put in time order and cut into bus batches; and how many there are. CPU-bound:
-/// run it off the async threads.
+/// one pass and put in time order, and where its bus batches end. CPU-bound: run it off the
+/// async threads.
 fn parse_into_batches(
     body: &[u8],
     csv: bool,
     window: TimeWindow,
     max_readings: usize,
     max_bytes: usize,
-) -> Result<(usize, Vec<Vec<Reading>>), ApiError> {
+) -> Result<(Vec<Reading>, Vec<usize>), ApiError> {
     let mut readings = if csv {
         csv_readings::parse(body, window)?
     } else {
         ingest::parse_backfill_json(body, window)?.readings
     };
     // In time order, each batch spans as few days (partitions) as its readings allow. Stable,
-    // so a retried body makes the same batches under the same ids.
-    readings.sort_by_key(|reading| reading.ts_us);
-    Ok((readings.len(), batches(readings, max_readings, max_bytes)))
+    // so a retried body makes the same batches under the same ids. Most imports come in
+    // order already: checked first, as sorting asks for scratch memory the size of the list.
+    if !readings.is_sorted_by_key(|reading| reading.ts_us) {
+        readings.sort_by_key(|reading| reading.ts_us);
+    }
+    let ends = batch_ends(&readings, max_readings, max_bytes);
+    Ok((readings, ends))
 }
 
 async fn backfill(
@@ -135,10 +140,40 @@ async fn backfill(
     };
     let max_bytes = max_payload.saturating_sub(BATCH_OVERHEAD_BYTES).max(1024);
     let max_readings = config.ingest_max_readings;
-    // Parsing 16 MiB takes a core for a second or more: on the blocking pool, not on the
-    // HTTP worker, whose other requests would wait for it.
+    let project = principal.project.clone();
+    let device = device_id.as_str().to_owned();
+    // Parsing 16 MiB and encoding its batches takes a core for a second or more: on the
+    // blocking pool, not on the HTTP worker, whose other requests would wait for it; and
+    // spread over the cores, since the import waits on it before anything is published.
     let (accepted, batches) = tokio::task::spawn_blocking(move || {
-        parse_into_batches(&body, csv, window, max_readings, max_bytes)
+        let (readings, ends) = parse_into_batches(&body, csv, window, max_readings, max_bytes)?;
+        let batches: Vec<(usize, usize, usize)> = ends
+            .iter()
+            .enumerate()
+            .map(|(index, &end)| (index, if index == 0 { 0 } else { ends[index - 1] }, end))
+            .collect();
+        let encoded = spread::map_in_order(
+            batches,
+            spread::threads(),
+            |(_, start, end)| end - start,
+            |(index, start, end)| {
+                // A retry with the same key republishes the same batches under the same ids,
+                // which JetStream drops as duplicates: a backfill cut short by a 503 is safe
+                // to resend.
+                let key = idempotency
+                    .as_ref()
+                    .map(|key| format!("backfill:{key}:{index}"));
+                EncodedBatch::of_slice(
+                    &project,
+                    &device,
+                    &readings[start..end],
+                    key.as_deref(),
+                    received_at_us,
+                    "backfill",
+                )
+            },
+        );
+        Ok::<_, ApiError>((readings.len(), encoded))
     })
     .await
     .map_err(ApiError::internal)??;
@@ -147,24 +182,10 @@ async fn backfill(
     // the writer had nothing to do. Sent in order (a batch is handed to the connection when
     // first polled, and `buffered` polls in order); acknowledged in any order, all of them
     // before the 202.
-    let project = principal.project.as_str();
-    let publisher = &state.publisher;
-    let publishes = batches.into_iter().enumerate().map(|(index, batch)| {
-        // A retry with the same key republishes the same batches under the same ids, which
-        // JetStream drops as duplicates: a backfill cut short by a 503 is safe to resend.
-        let parsed = Parsed {
-            readings: batch,
-            message_id: idempotency
-                .as_ref()
-                .map(|key| format!("backfill:{key}:{index}")),
-        };
-        publisher.readings(
-            project,
-            device_id.as_str(),
-            parsed,
-            received_at_us,
-            "backfill",
-        )
+    let publishes = batches.into_iter().map(|batch| {
+        state
+            .publisher
+            .encoded(&principal.project, device_id.as_str(), batch)
     });
     futures::stream::iter(publishes)
         .buffered(BACKFILL_PUBLISHES_IN_FLIGHT)
@@ -199,27 +220,21 @@ mod tests {
             value: Some(reading::Value::Text(text.into())),
         };
         let small: Vec<_> = (0..25).map(|_| reading("x")).collect();
-        let sizes: Vec<_> = batches(small, 10, 1 << 20).iter().map(Vec::len).collect();
-        assert_eq!(sizes, [10, 10, 5]);
+        assert_eq!(batch_ends(&small, 10, 1 << 20), [10, 20, 25]);
         let big: Vec<_> = (0..10).map(|_| reading(&"x".repeat(1000))).collect();
-        let sizes: Vec<_> = batches(big, 100, 3500).iter().map(Vec::len).collect();
-        assert_eq!(sizes, [3, 3, 3, 1]);
+        assert_eq!(batch_ends(&big, 100, 3500), [3, 6, 9, 10]);
+        assert!(batch_ends(&[], 10, 1 << 20).is_empty());
     }
 
     #[test]
     fn a_json_body_becomes_batches_in_time_order_or_names_a_message_without_ts() {
         let body = br#"[{"ts": 3000, "a": 3}, {"ts": 1000, "a": 1, "b": 1}, {"ts": 2000, "a": 2}]"#;
-        let (count, batches) =
+        let (readings, ends) =
             parse_into_batches(body, false, TimeWindow::ANY, 2, 1 << 20).unwrap();
-        assert_eq!(count, 4);
-        let times: Vec<Vec<i64>> = batches
-            .iter()
-            .map(|batch| batch.iter().map(|reading| reading.ts_us).collect())
-            .collect();
-        assert_eq!(
-            times,
-            [vec![1_000_000, 1_000_000], vec![2_000_000, 3_000_000]]
-        );
+        assert_eq!(readings.len(), 4);
+        let times: Vec<i64> = readings.iter().map(|reading| reading.ts_us).collect();
+        assert_eq!(times, [1_000_000, 1_000_000, 2_000_000, 3_000_000]);
+        assert_eq!(ends, [2, 4]);
         let error = parse_into_batches(
             br#"[{"ts": 1, "a": 1}, {"a": 2}]"#,
             false,

@@ -1,5 +1,6 @@
-//! CPU-bound work of one transaction spread over the cores: an import's batch is the writer's
-//! one long piece of work, and while it runs the other core would otherwise idle.
+//! CPU-bound work of one request or transaction spread over the cores, its results kept in
+//! order: an import is one long piece of work at each step (ingest-http's parse and encoding,
+//! the writer's decoding and blocks), and while it runs the other cores would otherwise idle.
 
 /// `f` of every item, in the items' order, on up to `threads` threads: each thread takes a
 /// contiguous share of about equal `weight`. Runs inline on one thread (no thread started)
@@ -44,7 +45,7 @@ where
     })
 }
 
-/// The threads this machine gives one transaction's work: its cores, at most 4.
+/// The threads this machine gives one piece of work: its cores, at most 4.
 pub fn threads() -> usize {
     std::thread::available_parallelism()
         .map_or(1, usize::from)
