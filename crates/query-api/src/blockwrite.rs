@@ -323,16 +323,12 @@ pub async fn store<'v>(
         .into_iter()
         .map(|(day, ids)| (day, bounds[&day].0, bounds[&day].1, ids))
         .collect();
-    futures::future::try_join_all(written.iter().map(|(_, start, end, ids)| async move {
-        let params: [&(dyn ToSql + Sync); 3] = [ids, start, end];
-        client
-            .execute(
-                "DELETE FROM telemetry.blocks
-                 WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
-                &params,
-            )
-            .await
-    }))
+    for_each_day(
+        client,
+        "DELETE FROM telemetry.blocks
+         WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
+        written.iter(),
+    )
     .await?;
     new_blocks.insert(client).await?;
     let dates: Vec<chrono::NaiveDate> = written
@@ -344,23 +340,30 @@ pub async fn store<'v>(
         "INSERT INTO telemetry.compressed_days (day) SELECT * FROM UNNEST($1::date[]) ON CONFLICT DO NOTHING",
         &mark_params,
     );
-    let moved = futures::future::try_join_all(
+    let moved = for_each_day(
+        client,
+        "DELETE FROM telemetry.readings WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3",
         written
             .iter()
-            .filter(|(day, ..)| days_with_rows.contains(day))
-            .map(|(_, start, end, ids)| async move {
-                let params: [&(dyn ToSql + Sync); 3] = [ids, start, end];
-                client
-                    .execute(
-                        "DELETE FROM telemetry.readings
-                         WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3",
-                        &params,
-                    )
-                    .await
-            }),
+            .filter(|(day, ..)| days_with_rows.contains(day)),
     );
     futures::try_join!(mark, moved)?;
     Ok(table)
+}
+
+/// `sql` (the series as $1, the day's start and end as $2 and $3) for each of `days`,
+/// pipelined.
+async fn for_each_day<'d>(
+    client: &impl GenericClient,
+    sql: &str,
+    days: impl Iterator<Item = &'d DaySeries>,
+) -> Result<(), tokio_postgres::Error> {
+    futures::future::try_join_all(days.map(|(_, start, end, ids)| async move {
+        let params: [&(dyn ToSql + Sync); 3] = [ids, start, end];
+        client.execute(sql, &params).await
+    }))
+    .await
+    .map(|_| ())
 }
 
 #[cfg(test)]

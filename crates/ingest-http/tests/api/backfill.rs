@@ -17,6 +17,26 @@ async fn post_csv(app: &TestApp, device: &str, key: &str, csv: &str) -> (StatusC
     .await
 }
 
+/// A CSV backfill of device `d1` under an `Idempotency-Key`.
+async fn post_csv_once(
+    app: &TestApp,
+    key: &str,
+    idempotency: &str,
+    csv: &str,
+) -> (StatusCode, Value) {
+    let response = app
+        .http
+        .post(format!("{}/api/v1/devices/d1/readings", app.base_url))
+        .bearer_auth(key)
+        .header("content-type", "text/csv")
+        .header("idempotency-key", idempotency)
+        .body(csv.to_owned())
+        .send()
+        .await
+        .unwrap();
+    read(response).await
+}
+
 /// Every reading in the telemetry stream as (metric, ts_us, value), with each batch's source.
 async fn published(app: &TestApp) -> (Vec<(String, i64, reading::Value)>, Vec<String>) {
     let batches = app.telemetry_batches().await;
@@ -106,17 +126,7 @@ async fn a_repeated_idempotency_key_publishes_once() {
     app.create_device("d1").await;
     let (_, key) = app.create_key(&["write"]).await;
     for _ in 0..2 {
-        let response = app
-            .http
-            .post(format!("{}/api/v1/devices/d1/readings", app.base_url))
-            .bearer_auth(&key)
-            .header("content-type", "text/csv")
-            .header("idempotency-key", "import-1")
-            .body("ts,a,b\n1000,1,2\n")
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = read(response).await;
+        let (status, body) = post_csv_once(&app, &key, "import-1", "ts,a,b\n1000,1,2\n").await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     }
     assert_eq!(app.telemetry_batches().await.len(), 2);
@@ -141,17 +151,7 @@ async fn batches_published_together_land_in_time_order() {
         body.push_str(&format!("{},{row}\n", 1_577_836_800_000u64 + row * 1000));
     }
     for _ in 0..2 {
-        let response = app
-            .http
-            .post(format!("{}/api/v1/devices/d1/readings", app.base_url))
-            .bearer_auth(&key)
-            .header("content-type", "text/csv")
-            .header("idempotency-key", "ordered-1")
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = read(response).await;
+        let (status, body) = post_csv_once(&app, &key, "ordered-1", &body).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         assert_eq!(body["data"]["accepted"], 60);
     }
