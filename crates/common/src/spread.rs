@@ -45,11 +45,15 @@ where
     })
 }
 
-/// The threads this machine gives one piece of work: its cores, at most 4.
+/// The threads this machine gives one piece of work: its cores, at most 4. Asked of the
+/// system once (it reads the cgroup's quota files), not once a request.
 pub fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(4)
+    static THREADS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+        std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(4)
+    });
+    *THREADS
 }
 
 #[cfg(test)]

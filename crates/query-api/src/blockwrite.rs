@@ -15,7 +15,7 @@ use tokio_postgres::{GenericClient, types::ToSql};
 
 use crate::{
     blocks::{self, Point},
-    compress::{DayBlocks, EncodedSeries, day_bounds, day_number_of},
+    compress::{self, DayBlocks, EncodedSeries, day_bounds, day_number_of},
     moves::{Moves, Stored},
     repo::SeriesRow,
 };
@@ -251,12 +251,7 @@ pub async fn store<'v>(
     let held = futures::future::try_join_all(days.iter().map(|(_, start, end, ids)| async move {
         let params: [&(dyn ToSql + Sync); 3] = [ids, start, end];
         futures::try_join!(
-            client.query(
-                "SELECT series_id, data FROM telemetry.blocks
-                 WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3
-                 ORDER BY series_id, first_ts",
-                &params,
-            ),
+            client.query(compress::DAY_BLOCKS_SQL, &params),
             client.query(
                 "SELECT series_id, ts, value_num, value_bool, value_text FROM telemetry.readings
                  WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3",
@@ -323,23 +318,13 @@ pub async fn store<'v>(
         .into_iter()
         .map(|(day, ids)| (day, bounds[&day].0, bounds[&day].1, ids))
         .collect();
-    for_each_day(
-        client,
-        "DELETE FROM telemetry.blocks
-         WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
-        written.iter(),
-    )
-    .await?;
+    for_each_day(client, compress::DELETE_DAY_BLOCKS_SQL, written.iter()).await?;
     new_blocks.insert(client).await?;
     let dates: Vec<chrono::NaiveDate> = written
         .iter()
         .map(|(_, start, _, _)| start.date_naive())
         .collect();
-    let mark_params: [&(dyn ToSql + Sync); 1] = [&dates];
-    let mark = client.execute(
-        "INSERT INTO telemetry.compressed_days (day) SELECT * FROM UNNEST($1::date[]) ON CONFLICT DO NOTHING",
-        &mark_params,
-    );
+    let mark = compress::mark_compressed(client, &dates);
     let moved = for_each_day(
         client,
         "DELETE FROM telemetry.readings WHERE series_id = ANY($1) AND ts >= $2 AND ts < $3",

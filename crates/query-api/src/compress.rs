@@ -110,6 +110,30 @@ pub async fn lock_day(
         .map(|_| ())
 }
 
+/// The blocks of some series ($1) that start in a day ($2 to $3), in series and time order.
+pub const DAY_BLOCKS_SQL: &str = "SELECT series_id, data FROM telemetry.blocks
+     WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3
+     ORDER BY series_id, first_ts";
+
+/// Deletes the blocks of some series ($1) that start in a day ($2 to $3).
+pub const DELETE_DAY_BLOCKS_SQL: &str = "DELETE FROM telemetry.blocks
+     WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3";
+
+/// Marks `days` as holding blocks (the reads look there for them).
+pub async fn mark_compressed(
+    client: &impl GenericClient,
+    days: &[NaiveDate],
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO telemetry.compressed_days (day) SELECT * FROM UNNEST($1::date[])
+             ON CONFLICT DO NOTHING",
+            &[&days],
+        )
+        .await
+        .map(|_| ())
+}
+
 /// The new blocks of some series for one day, as columns for one statement.
 #[derive(Default)]
 pub struct DayBlocks {
@@ -188,20 +212,10 @@ impl DayBlocks {
     ) -> Result<(), tokio_postgres::Error> {
         let (start, end) = day_bounds(day);
         client
-            .execute(
-                "DELETE FROM telemetry.blocks
-                 WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
-                &[&series_ids, &start, &end],
-            )
+            .execute(DELETE_DAY_BLOCKS_SQL, &[&series_ids, &start, &end])
             .await?;
         self.insert(client).await?;
-        client
-            .execute(
-                "INSERT INTO telemetry.compressed_days (day) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&day],
-            )
-            .await?;
-        Ok(())
+        mark_compressed(client, &[day]).await
     }
 }
 
@@ -352,12 +366,7 @@ async fn compress_slice(
     let ids: Vec<i32> = series.iter().map(|(id, _)| *id).collect();
     // Blocks this day already has for these series (rows that came in late): merged.
     let existing = transaction
-        .query(
-            "SELECT series_id, data FROM telemetry.blocks
-             WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3
-             ORDER BY series_id, first_ts",
-            &[&ids, &day_start, &day_end],
-        )
+        .query(DAY_BLOCKS_SQL, &[&ids, &day_start, &day_end])
         .await?;
     let mut earlier: std::collections::HashMap<i32, Vec<Point>> = Default::default();
     for row in &existing {

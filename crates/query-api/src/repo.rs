@@ -349,11 +349,7 @@ async fn lock_days(
         let (start, end) =
             compress::day_bounds(NaiveDate::default() + chrono::Days::new(day as u64));
         let blocks = transaction
-            .query(
-                "SELECT series_id, data FROM telemetry.blocks
-                 WHERE series_id = ANY($1) AND first_ts >= $2 AND first_ts < $3",
-                &[&ids, &start, &end],
-            )
+            .query(compress::DAY_BLOCKS_SQL, &[&ids, &start, &end])
             .await?;
         for block in &blocks {
             let series_id: i32 = block.get(0);
