@@ -1115,6 +1115,14 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "msg/s",
             Some((FAN_IN, raw_mqtt_fan_in)),
         ));
+        // Not in the rates: the clock starts once every device is up, as for the raw fan-in.
+        figures.push(figure(
+            "mqtt-qos1",
+            "seconds for every device to connect (before the clock starts)",
+            result.seconds_to_connect.unwrap_or_default(),
+            "s",
+            None,
+        ));
         figures.push(figure(
             "mqtt-qos1",
             "messages offered (broker PUBACKs)",
