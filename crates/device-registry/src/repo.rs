@@ -120,12 +120,13 @@ async fn enqueue(
     let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
     let ids: Vec<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
     let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
-    tx.execute(
-        "INSERT INTO registry.outbox (subject, msg_id, payload)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])",
-        &[&subjects, &ids, &payloads],
-    )
-    .await?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO registry.outbox (subject, msg_id, payload)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])",
+        )
+        .await?;
+    tx.execute(&insert, &[&subjects, &ids, &payloads]).await?;
     Ok(())
 }
 

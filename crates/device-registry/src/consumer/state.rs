@@ -30,9 +30,10 @@ const SWEEP_LAG_LIMIT: u64 = 2_000;
 /// Devices turned offline per sweep transaction.
 const SWEEP_BATCH: i64 = 500;
 /// A device's `last_seen` is written at most once per second of its own sightings, or per
-/// tenth of its offline window when that is shorter. A write rewrites the row and all six of
-/// its indexes (`offline_after` is one), so a device sending 20 readings a second cost 20 of
-/// them a second; now it costs one, and the sweep sees it at most that much earlier.
+/// tenth of its offline window when that is shorter: a device sending 20 readings a second
+/// costs one write a second, and the sweep sees it at most that much earlier. Most of those
+/// writes leave `offline_after` (indexed) as it is, so they do not touch the indexes either
+/// (`Repo::mark_seen`).
 const PRESENCE_RESOLUTION_US: i64 = 1_000_000;
 /// Devices whose last write each instance remembers; one forgotten is simply written again.
 const PRESENCE_CAPACITY: u64 = 200_000;
@@ -96,13 +97,14 @@ pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::
                 );
             } else {
                 loop {
-                    match repo.sweep_offline(SWEEP_BATCH).await {
-                        Ok(0) => break,
-                        Ok(count) => {
-                            metrics::counter!("fieldline_registry_offline_total")
-                                .increment(count as u64);
-                            wake.notify_one();
-                            if (count as i64) < SWEEP_BATCH {
+                    match repo.sweep_offline(SWEEP_BATCH, default_interval_s).await {
+                        Ok(swept) => {
+                            if swept.offline > 0 {
+                                metrics::counter!("fieldline_registry_offline_total")
+                                    .increment(swept.offline as u64);
+                                wake.notify_one();
+                            }
+                            if (swept.examined as i64) < SWEEP_BATCH {
                                 break;
                             }
                         }

@@ -36,6 +36,14 @@ pub struct Online {
     pub window_us: i64,
 }
 
+/// What one offline sweep did: devices it looked at (due by `offline_after`), and those it
+/// took offline.
+#[derive(Debug, Clone, Copy)]
+pub struct Swept {
+    pub examined: usize,
+    pub offline: usize,
+}
+
 /// What a batch did: the events it queued and the devices it left online.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -109,10 +117,13 @@ impl Repo {
         // as it is once locked (what the update below changes it from).
         let before: HashMap<(String, String), String> = tx
             .query(
-                "SELECT d.project, d.id, d.status FROM registry.devices d
+                &tx.prepare_cached(
+                    "SELECT d.project, d.id, d.status FROM registry.devices d
                  JOIN unnest($1::text[], $2::text[]) AS s(project, device_id)
                    ON d.project = s.project AND d.id = s.device_id
                  ORDER BY d.project, d.id FOR UPDATE OF d",
+                )
+                .await?,
                 &[&projects, &devices],
             )
             .await?
@@ -122,19 +133,35 @@ impl Repo {
         if before.is_empty() {
             return Ok(Vec::new());
         }
+        // `offline_after` is indexed, so a write that moves it rewrites the row and every
+        // index of the table; one that leaves it can stay on the row's page (a HOT update).
+        // It is moved only once the new deadline passes it by a tenth of the window: it may
+        // stand that much early, and the sweep checks `last_seen` before it takes a device
+        // offline ([`Repo::sweep_offline`]).
         let rows = tx
             .query(
-                "UPDATE registry.devices d SET
-                   last_seen = greatest(d.last_seen, s.at),
-                   offline_after = greatest(d.last_seen, s.at)
-                                   + make_interval(secs => 3 * coalesce(d.heartbeat_interval_s, $4)),
-                   status = CASE
-                     WHEN greatest(d.last_seen, s.at)
-                          + make_interval(secs => 3 * coalesce(d.heartbeat_interval_s, $4)) > now()
-                     THEN 'online' ELSE d.status END
-                 FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS s(project, device_id, at)
-                 WHERE d.project = s.project AND d.id = s.device_id
-                 RETURNING d.project, d.id, d.status, d.last_seen, d.offline_after",
+                &tx.prepare_cached(
+                    "UPDATE registry.devices d SET
+                       last_seen = greatest(d.last_seen, s.at),
+                       offline_after = CASE
+                         WHEN d.status <> 'online' OR d.offline_after IS NULL
+                           OR greatest(d.last_seen, s.at)
+                              + make_interval(secs => 3 * coalesce(d.heartbeat_interval_s, $4))
+                              > d.offline_after
+                                + make_interval(secs => 0.3 * coalesce(d.heartbeat_interval_s, $4))
+                         THEN greatest(d.last_seen, s.at)
+                              + make_interval(secs => 3 * coalesce(d.heartbeat_interval_s, $4))
+                         ELSE d.offline_after END,
+                       status = CASE
+                         WHEN greatest(d.last_seen, s.at)
+                              + make_interval(secs => 3 * coalesce(d.heartbeat_interval_s, $4)) > now()
+                         THEN 'online' ELSE d.status END
+                     FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS s(project, device_id, at)
+                     WHERE d.project = s.project AND d.id = s.device_id
+                     RETURNING d.project, d.id, d.status, d.last_seen,
+                               3 * coalesce(d.heartbeat_interval_s, $4)",
+                )
+                .await?,
                 &[&projects, &devices, &times, &default_interval_s],
             )
             .await?;
@@ -145,15 +172,15 @@ impl Repo {
             let device_id: String = row.get(1);
             let status: String = row.get(2);
             let last_seen: Option<DateTime<Utc>> = row.get(3);
-            let offline_after: Option<DateTime<Utc>> = row.get(4);
+            let window_s: i32 = row.get(4);
             if status == "online"
-                && let (Some(seen), Some(until)) = (last_seen, offline_after)
+                && let Some(seen) = last_seen
             {
                 online.push(Online {
                     project: project.clone(),
                     device_id: device_id.clone(),
                     last_seen_us: seen.timestamp_micros(),
-                    window_us: (until - seen).num_microseconds().unwrap_or(i64::MAX),
+                    window_us: i64::from(window_s) * 1_000_000,
                 });
             }
             let previous = before
@@ -175,9 +202,12 @@ impl Repo {
         if !came_online.is_empty() {
             let (projects, devices): (Vec<String>, Vec<String>) = came_online.into_iter().unzip();
             tx.execute(
-                "UPDATE registry.devices d SET status_changed_at = now()
+                &tx.prepare_cached(
+                    "UPDATE registry.devices d SET status_changed_at = now()
                  FROM unnest($1::text[], $2::text[]) AS s(project, device_id)
                  WHERE d.project = s.project AND d.id = s.device_id",
+                )
+                .await?,
                 &[&projects, &devices],
             )
             .await?;
@@ -207,7 +237,8 @@ impl Repo {
         let metrics: Vec<&str> = series.keys().map(|k| k.2).collect();
         let rules: Vec<RuleMatch> = tx
             .query(
-                "SELECT r.id, d.project, d.id, r.name, r.metric, r.op, r.threshold,
+                &tx.prepare_cached(
+                    "SELECT r.id, d.project, d.id, r.name, r.metric, r.op, r.threshold,
                         r.clear_threshold, r.for_s, r.severity
                  FROM unnest($1::text[], $2::text[], $3::text[]) AS k(project, device_id, metric)
                  JOIN registry.devices d ON d.project = k.project AND d.id = k.device_id
@@ -215,6 +246,8 @@ impl Repo {
                    ON r.project = k.project AND r.metric = k.metric AND r.enabled
                   AND (r.device_id = d.id OR r.device_group = d.device_group)
                  FOR SHARE OF r",
+                )
+                .await?,
                 &[&projects, &devices, &metrics],
             )
             .await?
@@ -228,20 +261,23 @@ impl Repo {
         let rule_projects: Vec<&str> = rules.iter().map(|r| r.project.as_str()).collect();
         let rule_devices: Vec<&str> = rules.iter().map(|r| r.device_id.as_str()).collect();
         tx.execute(
-            "INSERT INTO registry.alert_states (rule_id, project, device_id, state)
+            &tx.prepare_cached(
+                "INSERT INTO registry.alert_states (rule_id, project, device_id, state)
              SELECT rule_id, project, device_id, 'ok'
              FROM unnest($1::text[], $2::text[], $3::text[]) AS s(rule_id, project, device_id)
              ON CONFLICT DO NOTHING",
+            )
+            .await?,
             &[&rule_ids, &rule_projects, &rule_devices],
         )
         .await?;
         let mut states: HashMap<(String, String), AlertState> = tx
             .query(
-                "SELECT a.rule_id, a.device_id, a.state, a.pending_since, a.last_ts, a.last_value
+                &tx.prepare_cached("SELECT a.rule_id, a.device_id, a.state, a.pending_since, a.last_ts, a.last_value
                  FROM registry.alert_states a
                  JOIN unnest($1::text[], $2::text[]) AS s(rule_id, device_id)
                    ON a.rule_id = s.rule_id AND a.device_id = s.device_id
-                 ORDER BY a.rule_id, a.device_id FOR UPDATE OF a",
+                 ORDER BY a.rule_id, a.device_id FOR UPDATE OF a").await?,
                 &[&rule_ids, &rule_devices],
             )
             .await?
@@ -303,7 +339,8 @@ impl Repo {
         let last_values: Vec<Option<f64>> = changed.iter().map(|c| c.1.last_value).collect();
         let phase_changed: Vec<bool> = changed.iter().map(|c| c.2).collect();
         tx.execute(
-            "UPDATE registry.alert_states a SET
+            &tx.prepare_cached(
+                "UPDATE registry.alert_states a SET
                state = s.state, pending_since = s.pending_since, last_ts = s.last_ts,
                last_value = s.last_value,
                changed_at = CASE WHEN s.phase_changed THEN now() ELSE a.changed_at END
@@ -311,6 +348,8 @@ impl Repo {
                          $6::float8[], $7::bool[])
                AS s(rule_id, device_id, state, pending_since, last_ts, last_value, phase_changed)
              WHERE a.rule_id = s.rule_id AND a.device_id = s.device_id",
+            )
+            .await?,
             &[
                 &ids,
                 &devices,
@@ -326,23 +365,44 @@ impl Repo {
     }
 
     /// Devices past three missed heartbeats go offline, each announced once; SKIP LOCKED lets
-    /// two instances sweep side by side. Returns how many went offline.
-    pub async fn sweep_offline(&self, limit: i64) -> Result<usize, ApiError> {
+    /// two instances sweep side by side. `offline_after` may stand up to a tenth of the
+    /// window early (see `mark_seen`): a device due by it whose `last_seen` says it is not
+    /// stays online, its `offline_after` moved to the true deadline.
+    pub async fn sweep_offline(
+        &self,
+        limit: i64,
+        default_interval_s: i32,
+    ) -> Result<Swept, ApiError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let rows = tx
             .query(
-                "WITH gone AS (
-                   SELECT project, id FROM registry.devices
-                   WHERE status = 'online' AND offline_after <= now()
-                   ORDER BY offline_after LIMIT $1 FOR UPDATE SKIP LOCKED
-                 )
-                 UPDATE registry.devices d SET status = 'offline', status_changed_at = now()
-                 FROM gone WHERE d.project = gone.project AND d.id = gone.id
-                 RETURNING d.project, d.id, d.last_seen",
-                &[&limit],
+                &tx.prepare_cached(
+                    "WITH due AS (
+                       SELECT project, id FROM registry.devices
+                       WHERE status = 'online' AND offline_after <= now()
+                       ORDER BY offline_after LIMIT $1 FOR UPDATE SKIP LOCKED
+                     ), judged AS (
+                       SELECT d.project, d.id,
+                              d.last_seen + make_interval(secs => 3 * coalesce(d.heartbeat_interval_s, $2))
+                                AS deadline
+                       FROM registry.devices d JOIN due USING (project, id)
+                     )
+                     UPDATE registry.devices d SET
+                       status = CASE WHEN j.deadline <= now() THEN 'offline' ELSE d.status END,
+                       status_changed_at = CASE WHEN j.deadline <= now() THEN now()
+                                                ELSE d.status_changed_at END,
+                       offline_after = CASE WHEN j.deadline <= now() THEN d.offline_after
+                                            ELSE j.deadline END
+                     FROM judged j WHERE d.project = j.project AND d.id = j.id
+                     RETURNING d.project, d.id, d.last_seen, d.status = 'offline'",
+                )
+                .await?,
+                &[&limit, &default_interval_s],
             )
             .await?;
+        let examined = rows.len();
+        let rows: Vec<&Row> = rows.iter().filter(|row| row.get::<_, bool>(3)).collect();
         let now = fieldline_common::time::now_us();
         let messages: Vec<OutboxMessage> = rows
             .iter()
@@ -361,7 +421,10 @@ impl Repo {
             .collect();
         enqueue(&tx, &messages).await?;
         tx.commit().await?;
-        Ok(messages.len())
+        Ok(Swept {
+            examined,
+            offline: messages.len(),
+        })
     }
     /// Pending alerts whose `for_s` has passed while no reading came to fire them (a device
     /// that went quiet while hot) fire now, each announced once. The wait runs from when the
@@ -375,7 +438,8 @@ impl Repo {
         let tx = client.transaction().await?;
         let rows = tx
             .query(
-                "WITH due AS (
+                &tx.prepare_cached(
+                    "WITH due AS (
                    SELECT a.rule_id, a.device_id FROM registry.alert_states a
                    JOIN registry.alert_rules r ON r.id = a.rule_id
                    JOIN registry.devices d ON d.project = a.project AND d.id = a.device_id
@@ -391,6 +455,8 @@ impl Repo {
                    AND a.state = 'pending' AND r.id = a.rule_id
                  RETURNING a.rule_id, a.project, a.device_id, r.name, r.metric, r.op,
                            r.threshold, r.clear_threshold, r.for_s, r.severity, a.last_value",
+                )
+                .await?,
                 &[&limit],
             )
             .await?;

@@ -164,3 +164,89 @@ async fn last_seen_is_written_at_most_once_a_second() {
     assert_eq!(body["data"]["status"], "online", "{body}");
     app.shutdown().await;
 }
+
+/// A sighting that moves `offline_after` by less than a tenth of the offline window leaves
+/// it (and with it the row's indexes) as it was; the sweep, finding the device due by that
+/// early deadline, reads `last_seen`, keeps the device online and moves the deadline. The
+/// device goes offline at its true deadline.
+#[tokio::test]
+async fn an_early_deadline_does_not_take_a_device_offline_early() {
+    let env = fieldline_testkit::TestEnv::new().await;
+    let app = spawn_registry_in(env, |config| config).await;
+    let admin = app.admin_key().to_owned();
+    // Offline window 30 s: the deadline moves once a sighting is 3 s past the last move.
+    let (status, _) = app
+        .post(
+            "/api/v1/devices",
+            &admin,
+            &json!({"id": "steady", "heartbeat_interval_s": 10}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let pg = app.env.pg().await;
+    let stored = || async {
+        let row = pg
+            .query_one(
+                "SELECT status, (extract(epoch FROM last_seen) * 1e6)::int8,
+                        (extract(epoch FROM offline_after) * 1e6)::int8
+                 FROM registry.devices WHERE id = 'steady'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            row.get::<_, String>(0),
+            row.get::<_, Option<i64>>(1),
+            row.get::<_, Option<i64>>(2),
+        )
+    };
+    const WINDOW_US: i64 = 30_000_000;
+    // Seen 25 s ago: due in 5 s by that sighting, time enough for the next to be applied.
+    let t0 = fieldline_common::time::now_us() - 25_000_000;
+    publish_heartbeat_at(&app, "default", "steady", t0).await;
+    eventually(
+        "the first sighting written",
+        Duration::from_secs(10),
+        || async { (stored().await.1 == Some(t0)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        stored().await,
+        ("online".to_owned(), Some(t0), Some(t0 + WINDOW_US))
+    );
+    // Two seconds later by the device's clock: last_seen moves, the deadline stays.
+    publish_heartbeat_at(&app, "default", "steady", t0 + 2_000_000).await;
+    eventually(
+        "the second sighting written",
+        Duration::from_secs(10),
+        || async { (stored().await.1 == Some(t0 + 2_000_000)).then_some(()) },
+    )
+    .await;
+    assert_eq!(stored().await.2, Some(t0 + WINDOW_US));
+
+    // Past the early deadline (t0 + 30 s), before the true one (t0 + 32 s): the sweep (every
+    // 200 ms) has looked at the device and kept it online, with the true deadline.
+    let early = t0 + WINDOW_US;
+    let wait = early + 700_000 - fieldline_common::time::now_us();
+    tokio::time::sleep(Duration::from_micros(wait.max(0) as u64)).await;
+    assert_eq!(
+        stored().await,
+        (
+            "online".to_owned(),
+            Some(t0 + 2_000_000),
+            Some(t0 + 2_000_000 + WINDOW_US)
+        ),
+        "due by the early deadline, kept online by last_seen"
+    );
+    eventually(
+        "offline at the true deadline",
+        Duration::from_secs(10),
+        || async { (stored().await.0 == "offline").then_some(()) },
+    )
+    .await;
+    assert!(
+        fieldline_common::time::now_us() >= t0 + 2_000_000 + WINDOW_US,
+        "offline before its true deadline"
+    );
+    app.shutdown().await;
+}
