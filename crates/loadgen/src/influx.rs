@@ -41,12 +41,6 @@ impl Drop for Influxd {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn bytes_under(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
         return 0;
@@ -73,7 +67,7 @@ pub fn installed() -> bool {
 pub async fn run(lines: String, readings: u64) -> anyhow::Result<InfluxResult> {
     let dir = std::env::temp_dir().join(format!("fieldline-bench-influx-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let (http_port, rpc_port) = (free_port()?, free_port()?);
+    let (http_port, rpc_port) = (crate::platform::free_port()?, crate::platform::free_port()?);
     let config = format!(
         "reporting-disabled = true
 bind-address = \"127.0.0.1:{rpc_port}\"

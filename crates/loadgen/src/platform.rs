@@ -177,10 +177,11 @@ struct Instance {
     child: Child,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Below the kernel's ephemeral range, so that no outbound connection of this machine can
+/// take it between this check and the server's own bind (`bind(:0)` could hand out a port a
+/// client of PostgreSQL or NATS is then given, and the service fails to start).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(fieldline_testkit::servers::free_port())
 }
 
 pub async fn pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
@@ -341,6 +342,9 @@ impl Platform {
                 && response.status().is_success()
             {
                 return Ok(());
+            }
+            if let Some(exited) = self.exited() {
+                bail!("{exited} exited before {service} was ready (its log is above)");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -512,8 +516,22 @@ impl Platform {
             if tokio::time::Instant::now() > deadline {
                 bail!("the writer did not catch up within {timeout:?}");
             }
+            if let Some(service) = self.exited() {
+                bail!("{service} exited while the writer was catching up (its log is above)");
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A process of the platform that has exited on its own (it is not reaped until the
+    /// platform stops, so its state is `Z`). Killed ones are no longer among the instances.
+    pub fn exited(&self) -> Option<&'static str> {
+        self.instances.iter().find_map(|instance| {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", instance.child.id()));
+            // The state follows the command name in parentheses.
+            let state = stat.ok()?.rsplit_once(") ")?.1.chars().next()?;
+            (state == 'Z').then_some(instance.service)
+        })
     }
 
     /// Whether the query-api writer has nothing waiting and nothing unacknowledged.

@@ -445,9 +445,7 @@ pub struct RawIngestProcess {
 
 impl RawIngestProcess {
     pub async fn start(servers: &Servers, prefix: &str) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = crate::platform::free_port()?;
         let child = std::process::Command::new(std::env::current_exe()?)
             .args([
                 "raw-ingest",
