@@ -356,16 +356,27 @@ impl TestApp {
         content_type: &str,
         body: impl Into<reqwest::Body>,
     ) -> (StatusCode, Value) {
-        let response = self
+        self.post_with_headers(path, credential, &[("content-type", content_type)], body)
+            .await
+    }
+
+    /// POSTs raw bytes with the given headers (a content type and encoding, an
+    /// `Idempotency-Key`).
+    pub async fn post_with_headers(
+        &self,
+        path: &str,
+        credential: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
             .http
             .post(format!("{}{path}", self.base_url))
-            .bearer_auth(credential)
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        read(response).await
+            .bearer_auth(credential);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        read(request.body(body).send().await.unwrap()).await
     }
 
     pub async fn delete(&self, path: &str, credential: &str) -> (StatusCode, Value) {

@@ -24,17 +24,16 @@ async fn post_csv_once(
     idempotency: &str,
     csv: &str,
 ) -> (StatusCode, Value) {
-    let response = app
-        .http
-        .post(format!("{}/api/v1/devices/d1/readings", app.base_url))
-        .bearer_auth(key)
-        .header("content-type", "text/csv")
-        .header("idempotency-key", idempotency)
-        .body(csv.to_owned())
-        .send()
-        .await
-        .unwrap();
-    read(response).await
+    app.post_with_headers(
+        "/api/v1/devices/d1/readings",
+        key,
+        &[
+            ("content-type", "text/csv"),
+            ("idempotency-key", idempotency),
+        ],
+        csv.to_owned(),
+    )
+    .await
 }
 
 /// Every reading in the telemetry stream as (metric, ts_us, value), with each batch's source.

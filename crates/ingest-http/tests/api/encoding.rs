@@ -3,7 +3,7 @@
 
 use std::io::Write as _;
 
-use fieldline_testkit::{TestApp, TestEnv, assert_error, read};
+use fieldline_testkit::{TestApp, TestEnv, assert_error};
 use flate2::{Compress, Compression, FlushCompress, write::GzEncoder, write::ZlibEncoder};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -56,17 +56,16 @@ async fn post_encoded(
     encoding: &str,
     body: Vec<u8>,
 ) -> (StatusCode, Value) {
-    let response = app
-        .http
-        .post(format!("{}{path}", app.base_url))
-        .bearer_auth(credential)
-        .header("content-type", "application/json")
-        .header("content-encoding", encoding)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    read(response).await
+    app.post_with_headers(
+        path,
+        credential,
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", encoding),
+        ],
+        body,
+    )
+    .await
 }
 
 /// Peak resident memory of this process so far (Linux), in bytes.
