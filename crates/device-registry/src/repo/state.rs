@@ -3,7 +3,7 @@
 //! the same transaction, so a status change or an alert is announced exactly once even when
 //! two registry instances share the stream.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use fieldline_common::{
@@ -221,13 +221,47 @@ impl Repo {
         readings: &[NumericReading<'_>],
         messages: &mut Vec<OutboxMessage>,
     ) -> Result<(), tokio_postgres::Error> {
+        // Most readings have no rule watching them: the metrics that have one in the batch's
+        // projects (a few index entries, from the partial index on enabled rules) decide which
+        // series are matched against devices and rules below, so a batch of readings nobody
+        // watches costs one small query rather than a join of every series.
+        let mut projects: Vec<&str> = readings.iter().map(|reading| reading.project).collect();
+        projects.sort_unstable();
+        projects.dedup();
+        let watched: HashSet<(String, String)> = tx
+            .query(
+                &tx.prepare_cached(
+                    "SELECT DISTINCT project, metric FROM registry.alert_rules
+                     WHERE enabled AND project = ANY($1)",
+                )
+                .await?,
+                &[&projects],
+            )
+            .await?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        if watched.is_empty() {
+            return Ok(());
+        }
+        let mut metrics_of: HashMap<&str, HashSet<&str>> = HashMap::new();
+        for (project, metric) in &watched {
+            metrics_of.entry(project).or_default().insert(metric);
+        }
         // Readings by series, in time order.
         let mut series: BTreeMap<SeriesKey<'_>, Vec<(i64, f64)>> = BTreeMap::new();
-        for reading in readings {
+        for reading in readings.iter().filter(|reading| {
+            metrics_of
+                .get(reading.project)
+                .is_some_and(|metrics| metrics.contains(reading.metric))
+        }) {
             series
                 .entry((reading.project, reading.device_id, reading.metric))
                 .or_default()
                 .push((reading.ts_us, reading.value));
+        }
+        if series.is_empty() {
+            return Ok(());
         }
         for values in series.values_mut() {
             values.sort_by_key(|(ts, _)| *ts);

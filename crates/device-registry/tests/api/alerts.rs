@@ -537,3 +537,67 @@ async fn each_device_of_a_batch_of_several_is_seen_and_evaluated() {
     assert_eq!(fired_sorted, vec!["d1", "d2"], "d3 stayed below: {fired:?}");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn only_watched_metrics_are_matched_and_a_disabled_rule_watches_nothing() {
+    let app = spawn_registry().await;
+    for device_id in ["w1", "w2"] {
+        app.create_device(device_id).await;
+    }
+    let watched = create_rule(
+        &app,
+        json!({"name": "hot", "device_id": "w1", "metric": "temp", "op": "gt", "threshold": 30}),
+    )
+    .await;
+    let disabled = create_rule(
+        &app,
+        json!({"name": "wet", "device_id": "w2", "metric": "humidity", "op": "gt", "threshold": 50}),
+    )
+    .await;
+    let (status, body) = patch(
+        &app,
+        &format!("/api/v1/alert-rules/{disabled}"),
+        app.admin_key(),
+        &json!({"enabled": false}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let now = fieldline_common::time::now_us();
+    let reading = |metric: &str, value: f64| fieldline_proto::v1::Reading {
+        metric: metric.into(),
+        ts_us: now,
+        value: Some(fieldline_proto::v1::reading::Value::Number(value)),
+    };
+    // One bus message: the watched series beside series no enabled rule watches.
+    let batch = fieldline_testkit::multi_device_batch(
+        "default",
+        vec![
+            ("w1", vec![reading("humidity", 99.0), reading("temp", 41.0)]),
+            ("w2", vec![reading("humidity", 99.0), reading("temp", 45.0)]),
+        ],
+        now,
+    );
+    app.publish_telemetry(&batch).await;
+    let alerts = alerts_of(&app, &watched, 1).await;
+    assert_eq!(alerts[0]["value"], 41.0);
+    // Then a message of unwatched series alone: nothing to match, nothing fires.
+    let batch = fieldline_testkit::multi_device_batch(
+        "default",
+        vec![("w2", vec![reading("humidity", 98.0)])],
+        now + SECOND,
+    );
+    app.publish_telemetry(&batch).await;
+    eventually("w2 seen", Duration::from_secs(10), || async {
+        let (_, body) = app.get("/api/v1/devices/w2", app.admin_key()).await;
+        (body["data"]["status"] == "online").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fired: Vec<(String, Value)> = events(&app, "device.alert")
+        .await
+        .into_iter()
+        .map(|(event, payload)| (event.device_id, payload["rule_id"].clone()))
+        .collect();
+    assert_eq!(fired, vec![("w1".to_owned(), json!(watched))], "{fired:?}");
+    app.shutdown().await;
+}
