@@ -318,6 +318,16 @@ export function DevicePage({ id }: { id: string }) {
     return () => stream.close();
   }, [id]);
 
+  // A reading is stored a moment after it is acknowledged (the writer gathers small batches
+  // for up to FIELDLINE_WRITER_LINGER), so a device's first metric can be missing from a page
+  // opened just after it was sent: until the device has one, the list is asked for again.
+  const hasMetrics = (metrics.data ?? []).length > 0;
+  useEffect(() => {
+    if (hasMetrics) return;
+    const timer = setInterval(metrics.reload, 2000);
+    return () => clearInterval(timer);
+  }, [id, hasMetrics]);
+
   const live = {
     subscribeTo: (fn: (r: Reading[]) => void) => {
       listeners.current.add(fn);

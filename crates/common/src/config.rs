@@ -291,6 +291,12 @@ pub struct Config {
     /// message past it): what one transaction holds in memory follows from it, about ten
     /// times this once decoded, so an import of millions of readings is stored in several.
     pub writer_batch_bytes: usize,
+    /// How long the writer lets a batch of small messages gather before it stores it when
+    /// nothing else is being stored (zero: at once). Readings become readable up to that
+    /// much later, and each transaction carries more readings of each series: a series'
+    /// statistics and rollup rows are written once per transaction, whatever its readings.
+    #[serde(with = "humantime_serde")]
+    pub writer_linger: Duration,
     /// Longest a query-api statement may run (a page, an aggregate, one chunk of an export)
     /// before Postgres cancels it; the client gets 503 `query_timeout`.
     #[serde(with = "humantime_serde")]
@@ -450,6 +456,7 @@ impl Default for Config {
             consumer_max_deliveries: 5,
             writer_batch_size: 1000,
             writer_batch_bytes: 16 * 1024 * 1024,
+            writer_linger: Duration::from_millis(250),
             query_statement_timeout: Duration::from_secs(10),
             query_shared_connections: 1,
             readings_retention: None,

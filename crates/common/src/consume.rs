@@ -101,6 +101,10 @@ pub struct Spec {
     /// Batches handled at once by one process; beside one in hand, only full ones start (a
     /// part batch waits, filling, for the one in hand to be done).
     pub in_flight: usize,
+    /// How long a part batch of small messages gathers before it starts when nothing is in
+    /// hand (zero: at once); one that holds a sixteenth of `batch_bytes` starts at once.
+    /// Beside a batch in hand, a part batch waits for it whatever this says.
+    pub linger: Duration,
 }
 
 /// What became of one message.
@@ -322,17 +326,36 @@ async fn oldest_unacknowledged_age(
     Some(((crate::time::now_us() - published_us) as f64 / 1e6).max(0.0))
 }
 
+/// A part batch lingers until it holds this fraction of `batch_bytes` (1 MiB of the default
+/// 16 MiB).
+const LINGER_UNTIL_FRACTION: usize = 16;
+
 /// The next batch while it fills: its messages and their payload bytes.
 #[derive(Default)]
 struct Filling {
     messages: Vec<jetstream::Message>,
     bytes: usize,
+    /// When its first message came.
+    since: Option<tokio::time::Instant>,
 }
 
 impl Filling {
     fn push(&mut self, message: jetstream::Message) {
         self.bytes += message.payload.len();
+        self.since.get_or_insert_with(tokio::time::Instant::now);
         self.messages.push(message);
+    }
+
+    /// When it may start with nothing in hand: `linger` after its first message, or at once
+    /// when it holds large messages (an import's), which carry many readings of each series
+    /// already.
+    fn due(&self, spec: &Spec) -> tokio::time::Instant {
+        let since = self.since.unwrap_or_else(tokio::time::Instant::now);
+        if self.bytes >= spec.batch_bytes / LINGER_UNTIL_FRACTION {
+            since
+        } else {
+            since + spec.linger
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -346,6 +369,7 @@ impl Filling {
 
     fn take(&mut self) -> Vec<jetstream::Message> {
         self.bytes = 0;
+        self.since = None;
         std::mem::take(&mut self.messages)
     }
 }
@@ -387,7 +411,10 @@ impl<H: Handler> Loop<H> {
             // Nothing in hand goes at once; beside a batch in hand, only a full one does. A
             // part batch keeps filling until the one in hand is done: under a load of small
             // messages, the batches grow instead of queueing behind each other's locks.
-            if !next.is_empty() && (running.is_empty() || next.is_full(&self.spec) || ended) {
+            let lingered = next.due(&self.spec) <= tokio::time::Instant::now();
+            if !next.is_empty()
+                && ((running.is_empty() && lingered) || next.is_full(&self.spec) || ended)
+            {
                 running.spawn(self.clone().settle_batch(next.take()));
             }
             if ended {
@@ -408,6 +435,8 @@ impl<H: Handler> Loop<H> {
                     }
                 },
                 joined = running.join_next(), if !running.is_empty() => self.log_panic(joined),
+                () = tokio::time::sleep_until(next.due(&self.spec)),
+                    if running.is_empty() && !next.is_empty() => {}
             }
         };
         self.finish(running, outcome).await

@@ -88,6 +88,7 @@ pub async fn start(context: &Context, client_id: &str) -> anyhow::Result<watch::
         batch: 16,
         batch_bytes: consume::BATCH_BYTES,
         in_flight: 1,
+        linger: Duration::ZERO,
     };
     consume::start(context, spec, downlink).await?;
     Ok(connected_rx)

@@ -39,6 +39,7 @@ pub async fn start(context: &Context, repo: Repo) -> anyhow::Result<()> {
         batch: context.config.writer_batch_size,
         batch_bytes: context.config.writer_batch_bytes,
         in_flight: STORES_IN_FLIGHT,
+        linger: context.config.writer_linger,
     };
     let store = Store {
         repo,

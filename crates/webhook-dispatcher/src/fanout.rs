@@ -234,6 +234,7 @@ pub async fn start(
             batch: BATCH,
             batch_bytes: consume::BATCH_BYTES,
             in_flight: 1,
+            linger: Duration::ZERO,
         };
         let fanout = Fanout {
             context: context.clone(),

@@ -69,6 +69,7 @@ pub async fn start(context: &Context, repo: Repo, wake: Arc<Notify>) -> anyhow::
         batch: BATCH,
         batch_bytes: consume::BATCH_BYTES,
         in_flight: 1,
+        linger: Duration::ZERO,
     };
     consume::start(context, spec, apply).await?;
 

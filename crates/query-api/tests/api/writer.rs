@@ -304,6 +304,7 @@ async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
         batch: 100,
         batch_bytes: consume::BATCH_BYTES,
         in_flight: 2,
+        linger: Duration::ZERO,
     };
     let recorder = Recorder {
         sizes: sizes.clone(),
@@ -341,6 +342,97 @@ async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
     })
     .await;
     assert_eq!(*sizes.lock().unwrap(), vec![1, 20]);
+    app.shutdown().await;
+}
+
+/// With nothing in hand, a part batch of small messages gathers for `linger` (so the writer
+/// stores more readings of each series per transaction); one that holds a sixteenth of
+/// `batch_bytes` (an import's large messages) starts at once.
+#[tokio::test]
+async fn a_part_batch_of_small_messages_lingers_and_large_ones_go_at_once() {
+    use std::sync::{Arc, Mutex};
+
+    use fieldline_common::consume::{self, Delivery, Outcome};
+
+    /// Each batch: its messages' payload sizes.
+    struct Recorder(Arc<Mutex<Vec<Vec<usize>>>>);
+    impl consume::Handler for Recorder {
+        async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
+            let sizes = batch.iter().map(|d| d.payload().len()).collect();
+            self.0.lock().unwrap().push(sizes);
+            vec![Outcome::Done; batch.len()]
+        }
+    }
+
+    let app = spawn_query().await;
+    let subjects = &app.context.subjects;
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let linger = Duration::from_secs(5);
+    let spec = consume::Spec {
+        stream: Stream::Commands,
+        name: "linger-test",
+        description: "test: linger",
+        filter_subject: subjects.commands_all(),
+        deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 1_000,
+        batch: 100,
+        batch_bytes: 16_000,
+        in_flight: 1,
+        linger,
+    };
+    consume::start(&app.context, spec, Recorder(batches.clone()))
+        .await
+        .unwrap();
+    let publish = |size: usize| {
+        let subject = subjects.commands("default", "d1");
+        let jetstream = app.context.jetstream.clone();
+        async move {
+            jetstream
+                .publish(subject, vec![b'x'; size].into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    let first = std::time::Instant::now();
+    for _ in 0..5 {
+        publish(10).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        batches.lock().unwrap().is_empty(),
+        "started before its linger"
+    );
+    eventually(
+        "the small messages handled",
+        Duration::from_secs(15),
+        || async { (!batches.lock().unwrap().is_empty()).then_some(()) },
+    )
+    .await;
+    assert!(
+        first.elapsed() >= linger,
+        "started after {:?}",
+        first.elapsed()
+    );
+    assert_eq!(*batches.lock().unwrap(), vec![vec![10; 5]], "one batch");
+
+    // 1,000 bytes of 16,000: no lingering.
+    let sent = std::time::Instant::now();
+    publish(1_000).await;
+    eventually(
+        "the large message handled",
+        Duration::from_secs(15),
+        || async { (batches.lock().unwrap().len() == 2).then_some(()) },
+    )
+    .await;
+    assert!(
+        sent.elapsed() < linger,
+        "a large message lingered: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(batches.lock().unwrap()[1], vec![1_000]);
     app.shutdown().await;
 }
 
@@ -391,6 +483,7 @@ async fn a_batch_is_full_at_its_bytes() {
         batch: 100,
         batch_bytes: 250,
         in_flight: 1,
+        linger: Duration::ZERO,
     };
     consume::start(&app.context, spec, Recorder(batches.clone()))
         .await
