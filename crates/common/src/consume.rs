@@ -102,7 +102,8 @@ pub struct Spec {
     /// part batch waits, filling, for the one in hand to be done).
     pub in_flight: usize,
     /// How long a part batch of small messages gathers before it starts when nothing is in
-    /// hand (zero: at once); one that holds a sixteenth of `batch_bytes` starts at once.
+    /// hand (zero: at once); one that holds a sixteenth of `batch_bytes`, or follows one that
+    /// did (the end of an import), starts at once.
     /// Beside a batch in hand, a part batch waits for it whatever this says.
     pub linger: Duration,
 }
@@ -346,12 +347,17 @@ impl Filling {
         self.messages.push(message);
     }
 
+    /// Holds a sixteenth of `batch_bytes` or more: large messages (an import's), which carry
+    /// many readings of each series already.
+    fn is_heavy(&self, spec: &Spec) -> bool {
+        self.bytes >= spec.batch_bytes / LINGER_UNTIL_FRACTION
+    }
+
     /// When it may start with nothing in hand: `linger` after its first message, or at once
-    /// when it holds large messages (an import's), which carry many readings of each series
-    /// already.
-    fn due(&self, spec: &Spec) -> tokio::time::Instant {
+    /// when it is heavy or follows a heavy batch (the rest of an import).
+    fn due(&self, spec: &Spec, after_heavy: bool) -> tokio::time::Instant {
         let since = self.since.unwrap_or_else(tokio::time::Instant::now);
-        if self.bytes >= spec.batch_bytes / LINGER_UNTIL_FRACTION {
+        if after_heavy || self.is_heavy(spec) {
             since
         } else {
             since + spec.linger
@@ -391,6 +397,8 @@ impl<H: Handler> Loop<H> {
         let mut running = JoinSet::new();
         // The next batch, filling.
         let mut next = Filling::default();
+        // Whether the last batch started was heavy: what follows it does not linger.
+        let mut after_heavy = false;
         let outcome = loop {
             if running.len() >= in_flight {
                 self.log_panic(running.join_next().await);
@@ -411,10 +419,11 @@ impl<H: Handler> Loop<H> {
             // Nothing in hand goes at once; beside a batch in hand, only a full one does. A
             // part batch keeps filling until the one in hand is done: under a load of small
             // messages, the batches grow instead of queueing behind each other's locks.
-            let lingered = next.due(&self.spec) <= tokio::time::Instant::now();
+            let lingered = next.due(&self.spec, after_heavy) <= tokio::time::Instant::now();
             if !next.is_empty()
                 && ((running.is_empty() && lingered) || next.is_full(&self.spec) || ended)
             {
+                after_heavy = next.is_heavy(&self.spec);
                 running.spawn(self.clone().settle_batch(next.take()));
             }
             if ended {
@@ -435,7 +444,7 @@ impl<H: Handler> Loop<H> {
                     }
                 },
                 joined = running.join_next(), if !running.is_empty() => self.log_panic(joined),
-                () = tokio::time::sleep_until(next.due(&self.spec)),
+                () = tokio::time::sleep_until(next.due(&self.spec, after_heavy)),
                     if running.is_empty() && !next.is_empty() => {}
             }
         };

@@ -347,7 +347,7 @@ async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
 
 /// With nothing in hand, a part batch of small messages gathers for `linger` (so the writer
 /// stores more readings of each series per transaction); one that holds a sixteenth of
-/// `batch_bytes` (an import's large messages) starts at once.
+/// `batch_bytes` (an import's large messages) starts at once, and so does the one after it.
 #[tokio::test]
 async fn a_part_batch_of_small_messages_lingers_and_large_ones_go_at_once() {
     use std::sync::{Arc, Mutex};
@@ -433,6 +433,19 @@ async fn a_part_batch_of_small_messages_lingers_and_large_ones_go_at_once() {
         sent.elapsed()
     );
     assert_eq!(batches.lock().unwrap()[1], vec![1_000]);
+
+    // After a heavy batch (an import's), what is left of it does not linger either.
+    let sent = std::time::Instant::now();
+    publish(10).await;
+    eventually("the rest handled", Duration::from_secs(15), || async {
+        (batches.lock().unwrap().len() == 3).then_some(())
+    })
+    .await;
+    assert!(
+        sent.elapsed() < linger,
+        "the rest lingered: {:?}",
+        sent.elapsed()
+    );
     app.shutdown().await;
 }
 
