@@ -345,6 +345,20 @@ async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
     app.shutdown().await;
 }
 
+/// Records each batch it is handed: its messages' payload sizes.
+struct SizeRecorder(std::sync::Arc<std::sync::Mutex<Vec<Vec<usize>>>>);
+
+impl fieldline_common::consume::Handler for SizeRecorder {
+    async fn handle(
+        &self,
+        batch: &[fieldline_common::consume::Delivery],
+    ) -> Vec<fieldline_common::consume::Outcome> {
+        let sizes = batch.iter().map(|d| d.payload().len()).collect();
+        self.0.lock().unwrap().push(sizes);
+        vec![fieldline_common::consume::Outcome::Done; batch.len()]
+    }
+}
+
 /// With nothing in hand, a part batch of small messages gathers for `linger` (so the writer
 /// stores more readings of each series per transaction); one that holds a sixteenth of
 /// `batch_bytes` (an import's large messages) starts at once, and so does the one after it.
@@ -352,17 +366,7 @@ async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
 async fn a_part_batch_of_small_messages_lingers_and_large_ones_go_at_once() {
     use std::sync::{Arc, Mutex};
 
-    use fieldline_common::consume::{self, Delivery, Outcome};
-
-    /// Each batch: its messages' payload sizes.
-    struct Recorder(Arc<Mutex<Vec<Vec<usize>>>>);
-    impl consume::Handler for Recorder {
-        async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
-            let sizes = batch.iter().map(|d| d.payload().len()).collect();
-            self.0.lock().unwrap().push(sizes);
-            vec![Outcome::Done; batch.len()]
-        }
-    }
+    use fieldline_common::consume;
 
     let app = spawn_query().await;
     let subjects = &app.context.subjects;
@@ -381,7 +385,7 @@ async fn a_part_batch_of_small_messages_lingers_and_large_ones_go_at_once() {
         in_flight: 1,
         linger,
     };
-    consume::start(&app.context, spec, Recorder(batches.clone()))
+    consume::start(&app.context, spec, SizeRecorder(batches.clone()))
         .await
         .unwrap();
     let publish = |size: usize| {
@@ -456,17 +460,7 @@ async fn a_part_batch_of_small_messages_lingers_and_large_ones_go_at_once() {
 async fn a_batch_is_full_at_its_bytes() {
     use std::sync::{Arc, Mutex};
 
-    use fieldline_common::consume::{self, Delivery, Outcome};
-
-    /// Each batch: its messages' payload sizes.
-    struct Recorder(Arc<Mutex<Vec<Vec<usize>>>>);
-    impl consume::Handler for Recorder {
-        async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
-            let sizes = batch.iter().map(|d| d.payload().len()).collect();
-            self.0.lock().unwrap().push(sizes);
-            vec![Outcome::Done; batch.len()]
-        }
-    }
+    use fieldline_common::consume;
 
     let app = spawn_query().await;
     let subjects = &app.context.subjects;
@@ -498,7 +492,7 @@ async fn a_batch_is_full_at_its_bytes() {
         in_flight: 1,
         linger: Duration::ZERO,
     };
-    consume::start(&app.context, spec, Recorder(batches.clone()))
+    consume::start(&app.context, spec, SizeRecorder(batches.clone()))
         .await
         .unwrap();
     eventually("every message handled", Duration::from_secs(10), || async {
