@@ -103,8 +103,8 @@ pub struct Spec {
     pub in_flight: usize,
     /// How long a part batch of small messages gathers before it starts when nothing is in
     /// hand (zero: at once); one that holds a sixteenth of `batch_bytes`, or follows one that
-    /// did (the end of an import), starts at once.
-    /// Beside a batch in hand, a part batch waits for it whatever this says.
+    /// did (the end of an import), starts at once. Beside a batch in hand, a part batch waits
+    /// for it whatever this says.
     pub linger: Duration,
 }
 
@@ -416,9 +416,10 @@ impl<H: Handler> Loop<H> {
                     None => break,
                 }
             }
-            // Nothing in hand goes at once; beside a batch in hand, only a full one does. A
-            // part batch keeps filling until the one in hand is done: under a load of small
-            // messages, the batches grow instead of queueing behind each other's locks.
+            // With nothing in hand, a part batch goes once it has lingered (at once when
+            // `linger` is zero); beside a batch in hand, only a full one does. A part batch
+            // keeps filling until the one in hand is done: under a load of small messages,
+            // the batches grow instead of queueing behind each other's locks.
             let lingered = next.due(&self.spec, after_heavy) <= tokio::time::Instant::now();
             if !next.is_empty()
                 && ((running.is_empty() && lingered) || next.is_full(&self.spec) || ended)
