@@ -228,7 +228,8 @@ impl Repo {
         let mut projects: Vec<&str> = readings.iter().map(|reading| reading.project).collect();
         projects.sort_unstable();
         projects.dedup();
-        let watched: HashSet<(String, String)> = tx
+        let mut metrics_of: HashMap<String, HashSet<String>> = HashMap::new();
+        for row in tx
             .query(
                 &tx.prepare_cached(
                     "SELECT DISTINCT project, metric FROM registry.alert_rules
@@ -238,15 +239,11 @@ impl Repo {
                 &[&projects],
             )
             .await?
-            .iter()
-            .map(|row| (row.get(0), row.get(1)))
-            .collect();
-        if watched.is_empty() {
-            return Ok(());
+        {
+            metrics_of.entry(row.get(0)).or_default().insert(row.get(1));
         }
-        let mut metrics_of: HashMap<&str, HashSet<&str>> = HashMap::new();
-        for (project, metric) in &watched {
-            metrics_of.entry(project).or_default().insert(metric);
+        if metrics_of.is_empty() {
+            return Ok(());
         }
         // Readings by series, in time order.
         let mut series: BTreeMap<SeriesKey<'_>, Vec<(i64, f64)>> = BTreeMap::new();
