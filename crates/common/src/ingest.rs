@@ -6,7 +6,7 @@ use std::{cell::Cell, collections::HashSet, fmt, time::Duration};
 use async_nats::{HeaderMap, jetstream};
 use fieldline_proto::{
     Subjects,
-    v1::{Heartbeat, Reading, TelemetryBatch, reading},
+    v1::{Heartbeat, Reading, Series, TelemetryBatch, reading},
 };
 use prost::Message;
 use serde::{
@@ -833,6 +833,7 @@ impl EncodedBatch {
             source: source.to_owned(),
             message_id: message_id.clone().unwrap_or_default(),
             devices: Vec::new(),
+            series: Vec::new(),
         };
         Self {
             payload: batch.encode_to_vec(),
@@ -840,10 +841,12 @@ impl EncodedBatch {
         }
     }
 
-    /// The same batch of readings borrowed (an import's run of them, cut from one sorted
-    /// list), without copying them into a batch: the batch's other fields, then each reading
-    /// as field 3. A message's fields may come in any order, so this decodes to what
-    /// [`EncodedBatch::new`] encodes (the bytes differ: live ingest keeps `new`'s).
+    /// A batch of readings borrowed (an import's run of them, cut from one sorted list), in
+    /// the compact form: numbers in columns, one [`Series`] a metric in order of first
+    /// appearance (times as differences), the other readings as they are. About half the
+    /// bytes of [`EncodedBatch::new`]'s for an import's steady series, and every consumer
+    /// gets the same readings back from `split` (numbers after the rest, series by series:
+    /// the order within a batch is not part of the contract). Live ingest keeps `new`.
     pub fn of_slice(
         project: &str,
         device_id: &str,
@@ -853,6 +856,42 @@ impl EncodedBatch {
         source: &str,
     ) -> Self {
         let message_id = key.map(|key| scoped_message_id(project, device_id, key));
+        let mut series: Vec<Series> = Vec::new();
+        // Each series' index and last time, by metric; most imports cycle through a few
+        // metrics, so the one after the last found is tried first.
+        let mut found: std::collections::HashMap<&str, usize> = Default::default();
+        let mut last_us: Vec<i64> = Vec::new();
+        let mut others: Vec<&Reading> = Vec::new();
+        let mut next = 0;
+        for reading in readings {
+            let Some(reading::Value::Number(number)) = reading.value else {
+                others.push(reading);
+                continue;
+            };
+            let index = if series.get(next).is_some_and(|s| s.metric == reading.metric) {
+                next
+            } else {
+                *found.entry(&reading.metric).or_insert_with(|| {
+                    series.push(Series {
+                        metric: reading.metric.clone(),
+                        ..Default::default()
+                    });
+                    last_us.push(0);
+                    series.len() - 1
+                })
+            };
+            let column = &mut series[index];
+            column
+                .ts_delta_us
+                .push(reading.ts_us.wrapping_sub(last_us[index]));
+            column.numbers.push(number);
+            last_us[index] = reading.ts_us;
+            next = if index + 1 == series.len() {
+                0
+            } else {
+                index + 1
+            };
+        }
         let head = TelemetryBatch {
             project: project.to_owned(),
             device_id: device_id.to_owned(),
@@ -861,14 +900,17 @@ impl EncodedBatch {
             source: source.to_owned(),
             message_id: message_id.clone().unwrap_or_default(),
             devices: Vec::new(),
+            series,
         };
-        let readings_len: usize = readings
+        let others_len: usize = others
             .iter()
-            .map(|reading| prost::encoding::message::encoded_len(3, reading))
+            .map(|reading| prost::encoding::message::encoded_len(3, *reading))
             .sum();
-        let mut payload = Vec::with_capacity(head.encoded_len() + readings_len);
+        let mut payload = Vec::with_capacity(head.encoded_len() + others_len);
+        // A message's fields may come in any order: the head and its series, then the other
+        // readings as field 3.
         head.encode_raw(&mut payload);
-        for reading in readings {
+        for reading in others {
             prost::encoding::message::encode(3, reading, &mut payload);
         }
         Self {
@@ -1054,21 +1096,44 @@ impl Publisher {
 
 #[cfg(test)]
 mod tests {
-    /// A batch encoded from a borrowed slice decodes to the batch encoded whole.
+    /// A batch encoded from a borrowed slice, numbers in columns, splits into the readings of
+    /// the batch encoded whole (in another order), in about half the bytes.
     #[test]
-    fn a_batch_encoded_from_a_slice_decodes_as_the_whole() {
+    fn a_batch_encoded_from_a_slice_splits_into_the_same_readings_in_fewer_bytes() {
         use fieldline_proto::v1::reading::Value;
-        let readings: Vec<Reading> = (0..5)
-            .map(|i| Reading {
-                metric: format!("m{i}"),
-                ts_us: i * 1_000,
-                value: Some(match i % 3 {
-                    0 => Value::Number(i as f64 / 3.0),
-                    1 => Value::Boolean(true),
-                    _ => Value::Text("t".into()),
-                }),
+        // Rows of an import: ten metrics every 10 s, some of them not numbers; metrics that
+        // come and go, times out of order and at the ends of the range.
+        let mut readings: Vec<Reading> = (0..1000i64)
+            .flat_map(|row| {
+                (0..10).map(move |column| Reading {
+                    metric: format!("m{column}"),
+                    ts_us: 1_700_000_000_000_000 + row * 10_000_000,
+                    value: Some(match (row + column) % 20 {
+                        0 => Value::Boolean(row % 2 == 0),
+                        1 => Value::Text(format!("t{row}")),
+                        _ => Value::Number(row as f64 / 3.0 - column as f64),
+                    }),
+                })
             })
+            .filter(|reading| !(reading.metric == "m7" && reading.ts_us % 3 == 0))
             .collect();
+        for (metric, ts_us) in [("late", 5), ("m0", i64::MIN), ("m0", i64::MAX), ("m1", -1)] {
+            readings.push(Reading {
+                metric: metric.into(),
+                ts_us,
+                value: Some(Value::Number(-0.0)),
+            });
+        }
+        let sorted = |batch: &[u8]| {
+            let mut split = TelemetryBatch::decode(batch).unwrap().split().unwrap();
+            assert_eq!(split.len(), 1);
+            let mut batch = split.remove(0);
+            assert!(batch.series.is_empty());
+            batch
+                .readings
+                .sort_by(|a, b| (&a.metric, a.ts_us).cmp(&(&b.metric, b.ts_us)));
+            batch
+        };
         for key in [None, Some("k1")] {
             let parsed = Parsed {
                 readings: readings.clone(),
@@ -1077,9 +1142,19 @@ mod tests {
             let whole = EncodedBatch::new("p", "d", parsed, 42, "backfill");
             let sliced = EncodedBatch::of_slice("p", "d", &readings, key, 42, "backfill");
             assert_eq!(sliced.message_id, whole.message_id);
-            assert_eq!(
-                TelemetryBatch::decode(sliced.payload.as_slice()).unwrap(),
-                TelemetryBatch::decode(whole.payload.as_slice()).unwrap()
+            assert_eq!(sorted(&sliced.payload), sorted(&whole.payload));
+            // Bit for bit: -0.0 stays negative.
+            let zeros = sorted(&sliced.payload)
+                .readings
+                .iter()
+                .filter(|r| matches!(r.value, Some(Value::Number(n)) if n == 0.0 && n.is_sign_negative()))
+                .count();
+            assert_eq!(zeros, 4);
+            assert!(
+                sliced.payload.len() * 10 < whole.payload.len() * 6,
+                "{} bytes in columns, {} as readings",
+                sliced.payload.len(),
+                whole.payload.len()
             );
         }
     }

@@ -39,17 +39,21 @@ impl v1::TelemetryBatch {
     /// batch's project and source. Every consumer calls this right after decoding, so the
     /// rest of it sees single-device batches only.
     ///
+    /// A single-device batch's `series` become readings, after its own, series by series.
+    ///
     /// Refused: both shapes at once (`devices` beside a `device_id`, `readings`,
-    /// `received_at_us` or `message_id` of the batch), and an entry of `devices` without a
-    /// device id.
-    pub fn split(self) -> Result<Vec<v1::TelemetryBatch>, InvalidBatch> {
+    /// `received_at_us`, `message_id` or `series` of the batch), an entry of `devices` without
+    /// a device id, and a series whose times and numbers differ in count.
+    pub fn split(mut self) -> Result<Vec<v1::TelemetryBatch>, InvalidBatch> {
         if self.devices.is_empty() {
+            self.expand_series()?;
             return Ok(vec![self]);
         }
         if !self.device_id.is_empty()
             || !self.readings.is_empty()
             || self.received_at_us != 0
             || !self.message_id.is_empty()
+            || !self.series.is_empty()
         {
             return Err(InvalidBatch(
                 "a telemetry batch with both a device of its own and `devices`".into(),
@@ -76,8 +80,38 @@ impl v1::TelemetryBatch {
                 source: source.clone(),
                 message_id: device.message_id,
                 devices: Vec::new(),
+                series: Vec::new(),
             })
             .collect())
+    }
+
+    /// Moves the readings of `series` to the end of `readings`.
+    fn expand_series(&mut self) -> Result<(), InvalidBatch> {
+        if self.series.is_empty() {
+            return Ok(());
+        }
+        let count: usize = self.series.iter().map(|series| series.numbers.len()).sum();
+        self.readings.reserve(count);
+        for (position, series) in std::mem::take(&mut self.series).into_iter().enumerate() {
+            if series.ts_delta_us.len() != series.numbers.len() {
+                return Err(InvalidBatch(format!(
+                    "series[{position}] of a telemetry batch has {} times for {} numbers",
+                    series.ts_delta_us.len(),
+                    series.numbers.len()
+                )));
+            }
+            let mut ts_us = 0i64;
+            for (delta, number) in series.ts_delta_us.into_iter().zip(series.numbers) {
+                // Wrapping, as the encoder's differences are: any run of times comes back.
+                ts_us = ts_us.wrapping_add(delta);
+                self.readings.push(v1::Reading {
+                    metric: series.metric.clone(),
+                    ts_us,
+                    value: Some(v1::reading::Value::Number(number)),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -551,6 +585,7 @@ mod tests {
             source: "http".into(),
             message_id: "p/d/k".into(),
             devices: Vec::new(),
+            series: Vec::new(),
         }
     }
 
@@ -585,6 +620,52 @@ mod tests {
             ..single("d")
         };
         assert_eq!(empty.clone().split().unwrap(), vec![empty]);
+    }
+
+    #[test]
+    fn series_split_into_readings_after_the_batchs_own() {
+        let number = |metric: &str, ts_us: i64, number: f64| Reading {
+            metric: metric.to_owned(),
+            ts_us,
+            value: Some(reading::Value::Number(number)),
+        };
+        let columns = TelemetryBatch {
+            series: vec![
+                v1::Series {
+                    metric: "t".into(),
+                    ts_delta_us: vec![1_700_000_000_000_000, 10_000_000, -5, 0],
+                    numbers: vec![20.5, -0.0, f64::MAX, 1e-300],
+                },
+                v1::Series {
+                    metric: "h".into(),
+                    ts_delta_us: vec![-3],
+                    numbers: vec![0.1],
+                },
+            ],
+            ..single("d")
+        };
+        let mut expected = single("d");
+        expected.readings.extend([
+            number("t", 1_700_000_000_000_000, 20.5),
+            number("t", 1_700_000_010_000_000, -0.0),
+            number("t", 1_700_000_009_999_995, f64::MAX),
+            number("t", 1_700_000_009_999_995, 1e-300),
+            number("h", -3, 0.1),
+        ]);
+        assert_eq!(columns.split().unwrap(), vec![expected]);
+
+        let uneven = TelemetryBatch {
+            series: vec![v1::Series {
+                metric: "t".into(),
+                ts_delta_us: vec![1, 2],
+                numbers: vec![1.0],
+            }],
+            ..single("d")
+        };
+        assert_eq!(
+            uneven.split().unwrap_err().0,
+            "series[0] of a telemetry batch has 2 times for 1 numbers"
+        );
     }
 
     #[test]
@@ -630,6 +711,14 @@ mod tests {
             },
             TelemetryBatch {
                 message_id: "k".into(),
+                ..several()
+            },
+            TelemetryBatch {
+                series: vec![v1::Series {
+                    metric: "x".into(),
+                    ts_delta_us: vec![1],
+                    numbers: vec![1.0],
+                }],
                 ..several()
             },
         ];

@@ -157,6 +157,7 @@ async fn backfilled_readings_neither_fire_alerts_nor_mark_devices_seen() {
         source: "backfill".into(),
         message_id: String::new(),
         devices: Vec::new(),
+        series: Vec::new(),
     };
     app.context
         .jetstream

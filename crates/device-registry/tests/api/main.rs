@@ -66,6 +66,7 @@ pub async fn publish_reading(
         source: "http".into(),
         message_id: String::new(),
         devices: Vec::new(),
+        series: Vec::new(),
     };
     publish(
         app,

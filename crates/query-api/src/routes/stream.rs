@@ -71,7 +71,12 @@ async fn readings(
         render: Box::new(move |message| {
             let subject = message.subject.as_str();
             if subject == own_subject {
-                let batch = TelemetryBatch::decode(message.payload.as_ref()).ok()?;
+                // Single-device: `split` gives it back whole, an import's columns as readings.
+                let batch = TelemetryBatch::decode(message.payload.as_ref())
+                    .ok()?
+                    .split()
+                    .ok()?
+                    .pop()?;
                 render_readings(&batch)
             } else if subjects.telemetry_batch_project(subject).is_some() {
                 let devices = subjects

@@ -109,6 +109,7 @@ pub async fn publish(app: &TestApp, project: &str, device_id: &str, readings: Ve
         source: "test".into(),
         message_id: String::new(),
         devices: Vec::new(),
+        series: Vec::new(),
     };
     let subject = app.context.subjects.telemetry(project, device_id);
     app.context

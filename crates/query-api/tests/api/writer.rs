@@ -176,6 +176,7 @@ async fn two_writers_on_the_same_series_never_deadlock() {
                 source: "test".into(),
                 message_id: String::new(),
                 devices: Vec::new(),
+                series: Vec::new(),
             };
             (
                 subjects.telemetry("default", &device_id),

@@ -38,6 +38,7 @@ async fn publish(
         source: "test".into(),
         message_id: String::new(),
         devices: Vec::new(),
+        series: Vec::new(),
     };
     jetstream
         .publish(
