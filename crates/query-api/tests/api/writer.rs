@@ -346,6 +346,91 @@ async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
     app.shutdown().await;
 }
 
+/// Large messages (an import's) make batches full at an eighth of `batch_bytes`, so they go
+/// beside a batch in hand instead of waiting behind it.
+#[tokio::test]
+async fn large_messages_make_batches_full_at_an_eighth_of_the_bytes() {
+    use std::sync::{Arc, Mutex};
+
+    use fieldline_common::consume::{self, Delivery, Outcome};
+
+    /// Holds the first batch it is handed until the gate opens; records every batch's size.
+    struct Recorder {
+        sizes: Arc<Mutex<Vec<usize>>>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl consume::Handler for Recorder {
+        async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
+            let first = {
+                let mut sizes = self.sizes.lock().unwrap();
+                sizes.push(batch.len());
+                sizes.len() == 1
+            };
+            if first {
+                let _held = self.gate.acquire().await;
+            }
+            vec![Outcome::Done; batch.len()]
+        }
+    }
+
+    let app = spawn_query().await;
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let subjects = &app.context.subjects;
+    let spec = consume::Spec {
+        stream: Stream::Commands,
+        name: "large-batching-test",
+        description: "test: batches of large messages",
+        filter_subject: subjects.commands_all(),
+        deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 1_000,
+        batch: 100,
+        // A batch of large messages is full at 131,072 bytes: two of them.
+        batch_bytes: 1024 * 1024,
+        in_flight: 2,
+        linger: Duration::ZERO,
+    };
+    let recorder = Recorder {
+        sizes: sizes.clone(),
+        gate: gate.clone(),
+    };
+    consume::start(&app.context, spec, recorder).await.unwrap();
+    let publish = |size: usize| {
+        let subject = subjects.commands("default", "d1");
+        let jetstream = app.context.jetstream.clone();
+        async move {
+            jetstream
+                .publish(subject, vec![b'x'; size].into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    publish(1).await;
+    eventually(
+        "the first batch in hand",
+        Duration::from_secs(10),
+        || async { (!sizes.lock().unwrap().is_empty()).then_some(()) },
+    )
+    .await;
+    for _ in 0..20 {
+        publish(70_000).await;
+    }
+    // Beside the batch held, full batches of two go one after the other.
+    eventually(
+        "the large messages handled beside the batch held",
+        Duration::from_secs(10),
+        || async { (sizes.lock().unwrap().iter().sum::<usize>() == 21).then_some(()) },
+    )
+    .await;
+    assert_eq!(*sizes.lock().unwrap(), [vec![1], vec![2; 10]].concat());
+    gate.add_permits(1);
+    app.shutdown().await;
+}
+
 /// Records each batch it is handed: its messages' payload sizes.
 struct SizeRecorder(std::sync::Arc<std::sync::Mutex<Vec<Vec<usize>>>>);
 
