@@ -263,76 +263,100 @@ async fn two_writers_on_the_same_series_never_deadlock() {
     );
 }
 
-/// The consumer loop every durable consumer runs (`fieldline_common::consume`), with two
-/// batches in flight as the writer has: while one is in hand, what arrives is gathered into
-/// one batch that goes when the first is done, instead of small batches that queue behind it.
-#[tokio::test]
-async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
-    use std::sync::{Arc, Mutex};
+/// Holds the first batch it is handed until its gate opens; records every batch's length.
+struct HoldsFirst {
+    sizes: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+}
 
-    use fieldline_common::consume::{self, Delivery, Outcome};
-
-    struct Recorder {
-        sizes: Arc<Mutex<Vec<usize>>>,
-        gate: Arc<tokio::sync::Semaphore>,
-    }
-    impl consume::Handler for Recorder {
-        async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
-            let first = {
-                let mut sizes = self.sizes.lock().unwrap();
-                sizes.push(batch.len());
-                sizes.len() == 1
-            };
-            if first {
-                let _held = self.gate.acquire().await;
-            }
-            vec![Outcome::Done; batch.len()]
+impl fieldline_common::consume::Handler for HoldsFirst {
+    async fn handle(
+        &self,
+        batch: &[fieldline_common::consume::Delivery],
+    ) -> Vec<fieldline_common::consume::Outcome> {
+        let first = {
+            let mut sizes = self.sizes.lock().unwrap();
+            sizes.push(batch.len());
+            sizes.len() == 1
+        };
+        if first {
+            let _held = self.gate.acquire().await;
         }
+        vec![fieldline_common::consume::Outcome::Done; batch.len()]
     }
+}
 
-    let app = spawn_query().await;
-    let sizes = Arc::new(Mutex::new(Vec::new()));
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let subjects = &app.context.subjects;
+/// Batch lengths as the handler is handed them.
+type Lengths = std::sync::Arc<std::sync::Mutex<Vec<usize>>>;
+
+/// A consumer of the test's commands with two batches in flight, as the writer has, whose
+/// handler holds the first batch ([`HoldsFirst`]); one message is published and its batch
+/// taken in hand. Returns the batch lengths as they come, and the gate that lets the first go.
+async fn hold_a_first_batch(
+    app: &TestApp,
+    name: &'static str,
+    batch_bytes: usize,
+) -> (Lengths, std::sync::Arc<tokio::sync::Semaphore>) {
+    use fieldline_common::consume;
+
+    let sizes = Lengths::default();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let spec = consume::Spec {
         stream: Stream::Commands,
-        name: "batching-test",
+        name,
         description: "test: batch sizes",
-        filter_subject: subjects.commands_all(),
+        filter_subject: app.context.subjects.commands_all(),
         deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 1_000,
         batch: 100,
-        batch_bytes: consume::BATCH_BYTES,
+        batch_bytes,
         in_flight: 2,
         linger: Duration::ZERO,
     };
-    let recorder = Recorder {
+    let handler = HoldsFirst {
         sizes: sizes.clone(),
         gate: gate.clone(),
     };
-    consume::start(&app.context, spec, recorder).await.unwrap();
-    let publish = |n: u32| {
-        let subject = subjects.commands("default", "d1");
-        let jetstream = app.context.jetstream.clone();
-        async move {
-            jetstream
-                .publish(subject, n.to_string().into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-    };
-    publish(0).await;
+    consume::start(&app.context, spec, handler).await.unwrap();
+    publish_command(app, vec![b'0']).await;
     eventually(
         "the first batch in hand",
         Duration::from_secs(10),
         || async { (!sizes.lock().unwrap().is_empty()).then_some(()) },
     )
     .await;
-    for n in 1..=20 {
-        publish(n).await;
+    (sizes, gate)
+}
+
+/// Publishes `payload` on the test's commands subject and waits for JetStream's ack.
+async fn publish_command(app: &TestApp, payload: Vec<u8>) {
+    app.context
+        .jetstream
+        .publish(
+            app.context.subjects.commands("default", "d1"),
+            payload.into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// The consumer loop every durable consumer runs (`fieldline_common::consume`), with two
+/// batches in flight as the writer has: while one is in hand, what arrives is gathered into
+/// one batch that goes when the first is done, instead of small batches that queue behind it.
+#[tokio::test]
+async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
+    let app = spawn_query().await;
+    let (sizes, gate) = hold_a_first_batch(
+        &app,
+        "batching-test",
+        fieldline_common::consume::BATCH_BYTES,
+    )
+    .await;
+    for n in 1..=20u32 {
+        publish_command(&app, n.to_string().into_bytes()).await;
     }
     // Delivered to the loop meanwhile; none may start beside the batch in hand.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -346,78 +370,15 @@ async fn beside_a_batch_in_hand_a_part_batch_keeps_filling() {
     app.shutdown().await;
 }
 
-/// Large messages (an import's) make batches full at an eighth of `batch_bytes`, so they go
-/// beside a batch in hand instead of waiting behind it.
+/// Large messages (an import's, 64 KiB and more) make batches full at an eighth of
+/// `batch_bytes`, so they go beside a batch in hand instead of waiting behind it.
 #[tokio::test]
 async fn large_messages_make_batches_full_at_an_eighth_of_the_bytes() {
-    use std::sync::{Arc, Mutex};
-
-    use fieldline_common::consume::{self, Delivery, Outcome};
-
-    /// Holds the first batch it is handed until the gate opens; records every batch's size.
-    struct Recorder {
-        sizes: Arc<Mutex<Vec<usize>>>,
-        gate: Arc<tokio::sync::Semaphore>,
-    }
-
-    impl consume::Handler for Recorder {
-        async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
-            let first = {
-                let mut sizes = self.sizes.lock().unwrap();
-                sizes.push(batch.len());
-                sizes.len() == 1
-            };
-            if first {
-                let _held = self.gate.acquire().await;
-            }
-            vec![Outcome::Done; batch.len()]
-        }
-    }
-
     let app = spawn_query().await;
-    let sizes = Arc::new(Mutex::new(Vec::new()));
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let subjects = &app.context.subjects;
-    let spec = consume::Spec {
-        stream: Stream::Commands,
-        name: "large-batching-test",
-        description: "test: batches of large messages",
-        filter_subject: subjects.commands_all(),
-        deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
-        ack_wait: Duration::from_secs(30),
-        max_ack_pending: 1_000,
-        batch: 100,
-        // A batch of large messages is full at 131,072 bytes: two of them.
-        batch_bytes: 1024 * 1024,
-        in_flight: 2,
-        linger: Duration::ZERO,
-    };
-    let recorder = Recorder {
-        sizes: sizes.clone(),
-        gate: gate.clone(),
-    };
-    consume::start(&app.context, spec, recorder).await.unwrap();
-    let publish = |size: usize| {
-        let subject = subjects.commands("default", "d1");
-        let jetstream = app.context.jetstream.clone();
-        async move {
-            jetstream
-                .publish(subject, vec![b'x'; size].into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-    };
-    publish(1).await;
-    eventually(
-        "the first batch in hand",
-        Duration::from_secs(10),
-        || async { (!sizes.lock().unwrap().is_empty()).then_some(()) },
-    )
-    .await;
+    // A batch of large messages is full at 131,072 bytes: two of 70,000.
+    let (sizes, gate) = hold_a_first_batch(&app, "large-batching-test", 1024 * 1024).await;
     for _ in 0..20 {
-        publish(70_000).await;
+        publish_command(&app, vec![b'x'; 70_000]).await;
     }
     // Beside the batch held, full batches of two go one after the other.
     eventually(
