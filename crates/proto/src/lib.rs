@@ -28,6 +28,11 @@ impl std::fmt::Display for InvalidBatch {
 
 impl std::error::Error for InvalidBatch {}
 
+/// The longest metric of a [`v1::Series`] a consumer takes: the edges' limit on metric names.
+/// A series' metric is copied into each of its readings, so a long one would make a small
+/// message cost far more memory decoded than its bytes.
+pub const MAX_SERIES_METRIC_LEN: usize = 128;
+
 impl v1::TelemetryBatch {
     /// Whether this is the multi-device shape (`devices` set).
     pub fn is_multi_device(&self) -> bool {
@@ -43,7 +48,8 @@ impl v1::TelemetryBatch {
     ///
     /// Refused: both shapes at once (`devices` beside a `device_id`, `readings`,
     /// `received_at_us`, `message_id` or `series` of the batch), an entry of `devices` without
-    /// a device id, and a series whose times and numbers differ in count.
+    /// a device id, and a series whose times and numbers differ in count or whose metric is
+    /// longer than [`MAX_SERIES_METRIC_LEN`].
     pub fn split(mut self) -> Result<Vec<v1::TelemetryBatch>, InvalidBatch> {
         if self.devices.is_empty() {
             self.expand_series()?;
@@ -98,6 +104,12 @@ impl v1::TelemetryBatch {
                     "series[{position}] of a telemetry batch has {} times for {} numbers",
                     series.ts_delta_us.len(),
                     series.numbers.len()
+                )));
+            }
+            if series.metric.len() > MAX_SERIES_METRIC_LEN {
+                return Err(InvalidBatch(format!(
+                    "series[{position}] of a telemetry batch has a metric of {} bytes (at most {MAX_SERIES_METRIC_LEN})",
+                    series.metric.len()
                 )));
             }
             let mut ts_us = 0i64;
@@ -665,6 +677,25 @@ mod tests {
         assert_eq!(
             uneven.split().unwrap_err().0,
             "series[0] of a telemetry batch has 2 times for 1 numbers"
+        );
+        // A metric past the edges' limit would be copied into every reading: refused.
+        let long = |len: usize| TelemetryBatch {
+            series: vec![v1::Series {
+                metric: "m".repeat(len),
+                ts_delta_us: vec![1; 1000],
+                numbers: vec![1.0; 1000],
+            }],
+            ..single("d")
+        };
+        assert_eq!(
+            long(MAX_SERIES_METRIC_LEN).split().unwrap()[0]
+                .readings
+                .len(),
+            1001
+        );
+        assert_eq!(
+            long(MAX_SERIES_METRIC_LEN + 1).split().unwrap_err().0,
+            "series[0] of a telemetry batch has a metric of 129 bytes (at most 128)"
         );
     }
 
