@@ -96,8 +96,8 @@ pub struct Spec {
     /// Most payload bytes handed to the handler at once: a batch is full at `batch`
     /// messages or at this many bytes, whichever comes first, so at most one message past
     /// it (a message larger than this goes alone); a batch of large messages (64 KiB each,
-    /// on average) is full at an eighth of it. What a batch costs in memory,
-    /// decoded, follows from it.
+    /// on average) is full at an eighth of it. What a batch costs in memory, decoded,
+    /// follows from it.
     pub batch_bytes: usize,
     /// Batches handled at once by one process; beside one in hand, only full ones start (a
     /// part batch waits, filling, for the one in hand to be done).

@@ -435,18 +435,7 @@ async fn a_part_batch_of_small_messages_lingers_and_large_ones_go_at_once() {
     consume::start(&app.context, spec, SizeRecorder(batches.clone()))
         .await
         .unwrap();
-    let publish = |size: usize| {
-        let subject = subjects.commands("default", "d1");
-        let jetstream = app.context.jetstream.clone();
-        async move {
-            jetstream
-                .publish(subject, vec![b'x'; size].into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-    };
+    let publish = |size: usize| publish_command(&app, vec![b'x'; size]);
     let first = std::time::Instant::now();
     for _ in 0..5 {
         publish(10).await;
@@ -516,13 +505,7 @@ async fn a_batch_is_full_at_its_bytes() {
     let mut sent = Vec::new();
     for n in 0..30 {
         let size = if n == 12 { 1_000 } else { 100 };
-        app.context
-            .jetstream
-            .publish(subjects.commands("default", "d1"), vec![b'x'; size].into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        publish_command(&app, vec![b'x'; size]).await;
         sent.push(size);
     }
     let batches = Arc::new(Mutex::new(Vec::new()));
