@@ -505,9 +505,16 @@ impl Platform {
     }
 
     /// Waits until the query-api writer has stored everything published so far.
+    ///
+    /// Asked every 2 % of the wait so far (20 to 250 ms): a consumer's info makes nats-server
+    /// 2.9 count what is pending under the writer's filter, which takes it tens of
+    /// milliseconds when the writer is far behind on a stream of many subjects. Asked every
+    /// 20 ms, those counts held the writer back: the catch-up after `http-single-alone` took
+    /// 107 s instead of 10.
     pub async fn wait_durable(&self, timeout: Duration) -> anyhow::Result<()> {
         let mut consumer = self.writer_consumer().await?;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let waiting = tokio::time::Instant::now();
+        let deadline = waiting + timeout;
         loop {
             let info = consumer.info().await?;
             if info.num_pending == 0 && info.num_ack_pending == 0 {
@@ -519,7 +526,9 @@ impl Platform {
             if let Some(service) = self.exited() {
                 bail!("{service} exited while the writer was catching up (its log is above)");
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let interval = (waiting.elapsed() / 50)
+                .clamp(Duration::from_millis(20), Duration::from_millis(250));
+            tokio::time::sleep(interval).await;
         }
     }
 
