@@ -159,10 +159,12 @@ const MINIMAL_INGEST: &str =
     "minimal actix-web handler, same JetStream publish with ack, same process layout";
 /// `http-single`'s figure against that limit: ingest-http alone on the machine, as the
 /// minimal server is.
-const HTTP_SINGLE_ALONE: &str =
-    "requests accepted (1 reading each), ingest-http alone (the rest of the platform stopped)";
+const HTTP_SINGLE_ALONE: &str = "requests accepted (1 reading each), ingest-http alone (the rest of the platform stopped), in turns with the minimal server";
 /// Devices of `http-single`, each with one request in flight.
 const HTTP_SINGLE_CLIENTS: usize = 32;
+/// Rounds of `http-single`'s paired measurement: ingest-http alone and the minimal server
+/// each post for a quarter of the scenario's duration per round, in the order ABBA ABBA.
+const HTTP_SINGLE_ROUNDS: u32 = 4;
 /// Devices of `ingest-scaling` (100 readings a request), spread over the ingest processes.
 const SCALING_CLIENTS: usize = 16;
 
@@ -576,6 +578,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         // The scenarios send fixed times from 2025 on (BASE_MS), older than live ingest's
         // default window.
         ("FIELDLINE_INGEST_MAX_AGE", "3650days"),
+        // `http-single` stops the registry while ingest-http and the minimal server take
+        // turns (twice the scenario's duration): a cached token must not expire meanwhile,
+        // which would send its device to a registry that cannot answer.
+        ("FIELDLINE_AUTH_CACHE_TTL", "10min"),
     ];
     let runner = Runner {
         fieldline: &fieldline,
@@ -871,19 +877,16 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     duration,
                 )
                 .await?;
-                // The same with ingest-http alone on the machine, as the minimal server is.
-                let alone = scenarios::http_ingest_alone(
+                // The target: ingest-http alone on the machine, in turns with the same
+                // clients against a minimal server doing the same publish (its limit).
+                let (alone, baseline) = scenarios::http_single_paired(
                     platform,
-                    "http-single-alone",
                     HTTP_SINGLE_CLIENTS,
                     duration,
+                    HTTP_SINGLE_ROUNDS,
                 )
-                .await?;
-                // The limit: the same clients against a minimal server doing the same publish.
-                let baseline =
-                    scenarios::http_single_baseline(platform, HTTP_SINGLE_CLIENTS, duration)
-                        .await
-                        .context("minimal actix-web ingest")?;
+                .await
+                .context("ingest-http alone, in turns with a minimal actix-web ingest")?;
                 anyhow::Ok((result, alone, baseline))
             })
             .await?;
@@ -902,8 +905,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             None,
         ));
         // The minimal server's stream has no consumer: nothing else runs while it is
-        // measured. The target is on ingest-http measured the same way, with the rest of the
-        // platform stopped while the clients post (it catches up after, and everything is
+        // measured. The target is on ingest-http measured the same way and in turns with it,
+        // the rest of the platform stopped meanwhile (it catches up after, and everything is
         // stored); the figure with the whole pipeline on the same two cores comes next.
         figures.push(
             figure(

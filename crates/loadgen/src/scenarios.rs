@@ -59,54 +59,14 @@ pub async fn http_ingest(
     per_request: usize,
     duration: Duration,
 ) -> anyhow::Result<IngestResult> {
-    http_ingest_with(platform, name, clients, per_request, duration, false).await
-}
-
-/// One reading a request, with ingest-http alone on the machine while the clients post, as
-/// when the rest of the platform runs on other machines: each device's token is verified
-/// first (its first requests go through the registry), then every other Fieldline process is
-/// stopped for `duration` and continued after it; everything accepted must then be stored.
-/// The minimal server's limit runs the same way: nothing reads its stream.
-pub async fn http_ingest_alone(
-    platform: &Platform,
-    name: &str,
-    clients: usize,
-    duration: Duration,
-) -> anyhow::Result<IngestResult> {
-    http_ingest_with(platform, name, clients, 1, duration, true).await
-}
-
-async fn http_ingest_with(
-    platform: &Platform,
-    name: &str,
-    clients: usize,
-    per_request: usize,
-    duration: Duration,
-    alone: bool,
-) -> anyhow::Result<IngestResult> {
     let tokens = platform
         .create_devices(&format!("{name}-"), clients)
         .await?;
-    let urls: Vec<String> = platform
-        .urls("ingest-http")
-        .into_iter()
-        .map(|base| format!("{base}/api/v1/ingest"))
-        .collect();
-    if alone {
-        let warming = format!("{name}, verifying the tokens");
-        let warm = Duration::from_millis(500);
-        post_readings(platform, &warming, &urls, tokens.clone(), 1, warm).await?;
-    }
+    let urls = ingest_urls(platform);
     let before = Snapshot::take(platform).await;
     let started = Instant::now();
-    if alone {
-        platform.signal_all_but("ingest-http", true)?;
-    }
-    let posted = post_readings(platform, name, &urls, tokens, per_request, duration).await;
-    if alone {
-        platform.signal_all_but("ingest-http", false)?;
-    }
-    let (accepted, latencies, accepted_after) = posted?;
+    let (accepted, latencies, accepted_after) =
+        post_readings(platform, name, &urls, tokens, per_request, duration).await?;
     platform.wait_durable(Duration::from_secs(600)).await?;
     let durable_after = started.elapsed();
     let cpu = Cpu::of(Snapshot::take(platform).await.since(&before), accepted);
@@ -122,6 +82,161 @@ async fn http_ingest_with(
         durable_per_second: accepted as f64 / durable_after.as_secs_f64(),
         latency: summarize(&latencies),
     })
+}
+
+fn ingest_urls(platform: &Platform) -> Vec<String> {
+    platform
+        .urls("ingest-http")
+        .into_iter()
+        .map(|base| format!("{base}/api/v1/ingest"))
+        .collect()
+}
+
+/// Turns of one client load against one server: readings accepted, latencies, time taken.
+struct Turns {
+    accepted: u64,
+    latencies: hdrhistogram::Histogram<u64>,
+    elapsed: Duration,
+}
+
+impl Turns {
+    fn new() -> Self {
+        Self {
+            accepted: 0,
+            latencies: histogram(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn add(
+        &mut self,
+        (accepted, latencies, elapsed): (u64, hdrhistogram::Histogram<u64>, Duration),
+    ) -> anyhow::Result<()> {
+        self.accepted += accepted;
+        self.latencies.add(latencies)?;
+        self.elapsed += elapsed;
+        Ok(())
+    }
+
+    fn per_second(&self) -> f64 {
+        self.accepted as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+}
+
+/// `http-single`'s target: one reading a request to ingest-http alone on the machine (as when
+/// the rest of the platform runs on other machines), and the same clients against a minimal
+/// actix-web server doing the same JetStream publish (`loadgen raw-ingest`), whose stream
+/// nothing reads.
+///
+/// Each device's token is verified first (its first requests go through the registry); then
+/// every other Fieldline process is stopped, and the two servers take `rounds` turns each of
+/// `duration / rounds`, in the order ABBA ABBA…, so that the machine's drift (this VM's speed
+/// moves by half within an hour) falls on both alike; then the platform is continued and
+/// everything ingest-http accepted must be stored. The CPU of the minimal server's turns is
+/// left out of the platform's (nats-server is busy in both).
+pub async fn http_single_paired(
+    platform: &Platform,
+    clients: usize,
+    duration: Duration,
+    rounds: u32,
+) -> anyhow::Result<(IngestResult, RawIngestResult)> {
+    let name = "http-single-alone";
+    let tokens = platform
+        .create_devices(&format!("{name}-"), clients)
+        .await?;
+    let urls = ingest_urls(platform);
+    let warming = format!("{name}, verifying the tokens");
+    post_readings(
+        platform,
+        &warming,
+        &urls,
+        tokens.clone(),
+        1,
+        Duration::from_millis(500),
+    )
+    .await?;
+    let server =
+        crate::raw::RawIngestProcess::start(&platform.servers, &format!("{}raw", platform.id))
+            .await?;
+    let raw_urls = [format!("{}/api/v1/ingest", server.url)];
+    let raw_tokens: Vec<String> = (0..clients)
+        .map(|index| format!("raw-device-token-{index}"))
+        .collect();
+    let rounds = rounds.max(1);
+    let turn = (duration / rounds).max(Duration::from_secs(1));
+    let mut alone = Turns::new();
+    let mut minimal = Turns::new();
+    let mut minimal_cpu = 0.0;
+    // What the platform's processes (and nats-server) used during the minimal server's turns.
+    let mut during_minimal: std::collections::BTreeMap<String, f64> = Default::default();
+    let before = Snapshot::take(platform).await;
+    let started = Instant::now();
+    platform.signal_all_but("ingest-http", true)?;
+    let turns = async {
+        for round in 0..rounds {
+            for minimal_turn in [round % 2 == 1, round % 2 == 0] {
+                if minimal_turn {
+                    let others = Snapshot::take(platform).await;
+                    let cpu = crate::usage::cpu_seconds(server.pid()).unwrap_or_default();
+                    let label = format!("http-single, minimal actix-web, turn {}", round + 1);
+                    minimal.add(
+                        post_readings(platform, &label, &raw_urls, raw_tokens.clone(), 1, turn)
+                            .await?,
+                    )?;
+                    minimal_cpu +=
+                        crate::usage::cpu_seconds(server.pid()).unwrap_or_default() - cpu;
+                    for (process, seconds) in Snapshot::take(platform).await.since(&others) {
+                        *during_minimal.entry(process).or_default() += seconds;
+                    }
+                } else {
+                    let label = format!("{name}, turn {}", round + 1);
+                    alone.add(
+                        post_readings(platform, &label, &urls, tokens.clone(), 1, turn).await?,
+                    )?;
+                }
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    platform.signal_all_but("ingest-http", false)?;
+    server.stop().await?;
+    turns?;
+    platform.wait_durable(Duration::from_secs(600)).await?;
+    // From the first turn until stored, but for the minimal server's turns.
+    let durable_after = started.elapsed().saturating_sub(minimal.elapsed);
+    let mut used = Snapshot::take(platform).await.since(&before);
+    for (process, seconds) in &during_minimal {
+        if let Some(total) = used.get_mut(process) {
+            *total = (*total - seconds).max(0.0);
+        }
+    }
+    let accepted = alone.accepted;
+    let alone = IngestResult {
+        cpu: Cpu::of(used, accepted),
+        storage: Storage::measure(platform).await?,
+        accepted,
+        stored: accepted,
+        seconds_to_connect: None,
+        seconds_to_accept: alone.elapsed.as_secs_f64(),
+        seconds_to_durable: durable_after.as_secs_f64(),
+        accepted_per_second: alone.per_second(),
+        durable_per_second: accepted as f64 / durable_after.as_secs_f64(),
+        latency: summarize(&alone.latencies),
+    };
+    let minimal = RawIngestResult {
+        accepted: minimal.accepted,
+        accepted_per_second: minimal.per_second(),
+        latency: summarize(&minimal.latencies),
+        cpu_seconds: minimal_cpu,
+        cpu_ms_per_1000: if minimal.accepted == 0 {
+            0.0
+        } else {
+            minimal_cpu * 1e6 / minimal.accepted as f64
+        },
+        turns: rounds * 2,
+    };
+    Ok((alone, minimal))
 }
 
 /// The client load of HTTP ingest: one loop per token, each POSTing `per_request` readings
@@ -191,47 +306,8 @@ pub struct RawIngestResult {
     /// Its CPU seconds, and per 1,000 requests.
     pub cpu_seconds: f64,
     pub cpu_ms_per_1000: f64,
-}
-
-/// `http-single`'s load (`clients` devices posting one reading at a time for `duration`)
-/// against a minimal actix-web server doing the same JetStream publish: the limit of
-/// ingest-http's requests per second, in this run.
-pub async fn http_single_baseline(
-    platform: &Platform,
-    clients: usize,
-    duration: Duration,
-) -> anyhow::Result<RawIngestResult> {
-    let server =
-        crate::raw::RawIngestProcess::start(&platform.servers, &format!("{}raw", platform.id))
-            .await?;
-    let tokens = (0..clients)
-        .map(|index| format!("raw-device-token-{index}"))
-        .collect();
-    let urls = [format!("{}/api/v1/ingest", server.url)];
-    let cpu_before = crate::usage::cpu_seconds(server.pid()).unwrap_or_default();
-    let outcome = post_readings(
-        platform,
-        "http-single, minimal actix-web",
-        &urls,
-        tokens,
-        1,
-        duration,
-    )
-    .await;
-    let cpu_seconds = crate::usage::cpu_seconds(server.pid()).unwrap_or_default() - cpu_before;
-    server.stop().await?;
-    let (accepted, latencies, elapsed) = outcome?;
-    Ok(RawIngestResult {
-        accepted,
-        accepted_per_second: accepted as f64 / elapsed.as_secs_f64(),
-        latency: summarize(&latencies),
-        cpu_seconds,
-        cpu_ms_per_1000: if accepted == 0 {
-            0.0
-        } else {
-            cpu_seconds * 1e6 / accepted as f64
-        },
-    })
+    /// Turns taken, alternating with ingest-http's ([`http_single_paired`]).
+    pub turns: u32,
 }
 
 /// MQTT QoS 1 ingest from `devices` connections for `duration`, each with up to 20
