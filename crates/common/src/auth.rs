@@ -168,7 +168,8 @@ struct Inner {
     subjects: Subjects,
     timeout: Duration,
     /// Keyed by SHA-256 of the secret, so no secret is held in memory after the request.
-    credentials: InvalidatingCache<[u8; 32], Principal>,
+    /// Shared, so that a hit (once per request) clones a pointer, not the strings.
+    credentials: InvalidatingCache<[u8; 32], Arc<Principal>>,
     /// Shared, so that a hit (once per device message) clones a pointer, not the strings.
     devices: InvalidatingCache<(String, String), Option<Arc<DeviceInfo>>>,
 }
@@ -305,7 +306,7 @@ impl AuthClient {
 
     /// Verifies an API key or device token. Only its digest is kept, and only the digest
     /// goes to the registry.
-    pub async fn verify(&self, secret: &str) -> Result<Principal, AuthError> {
+    pub async fn verify(&self, secret: &str) -> Result<Arc<Principal>, AuthError> {
         let inner = &self.inner;
         let digest = hash_secret(secret);
         let kind = credential_kind(secret);
@@ -323,7 +324,7 @@ impl AuthClient {
 
     /// The principal of a credential verified recently (in the cache), without asking the
     /// registry: what an address throttled for failed authentications may still use.
-    pub fn verified(&self, secret: &str) -> Option<Principal> {
+    pub fn verified(&self, secret: &str) -> Option<Arc<Principal>> {
         let principal = self.inner.credentials.get(&hash_secret(secret))?;
         (!principal.is_expired(now_us())).then_some(principal)
     }
@@ -332,7 +333,7 @@ impl AuthClient {
         &self,
         digest: [u8; 32],
         kind: CredentialKind,
-    ) -> Result<Principal, AuthError> {
+    ) -> Result<Arc<Principal>, AuthError> {
         let request = VerifyRequest {
             secret_sha256: digest.to_vec(),
             kind: kind.to_proto().into(),
@@ -349,7 +350,7 @@ impl AuthClient {
                 if principal.is_expired(now_us()) {
                     return Err(AuthError::Expired);
                 }
-                Ok(principal)
+                Ok(Arc::new(principal))
             }
             Some(verify_response::Result::Error(error)) => Err(match error.reason.as_str() {
                 "expired" => AuthError::Expired,
@@ -474,13 +475,13 @@ pub fn credential_from(req: &HttpRequest) -> Option<String> {
 /// The principal a request was authenticated as, kept so that a second extractor on the same
 /// request neither asks again nor counts against a limit twice.
 #[derive(Clone)]
-struct Authenticated(Principal);
+struct Authenticated(Arc<Principal>);
 
 /// Verifies the request's credential as a `kind` and counts it against its rate limit. With
 /// [`RateLimits`] in the app data, an address that failed authentication too often gets 429
 /// for credentials not verified recently (nothing of it reaches the registry), and the
 /// [`Decision`] is left in the request's extensions for the `RateLimit-*` headers.
-async fn authenticate(req: &HttpRequest, kind: CredentialKind) -> Result<Principal, ApiError> {
+async fn authenticate(req: &HttpRequest, kind: CredentialKind) -> Result<Arc<Principal>, ApiError> {
     let earlier = req.extensions().get::<Authenticated>().cloned();
     if let Some(Authenticated(principal)) = earlier {
         return require_kind(principal, kind);
@@ -526,7 +527,10 @@ async fn authenticate(req: &HttpRequest, kind: CredentialKind) -> Result<Princip
 }
 
 /// 403 for a valid credential of the other kind.
-fn require_kind(principal: Principal, kind: CredentialKind) -> Result<Principal, ApiError> {
+fn require_kind(
+    principal: Arc<Principal>,
+    kind: CredentialKind,
+) -> Result<Arc<Principal>, ApiError> {
     if principal.kind == kind {
         return Ok(principal);
     }
@@ -541,7 +545,7 @@ async fn verify_limited(
     client: &AuthClient,
     limits: &RateLimits,
     secret: &str,
-) -> Result<Principal, ApiError> {
+) -> Result<Arc<Principal>, ApiError> {
     let address = limits.client_address(req);
     let refuse = |decision: Decision| {
         metrics::counter!("fieldline_rate_limited_total", "limit" => "auth_failures").increment(1);
@@ -572,13 +576,13 @@ async fn verify_limited(
 /// An API key, checked on extraction. Handlers call [`ApiKey::require`] for the scope a route
 /// needs.
 #[derive(Debug, Clone)]
-pub struct ApiKey(pub Principal);
+pub struct ApiKey(pub Arc<Principal>);
 
 impl ApiKey {
     /// 403 unless the key holds `scope` (or more).
     pub fn require(&self, scope: ScopeLevel) -> Result<&Principal, ApiError> {
         match self.0.scope {
-            Some(held) if held >= scope => Ok(&self.0),
+            Some(held) if held >= scope => Ok(&*self.0),
             _ => Err(ApiError::forbidden(format!(
                 "this route needs the {} scope",
                 scope.as_str()
@@ -589,7 +593,7 @@ impl ApiKey {
     /// 403 unless the key is the platform admin's.
     pub fn require_platform_admin(&self) -> Result<&Principal, ApiError> {
         if self.0.platform_admin {
-            Ok(&self.0)
+            Ok(&*self.0)
         } else {
             Err(ApiError::forbidden(
                 "this route needs the platform admin key",
@@ -617,7 +621,7 @@ impl FromRequest for ApiKey {
 
 /// A device token, checked on extraction: the calling device and its project.
 #[derive(Debug, Clone)]
-pub struct DeviceToken(pub Principal);
+pub struct DeviceToken(pub Arc<Principal>);
 
 impl DeviceToken {
     pub fn project(&self) -> &str {

@@ -51,8 +51,10 @@ impl<T> EdgeIo<T> {
     /// framing is actix-http's business); that only matters when actix-http answers a bare
     /// error right after, and then the worst case is a 414 where a 400 was due.
     fn observe(&mut self, received: &[u8]) {
-        for (index, segment) in received.split(|byte| *byte == b'\n').enumerate() {
-            if index > 0 {
+        let mut from = 0;
+        // Each LF found by memchr (every read of every request passes here).
+        for end in memchr::memchr_iter(b'\n', received).chain([received.len()]) {
+            if from > 0 {
                 // A line ended: an empty one ("\r" or nothing) ends a head.
                 if self.line <= 1 {
                     self.line_index = 0;
@@ -61,7 +63,7 @@ impl<T> EdgeIo<T> {
                 }
                 self.line = 0;
             }
-            self.line = self.line.saturating_add(segment.len());
+            self.line = self.line.saturating_add(end - from);
             if self.line > MAX_URI_BYTES {
                 if self.line_index == 0 {
                     self.long_request_line = true;
@@ -69,6 +71,7 @@ impl<T> EdgeIo<T> {
                     self.long_header_line = true;
                 }
             }
+            from = end + 1;
         }
     }
 

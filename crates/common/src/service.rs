@@ -358,9 +358,9 @@ where
     S::Future: 'static,
     B: MessageBody + 'static,
 {
-    let field = if req.path().contains("%00") {
+    let field = if has_escaped_nul(req.path()) {
         Some("path")
-    } else if req.query_string().contains("%00") {
+    } else if has_escaped_nul(req.query_string()) {
         Some("query")
     } else {
         None
@@ -373,6 +373,13 @@ where
     }
     let response = service.call(req);
     Box::pin(async move { Ok(response.await?.map_into_left_body()) })
+}
+
+/// Holds `%00`. Asked twice of every request: a search for `%` first, as `str::contains`
+/// builds a substring searcher each call.
+fn has_escaped_nul(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    memchr::memchr_iter(b'%', bytes).any(|at| bytes.get(at + 1..at + 3) == Some(b"00"))
 }
 
 fn record_http_metrics<S, B>(

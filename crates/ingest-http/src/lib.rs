@@ -23,14 +23,20 @@ pub(crate) struct State {
     pub long_polls: Semaphore,
     /// Places for backfills parsed and published at once (`backfill_concurrency`).
     pub backfills: Semaphore,
+    /// `fieldline_ingest_readings_total{source="http"}`, found in the recorder once: looking
+    /// it up on each request cost more than the rest of the request's bookkeeping.
+    pub readings_counted: metrics::Counter,
 }
 
 pub async fn start(context: &Context) -> anyhow::Result<Service> {
+    // The recorder first (the process has installed it already), so the handle counts.
+    fieldline_common::telemetry::metrics_handle();
     let state = web::Data::new(State {
         context: context.clone(),
         publisher: Publisher::new(context),
         long_polls: Semaphore::new(context.config.long_poll_max),
         backfills: Semaphore::new(context.config.backfill_concurrency),
+        readings_counted: metrics::counter!("fieldline_ingest_readings_total", "source" => "http"),
     });
     let routes = Arc::new(move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(state.clone());

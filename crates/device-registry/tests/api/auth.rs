@@ -238,7 +238,14 @@ async fn a_change_drops_only_what_it_names_from_the_caches() {
     // Cached now.
     // The registry clears its own cache at once and hears its broadcast again a moment later
     // (d1's names the token just issued): let that pass before anything is cached.
-    let project = app.context.auth.verify(&token).await.unwrap().project;
+    let project = app
+        .context
+        .auth
+        .verify(&token)
+        .await
+        .unwrap()
+        .project
+        .clone();
     invalidations_handled(&app, &project).await;
     let (status, _) = app.get("/api/v1/devices", &key).await;
     assert_eq!(status, StatusCode::OK);

@@ -91,8 +91,7 @@ async fn ingest(
             "http",
         )
         .await?;
-    metrics::counter!("fieldline_ingest_readings_total", "source" => "http")
-        .increment(accepted as u64);
+    state.readings_counted.increment(accepted as u64);
     if duplicate {
         metrics::counter!("fieldline_ingest_duplicates_total", "source" => "http").increment(1);
     }
