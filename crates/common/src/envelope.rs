@@ -1,6 +1,9 @@
 //! Success envelopes: `{"status":"ok","data":…}`, lists with `"page"`.
 
-use actix_web::{HttpResponse, http::StatusCode};
+use actix_web::{
+    HttpResponse,
+    http::{StatusCode, header},
+};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -23,11 +26,21 @@ pub struct Page {
 }
 
 fn respond<T: Serialize>(status: StatusCode, data: &T, page: Option<&Page>) -> HttpResponse {
-    HttpResponse::build(status).json(Envelope {
+    let envelope = Envelope {
         status: "ok",
         data,
         page,
-    })
+    };
+    // `HttpResponseBuilder::json` would copy its content type from a `Mime` on every response.
+    match serde_json::to_vec(&envelope) {
+        Ok(body) => HttpResponse::build(status)
+            .insert_header((
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            ))
+            .body(body),
+        Err(error) => actix_web::ResponseError::error_response(&ApiError::internal(error)),
+    }
 }
 
 pub fn ok<T: Serialize>(data: &T) -> HttpResponse {

@@ -536,3 +536,27 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::has_escaped_nul;
+
+    /// The same answers as `contains("%00")`, wherever the escape falls.
+    #[test]
+    fn an_escaped_nul_is_found_anywhere_and_nothing_else_is() {
+        for (text, expected) in [
+            ("", false),
+            ("%00", true),
+            ("/a/b%00", true),
+            ("%%00", true),
+            ("a=%0", false),
+            ("a=%", false),
+            ("%2500", false),
+            ("%0a%00x", true),
+            ("/api/v1/ingest", false),
+        ] {
+            assert_eq!(has_escaped_nul(text), expected, "{text:?}");
+            assert_eq!(text.contains("%00"), expected, "{text:?}");
+        }
+    }
+}
